@@ -1,0 +1,339 @@
+"""Model spec -> GPT-2 with weights, and GPT-2 -> a Hugging Face directory.
+
+The Hugging Face boundary lives here and only here: GPT-2 checkpoints store the four Conv1D weights as
+[in, out]; they are transposed once while loading (and back while saving), and every tensor's shape is checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_cli.config import ModelSpec
+from lora_cli.errors import CheckpointError
+from lora_cli.fsutil import atomic_path, atomic_write_text
+from lora_cli.model import GPT2, GPT2_PRESETS, GPT2Config
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Buffers that old GPT-2 checkpoints carry next to the weights: the causal mask, not parameters.
+IGNORED_KEY = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model and where it came from (recorded in adapters, checked when they are loaded)."""
+
+    model: GPT2
+    source: str  # "hub" | "local" | "random"
+    name: str  # hub id, absolute path, or preset name
+    revision: str | None
+    fingerprint: str
+
+    def describe(self) -> dict:
+        return {"source": self.source, "name": self.name, "revision": self.revision, "fingerprint": self.fingerprint}
+
+
+def load_model(spec: ModelSpec | str | dict) -> BaseModel:
+    """The one entry point: hub id, local directory or file, or random init."""
+    if not isinstance(spec, ModelSpec):
+        spec = ModelSpec.parse(spec)
+    if spec.init == "random":
+        return _random_model(spec)
+    path = Path(spec.name).expanduser()
+    if path.exists():
+        return _local_model(path.resolve(), spec)
+    if _looks_like_path(spec.name) or not HUB_ID.match(spec.name):
+        raise CheckpointError(f"model path {spec.name} does not exist; pass an existing directory or weights file, or a hub id such as gpt2")
+    return _hub_model(spec)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.endswith((".safetensors", ".bin", ".pt", ".pth")) or os.sep + os.sep in name
+
+
+def _random_model(spec: ModelSpec) -> BaseModel:
+    preset = spec.name.split("/")[-1]
+    if preset not in GPT2_PRESETS:
+        raise CheckpointError(
+            f"model: init: random needs a preset name ({', '.join(GPT2_PRESETS)}), got {spec.name!r}"
+        )
+    try:
+        config = GPT2Config.from_dict({**GPT2_PRESETS[preset].to_dict(), **spec.overrides})
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"model: bad architecture override: {exc}") from exc
+    model = GPT2(config)
+    model.init_weights(torch.Generator().manual_seed(spec.seed))
+    return BaseModel(model, "random", preset, None, fingerprint(model.state_dict()))
+
+
+def _local_model(path: Path, spec: ModelSpec) -> BaseModel:
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{path} has no config.json; pass a Hugging Face model directory or a single weights file")
+        weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+        if weights is None:
+            raise CheckpointError(f"{path} has no {' or '.join(WEIGHT_FILES)}; the directory holds no GPT-2 weights")
+        config = read_config(config_file)
+        state = read_state_dict(weights)
+    else:
+        state = read_state_dict(path)
+        config = infer_config(state, path)
+    model = build_model(config, state, path)
+    return BaseModel(model, "local", str(path), None, fingerprint(model.state_dict()))
+
+
+def _hub_model(spec: ModelSpec) -> BaseModel:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    repo_id, _, at_revision = spec.name.partition("@")
+    revision = spec.revision or at_revision or None
+
+    def fetch(filename: str) -> Path:
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
+
+    try:
+        config_file = fetch("config.json")
+        weights = None
+        for candidate in WEIGHT_FILES:
+            try:
+                weights = fetch(candidate)
+                break
+            except EntryNotFoundError:
+                continue
+            except LocalEntryNotFoundError:
+                # Offline (or no network): the other weight file may be the one in the cache.
+                continue
+        if weights is None:
+            raise LocalEntryNotFoundError(f"no weights for {repo_id}")
+    except Exception as exc:  # huggingface_hub raises many types (network, auth, offline); all mean "not here"
+        raise CheckpointError(_hub_failure(spec.name, exc)) from exc
+    config = read_config(config_file)
+    state = read_state_dict(weights)
+    model = build_model(config, state, Path(repo_id))
+    resolved = weights.parent.name if weights.parent.parent.name == "snapshots" else revision
+    return BaseModel(model, "hub", repo_id, resolved, fingerprint(model.state_dict()))
+
+
+def _hub_failure(name: str, exc: Exception) -> str:
+    kind = type(exc).__name__
+    if kind in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):
+        return f"model {name} was not found on the Hugging Face hub ({kind}); check the id and revision, or log in with `hf auth login`"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    where = "offline mode (HF_HUB_OFFLINE=1) is on and " if offline else ""
+    return (
+        f"model {name} could not be downloaded and is not in the Hugging Face cache ({where}{kind}); "
+        f"download it once with `hf download {name.partition('@')[0]}` where there is internet, "
+        f"or pass a local directory or weights file"
+    )
+
+
+def read_config(path: Path) -> GPT2Config:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a readable JSON config: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    model_type = raw.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        raise CheckpointError(f"{path}: model_type is {model_type!r}; lora-cli supports GPT-2-family checkpoints only")
+    activation = raw.get("activation_function", "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise CheckpointError(f"{path}: activation_function {activation!r} is not GPT-2's tanh GELU (gelu_new)")
+    if raw.get("scale_attn_by_inverse_layer_idx") or raw.get("scale_attn_weights") is False:
+        raise CheckpointError(f"{path}: non-standard attention scaling is not supported")
+    try:
+        return GPT2Config.from_dict(raw)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file, or a .bin/.pt file read with weights_only=True (never unpickles code)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except Exception as exc:  # safetensors and the unpickler raise their own types for damaged or unsafe files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot load {path}: it is truncated, corrupt, or not a plain tensor file ({first[:160]})"
+        ) from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def _canonical(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face keys with or without the `transformer.` prefix -> ours; drop mask buffers and the tied head."""
+    out = {}
+    for key, value in state.items():
+        if IGNORED_KEY.search(key) or key == "lm_head.weight":
+            continue
+        out[key if key.startswith("transformer.") else f"transformer.{key}"] = value
+    return out
+
+
+def infer_config(state: dict[str, torch.Tensor], path: Path) -> GPT2Config:
+    """Architecture of a bare weights file from its shapes. The head count is not visible in shapes: take the
+    published size with this depth and width, else GPT-2's head size of 64."""
+    s = _canonical(state)
+    try:
+        vocab_size, n_embd = s["transformer.wte.weight"].shape
+        n_positions = s["transformer.wpe.weight"].shape[0]
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a GPT-2 state dict (no transformer.wte.weight / wpe.weight)") from exc
+    layers = {int(m.group(1)) for k in s if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
+    n_layer = len(layers)
+    if n_layer == 0:
+        raise CheckpointError(f"{path} is not a GPT-2 state dict (no transformer.h.N blocks)")
+    n_head = next(
+        (p.n_head for p in GPT2_PRESETS.values() if (p.n_layer, p.n_embd) == (n_layer, n_embd)),
+        max(1, n_embd // 64),
+    )
+    try:
+        return GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+
+
+def build_model(config: GPT2Config, state: dict[str, torch.Tensor], path: Path) -> GPT2:
+    """A GPT2 with `state` copied in: Conv1D weights transposed, every name and shape checked."""
+    with torch.device("meta"):
+        model = GPT2(config)
+    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    given = _canonical(state)
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        if unexpected:
+            parts.append(f"unexpected {unexpected[0]}" + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
+        raise CheckpointError(f"{path} does not match the GPT-2 architecture of its config: {'; '.join(parts)}")
+    converted = {}
+    for key, target in expected.items():
+        tensor = given[key]
+        if key.endswith(CONV1D_SUFFIXES):
+            tensor = tensor.t()
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{path}: tensor {key} has shape {list(tensor.shape)}, the model expects {list(target.shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {key} has dtype {tensor.dtype}, expected floating point")
+        converted[key] = tensor.to(torch.float32).contiguous()
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(converted, strict=False, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # re-tie after assign
+    return model
+
+
+def fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """A cheap identity of base weights: names, shapes and an evenly strided sample of every tensor.
+    Tells one checkpoint from another without hashing gigabytes."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        if key == "lm_head.weight":
+            continue
+        t = state[key].detach().reshape(-1)
+        step = max(1, t.numel() // 4096)
+        sample = t[::step].to(torch.float32).contiguous().cpu()
+        h.update(key.replace(".base_layer", "").encode())
+        h.update(str(tuple(state[key].shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def hf_config_dict(config: GPT2Config, torch_dtype: str = "float32") -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        "initializer_range": 0.02,
+        "n_ctx": config.n_positions,
+        "tie_word_embeddings": True,
+        "torch_dtype": torch_dtype,
+        **config.to_dict(),
+    }
+
+
+def hf_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Our state dict -> Hugging Face GPT-2 layout (Conv1D weights [in, out]); the tied head is left out."""
+    out = {}
+    for key, tensor in state.items():
+        if key == "lm_head.weight":
+            continue
+        t = tensor.detach().to("cpu", dtype)
+        out[key] = (t.t() if key.endswith(CONV1D_SUFFIXES) else t).contiguous()
+    return out
+
+
+def save_pretrained(
+    model: GPT2,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    extra_files: dict[str, str] | None = None,
+    config_updates: dict | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write config.json + model.safetensors (+ extra text files) as a Hugging Face GPT-2 directory.
+
+    The directory appears whole or not at all: it is built beside the target and renamed into place.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    dtype_name = str(dtype).removeprefix("torch.")
+    config = {**hf_config_dict(model.config, dtype_name), **(config_updates or {})}
+    tensors = hf_state_dict(model.state_dict(), dtype)
+    tensors.update({k: v.detach().to("cpu", dtype).contiguous() for k, v in (extra_tensors or {}).items()})
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    try:
+        atomic_write_text(staging / "config.json", json.dumps(config, indent=2) + "\n")
+        with atomic_path(staging / "model.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        for name, text in (extra_files or {}).items():
+            atomic_write_text(staging / name, text)
+        _replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(staging: Path, out: Path) -> None:
+    """Move a finished directory into place; an older one is removed only after the new one is there."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,495 @@
+"""The run configuration: one typed schema, the only home of defaults.
+
+`load_config(path, overrides)` reads YAML, applies `--set a.b=value` overrides, coerces values to the schema's
+types (PyYAML reads `3e-4` as a string), checks every constraint, and reports every problem at once, each with
+the key and its line. Unknown keys are errors with a did-you-mean. Relative paths are resolved against the
+config file's folder. Nothing here imports torch, so `lora --help` and config errors stay fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from lora_cli.errors import ConfigError
+
+PRESET_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
+ARCH_OVERRIDES = ("n_layer", "n_head", "n_embd", "n_positions")
+
+
+@dataclass
+class ModelSpec:
+    """Which base model: a hub id (`gpt2`, `org/name@revision`), a local directory or weights file, or a
+    preset with random weights (`{name: gpt2, init: random}`, optionally with n_layer/n_head/n_embd/n_positions
+    to shrink it for smoke tests)."""
+
+    name: str
+    init: Literal["pretrained", "random"] = "pretrained"
+    revision: str | None = None
+    seed: int = 0  # random init only
+    overrides: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, value: Any) -> "ModelSpec":
+        if isinstance(value, ModelSpec):
+            return value
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError("must name a model (hub id, path, or {name: gpt2, init: random})")
+            return cls(name=value.strip())
+        if not isinstance(value, dict):
+            raise ValueError(f"must be a string or a mapping, got {type(value).__name__}")
+        allowed = ("name", "init", "revision", "seed", *ARCH_OVERRIDES)
+        problems = [f"unknown key model.{k}{_did_you_mean(k, allowed)}" for k in value if k not in allowed]
+        if problems:
+            raise ValueError("; ".join(problems))
+        name = value.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError("model.name is required (hub id, path, or preset)")
+        init = value.get("init", "pretrained")
+        if init not in ("pretrained", "random"):
+            raise ValueError(f"model.init must be pretrained or random, got {init!r}")
+        overrides = {}
+        for key in ARCH_OVERRIDES:
+            if key in value:
+                v = value[key]
+                if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                    raise ValueError(f"model.{key} must be a positive integer, got {v!r}")
+                overrides[key] = v
+        if overrides and init != "random":
+            raise ValueError("model: architecture overrides (n_layer, ...) need init: random")
+        seed = value.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"model.seed must be an integer, got {seed!r}")
+        revision = value.get("revision")
+        return cls(name=name.strip(), init=init, revision=None if revision is None else str(revision),
+                   seed=seed, overrides=overrides)
+
+    def to_yaml(self) -> Any:
+        if self.init == "pretrained" and self.revision is None:
+            return self.name
+        out: dict[str, Any] = {"name": self.name, "init": self.init}
+        if self.revision is not None:
+            out["revision"] = self.revision
+        if self.init == "random":
+            out["seed"] = self.seed
+        return {**out, **self.overrides}
+
+
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task{input_clause}. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they become tokens."""
+
+    train: str | None = None  # CSV, TSV, JSON (a list of objects) or JSONL
+    val: str | None = None  # a separate validation file; else val_split of train
+    test: str | None = None  # held-out file for `lora eval CONFIG`
+    val_split: float = 0.1  # seeded fraction of train held out for validation when val is null
+    test_split: float = 0.0  # seeded fraction of train held out as a test split (written to out_dir)
+    format: Literal["auto", "alpaca", "prompt_completion", "text", "classification"] = "auto"
+    columns: dict[str, str] = field(default_factory=dict)  # role -> column, e.g. {prompt: mr, completion: ref}
+    prompt_template: str | None = None  # alpaca/prompt_completion prompt; {column} fields
+    max_length: int = 512  # tokens per example, truncated beyond (counted in the log)
+    mask_prompt: bool = True  # loss on the response only
+    skip_bad_rows: bool = False  # skip rows with missing/empty fields (counted) instead of failing
+    header: bool = True  # CSV/TSV first row names the columns
+    column_names: list[str] | None = None  # names for a header-less CSV/TSV
+    group_by_length: bool = True  # batch examples of similar length, pad to the longest in the batch
+    labels: list[str] | None = None  # classification: label order (default: sorted distinct labels)
+    balance: Literal["none", "undersample", "class_weights"] = "none"  # classification
+
+
+@dataclass
+class LoraConfig:
+    """LoRA (Hu et al. 2021, arXiv:2106.09685): W + (alpha/r) B A with A random, B zero."""
+
+    r: int = 8
+    alpha: float = 16.0  # scaling = alpha / r (alpha / sqrt(r) with use_rslora)
+    dropout: float = 0.05  # on the LoRA input path only
+    targets: list[str] = field(default_factory=lambda: ["attn.c_attn"])  # patterns, `all-linear`, attn.q/k/v
+    layers: list[int] | None = None  # restrict to these block indices
+    use_rslora: bool = False  # rank-stabilised scaling (Kalajdzievski 2023, arXiv:2312.03732)
+    use_dora: bool = False  # weight-decomposed LoRA (Liu et al. 2024, arXiv:2402.09353)
+    bias: Literal["none", "lora_only", "all"] = "none"
+    modules_to_save: list[str] = field(default_factory=list)  # whole modules trained and saved (e.g. a head)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation. AdamW (Loshchilov & Hutter 2019) with linear warmup then decay."""
+
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; stops early when set
+    batch_size: int = 8  # examples per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    global_batch_size: int | None = None  # if set: batch_size x grad_accum x world size must equal it
+    lr: float = 3e-4
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0  # floor of the decay, as a fraction of lr
+    warmup_steps: int = 10
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    momentum: float = 0.0  # sgd only
+    max_grad_norm: float | None = 1.0  # gradient-norm clipping; null disables
+    label_smoothing: float = 0.0
+    model_dropout: float = 0.0  # dropout inside the frozen base during training
+    eval_every: int = 50  # optimizer steps between validations (0: only at the end)
+    eval_max_batches: int | None = None  # cap validation batches (null: the whole split)
+    save_every: int = 100  # optimizer steps between checkpoints (0: only at the end)
+    log_every: int = 10  # optimizer steps between metrics.jsonl lines
+    early_stopping_patience: int | None = None  # validations without improvement before stopping
+    skip_nonfinite_steps: int = 0  # tolerate this many non-finite losses (step skipped) before stopping
+    seed: int = 42
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 elsewhere
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
+    gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model
+    num_threads: int | None = None  # torch.set_num_threads
+
+
+@dataclass
+class RunConfig:
+    model: ModelSpec
+    out_dir: str = "runs/default"
+    task: Literal["causal_lm", "classification"] = "causal_lm"
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    source: str | None = None  # the config file this came from (not a key)
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"model": self.model.to_yaml(), "out_dir": self.out_dir, "task": self.task}
+        for section in SECTIONS:
+            out[section] = dataclasses.asdict(getattr(self, section))
+        return out
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "lora": LoraConfig, "train": TrainConfig}
+TOP_KEYS = ("model", "out_dir", "task", *SECTIONS)
+
+
+# --------------------------------------------------------------------------------------------- reading YAML
+
+
+def _did_you_mean(key: str, choices) -> str:
+    match = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def _yaml_lines(text: str) -> dict[str, int]:
+    """1-based line of every key path ("train.lr") in the YAML text."""
+    import yaml
+
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                path = f"{prefix}{key_node.value}"
+                lines.setdefault(path, key_node.start_mark.line + 1)
+                walk(value_node, path + ".")
+
+    try:
+        walk(yaml.compose(text), "")
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], 1e-4); the value is read as YAML (so lists and null work)."""
+    import yaml
+
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc.__class__.__name__})") from exc
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"config path {path} is a directory; pass a YAML file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML: {problem}; fix the syntax") from exc
+    if raw is None:
+        raise ConfigError(f"{path}: the config is empty; it needs at least model and data.train")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys (model, data, lora, train, out_dir)")
+    lines = _yaml_lines(text)
+    set_keys: set[str] = set()
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+        set_keys.add(".".join(keys))
+    return build_config(raw, base_dir=path.parent, source=str(path), lines=lines, set_keys=set_keys)
+
+
+def build_config(
+    raw: dict,
+    base_dir: str | Path = ".",
+    source: str | None = None,
+    lines: dict[str, int] | None = None,
+    set_keys: set[str] | None = None,
+) -> RunConfig:
+    """Validate a raw mapping into a RunConfig; every problem is collected and raised as one ConfigError."""
+    lines = lines or {}
+    set_keys = set_keys or set()
+    problems: list[str] = []
+
+    def report(key: str, message: str) -> None:
+        if key in set_keys:
+            where = "--set "
+        elif key in lines:
+            where = f"line {lines[key]}: "
+        else:
+            where = ""
+        problems.append(f"{where}{key}: {message}")
+
+    for key in raw:
+        if key not in TOP_KEYS:
+            report(str(key), f"unknown key{_did_you_mean(str(key), TOP_KEYS)}")
+    model = None
+    if "model" not in raw:
+        report("model", "is required (a hub id such as gpt2, a local path, or {name: gpt2, init: random})")
+    else:
+        try:
+            model = ModelSpec.parse(raw["model"])
+        except ValueError as exc:
+            report("model", str(exc))
+    sections = {}
+    for name, cls in SECTIONS.items():
+        value = raw.get(name) or {}
+        if not isinstance(value, dict):
+            report(name, f"must be a mapping of keys, got {type(value).__name__}")
+            value = {}
+        sections[name] = _build_section(cls, value, name, report)
+    out_dir = raw.get("out_dir", RunConfig.out_dir)
+    if not isinstance(out_dir, str) or not out_dir.strip():
+        report("out_dir", f"must be a path, got {out_dir!r}")
+        out_dir = RunConfig.out_dir
+    task = raw.get("task", RunConfig.task)
+    if task not in ("causal_lm", "classification"):
+        report("task", f"must be causal_lm or classification, got {task!r}")
+        task = "causal_lm"
+    cfg = None
+    if model is not None:
+        cfg = RunConfig(model=model, out_dir=out_dir, task=task, source=source, **sections)
+        _check_constraints(cfg, report)
+    if problems:
+        label = source or "config"
+        count = f"{len(problems)} problems: " if len(problems) > 1 else ""
+        raise ConfigError(f"{label}: {count}{'; '.join(problems)}")
+    assert cfg is not None
+    _resolve_paths(cfg, Path(base_dir))
+    return cfg
+
+
+def _build_section(cls, values: dict, section: str, report) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            report(f"{section}.{key}", f"unknown key{_did_you_mean(str(key), names)}")
+            continue
+        try:
+            kwargs[key] = coerce(value, hints[key])
+        except ValueError as exc:
+            report(f"{section}.{key}", str(exc))
+    return cls(**kwargs)
+
+
+def coerce(value: Any, hint: Any) -> Any:
+    """Coerce a YAML value to a schema type, or raise ValueError saying what was expected."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(value, inner[0]) if len(inner) == 1 else value
+    if value is None:
+        raise ValueError(f"must not be null (expected {_type_name(hint)})")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        raise ValueError(f"must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ValueError(f"must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if number.is_integer():
+                return int(number)
+        raise ValueError(f"must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ValueError(f"must be a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            number = float(value)
+        else:
+            try:
+                number = float(str(value))  # PyYAML reads 3e-4 (no dot) as a string
+            except ValueError:
+                raise ValueError(f"must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ValueError(f"must be a finite number, got {value!r}")
+        return number
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"must be a string, got a {type(value).__name__}")
+        return str(value)
+    if origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single target is a one-item list
+        if not isinstance(value, list):
+            raise ValueError(f"must be a list, got {type(value).__name__}")
+        return [coerce(v, args[0]) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"must be a mapping, got {type(value).__name__}")
+        return {str(k): coerce(v, args[1]) for k, v in value.items()}
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint).replace("typing.", ""))
+
+
+def _check_constraints(cfg: RunConfig, report) -> None:
+    """Cross-field and range checks; each failure names its key."""
+    d, lo, t = cfg.data, cfg.lora, cfg.train
+    if d.train is None or not str(d.train).strip():
+        report("data.train", "is required: a CSV, TSV, JSON or JSONL file")
+    if not 0 <= d.val_split < 1:
+        report("data.val_split", f"must be in [0, 1), got {d.val_split}")
+    if not 0 <= d.test_split < 1:
+        report("data.test_split", f"must be in [0, 1), got {d.test_split}")
+    if d.val_split + d.test_split >= 1:
+        report("data.val_split", "val_split + test_split must leave training data (sum < 1)")
+    if d.max_length < 2:
+        report("data.max_length", f"must be >= 2 tokens, got {d.max_length}")
+    if not d.header and not d.column_names:
+        report("data.column_names", "is required when header is false (names for the columns, e.g. [label, text])")
+    if cfg.task == "classification" and d.format not in ("auto", "classification"):
+        report("data.format", f"task classification needs format auto or classification, got {d.format}")
+    if lo.r <= 0:
+        report("lora.r", f"must be a positive integer, got {lo.r}")
+    if lo.alpha <= 0:
+        report("lora.alpha", f"must be > 0, got {lo.alpha}")
+    if not 0 <= lo.dropout < 1:
+        report("lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+    if not lo.targets:
+        report("lora.targets", "must name at least one layer pattern (e.g. [attn.c_attn] or all-linear)")
+    if lo.layers is not None and any(i < 0 for i in lo.layers):
+        report("lora.layers", "block indices must be >= 0")
+    for key in ("epochs", "batch_size", "grad_accum"):
+        if getattr(t, key) < 1:
+            report(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+    if t.max_steps is not None and t.max_steps < 1:
+        report("train.max_steps", f"must be >= 1 or null, got {t.max_steps}")
+    if t.global_batch_size is not None and t.global_batch_size < 1:
+        report("train.global_batch_size", f"must be >= 1 or null, got {t.global_batch_size}")
+    if t.lr <= 0:
+        report("train.lr", f"must be > 0, got {t.lr:g}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        report("train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    for key in ("warmup_steps", "eval_every", "save_every", "skip_nonfinite_steps"):
+        if getattr(t, key) < 0:
+            report(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    if t.log_every < 1:
+        report("train.log_every", f"must be >= 1, got {t.log_every}")
+    if t.weight_decay < 0:
+        report("train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        report("train.betas", f"must be two numbers in [0, 1), got {t.betas}")
+    if t.eps <= 0:
+        report("train.eps", f"must be > 0, got {t.eps}")
+    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
+        report("train.max_grad_norm", f"must be > 0 or null, got {t.max_grad_norm}")
+    if not 0 <= t.label_smoothing < 1:
+        report("train.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
+    if not 0 <= t.model_dropout < 1:
+        report("train.model_dropout", f"must be in [0, 1), got {t.model_dropout}")
+    if t.early_stopping_patience is not None and t.early_stopping_patience < 1:
+        report("train.early_stopping_patience", f"must be >= 1 or null, got {t.early_stopping_patience}")
+    if t.eval_max_batches is not None and t.eval_max_batches < 1:
+        report("train.eval_max_batches", f"must be >= 1 or null, got {t.eval_max_batches}")
+    if t.num_threads is not None and t.num_threads < 1:
+        report("train.num_threads", f"must be >= 1 or null, got {t.num_threads}")
+    if t.device != "auto" and t.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+        report("train.device", f"must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
+
+
+def _resolve_paths(cfg: RunConfig, base: Path) -> None:
+    def resolve(p: str | None) -> str | None:
+        if p is None:
+            return None
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() else (base / q))
+
+    d = cfg.data
+    d.train, d.val, d.test = resolve(d.train), resolve(d.val), resolve(d.test)
+    cfg.out_dir = resolve(cfg.out_dir)
+    # A model name is a path only when it exists relative to the config; otherwise it is a hub id.
+    candidate = base / Path(cfg.model.name).expanduser()
+    if cfg.model.init == "pretrained" and not Path(cfg.model.name).is_absolute() and candidate.exists():
+        cfg.model.name = str(candidate)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,242 @@
+"""GPT-2 in plain PyTorch, with the Hugging Face parameter names.
+
+Shapes: B batch, T new tokens, S keys (past + new), C = n_embd, H = n_head, D = C / H, V = vocab_size.
+Linear weights are stored [out, in] (Hugging Face's Conv1D files store [in, out]; checkpoint.py transposes once).
+The forward returns hidden states; `lm_head` is applied by the caller, so training and evaluation can project
+only the positions that carry a loss instead of materialising [B, T, V] logits.
+No LoRA and no I/O here: lora.py wraps the nn.Linear layers in place, checkpoint.py loads weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class GPT2Config:
+    """The architecture, with the names of Hugging Face's GPT2Config (so config.json maps one to one)."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    layer_norm_epsilon: float = 1e-5
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPT2Config":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        if "n_positions" not in values and "n_ctx" in d:
+            values["n_positions"] = d["n_ctx"]
+        return cls(**values)
+
+
+# Parameter-free sizes of the published checkpoints: the one table of presets (checkpoint.py and `init: random`).
+GPT2_PRESETS: dict[str, GPT2Config] = {
+    "gpt2": GPT2Config(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": GPT2Config(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": GPT2Config(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": GPT2Config(n_layer=48, n_head=25, n_embd=1600),
+    "distilgpt2": GPT2Config(n_layer=6, n_head=12, n_embd=768),
+}
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one (k, v) pair per layer, each [B, H, S, D]."""
+
+    def __init__(self, n_layer: int):
+        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
+
+    @property
+    def length(self) -> int:
+        first = self.layers[0]
+        return 0 if first is None else first[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        past = self.layers[layer]
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        self.layers[layer] = (k, v)
+        return k, v
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` of the batch (beam search)."""
+        self.layers = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.layers]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int):
+        super().__init__()
+        self.n_head = config.n_head
+        self.layer_idx = layer_idx
+        self.attn_pdrop = config.attn_pdrop
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused query, key, value
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x [B, T, C]
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # [B, H, S, D]
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            dropout_p=self.attn_pdrop if self.training else 0.0,
+            # Without a mask the plain causal case runs SDPA's fused path; one new token sees every cached key.
+            is_causal=mask is None and T > 1,
+        )  # [B, H, T, D]
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # GPT-2 uses the tanh approximation of GELU ("gelu_new" in Hugging Face).
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = Attention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+def attention_bias(attention_mask: torch.Tensor | None, T: int, past: int) -> torch.Tensor | None:
+    """Boolean [B, 1, T, S] mask (True = may attend) from a [B, S] padding mask, or None when plain causal
+    attention is exact (no padding), which lets SDPA take its fused causal path."""
+    S = past + T
+    if attention_mask is None or bool(attention_mask.all()):
+        if past == 0 or T == 1:
+            return None
+        causal = torch.ones(T, S, dtype=torch.bool).tril(diagonal=past)
+        return causal[None, None]
+    device = attention_mask.device
+    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)  # [T, S]
+    keys = attention_mask[:, None, None, :S].bool()  # [B, 1, 1, S]
+    mask = causal[None, None] & keys
+    # A padding query (left padding) would see no key at all and SDPA would return NaN: let it see itself.
+    # Its output is never used, and real tokens never attend to padding.
+    own = torch.zeros(T, S, dtype=torch.bool, device=device)
+    own[torch.arange(T), torch.arange(past, S)] = True
+    return mask | own[None, None]
+
+
+def position_ids(attention_mask: torch.Tensor | None, B: int, T: int, past: int, device) -> torch.Tensor:
+    """Positions count real tokens only, so a left-padded row gets the positions of the unpadded row."""
+    if attention_mask is None:
+        return torch.arange(past, past + T, device=device).expand(B, T)
+    pos = attention_mask.long().cumsum(dim=1) - 1  # [B, S]
+    return pos[:, past : past + T].clamp(min=0)
+
+
+class GPT2(nn.Module):
+    """GPT-2 language model. `forward` returns hidden states [B, T, C]; `logits` projects them to [.., V]."""
+
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.n_positions, config.n_embd),
+                drop=nn.Dropout(config.embd_pdrop),
+                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """GPT-2's initialisation (Radford et al. 2019, sec. 2.3): N(0, 0.02), residual projections scaled by
+        1/sqrt(2 * n_layer); biases zero, LayerNorm weights one."""
+        std = 0.02
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scale = 1 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj") else 1.0
+                with torch.no_grad():
+                    module.weight.normal_(0.0, std * scale, generator=generator)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def set_dropout(self, p: float) -> None:
+        """One dropout probability for embeddings, attention and residuals (fine-tuning often uses 0)."""
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+            elif isinstance(module, Attention):
+                module.attn_pdrop = p
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, T]
+        attention_mask: torch.Tensor | None = None,  # [B, S], 1 = real token, 0 = padding
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:  # [B, T, C]
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.n_positions:
+            raise ValueError(f"sequence of {past + T} tokens exceeds the model's context of {self.config.n_positions}")
+        pos = position_ids(attention_mask, B, T, past, input_ids.device)  # [B, T]
+        mask = attention_bias(attention_mask, T, past)  # [B, 1, T, S] or None
+        if mask is not None:
+            mask = mask.to(input_ids.device)
+        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))  # [B, T, C]
+        for block in self.transformer.h:
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask, cache)
+        return self.transformer.ln_f(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., C] -> [..., V]."""
+        return self.lm_head(hidden)
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (the tied lm_head counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def linear_names(self) -> list[str]:
+        """Full names of every linear layer LoRA can target, in model order."""
+        return [n for n, m in self.named_modules() if isinstance(m, nn.Linear)]

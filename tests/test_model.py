@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from lora_cli import tokenizer
+from lora_cli.checkpoint import load_model
+from lora_cli.model import GPT2, GPT2Config, KVCache
+
+from conftest import make_hf_gpt2
+
+TEXTS = ["Every effort moves you", "Hello, world! This is a longer sentence with more tokens in it.", "Hi"]
+
+
+def padded(texts, side="right"):
+    ids = [tokenizer.encode(t) for t in texts]
+    width = max(map(len, ids))
+    batch = torch.full((len(ids), width), 50256)
+    mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for i, row in enumerate(ids):
+        if side == "right":
+            batch[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        else:
+            batch[i, width - len(row):] = torch.tensor(row)
+            mask[i, width - len(row):] = 1
+    return ids, batch, mask
+
+
+@pytest.mark.parametrize("shape", [dict(n_layer=2, n_head=2, n_embd=64), dict(n_layer=3, n_head=4, n_embd=128),
+                                   dict(n_layer=4, n_head=2, n_embd=96)])
+def test_logits_match_transformers(tmp_path, shape):
+    hf = make_hf_gpt2(tmp_path, seed=1, **shape)
+    ours = load_model(str(tmp_path)).model.eval()
+    ids, batch, mask = padded(TEXTS)
+    with torch.no_grad():
+        ref = hf(input_ids=batch, attention_mask=mask).logits
+        got = ours.logits(ours(batch, mask))
+    for i, row in enumerate(ids):
+        n = len(row)
+        assert (got[i, :n] - ref[i, :n]).abs().max().item() <= 1e-4
+    # unpadded single rows too
+    with torch.no_grad():
+        one = torch.tensor([ids[1]])
+        diff = (ours.logits(ours(one)) - hf(input_ids=one).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_left_and_right_padding_equal_unpadded(tiny_hf_dir):
+    model = load_model(str(tiny_hf_dir)).model.eval()
+    ids, right, rmask = padded(TEXTS, "right")
+    _, left, lmask = padded(TEXTS, "left")
+    with torch.no_grad():
+        hr = model(right, rmask)
+        hl = model(left, lmask)
+        for i, row in enumerate(ids):
+            alone = model(torch.tensor([row]))[0]
+            n = len(row)
+            assert torch.allclose(hr[i, :n], alone, atol=1e-5)
+            assert torch.allclose(hl[i, -n:], alone, atol=1e-5)
+            assert torch.isfinite(hl[i]).all()
+
+
+def test_kv_cache_matches_full_forward(tiny_hf_dir):
+    model = load_model(str(tiny_hf_dir)).model.eval()
+    ids = torch.tensor([tokenizer.encode("Every effort moves you to the")])
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(model.config.n_layer)
+        first = model(ids[:, :3], cache=cache)
+        steps = [model(ids[:, i : i + 1], cache=cache) for i in range(3, ids.shape[1])]
+    stepped = torch.cat([first, *steps], dim=1)
+    assert (stepped - full).abs().max().item() <= 1e-5
+
+
+def test_parameter_count_gpt2_config():
+    with torch.device("meta"):
+        model = GPT2(GPT2Config())
+    assert model.num_parameters() == 124_439_808
+    assert len(model.linear_names()) == 4 * 12 + 1
