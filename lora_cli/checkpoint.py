@@ -43,25 +43,37 @@ class BaseModel:
         return {"source": self.source, "name": self.name, "revision": self.revision, "fingerprint": self.fingerprint}
 
 
-def load_model(spec: ModelSpec | str | dict) -> BaseModel:
-    """The one entry point: hub id, local directory or file, or random init."""
+def load_model(spec: ModelSpec | str | dict, weights: bool = True) -> BaseModel:
+    """The one entry point: hub id, local directory or file, or random init.
+
+    With weights=False only the architecture is read (config.json; no weight download) and the model lives on
+    the meta device: enough for `lora info` to count parameters and list layers of gpt2-xl in a second.
+    """
     if not isinstance(spec, ModelSpec):
-        spec = ModelSpec.parse(spec)
+        try:
+            spec = ModelSpec.parse(spec)
+        except ValueError as exc:
+            raise CheckpointError(f"model: {exc}") from exc
     if spec.init == "random":
-        return _random_model(spec)
+        return _random_model(spec, weights)
     path = Path(spec.name).expanduser()
     if path.exists():
-        return _local_model(path.resolve(), spec)
+        return _local_model(path.resolve(), weights)
     if _looks_like_path(spec.name) or not HUB_ID.match(spec.name):
         raise CheckpointError(f"model path {spec.name} does not exist; pass an existing directory or weights file, or a hub id such as gpt2")
-    return _hub_model(spec)
+    return _hub_model(spec, weights)
+
+
+def _meta_model(config: GPT2Config) -> GPT2:
+    with torch.device("meta"):
+        return GPT2(config)
 
 
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith((".safetensors", ".bin", ".pt", ".pth")) or os.sep + os.sep in name
 
 
-def _random_model(spec: ModelSpec) -> BaseModel:
+def _random_model(spec: ModelSpec, weights: bool) -> BaseModel:
     preset = spec.name.split("/")[-1]
     if preset not in GPT2_PRESETS:
         raise CheckpointError(
@@ -71,21 +83,25 @@ def _random_model(spec: ModelSpec) -> BaseModel:
         config = GPT2Config.from_dict({**GPT2_PRESETS[preset].to_dict(), **spec.overrides})
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"model: bad architecture override: {exc}") from exc
+    if not weights:
+        return BaseModel(_meta_model(config), "random", preset, None, "")
     model = GPT2(config)
     model.init_weights(torch.Generator().manual_seed(spec.seed))
     return BaseModel(model, "random", preset, None, fingerprint(model.state_dict()))
 
 
-def _local_model(path: Path, spec: ModelSpec) -> BaseModel:
+def _local_model(path: Path, weights: bool) -> BaseModel:
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.is_file():
             raise CheckpointError(f"{path} has no config.json; pass a Hugging Face model directory or a single weights file")
-        weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
-        if weights is None:
+        weight_file = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+        if weight_file is None:
             raise CheckpointError(f"{path} has no {' or '.join(WEIGHT_FILES)}; the directory holds no GPT-2 weights")
         config = read_config(config_file)
-        state = read_state_dict(weights)
+        if not weights:
+            return BaseModel(_meta_model(config), "local", str(path), None, "")
+        state = read_state_dict(weight_file)
     else:
         state = read_state_dict(path)
         config = infer_config(state, path)
@@ -93,9 +109,12 @@ def _local_model(path: Path, spec: ModelSpec) -> BaseModel:
     return BaseModel(model, "local", str(path), None, fingerprint(model.state_dict()))
 
 
-def _hub_model(spec: ModelSpec) -> BaseModel:
+def _hub_model(spec: ModelSpec, weights: bool) -> BaseModel:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its retry warnings would bury our one-line message
 
     repo_id, _, at_revision = spec.name.partition("@")
     revision = spec.revision or at_revision or None
@@ -105,24 +124,29 @@ def _hub_model(spec: ModelSpec) -> BaseModel:
 
     try:
         config_file = fetch("config.json")
-        weights = None
+        if not weights:
+            config = read_config(config_file)
+            return BaseModel(_meta_model(config), "hub", repo_id, config_file.parent.name, "")
+        weight_file = None
         for candidate in WEIGHT_FILES:
             try:
-                weights = fetch(candidate)
+                weight_file = fetch(candidate)
                 break
             except EntryNotFoundError:
                 continue
             except LocalEntryNotFoundError:
                 # Offline (or no network): the other weight file may be the one in the cache.
                 continue
-        if weights is None:
+        if weight_file is None:
             raise LocalEntryNotFoundError(f"no weights for {repo_id}")
+    except CheckpointError:
+        raise
     except Exception as exc:  # huggingface_hub raises many types (network, auth, offline); all mean "not here"
         raise CheckpointError(_hub_failure(spec.name, exc)) from exc
     config = read_config(config_file)
-    state = read_state_dict(weights)
+    state = read_state_dict(weight_file)
     model = build_model(config, state, Path(repo_id))
-    resolved = weights.parent.name if weights.parent.parent.name == "snapshots" else revision
+    resolved = weight_file.parent.name if weight_file.parent.parent.name == "snapshots" else revision
     return BaseModel(model, "hub", repo_id, resolved, fingerprint(model.state_dict()))
 
 

@@ -46,27 +46,27 @@ class ModelSpec:
         if not isinstance(value, dict):
             raise ValueError(f"must be a string or a mapping, got {type(value).__name__}")
         allowed = ("name", "init", "revision", "seed", *ARCH_OVERRIDES)
-        problems = [f"unknown key model.{k}{_did_you_mean(k, allowed)}" for k in value if k not in allowed]
+        problems = [f"unknown key {k}{_did_you_mean(k, allowed)}" for k in value if k not in allowed]
         if problems:
             raise ValueError("; ".join(problems))
         name = value.get("name")
         if not isinstance(name, str) or not name.strip():
-            raise ValueError("model.name is required (hub id, path, or preset)")
+            raise ValueError("name is required (hub id, path, or preset)")
         init = value.get("init", "pretrained")
         if init not in ("pretrained", "random"):
-            raise ValueError(f"model.init must be pretrained or random, got {init!r}")
+            raise ValueError(f"init must be pretrained or random, got {init!r}")
         overrides = {}
         for key in ARCH_OVERRIDES:
             if key in value:
                 v = value[key]
                 if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                    raise ValueError(f"model.{key} must be a positive integer, got {v!r}")
+                    raise ValueError(f"{key} must be a positive integer, got {v!r}")
                 overrides[key] = v
         if overrides and init != "random":
-            raise ValueError("model: architecture overrides (n_layer, ...) need init: random")
+            raise ValueError("architecture overrides (n_layer, ...) need init: random")
         seed = value.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"model.seed must be an integer, got {seed!r}")
+            raise ValueError(f"seed must be an integer, got {seed!r}")
         revision = value.get("revision")
         return cls(name=name.strip(), init=init, revision=None if revision is None else str(revision),
                    seed=seed, overrides=overrides)
@@ -82,11 +82,23 @@ class ModelSpec:
         return {**out, **self.overrides}
 
 
+# Prompt templates: Python format strings whose {fields} are the format's roles (instruction, input, output,
+# prompt, completion, text) or any column of the data file. The response/completion follows the rendered prompt
+# and `<|endoftext|>` ends every example. The Alpaca pair is the format of Taori et al. 2023 (Stanford Alpaca)
+# as written by Raschka, "Build a Large Language Model (From Scratch)", ch. 7 (`format_input`): the Input block
+# is left out when a row's input is empty. A user's data.prompt_template replaces both for every row.
 ALPACA_TEMPLATE = (
-    "Below is an instruction that describes a task{input_clause}. "
+    "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
+ALPACA_TEMPLATE_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+# prompt_completion default: the prompt, a newline, then the completion (E2E: "name[The Vaults], ...\nThe Vaults is ...").
+PROMPT_COMPLETION_TEMPLATE = "{prompt}\n"
 
 
 @dataclass
@@ -100,7 +112,7 @@ class DataConfig:
     test_split: float = 0.0  # seeded fraction of train held out as a test split (written to out_dir)
     format: Literal["auto", "alpaca", "prompt_completion", "text", "classification"] = "auto"
     columns: dict[str, str] = field(default_factory=dict)  # role -> column, e.g. {prompt: mr, completion: ref}
-    prompt_template: str | None = None  # alpaca/prompt_completion prompt; {column} fields
+    prompt_template: str | None = None  # alpaca/prompt_completion prompt, {role} or {column} fields; null: built-in
     max_length: int = 512  # tokens per example, truncated beyond (counted in the log)
     mask_prompt: bool = True  # loss on the response only
     skip_bad_rows: bool = False  # skip rows with missing/empty fields (counted) instead of failing

@@ -1,0 +1,534 @@
+"""Decoding for `lora generate` and `lora eval --generate`: greedy, sampling and beam search, KV-cached.
+
+Prompts are token ids. A batch of prompts is LEFT-padded: the model derives position ids from the attention
+mask, so a padded row computes exactly what it would alone, and every row's next token sits in the last
+column. The mask handed to the model always covers the cached tokens plus the new ones ([N, S_total]).
+
+Public functions:
+  generate(model, prompts, max_new_tokens, ...)  -> one list of new token ids per prompt (EOT not included)
+  beam_search(model, prompts, max_new_tokens, ...) -> the same, by beam search (generate calls it for num_beams > 1)
+  stream(model, prompt, max_new_tokens, ...)     -> iterator of token ids for one prompt, as they are decoded
+  stream_text(model, prompt, max_new_tokens, ...) -> iterator of text pieces (whole UTF-8 characters only)
+  decode_incremental(token_ids)                   -> text pieces from any iterable of ids
+  fit_prompt(prompt, max_new_tokens, n_positions, truncate, where) -> the prompt checked against the context
+  process_logits / choose_tokens / banned_ngram_mask: the per-step pieces, exposed for tests and callers.
+
+`use_cache=False` recomputes the whole sequence at every step (same tokens, much slower): it exists to check the
+cache and to measure what the cache buys (scripts/bench_generate.py).
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lora_cli.errors import ConfigError, DataError
+from lora_cli.model import GPT2, KVCache
+from lora_cli.tokenizer import EOT_ID
+
+# Added to the score of a hypothesis that must not be picked; the constant transformers uses, so that float32
+# rounding of "score + penalty" is the same as in its beam search (Hugging Face `_beam_search`).
+_NEG = -1.0e9
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checking inputs
+
+
+def fit_prompt(prompt: Sequence[int], max_new_tokens: int, n_positions: int, truncate: bool = False,
+               where: str = "prompt", vocab_size: int | None = None) -> list[int]:
+    """The prompt as a list of ids, checked to leave room for `max_new_tokens` in the model's context.
+
+    A prompt that does not fit is an error, or with `truncate` loses tokens from the LEFT (the end of a prompt,
+    next to the text to be generated, matters most). `where` names the prompt in messages ("prompts.txt line 3").
+    """
+    ids = [int(t) for t in prompt]
+    if not ids:
+        raise DataError(f"{where} is empty (0 tokens); give it some text to continue")
+    if vocab_size is not None:
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise DataError(f"{where} holds token id {bad}, outside the model's vocabulary of {vocab_size}")
+    room = n_positions - max_new_tokens
+    if room < 1:
+        raise ConfigError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of "
+            f"{n_positions} tokens; lower max_new_tokens below {n_positions}"
+        )
+    if len(ids) > room:
+        if not truncate:
+            raise DataError(
+                f"{where} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds the model's context "
+                f"of {n_positions} tokens: shorten it, lower max_new_tokens, or truncate it (keeps its last {room} tokens)"
+            )
+        ids = ids[-room:]
+    return ids
+
+
+def _check_options(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                   no_repeat_ngram_size: int) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ConfigError(f"top_k must be a positive integer, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p!r}")
+    if isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 0:
+        raise ConfigError(f"no_repeat_ngram_size must be a non-negative integer (0 = off), got {no_repeat_ngram_size!r}")
+
+
+def _make_generator(seed: int | torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    if seed is None or isinstance(seed, torch.Generator):
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _device(model: GPT2) -> torch.device:
+    return model.transformer.wte.weight.device
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [N, P] (padding = EOT, never attended) and mask [N, P] (1 = real token), padded on the left."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), EOT_ID, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One forward step for a batch of rows, with or without the KV cache
+
+
+class _Decoder:
+    """Next-token logits [N, V] (float32) for N rows that each grow by one token per step.
+
+    With the cache only the new token goes through the model; without it the whole sequence is recomputed.
+    `select(index)` keeps/reorders rows (finished rows dropped, beams reordered)."""
+
+    def __init__(self, model: GPT2, ids: torch.Tensor, mask: torch.Tensor, use_cache: bool):
+        self.model = model
+        self.mask = mask  # [N, S]: past + new tokens
+        self.padded = not bool(mask.all())
+        self.cache = KVCache(model.config.n_layer) if use_cache else None
+        self.ids = None if use_cache else ids
+        self.logits = self._forward(ids)
+
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # Without padding, mask=None lets the model skip building a mask and take SDPA's fused causal path.
+        hidden = self.model(ids, self.mask if self.padded else None, cache=self.cache)
+        return self.model.logits(hidden[:, -1]).float()  # only the last position: no [N, T, V] tensor
+
+    def select(self, index: torch.Tensor) -> None:
+        self.mask = self.mask[index]
+        self.padded = not bool(self.mask.all())
+        self.logits = self.logits[index]
+        if self.cache is not None:
+            self.cache.reorder(index)
+        else:
+            self.ids = self.ids[index]
+
+    def append(self, tokens: torch.Tensor) -> None:
+        new = tokens[:, None]
+        self.mask = torch.cat([self.mask, torch.ones_like(new)], dim=1)
+        if self.cache is not None:
+            self.logits = self._forward(new)
+        else:
+            self.ids = torch.cat([self.ids, new], dim=1)
+            self.logits = self._forward(self.ids)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-step token choice
+
+
+def banned_ngram_mask(seqs: torch.Tensor, n: int, vocab_size: int,
+                      valid: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Boolean [N, V]: tokens that would complete an n-gram already present in each row of `seqs` [N, L].
+
+    The prompt counts, as in transformers' NoRepeatNGramLogitsProcessor for decoder-only models (Paulus et al.
+    2017, "A Deep Reinforced Model for Abstractive Summarization", sec. 2.5; fairseq's no_repeat_ngram_size).
+    `valid` [N, L] marks real tokens: n-grams touching left padding never ban anything. None: nothing banned.
+    """
+    N, L = seqs.shape
+    if n <= 0 or L < n:
+        return None
+    prefix = seqs[:, L - n + 1:]  # the last n-1 tokens: an n-gram starting with them is what the next token makes
+    windows = seqs.unfold(1, n, 1)  # [N, L-n+1, n]
+    matches = (windows[..., :-1] == prefix[:, None, :]).all(dim=-1)
+    if valid is not None:
+        matches &= valid.unfold(1, n, 1).all(dim=-1) & valid[:, L - n + 1:].all(dim=-1, keepdim=True)
+    # A non-matching window scatters into a spare column past the vocabulary.
+    banned = torch.zeros((N, vocab_size + 1), dtype=torch.bool, device=seqs.device)
+    banned.scatter_(1, torch.where(matches, windows[..., -1], vocab_size), True)
+    return banned[:, :vocab_size]
+
+
+def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None) -> torch.Tensor:
+    """Temperature, then top-k (Fan et al. 2018), then nucleus top-p (Holtzman et al. 2020, arXiv:1904.09751),
+    the order of transformers' sampling warpers. Removed tokens get -inf. `logits` [N, V]."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose probability reaches top_p (at least one token).
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - top_p)
+        remove[..., -1] = False
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return logits
+
+
+def choose_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token of each row [N]: argmax when temperature is 0, else a sample from the processed logits."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = process_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Greedy and sampling
+
+
+@torch.inference_mode()
+def _sampling_steps(model: GPT2, prompts: list[list[int]], max_new_tokens: int, *, temperature: float,
+                    top_k: int | None, top_p: float | None, generator: torch.Generator | None,
+                    no_repeat_ngram_size: int, eos_id: int | None,
+                    use_cache: bool) -> Iterator[tuple[list[int], list[int]]]:
+    """Yields, per step, (rows, tokens): the prompts (by index) that produced a token and the tokens. A row that
+    produces `eos_id` is finished: it is left out of that step and dropped from the batch, so it stops costing."""
+    if max_new_tokens == 0 or not prompts:
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        ids, mask = _left_pad(prompts, _device(model))
+        decoder = _Decoder(model, ids, mask, use_cache)
+        rows = torch.arange(len(prompts), device=ids.device)
+        history, valid = ids, mask.bool()  # for no-repeat n-grams
+        vocab = model.config.vocab_size
+        for step in range(max_new_tokens):
+            logits = decoder.logits
+            if no_repeat_ngram_size:
+                banned = banned_ngram_mask(history, no_repeat_ngram_size, vocab, valid)
+                if banned is not None:
+                    logits = logits.masked_fill(banned, float("-inf"))
+            tokens = choose_tokens(logits, temperature, top_k, top_p, generator)
+            going = tokens != eos_id if eos_id is not None else torch.ones_like(tokens, dtype=torch.bool)
+            keep = going.nonzero().squeeze(1)
+            yield rows[keep].tolist(), tokens[keep].tolist()
+            if step == max_new_tokens - 1 or keep.numel() == 0:
+                return
+            if keep.numel() < rows.numel():
+                rows, tokens = rows[keep], tokens[keep]
+                history, valid = history[keep], valid[keep]
+                decoder.select(keep)
+            if no_repeat_ngram_size:
+                history = torch.cat([history, tokens[:, None]], dim=1)
+                valid = torch.cat([valid, torch.ones_like(tokens[:, None], dtype=torch.bool)], dim=1)
+            decoder.append(tokens)
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Beam search
+
+
+@torch.inference_mode()
+def _beam_batch(model: GPT2, prompts: list[list[int]], max_new_tokens: int, num_beams: int, length_penalty: float,
+                early_stopping: bool | str, no_repeat_ngram_size: int, eos_id: int | None,
+                use_cache: bool) -> list[list[int]]:
+    """Beam search over a batch of prompts, step for step the algorithm of transformers' `_beam_search`
+    (GenerationMixin, v4.50+ vectorised form), so that its outputs are the same tokens:
+
+    - each step keeps the top 2*num_beams continuations of all beams by summed log-probability;
+    - the best num_beams of them that do not end in EOS are the running beams of the next step;
+    - among the top num_beams continuations, those ending in EOS (or all of them at the last step) are finished
+      hypotheses scored sum_logprob / generated_len ** length_penalty, generated_len counting the new tokens
+      including the EOS (not the prompt); the best num_beams finished hypotheses are kept;
+    - early_stopping=False stops a prompt once all num_beams finished slots are full and the best running beam,
+      scored at its current length, cannot beat the worst of them; True stops as soon as the slots are full;
+      "never" scores the running beam at max length when length_penalty > 0.
+    The answer is the best finished hypothesis, without its EOS. A prompt that is done leaves the batch.
+    """
+    nb, K = num_beams, 2 * num_beams  # transformers: beams_to_keep = max(2, 1 + n_eos) * num_beams
+    B, M, V = len(prompts), max_new_tokens, model.config.vocab_size
+    was_training = model.training
+    model.eval()
+    try:
+        ids, mask = _left_pad(prompts, _device(model))
+        dev = ids.device
+        decoder = _Decoder(model, ids, mask, use_cache)
+        decoder.select(torch.arange(B, device=dev).repeat_interleave(nb))  # row b*nb + j is beam j of prompt b
+        prompt_ids, prompt_valid = ids.repeat_interleave(nb, 0), mask.bool().repeat_interleave(nb, 0)
+
+        entries = torch.arange(B, device=dev)  # which prompt each live batch entry is
+        run_gen = torch.zeros((B, nb, 0), dtype=torch.long, device=dev)  # running beams' new tokens
+        run_score = torch.zeros((B, nb), device=dev)
+        run_score[:, 1:] = _NEG  # all beams start equal: only beam 0's continuations may be chosen at step 0
+        fill = eos_id if eos_id is not None else 0
+        fin_gen = torch.full((B, nb, M), fill, dtype=torch.long, device=dev)  # finished hypotheses' new tokens
+        fin_len = torch.zeros((B, nb), dtype=torch.long, device=dev)
+        fin_score = torch.full((B, nb), _NEG, device=dev)
+        fin_flag = torch.zeros((B, nb), dtype=torch.bool, device=dev)
+        improvable = torch.ones((B, 1), dtype=torch.bool, device=dev)  # transformers' "heuristic unsatisfied"
+        top_nb = torch.arange(K, device=dev) < nb
+        results: list[list[int] | None] = [None] * B
+
+        for step in range(M):
+            n_live = entries.numel()
+            log_probs = F.log_softmax(decoder.logits, dim=-1)  # [n_live*nb, V]
+            if no_repeat_ngram_size:
+                seqs = torch.cat([prompt_ids, run_gen.reshape(n_live * nb, step)], dim=1)
+                valid = torch.cat([prompt_valid, torch.ones_like(seqs[:, ids.shape[1]:], dtype=torch.bool)], dim=1)
+                banned = banned_ngram_mask(seqs, no_repeat_ngram_size, V, valid)
+                if banned is not None:
+                    log_probs = log_probs.masked_fill(banned, float("-inf"))
+            log_probs = log_probs.view(n_live, nb, V) + run_score[:, :, None]
+            top_scores, top_index = torch.topk(log_probs.view(n_live, nb * V), K)  # [n_live, K], best first
+            source, token = top_index // V, top_index % V
+            cand_gen = torch.cat([torch.gather(run_gen, 1, source[:, :, None].expand(-1, -1, step)),
+                                  token[:, :, None]], dim=2)  # [n_live, K, step+1]
+            last = step + 1 >= M
+            ends = torch.ones_like(token, dtype=torch.bool) if last else (
+                token == eos_id if eos_id is not None else torch.zeros_like(token, dtype=torch.bool))
+
+            # Running beams for the next step: the best continuations that did not end.
+            running = top_scores + ends.to(torch.float32) * _NEG
+            pick = torch.topk(running, nb).indices
+            run_gen = torch.gather(cand_gen, 1, pick[:, :, None].expand(-1, -1, step + 1))
+            run_score = torch.gather(running, 1, pick)
+            run_source = torch.gather(source, 1, pick)
+
+            # Finished hypotheses: merge the new ones (top num_beams continuations only) into the kept ones.
+            just_ended = ends & top_nb[None, :]
+            cand = top_scores / ((step + 1) ** length_penalty)
+            full = fin_flag.all(dim=-1, keepdim=True) & (early_stopping is True)
+            cand = cand + full.to(torch.float32) * _NEG
+            cand = cand + (~improvable).to(torch.float32) * _NEG
+            cand = cand + (~just_ended) * _NEG
+            padded_gen = torch.full((n_live, K, M), fill, dtype=torch.long, device=dev)
+            padded_gen[:, :, : step + 1] = cand_gen
+            merged_score = torch.cat([fin_score, cand], dim=1)
+            keep = torch.topk(merged_score, nb).indices
+            fin_score = torch.gather(merged_score, 1, keep)
+            fin_flag = torch.gather(torch.cat([fin_flag, just_ended], dim=1), 1, keep)
+            fin_len = torch.gather(torch.cat([fin_len, torch.full_like(token, step + 1)], dim=1), 1, keep)
+            fin_gen = torch.gather(torch.cat([fin_gen, padded_gen], dim=1), 1, keep[:, :, None].expand(-1, -1, M))
+
+            # Can a running beam still beat the worst finished hypothesis?
+            hypothetical = M if (early_stopping == "never" and length_penalty > 0.0) else step + 1
+            best_running = run_score[:, :1] / (hypothetical ** length_penalty)
+            worst_finished = torch.where(fin_flag, fin_score.min(dim=1, keepdim=True).values, _NEG)
+            improvable = improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)
+
+            done = ~improvable[:, 0]
+            if early_stopping is True:
+                done |= fin_flag.all(dim=-1)
+            if last:
+                done[:] = True
+            for i in done.nonzero().squeeze(1).tolist():
+                best = fin_gen[i, 0, : fin_len[i, 0]].tolist()
+                if eos_id is not None and best and best[-1] == eos_id:
+                    best = best[:-1]
+                results[int(entries[i])] = best
+            live = (~done).nonzero().squeeze(1)
+            if live.numel() == 0:
+                break
+            if live.numel() < n_live:
+                entries, run_gen, run_score, run_source = entries[live], run_gen[live], run_score[live], run_source[live]
+                fin_gen, fin_len, fin_score, fin_flag = fin_gen[live], fin_len[live], fin_score[live], fin_flag[live]
+                improvable = improvable[live]
+                rows = (live[:, None] * nb + torch.arange(nb, device=dev)).flatten()
+                prompt_ids, prompt_valid = prompt_ids[rows], prompt_valid[rows]
+            # Reorder the cache so row b*nb + j holds the past of running beam j (one gather for drop + reorder).
+            decoder.select((live[:, None] * nb + run_source).flatten())
+            decoder.append(run_gen[:, :, -1].flatten())
+        return [r if r is not None else [] for r in results]
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _prepare(model: GPT2, prompts: Sequence[Sequence[int]], max_new_tokens: int, truncate: bool) -> list[list[int]]:
+    cfg = model.config
+    return [fit_prompt(p, max_new_tokens, cfg.n_positions, truncate, where=f"prompt {i + 1}", vocab_size=cfg.vocab_size)
+            for i, p in enumerate(prompts)]
+
+
+def _in_batches(prompts: list[list[int]], batch_size: int | None, run: Callable[[list[list[int]]], list[list[int]]],
+                progress: Callable[[int], None] | None) -> list[list[int]]:
+    """Run `run` on batches of similar length (longest first, so memory peaks at once), in the caller's order."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) if batch_size else list(range(len(prompts)))
+    size = batch_size or max(len(prompts), 1)
+    out: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), size):
+        chunk = order[start: start + size]
+        for i, result in zip(chunk, run([prompts[i] for i in chunk])):
+            out[i] = result
+        if progress is not None:
+            progress(len(chunk))
+    return out
+
+
+def generate(
+    model: GPT2,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | torch.Generator | None = None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    no_repeat_ngram_size: int = 0,
+    eos_id: int | None = EOT_ID,
+    truncate: bool = False,
+    use_cache: bool = True,
+    batch_size: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[int]]:
+    """New token ids for each prompt (without the EOT that ended it), in the order of `prompts`.
+
+    temperature 0 is greedy decoding; > 0 samples from softmax(logits / temperature) restricted by top_k/top_p,
+    drawing from `seed` (an int, or a torch.Generator to continue a stream of draws). num_beams > 1 is beam
+    search (deterministic; see `beam_search`). A row stops at `eos_id` (None: never) or after max_new_tokens.
+    A prompt that does not leave room for max_new_tokens in the context is an error, or with `truncate` loses
+    its first tokens. batch_size None runs all prompts as one batch; otherwise batches of similar lengths, and
+    `progress(n)` is called after each with the number of prompts it held.
+    """
+    _check_options(max_new_tokens, temperature, top_k, top_p, no_repeat_ngram_size)
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise ConfigError(f"num_beams must be a positive integer, got {num_beams!r}")
+    if num_beams > 1 and temperature > 0:
+        raise ConfigError("beam search does not sample: set temperature to 0 or num_beams to 1")
+    ids = _prepare(model, prompts, max_new_tokens, truncate)
+    if num_beams > 1:
+        return beam_search(model, ids, max_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
+                           early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size, eos_id=eos_id,
+                           truncate=truncate, use_cache=use_cache, batch_size=batch_size, progress=progress)
+    generator = _make_generator(seed, _device(model))
+
+    def run(batch: list[list[int]]) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in batch]
+        for rows, tokens in _sampling_steps(model, batch, max_new_tokens, temperature=temperature, top_k=top_k,
+                                            top_p=top_p, generator=generator, eos_id=eos_id, use_cache=use_cache,
+                                            no_repeat_ngram_size=no_repeat_ngram_size):
+            for r, t in zip(rows, tokens):
+                out[r].append(t)
+        return out
+
+    return _in_batches(ids, batch_size, run, progress)
+
+
+def beam_search(
+    model: GPT2,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    num_beams: int = 4,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    no_repeat_ngram_size: int = 0,
+    eos_id: int | None = EOT_ID,
+    truncate: bool = False,
+    use_cache: bool = True,
+    batch_size: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[int]]:
+    """Beam search (the best hypothesis per prompt, without its EOT), token for token the result of transformers'
+    `generate(num_beams=..., length_penalty=..., early_stopping=..., no_repeat_ngram_size=..., do_sample=False)`.
+
+    length_penalty: a finished hypothesis scores sum(log p) / n_new ** length_penalty (n_new counts generated
+    tokens including EOT); > 1 favours longer outputs, < 1 shorter. early_stopping: False (transformers' default),
+    True, or "never" (see `_beam_batch`). num_beams=1 gives the greedy tokens. The LoRA paper's E2E decoding
+    (Hu et al. 2021, arXiv:2106.09685, sec. 5.4 / appendix) is num_beams=10, length_penalty=0.9,
+    no_repeat_ngram_size=4.
+    """
+    _check_options(max_new_tokens, 0.0, None, None, no_repeat_ngram_size)
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise ConfigError(f"num_beams must be a positive integer, got {num_beams!r}")
+    if not (isinstance(length_penalty, (int, float)) and math.isfinite(length_penalty)):
+        raise ConfigError(f"length_penalty must be a finite number, got {length_penalty!r}")
+    if early_stopping not in (True, False, "never"):
+        raise ConfigError(f"early_stopping must be true, false or never, got {early_stopping!r}")
+    ids = _prepare(model, prompts, max_new_tokens, truncate)
+    if max_new_tokens == 0:
+        return [[] for _ in ids]
+
+    def run(batch: list[list[int]]) -> list[list[int]]:
+        return _beam_batch(model, batch, max_new_tokens, num_beams, float(length_penalty), early_stopping,
+                           no_repeat_ngram_size, eos_id, use_cache)
+
+    return _in_batches(ids, batch_size, run, progress)
+
+
+def stream(
+    model: GPT2,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | torch.Generator | None = None,
+    no_repeat_ngram_size: int = 0,
+    eos_id: int | None = EOT_ID,
+    truncate: bool = False,
+    use_cache: bool = True,
+) -> Iterator[int]:
+    """Token ids for one prompt, yielded as each is decoded (the EOT is not yielded). The same tokens as
+    `generate(model, [prompt], ...)`. Options are checked now, before the first token is asked for."""
+    _check_options(max_new_tokens, temperature, top_k, top_p, no_repeat_ngram_size)
+    (ids,) = _prepare(model, [prompt], max_new_tokens, truncate)
+    generator = _make_generator(seed, _device(model))
+    steps = _sampling_steps(model, [ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            generator=generator, no_repeat_ngram_size=no_repeat_ngram_size, eos_id=eos_id,
+                            use_cache=use_cache)
+    return (tokens[0] for _, tokens in steps if tokens)
+
+
+def decode_incremental(token_ids: Iterable[int]) -> Iterator[str]:
+    """Text pieces for a stream of GPT-2 token ids. A byte-level BPE token can hold part of a UTF-8 character
+    (an emoji is often 2-3 tokens), so bytes are fed through an incremental UTF-8 decoder and only whole
+    characters are yielded; the pieces join to `tokenizer.decode(ids)`."""
+    from lora_cli.tokenizer import get_encoding
+
+    enc = get_encoding()
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tiktoken's decode also replaces
+    for t in token_ids:
+        piece = utf8.decode(enc.decode_single_token_bytes(t))
+        if piece:
+            yield piece
+    tail = utf8.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
+def stream_text(model: GPT2, prompt: Sequence[int], max_new_tokens: int, **options) -> Iterator[str]:
+    """Text pieces for one prompt as they are decoded: `decode_incremental(stream(...))`."""
+    return decode_incremental(stream(model, prompt, max_new_tokens, **options))

@@ -1,0 +1,47 @@
+"""`lora info`: what a checkpoint is, before anything is downloaded in full or trained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lora_cli.config import ModelSpec
+
+SHORTHANDS = ["all-linear", "attn.c_attn", "attn.q", "attn.k", "attn.v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+
+
+def describe(model: str, random_init: bool = False, lora_config: Path | None = None,
+             overrides: list[str] | None = None) -> dict:
+    """Config, exact parameter count and linear layer names of `model`; with a run config, the trainable
+    parameter count and adapter size its `lora` section would give. Weights are not loaded (meta device)."""
+    from lora_cli.checkpoint import load_model
+
+    spec = ModelSpec(name=model, init="random" if random_init else "pretrained")
+    base = load_model(spec, weights=False)
+    net = base.model
+    report = {
+        "model": base.name,
+        "source": base.source,
+        "revision": base.revision,
+        "config": net.config.to_dict(),
+        "parameters": net.num_parameters(),
+        "linear_layers": net.linear_names(),
+        "shorthands": SHORTHANDS,
+    }
+    if lora_config is not None:
+        from lora_cli.config import load_config
+        from lora_cli.lora import apply_lora, count_parameters, estimate_adapter_bytes
+
+        cfg = load_config(lora_config, overrides)
+        targets = apply_lora(net, cfg.lora)
+        trainable, total = count_parameters(net)
+        dtype = "fp32"
+        report["lora"] = {
+            "r": cfg.lora.r,
+            "alpha": cfg.lora.alpha,
+            "targets": targets,
+            "trainable": trainable,
+            "total": total,
+            "adapter_bytes": estimate_adapter_bytes(net),
+            "adapter_dtype": dtype,
+        }
+    return report

@@ -1,0 +1,88 @@
+import pytest
+
+from lora_cli.config import RunConfig, load_config
+from lora_cli.errors import ConfigError
+
+BASE = """\
+model: gpt2
+out_dir: runs/x
+data:
+  train: data/train.json
+lora:
+  r: 8
+train:
+  lr: 3e-4
+  batch_size: 4
+"""
+
+
+def write(tmp_path, text, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_coercion_and_relative_paths(tmp_path):
+    cfg = load_config(write(tmp_path, BASE))
+    assert isinstance(cfg, RunConfig)
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)  # PyYAML reads 3e-4 as a string
+    assert cfg.train.batch_size == 4 and cfg.train.epochs == 1 and cfg.lora.alpha == 16.0
+    assert cfg.data.train == str(tmp_path / "data/train.json")
+    assert cfg.out_dir == str(tmp_path / "runs/x")
+    assert cfg.model.name == "gpt2" and cfg.model.init == "pretrained"
+
+
+def test_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["train.lr=1e-4", "lora.r=16", "lora.targets=[attn.q, attn.v]",
+                                              "model={name: gpt2, init: random, n_layer: 2}"])
+    assert cfg.train.lr == 1e-4 and cfg.lora.r == 16 and cfg.lora.targets == ["attn.q", "attn.v"]
+    assert cfg.model.init == "random" and cfg.model.overrides == {"n_layer": 2}
+    with pytest.raises(ConfigError, match=r"--set train.batch_size: must be >= 1, got 0"):
+        load_config(write(tmp_path, BASE), ["train.batch_size=0"])
+    with pytest.raises(ConfigError, match=r"expected KEY=VALUE"):
+        load_config(write(tmp_path, BASE), ["train.lr"])
+
+
+def test_every_problem_reported_at_once_with_lines(tmp_path):
+    text = BASE.replace("  r: 8", "  r: 0\n  alpah: 3").replace("  batch_size: 4", "  batch_size: 0\n  lr_shedule: cosine")
+    text = text.replace("lr: 3e-4", "lr: -1")
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    msg = str(err.value)
+    assert msg.startswith(f"{tmp_path / 'c.yaml'}: 5 problems: ")
+    assert "line 7: lora.alpah: unknown key (did you mean alpha?)" in msg
+    assert "line 11: train.lr_shedule: unknown key (did you mean lr_schedule?)" in msg
+    assert "line 6: lora.r: must be a positive integer, got 0" in msg
+    assert "line 10: train.batch_size: must be >= 1, got 0" in msg
+    assert "line 9: train.lr: must be > 0, got -1" in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("text,message", [
+    ("model: gpt2\ndata: {train: a.json\n", "invalid YAML"),
+    ("", "the config is empty"),
+    ("- a\n- b\n", "must be a mapping of keys"),
+    ("data: {train: a.json}\n", "model: is required"),
+    ("model: gpt2\nmodle: x\ndata: {train: a.json}\n", "line 2: modle: unknown key (did you mean model?)"),
+    ("model: gpt2\ndata: {train: a.json}\ntrain: {epochs: two}\n", "line 3: train.epochs: must be an integer, got 'two'"),
+    ("model: gpt2\ndata: {train: a.json}\ntrain: {lr: fast}\n", "train.lr: must be a number, got 'fast'"),
+    ("model: gpt2\ndata: {train: a.json}\ntrain: {precision: fp8}\n", "train.precision: must be one of auto, fp32, bf16, fp16, got 'fp8'"),
+    ("model: gpt2\n", "data.train: is required"),
+    ("model: {name: gpt2, init: random, n_layers: 2}\ndata: {train: a.json}\n", "line 1: model: unknown key n_layers (did you mean n_layer?)"),
+    ("model: gpt2\ndata: {train: a.json}\nlora: {dropout: 1.5}\n", "lora.dropout: must be in [0, 1), got 1.5"),
+    ("model: gpt2\ndata: {train: a.json}\nlora: 3\n", "lora: must be a mapping of keys, got int"),
+])
+def test_bad_configs(tmp_path, text, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert message in str(err.value)
+
+
+def test_missing_and_directory_config(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+    (tmp_path / "bin.yaml").write_bytes(b"model: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(tmp_path / "bin.yaml")
