@@ -1,0 +1,636 @@
+"""LoRA layers, target selection, freezing, and merge/unmerge.
+
+LoRA (Hu et al. 2021, arXiv:2106.09685) freezes a linear layer W [out, in] and learns a low-rank update:
+
+    y = W x + b + scaling * B (A dropout(x)),    A [r, in], B [out, r],    scaling = alpha / r
+
+A starts as PEFT's `kaiming_uniform_(a=sqrt(5))` and B as zeros, so the wrapped model equals the base model at
+step 0. rsLoRA (Kalajdzievski 2023, arXiv:2312.03732) uses scaling = alpha / sqrt(r) so higher ranks keep
+learning. DoRA (Liu et al. 2024, arXiv:2402.09353) splits the adapted weight into a learned magnitude m [out] and
+a direction: W' = m * (W + s B A) / ||W + s B A||_row, with the norm treated as a constant (sec. 4.3); the
+forward follows PEFT's `use_dora` term for term, so the two agree to float rounding.
+
+Module and tensor names (the adapter file uses them verbatim):
+
+    transformer.h.0.attn.c_attn                   LoRALinear wrapping the frozen nn.Linear
+    transformer.h.0.attn.c_attn.base_layer.weight the frozen base weight [out, in] (bias: .base_layer.bias)
+    transformer.h.0.attn.c_attn.lora_A.weight     A [r, in]
+    transformer.h.0.attn.c_attn.lora_B.weight     B [out, r]
+    transformer.h.0.attn.c_attn.lora_magnitude_vector   DoRA's m [out] (PEFT's saved name, so export maps 1:1)
+
+GPT-2 fuses query, key and value in `attn.c_attn` ([3C, C]). The targets `attn.q`, `attn.k`, `attn.v` give each
+third of its output its own adapter (the LoRA paper adapts W_q and W_v only). They are selected by the virtual
+names `transformer.h.0.attn.q` etc., and the layer is a LoRASlicedLinear:
+
+    transformer.h.0.attn.c_attn.lora_q.lora_A.weight   A_q [r, C]
+    transformer.h.0.attn.c_attn.lora_q.lora_B.weight   B_q [C, r]   (rows 0..C of the c_attn output)
+    transformer.h.0.attn.c_attn.lora_v.lora_A.weight   ...          (lora_k: rows C..2C, lora_v: rows 2C..3C)
+
+In training the update is always computed as (x A^T) B^T: the [out, in] product B A is formed only to merge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import math
+import re
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_cli.config import LoraConfig
+from lora_cli.errors import AdapterError, ConfigError
+
+SLICES = ("q", "k", "v")  # thirds of GPT-2's fused c_attn output, in order
+BLOCK = re.compile(r"^transformer\.h\.(\d+)\.")
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """alpha / r (Hu et al. 2021), or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def _low_rank_pair(in_features: int, out_features: int, r: int, like: torch.Tensor,
+                   generator: torch.Generator | None) -> tuple[nn.Linear, nn.Linear]:
+    """A [r, in] initialised as PEFT does (nn.Linear's kaiming_uniform_(a=sqrt(5))), B [out, r] zeros.
+    Adapter weights live in fp32 on the base weight's device, whatever the base dtype."""
+    device = like.device
+    lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
+    lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
+    if device.type != "meta":  # meta: shapes only (`lora info`), nothing to initialise
+        nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5), generator=generator)
+        nn.init.zeros_(lora_B.weight)
+    return lora_A, lora_B
+
+
+class LoRALayer(nn.Module):
+    """What LoRALinear and LoRASlicedLinear share: a frozen `base_layer`, merge/unmerge, an off switch."""
+
+    base_layer: nn.Linear
+
+    def __init__(self, base_layer: nn.Linear, dropout: float):
+        super().__init__()
+        self.base_layer = base_layer
+        base_layer.requires_grad_(False)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.disabled = False  # forward = base layer only (see lora_disabled)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B A in fp32 [out, in]: merging only."""
+        raise NotImplementedError
+
+    def merge(self) -> None:
+        """W <- W + scaling * B A, computed in fp32; refuses to write non-finite weights."""
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            new = weight.float() + self.delta_weight()
+            _check_finite(new, "merging")
+            weight.copy_(new.to(weight.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """W <- W - scaling * B A (fp32): restores the base weight to float rounding."""
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            new = weight.float() - self.delta_weight()
+            _check_finite(new, "unmerging")
+            weight.copy_(new.to(weight.dtype))
+        self.merged = False
+
+    def lora_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name relative to this layer, parameter) of the adapter's own weights (not base_layer)."""
+        for name, p in self.named_parameters():
+            if not name.startswith("base_layer."):
+                yield name, p
+
+
+def _check_finite(weight: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(weight).all()):
+        raise AdapterError(f"{what} the adapter gives non-finite weights (NaN or inf); the adapter is corrupt or diverged")
+
+
+class LoRALinear(LoRALayer):
+    """A frozen nn.Linear plus a rank-r update (optionally DoRA), named like PEFT's LoRA Linear."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, use_dora: bool = False, generator: torch.Generator | None = None):
+        if r <= 0:
+            raise ConfigError(f"lora.r must be a positive integer, got {r}")
+        super().__init__(base_layer, dropout)
+        self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, use_rslora, use_dora
+        self.scaling = lora_scaling(r, alpha, use_rslora)
+        self.lora_A, self.lora_B = _low_rank_pair(self.in_features, self.out_features, r, base_layer.weight, generator)
+        self.lora_magnitude_vector: nn.Parameter | None = None
+        self._merged_norm: torch.Tensor | None = None  # DoRA: the norm used by merge, needed to unmerge
+        if use_dora:
+            # m starts as ||W + s B A||_row = ||W||_row (B = 0), so the model still equals the base model.
+            with torch.no_grad():
+                norm = self.weight_norm(base_layer.weight)
+            self.lora_magnitude_vector = nn.Parameter(norm)
+
+    @classmethod
+    def from_base(cls, linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                  use_dora: bool = False, generator: torch.Generator | None = None) -> "LoRALinear":
+        return cls(linear, r, alpha, dropout, use_rslora, use_dora, generator)
+
+    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """||W + s B A|| of every output row, in fp32, without forming B A [out, in]:
+        ||W_i + s B_i A||^2 = ||W_i||^2 + 2 s B_i . (W A^T)_i + s^2 B_i (A A^T) B_i^T."""
+        W = weight.detach().float()
+        A = self.lora_A.weight.detach().float()
+        B = self.lora_B.weight.detach().float()
+        s = self.scaling
+        squared = (
+            torch.linalg.vector_norm(W, dim=1).square()
+            + 2 * s * (B * (W @ A.T)).sum(dim=1)
+            + s * s * ((B @ (A @ A.T)) * B).sum(dim=1)
+        )
+        return squared.clamp_min(0).sqrt()
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged or self.disabled:
+            return result
+        out_dtype = result.dtype
+        x = x.to(self.lora_A.weight.dtype)
+        if not self.use_dora:
+            result = result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+            return result.to(out_dtype)
+        # DoRA, as PEFT's DoraLinearVariant.forward: without dropout (or in eval) the base output is reused;
+        # with dropout, the base term is recomputed on the dropped-out input.
+        weight = self.base_layer.weight.to(x.dtype)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            base_result = result if self.base_layer.bias is None else result - self.base_layer.bias
+        else:
+            x = self.lora_dropout(x)
+            base_result = F.linear(x, weight)
+        norm = self.weight_norm(weight).to(x.dtype)  # detached: a constant, as in the DoRA paper (sec. 4.3)
+        scale = (self.lora_magnitude_vector / norm).view(1, -1)
+        lora_result = self.lora_B(self.lora_A(x))
+        result = result + (scale - 1) * base_result + scale * lora_result * self.scaling
+        return result.to(out_dtype)
+
+    def merge(self) -> None:
+        if not self.use_dora:
+            return super().merge()
+        if self.merged:
+            return
+        # W' = m / ||W + dW|| * (W + dW), the norm of the unmerged weight (as the forward uses it).
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            norm = self.weight_norm(weight)
+            factor = (self.lora_magnitude_vector.float() / norm).view(-1, 1)
+            new = factor * (weight.float() + self.delta_weight())
+            _check_finite(new, "merging")
+            weight.copy_(new.to(weight.dtype))
+        self._merged_norm = norm
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if not self.use_dora:
+            return super().unmerge()
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            factor = (self.lora_magnitude_vector.float() / self._merged_norm).view(-1, 1)
+            new = weight.float() / factor - self.delta_weight()
+            _check_finite(new, "unmerging")
+            weight.copy_(new.to(weight.dtype))
+        self._merged_norm = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dora={self.use_dora}, merged={self.merged}"
+
+
+class LoRASlice(nn.Module):
+    """One slice's adapter inside a LoRASlicedLinear: A [r, in], B [slice_out, r] and its own scaling."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, use_rslora: bool,
+                 like: torch.Tensor, generator: torch.Generator | None):
+        super().__init__()
+        if r <= 0:
+            raise ConfigError(f"lora.r must be a positive integer, got {r}")
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = lora_scaling(r, alpha, use_rslora)
+        self.lora_A, self.lora_B = _low_rank_pair(in_features, out_features, r, like, generator)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
+
+
+class LoRASlicedLinear(LoRALayer):
+    """The fused q/k/v projection with separate adapters on some of its output thirds (submodules lora_q,
+    lora_k, lora_v). One dropout mask is shared by the slices, so the layer is exactly a single LoRA with a
+    block-structured B (which is how it is exported to PEFT)."""
+
+    def __init__(self, base_layer: nn.Linear, slices: dict[str, tuple[int, float]], dropout: float = 0.0,
+                 use_rslora: bool = False, generator: torch.Generator | None = None):
+        super().__init__(base_layer, dropout)
+        if self.out_features % len(SLICES):
+            raise ConfigError(f"a fused q/k/v layer needs an output size divisible by 3, got {self.out_features}")
+        self.slice_size = self.out_features // len(SLICES)
+        self.slice_names = tuple(s for s in SLICES if s in slices)  # model order: q, k, v
+        for s in self.slice_names:
+            r, alpha = slices[s]
+            self.add_module(f"lora_{s}", LoRASlice(self.in_features, self.slice_size, r, alpha, use_rslora,
+                                                   base_layer.weight, generator))
+
+    def slice(self, name: str) -> LoRASlice:
+        return getattr(self, f"lora_{name}")
+
+    def offset(self, name: str) -> int:
+        return SLICES.index(name) * self.slice_size
+
+    def delta_weight(self) -> torch.Tensor:
+        W = self.base_layer.weight
+        delta = torch.zeros(W.shape, dtype=torch.float32, device=W.device)
+        for s in self.slice_names:
+            mod, o = self.slice(s), self.offset(s)
+            delta[o : o + self.slice_size] = mod.scaling * (mod.lora_B.weight.float() @ mod.lora_A.weight.float())
+        return delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged or self.disabled:
+            return result
+        out_dtype = result.dtype
+        x = self.lora_dropout(x.to(self.slice(self.slice_names[0]).lora_A.weight.dtype))
+        parts = list(result.split(self.slice_size, dim=-1))
+        for s in self.slice_names:
+            mod = self.slice(s)
+            i = SLICES.index(s)
+            parts[i] = parts[i] + mod.lora_B(mod.lora_A(x)) * mod.scaling
+        return torch.cat(parts, dim=-1).to(out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"slices={','.join(self.slice_names)}, merged={self.merged}"
+
+
+# ------------------------------------------------------------------------------------------ target selection
+
+
+def _is_fused_qkv(name: str, module: nn.Linear) -> bool:
+    return name.endswith("attn.c_attn") and module.out_features == 3 * module.in_features
+
+
+def _slice_name(c_attn_name: str, s: str) -> str:
+    """transformer.h.0.attn.c_attn -> transformer.h.0.attn.q"""
+    return f"{c_attn_name.rsplit('.', 1)[0]}.{s}"
+
+
+def _split_slice_name(name: str) -> tuple[str, str] | None:
+    """transformer.h.0.attn.q -> (transformer.h.0.attn.c_attn, q); None for a real module name."""
+    parent, _, last = name.rpartition(".")
+    if last in SLICES and parent.endswith("attn"):
+        return f"{parent}.c_attn", last
+    return None
+
+
+def _tied_to_input(model: nn.Module, module: nn.Linear) -> bool:
+    """A head that shares the input embedding (GPT-2's lm_head): adapting it would change the embedding too."""
+    wte = getattr(getattr(model, "transformer", None), "wte", None)
+    return wte is not None and module.weight is wte.weight
+
+
+def target_candidates(model: nn.Module) -> list[str]:
+    """Every name a LoRA target may match, in model order: each linear layer (not a head tied to the input
+    embedding), and after each fused c_attn its virtual slices attn.q, attn.k, attn.v."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALayer):
+            raise ConfigError("the model already has LoRA layers; apply LoRA once, to a fresh base model")
+        if isinstance(module, nn.Linear) and not _tied_to_input(model, module):
+            names.append(name)
+            if _is_fused_qkv(name, module):
+                names.extend(_slice_name(name, s) for s in SLICES)
+    return names
+
+
+def _short_names(names: list[str]) -> str:
+    """transformer.h.N.attn.c_attn, ... -> "attn.c_attn, ... (in transformer.h.0-11)" for error messages."""
+    shorts: list[str] = []
+    blocks: list[int] = []
+    for name in names:
+        m = BLOCK.match(name)
+        short = name[m.end():] if m else name
+        if m:
+            blocks.append(int(m.group(1)))
+        if short not in shorts:
+            shorts.append(short)
+    where = f" (in transformer.h.{min(blocks)}-{max(blocks)})" if blocks else ""
+    return f"{', '.join(shorts)}{where}, or all-linear"
+
+
+def _matcher(pattern: str, key: str):
+    """A predicate for one pattern: `re:REGEX` (full match), a glob (`h.*.mlp.c_fc`, matched against the
+    name or any dotted suffix of it), or a plain name (the name itself or a dotted suffix: `attn.c_attn`)."""
+    if pattern.startswith("re:"):
+        try:
+            rx = re.compile(pattern[3:])
+        except re.error as exc:
+            raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression ({exc})") from exc
+        return lambda name: rx.fullmatch(name) is not None
+    if any(c in pattern for c in "*?["):
+        def glob(name: str) -> bool:
+            parts = name.split(".")
+            return any(fnmatch.fnmatchcase(".".join(parts[i:]), pattern) for i in range(len(parts)))
+        return glob
+    return lambda name: name == pattern or name.endswith("." + pattern)
+
+
+def resolve_targets(model: nn.Module, targets: list[str], layers: list[int] | None = None) -> list[str]:
+    """Config patterns -> the full module names (or slice names) to adapt, in model order."""
+    candidates = target_candidates(model)
+    n_layer = len(getattr(getattr(model, "transformer", None), "h", []))
+    if layers is not None:
+        bad = sorted(i for i in layers if not 0 <= i < n_layer)
+        if bad:
+            raise ConfigError(f"lora.layers: block {bad[0]} does not exist; the model has blocks 0-{n_layer - 1}")
+        keep = set(layers)
+        pool = [n for n in candidates if (m := BLOCK.match(n)) and int(m.group(1)) in keep]
+    else:
+        pool = candidates
+    if not targets:
+        raise ConfigError("lora.targets must name at least one layer pattern (e.g. [attn.c_attn] or all-linear)")
+    chosen: set[str] = set()
+    for pattern in targets:
+        pattern = str(pattern).strip()
+        if pattern == "all-linear":
+            # Every linear layer in the blocks (not the head), fused c_attn rather than its slices (as PEFT).
+            hits = [n for n in pool if BLOCK.match(n) and _split_slice_name(n) is None]
+        else:
+            match = _matcher(pattern, "lora.targets")
+            hits = [n for n in pool if match(n)]
+        if not hits:
+            note = ""
+            if pattern in ("lm_head", "transformer.wte") or pattern.endswith(".lm_head"):
+                note = " (lm_head shares its weight with transformer.wte; LoRA cannot target it)"
+            elif layers is not None and any(_matcher(pattern, "lora.targets")(n) for n in candidates):
+                note = f" in lora.layers {sorted(set(layers))}"
+            raise ConfigError(f"lora.targets: {pattern!r} matches no linear layer{note}; available: "
+                              f"{_short_names(candidates)}")
+        chosen.update(hits)
+    for name in [n for n in candidates if n in chosen]:
+        split = _split_slice_name(name)
+        if split and split[0] in chosen:
+            raise ConfigError(f"lora.targets select both {split[0]} and its slice {name}; choose the fused "
+                              f"attn.c_attn or the slices attn.q/attn.k/attn.v for a layer, not both")
+    return [n for n in candidates if n in chosen]
+
+
+def resolve_modules(model: nn.Module, patterns: list[str], key: str = "lora.modules_to_save") -> list[str]:
+    """Module-name patterns (same rules as targets) -> outermost matching module names, in model order."""
+    names = [n for n, _ in model.named_modules() if n]
+    chosen: list[str] = []
+    for pattern in patterns:
+        match = _matcher(str(pattern).strip(), key)
+        hits = [n for n in names if match(n)]
+        if not hits:
+            shown = ", ".join(n for n in names if "." not in n or n.count(".") == 1)
+            raise ConfigError(f"{key}: {pattern!r} matches no module; top-level modules: {shown}")
+        chosen.extend(h for h in hits if h not in chosen)
+    outer = [n for n in chosen if not any(n.startswith(o + ".") for o in chosen if o != n)]
+    return [n for n in names if n in outer]
+
+
+# --------------------------------------------------------------------------------------------- apply / freeze
+
+
+def apply_lora(model: nn.Module, lora_cfg: LoraConfig, generator: torch.Generator | None = None, *,
+               rank_pattern: dict[str, int] | None = None,
+               alpha_pattern: dict[str, float] | None = None) -> list[str]:
+    """Wrap the targeted linear layers of `model` in place, freeze everything else, and return the resolved
+    target names (slice targets as transformer.h.N.attn.q/k/v).
+
+    rank_pattern / alpha_pattern map resolved target names to a rank / alpha other than lora_cfg's
+    (used when loading adapters that carry per-module ranks, e.g. from PEFT)."""
+    cfg = lora_cfg
+    rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
+    if cfg.r <= 0:
+        raise ConfigError(f"lora.r must be a positive integer, got {cfg.r}")
+    if cfg.alpha <= 0:
+        raise ConfigError(f"lora.alpha must be > 0, got {cfg.alpha}")
+    if not 0 <= cfg.dropout < 1:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.bias not in ("none", "lora_only", "all"):
+        raise ConfigError(f"lora.bias must be none, lora_only or all, got {cfg.bias!r}")
+    for name, r in rank_pattern.items():
+        if int(r) <= 0:
+            raise ConfigError(f"lora.r must be a positive integer, got {r} for {name}")
+    targets = resolve_targets(model, list(cfg.targets), cfg.layers)
+    saved = resolve_modules(model, list(cfg.modules_to_save)) if cfg.modules_to_save else []
+    for t in targets:
+        module = (_split_slice_name(t) or (t,))[0]
+        clash = next((s for s in saved if module == s or module.startswith(s + ".") or s.startswith(module + ".")), None)
+        if clash:
+            raise ConfigError(f"lora.modules_to_save: {clash} overlaps the LoRA target {t}; a module is either "
+                              f"adapted or saved whole, not both")
+    slices: dict[str, dict[str, tuple[int, float]]] = {}
+    plain: list[str] = []
+    for t in targets:
+        split = _split_slice_name(t)
+        if split:
+            slices.setdefault(split[0], {})[split[1]] = (int(rank_pattern.get(t, cfg.r)), float(alpha_pattern.get(t, cfg.alpha)))
+        else:
+            plain.append(t)
+    if slices and cfg.use_dora:
+        raise ConfigError("lora.use_dora: DoRA on attn.q/attn.k/attn.v slices is not supported; "
+                          "target the fused attn.c_attn with DoRA instead")
+
+    model.requires_grad_(False)
+    for t in [n for n in target_candidates(model) if n in plain or n in slices]:
+        parent_name, _, child = t.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        if t in slices:
+            layer = LoRASlicedLinear(base, slices[t], cfg.dropout, cfg.use_rslora, generator)
+        else:
+            layer = LoRALinear.from_base(base, int(rank_pattern.get(t, cfg.r)), float(alpha_pattern.get(t, cfg.alpha)),
+                                         cfg.dropout, cfg.use_rslora, cfg.use_dora, generator)
+        setattr(parent, child, layer)
+    # What the adapter is, recorded on the model: adapter_state_dict and save_adapter read it.
+    model.lora_settings = {
+        "r": cfg.r,
+        "alpha": cfg.alpha,
+        "dropout": cfg.dropout,
+        "use_rslora": cfg.use_rslora,
+        "use_dora": cfg.use_dora,
+        "bias": cfg.bias,
+        "targets": targets,
+        "modules_to_save": saved,
+        "rank_pattern": {k: int(v) for k, v in rank_pattern.items() if k in targets and int(v) != cfg.r},
+        "alpha_pattern": {k: float(v) for k, v in alpha_pattern.items() if k in targets and float(v) != cfg.alpha},
+    }
+    set_trainable(model)
+    return targets
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
+
+
+def _settings(model: nn.Module) -> dict:
+    settings = getattr(model, "lora_settings", None)
+    if settings is None:
+        raise ValueError("the model has no LoRA layers; call apply_lora first")
+    return settings
+
+
+def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapter's parameters by our names: LoRA weights, trained biases, whole saved modules."""
+    settings = _settings(model)
+    out: dict[str, nn.Parameter] = {}
+    layers = lora_layers(model)
+    for name, layer in layers:
+        for pname, p in layer.lora_parameters():
+            out[f"{name}.{pname}"] = p
+    if settings["bias"] == "lora_only":
+        for name, layer in layers:
+            if layer.base_layer.bias is not None:
+                out[f"{name}.base_layer.bias"] = layer.base_layer.bias
+    elif settings["bias"] == "all":
+        # As PEFT's bias="all": every parameter named bias, LayerNorm biases included.
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[-1] == "bias":
+                out[name] = p
+    for mod_name in settings["modules_to_save"]:
+        for pname, p in model.get_submodule(mod_name).named_parameters():
+            out[f"{mod_name}.{pname}"] = p
+    return out
+
+
+def set_trainable(model: nn.Module) -> None:
+    """requires_grad exactly on the adapter's parameters, off everywhere else."""
+    params = _adapter_parameters(model)
+    model.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Distinct parameters that train (for the optimizer)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared tensors (the tied lm_head) counted once, LoRA included."""
+    trainable = total = 0
+    for p in model.parameters():  # parameters() yields a shared tensor once
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (detached), named by our module names, e.g.
+    transformer.h.0.attn.c_attn.lora_A.weight [r, in]. Only what the adapter trains: never the base weights."""
+    return {k: p.detach() for k, p in _adapter_parameters(model).items()}
+
+
+# ------------------------------------------------------------------------------------------- merge / unmerge
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every adapter into its base weight (fp32 arithmetic); forward then costs what the base costs."""
+    for name, layer in lora_layers(model):
+        try:
+            layer.merge()
+        except AdapterError as exc:
+            raise AdapterError(f"{name}: {exc}") from exc
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo merge_lora: the base weights come back to float rounding."""
+    for name, layer in lora_layers(model):
+        try:
+            layer.unmerge()
+        except AdapterError as exc:
+            raise AdapterError(f"{name}: {exc}") from exc
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge, then replace every LoRA wrapper by its plain nn.Linear (with the merged weight): a standalone
+    GPT-2 with the base model's architecture, ready for checkpoint.save_pretrained (`lora merge`)."""
+    merge_lora(model)
+    for name, layer in lora_layers(model):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base_layer)
+    if hasattr(model, "lora_settings"):
+        del model.lora_settings
+    model.requires_grad_(False)
+    return model
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model without its adapters (e.g. base-vs-adapter evaluation), then switch them back on."""
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise ValueError("unmerge the adapter before disabling it")
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+
+
+# ------------------------------------------------------------------------------------------------ adapter size
+
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                "fp16": torch.float16, "float16": torch.float16}
+
+
+def as_dtype(dtype: torch.dtype | str | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    """torch dtype from a dtype or a name (fp32, bf16, fp16, float32, ...)."""
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).lower().removeprefix("torch.")
+    if name not in _DTYPE_NAMES:
+        raise ConfigError(f"adapter dtype must be one of fp32, bf16, fp16, got {dtype!r}")
+    return _DTYPE_NAMES[name]
+
+
+def estimate_adapter_bytes(model: nn.Module, dtype: torch.dtype | str = torch.float32) -> int:
+    """Size of the adapter file save_adapter would write for `model` (LoRA applied; the meta device is
+    fine): the tensor bytes exactly, plus the safetensors header with the LoRA settings and ~1 KiB for the
+    run's own metadata (base model, template, training summary)."""
+    dtype = as_dtype(dtype)
+    tensors = _adapter_parameters(model)
+    header: dict = {}
+    offset = 0
+    for name, p in tensors.items():
+        size = p.numel() * dtype.itemsize
+        header[name] = {"dtype": _ST_DTYPES.get(dtype, "F32"), "shape": list(p.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt", "format_version": "1", "lora": json.dumps(_settings(model))}
+    header_bytes = len(json.dumps(header, separators=(",", ":")).encode()) + 1024
+    return 8 + header_bytes + offset
