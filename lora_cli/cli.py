@@ -78,10 +78,29 @@ def _not_built(command: str, issue: str) -> None:
     raise LoraError(f"`lora {command}` is not built yet ({issue}); see README.md for what works today")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def train(ctx: typer.Context) -> None:
-    """Fine-tune with LoRA from a YAML config (not built yet)."""
-    _not_built("train", "issue 4")
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="The run config (YAML)."),
+    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate, show data stats, parameters, memory estimate and one masked example; train nothing."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in out_dir from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier run in out_dir."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Fine-tune with LoRA as the config says; writes out_dir/adapter.safetensors."""
+    from lora_cli.config import load_config
+    from lora_cli.train import build, dry_run_report, train as run_training
+
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pass one")
+    cfg = load_config(config, overrides)
+    if dry_run:
+        for line in dry_run_report(build(cfg)):
+            typer.echo(line)
+        return
+    result = run_training(cfg, resume=resume, overwrite=overwrite, log=lambda m: typer.echo(m, err=True),
+                          progress=not quiet and sys.stderr.isatty())
+    typer.echo(str(result.adapter))
 
 
 @app.command(name="eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -1,0 +1,556 @@
+"""`lora train`: config -> run directory holding the adapter.
+
+The loop is one plain function (`_loop`) with visible steps; the learning-rate schedule is a pure function
+(`lr_at`); evaluation is evaluate.evaluate_lm. Checkpoints hold everything the loop's future depends on
+(trainable weights, optimizer moments, RNG states, position in the data), so an interrupted run that is
+resumed ends with the same adapter, bit for bit on CPU, as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from lora_cli.config import RunConfig, dump_config
+from lora_cli.errors import LoraError, TrainingError
+from lora_cli.fsutil import append_line, atomic_path, atomic_write_text
+
+CHECKPOINT_FILE = "checkpoint/state.pt"
+ADAPTER_FILE = "adapter.safetensors"
+
+
+class TrainingInterrupted(LoraError):
+    """Ctrl-C or SIGTERM: a checkpoint was written; exit like an interrupted shell command."""
+
+    exit_code = 130
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+
+
+def lr_at(step: int, total_steps: int, lr: float, warmup_steps: int, schedule: str, min_lr_ratio: float = 0.0) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup from lr/warmup to lr, then cosine,
+    linear or constant decay to min_lr_ratio * lr at the last step."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    floor = lr * min_lr_ratio
+    if schedule == "linear":
+        return floor + (lr - floor) * (1.0 - progress)
+    return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"train.device is {name} but CUDA is not available here; use device: auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError(f"train.device is {name} but MPS is not available here; use device: auto or cpu")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 autocast on CUDA (fp32 LoRA weights and optimizer), fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise TrainingError("train.precision fp16 needs a CUDA device; use bf16 or fp32 on this machine")
+    return precision
+
+
+def autocast_for(device: torch.device, precision: str):
+    """A zero-argument factory of autocast contexts (fp32: a no-op)."""
+    if precision == "fp32":
+        return nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    # foreach=False: the same kernels on every run keep CPU results bit-identical across resume.
+    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay, foreach=False)
+
+
+@dataclass
+class RunState:
+    """Where the loop is; saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    tokens: int = 0  # real tokens trained on
+    best_val: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    nonfinite_skipped: int = 0
+    elapsed: float = 0.0
+    finished: bool = False
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    adapter: Path
+    state: RunState
+    final_val: dict | None = None
+    history: list = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def trainable_named(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out_dir: Path, model, optimizer, state: RunState) -> None:
+    """One file, written atomically: a reader finds the previous checkpoint or this one, never a mix."""
+    payload = {
+        "trainable": {n: p.detach().cpu().clone() for n, p in trainable_named(model).items()},
+        "optimizer": optimizer.state_dict(),
+        "state": asdict(state),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": list(random.getstate()[1]),
+        },
+    }
+    with atomic_path(out_dir / CHECKPOINT_FILE) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(out_dir: Path, model, optimizer) -> RunState:
+    path = out_dir / CHECKPOINT_FILE
+    if not path.is_file():
+        raise TrainingError(f"--resume: no checkpoint at {path}; start without --resume (add --overwrite to replace the run)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TrainingError(f"--resume: checkpoint {path} is unreadable ({type(exc).__name__}); start again with --overwrite") from exc
+    params = trainable_named(model)
+    saved = payload["trainable"]
+    if set(saved) != set(params) or any(saved[n].shape != p.shape for n, p in params.items()):
+        raise TrainingError(f"--resume: checkpoint {path} was written for other LoRA settings; keep the config of that run or use --overwrite")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+    optimizer.load_state_dict(payload["optimizer"])
+    rng = payload["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    random.setstate((3, tuple(rng["python"]), None))
+    return RunState(**payload["state"])
+
+
+def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainingError(f"out_dir {out_dir} is a file; choose a directory path")
+    busy = out_dir.is_dir() and any(out_dir.iterdir())
+    if resume:
+        return
+    if busy and not overwrite:
+        raise TrainingError(f"out_dir {out_dir} is not empty; pass --resume to continue that run or --overwrite to replace it")
+    if busy and overwrite:
+        for name in (CHECKPOINT_FILE, ADAPTER_FILE, "metrics.jsonl", "loss.png", "config.yaml"):
+            (out_dir / name).unlink(missing_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrainingError(f"cannot create out_dir {out_dir}: {exc.strerror or exc}") from exc
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """On resume, drop metrics lines written after the checkpoint (they will be written again)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+class StopSignals:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (so a checkpoint can be written)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Setup:
+    """Everything built from the config before the first step."""
+
+    cfg: RunConfig
+    out_dir: Path
+    device: torch.device
+    precision: str
+    base: object  # checkpoint.BaseModel
+    model: torch.nn.Module
+    targets: list[str]
+    data: object  # data.DataSplits
+    trainable: int
+    total: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def build(cfg: RunConfig) -> Setup:
+    """Load the base model, add LoRA, read the data: everything a dry run shows and a run needs."""
+    from lora_cli.checkpoint import load_model
+    from lora_cli.data import batch_indices, load_splits
+    from lora_cli.lora import apply_lora, count_parameters
+
+    t = cfg.train
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    device = resolve_device(t.device)
+    precision = resolve_precision(t.precision, device)
+    base = load_model(cfg.model)
+    model = base.model
+    data = load_splits(cfg, context_length=model.config.n_positions)
+    model.set_dropout(t.model_dropout)
+    # LoRA's A init draws from its own seeded generator: the same config gives the same start on any device.
+    targets = apply_lora(model, cfg.lora, generator=torch.Generator().manual_seed(t.seed))
+    trainable, total = count_parameters(model)
+    model.gradient_checkpointing = t.gradient_checkpointing
+    micro_batches = len(batch_indices([len(e) for e in data.train], t.batch_size, t.seed, 0))
+    steps_per_epoch = max(1, math.ceil(micro_batches / t.grad_accum))
+    total_steps = steps_per_epoch * t.epochs
+    if t.max_steps is not None:
+        total_steps = min(total_steps, t.max_steps)
+    return Setup(cfg, Path(cfg.out_dir), device, precision, base, model.to(device), targets, data,
+                 trainable, total, steps_per_epoch, total_steps)
+
+
+def estimate_memory(s: Setup) -> int:
+    """Rough peak bytes of a training step: weights, optimizer state, activations of the longest batch and the
+    fp32 logits of its scored positions (activation formula after Korthikanti et al. 2022, sec. 4.1)."""
+    c = s.model.config
+    bytes_per = 2 if s.precision in ("bf16", "fp16") else 4
+    T = min(s.cfg.data.max_length, max((len(e) for e in s.data.train), default=1))
+    B = s.cfg.train.batch_size
+    weights = s.total * 4
+    optimizer = s.trainable * 4 * 3  # grads + two Adam moments
+    per_layer = B * T * c.n_embd * 34 * bytes_per // 2 + B * c.n_head * T * T * bytes_per
+    if s.cfg.train.gradient_checkpointing:
+        per_layer = B * T * c.n_embd * bytes_per + per_layer // c.n_layer
+    logits = B * T * c.vocab_size * 4 * 2  # logits and their gradient
+    return weights + optimizer + per_layer * c.n_layer + logits
+
+
+def dry_run_report(s: Setup) -> list[str]:
+    from lora_cli.data import preview
+
+    cfg = s.cfg
+    t = cfg.train
+    lines = [f"model: {s.base.name} ({s.base.source}), {s.total - s.trainable:,} frozen parameters"]
+    lines += s.data.describe()
+    lines.append(f"lora: r={cfg.lora.r} alpha={cfg.lora.alpha:g} on {len(s.targets)} layers "
+                 f"({', '.join(s.targets[:4])}{', ...' if len(s.targets) > 4 else ''})")
+    lines.append(f"trainable parameters: {s.trainable:,} of {s.total:,} ({100 * s.trainable / s.total:.4f}%)")
+    lines.append(f"steps: {s.total_steps} ({s.steps_per_epoch} per epoch x {t.epochs} epochs"
+                 f"{', capped by max_steps' if t.max_steps else ''}); batch {t.batch_size} x grad_accum {t.grad_accum}")
+    lines.append(f"device: {s.device}, precision: {s.precision}")
+    peak = estimate_memory(s)
+    lines.append(f"estimated peak memory: {peak / 2**30:.2f} GiB")
+    available = _available_memory(s.device)
+    if available and peak > 0.9 * available:
+        lines.append(f"warning: that is above 90% of the {available / 2**30:.1f} GiB available; lower train.batch_size "
+                     "or data.max_length, raise train.grad_accum, or set train.gradient_checkpointing: true")
+    if s.data.train:
+        lines.append("first training example ([[...]] carries loss):")
+        lines.append("  " + preview(s.data.train[0]).replace("\n", "\n  "))
+    return lines
+
+
+def _available_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=print, progress: bool = True) -> TrainResult:
+    """Run the config: returns where the adapter was written. Writes out_dir/adapter.safetensors (best by
+    validation loss, else last), checkpoint/, metrics.jsonl, config.yaml and loss.png."""
+    out_dir = Path(cfg.out_dir)
+    prepare_out_dir(out_dir, resume, overwrite)
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    s = build(cfg)
+    for line in s.data.describe():
+        log(line)
+    log(f"trainable parameters: {s.trainable:,} of {s.total:,}; {s.total_steps} steps on {s.device} ({s.precision})")
+    params = list(trainable_named(s.model).values())
+    optimizer = build_optimizer(params, cfg)
+    state = RunState()
+    if resume:
+        state = load_checkpoint(out_dir, s.model, optimizer)
+        trim_metrics(out_dir / "metrics.jsonl", state.step)
+        log(f"resumed from step {state.step}")
+    atomic_write_text(out_dir / "config.yaml", dump_config(cfg))
+    history = _read_history(out_dir / "metrics.jsonl")
+    with StopSignals() as stop:
+        _loop(s, optimizer, state, stop, history, log, progress)
+    final_val = _finish(s, optimizer, state, history, log)
+    return TrainResult(out_dir, out_dir / ADAPTER_FILE, state, final_val, history)
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def _epoch_batches(s: Setup, epoch: int) -> list[list[int]]:
+    from lora_cli.data import batch_indices
+
+    t = s.cfg.train
+    return batch_indices([len(e) for e in s.data.train], t.batch_size, t.seed, epoch,
+                         group_by_length=s.cfg.data.group_by_length)
+
+
+def _validate(s: Setup, autocast) -> dict | None:
+    from lora_cli.data import batch_indices, collate
+
+    if not s.data.val:
+        return None
+    order = batch_indices([len(e) for e in s.data.val], s.cfg.train.batch_size, 0, 0, shuffle=False)
+    batches = (collate([s.data.val[i] for i in idx]).to(s.device) for idx in order)
+    from lora_cli.evaluate import evaluate_lm
+
+    return evaluate_lm(s.model, batches, autocast, s.cfg.train.eval_max_batches)
+
+
+def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list, log, progress: bool) -> None:
+    """The training loop: micro-batches -> loss -> backward -> (every grad_accum) clip, step, log, validate, save."""
+    from tqdm import tqdm
+
+    from lora_cli.data import collate
+    from lora_cli.loss import lm_loss_sum
+
+    cfg, t, model = s.cfg, s.cfg.train, s.model
+    autocast = autocast_for(s.device, s.precision)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    metrics_path = s.out_dir / "metrics.jsonl"
+    bar = tqdm(total=s.total_steps, initial=state.step, disable=not progress, unit="step", dynamic_ncols=True)
+    started = time.perf_counter() - state.elapsed
+    window_tokens, window_start = 0, time.perf_counter()
+    model.train()
+    while state.step < s.total_steps and not state.finished:
+        batches = _epoch_batches(s, state.epoch)
+        while state.batch_in_epoch < len(batches) and state.step < s.total_steps:
+            # 1. one optimizer step's micro-batches, loss normalised by their total target tokens
+            group = batches[state.batch_in_epoch : state.batch_in_epoch + t.grad_accum]
+            micro = [collate([s.data.train[i] for i in idx]) for idx in group]
+            n_targets = sum(b.n_targets for b in micro)
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(state.step, s.total_steps, t.lr, t.warmup_steps, t.lr_schedule, t.min_lr_ratio)
+            loss_value = 0.0
+            for batch in micro:
+                batch = batch.to(s.device)
+                with autocast():
+                    loss = lm_loss_sum(model, batch, t.label_smoothing) / max(1, n_targets)
+                loss.backward()
+                loss_value += loss.item()
+            # 2. a non-finite loss: skip the step (up to skip_nonfinite_steps) or stop with the last good checkpoint
+            if not math.isfinite(loss_value):
+                optimizer.zero_grad(set_to_none=True)
+                state.nonfinite_skipped += 1
+                if state.nonfinite_skipped > t.skip_nonfinite_steps:
+                    raise TrainingError(
+                        f"loss is {loss_value} at step {state.step + 1}; stopped, the last good checkpoint is in "
+                        f"{s.out_dir / 'checkpoint'}; lower train.lr or check the data"
+                    )
+                log(f"step {state.step + 1}: non-finite loss skipped ({state.nonfinite_skipped}/{t.skip_nonfinite_steps})")
+                state.batch_in_epoch += len(group)
+                continue
+            # 3. clip, step
+            if t.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm, foreach=False)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.batch_in_epoch += len(group)
+            tokens = sum(b.n_tokens for b in micro)
+            state.tokens += tokens
+            window_tokens += tokens
+            state.elapsed = time.perf_counter() - started
+            # 4. log, validate, checkpoint
+            record = None
+            if state.step % t.log_every == 0 or state.step == s.total_steps:
+                now = time.perf_counter()
+                record = {"step": state.step, "epoch": state.epoch + state.batch_in_epoch / len(batches),
+                          "loss": loss_value, "lr": optimizer.param_groups[0]["lr"], "tokens": state.tokens,
+                          "tokens_per_s": window_tokens / max(1e-9, now - window_start), "elapsed": state.elapsed}
+                window_tokens, window_start = 0, now
+            if t.eval_every and state.step % t.eval_every == 0 and state.step < s.total_steps:
+                record = record or {"step": state.step, "epoch": state.epoch + state.batch_in_epoch / len(batches),
+                                    "loss": loss_value, "lr": optimizer.param_groups[0]["lr"], "tokens": state.tokens,
+                                    "elapsed": state.elapsed}
+                _after_validation(s, state, record, autocast, log)
+                model.train()
+            if record is not None:
+                append_line(metrics_path, json.dumps(record))
+                history.append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                            tok_s=f"{state.tokens / max(1e-9, state.elapsed):.0f}")
+            if t.save_every and state.step % t.save_every == 0:
+                save_checkpoint(s.out_dir, model, optimizer, state)
+                log(f"checkpoint saved at step {state.step}")
+            if stop.received is not None:
+                save_checkpoint(s.out_dir, model, optimizer, state)
+                bar.close()
+                raise TrainingInterrupted(
+                    f"interrupted at step {state.step}; checkpoint saved in {s.out_dir / 'checkpoint'}; "
+                    f"continue with `lora train {cfg.source or 'CONFIG'} --resume`"
+                )
+            if state.finished:  # early stopping
+                break
+        if state.batch_in_epoch >= len(batches):
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    bar.close()
+
+
+def _after_validation(s: Setup, state: RunState, record: dict, autocast, log) -> dict | None:
+    """Validate, keep the best adapter, count patience. Adds val_loss to `record`."""
+    metrics = _validate(s, autocast)
+    if metrics is None:
+        return None
+    record["val_loss"] = metrics["loss"]
+    record["val_perplexity"] = metrics["perplexity"]
+    if state.best_val is None or metrics["loss"] < state.best_val:
+        state.best_val, state.best_step = metrics["loss"], state.step
+        state.evals_without_improvement = 0
+        _save_adapter(s, state)
+    else:
+        state.evals_without_improvement += 1
+        patience = s.cfg.train.early_stopping_patience
+        if patience is not None and state.evals_without_improvement >= patience:
+            log(f"early stopping at step {state.step}: no validation improvement in {patience} evaluations")
+            state.finished = True
+    return metrics
+
+
+def _save_adapter(s: Setup, state: RunState) -> None:
+    from lora_cli.adapter import save_adapter
+
+    cfg = s.cfg
+    metadata = {
+        "base_model": s.base.describe(),
+        "model_spec": cfg.model.to_yaml(),
+        "task": cfg.task,
+        "tokenizer": "gpt2",
+        "data": {"format": s.data.fmt, "columns": s.data.mapping, "prompt_template": cfg.data.prompt_template,
+                 "mask_prompt": cfg.data.mask_prompt, "max_length": cfg.data.max_length, "labels": s.data.labels},
+        "training": {"step": state.step, "best_val_loss": state.best_val, "best_step": state.best_step,
+                     "tokens": state.tokens, "lr": cfg.train.lr, "epochs": cfg.train.epochs, "seed": cfg.train.seed},
+    }
+    save_adapter(s.out_dir / ADAPTER_FILE, s.model, metadata)
+
+
+def _finish(s: Setup, optimizer, state: RunState, history: list, log) -> dict | None:
+    """Final validation, the adapter (best, or last without validation), a final checkpoint and the plot."""
+    autocast = autocast_for(s.device, s.precision)
+    final = None
+    if s.data.val and (not history or "val_loss" not in history[-1] or history[-1]["step"] != state.step):
+        record = {"step": state.step, "epoch": state.epoch, "tokens": state.tokens, "elapsed": state.elapsed}
+        final = _after_validation(s, state, record, autocast, log)
+        append_line(s.out_dir / "metrics.jsonl", json.dumps(record))
+        history.append(record)
+    elif history and "val_loss" in history[-1]:
+        final = {"loss": history[-1]["val_loss"]}
+    if not s.data.val:
+        _save_adapter(s, state)
+    state.finished = True
+    save_checkpoint(s.out_dir, s.model, optimizer, state)
+    plot_losses(history, s.out_dir / "loss.png")
+    best = f", best validation loss {state.best_val:.4f} at step {state.best_step}" if state.best_val is not None else ""
+    log(f"done: {state.step} steps{best}; adapter written to {s.out_dir / ADAPTER_FILE}")
+    return final
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    """Train and validation loss against step (matplotlib, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_pts = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    val_pts = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if train_pts:
+        ax.plot(*zip(*train_pts), label="train")
+    if val_pts:
+        ax.plot(*zip(*val_pts), marker="o", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

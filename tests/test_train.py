@@ -1,0 +1,226 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lora_cli.config import load_config
+from lora_cli.train import build, lr_at, train, _epoch_batches
+
+TINY_MODEL = "{name: gpt2, init: random, n_layer: 2, n_head: 2, n_embd: 64, n_positions: 256, seed: 7}"
+
+
+def write_config(tmp_path, extra_train="", lora="{r: 4, alpha: 8, dropout: 0.0}", data_extra="", model=TINY_MODEL):
+    data = tmp_path / "train.json"
+    if not data.exists():
+        rows = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"}
+                for w in ["apple", "river", "stone", "cloud", "green", "quick", "seven", "table", "music", "light",
+                          "north", "paper", "glass", "horse", "bread", "chair", "dream", "flame", "grape", "heart"]]
+        data.write_text(json.dumps(rows))
+    path = tmp_path / "run.yaml"
+    path.write_text(f"""\
+model: {model}
+out_dir: out
+data:
+  train: train.json
+  val_split: 0.2
+  max_length: 64
+{data_extra}lora: {lora}
+train:
+  lr: 1e-2
+  batch_size: 4
+  warmup_steps: 2
+  log_every: 1
+  eval_every: 4
+  save_every: 4
+{extra_train}""")
+    return path
+
+
+def run_cli(*args, cwd=None, **kw):
+    return subprocess.run([sys.executable, "-m", "lora_cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600, **kw)
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule_is_pure_and_shaped():
+    assert [round(lr_at(s, 10, 1.0, 2, "cosine"), 6) for s in range(4)] == [0.5, 1.0, 1.0, 0.961940]
+    assert lr_at(9, 10, 1.0, 2, "cosine") == pytest.approx(0.0380602, abs=1e-6)
+    assert lr_at(9, 10, 1.0, 0, "linear") == pytest.approx(0.1)
+    assert lr_at(5, 10, 2.0, 0, "constant") == 2.0
+    assert lr_at(9, 10, 1.0, 0, "cosine", min_lr_ratio=0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 0.9)).item()))
+
+
+def test_end_to_end_cli(tmp_path):
+    cfg_path = write_config(tmp_path, "  epochs: 3\n")
+    done = run_cli("train", str(cfg_path), "--quiet")
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "checkpoint", "config.yaml",
+                                                     "loss.png", "metrics.jsonl"]
+    metrics = read_metrics(out)
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert losses[-1] < losses[0] - 0.1
+    vals = [m["val_loss"] for m in metrics if "val_loss" in m]
+    assert vals[-1] < vals[0]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
+    assert len(keys) == 4  # A and B of two c_attn layers
+    # reloading the adapter onto the base reproduces the best validation loss exactly
+    from lora_cli.adapter import attach_adapter, load_adapter
+    from lora_cli.checkpoint import load_model
+    from lora_cli.data import collate
+    from lora_cli.evaluate import evaluate_lm
+
+    cfg = load_config(cfg_path)
+    s = build(cfg)
+    adapter = load_adapter(out / "adapter.safetensors")
+    model = attach_adapter(load_model(cfg.model), adapter)
+    from lora_cli.data import batch_indices
+
+    order = batch_indices([len(e) for e in s.data.val], cfg.train.batch_size, 0, 0, shuffle=False)
+    val = evaluate_lm(model, (collate([s.data.val[i] for i in idx]) for idx in order))
+    best = min(vals)
+    assert val["loss"] == best
+    assert json.loads(meta["training"])["best_val_loss"] == best
+
+
+def test_refuses_existing_out_dir(tmp_path):
+    cfg_path = write_config(tmp_path, "  max_steps: 2\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    done = run_cli("train", str(cfg_path), "--quiet")
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"error: out_dir {tmp_path / 'out'} is not empty; pass --resume to continue "
+                                   "that run or --overwrite to replace it")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def adapter_tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_sigkill_then_resume_is_bitwise_equal(tmp_path):
+    # the uninterrupted reference
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    ref_cfg = write_config(ref_dir, "  max_steps: 12\n", lora="{r: 4, alpha: 8, dropout: 0.1}")
+    assert run_cli("train", str(ref_cfg), "--quiet").returncode == 0
+    # the same run, SIGKILLed right after its first checkpoint, then resumed
+    cfg = write_config(tmp_path, "  max_steps: 12\n", lora="{r: 4, alpha: 8, dropout: 0.1}")
+    proc = subprocess.Popen([sys.executable, "-m", "lora_cli", "train", str(cfg), "--quiet"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in proc.stderr:
+        if line.startswith("checkpoint saved at step 4"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "out" / "adapter.safetensors").exists() or True
+    resumed = run_cli("train", str(cfg), "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step" in resumed.stderr
+    a = adapter_tensors(ref_dir / "out" / "adapter.safetensors")
+    b = adapter_tensors(tmp_path / "out" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ref_losses = [m["loss"] for m in read_metrics(ref_dir / "out") if "loss" in m]
+    got_losses = [m["loss"] for m in read_metrics(tmp_path / "out") if "loss" in m]
+    assert ref_losses == got_losses
+
+
+def test_sigint_saves_checkpoint_and_exits_130(tmp_path):
+    cfg = write_config(tmp_path, "  max_steps: 400\n  save_every: 2\n")
+    proc = subprocess.Popen([sys.executable, "-m", "lora_cli", "train", str(cfg), "--quiet"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("checkpoint saved at step 2"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    proc.wait()
+    assert proc.returncode == 130
+    last = rest.strip().splitlines()[-1]
+    assert last.startswith("error: interrupted at step ") and "--resume" in last
+    state = torch.load(tmp_path / "out" / "checkpoint" / "state.pt", weights_only=True)
+    assert state["state"]["step"] == int(last.split("at step ")[1].split(";")[0])
+
+
+def hf_batch(examples):
+    """What a transformers user feeds: full ids padded right, labels -100 on prompt and padding."""
+    width = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), width), 50256)
+    labels = torch.full((len(examples), width), -100)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.ids)
+        ids[row, :n] = torch.tensor(e.ids)
+        labels[row, :n] = torch.tensor([t if m else -100 for t, m in zip(e.ids, e.loss_mask)])
+        mask[row, :n] = 1
+    return ids, labels, mask
+
+
+def test_loss_curve_matches_transformers_peft(tmp_path):
+    """20 steps of our trainer == a plain loop over transformers + peft with the same weights and batches."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
+
+    from lora_cli.checkpoint import hf_state_dict
+    cfg_path = write_config(tmp_path, "  max_steps: 20\n  epochs: 4\n  eval_every: 0\n  weight_decay: 0.01\n  max_grad_norm: 0.5\n",
+                            data_extra="  val_split: 0.0\n")
+    text = cfg_path.read_text().replace("  val_split: 0.2\n", "")
+    cfg_path.write_text(text)
+    cfg = load_config(cfg_path)
+    result = train(cfg, log=lambda m: None, progress=False)
+    ours = [m["loss"] for m in result.history if "loss" in m]
+    assert len(ours) == 20
+
+    s = build(cfg)  # the same start: base weights, LoRA A init, data
+    c = s.model.config
+    hf = GPT2LMHeadModel(HFConfig(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=c.n_positions,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    base_state = {k.replace(".base_layer", ""): v for k, v in s.model.state_dict().items() if "lora_" not in k}
+    hf.load_state_dict(hf_state_dict(base_state), strict=False)
+    peft_model = get_peft_model(hf, PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"],
+                                                   fan_in_fan_out=True))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                ours_name = name.removeprefix("base_model.model.").replace(".default", "")
+                p.copy_(dict(s.model.named_parameters())[ours_name])
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+    t = cfg.train
+    peer = []
+    step = 0
+    for epoch in range(10):
+        for idx in _epoch_batches(s, epoch):
+            if step == 20:
+                break
+            ids, labels, mask = hf_batch([s.data.train[i] for i in idx])
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, 20, t.lr, t.warmup_steps, t.lr_schedule)
+            loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 0.5)
+            opt.step()
+            opt.zero_grad()
+            peer.append(loss.item())
+            step += 1
+    assert len(peer) == 20
+    for a, b in zip(ours, peer):
+        assert abs(a - b) <= 1e-4 * abs(b)
+    assert ours[-1] < ours[0]
