@@ -1,0 +1,507 @@
+"""The single-file adapter, and PEFT import/export.
+
+An adapter is ONE .safetensors file: the trainable tensors under our module names (lora.py's docstring lists
+them) and, in the safetensors header metadata (string -> string), everything needed to use it alone:
+
+    format            "pt" (the safetensors convention)
+    format_version    "1"
+    lora              JSON: r, alpha, dropout, use_rslora, use_dora, bias, targets (resolved module names,
+                      slices as transformer.h.N.attn.q/k/v), modules_to_save, rank_pattern, alpha_pattern
+    base_model        JSON: source, name, revision, fingerprint (checkpoint.BaseModel.describe())
+    task, tokenizer, prompt_template, training (JSON), ... whatever the caller adds
+
+Scalar strings are stored as they are, anything else as JSON. Loading onto a base whose fingerprint differs
+fails unless the caller allows it; a shape mismatch always fails.
+
+PEFT (https://github.com/huggingface/peft) stores GPT-2 LoRA adapters as a directory: adapter_config.json +
+adapter_model.safetensors (or .bin), keys prefixed `base_model.model.`, `fan_in_fan_out: true` because
+transformers' GPT-2 uses Conv1D. lora_A [r, in] and lora_B [out, r] have the same orientation as ours; only
+whole saved Conv1D modules are transposed. Slice adapters (attn.q/k/v) become one c_attn adapter whose rank is
+the sum of the slice ranks, with a block-structured B and each slice's scaling folded into its block of B, so
+PEFT's alpha / r scaling reproduces ours exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lora_cli.checkpoint import CONV1D_SUFFIXES, BaseModel
+from lora_cli.config import LoraConfig
+from lora_cli.errors import AdapterError, ConfigError
+from lora_cli.fsutil import atomic_path, atomic_write_text
+from lora_cli.lora import (
+    SLICES,
+    _split_slice_name,
+    adapter_state_dict,
+    apply_lora,
+    as_dtype,
+    lora_scaling,
+    target_candidates,
+)
+
+FORMAT_VERSION = 1
+ADAPTER_FILE = "adapter.safetensors"  # the name inside a run directory
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_PREFIX = "base_model.model."
+RESERVED = ("format", "format_version", "lora")
+PEFT_TASKS = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "classification"}
+# PEFT options that change the computation in ways lora-cli does not implement: key -> values that are harmless.
+PEFT_UNSUPPORTED = {
+    "lora_bias": (False, None),
+    "layer_replication": (None, []),
+    "trainable_token_indices": (None, [], {}),
+    "target_parameters": (None, []),
+    "alora_invocation_tokens": (None, []),
+    "use_qalora": (False, None),
+    "use_bdlora": (None, False, {}),
+    "megatron_config": (None, {}),
+}
+
+
+@dataclass
+class Adapter:
+    """An adapter in memory: tensors by our names, its LoRA settings, and the rest of its metadata."""
+
+    tensors: dict[str, torch.Tensor]
+    lora: LoraConfig  # targets / modules_to_save are resolved full names
+    metadata: dict  # base_model, task, tokenizer, prompt_template, training, format_version, ...
+    path: Path
+    kind: str = "lora-cli"  # or "peft"
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # target name -> rank, where not lora.r
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # target name -> alpha, where not lora.alpha
+
+    @property
+    def base_model(self) -> dict:
+        return self.metadata.get("base_model") or {}
+
+    def settings(self) -> dict:
+        """The LoRA settings as stored in the file header."""
+        return _settings_dict(self.lora, self.rank_pattern, self.alpha_pattern)
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+
+def _settings_dict(lora: LoraConfig, rank_pattern: dict, alpha_pattern: dict) -> dict:
+    return {
+        "r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "use_rslora": lora.use_rslora,
+        "use_dora": lora.use_dora, "bias": lora.bias, "targets": list(lora.targets),
+        "modules_to_save": list(lora.modules_to_save), "rank_pattern": dict(rank_pattern),
+        "alpha_pattern": dict(alpha_pattern),
+    }
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
+
+
+# ---------------------------------------------------------------------------------------------- our format
+
+
+def save_adapter(path: str | os.PathLike, model: torch.nn.Module, metadata: dict | None = None,
+                 dtype: torch.dtype | str | None = None) -> Path:
+    """Write the model's adapter (apply_lora'd model) as one .safetensors file, atomically.
+
+    `metadata`: base_model (BaseModel.describe()), task, tokenizer, prompt_template, training summary, ...;
+    None values are left out. dtype: None keeps the parameters' dtype (fp32), else fp32/bf16/fp16."""
+    from safetensors.torch import save_file
+
+    metadata = dict(metadata or {})
+    clash = [k for k in RESERVED if k in metadata]
+    if clash:
+        raise ValueError(f"metadata key {clash[0]!r} is written by save_adapter itself")
+    target = as_dtype(dtype) if dtype is not None else None
+    # Cloned: safetensors refuses tensors that share storage (a tied head saved whole, say).
+    tensors = {k: v.to("cpu", target or v.dtype, copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
+    header = {"format": "pt", "format_version": str(FORMAT_VERSION), "lora": json.dumps(model.lora_settings)}
+    metadata.setdefault("tokenizer", "gpt2")
+    for key, value in metadata.items():
+        if value is not None:
+            header[str(key)] = value if isinstance(value, str) else json.dumps(value)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return path
+
+
+def load_adapter(path: str | os.PathLike) -> Adapter:
+    """Read an adapter: our .safetensors file, a run directory holding adapter.safetensors, or a PEFT LoRA
+    adapter directory (adapter_config.json + adapter_model.safetensors or adapter_model.bin)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise AdapterError(f"adapter {p} does not exist; pass an adapter .safetensors file or a PEFT adapter directory")
+    if p.is_dir():
+        if (p / PEFT_CONFIG).is_file():
+            return _load_peft(p)
+        if (p / ADAPTER_FILE).is_file():
+            return _load_ours(p / ADAPTER_FILE)
+        raise AdapterError(f"{p} has no {PEFT_CONFIG}; a PEFT adapter directory needs {PEFT_CONFIG} and "
+                           f"{PEFT_WEIGHTS[0]} (or {PEFT_WEIGHTS[1]}), a run directory needs {ADAPTER_FILE}")
+    return _load_ours(p)
+
+
+def _load_ours(p: Path) -> Adapter:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            header = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except OSError as exc:
+        raise AdapterError(f"cannot read adapter {p}: {exc.strerror or exc}") from exc
+    except Exception as exc:  # safetensors raises its own error type for damaged files
+        raise AdapterError(f"cannot load adapter {p}: it is truncated, corrupt, or not a safetensors file "
+                           f"({_first_line(exc)})") from exc
+    if "lora" not in header:
+        raise AdapterError(f"{p} is not a lora-cli adapter (its header has no LoRA settings); pass an adapter "
+                           f"written by `lora train`, or a PEFT adapter directory")
+    try:
+        version = int(header.get("format_version", "1"))
+        s = json.loads(header["lora"])
+        lora = LoraConfig(r=int(s["r"]), alpha=float(s["alpha"]), dropout=float(s["dropout"]),
+                          targets=list(s["targets"]), layers=None, use_rslora=bool(s["use_rslora"]),
+                          use_dora=bool(s["use_dora"]), bias=s["bias"], modules_to_save=list(s["modules_to_save"]))
+        rank_pattern = {k: int(v) for k, v in s.get("rank_pattern", {}).items()}
+        alpha_pattern = {k: float(v) for k, v in s.get("alpha_pattern", {}).items()}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AdapterError(f"{p}: the adapter's LoRA settings are damaged ({_first_line(exc)})") from exc
+    if version > FORMAT_VERSION:
+        raise AdapterError(f"{p} has adapter format version {version}; this lora-cli reads up to "
+                           f"{FORMAT_VERSION}: upgrade lora-cli")
+    metadata: dict = {"format_version": version}
+    for key, value in header.items():
+        if key in RESERVED:
+            continue
+        if value[:1] in ("{", "["):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        metadata[key] = value
+    return Adapter(tensors, lora, metadata, p, "lora-cli", rank_pattern, alpha_pattern)
+
+
+# ------------------------------------------------------------------------------------------- onto a base
+
+
+def attach_adapter(base: BaseModel | torch.nn.Module, adapter: Adapter | str | os.PathLike,
+                   allow_mismatch: bool = False) -> torch.nn.Module:
+    """Apply the adapter's LoRA layers to base.model (in place) and load its weights; returns the model.
+
+    The base must be the one the adapter was trained on (same fingerprint) unless allow_mismatch; tensor
+    shapes must fit in any case. A bare model (no BaseModel record) skips the fingerprint check."""
+    if not isinstance(adapter, Adapter):
+        adapter = load_adapter(adapter)
+    if isinstance(base, BaseModel):
+        model, base_name, have = base.model, base.name, base.fingerprint
+    else:
+        model, base_name, have = base, "the base model", None
+    want = adapter.base_model.get("fingerprint")
+    if want and have and want != have and not allow_mismatch:
+        raise AdapterError(
+            f"adapter {adapter.path} was trained on base model {adapter.base_model.get('name')} (fingerprint {want}), "
+            f"but the loaded base {base_name} has fingerprint {have}; load the adapter's base model, "
+            f"or pass --allow-mismatch to use it anyway"
+        )
+    misfit = f"adapter {adapter.path} does not fit base model {base_name}"
+    available = set(target_candidates(model))
+    absent = [t for t in adapter.lora.targets if t not in available]
+    if absent:
+        raise AdapterError(f"{misfit}: it adapts {absent[0]}, which that model does not have; "
+                           f"the adapter was made for a different base model")
+    try:
+        apply_lora(model, adapter.lora, rank_pattern=adapter.rank_pattern, alpha_pattern=adapter.alpha_pattern)
+    except ConfigError as exc:
+        raise AdapterError(f"{misfit}: {exc}") from exc
+    expected = adapter_state_dict(model)
+    missing = [k for k in expected if k not in adapter.tensors]
+    unexpected = [k for k in adapter.tensors if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        if unexpected:
+            parts.append(f"unexpected {unexpected[0]}" + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
+        raise AdapterError(f"{misfit}: {'; '.join(parts)}")
+    for key, param in expected.items():
+        given = adapter.tensors[key]
+        if tuple(given.shape) != tuple(param.shape):
+            raise AdapterError(f"{misfit}: tensor {key} has shape {list(given.shape)}, the model needs "
+                               f"{list(param.shape)}; the adapter was made for a different base model")
+        if not given.is_floating_point() or not bool(torch.isfinite(given).all()):
+            raise AdapterError(f"adapter {adapter.path}: tensor {key} is not finite floating point; the file is corrupt")
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(adapter.tensors[key])
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ PEFT import
+
+
+def _peft_pattern_value(patterns: dict, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key): the first key that
+    matches the end of the module name as a regex."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _load_peft(d: Path) -> Adapter:
+    cfg_path = d / PEFT_CONFIG
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{cfg_path} is not a readable JSON file ({_first_line(exc)})") from exc
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{cfg_path} must hold a JSON object")
+    peft_type = raw.get("peft_type")
+    if peft_type != "LORA":
+        raise AdapterError(f"{cfg_path}: peft_type is {peft_type!r}; lora-cli reads LoRA adapters only")
+    for key, harmless in PEFT_UNSUPPORTED.items():
+        if raw.get(key) not in harmless:
+            raise AdapterError(f"{cfg_path}: {key} = {raw.get(key)!r} is not supported by lora-cli; "
+                               f"export the adapter without it")
+    weights = next((d / f for f in PEFT_WEIGHTS if (d / f).is_file()), None)
+    if weights is None:
+        raise AdapterError(f"{d} has {PEFT_CONFIG} but no {PEFT_WEIGHTS[0]} or {PEFT_WEIGHTS[1]}")
+    state = _read_tensors(weights)
+    try:
+        r, alpha = int(raw["r"]), float(raw["lora_alpha"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AdapterError(f"{cfg_path}: r and lora_alpha must be numbers ({_first_line(exc)})") from exc
+    rank_cfg, alpha_cfg = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
+    for name, patterns in (("rank_pattern", rank_cfg), ("alpha_pattern", alpha_cfg)):
+        for key in patterns:
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise AdapterError(f"{cfg_path}: cannot honour {name} key {key!r}: not a valid regular "
+                                   f"expression ({exc})") from exc
+
+    # Keys: drop the prefix and any adapter name (lora_A.default.weight), unify the DoRA vector's name.
+    tensors: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        if "lora_embedding" in k or ".lora_E" in k:
+            raise AdapterError(f"{weights}: {key} is not a LoRA weight of a linear layer; lora-cli adapts linear layers only")
+        k = re.sub(r"\.(lora_A|lora_B)\.[^.]+\.weight$", r".\1.weight", k)
+        k = re.sub(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$", ".lora_magnitude_vector", k)
+        tensors[k] = t
+    targets = [k[: -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")]
+    if not targets:
+        raise AdapterError(f"{weights} holds no lora_A weights; it is not a LoRA adapter")
+    use_rslora, use_dora = bool(raw.get("use_rslora", False)), bool(raw.get("use_dora", False))
+    rank_pattern, alpha_pattern = {}, {}
+    for t in targets:
+        if f"{t}.lora_B.weight" not in tensors:
+            raise AdapterError(f"{weights}: {t} has lora_A but no lora_B; the file is incomplete")
+        if use_dora and f"{t}.lora_magnitude_vector" not in tensors:
+            raise AdapterError(f"{weights}: use_dora is true but {t} has no lora_magnitude_vector")
+        rank = tensors[f"{t}.lora_A.weight"].shape[0]
+        want = int(_peft_pattern_value(rank_cfg, t, r))
+        if rank != want:
+            raise AdapterError(f"{weights}: {t}.lora_A has rank {rank} but {PEFT_CONFIG} gives r={want}; "
+                               f"the two files do not belong together")
+        if rank != r:
+            rank_pattern[t] = rank
+        a = float(_peft_pattern_value(alpha_cfg, t, alpha))
+        if a != alpha:
+            alpha_pattern[t] = a
+
+    # Biases of adapted layers live under base_layer in our names (older PEFT saved them without it).
+    target_set = set(targets)
+    for k in list(tensors):
+        if k.endswith(".bias") and k[: -len(".bias")] in target_set:
+            tensors[k[: -len(".bias")] + ".base_layer.bias"] = tensors.pop(k)
+    # Whole saved modules: PEFT names them by suffix; resolve against the tensor names.
+    saved: list[str] = []
+    for entry in raw.get("modules_to_save") or []:
+        for k in tensors:
+            if ".lora_" in k or ".base_layer." in k:
+                continue
+            parts = k.split(".")[:-1]
+            for i in range(len(parts), 0, -1):
+                module = ".".join(parts[:i])
+                if module == entry or module.endswith("." + entry):
+                    if module not in saved:
+                        saved.append(module)
+                    break
+    for k in list(tensors):
+        if k.endswith(CONV1D_SUFFIXES) and any(k.startswith(m + ".") for m in saved):
+            tensors[k] = tensors[k].t().contiguous()  # Conv1D [in, out] -> our [out, in]
+
+    bias = raw.get("bias", "none")
+    if bias not in ("none", "lora_only", "all"):
+        raise AdapterError(f"{cfg_path}: bias {bias!r} is not one of none, lora_only, all")
+    lora = LoraConfig(r=r, alpha=alpha, dropout=float(raw.get("lora_dropout") or 0.0), targets=targets, layers=None,
+                      use_rslora=use_rslora, use_dora=use_dora, bias=bias, modules_to_save=saved)
+    base_model = {"source": "peft", "name": raw.get("base_model_name_or_path"), "revision": raw.get("revision"),
+                  "fingerprint": None}
+    metadata = {"format_version": FORMAT_VERSION, "base_model": base_model, "task": PEFT_TASKS.get(raw.get("task_type")),
+                "tokenizer": "gpt2"}
+    return Adapter(tensors, lora, metadata, d, "peft", rank_pattern, alpha_pattern)
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise AdapterError(f"cannot read adapter {path}: {exc.strerror or exc}") from exc
+    except Exception as exc:  # safetensors / the unpickler raise their own types for damaged files
+        raise AdapterError(f"cannot load adapter {path}: it is truncated, corrupt, or not a tensor file "
+                           f"({_first_line(exc)})") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AdapterError(f"{path} does not hold a dict of tensors")
+    return state
+
+
+# ------------------------------------------------------------------------------------------------ PEFT export
+
+
+def peft_state_dict(adapter: Adapter) -> tuple[dict[str, torch.Tensor], list[str], dict[str, int]]:
+    """Our tensors -> PEFT's (keys, orientation, slices fused); also PEFT's target_modules and rank_pattern."""
+    lora, tensors = adapter.lora, adapter.tensors
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    peft_targets: list[str] = []
+    rank_pattern: dict[str, int] = {}
+
+    def take(key: str) -> torch.Tensor:
+        if key not in tensors:
+            raise AdapterError(f"adapter {adapter.path} lacks tensor {key}; the file is incomplete")
+        used.add(key)
+        return tensors[key]
+
+    def scaling(name: str) -> float:
+        r = adapter.rank_pattern.get(name, lora.r)
+        return lora_scaling(r, adapter.alpha_pattern.get(name, lora.alpha), lora.use_rslora)
+
+    for t in lora.targets:
+        split = _split_slice_name(t)
+        if split is None:
+            A, B = take(f"{t}.lora_A.weight"), take(f"{t}.lora_B.weight")
+            r = A.shape[0]
+            # PEFT's scaling for this module is lora_alpha / r (r from rank_pattern); fold any difference into B.
+            ratio = scaling(t) / lora_scaling(r, lora.alpha, lora.use_rslora)
+            out[f"{PEFT_PREFIX}{t}.lora_A.weight"] = A
+            out[f"{PEFT_PREFIX}{t}.lora_B.weight"] = B if ratio == 1 else (B.float() * ratio).to(B.dtype)
+            if lora.use_dora:
+                out[f"{PEFT_PREFIX}{t}.lora_magnitude_vector"] = take(f"{t}.lora_magnitude_vector")
+            peft_targets.append(t)
+            if r != lora.r:
+                rank_pattern[t] = r
+            continue
+        parent = split[0]
+        if parent in peft_targets:
+            continue  # its slices were all written with the first one
+        prefix = t.rsplit(".", 1)[0]
+        names = [s for s in SLICES if f"{prefix}.{s}" in lora.targets]
+        As = [take(f"{parent}.lora_{s}.lora_A.weight") for s in names]
+        Bs = [take(f"{parent}.lora_{s}.lora_B.weight") for s in names]
+        r_total = sum(A.shape[0] for A in As)
+        width = Bs[0].shape[0]  # one third of the c_attn output
+        peft_scaling = lora_scaling(r_total, lora.alpha, lora.use_rslora)
+        # One adapter of rank r_q + r_k + r_v: A stacked, B block-diagonal over (output third, rank block).
+        B_full = torch.zeros(len(SLICES) * width, r_total, dtype=torch.float32)
+        col = 0
+        for s, A, B in zip(names, As, Bs):
+            row = SLICES.index(s) * width
+            B_full[row : row + width, col : col + A.shape[0]] = B.float() * (scaling(f"{prefix}.{s}") / peft_scaling)
+            col += A.shape[0]
+        out[f"{PEFT_PREFIX}{parent}.lora_A.weight"] = torch.cat(As, dim=0)
+        out[f"{PEFT_PREFIX}{parent}.lora_B.weight"] = B_full.to(Bs[0].dtype)
+        peft_targets.append(parent)
+        if r_total != lora.r:
+            rank_pattern[parent] = r_total
+    for key, t in tensors.items():
+        if key in used:
+            continue
+        if ".lora_" in key:
+            raise AdapterError(f"adapter {adapter.path}: tensor {key} belongs to no target; the file is inconsistent")
+        # Whole saved modules that are Conv1D in transformers go back to [in, out].
+        out[f"{PEFT_PREFIX}{key}"] = t.t() if key.endswith(CONV1D_SUFFIXES) else t
+    return {k: v.contiguous() for k, v in out.items()}, peft_targets, rank_pattern
+
+
+def peft_config(adapter: Adapter, target_modules: list[str], rank_pattern: dict[str, int]) -> dict:
+    """adapter_config.json for PEFT's LoraConfig (unlisted fields take PEFT's defaults)."""
+    lora, base = adapter.lora, adapter.base_model
+    alpha = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha
+    return {
+        "peft_type": "LORA",
+        "task_type": {v: k for k, v in PEFT_TASKS.items()}.get(adapter.metadata.get("task")),
+        "base_model_name_or_path": base.get("name"),
+        "revision": base.get("revision"),
+        "r": lora.r,
+        "lora_alpha": alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": target_modules,  # full module names: PEFT matches them exactly
+        "fan_in_fan_out": True,  # transformers' GPT-2 uses Conv1D
+        "bias": lora.bias,
+        "use_rslora": lora.use_rslora,
+        "use_dora": lora.use_dora,
+        "modules_to_save": list(lora.modules_to_save) or None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": {},  # every scaling difference is folded into B
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "lora_bias": False,
+    }
+
+
+def export_peft(adapter: Adapter | str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) that
+    peft.PeftModel.from_pretrained(transformers GPT2LMHeadModel, out_dir) loads. The directory appears whole
+    (built beside it, then renamed); an existing one is replaced only if it is itself an adapter directory."""
+    from safetensors.torch import save_file
+
+    if not isinstance(adapter, Adapter):
+        adapter = load_adapter(adapter)
+    out = Path(out_dir).expanduser()
+    if out.exists():
+        if not out.is_dir():
+            raise AdapterError(f"{out} exists and is a file; choose a new output directory")
+        others = [p.name for p in out.iterdir() if p.name not in (PEFT_CONFIG, *PEFT_WEIGHTS, "README.md")]
+        if others:
+            raise AdapterError(f"{out} exists and holds other files ({others[0]}); choose a new or empty output directory")
+    tensors, targets, rank_pattern = peft_state_dict(adapter)
+    config = peft_config(adapter, targets, rank_pattern)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise AdapterError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    try:
+        atomic_write_text(staging / PEFT_CONFIG, json.dumps(config, indent=2) + "\n")
+        with atomic_path(staging / PEFT_WEIGHTS[0]) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(staging, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
