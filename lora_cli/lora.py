@@ -157,11 +157,15 @@ class LoRALinear(LoRALayer):
         A = self.lora_A.weight.detach().float()
         B = self.lora_B.weight.detach().float()
         s = self.scaling
-        squared = (
-            torch.linalg.vector_norm(W, dim=1).square()
-            + 2 * s * (B * (W @ A.T)).sum(dim=1)
-            + s * s * ((B @ (A @ A.T)) * B).sum(dim=1)
-        )
+        # fp32 even under autocast: the norm rescales every output, so its rounding matters.
+        no_autocast = torch.autocast(W.device.type, enabled=False) if W.device.type in ("cpu", "cuda") \
+            else contextlib.nullcontext()
+        with no_autocast:
+            squared = (
+                torch.linalg.vector_norm(W, dim=1).square()
+                + 2 * s * (B * (W @ A.T)).sum(dim=1)
+                + s * s * ((B @ (A @ A.T)) * B).sum(dim=1)
+            )
         return squared.clamp_min(0).sqrt()
 
     def delta_weight(self) -> torch.Tensor:
