@@ -18,9 +18,7 @@ def scored_hidden(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     Right-padded causal batches need no padding mask: a real token only attends to earlier positions, which
     are real too, so the model can take SDPA's fused causal path. Left padding does need the mask.
     """
-    no_left_padding = bool(batch.attention_mask[:, 0].all())
-    mask = None if no_left_padding else batch.attention_mask
-    hidden = model(batch.input_ids, mask)  # [B, T, C]
+    hidden = model(batch.input_ids, padding_mask(batch))  # [B, T, C]
     scored = batch.targets != IGNORE  # [B, T]
     return hidden[scored], batch.targets[scored]
 
@@ -30,3 +28,22 @@ def lm_loss_sum(model, batch, label_smoothing: float = 0.0) -> torch.Tensor:
     hidden, targets = scored_hidden(model, batch)
     logits = model.logits(hidden).float()  # [N, V]
     return F.cross_entropy(logits, targets, reduction="sum", label_smoothing=label_smoothing)
+
+
+def padding_mask(batch) -> torch.Tensor | None:
+    """The mask the model needs: None for right padding (causal attention never sees later padding)."""
+    return None if bool(batch.attention_mask[:, 0].all()) else batch.attention_mask
+
+
+def class_logits(model, batch) -> torch.Tensor:
+    """[B, num_labels] fp32 logits from the last real token of each row (model.score head)."""
+    from lora_cli.model import last_token_hidden
+
+    hidden = model(batch.input_ids, padding_mask(batch))  # [B, T, C]
+    return model.score(last_token_hidden(hidden, batch.attention_mask)).float()
+
+
+def classification_loss_sum(model, batch, label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed cross-entropy over the batch's examples (optionally class-weighted)."""
+    return F.cross_entropy(class_logits(model, batch), batch.labels, weight=class_weights, reduction="sum",
+                           label_smoothing=label_smoothing)

@@ -240,3 +240,26 @@ class GPT2(nn.Module):
     def linear_names(self) -> list[str]:
         """Full names of every linear layer LoRA can target, in model order."""
         return [n for n, m in self.named_modules() if isinstance(m, nn.Linear)]
+
+
+# ------------------------------------------------------------------------------------- classification head
+
+HEAD = "score"  # transformers' name for GPT2ForSequenceClassification's head, so merged models load there
+
+
+def add_classification_head(model: GPT2, num_labels: int, generator: torch.Generator | None = None) -> nn.Linear:
+    """Attach `model.score`: a bias-free linear map [num_labels, n_embd] from the last real token's hidden
+    state to class logits (as transformers' GPT2ForSequenceClassification, so a merged model is exact)."""
+    head = nn.Linear(model.config.n_embd, num_labels, bias=False)
+    with torch.no_grad():
+        head.weight.normal_(0.0, 0.02, generator=generator)
+    model.score = head
+    return head
+
+
+def last_token_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, C] -> [B, C]: the hidden state of each row's last real token (right or left padding)."""
+    T = attention_mask.shape[1]
+    positions = torch.arange(T, device=attention_mask.device)
+    last = (attention_mask.long() * positions).argmax(dim=1)  # [B]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
