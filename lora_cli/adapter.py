@@ -37,6 +37,7 @@ from lora_cli.checkpoint import CONV1D_SUFFIXES, BaseModel
 from lora_cli.config import LoraConfig
 from lora_cli.errors import AdapterError, ConfigError
 from lora_cli.fsutil import atomic_path, atomic_write_text
+from lora_cli.model import HEAD, add_classification_head
 from lora_cli.lora import (
     SLICES,
     _split_slice_name,
@@ -122,7 +123,9 @@ def save_adapter(path: str | os.PathLike, model: torch.nn.Module, metadata: dict
         raise ValueError(f"metadata key {clash[0]!r} is written by save_adapter itself")
     target = as_dtype(dtype) if dtype is not None else None
     # Cloned: safetensors refuses tensors that share storage (a tied head saved whole, say).
-    tensors = {k: v.to("cpu", target or v.dtype, copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
+    state = adapter_state_dict(model)
+    state.update({k: v for k, v in task_head_state(model).items() if k not in state})
+    tensors = {k: v.to("cpu", target or v.dtype, copy=True).contiguous() for k, v in state.items()}
     header = {"format": "pt", "format_version": str(FORMAT_VERSION), "lora": json.dumps(model.lora_settings)}
     metadata.setdefault("tokenizer", "gpt2")
     for key, value in metadata.items():
@@ -214,6 +217,7 @@ def attach_adapter(base: BaseModel | torch.nn.Module, adapter: Adapter | str | o
             f"or pass --allow-mismatch to use it anyway"
         )
     misfit = f"adapter {adapter.path} does not fit base model {base_name}"
+    head_tensors = _attach_task_head(model, adapter, misfit)
     available = set(target_candidates(model))
     absent = [t for t in adapter.lora.targets if t not in available]
     if absent:
@@ -225,7 +229,7 @@ def attach_adapter(base: BaseModel | torch.nn.Module, adapter: Adapter | str | o
         raise AdapterError(f"{misfit}: {exc}") from exc
     expected = adapter_state_dict(model)
     missing = [k for k in expected if k not in adapter.tensors]
-    unexpected = [k for k in adapter.tensors if k not in expected]
+    unexpected = [k for k in adapter.tensors if k not in expected and k not in head_tensors]
     if missing or unexpected:
         parts = []
         if missing:
@@ -244,6 +248,39 @@ def attach_adapter(base: BaseModel | torch.nn.Module, adapter: Adapter | str | o
         for key, param in expected.items():
             param.copy_(adapter.tensors[key])
     return model
+
+
+def task_head_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of a task head (model.score), trained or frozen: the base checkpoint does not have it, so
+    the adapter must (a frozen head under LoRA, as the reference classifier, is random init otherwise)."""
+    head = getattr(model, HEAD, None)
+    if head is None:
+        return {}
+    return {f"{HEAD}.{k}": v.detach() for k, v in head.state_dict().items()}
+
+
+def _attach_task_head(model: torch.nn.Module, adapter: Adapter, misfit: str) -> set[str]:
+    """For a classification adapter: add model.score with the adapter's labels and load its frozen base weight
+    (before LoRA wraps it). Returns the adapter keys consumed here."""
+    if adapter.metadata.get("task") != "classification":
+        return set()
+    labels = (adapter.metadata.get("data") or {}).get("labels") or adapter.metadata.get("labels")
+    if not labels:
+        raise AdapterError(f"adapter {adapter.path}: a classification adapter without its labels; the file is damaged")
+    if getattr(model, HEAD, None) is None:
+        add_classification_head(model, len(labels))
+    consumed = set()
+    for key in (f"{HEAD}.weight", f"{HEAD}.base_layer.weight"):
+        if key in adapter.tensors:
+            weight = adapter.tensors[key]
+            if tuple(weight.shape) != tuple(model.score.weight.shape):
+                raise AdapterError(f"{misfit}: tensor {key} has shape {list(weight.shape)}, the model needs "
+                                   f"{list(model.score.weight.shape)}")
+            with torch.no_grad():
+                model.score.weight.copy_(weight)
+            if key.endswith("base_layer.weight"):
+                consumed.add(key)
+    return consumed
 
 
 # ------------------------------------------------------------------------------------------------ PEFT import
