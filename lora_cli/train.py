@@ -173,7 +173,7 @@ def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     if busy and not overwrite:
         raise TrainingError(f"out_dir {out_dir} is not empty; pass --resume to continue that run or --overwrite to replace it")
     if busy and overwrite:
-        for name in (CHECKPOINT_FILE, ADAPTER_FILE, "metrics.jsonl", "loss.png", "config.yaml"):
+        for name in (CHECKPOINT_FILE, ADAPTER_FILE, "metrics.jsonl", "loss.png", "config.yaml", "test.csv"):
             (out_dir / name).unlink(missing_ok=True)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -258,8 +258,12 @@ def build(cfg: RunConfig) -> Setup:
     model = base.model
     data = load_splits(cfg, context_length=model.config.n_positions)
     model.set_dropout(t.model_dropout)
-    # LoRA's A init draws from its own seeded generator: the same config gives the same start on any device.
-    targets = apply_lora(model, cfg.lora, generator=torch.Generator().manual_seed(t.seed))
+    # LoRA's A init (and a new head) draw from their own seeded generator: the same start on any device.
+    generator = torch.Generator().manual_seed(t.seed)
+    lora_cfg = cfg.lora
+    if cfg.task == "classification":
+        lora_cfg = _with_head(model, lora_cfg, len(data.labels), generator)
+    targets = apply_lora(model, lora_cfg, generator=generator)
     trainable, total = count_parameters(model)
     model.gradient_checkpointing = t.gradient_checkpointing
     micro_batches = len(batch_indices([len(e) for e in data.train], t.batch_size, t.seed, 0))
@@ -269,6 +273,20 @@ def build(cfg: RunConfig) -> Setup:
         total_steps = min(total_steps, t.max_steps)
     return Setup(cfg, Path(cfg.out_dir), device, precision, base, model.to(device), targets, data,
                  trainable, total, steps_per_epoch, total_steps)
+
+
+def _with_head(model, lora_cfg, num_labels: int, generator):
+    """Add the classification head. Unless LoRA targets it (the reference's frozen random head with LoRA on it),
+    the head is trained in full: it is added to modules_to_save."""
+    from dataclasses import replace
+
+    from lora_cli.lora import resolve_targets
+    from lora_cli.model import HEAD, add_classification_head
+
+    add_classification_head(model, num_labels, generator)
+    if HEAD in resolve_targets(model, list(lora_cfg.targets), None) or HEAD in lora_cfg.modules_to_save:
+        return lora_cfg
+    return replace(lora_cfg, modules_to_save=[*lora_cfg.modules_to_save, HEAD])
 
 
 def estimate_memory(s: Setup) -> int:
@@ -343,6 +361,11 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
         trim_metrics(out_dir / "metrics.jsonl", state.step)
         log(f"resumed from step {state.step}")
     atomic_write_text(out_dir / "config.yaml", dump_config(cfg))
+    if s.data.test and not cfg.data.test and all(e.row >= 0 for e in s.data.test):
+        from lora_cli.data import write_split
+
+        write_split(out_dir / "test.csv", s.data.test, s.data.frame)
+        log(f"test split ({len(s.data.test)} rows) written to {out_dir / 'test.csv'}")
     history = _read_history(out_dir / "metrics.jsonl")
     with StopSignals() as stop:
         _loop(s, optimizer, state, stop, history, log, progress)
@@ -375,11 +398,24 @@ def _validate(s: Setup, autocast) -> dict | None:
 
     if not s.data.val:
         return None
+    from lora_cli.evaluate import evaluate_classification, evaluate_lm
+
     order = batch_indices([len(e) for e in s.data.val], s.cfg.train.batch_size, 0, 0, shuffle=False)
     batches = (collate([s.data.val[i] for i in idx]).to(s.device) for idx in order)
-    from lora_cli.evaluate import evaluate_lm
-
+    if s.cfg.task == "classification":
+        return evaluate_classification(s.model, batches, s.data.labels, autocast, s.cfg.train.eval_max_batches)
     return evaluate_lm(s.model, batches, autocast, s.cfg.train.eval_max_batches)
+
+
+def _loss_fn(s: Setup):
+    """(model, batch) -> summed loss over the batch's targets (tokens, or examples for classification)."""
+    from lora_cli.loss import classification_loss_sum, lm_loss_sum
+
+    smoothing = s.cfg.train.label_smoothing
+    if s.cfg.task == "classification":
+        weights = None if s.data.class_weights is None else torch.tensor(s.data.class_weights, device=s.device)
+        return lambda model, batch: classification_loss_sum(model, batch, smoothing, weights)
+    return lambda model, batch: lm_loss_sum(model, batch, smoothing)
 
 
 def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list, log, progress: bool) -> None:
@@ -387,9 +423,9 @@ def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list
     from tqdm import tqdm
 
     from lora_cli.data import collate
-    from lora_cli.loss import lm_loss_sum
 
     cfg, t, model = s.cfg, s.cfg.train, s.model
+    loss_sum = _loss_fn(s)
     autocast = autocast_for(s.device, s.precision)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     metrics_path = s.out_dir / "metrics.jsonl"
@@ -410,7 +446,7 @@ def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list
             for batch in micro:
                 batch = batch.to(s.device)
                 with autocast():
-                    loss = lm_loss_sum(model, batch, t.label_smoothing) / max(1, n_targets)
+                    loss = loss_sum(model, batch) / max(1, n_targets)
                 loss.backward()
                 loss_value += loss.item()
             # 2. a non-finite loss: skip the step (up to skip_nonfinite_steps) or stop with the last good checkpoint
@@ -480,7 +516,10 @@ def _after_validation(s: Setup, state: RunState, record: dict, autocast, log) ->
     if metrics is None:
         return None
     record["val_loss"] = metrics["loss"]
-    record["val_perplexity"] = metrics["perplexity"]
+    if "accuracy" in metrics:
+        record["val_accuracy"] = metrics["accuracy"]
+    else:
+        record["val_perplexity"] = metrics["perplexity"]
     if state.best_val is None or metrics["loss"] < state.best_val:
         state.best_val, state.best_step = metrics["loss"], state.step
         state.evals_without_improvement = 0
