@@ -26,3 +26,12 @@ def test_config_loads_and_dry_runs(path):
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "trainable parameters:" in done.stdout and "estimated peak memory" in done.stdout
+
+
+def test_appendix_e_dry_run_prints_reference_count():
+    path = Path(__file__).parent.parent / "configs" / "appendix-e-spam.yaml"
+    done = subprocess.run([sys.executable, "-m", "lora_cli", "train", str(path), "--dry-run",
+                           "--set", "model={name: gpt2, init: random}"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "trainable parameters: 2,666,528 of " in done.stdout
+    assert "labels ham: 747, spam: 747" in done.stdout
