@@ -13,6 +13,8 @@ def describe(model: str, random_init: bool = False, lora_config: Path | None = N
              overrides: list[str] | None = None) -> dict:
     """Config, exact parameter count and linear layer names of `model`; with a run config, the trainable
     parameter count and adapter size its `lora` section would give. Weights are not loaded (meta device)."""
+    import torch
+
     from lora_cli.checkpoint import load_model
 
     spec = ModelSpec(name=model, init="random" if random_init else "pretrained")
@@ -32,7 +34,13 @@ def describe(model: str, random_init: bool = False, lora_config: Path | None = N
         from lora_cli.lora import apply_lora, count_parameters, estimate_adapter_bytes
 
         cfg = load_config(lora_config, overrides)
-        targets = apply_lora(net, cfg.lora)
+        lora_cfg = cfg.lora
+        if cfg.task == "classification":
+            from lora_cli.train import _with_head
+
+            with torch.device("meta"):
+                lora_cfg = _with_head(net, lora_cfg, _num_labels(cfg), None)
+        targets = apply_lora(net, lora_cfg)
         trainable, total = count_parameters(net)
         dtype = "fp32"
         report["lora"] = {
@@ -45,3 +53,13 @@ def describe(model: str, random_init: bool = False, lora_config: Path | None = N
             "adapter_dtype": dtype,
         }
     return report
+
+
+def _num_labels(cfg) -> int:
+    """Classes of a classification config: data.labels, else the distinct labels of the training file."""
+    if cfg.data.labels:
+        return len(cfg.data.labels)
+    from lora_cli.data import load_file
+
+    _, stats, _, _, _ = load_file(cfg.data.train, cfg.data, cfg.task, "data.train")
+    return len(stats.labels)
