@@ -85,3 +85,370 @@ def classification_metrics(confusion: torch.Tensor, labels: list[str], loss: flo
         "labels": list(labels),
         "examples": total,
     }
+
+
+# ------------------------------------------------------------------------------------------------ `lora eval`
+#
+# run_eval measures a base model, or an adapter next to its base, on a held-out file (or a run's validation /
+# test split), optionally with generation metrics. Everything it needs to know about the data (format, columns,
+# template, masking, max_length) comes from the adapter's metadata (inference.DataSettings) or the run config.
+
+
+def _eval_batches(examples, batch_size: int, device, progress: bool, desc: str):
+    """Batches of similar lengths (longest first), as training's validation builds them, with a progress bar."""
+    import sys
+
+    from tqdm import tqdm
+
+    from lora_cli.data import batch_indices, collate
+
+    order = batch_indices([len(e) for e in examples], batch_size, 0, 0, shuffle=False)
+    with tqdm(total=len(order), desc=desc, unit="batch", file=sys.stderr, disable=not progress,
+              dynamic_ncols=True, leave=False) as bar:
+        for idx in order:
+            yield collate([examples[i] for i in idx]).to(device)
+            bar.update(1)
+
+
+def _delta(new: dict, old: dict) -> dict:
+    return {k: new[k] - old[k] for k in ("loss", "perplexity", "token_accuracy")}
+
+
+def _cell_text(value) -> str:
+    from lora_cli.data import _cell
+
+    text = _cell(value)
+    return text if isinstance(text, str) else ""
+
+
+def generation_items(frame, rows, fmt: str, mapping: dict, data_cfg) -> list[tuple[str, list[str]]]:
+    """(prompt text, references) for each distinct prompt among these rows, in first-seen order. Rows with the
+    same rendered prompt are one item with several references (E2E has ~8 references per meaning
+    representation), so each prompt is generated once and scored against all of its references."""
+    from lora_cli.data import RESPONSE_ROLE, render_prompt
+
+    reference = mapping[RESPONSE_ROLE[fmt]]
+    columns = [str(c) for c in frame.columns]
+    groups: dict[str, list[str]] = {}
+    for i in rows:
+        record = frame.iloc[i]
+        values = {c: _cell_text(v) for c, v in zip(columns, record.tolist())}
+        for role, column in mapping.items():
+            values[role] = values.get(column, "")
+        groups.setdefault(render_prompt(values, fmt, data_cfg), []).append(values[reference])
+    return list(groups.items())
+
+
+def generation_metrics(hypotheses: list[str], references: list[list[str]]) -> dict:
+    """Corpus BLEU (sacrebleu, default 13a tokenisation, every reference of a prompt used at once), ROUGE-L
+    (rouge-score F-measure, the best over a prompt's references, averaged over prompts), both 0-100, and exact
+    match (the fraction of prompts whose output equals one of its references, whitespace-stripped)."""
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import BLEU
+
+    if len(hypotheses) != len(references) or not hypotheses:
+        raise ValueError("need one non-empty list of references per hypothesis")
+    hyps = [h.strip() for h in hypotheses]
+    refs = [[r.strip() for r in rs] for rs in references]
+    width = max(len(rs) for rs in refs)
+    # sacrebleu takes reference streams; a prompt with fewer references pads its streams with None.
+    streams = [[rs[k] if k < len(rs) else None for rs in refs] for k in range(width)]
+    bleu = BLEU()
+    score = bleu.corpus_score(hyps, streams)
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    rouge = [max(scorer.score(r, h)["rougeL"].fmeasure for r in rs) for h, rs in zip(hyps, refs)]
+    return {
+        "bleu": score.score,
+        "rouge_l": 100.0 * sum(rouge) / len(rouge),
+        "exact_match": sum(h in rs for h, rs in zip(hyps, refs)) / len(hyps),
+        "prompts": len(hyps),
+        "references": sum(len(rs) for rs in refs),
+        "bleu_signature": str(bleu.get_signature()),
+    }
+
+
+def _check_reference_column(path, data_cfg, task: str) -> None:
+    """--generate scores against the response column: a file without one is a one-line error, before any
+    model work."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from lora_cli.data import RESPONSE_ROLE, detect_format, read_table
+    from lora_cli.errors import DataError
+    from lora_cli.inference import response_column
+
+    if Path(path).suffix.lower() == ".txt":
+        raise DataError(f"{path}: --generate needs prompts with reference texts (a CSV, TSV, JSON or JSONL file "
+                        "with prompt and completion columns, or alpaca instruction and output), not plain text")
+    frame = read_table(path, data_cfg, "--data")
+    columns = [str(c) for c in frame.columns]
+    fmt = data_cfg.format
+    if fmt == "auto":
+        lower = {c.lower() for c in columns}
+        if data_cfg.columns.get("instruction", "instruction").lower() in lower:
+            fmt = "alpaca"
+        elif data_cfg.columns.get("prompt", "prompt").lower() in lower:
+            fmt = "prompt_completion"
+        else:
+            raise DataError(f"{path}: --generate needs a prompt column ('prompt', or 'instruction' for alpaca "
+                            f"data); the file's columns are: {', '.join(columns)}; name one with --column "
+                            "prompt=COLUMN")
+    if fmt not in RESPONSE_ROLE:
+        raise DataError(f"{path}: --generate needs prompt/completion or alpaca data with references, but the data "
+                        f"format is {fmt}")
+    role, column = response_column(fmt, columns, data_cfg.columns)
+    if column is None:
+        wanted = data_cfg.columns.get(role, role)
+        raise DataError(f"{path}: --generate needs the reference column {wanted!r} (the {role} of format {fmt}) to "
+                        f"score generations against; the file's columns are: {', '.join(columns)}; add it or name "
+                        f"it with --column {role}=COLUMN")
+    detect_format(columns, replace(data_cfg, format=fmt), task, path)
+
+
+def run_eval(
+    data=None,
+    *,
+    adapter=None,
+    model: str | None = None,
+    config=None,
+    overrides=(),
+    batch_size: int = 8,
+    max_length: int | None = None,
+    fmt: str | None = None,
+    columns=(),
+    prompt_template: str | None = None,
+    compare_base: bool = True,
+    allow_mismatch: bool = False,
+    generate: bool = False,
+    max_new_tokens: int = 64,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    predictions=None,
+    device: str = "auto",
+    progress: bool = False,
+    log=None,
+) -> dict:
+    """`lora eval`: metrics of a base model, or of an adapter next to its base, as one dict.
+
+    Data: `data` (a file, encoded as the adapter was trained: format, columns, template, mask_prompt,
+    max_length from its metadata unless fmt/columns/prompt_template/max_length say otherwise), or `config` (a
+    run config: its out_dir's adapter, its base model, and its test split if it has one, else its validation
+    split, built by data.load_splits exactly as training built them). Returns loss / perplexity /
+    token_accuracy / tokens / examples of the evaluated model; with an adapter and compare_base also `base`
+    (the same numbers for the bare base) and `delta` (adapter minus base); with `generate` also `generation`
+    (generation_metrics of the outputs for each distinct prompt, greedy or beam search), and each prompt's
+    output in `predictions` (a JSONL file) when given.
+    """
+    import json
+    from pathlib import Path
+
+    from lora_cli.checkpoint import load_model
+    from lora_cli.errors import AdapterError, ConfigError, DataError
+    from lora_cli.fsutil import atomic_write_text
+    from lora_cli.inference import DataSettings, attach_to, load_base, open_adapter, resolve_device
+    from lora_cli.train import ADAPTER_FILE, autocast_for, resolve_precision
+
+    log = log or (lambda message: None)
+    if data is None and config is None:
+        raise ConfigError("name the data: --data FILE, or a run config (lora eval CONFIG.yaml)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    if generate and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+        raise ConfigError(f"--max-new-tokens must be a positive integer, got {max_new_tokens!r}")
+
+    # 1. The model (not yet with its adapter, so the base can be measured as it is).
+    cfg = None
+    if config is not None:
+        from lora_cli.config import load_config
+
+        cfg = load_config(config, list(overrides))
+        if adapter is None:
+            adapter = Path(cfg.out_dir) / ADAPTER_FILE
+            if not adapter.is_file():
+                raise AdapterError(f"no adapter at {adapter}; train the run first (`lora train {config}`) or pass "
+                                   "--adapter FILE")
+    elif overrides:
+        raise ConfigError("--set overrides a run config's keys; pass the config (lora eval CONFIG.yaml --set ...)")
+    adapter_obj = open_adapter(adapter)
+    if cfg is not None and model is None:
+        base = load_model(cfg.model)
+    else:
+        base = load_base(adapter_obj, model)
+    settings = DataSettings.from_adapter(adapter_obj).override(fmt, columns, prompt_template, max_length)
+    if cfg is not None:
+        settings.task = cfg.task
+    if settings.task == "classification" and generate:
+        raise ConfigError("--generate is for causal-LM adapters; this adapter is a classifier")
+    n_positions = base.model.config.n_positions
+    want = adapter_obj.base_model.get("fingerprint") if adapter_obj is not None else None
+    if want and base.fingerprint and want != base.fingerprint and not allow_mismatch:
+        # attach_adapter checks the fingerprint before it touches the model: its one-line message, now.
+        from lora_cli.adapter import attach_adapter
+
+        attach_adapter(base, adapter_obj)
+    dev = resolve_device(device)
+    base.model.to(dev).eval()
+    autocast = autocast_for(dev, resolve_precision("auto", dev))
+
+    # 2. The examples, and where their rows are (for generation).
+    from dataclasses import replace
+
+    from lora_cli.data import detect_format, load_file, load_splits, read_table
+
+    split = None
+    if cfg is not None and data is None:
+        if max_length is not None:
+            cfg.data.max_length = max_length
+        splits = load_splits(cfg, context_length=n_positions)
+        split = "test" if splits.test else "val"
+        examples = splits.test or splits.val
+        if not examples:
+            raise DataError(f"{config}: the run holds out no validation or test data (data.val_split is 0 and "
+                            "data.val / data.test are unset); pass --data FILE")
+        data_cfg, fmt_used = cfg.data, splits.fmt
+        separate = cfg.data.test if split == "test" else cfg.data.val
+        if separate:
+            frame = read_table(separate, cfg.data, f"data.{split}")
+            _, mapping = detect_format(frame.columns, replace(cfg.data, format=fmt_used), cfg.task, separate)
+        else:
+            frame, mapping = splits.frame, splits.mapping
+        source = separate or cfg.data.train
+        for line in splits.describe():
+            log(line)
+    else:
+        data_cfg = cfg.data if cfg is not None else settings.data_config(n_positions)
+        if cfg is not None:
+            data_cfg = replace(data_cfg, max_length=min(max_length or data_cfg.max_length, n_positions))
+        if generate:
+            _check_reference_column(data, data_cfg, settings.task)
+        examples, stats, frame, fmt_used, mapping = load_file(data, data_cfg, settings.task, "--data",
+                                                              labels=settings.labels)
+        source = str(data)
+        log(stats.describe())
+
+    result: dict = {"model": base.name, "adapter": str(adapter) if adapter is not None else None, "data": source}
+    if split:
+        result["split"] = split
+
+    # 3. Classification adapters: accuracy and F1 of the adapter (the bare base has no trained head).
+    if settings.task == "classification":
+        from lora_cli.inference import Loaded
+
+        if adapter_obj is None:
+            raise ConfigError("a classification eval needs the adapter that carries the head: pass --adapter")
+        attach_to(Loaded(base, adapter_obj, settings), allow_mismatch)
+        base.model.to(dev)
+        labels = settings.labels or (data_cfg.labels if cfg is not None else None)
+        metrics = evaluate_classification(base.model, _eval_batches(examples, batch_size, dev, progress, "eval"),
+                                          labels, autocast)
+        return {**result, **metrics}
+
+    # 4. Loss, perplexity, accuracy: the base first, then with the adapter.
+    base_metrics = None
+    if adapter_obj is None or compare_base:
+        desc = "base" if adapter_obj is not None else "eval"
+        base_metrics = evaluate_lm(base.model, _eval_batches(examples, batch_size, dev, progress, desc), autocast)
+    if adapter_obj is None:
+        result.update(base_metrics)
+    else:
+        from lora_cli.inference import Loaded
+
+        attach_to(Loaded(base, adapter_obj, settings), allow_mismatch)
+        base.model.to(dev)
+        metrics = evaluate_lm(base.model, _eval_batches(examples, batch_size, dev, progress, "adapter"), autocast)
+        result.update(metrics)
+        if base_metrics is not None:
+            result["base"] = base_metrics
+            result["delta"] = _delta(metrics, base_metrics)
+
+    # 5. Generation metrics, once per distinct prompt.
+    if generate:
+        from lora_cli.data import RESPONSE_ROLE
+
+        if fmt_used not in RESPONSE_ROLE:
+            raise DataError(f"{source}: --generate needs prompt/completion or alpaca data with references, but the "
+                            f"data format is {fmt_used}")
+        rows = sorted({ex.row for ex in examples if ex.row >= 0})
+        items = generation_items(frame, rows, fmt_used, mapping, data_cfg)
+        outputs, truncated = _generate_all(base.model, [p for p, _ in items], max_new_tokens, num_beams,
+                                           length_penalty, no_repeat_ngram_size, batch_size, progress)
+        hyps = [o.strip() for o in outputs]
+        gen = generation_metrics(hyps, [refs for _, refs in items])
+        gen.update({"max_new_tokens": max_new_tokens, "num_beams": num_beams, "length_penalty": length_penalty,
+                    "no_repeat_ngram_size": no_repeat_ngram_size, "truncated_prompts": truncated})
+        result["generation"] = gen
+        if predictions is not None:
+            lines = [json.dumps({"prompt": p, "prediction": h, "references": refs}, ensure_ascii=False)
+                     for (p, refs), h in zip(items, hyps)]
+            atomic_write_text(predictions, "".join(line + "\n" for line in lines))
+            result["predictions"] = str(predictions)
+    return result
+
+
+def _generate_all(model, prompts: list[str], max_new_tokens: int, num_beams: int, length_penalty: float,
+                  no_repeat_ngram_size: int, batch_size: int, progress: bool) -> tuple[list[str], int]:
+    """Decoded outputs (stopped at <|endoftext|>) for each prompt text, and how many prompts lost their first
+    tokens to fit the context with max_new_tokens."""
+    import sys
+
+    from tqdm import tqdm
+
+    from lora_cli.generate import generate as decode_ids
+    from lora_cli.tokenizer import decode, encode
+
+    ids = [encode(p) for p in prompts]
+    room = model.config.n_positions - max_new_tokens
+    truncated = sum(len(x) > room for x in ids)
+    with tqdm(total=len(ids), desc="generate", unit="prompt", file=sys.stderr, disable=not progress,
+              dynamic_ncols=True, leave=False) as bar:
+        new = decode_ids(model, ids, max_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
+                         no_repeat_ngram_size=no_repeat_ngram_size, truncate=True, batch_size=batch_size,
+                         progress=bar.update)
+    return [decode(x) for x in new], truncated
+
+
+def eval_table(result: dict) -> list[str]:
+    """`lora eval`'s human-readable report: one aligned table, base and adapter side by side with the delta."""
+    lines = [f"data     {result['data']}" + (f" ({result['split']} split)" if result.get("split") else "")]
+    lines.append(f"model    {result['model']}" + (f" + adapter {result['adapter']}" if result.get("adapter") else ""))
+    if "accuracy" in result and "per_class" in result:  # a classifier
+        lines.append(f"examples {result['examples']:,}   loss {result['loss']:.4f}   accuracy {result['accuracy']:.4f}"
+                     f"   macro-F1 {result['macro_f1']:.4f}")
+        return lines
+    columns = [("adapter" if result.get("adapter") else "model", result)]
+    if "base" in result:
+        columns = [("base", result["base"]), ("adapter", result), ("delta", result["delta"])]
+    rows = [("loss", "loss", "{:.4f}", "{:+.4f}"), ("perplexity", "perplexity", "{:.3f}", "{:+.3f}"),
+            ("token accuracy", "token_accuracy", "{:.4f}", "{:+.4f}"), ("tokens", "tokens", "{:,}", None),
+            ("examples", "examples", "{:,}", None)]
+    table = [[""] + [name for name, _ in columns]]
+    for label, key, fmt, dfmt in rows:
+        cells = []
+        for name, values in columns:
+            if name == "delta":
+                cells.append(dfmt.format(values[key]) if dfmt else "")
+            else:
+                cells.append(fmt.format(values[key]))
+        table.append([label, *cells])
+    gen = result.get("generation")
+    if gen:
+        where = 1 if "base" in result else 0  # the generations are the evaluated model's (adapter column)
+        for label, value in (("BLEU", f"{gen['bleu']:.2f}"), ("ROUGE-L", f"{gen['rouge_l']:.2f}"),
+                             ("exact match", f"{gen['exact_match']:.4f}")):
+            cells = [""] * len(columns)
+            cells[where] = value
+            table.append([label, *cells])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines.append("")
+    for row in table:
+        lines.append("  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]).rstrip())
+    if gen:
+        beams = f"beam search ({gen['num_beams']} beams)" if gen["num_beams"] > 1 else "greedy"
+        lines.append("")
+        lines.append(f"generation: {gen['prompts']:,} prompts, {gen['references']:,} references, {beams}, "
+                     f"max {gen['max_new_tokens']} new tokens" +
+                     (f"; {gen['truncated_prompts']} prompts cut to fit the context" if gen["truncated_prompts"] else ""))
+        if result.get("predictions"):
+            lines.append(f"predictions written to {result['predictions']}")
+    return lines

@@ -1,0 +1,181 @@
+"""`lora eval`: loss parity with transformers + PEFT, run configs, the base model alone, generation metrics with
+several references per prompt, and bad inputs."""
+
+import copy
+import csv
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lora_cli.config import ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT
+from lora_cli.evaluate import generation_metrics
+from lora_cli.tokenizer import EOT_ID, decode, encode
+
+from conftest import make_hf_gpt2
+from inference_helpers import alpaca_rows, assert_one_line_error, cli, train_run
+
+peft = pytest.importorskip("peft")
+
+HELDOUT = alpaca_rows(["orange", "violet", "silver", "winter", "garden"])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    make_hf_gpt2(root / "base", seed=0)
+    make_hf_gpt2(root / "other", seed=1)
+    config = train_run(root, root / "base")
+    (root / "heldout.json").write_text(json.dumps(HELDOUT))
+    return root, config, root / "out" / "adapter.safetensors"
+
+
+def eval_json(*args):
+    code, out, err = cli("eval", *args, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def reference_metrics(model, rows):
+    """Token-weighted mean cross-entropy and next-token accuracy over the response + EOT tokens, computed on a
+    transformers model one example at a time with the prompt template and masking written out here."""
+    loss_sum, correct, tokens = 0.0, 0, 0
+    for row in rows:
+        template = ALPACA_TEMPLATE if row["input"] else ALPACA_TEMPLATE_NO_INPUT
+        prompt = encode(template.format(**row))
+        ids = torch.tensor([prompt + encode(row["output"]) + [EOT_ID]])
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1].double()
+        targets = ids[0, 1:]
+        scored = slice(len(prompt) - 1, None)  # position i predicts token i+1: the response starts at len(prompt)
+        loss_sum += F.cross_entropy(logits[scored], targets[scored], reduction="sum").item()
+        correct += (logits[scored].argmax(-1) == targets[scored]).sum().item()
+        tokens += targets[scored].numel()
+    return loss_sum / tokens, correct / tokens, tokens
+
+
+def test_eval_loss_equals_transformers_peft_reference(run, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    root, _, adapter = run
+    result = eval_json("--adapter", adapter, "--data", root / "heldout.json")
+    hf = GPT2LMHeadModel.from_pretrained(root / "base").eval()
+    base_loss, base_acc, n = reference_metrics(hf, HELDOUT)
+    code, out, err = cli("export", adapter, tmp_path / "peft")
+    assert code == 0, err
+    tuned = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "peft")).eval()
+    loss, acc, _ = reference_metrics(tuned, HELDOUT)
+
+    assert result["examples"] == result["base"]["examples"] == len(HELDOUT)
+    assert result["tokens"] == result["base"]["tokens"] == n
+    assert result["loss"] == pytest.approx(loss, rel=1e-4)
+    assert result["base"]["loss"] == pytest.approx(base_loss, rel=1e-4)
+    assert abs(result["loss"] - result["base"]["loss"]) > 1e-3  # the adapter changed something measurable
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-12)
+    assert result["token_accuracy"] == pytest.approx(acc, abs=1e-9)
+    assert result["base"]["token_accuracy"] == pytest.approx(base_acc, abs=1e-9)
+    assert result["delta"]["loss"] == pytest.approx(result["loss"] - result["base"]["loss"])
+
+    # The table shows both columns and the delta.
+    code, out, err = cli("eval", "--adapter", adapter, "--data", root / "heldout.json")
+    assert code == 0, err
+    assert ["base", "adapter", "delta"] in [line.split() for line in out.splitlines()]
+    loss_row = next(line for line in out.splitlines() if line.startswith("loss"))
+    assert loss_row.split()[1:] == [f"{result['base']['loss']:.4f}", f"{result['loss']:.4f}",
+                                    f"{result['delta']['loss']:+.4f}"]
+
+
+def test_eval_config_reproduces_training_validation(run, tmp_path):
+    from safetensors import safe_open
+
+    root, config, adapter = run
+    with safe_open(str(adapter), "pt") as f:
+        best = json.loads(f.metadata()["training"])["best_val_loss"]
+    result = eval_json(config)
+    assert result["split"] == "val" and result["examples"] == 3  # 12 rows, val_split 0.25
+    assert result["loss"] == pytest.approx(best, rel=1e-6)
+    # data.test set: the test split is evaluated, with the same numbers as --data on that file
+    as_test = eval_json(config, "--set", f"data.test={root / 'heldout.json'}", "--no-base")
+    direct = eval_json("--adapter", adapter, "--data", root / "heldout.json", "--no-base")
+    assert as_test["split"] == "test" and "base" not in as_test
+    assert as_test["loss"] == pytest.approx(direct["loss"], rel=1e-6)
+
+
+def test_base_model_alone(run):
+    root, _, adapter = run
+    alone = eval_json("--model", root / "base", "--data", root / "heldout.json", "--format", "alpaca")
+    paired = eval_json("--adapter", adapter, "--data", root / "heldout.json")
+    assert "base" not in alone and alone["adapter"] is None
+    assert {k: alone[k] for k in paired["base"]} == pytest.approx(paired["base"], rel=1e-6)
+
+
+def test_generation_metrics_hand_computed():
+    hyps = ["a b c d e", "p q r s", "k l m n"]
+    refs = [["a b c d x", "y b c d e"], ["p q r s"], ["k l m z"]]
+    m = generation_metrics(hyps, refs)
+    # "a b c d e" matches no reference alone, but every n-gram is in one of the two: multi-reference counts.
+    # Corpus n-gram precisions 12/13, 9/10, 6/7, 3/4; hypothesis and closest reference lengths are equal (BP 1).
+    assert m["bleu"] == pytest.approx(100 * ((12 / 13) * (9 / 10) * (6 / 7) * (3 / 4)) ** 0.25, abs=1e-9)
+    # ROUGE-L F: best reference per prompt (LCS 4 of 5 -> 0.8), 1.0, 0.75
+    assert m["rouge_l"] == pytest.approx(100 * (0.8 + 1.0 + 0.75) / 3, abs=1e-9)
+    assert m["exact_match"] == pytest.approx(1 / 3)
+    assert (m["prompts"], m["references"]) == (3, 4)
+
+
+def write_e2e(path, rows):
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["mr", "ref"])
+        writer.writerows(rows)
+
+
+def test_generate_groups_references_per_prompt(run, tmp_path):
+    from lora_cli.checkpoint import load_model
+    from lora_cli.generate import generate
+
+    root, _, _ = run
+    mrs = ["name[The Vaults], eatType[pub]", "name[Blue Spice], area[city centre]", "name[Zizzi], food[Italian]"]
+    rows = [(mrs[0], "The Vaults is a pub."), (mrs[1], "Blue Spice is in the city centre."), (mrs[0], "A pub: The Vaults."),
+            (mrs[2], "Zizzi serves Italian food."), (mrs[0], "There is a pub called The Vaults."),
+            (mrs[1], "In the city centre is Blue Spice.")]
+    write_e2e(tmp_path / "e2e.csv", rows)
+    preds = tmp_path / "preds.jsonl"
+    result = eval_json("--model", root / "base", "--data", tmp_path / "e2e.csv", "--format", "prompt_completion",
+                       "--column", "prompt=mr", "--column", "completion=ref", "--generate", "--max-new-tokens", "6",
+                       "--batch-size", "2", "--predictions", preds)
+    gen = result["generation"]
+    assert (gen["prompts"], gen["references"], result["examples"]) == (3, 6, 6)
+    lines = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [x["prompt"] for x in lines] == [m + "\n" for m in mrs]  # first-seen order, the training template
+    assert [len(x["references"]) for x in lines] == [3, 2, 1]
+    # greedy outputs = generate() on the same prompts; the metrics are those of the written predictions
+    model = load_model(str(root / "base")).model.eval()
+    expected = generate(model, [encode(m + "\n") for m in mrs], 6)
+    assert [x["prediction"] for x in lines] == [decode(t).strip() for t in expected]
+    again = generation_metrics([x["prediction"] for x in lines], [x["references"] for x in lines])
+    assert {k: gen[k] for k in again} == again
+
+
+def test_bad_inputs_one_line_and_nothing_written(run, tmp_path):
+    root, _, adapter = run
+    # an adapter for another base (fingerprint mismatch)
+    line = assert_one_line_error(*cli("eval", "--adapter", adapter, "--model", root / "other", "--data",
+                                      root / "heldout.json"))
+    assert "fingerprint" in line and "--allow-mismatch" in line
+    # --generate on data without the reference column
+    (tmp_path / "norefs.csv").write_text('mr\n"name[A]"\n')
+    preds = tmp_path / "preds.jsonl"
+    line = assert_one_line_error(*cli("eval", "--model", root / "base", "--data", tmp_path / "norefs.csv",
+                                      "--column", "prompt=mr", "--column", "completion=ref", "--generate",
+                                      "--predictions", preds))
+    assert line == (f"error: {tmp_path / 'norefs.csv'}: --generate needs the reference column 'ref' (the completion "
+                    "of format prompt_completion) to score generations against; the file's columns are: mr; add it or "
+                    "name it with --column completion=COLUMN")
+    assert not preds.exists()
+    # nothing to evaluate
+    assert_one_line_error(*cli("eval", "--data", root / "heldout.json"), expected_code=2)
+    # a run whose adapter does not exist yet
+    line = assert_one_line_error(*cli("eval", root / "run.yaml", "--set", f"out_dir={tmp_path / 'nowhere'}"))
+    assert "no adapter at" in line
