@@ -103,22 +103,144 @@ def train(
     typer.echo(str(result.adapter))
 
 
-@app.command(name="eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def eval_(ctx: typer.Context) -> None:
-    """Loss, perplexity and accuracy of base vs adapter on held-out data (not built yet)."""
-    _not_built("eval", "issue 5")
+ADAPTER_HELP = "An adapter: .safetensors from `lora train`, a run directory, or a PEFT adapter directory."
+MODEL_HELP = "Base model (hub id, local directory or weights file); default: the adapter's own base."
+MISMATCH_HELP = "Use the adapter even if the base model's fingerprint differs from the one it was trained on."
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def merge(ctx: typer.Context) -> None:
-    """Fold an adapter into its base and write a standalone Hugging Face model (not built yet)."""
-    _not_built("merge", "issue 5")
+@app.command(name="eval")
+def eval_(
+    config: Optional[Path] = typer.Argument(None, help="A run config: evaluate its test split (data.test or test_split), else its validation split, with out_dir/adapter.safetensors."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP + " Alone: evaluate that model."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Held-out data file (.csv/.tsv/.json/.jsonl/.txt), encoded as the adapter was trained."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Examples (and prompts, with --generate) per batch."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per example (default: the adapter's data.max_length)."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Data format instead of the adapter's: auto, alpaca, prompt_completion, text."),
+    columns: List[str] = typer.Option([], "--column", help="ROLE=COLUMN, e.g. --column prompt=mr (repeatable)."),
+    prompt_template: Optional[str] = typer.Option(None, "--prompt-template", help="Prompt template instead of the adapter's."),
+    no_base: bool = typer.Option(False, "--no-base", help="Skip the base model's numbers (faster)."),
+    gen: bool = typer.Option(False, "--generate", help="Also generate for each distinct prompt and score BLEU, ROUGE-L and exact match against its references."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="--generate: tokens to generate at most."),
+    num_beams: int = typer.Option(1, "--num-beams", help="--generate: beam search with this many beams (1: greedy)."),
+    length_penalty: float = typer.Option(1.0, "--length-penalty", help="--generate: beam score = log p / length**penalty."),
+    no_repeat_ngram_size: int = typer.Option(0, "--no-repeat-ngram-size", help="--generate: never repeat an n-gram of this size (0: off)."),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="--generate: write each prompt, its output and references as JSONL."),
+    allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help=MISMATCH_HELP),
+    device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."),
+    overrides: List[str] = typer.Option([], "--set", help=SET_HELP + " (with CONFIG)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Loss, perplexity and next-token accuracy on held-out data: base and adapter side by side."""
+    from lora_cli.evaluate import eval_table, run_eval
+
+    if config is not None and config.suffix.lower() not in (".yaml", ".yml"):
+        raise ConfigError(f"{config}: `lora eval` takes a run config (.yaml); pass data with --data FILE")
+    if config is None and adapter is None and model is None:
+        raise ConfigError("name what to evaluate: --adapter FILE, --model MODEL, or a run config")
+    result = run_eval(data, adapter=adapter, model=model, config=config, overrides=overrides, batch_size=batch_size,
+                      max_length=max_length, fmt=fmt, columns=columns, prompt_template=prompt_template,
+                      compare_base=not no_base, allow_mismatch=allow_mismatch, generate=gen,
+                      max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
+                      no_repeat_ngram_size=no_repeat_ngram_size, predictions=predictions, device=device,
+                      progress=not quiet and sys.stderr.isatty(), log=lambda m: typer.echo(m, err=True))
+    if as_json:
+        echo_json(result)
+        return
+    for line in eval_table(result):
+        typer.echo(line)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def generate(ctx: typer.Context) -> None:
-    """Generate text with a base model or adapter (not built yet)."""
-    _not_built("generate", "issue 5")
+@app.command()
+def merge(
+    adapter: Path = typer.Option(..., "--adapter", help=ADAPTER_HELP),
+    out: Path = typer.Option(..., "--out", help="The directory to write (must not exist, unless --overwrite)."),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    dtype: str = typer.Option("fp32", "--dtype", help="Stored weights: fp32, bf16 or fp16 (the merge itself is fp32)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing merged model directory."),
+    allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help=MISMATCH_HELP),
+) -> None:
+    """Fold an adapter into its base: a standalone Hugging Face GPT-2 directory with tokenizer and model card."""
+    from lora_cli.merge import merge_adapter
+
+    result = merge_adapter(adapter, out, model=model, dtype=dtype, overwrite=overwrite,
+                           allow_mismatch=allow_mismatch, log=lambda m: typer.echo(m, err=True))
+    typer.echo(str(result.out_dir))
+
+
+@app.command()
+def generate(
+    prompts: Optional[List[str]] = typer.Argument(None, help="Prompts (for alpaca adapters: the instruction)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    file: Optional[Path] = typer.Option(None, "--file", help="Prompts, one per line ('-': stdin); with --json one JSON object per line."),
+    as_json: bool = typer.Option(False, "--json", help="JSONL in (--file) and out: each object plus \"generated\"."),
+    no_template: bool = typer.Option(False, "--no-template", help="Feed prompts as they are, without the adapter's prompt template."),
+    input_text: Optional[str] = typer.Option(None, "--input", help="Alpaca adapters: the Input block for every prompt."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Tokens to generate at most (stops earlier at <|endoftext|>)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sample at this temperature (default: greedy)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample from the k most likely tokens."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample from the smallest set of tokens with this total probability."),
+    greedy: bool = typer.Option(False, "--greedy", help="Always the most likely token (the default without sampling flags)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
+    num_beams: int = typer.Option(1, "--num-beams", help="Beam search with this many beams."),
+    length_penalty: float = typer.Option(1.0, "--length-penalty", help="Beam search: score = log p / length**penalty."),
+    no_repeat_ngram_size: int = typer.Option(0, "--no-repeat-ngram-size", help="Never repeat an n-gram of this size (0: off)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts decoded together."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole sequence at every step (slow; checks the KV cache)."),
+    allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help=MISMATCH_HELP),
+    device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Generate text with an adapter (its prompt template applied) or a base model; streams a single prompt."""
+    from lora_cli.inference import (
+        DataSettings, collect_prompts, escape_line, generate_texts, load_for_inference, open_adapter,
+        resolve_device, sampling_options,
+    )
+
+    if adapter is None and model is None:
+        raise ConfigError("name a model: --adapter FILE (its base and prompt template come with it) or --model MODEL")
+    options = sampling_options(temperature, top_k, top_p, greedy)
+    adapter_obj = open_adapter(adapter)
+    settings = DataSettings.from_adapter(adapter_obj)
+    if settings.task == "classification":
+        raise ConfigError(f"adapter {adapter} is a classifier; `lora generate` needs a causal-LM adapter")
+    items = collect_prompts(prompts or [], file, as_json, settings, template=not no_template, input_text=input_text)
+    dev = resolve_device(device)
+    loaded = load_for_inference(adapter_obj, model, allow_mismatch)
+    net = loaded.model.to(dev)
+    options.update(seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)
+    if len(items) == 1 and file is None and not as_json and num_beams == 1:
+        from lora_cli.generate import stream_text
+        from lora_cli.tokenizer import encode
+
+        for piece in stream_text(net, encode(items[0].text), max_new_tokens, **options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    texts = generate_texts(net, items, max_new_tokens, batch_size=batch_size, num_beams=num_beams,
+                           length_penalty=length_penalty, progress=not quiet and sys.stderr.isatty(), **options)
+    for item, text in zip(items, texts):
+        if as_json:
+            typer.echo(json.dumps({**item.record, "generated": text}, ensure_ascii=False))
+        else:
+            typer.echo(escape_line(text))
+
+
+@app.command()
+def export(
+    adapter: Path = typer.Argument(..., help=ADAPTER_HELP),
+    out_dir: Path = typer.Argument(..., help="The PEFT adapter directory to write."),
+    fmt: str = typer.Option("peft", "--format", help="Export format: peft (adapter_config.json + adapter_model.safetensors)."),
+) -> None:
+    """Convert an adapter to a Hugging Face PEFT adapter directory (PeftModel.from_pretrained loads it)."""
+    from lora_cli.adapter import export_peft
+
+    if fmt != "peft":
+        raise ConfigError(f"--format {fmt!r} is not supported; the export format is peft")
+    typer.echo(str(export_peft(adapter, out_dir)))
 
 
 # ---------------------------------------------------------------------------------------------------- main

@@ -69,11 +69,11 @@ def load_base(adapter=None, model: str | None = None):
 
 
 def open_adapter(path: str | Path | None):
-    """adapter.load_adapter, or None without a path."""
-    if path is None:
-        return None
-    from lora_cli.adapter import load_adapter
+    """adapter.load_adapter (an Adapter passes through), or None without a path."""
+    from lora_cli.adapter import Adapter, load_adapter
 
+    if path is None or isinstance(path, Adapter):
+        return path
     return load_adapter(path)
 
 

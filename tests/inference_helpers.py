@@ -22,7 +22,7 @@ def alpaca_rows(words=WORDS):
             for i, w in enumerate(words)]
 
 
-def make_lively(path, seed=0):
+def make_lively(path, seed=0, eot_bias=0.5):
     """A tiny random GPT-2 whose greedy outputs vary and sometimes end in EOT (see tests/test_generate.py's
     `lively`): random ln_f gains, and an EOT embedding that an ln_f bias can select."""
     hf = make_hf_gpt2(path, seed=seed)
@@ -30,7 +30,7 @@ def make_lively(path, seed=0):
     with torch.no_grad():
         ln_f = hf.transformer.ln_f
         ln_f.weight.copy_(torch.randn(ln_f.weight.shape, generator=g) * 3)
-        ln_f.weight[0], ln_f.bias[0] = 1.0, 1.0
+        ln_f.weight[0], ln_f.bias[0] = 1.0, eot_bias
         hf.transformer.wte.weight[EOT_ID].zero_()
         hf.transformer.wte.weight[EOT_ID, 0] = 1.0
     hf.save_pretrained(path)
@@ -38,7 +38,7 @@ def make_lively(path, seed=0):
 
 
 def train_run(root: Path, base: Path, lora="{r: 4, alpha: 8, dropout: 0.0, targets: [attn.q, attn.v, mlp.c_proj]}",
-              rows=None, steps=4) -> Path:
+              rows=None, steps=4, lr=2e-2) -> Path:
     """`lora train` a few steps on alpaca rows; returns the run config (out_dir = root/out)."""
     from lora_cli.config import load_config
     from lora_cli.train import train
@@ -51,7 +51,7 @@ model: {base}
 out_dir: out
 data: {{train: train.json, val_split: 0.25, max_length: 96}}
 lora: {lora}
-train: {{lr: 2e-2, batch_size: 4, max_steps: {steps}, warmup_steps: 1, eval_every: 0, save_every: 0, log_every: 1}}
+train: {{lr: {lr}, batch_size: 4, max_steps: {steps}, warmup_steps: 1, eval_every: 0, save_every: 0, log_every: 1}}
 """)
     train(load_config(config), log=lambda m: None, progress=False)
     return config

@@ -1,0 +1,116 @@
+"""`lora generate`: the adapter's template, streaming, files and JSONL, the KV cache against recomputation and
+against transformers' generate on the merged model, sampling seeds, and bad inputs."""
+
+import json
+
+import pytest
+import torch
+
+from lora_cli.adapter import attach_adapter
+from lora_cli.checkpoint import load_model
+from lora_cli.config import ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT
+from lora_cli.generate import generate
+from lora_cli.inference import escape_line
+from lora_cli.tokenizer import EOT_ID, decode, encode
+
+from inference_helpers import assert_one_line_error, cli, make_lively, train_run
+
+INSTRUCTIONS = ["Repeat the word orange.", "Name a color.", "Write one short sentence about rivers and stones."]
+N = 24
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generate")
+    make_lively(root / "base")
+    train_run(root, root / "base", steps=3, lr=1e-3)  # a light touch: outputs vary and some end in EOT
+    adapter = root / "out" / "adapter.safetensors"
+    model = attach_adapter(load_model(str(root / "base")), adapter).eval()
+    return root, adapter, model
+
+
+def expected(model, prompts, n=N, **options):
+    return [decode(t) for t in generate(model, [encode(p) for p in prompts], n, **options)]
+
+
+def test_single_prompt_streams_with_the_template(run):
+    root, adapter, model = run
+    code, out, err = cli("generate", "--adapter", adapter, INSTRUCTIONS[0], "--max-new-tokens", N)
+    assert code == 0, err
+    prompt = ALPACA_TEMPLATE_NO_INPUT.format(instruction=INSTRUCTIONS[0])
+    assert out == expected(model, [prompt])[0] + "\n"
+    # --input fills the Input block; --no-template feeds the text as it is
+    code, out, err = cli("generate", "--adapter", adapter, INSTRUCTIONS[0], "--input", "twice", "--max-new-tokens", N)
+    assert out == expected(model, [ALPACA_TEMPLATE.format(instruction=INSTRUCTIONS[0], input="twice")])[0] + "\n"
+    code, out, err = cli("generate", "--adapter", adapter, INSTRUCTIONS[0], "--no-template", "--max-new-tokens", N)
+    assert out == expected(model, [INSTRUCTIONS[0]])[0] + "\n"
+
+
+def test_cache_recompute_and_transformers_on_the_merge_agree(run, tmp_path):
+    """KV-cached greedy == recomputing the whole sequence each step == transformers' generate(do_sample=False) on
+    the merged model, token for token (compared as ids: decode(encode(x)) round trips for these outputs)."""
+    from transformers import GPT2LMHeadModel
+
+    root, adapter, model = run
+    prompts = [ALPACA_TEMPLATE_NO_INPUT.format(instruction=i) for i in INSTRUCTIONS]
+    (tmp_path / "prompts.txt").write_text("\n".join(INSTRUCTIONS) + "\n")
+    outputs = {}
+    for flag in ([], ["--no-cache"]):
+        code, out, err = cli("generate", "--adapter", adapter, "--file", tmp_path / "prompts.txt",
+                             "--max-new-tokens", N, "--batch-size", 2, *flag)
+        assert code == 0, err
+        outputs[bool(flag)] = out.splitlines()
+    assert outputs[True] == outputs[False] and len(outputs[False]) == 3
+    ours = generate(model, [encode(p) for p in prompts], N)
+    assert outputs[False] == [escape_line(decode(t)) for t in ours]
+
+    code, _, err = cli("merge", "--adapter", adapter, "--out", tmp_path / "merged")
+    assert code == 0, err
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    for prompt, mine in zip(prompts, ours):
+        ids = torch.tensor([encode(prompt)])
+        with torch.no_grad():
+            new = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, do_sample=False,
+                              pad_token_id=EOT_ID)[0, ids.shape[1]:].tolist()
+        assert (new[: new.index(EOT_ID)] if EOT_ID in new else new) == mine
+    assert any(len(t) < N for t in ours) and len({tuple(t) for t in ours}) == 3  # EOT stops, outputs differ
+
+
+def test_jsonl_in_and_out_and_beam_search(run, tmp_path):
+    root, adapter, model = run
+    records = [{"instruction": INSTRUCTIONS[1], "id": 7}, {"instruction": INSTRUCTIONS[2], "input": "twice"}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    code, out, err = cli("generate", "--adapter", adapter, "--file", tmp_path / "p.jsonl", "--json",
+                         "--max-new-tokens", 12, "--num-beams", 3, "--no-repeat-ngram-size", 2)
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    prompts = [ALPACA_TEMPLATE_NO_INPUT.format(instruction=INSTRUCTIONS[1]),
+               ALPACA_TEMPLATE.format(instruction=INSTRUCTIONS[2], input="twice")]
+    beams = expected(model, prompts, 12, num_beams=3, no_repeat_ngram_size=2)
+    assert lines == [{**r, "generated": g} for r, g in zip(records, beams)]
+
+
+def test_sampling_is_seeded(run):
+    root, adapter, _ = run
+    args = ("generate", "--adapter", adapter, "Say something.", "--max-new-tokens", 16, "--temperature", 0.9,
+            "--top-k", 50)
+    first, second, other = cli(*args, "--seed", 1), cli(*args, "--seed", 1), cli(*args, "--seed", 2)
+    assert first[0] == 0 and first[1] == second[1] and first[1] != other[1]
+
+
+def test_bad_inputs(run, tmp_path):
+    root, adapter, _ = run
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    line = assert_one_line_error(*cli("generate", "--adapter", adapter, "--file", tmp_path / "empty.txt"))
+    assert line == f"error: --file {tmp_path / 'empty.txt'} holds no prompts (it is empty or blank); write one prompt per line"
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "ok"}\n{"instruction": \n')
+    line = assert_one_line_error(*cli("generate", "--adapter", adapter, "--file", tmp_path / "bad.jsonl", "--json"))
+    assert f"{tmp_path / 'bad.jsonl'} line 2 is not valid JSON" in line
+    assert_one_line_error(*cli("generate", "--adapter", adapter), expected_code=2)  # no prompt
+    assert_one_line_error(*cli("generate", "Hi"), expected_code=2)  # no model
+    assert_one_line_error(*cli("generate", "--adapter", adapter, "Hi", "--greedy", "--temperature", 0.5),
+                          expected_code=2)
+    line = assert_one_line_error(*cli("generate", "--adapter", adapter, "Hi", "--max-new-tokens", 500),
+                                 expected_code=2)
+    assert "max_new_tokens=500" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.txt"]
