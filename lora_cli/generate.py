@@ -156,8 +156,8 @@ def banned_ngram_mask(seqs: torch.Tensor, n: int, vocab_size: int,
                       valid: torch.Tensor | None = None) -> torch.Tensor | None:
     """Boolean [N, V]: tokens that would complete an n-gram already present in each row of `seqs` [N, L].
 
-    The prompt counts, as in transformers' NoRepeatNGramLogitsProcessor for decoder-only models (Paulus et al.
-    2017, "A Deep Reinforced Model for Abstractive Summarization", sec. 2.5; fairseq's no_repeat_ngram_size).
+    The prompt counts, as in transformers' NoRepeatNGramLogitsProcessor for decoder-only models (n-gram blocking:
+    Paulus et al. 2017, "A Deep Reinforced Model for Abstractive Summarization"; fairseq's no_repeat_ngram_size).
     `valid` [N, L] marks real tokens: n-grams touching left padding never ban anything. None: nothing banned.
     """
     N, L = seqs.shape
@@ -414,9 +414,11 @@ def generate(
 ) -> list[list[int]]:
     """New token ids for each prompt (without the EOT that ended it), in the order of `prompts`.
 
-    temperature 0 is greedy decoding; > 0 samples from softmax(logits / temperature) restricted by top_k/top_p,
-    drawing from `seed` (an int, or a torch.Generator to continue a stream of draws). num_beams > 1 is beam
-    search (deterministic; see `beam_search`). A row stops at `eos_id` (None: never) or after max_new_tokens.
+    temperature 0 is greedy decoding (top_k/top_p/seed are then unused); > 0 samples from
+    softmax(logits / temperature) restricted by top_k/top_p, drawing from `seed` (an int, or a torch.Generator to
+    continue a stream of draws; None: torch's global generator). no_repeat_ngram_size > 0 forbids any token that
+    would repeat an n-gram of prompt + output. num_beams > 1 is beam search (deterministic; see `beam_search`).
+    A row stops at `eos_id` (None: never) or after max_new_tokens.
     A prompt that does not leave room for max_new_tokens in the context is an error, or with `truncate` loses
     its first tokens. batch_size None runs all prompts as one batch; otherwise batches of similar lengths, and
     `progress(n)` is called after each with the number of prompts it held.
@@ -466,8 +468,8 @@ def beam_search(
     length_penalty: a finished hypothesis scores sum(log p) / n_new ** length_penalty (n_new counts generated
     tokens including EOT); > 1 favours longer outputs, < 1 shorter. early_stopping: False (transformers' default),
     True, or "never" (see `_beam_batch`). num_beams=1 gives the greedy tokens. The LoRA paper's E2E decoding
-    (Hu et al. 2021, arXiv:2106.09685, sec. 5.4 / appendix) is num_beams=10, length_penalty=0.9,
-    no_repeat_ngram_size=4.
+    (Hu et al. 2021, arXiv:2106.09685, appendix D, GPT-2 hyperparameters) is num_beams=10, length_penalty 0.9
+    (GPT-2 M) or 0.8 (L), no_repeat_ngram_size=4.
     """
     _check_options(max_new_tokens, 0.0, None, None, no_repeat_ngram_size)
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
