@@ -8,13 +8,14 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from lora_cli.loss import scored_hidden
+from lora_cli.loss import chunked_ce_stats, head_weight, scored_hidden
 
 
 @torch.inference_mode()
-def evaluate_lm(model, batches, autocast=nullcontext, max_batches: int | None = None) -> dict:
+def evaluate_lm(model, batches, autocast=nullcontext, max_batches: int | None = None, reduce=None) -> dict:
     """Token-weighted mean cross-entropy, perplexity and next-token accuracy over `batches` (an iterable of
-    data.Batch already on the model's device)."""
+    data.Batch already on the model's device). reduce: sums a list of numbers over processes (data-parallel
+    evaluation: each process scores its shard, the sums are combined before the means are taken)."""
     was_training = model.training
     model.eval()
     loss_sum, correct, tokens, examples = 0.0, 0, 0, 0
@@ -23,12 +24,21 @@ def evaluate_lm(model, batches, autocast=nullcontext, max_batches: int | None = 
             break
         with autocast():
             hidden, targets = scored_hidden(model, batch)
-            logits = model.logits(hidden).float()
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-        correct += (logits.argmax(dim=-1) == targets).sum().item()
+            weight = head_weight(model)
+            if weight is None:  # a replaced head: plain [N, V] logits
+                logits = model.logits(hidden).float()
+                batch_loss = F.cross_entropy(logits, targets, reduction="sum")
+                batch_correct = (logits.argmax(dim=-1) == targets).sum()
+            else:  # chunk by chunk: the [N, V] fp32 logits never exist at once (loss.py)
+                batch_loss, batch_correct = chunked_ce_stats(hidden, weight, targets)
+        loss_sum += batch_loss.item()
+        correct += batch_correct.item()
         tokens += targets.numel()
         examples += batch.input_ids.shape[0]
     model.train(was_training)
+    if reduce is not None:
+        loss_sum, correct, tokens, examples = reduce([loss_sum, correct, tokens, examples])
+        correct, tokens, examples = int(correct), int(tokens), int(examples)
     loss = loss_sum / tokens if tokens else float("nan")
     return {
         "loss": loss,
@@ -41,9 +51,9 @@ def evaluate_lm(model, batches, autocast=nullcontext, max_batches: int | None = 
 
 @torch.inference_mode()
 def evaluate_classification(model, batches, labels: list[str], autocast=nullcontext,
-                            max_batches: int | None = None) -> dict:
+                            max_batches: int | None = None, reduce=None) -> dict:
     """Loss, accuracy, per-class precision/recall/F1, macro-F1 and the confusion matrix (rows: true label,
-    columns: predicted label) over `batches` of classification examples."""
+    columns: predicted label) over `batches` of classification examples. reduce: as in evaluate_lm."""
     from lora_cli.loss import class_logits
 
     was_training = model.training
@@ -62,6 +72,10 @@ def evaluate_classification(model, batches, labels: list[str], autocast=nullcont
             confusion[t, p] += 1
         examples += batch.labels.shape[0]
     model.train(was_training)
+    if reduce is not None:
+        summed = reduce([loss_sum, examples, *confusion.flatten().tolist()])
+        loss_sum, examples = summed[0], int(summed[1])
+        confusion = torch.tensor([int(v) for v in summed[2:]], dtype=torch.long).view(k, k)
     return classification_metrics(confusion, labels, loss_sum / examples if examples else float("nan"))
 
 
