@@ -4,6 +4,9 @@ The loop is one plain function (`_loop`) with visible steps; the learning-rate s
 (`lr_at`); evaluation is evaluate.evaluate_lm. Checkpoints hold everything the loop's future depends on
 (trainable weights, optimizer moments, RNG states, position in the data), so an interrupted run that is
 resumed ends with the same adapter, bit for bit on CPU, as one that never stopped.
+
+Under torchrun the same loop runs data-parallel (distributed.py): every process trains on its shard of each
+step's micro-batches through DistributedDataParallel, and only rank 0 writes files and shows progress.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lora_cli.config import RunConfig, dump_config
+from lora_cli.distributed import Dist
 from lora_cli.errors import LoraError, TrainingError
 from lora_cli.fsutil import append_line, atomic_path, atomic_write_text
 
@@ -115,6 +119,7 @@ class TrainResult:
     state: RunState
     final_val: dict | None = None
     history: list = field(default_factory=list)
+    rank: int = 0  # this process's rank under torchrun (only rank 0 reports the adapter)
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -124,12 +129,14 @@ def trainable_named(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(out_dir: Path, model, optimizer, state: RunState) -> None:
-    """One file, written atomically: a reader finds the previous checkpoint or this one, never a mix."""
+def save_checkpoint(out_dir: Path, model, optimizer, state: RunState, world_size: int = 1) -> None:
+    """One file, written atomically: a reader finds the previous checkpoint or this one, never a mix.
+    Dropout needs no per-process RNG state: its seed is a pure function of the micro-batch (dropout_seed)."""
     payload = {
         "trainable": {n: p.detach().cpu().clone() for n, p in trainable_named(model).items()},
         "optimizer": optimizer.state_dict(),
         "state": asdict(state),
+        "world_size": world_size,
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -140,7 +147,12 @@ def save_checkpoint(out_dir: Path, model, optimizer, state: RunState) -> None:
         torch.save(payload, tmp)
 
 
-def load_checkpoint(out_dir: Path, model, optimizer) -> RunState:
+def load_checkpoint(out_dir: Path, model, optimizer, world_size: int = 1) -> RunState:
+    return apply_checkpoint(read_checkpoint(out_dir, model, world_size), model, optimizer)
+
+
+def read_checkpoint(out_dir: Path, model, world_size: int = 1) -> dict:
+    """The checkpoint's payload, checked against this run's LoRA parameters and process count."""
     path = out_dir / CHECKPOINT_FILE
     if not path.is_file():
         raise TrainingError(f"--resume: no checkpoint at {path}; start without --resume (add --overwrite to replace the run)")
@@ -152,6 +164,19 @@ def load_checkpoint(out_dir: Path, model, optimizer) -> RunState:
     saved = payload["trainable"]
     if set(saved) != set(params) or any(saved[n].shape != p.shape for n, p in params.items()):
         raise TrainingError(f"--resume: checkpoint {path} was written for other LoRA settings; keep the config of that run or use --overwrite")
+    saved_world = payload.get("world_size", 1)
+    if saved_world != world_size:
+        raise TrainingError(
+            f"--resume: checkpoint {path} was written by a run of {saved_world} process{'es' if saved_world > 1 else ''}, "
+            f"this run has {world_size}; resume with {saved_world} (e.g. torchrun --nproc_per_node {saved_world}) "
+            "or start again with --overwrite")
+    return payload
+
+
+def apply_checkpoint(payload: dict, model, optimizer) -> RunState:
+    """Load a checked payload into the model and optimizer (on every process); returns where the run was."""
+    params = trainable_named(model)
+    saved = payload["trainable"]
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(saved[name])
@@ -197,10 +222,15 @@ def trim_metrics(path: Path, step: int) -> None:
 
 
 class StopSignals:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (so a checkpoint can be written)."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (so a checkpoint can be written).
 
-    def __init__(self):
+    distributed=True (under torchrun): a repeated signal only keeps the flag set (torchrun forwards the Ctrl-C the
+    processes already got, and its own SIGKILL after 30 s is the hard stop), and the handlers stay until the
+    process exits, so torchrun's SIGTERM to the survivors of a dead peer cannot cut short their error message."""
+
+    def __init__(self, distributed: bool = False):
         self.received: int | None = None
+        self.distributed = distributed
         self._previous = {}
 
     def __enter__(self):
@@ -212,11 +242,13 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame):
-        if self.received is not None:  # a second Ctrl-C: stop now
+        if self.received is not None and not self.distributed:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.received = signum
 
     def __exit__(self, *exc):
+        if self.distributed:
+            return False
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         return False
@@ -241,18 +273,38 @@ class Setup:
     total: int
     steps_per_epoch: int
     total_steps: int
+    world_size: int = 1  # processes training together (torchrun)
+    dist: Dist = field(default_factory=Dist)  # this process's place among them
+
+    @property
+    def global_batch(self) -> int:
+        """Examples per optimizer step over all processes: batch_size x grad_accum x world size."""
+        return self.cfg.train.batch_size * self.cfg.train.grad_accum * self.world_size
 
 
-def build(cfg: RunConfig) -> Setup:
-    """Load the base model, add LoRA, read the data: everything a dry run shows and a run needs."""
+def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = None) -> Setup:
+    """Load the base model, add LoRA, read the data: everything a dry run shows and a run needs.
+
+    world_size: the number of processes (default: WORLD_SIZE from torchrun's environment, else 1); with
+    train.global_batch_size set, the per-process batch_size and grad_accum follow from it (distributed.resolve_batch),
+    and the returned Setup's cfg holds them. dist: the process group this process joined (train())."""
+    from dataclasses import replace
+
     from lora_cli.checkpoint import load_model
     from lora_cli.data import batch_indices, load_splits
+    from lora_cli.distributed import env_world_size, resolve_batch
     from lora_cli.lora import apply_lora, count_parameters
 
+    dist = dist or Dist()
+    world_size = dist.world_size if dist.enabled else (world_size or env_world_size())
     t = cfg.train
+    batch_size, grad_accum = resolve_batch(t.batch_size, t.grad_accum, t.global_batch_size, world_size)
+    if (batch_size, grad_accum) != (t.batch_size, t.grad_accum):
+        t = replace(t, batch_size=batch_size, grad_accum=grad_accum)
+        cfg = replace(cfg, train=t)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    device = resolve_device(t.device)
+    device = dist.device or resolve_device(t.device)
     precision = resolve_precision(t.precision, device)
     base = load_model(cfg.model)
     model = base.model
@@ -267,12 +319,13 @@ def build(cfg: RunConfig) -> Setup:
     trainable, total = count_parameters(model)
     model.gradient_checkpointing = t.gradient_checkpointing
     micro_batches = len(batch_indices([len(e) for e in data.train], t.batch_size, t.seed, 0))
-    steps_per_epoch = max(1, math.ceil(micro_batches / t.grad_accum))
+    # one step takes grad_accum micro-batches on each process: grad_accum x world size of the epoch's list
+    steps_per_epoch = max(1, math.ceil(micro_batches / (t.grad_accum * world_size)))
     total_steps = steps_per_epoch * t.epochs
     if t.max_steps is not None:
         total_steps = min(total_steps, t.max_steps)
     return Setup(cfg, Path(cfg.out_dir), device, precision, base, model.to(device), targets, data,
-                 trainable, total, steps_per_epoch, total_steps)
+                 trainable, total, steps_per_epoch, total_steps, world_size, dist)
 
 
 def _with_head(model, lora_cfg, num_labels: int, generator):
@@ -315,8 +368,10 @@ def dry_run_report(s: Setup) -> list[str]:
     lines.append(f"lora: r={cfg.lora.r} alpha={cfg.lora.alpha:g} on {len(s.targets)} layers "
                  f"({', '.join(s.targets[:4])}{', ...' if len(s.targets) > 4 else ''})")
     lines.append(f"trainable parameters: {s.trainable:,} of {s.total:,} ({100 * s.trainable / s.total:.4f}%)")
+    processes = f" x {s.world_size} processes" if s.world_size > 1 else ""
     lines.append(f"steps: {s.total_steps} ({s.steps_per_epoch} per epoch x {t.epochs} epochs"
-                 f"{', capped by max_steps' if t.max_steps else ''}); batch {t.batch_size} x grad_accum {t.grad_accum}")
+                 f"{', capped by max_steps' if t.max_steps else ''}); batch {t.batch_size} x grad_accum {t.grad_accum}"
+                 f"{processes} = global batch {s.global_batch}")
     lines.append(f"device: {s.device}, precision: {s.precision}")
     peak = estimate_memory(s)
     lines.append(f"estimated peak memory: {peak / 2**30:.2f} GiB")
@@ -344,33 +399,72 @@ def _available_memory(device: torch.device) -> int | None:
 
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=print, progress: bool = True) -> TrainResult:
     """Run the config: returns where the adapter was written. Writes out_dir/adapter.safetensors (best by
-    validation loss, else last), checkpoint/, metrics.jsonl, config.yaml and loss.png."""
+    validation loss, else last), checkpoint/, metrics.jsonl, config.yaml and loss.png.
+
+    Launched by torchrun, this process joins the process group and trains its shard of the data; rank 0 alone
+    writes out_dir and logs (log and progress are ignored on the other ranks)."""
+    from lora_cli.distributed import init_distributed
+
+    dist = init_distributed(resolve_device(cfg.train.device))
+    try:
+        return _train(cfg, dist, resume, overwrite, log if dist.is_main else (lambda m: None), progress and dist.is_main)
+    finally:
+        dist.close()
+
+
+def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progress: bool) -> TrainResult:
+    from lora_cli.distributed import DDPView, is_comm_failure, short_reason, wrap_ddp
+
     out_dir = Path(cfg.out_dir)
-    prepare_out_dir(out_dir, resume, overwrite)
+    dist.on_main(lambda: prepare_out_dir(out_dir, resume, overwrite))
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    s = build(cfg)
+    s = build(cfg, dist=dist)
+    t = s.cfg.train
     for line in s.data.describe():
         log(line)
     log(f"trainable parameters: {s.trainable:,} of {s.total:,}; {s.total_steps} steps on {s.device} ({s.precision})")
+    log(f"global batch {s.global_batch} = batch_size {t.batch_size} x grad_accum {t.grad_accum} x "
+        f"{s.world_size} process{'es' if s.world_size > 1 else ''}" + (f" ({dist.backend})" if dist.enabled else ""))
     params = list(trainable_named(s.model).values())
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer(params, s.cfg)
     state = RunState()
-    if resume:
-        state = load_checkpoint(out_dir, s.model, optimizer)
-        trim_metrics(out_dir / "metrics.jsonl", state.step)
-        log(f"resumed from step {state.step}")
-    atomic_write_text(out_dir / "config.yaml", dump_config(cfg))
-    if s.data.test and not cfg.data.test and all(e.row >= 0 for e in s.data.test):
-        from lora_cli.data import write_split
 
-        write_split(out_dir / "test.csv", s.data.test, s.data.frame)
+    def first_files():  # rank 0: the checkpoint to resume from, then the run's first files
+        payload = read_checkpoint(out_dir, s.model, s.world_size) if resume else None
+        if payload is not None:
+            trim_metrics(out_dir / "metrics.jsonl", payload["state"]["step"])
+        atomic_write_text(out_dir / "config.yaml", dump_config(s.cfg))
+        wrote_test = False
+        if s.data.test and not cfg.data.test and all(e.row >= 0 for e in s.data.test):
+            from lora_cli.data import write_split
+
+            write_split(out_dir / "test.csv", s.data.test, s.data.frame)
+            wrote_test = True
+        return payload, _read_history(out_dir / "metrics.jsonl"), wrote_test
+
+    payload, history, wrote_test = dist.on_main(first_files)
+    if payload is not None:
+        state = apply_checkpoint(payload, s.model, optimizer)
+        log(f"resumed from step {state.step}")
+    if wrote_test:
         log(f"test split ({len(s.data.test)} rows) written to {out_dir / 'test.csv'}")
-    history = _read_history(out_dir / "metrics.jsonl")
-    with StopSignals() as stop:
-        _loop(s, optimizer, state, stop, history, log, progress)
-    final_val = _finish(s, optimizer, state, history, log)
-    return TrainResult(out_dir, out_dir / ADAPTER_FILE, state, final_val, history)
+    forward = s.model
+    if dist.enabled:
+        forward = DDPView(wrap_ddp(s.model, dist))
+    try:
+        with StopSignals(distributed=dist.enabled) as stop:
+            _loop(s, optimizer, state, stop, history, log, progress, forward)
+        final_val = _finish(s, optimizer, state, history, log)
+    except RuntimeError as exc:
+        if not (dist.enabled and is_comm_failure(exc)):
+            raise
+        raise TrainingError(
+            f"lost contact with the other training processes at step {state.step + 1} ({short_reason(exc)}): one of "
+            f"them stopped or the network failed; the last checkpoint is in {out_dir / 'checkpoint'}; rerun the same "
+            "command with --resume") from exc
+    dist.barrier()  # rank 0 has written everything before any process reports success
+    return TrainResult(out_dir, out_dir / ADAPTER_FILE, state, final_val, history, dist.rank)
 
 
 def _read_history(path: Path) -> list[dict]:
@@ -394,17 +488,26 @@ def _epoch_batches(s: Setup, epoch: int) -> list[list[int]]:
 
 
 def _validate(s: Setup, autocast) -> dict | None:
+    """Validation metrics. Data-parallel: each process scores every world_size-th batch of the (length-sorted)
+    list and the sums (loss, tokens, correct, confusion counts) are all-reduced before the means are taken, so
+    the result is token-weighted over the whole split: the single-process value up to the order of the float
+    additions (about 1e-16 relative)."""
     from lora_cli.data import batch_indices, collate
 
     if not s.data.val:
         return None
     from lora_cli.evaluate import evaluate_classification, evaluate_lm
 
-    order = batch_indices([len(e) for e in s.data.val], s.cfg.train.batch_size, 0, 0, shuffle=False)
+    t, d = s.cfg.train, s.dist
+    order = batch_indices([len(e) for e in s.data.val], t.batch_size, 0, 0, shuffle=False)
+    reduce, cap = None, t.eval_max_batches
+    if d.enabled:
+        order = order[:cap][d.rank::d.world_size]
+        reduce, cap = d.all_reduce_sum, None
     batches = (collate([s.data.val[i] for i in idx]).to(s.device) for idx in order)
     if s.cfg.task == "classification":
-        return evaluate_classification(s.model, batches, s.data.labels, autocast, s.cfg.train.eval_max_batches)
-    return evaluate_lm(s.model, batches, autocast, s.cfg.train.eval_max_batches)
+        return evaluate_classification(s.model, batches, s.data.labels, autocast, cap, reduce=reduce)
+    return evaluate_lm(s.model, batches, autocast, cap, reduce=reduce)
 
 
 def _loss_fn(s: Setup):
@@ -418,13 +521,36 @@ def _loss_fn(s: Setup):
     return lambda model, batch: lm_loss_sum(model, batch, smoothing)
 
 
-def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list, log, progress: bool) -> None:
-    """The training loop: micro-batches -> loss -> backward -> (every grad_accum) clip, step, log, validate, save."""
+def dropout_seed(seed: int, epoch: int, position: int) -> int:
+    """The torch seed set before the micro-batch at `position` of epoch `epoch`'s batch list: dropout masks are a
+    pure function of (seed, epoch, micro-batch), the same on any number of processes and after a resume, so no
+    per-process RNG state has to be gathered into checkpoints."""
+    return random.Random(f"dropout:{seed}:{epoch}:{position}").getrandbits(63)
+
+
+def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list, log, progress: bool,
+          forward=None) -> None:
+    """The training loop: micro-batches -> loss -> backward -> (every grad_accum) clip, step, log, validate, save.
+
+    forward: what the loss functions call (distributed.DDPView under torchrun; default s.model). With W processes,
+    the epoch's batch list is sharded round-robin (data.shard) and an optimizer step takes grad_accum x W
+    consecutive batches of it, grad_accum on each process (see distributed.py for the mapping). Each micro-batch's
+    summed loss is divided by the target tokens of the whole global step (all-reduced first) and multiplied by W,
+    which DDP's gradient averaging divides out again: the gradient equals the single-process one with grad_accum
+    x W. With a power-of-two W the scaling is exact in floating point. Micro-batches before the last of a step
+    run under no_sync, so gradients are all-reduced once per step. When the epoch's batch count is not a multiple
+    of W, data.shard pads the list by repeating its first batches; those padding batches run with weight 0, so
+    every process does the same number of passes and no example counts twice."""
+    from contextlib import nullcontext
+
     from tqdm import tqdm
 
-    from lora_cli.data import collate
+    from lora_cli.data import collate, shard
 
-    cfg, t, model = s.cfg, s.cfg.train, s.model
+    cfg, t, model, d = s.cfg, s.cfg.train, s.model, s.dist
+    W = s.dist.world_size
+    forward = forward if forward is not None else model
+    ddp = getattr(forward, "ddp", None)
     loss_sum = _loss_fn(s)
     autocast = autocast_for(s.device, s.precision)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -433,22 +559,47 @@ def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list
     started = time.perf_counter() - state.elapsed
     window_tokens, window_start = 0, time.perf_counter()
     model.train()
+    warm = ddp is None
     while state.step < s.total_steps and not state.finished:
         batches = _epoch_batches(s, state.epoch)
+        own = shard(batches, d.rank, W)  # this process's batches: global positions rank, rank + W, ...
         while state.batch_in_epoch < len(batches) and state.step < s.total_steps:
-            # 1. one optimizer step's micro-batches, loss normalised by their total target tokens
-            group = batches[state.batch_in_epoch : state.batch_in_epoch + t.grad_accum]
-            micro = [collate([s.data.train[i] for i in idx]) for idx in group]
-            n_targets = sum(b.n_targets for b in micro)
+            # 1. one optimizer step's micro-batches (global positions [batch_in_epoch, + grad_accum x W) of the
+            #    epoch; this process's share), loss normalised by the target tokens of all of them
+            first = state.batch_in_epoch // W
+            positions = [(first + k) * W + d.rank for k in range(t.grad_accum) if first + k < len(own)]
+            micro = [(collate([s.data.train[i] for i in own[pos // W]]), pos) for pos in positions]
+            real = [b for b, pos in micro if pos < len(batches)]  # not padding
+            consumed = min(t.grad_accum * W, len(batches) - state.batch_in_epoch)
+            n_targets, tokens = sum(b.n_targets for b in real), sum(b.n_tokens for b in real)
+            if d.enabled:
+                n_targets, tokens = (int(v) for v in d.all_reduce_sum([n_targets, tokens]))
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(state.step, s.total_steps, t.lr, t.warmup_steps, t.lr_schedule, t.min_lr_ratio)
-            loss_value = 0.0
-            for batch in micro:
-                batch = batch.to(s.device)
+            if not warm:  # DDP's static graph is recorded in a first backward that must be synchronised
                 with autocast():
-                    loss = loss_sum(model, batch) / max(1, n_targets)
-                loss.backward()
-                loss_value += loss.item()
+                    (loss_sum(forward, micro[0][0].to(s.device)) * 0.0).backward()
+                optimizer.zero_grad(set_to_none=True)
+                warm = True
+            loss_value = 0.0
+            for j, (batch, pos) in enumerate(micro):
+                batch = batch.to(s.device)
+                torch.manual_seed(dropout_seed(t.seed, state.epoch, pos))
+                last = j == len(micro) - 1
+                with nullcontext() if ddp is None or last else ddp.no_sync():
+                    with autocast():
+                        loss = loss_sum(forward, batch) / max(1, n_targets)
+                    weight = 1.0 if pos < len(batches) else 0.0
+                    if ddp is None:
+                        loss.backward()
+                    else:
+                        (loss * (W * weight)).backward()
+                if weight:
+                    loss_value += loss.item()
+            stopping = None
+            if d.enabled:  # every process takes the same decisions: the global loss, and a stop signal any one got
+                loss_value, signalled = d.all_reduce_sum([loss_value, float(stop.received is not None)])
+                stopping = signalled > 0
             # 2. a non-finite loss: skip the step (up to skip_nonfinite_steps) or stop with the last good checkpoint
             if not math.isfinite(loss_value):
                 optimizer.zero_grad(set_to_none=True)
@@ -459,7 +610,7 @@ def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list
                         f"{s.out_dir / 'checkpoint'}; lower train.lr or check the data"
                     )
                 log(f"step {state.step + 1}: non-finite loss skipped ({state.nonfinite_skipped}/{t.skip_nonfinite_steps})")
-                state.batch_in_epoch += len(group)
+                state.batch_in_epoch += consumed
                 continue
             # 3. clip, step
             if t.max_grad_norm is not None:
@@ -467,8 +618,7 @@ def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            state.batch_in_epoch += len(group)
-            tokens = sum(b.n_tokens for b in micro)
+            state.batch_in_epoch += consumed
             state.tokens += tokens
             window_tokens += tokens
             state.elapsed = time.perf_counter() - started
@@ -487,20 +637,26 @@ def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list
                 _after_validation(s, state, record, autocast, log)
                 model.train()
             if record is not None:
-                append_line(metrics_path, json.dumps(record))
+                if d.is_main:
+                    append_line(metrics_path, json.dumps(record))
                 history.append(record)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                             tok_s=f"{state.tokens / max(1e-9, state.elapsed):.0f}")
             if t.save_every and state.step % t.save_every == 0:
-                save_checkpoint(s.out_dir, model, optimizer, state)
+                if d.is_main:
+                    save_checkpoint(s.out_dir, model, optimizer, state, W)
                 log(f"checkpoint saved at step {state.step}")
-            if stop.received is not None:
-                save_checkpoint(s.out_dir, model, optimizer, state)
+            if stopping if stopping is not None else stop.received is not None:
+                if d.is_main:
+                    save_checkpoint(s.out_dir, model, optimizer, state, W)
+                d.barrier()  # the checkpoint is complete before any process exits
                 bar.close()
+                again = f"`lora train {cfg.source or 'CONFIG'} --resume`" if not d.enabled else \
+                    "the same torchrun command and --resume"
                 raise TrainingInterrupted(
                     f"interrupted at step {state.step}; checkpoint saved in {s.out_dir / 'checkpoint'}; "
-                    f"continue with `lora train {cfg.source or 'CONFIG'} --resume`"
+                    f"continue with {again}"
                 )
             if state.finished:  # early stopping
                 break
@@ -523,7 +679,8 @@ def _after_validation(s: Setup, state: RunState, record: dict, autocast, log) ->
     if state.best_val is None or metrics["loss"] < state.best_val:
         state.best_val, state.best_step = metrics["loss"], state.step
         state.evals_without_improvement = 0
-        _save_adapter(s, state)
+        if s.dist.is_main:
+            _save_adapter(s, state)
     else:
         state.evals_without_improvement += 1
         patience = s.cfg.train.early_stopping_patience
@@ -557,15 +714,17 @@ def _finish(s: Setup, optimizer, state: RunState, history: list, log) -> dict | 
     if s.data.val and (not history or "val_loss" not in history[-1] or history[-1]["step"] != state.step):
         record = {"step": state.step, "epoch": state.epoch, "tokens": state.tokens, "elapsed": state.elapsed}
         final = _after_validation(s, state, record, autocast, log)
-        append_line(s.out_dir / "metrics.jsonl", json.dumps(record))
+        if s.dist.is_main:
+            append_line(s.out_dir / "metrics.jsonl", json.dumps(record))
         history.append(record)
     elif history and "val_loss" in history[-1]:
         final = {"loss": history[-1]["val_loss"]}
-    if not s.data.val:
-        _save_adapter(s, state)
     state.finished = True
-    save_checkpoint(s.out_dir, s.model, optimizer, state)
-    plot_losses(history, s.out_dir / "loss.png")
+    if s.dist.is_main:  # only rank 0 writes
+        if not s.data.val:
+            _save_adapter(s, state)
+        save_checkpoint(s.out_dir, s.model, optimizer, state, s.world_size)
+        plot_losses(history, s.out_dir / "loss.png")
     best = f", best validation loss {state.best_val:.4f} at step {state.best_step}" if state.best_val is not None else ""
     log(f"done: {state.step} steps{best}; adapter written to {s.out_dir / ADAPTER_FILE}")
     return final
