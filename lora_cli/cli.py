@@ -86,6 +86,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in out_dir from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier run in out_dir."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Train data-parallel with N processes on this machine (one per GPU, or CPU processes): hands over to torchrun."),
 ) -> None:
     """Fine-tune with LoRA as the config says; writes out_dir/adapter.safetensors."""
     from lora_cli.config import load_config
@@ -95,12 +96,20 @@ def train(
         raise ConfigError("--resume and --overwrite contradict each other; pass one")
     cfg = load_config(config, overrides)
     if dry_run:
-        for line in dry_run_report(build(cfg)):
+        for line in dry_run_report(build(cfg, world_size=nproc)):
             typer.echo(line)
         return
+    if nproc is not None:
+        from lora_cli.distributed import launch, launched
+
+        if launched():
+            raise ConfigError("--nproc starts its own processes; under torchrun leave it out")
+        flags = [a for o in overrides for a in ("--set", o)] + ["--resume"] * resume + ["--overwrite"] * overwrite
+        raise typer.Exit(launch(nproc, [str(config), *flags, *["--quiet"] * quiet]))
     result = run_training(cfg, resume=resume, overwrite=overwrite, log=lambda m: typer.echo(m, err=True),
                           progress=not quiet and sys.stderr.isatty())
-    typer.echo(str(result.adapter))
+    if result.rank == 0:
+        typer.echo(str(result.adapter))
 
 
 ADAPTER_HELP = "An adapter: .safetensors from `lora train`, a run directory, or a PEFT adapter directory."
@@ -266,10 +275,17 @@ def main(argv: list[str] | None = None) -> None:
     except LoraError as exc:
         if debug:
             raise
-        typer.echo(f"error: {exc}", err=True)
+        if not getattr(exc, "from_rank0", False):  # under torchrun, rank 0 prints what every rank raised
+            typer.echo(f"{_rank_prefix()}error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except Exception as exc:  # a bug, not bad input: still one line, and the traceback on request
         if debug:
             raise
-        typer.echo(f"error: internal error ({type(exc).__name__}: {exc}); rerun with --debug and report it", err=True)
+        typer.echo(f"{_rank_prefix()}error: internal error ({type(exc).__name__}: {exc}); rerun with --debug and report it", err=True)
         sys.exit(1)
+
+
+def _rank_prefix() -> str:
+    """"[rank N] " on the processes of a torchrun job other than rank 0, so their messages can be told apart."""
+    rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
+    return "" if rank == "0" else f"[rank {rank}] "
