@@ -13,6 +13,7 @@ from lora_cli.generate import generate
 from lora_cli.inference import escape_line
 from lora_cli.tokenizer import EOT_ID, decode, encode
 
+from conftest import make_hf_gpt2
 from inference_helpers import assert_one_line_error, cli, make_lively, train_run
 
 INSTRUCTIONS = ["Repeat the word orange.", "Name a color.", "Write one short sentence about rivers and stones."]
@@ -29,20 +30,25 @@ def run(tmp_path_factory):
     return root, adapter, model
 
 
+def gen(*args):
+    """`lora generate` on the CPU, where the in-process model runs too (the same tokens on any machine)."""
+    return cli("generate", *args, "--device", "cpu")
+
+
 def expected(model, prompts, n=N, **options):
     return [decode(t) for t in generate(model, [encode(p) for p in prompts], n, **options)]
 
 
 def test_single_prompt_streams_with_the_template(run):
     root, adapter, model = run
-    code, out, err = cli("generate", "--adapter", adapter, INSTRUCTIONS[0], "--max-new-tokens", N)
+    code, out, err = gen("--adapter", adapter, INSTRUCTIONS[0], "--max-new-tokens", N)
     assert code == 0, err
     prompt = ALPACA_TEMPLATE_NO_INPUT.format(instruction=INSTRUCTIONS[0])
     assert out == expected(model, [prompt])[0] + "\n"
     # --input fills the Input block; --no-template feeds the text as it is
-    code, out, err = cli("generate", "--adapter", adapter, INSTRUCTIONS[0], "--input", "twice", "--max-new-tokens", N)
+    code, out, err = gen("--adapter", adapter, INSTRUCTIONS[0], "--input", "twice", "--max-new-tokens", N)
     assert out == expected(model, [ALPACA_TEMPLATE.format(instruction=INSTRUCTIONS[0], input="twice")])[0] + "\n"
-    code, out, err = cli("generate", "--adapter", adapter, INSTRUCTIONS[0], "--no-template", "--max-new-tokens", N)
+    code, out, err = gen("--adapter", adapter, INSTRUCTIONS[0], "--no-template", "--max-new-tokens", N)
     assert out == expected(model, [INSTRUCTIONS[0]])[0] + "\n"
 
 
@@ -56,7 +62,7 @@ def test_cache_recompute_and_transformers_on_the_merge_agree(run, tmp_path):
     (tmp_path / "prompts.txt").write_text("\n".join(INSTRUCTIONS) + "\n")
     outputs = {}
     for flag in ([], ["--no-cache"]):
-        code, out, err = cli("generate", "--adapter", adapter, "--file", tmp_path / "prompts.txt",
+        code, out, err = gen("--adapter", adapter, "--file", tmp_path / "prompts.txt",
                              "--max-new-tokens", N, "--batch-size", 2, *flag)
         assert code == 0, err
         outputs[bool(flag)] = out.splitlines()
@@ -80,7 +86,7 @@ def test_jsonl_in_and_out_and_beam_search(run, tmp_path):
     root, adapter, model = run
     records = [{"instruction": INSTRUCTIONS[1], "id": 7}, {"instruction": INSTRUCTIONS[2], "input": "twice"}]
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
-    code, out, err = cli("generate", "--adapter", adapter, "--file", tmp_path / "p.jsonl", "--json",
+    code, out, err = gen("--adapter", adapter, "--file", tmp_path / "p.jsonl", "--json",
                          "--max-new-tokens", 12, "--num-beams", 3, "--no-repeat-ngram-size", 2)
     assert code == 0, err
     lines = [json.loads(line) for line in out.splitlines()]
@@ -92,25 +98,27 @@ def test_jsonl_in_and_out_and_beam_search(run, tmp_path):
 
 def test_sampling_is_seeded(run):
     root, adapter, _ = run
-    args = ("generate", "--adapter", adapter, "Say something.", "--max-new-tokens", 16, "--temperature", 0.9,
-            "--top-k", 50)
-    first, second, other = cli(*args, "--seed", 1), cli(*args, "--seed", 1), cli(*args, "--seed", 2)
+    args = ("--adapter", adapter, "Say something.", "--max-new-tokens", 16, "--temperature", 0.9, "--top-k", 50)
+    first, second, other = gen(*args, "--seed", 1), gen(*args, "--seed", 1), gen(*args, "--seed", 2)
     assert first[0] == 0 and first[1] == second[1] and first[1] != other[1]
 
 
 def test_bad_inputs(run, tmp_path):
     root, adapter, _ = run
     (tmp_path / "empty.txt").write_text("\n  \n")
-    line = assert_one_line_error(*cli("generate", "--adapter", adapter, "--file", tmp_path / "empty.txt"))
+    line = assert_one_line_error(*gen("--adapter", adapter, "--file", tmp_path / "empty.txt"))
     assert line == f"error: --file {tmp_path / 'empty.txt'} holds no prompts (it is empty or blank); write one prompt per line"
     (tmp_path / "bad.jsonl").write_text('{"instruction": "ok"}\n{"instruction": \n')
-    line = assert_one_line_error(*cli("generate", "--adapter", adapter, "--file", tmp_path / "bad.jsonl", "--json"))
+    line = assert_one_line_error(*gen("--adapter", adapter, "--file", tmp_path / "bad.jsonl", "--json"))
     assert f"{tmp_path / 'bad.jsonl'} line 2 is not valid JSON" in line
-    assert_one_line_error(*cli("generate", "--adapter", adapter), expected_code=2)  # no prompt
-    assert_one_line_error(*cli("generate", "Hi"), expected_code=2)  # no model
-    assert_one_line_error(*cli("generate", "--adapter", adapter, "Hi", "--greedy", "--temperature", 0.5),
+    assert_one_line_error(*gen("--adapter", adapter), expected_code=2)  # no prompt
+    assert_one_line_error(*gen("Hi"), expected_code=2)  # no model
+    assert_one_line_error(*gen("--adapter", adapter, "Hi", "--greedy", "--temperature", 0.5),
                           expected_code=2)
-    line = assert_one_line_error(*cli("generate", "--adapter", adapter, "Hi", "--max-new-tokens", 500),
+    line = assert_one_line_error(*gen("--adapter", adapter, "Hi", "--max-new-tokens", 500),
                                  expected_code=2)
     assert "max_new_tokens=500" in line
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.txt"]
+    make_hf_gpt2(tmp_path / "other", seed=4)
+    line = assert_one_line_error(*gen("--adapter", adapter, "Hi", "--model", tmp_path / "other"))
+    assert "fingerprint" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.txt", "other"]

@@ -33,7 +33,7 @@ def run(tmp_path_factory):
 
 
 def eval_json(*args):
-    code, out, err = cli("eval", *args, "--json")
+    code, out, err = cli("eval", *args, "--json", "--device", "cpu")  # fp32 on any machine: exact comparisons
     assert code == 0, err
     return json.loads(out)
 
@@ -79,7 +79,7 @@ def test_eval_loss_equals_transformers_peft_reference(run, tmp_path):
     assert result["delta"]["loss"] == pytest.approx(result["loss"] - result["base"]["loss"])
 
     # The table shows both columns and the delta.
-    code, out, err = cli("eval", "--adapter", adapter, "--data", root / "heldout.json")
+    code, out, err = cli("eval", "--adapter", adapter, "--data", root / "heldout.json", "--device", "cpu")
     assert code == 0, err
     assert ["base", "adapter", "delta"] in [line.split() for line in out.splitlines()]
     loss_row = next(line for line in out.splitlines() if line.startswith("loss"))
