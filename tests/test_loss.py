@@ -1,0 +1,203 @@
+"""Chunked cross-entropy: the loss and its gradients equal the plain F.cross_entropy path (fp32, <= 1e-5
+relative), for any chunk size, with label smoothing, ignored rows, a head that needs a gradient, in evaluation,
+and over whole training runs."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lora_cli import loss as loss_mod
+from lora_cli.loss import chunked_ce_stats, chunked_cross_entropy, lm_loss_sum
+
+V = 50257
+
+
+def rel(a, b) -> float:
+    """Norm-wise relative difference of b from a (a the plain path)."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / a.norm().clamp_min(1e-30)).item()
+
+
+def problem(n=150, c=64, seed=0, ignore=(5, 37)):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(V, c, generator=g) * 0.1
+    hidden = torch.randn(n, c, generator=g)
+    targets = torch.randint(0, V, (n,), generator=g)
+    targets[list(ignore)] = -100
+    return hidden, weight, targets
+
+
+def plain(hidden, weight, targets, smoothing=0.0):
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum", label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 1000])
+def test_chunked_loss_and_hidden_grad_equal_plain(chunk_rows, smoothing):
+    hidden, weight, targets = problem()
+    h1 = hidden.clone().requires_grad_()
+    ref = plain(h1, weight, targets, smoothing)
+    (ref * 0.37).backward()  # a scale, as the trainer divides by the target count
+    h2 = hidden.clone().requires_grad_()
+    out = chunked_cross_entropy(h2, weight, targets, smoothing, chunk_rows)
+    (out * 0.37).backward()
+    assert out.dtype == torch.float32 and out.requires_grad
+    assert rel(ref, out) <= 1e-5
+    assert rel(h1.grad, h2.grad) <= 1e-5
+    assert h2.grad[[5, 37]].abs().max().item() == 0.0  # ignored rows get no gradient
+
+
+def test_chunked_without_grad_and_all_ignored():
+    hidden, weight, targets = problem()
+    with torch.no_grad():
+        out = chunked_cross_entropy(hidden, weight, targets, 0.0, 16)
+    assert not out.requires_grad
+    assert rel(plain(hidden, weight, targets), out) <= 1e-5
+    none = torch.full_like(targets, -100)
+    assert chunked_cross_entropy(hidden, weight, none, 0.0, 16).item() == 0.0
+
+
+def test_head_that_needs_a_gradient_takes_the_plain_path():
+    hidden, weight, targets = problem(n=40)
+    w1 = weight.clone().requires_grad_()
+    h1 = hidden.clone().requires_grad_()
+    plain(h1, w1, targets, 0.1).backward()
+    w2 = weight.clone().requires_grad_()
+    h2 = hidden.clone().requires_grad_()
+    chunked_cross_entropy(h2, w2, targets, 0.1, 8).backward()
+    assert rel(w1.grad, w2.grad) <= 1e-5 and w2.grad.abs().sum() > 0
+    assert rel(h1.grad, h2.grad) <= 1e-5
+
+
+def test_eval_stats_equal_plain():
+    hidden, weight, targets = problem(n=90)
+    weight[targets[:30].clamp_min(0)] += hidden[:30] * 0.5  # make some argmaxes right
+    loss, correct = chunked_ce_stats(hidden, weight, targets, chunk_rows=32)
+    logits = F.linear(hidden, weight)
+    valid = targets != -100
+    assert rel(plain(hidden, weight, targets), loss) <= 1e-5
+    expected = ((logits.argmax(-1) == targets) & valid).sum().item()
+    assert expected >= 10 and correct.item() == expected
+
+
+def test_bf16_autocast_is_close_to_the_autocast_plain_path():
+    hidden, weight, targets = problem(n=60)
+    h1 = hidden.clone().requires_grad_()
+    h2 = hidden.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = plain(h1, weight, targets)
+        out = chunked_cross_entropy(h2, weight, targets, 0.0, 16)
+    ref.backward()
+    out.backward()
+    assert out.dtype == torch.float32 and h2.grad.dtype == torch.float32
+    assert rel(ref, out) <= 1e-3
+    assert rel(h1.grad, h2.grad) <= 2e-2  # bf16 rounding of the gradient before the matmul
+
+
+# --------------------------------------------------------------------------------------- on the real model
+
+
+def tiny_lora_model(modules_to_save=()):
+    from lora_cli.config import LoraConfig
+    from lora_cli.lora import apply_lora
+    from lora_cli.model import GPT2, GPT2Config
+
+    model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128))
+    model.init_weights(torch.Generator().manual_seed(3))
+    model.set_dropout(0.0)
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, modules_to_save=list(modules_to_save)),
+               generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():  # B = 0 at init: give it values so every LoRA weight gets a gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(5))
+    return model
+
+
+def tiny_batch():
+    from lora_cli.data import Example, collate
+
+    g = torch.Generator().manual_seed(6)
+    examples = []
+    for n, prompt in ((30, 12), (17, 9), (24, 20)):
+        ids = torch.randint(0, V, (n,), generator=g).tolist()
+        examples.append(Example(ids, [False] * prompt + [True] * (n - prompt)))
+    return collate(examples)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_lm_loss_sum_chunked_equals_plain_on_the_model(smoothing):
+    model, batch = tiny_lora_model(), tiny_batch()
+    grads = []
+    for rows in (0, 5, None):
+        model.zero_grad(set_to_none=True)
+        value = lm_loss_sum(model, batch, smoothing, chunk_rows=rows)
+        value.backward()
+        grads.append((value, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (ref, ref_grads), *others = grads
+    assert len(ref_grads) == 4  # A and B of c_attn in 2 layers
+    for value, g in others:
+        assert rel(ref, value) <= 1e-5
+        for name in ref_grads:
+            assert rel(ref_grads[name], g[name]) <= 1e-5, name
+
+
+def test_lm_loss_sum_with_a_trained_head_gives_its_gradient():
+    model, batch = tiny_lora_model(), tiny_batch()
+    model.lm_head.weight.requires_grad_(True)  # what a trained (modules_to_save) head looks like to the loss
+    model.zero_grad(set_to_none=True)
+    lm_loss_sum(model, batch, chunk_rows=0).backward()
+    ref = model.lm_head.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    lm_loss_sum(model, batch, chunk_rows=4).backward()
+    assert rel(ref, model.lm_head.weight.grad) <= 1e-5
+
+
+def test_evaluate_lm_equals_the_plain_computation():
+    from lora_cli.evaluate import evaluate_lm
+
+    model, batch = tiny_lora_model(), tiny_batch()
+    metrics = evaluate_lm(model, [batch])
+    with torch.no_grad():
+        hidden = model(batch.input_ids)
+        scored = batch.targets != -100
+        logits = model.logits(hidden[scored]).float()
+        targets = batch.targets[scored]
+        loss = F.cross_entropy(logits, targets, reduction="sum").item() / targets.numel()
+        accuracy = (logits.argmax(-1) == targets).float().mean().item()
+    assert metrics["loss"] == pytest.approx(loss, rel=1e-5)
+    assert metrics["token_accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert metrics["tokens"] == targets.numel() == batch.n_targets
+
+
+def test_training_run_with_and_without_chunking_is_the_same(tmp_path, monkeypatch):
+    """A whole `lora train` run (loss, clipping, AdamW, validation) with the chunked loss and with the plain one."""
+    from lora_cli.config import load_config
+    from lora_cli.train import train
+
+    rows = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"}
+            for w in ["apple", "river", "stone", "cloud", "green", "quick", "seven", "table", "music", "light"]]
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    config = tmp_path / "run.yaml"
+    config.write_text("""\
+model: {name: gpt2, init: random, n_layer: 2, n_head: 2, n_embd: 64, n_positions: 128, seed: 7}
+data: {train: train.json, val_split: 0.2, max_length: 64}
+lora: {r: 4, alpha: 8, dropout: 0.0}
+train: {lr: 1e-2, batch_size: 4, epochs: 2, warmup_steps: 1, log_every: 1, eval_every: 2, save_every: 0,
+        label_smoothing: 0.05, device: cpu, precision: fp32}
+""")
+    results = {}
+    for name, rows_per_chunk in (("plain", 0), ("chunked", 3)):
+        monkeypatch.setattr(loss_mod, "CHUNK_ROWS", rows_per_chunk)
+        cfg = load_config(config, [f"out_dir={tmp_path / name}"])
+        train(cfg, log=lambda *a: None, progress=False)
+        metrics = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        results[name] = metrics
+    plain_run, chunked_run = results["plain"], results["chunked"]
+    losses = lambda run, key: [m[key] for m in run if key in m]  # noqa: E731
+    assert len(losses(plain_run, "loss")) == 4 and len(losses(plain_run, "val_loss")) >= 2
+    for key in ("loss", "val_loss"):
+        for a, b in zip(losses(plain_run, key), losses(chunked_run, key), strict=True):
+            assert b == pytest.approx(a, rel=1e-5)
