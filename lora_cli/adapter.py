@@ -36,7 +36,7 @@ import torch
 from lora_cli.checkpoint import CONV1D_SUFFIXES, BaseModel
 from lora_cli.config import LoraConfig
 from lora_cli.errors import AdapterError, ConfigError
-from lora_cli.fsutil import atomic_path, atomic_write_text
+from lora_cli.fsutil import atomic_path, atomic_write_text, default_mode
 from lora_cli.model import HEAD, add_classification_head
 from lora_cli.lora import (
     SLICES,
@@ -525,6 +525,7 @@ def export_peft(adapter: Adapter | str | os.PathLike, out_dir: str | os.PathLike
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        os.chmod(staging, default_mode(directory=True))
     except OSError as exc:
         raise AdapterError(f"cannot write {out}: {exc.strerror or exc}") from exc
     try:

@@ -19,7 +19,7 @@ import torch
 
 from lora_cli.config import ModelSpec
 from lora_cli.errors import CheckpointError
-from lora_cli.fsutil import atomic_path, atomic_write_text
+from lora_cli.fsutil import atomic_path, atomic_write_text, default_mode
 from lora_cli.model import GPT2, GPT2_PRESETS, GPT2Config
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -337,6 +337,7 @@ def save_pretrained(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        os.chmod(staging, default_mode(directory=True))
     except OSError as exc:
         raise CheckpointError(f"cannot write {out}: {exc.strerror or exc}") from exc
     try:

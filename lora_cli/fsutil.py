@@ -15,6 +15,17 @@ from typing import Iterator
 from lora_cli.errors import LoraError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The permissions a plain open() or mkdir() would give (mkstemp/mkdtemp make files private)."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -43,6 +54,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, default_mode())
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except OSError as exc:

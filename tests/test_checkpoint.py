@@ -182,3 +182,14 @@ def test_malicious_pickle_is_refused(tmp_path):
     assert out.returncode == 1
     assert "not a plain tensor file" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    from lora_cli.fsutil import atomic_write_text, default_mode
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == default_mode()
+    model = load_model({"name": "gpt2", "init": "random", "n_layer": 1, "n_head": 1, "n_embd": 8}).model
+    save_pretrained(model, tmp_path / "m")
+    assert (tmp_path / "m").stat().st_mode & 0o777 == default_mode(directory=True)
+    assert (tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777 == default_mode()
