@@ -181,7 +181,9 @@ class GPT2(nn.Module):
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Built on the meta device: its own [V, C] weight (154 MB for GPT-2) would only be allocated, initialised
+        # and dropped again by the tie below, raising the peak RSS of every run with random weights.
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False, device="meta")
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
