@@ -38,10 +38,6 @@ def env_world_size() -> int:
     return int(os.environ["WORLD_SIZE"]) if launched() else 1
 
 
-def env_rank() -> int:
-    return int(os.environ["RANK"]) if launched() else 0
-
-
 @dataclass
 class Dist:
     """This process's place in the job. The default is a single process with no process group."""
@@ -218,6 +214,7 @@ def is_comm_failure(exc: BaseException) -> bool:
 def launch(nproc: int, train_args: list[str]) -> int:
     """`lora train --nproc N ...`: run `torchrun --standalone --nproc_per_node N -m lora_cli train ...` in this
     process (torch.distributed.run, the launcher torchrun is). Returns the exit code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -225,17 +222,20 @@ def launch(nproc: int, train_args: list[str]) -> int:
                                          "train", *train_args])
     try:
         run(args)
+    except SignalException:  # Ctrl-C or SIGTERM: torchrun passed it on; the processes saved and said so
+        return 130
     except ChildFailedError as exc:
-        failures = sorted(exc.failures.items())
-        codes = {f.exitcode for _, f in failures}
-        if codes <= {1, 2, 130}:  # the processes printed their own one-line error
-            return 130 if codes == {130} else 2 if codes == {2} else 1
-        rank, failure = next((r, f) for r, f in failures if f.exitcode not in (1, 2, 130))
+        rank, failure = exc.get_first_failure()  # the root cause; the others were stopped because of it
+        if failure.exitcode in (1, 2, 130):  # the process printed its own one-line error
+            return failure.exitcode
         how = f"exit code {failure.exitcode}"
         if failure.exitcode < 0:
             import signal
 
-            how = f"killed by {signal.Signals(-failure.exitcode).name}"
-        raise TrainingError(f"training process rank {rank} stopped ({how}); the others were stopped too; continue "
-                            "from the last checkpoint with the same command and --resume") from None
+            try:
+                how = f"killed by {signal.Signals(-failure.exitcode).name}"
+            except ValueError:
+                how = f"killed by signal {-failure.exitcode}"
+        raise TrainingError(f"training process rank {rank} stopped ({how}) and the others with it; continue from "
+                            "the last checkpoint with the same command and --resume") from None
     return 0

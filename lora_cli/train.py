@@ -160,6 +160,8 @@ def read_checkpoint(out_dir: Path, model, world_size: int = 1) -> dict:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise TrainingError(f"--resume: checkpoint {path} is unreadable ({type(exc).__name__}); start again with --overwrite") from exc
+    if not isinstance(payload, dict) or not {"trainable", "optimizer", "state", "rng"} <= set(payload):
+        raise TrainingError(f"--resume: {path} is not a lora-cli checkpoint; start again with --overwrite")
     params = trainable_named(model)
     saved = payload["trainable"]
     if set(saved) != set(params) or any(saved[n].shape != p.shape for n, p in params.items()):
@@ -190,20 +192,32 @@ def apply_checkpoint(payload: dict, model, optimizer) -> RunState:
 
 
 def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Check out_dir before anything is loaded. Nothing is created or deleted here: clear_out_dir and the first
+    atomic write do that once the model and data have loaded, so a run that fails to start (bad data, a typo
+    in the model path) leaves out_dir, and an earlier run in it, as they were."""
     if out_dir.exists() and not out_dir.is_dir():
         raise TrainingError(f"out_dir {out_dir} is a file; choose a directory path")
+    if not out_dir.exists():
+        parent = next(p for p in out_dir.parents if p.exists())
+        if not parent.is_dir():
+            raise TrainingError(f"cannot create out_dir {out_dir}: {parent} is a file, not a directory; choose another out_dir")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise TrainingError(f"cannot create out_dir {out_dir}: {parent} is not writable; choose another out_dir")
     busy = out_dir.is_dir() and any(out_dir.iterdir())
     if resume:
+        if not (out_dir / CHECKPOINT_FILE).is_file():
+            raise TrainingError(f"--resume: no checkpoint at {out_dir / CHECKPOINT_FILE}; start without --resume "
+                                "(add --overwrite to replace the run)")
         return
     if busy and not overwrite:
         raise TrainingError(f"out_dir {out_dir} is not empty; pass --resume to continue that run or --overwrite to replace it")
-    if busy and overwrite:
+
+
+def clear_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """--overwrite: remove the earlier run's files, once the new run has loaded its model and data."""
+    if overwrite and not resume:
         for name in (CHECKPOINT_FILE, ADAPTER_FILE, "metrics.jsonl", "loss.png", "config.yaml", "test.csv"):
             (out_dir / name).unlink(missing_ok=True)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TrainingError(f"cannot create out_dir {out_dir}: {exc.strerror or exc}") from exc
 
 
 def trim_metrics(path: Path, step: int) -> None:
@@ -432,6 +446,7 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
 
     def first_files():  # rank 0: the checkpoint to resume from, then the run's first files
         payload = read_checkpoint(out_dir, s.model, s.world_size) if resume else None
+        clear_out_dir(out_dir, resume, overwrite)
         if payload is not None:
             trim_metrics(out_dir / "metrics.jsonl", payload["state"]["step"])
         atomic_write_text(out_dir / "config.yaml", dump_config(s.cfg))
@@ -653,11 +668,13 @@ def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list
                 d.barrier()  # the checkpoint is complete before any process exits
                 bar.close()
                 again = f"`lora train {cfg.source or 'CONFIG'} --resume`" if not d.enabled else \
-                    "the same torchrun command and --resume"
-                raise TrainingInterrupted(
+                    "the same command and --resume"
+                interrupted = TrainingInterrupted(
                     f"interrupted at step {state.step}; checkpoint saved in {s.out_dir / 'checkpoint'}; "
                     f"continue with {again}"
                 )
+                interrupted.from_rank0 = not d.is_main  # every process stops here; rank 0 says so
+                raise interrupted
             if state.finished:  # early stopping
                 break
         if state.batch_in_epoch >= len(batches):
