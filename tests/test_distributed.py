@@ -1,0 +1,164 @@
+"""Data-parallel training under torchrun: real 2-process gloo runs on the CPU of a tiny random GPT-2.
+
+One uninterrupted 2-process run (module fixture) is the reference for three checks: it equals a single-process run
+with the same global batch and seed; a run whose rank 1 is SIGKILLed after a checkpoint fails as a whole with a
+clear message and, resumed, ends bit for bit on the reference's adapter; and a single process refuses to resume it.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_cli.config import load_config
+from lora_cli.data import shard
+from lora_cli.distributed import resolve_batch
+from lora_cli.errors import ConfigError, TrainingError
+from lora_cli.train import train
+
+WORDS = ["apple", "river", "stone", "cloud", "green", "quick", "seven", "table", "music", "light", "north", "paper",
+         "glass", "horse", "bread", "chair", "dream", "flame", "grape", "heart", "lemon", "ocean", "piano"]
+
+
+def write_config(folder: Path) -> Path:
+    """18 training examples in micro-batches of 2: 9 per epoch, so with 2 processes the last step of each epoch
+    has a padding batch. global_batch_size 8: grad_accum 4 on one process, 2 on each of two (no_sync in use)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"} for w in WORDS]
+    (folder / "train.json").write_text(json.dumps(rows))
+    path = folder / "run.yaml"
+    path.write_text("""\
+model: {name: gpt2, init: random, n_layer: 2, n_head: 2, n_embd: 64, n_positions: 256, seed: 7}
+out_dir: out
+data: {train: train.json, val_split: 0.2, max_length: 64}
+lora: {r: 4, alpha: 8, dropout: 0.1}
+train: {lr: 1e-2, batch_size: 2, global_batch_size: 8, epochs: 6, max_steps: 12, warmup_steps: 2, log_every: 1,
+        eval_every: 4, save_every: 3}
+""")
+    return path
+
+
+def torchrun(*args) -> list[str]:
+    # --standalone: a free local port for the rendezvous, so concurrent test runs do not collide
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "lora_cli", "train", *map(str, args)]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 2-process run."""
+    cfg = write_config(tmp_path_factory.mktemp("ref"))
+    done = subprocess.run(torchrun(cfg, "--quiet"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return cfg, done
+
+
+def test_global_batch_follows_world_size():
+    assert resolve_batch(8, 1, None, 4) == (8, 1)  # no global batch: as configured
+    assert resolve_batch(2, 1, 8, 1) == (2, 4)
+    assert resolve_batch(2, 1, 8, 2) == (2, 2)
+    assert resolve_batch(8, 3, 24, 2) == (6, 2)  # 12 per process: batch_size 8 does not divide it, 6 x 2 does
+    assert resolve_batch(8, 1, 8, 8) == (1, 1)
+    with pytest.raises(ConfigError) as err:
+        resolve_batch(4, 1, 10, 4)
+    assert str(err.value) == ("train.global_batch_size 10 cannot be split evenly over 4 processes; use a multiple "
+                              "of 4 (e.g. 8 or 12) or another process count")
+
+
+def test_sharded_steps_hold_the_single_process_groups():
+    """W processes with grad_accum A see, per step, exactly the batches one process sees with grad_accum A x W."""
+    batches = [[i] for i in range(9)]
+    W, A = 2, 2
+    owns = [shard(batches, r, W) for r in range(W)]
+    for step in range(3):
+        single = batches[step * A * W:(step + 1) * A * W]
+        got = [own[i] for r, own in enumerate(owns) for i in range(step * A, min((step + 1) * A, len(own)))
+               if i * W + r < len(batches)]  # position i*W + r; beyond the list: padding, weight 0
+        assert sorted(got) == single
+
+
+def test_two_processes_equal_one(reference, tmp_path):
+    cfg_path, done = reference
+    out2 = cfg_path.parent / "out"
+    assert "global batch 8 = batch_size 2 x grad_accum 2 x 2 processes (gloo)" in done.stderr
+    assert done.stdout.strip() == str(out2 / "adapter.safetensors")  # rank 0 alone reports
+    assert done.stderr.count("done: 12 steps") == 1  # and logs
+    assert sorted(p.name for p in out2.iterdir()) == ["adapter.safetensors", "checkpoint", "config.yaml", "loss.png",
+                                                       "metrics.jsonl"]
+    assert torch.load(out2 / "checkpoint" / "state.pt", weights_only=True)["world_size"] == 2
+
+    one = write_config(tmp_path)
+    lines = []
+    result = train(load_config(one), log=lines.append, progress=False)
+    assert "global batch 8 = batch_size 2 x grad_accum 4 x 1 process" in lines
+    a, b = load_file(str(result.adapter)), load_file(str(out2 / "adapter.safetensors"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    m1, m2 = metrics(tmp_path / "out"), metrics(out2)
+    assert [(m["step"], m["tokens"], m["epoch"]) for m in m1] == [(m["step"], m["tokens"], m["epoch"]) for m in m2]
+    for x, y in zip(m1, m2):
+        for key in ("loss", "val_loss"):
+            assert (key in x) == (key in y)
+            if key in x:
+                assert x[key] == pytest.approx(y[key], rel=1e-6)
+
+
+def worker_pid(parent: int, rank: int) -> int:
+    """The pid of torchrun's worker of `rank` (its children carry RANK in their environment)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in env:
+            return int(entry)
+    raise AssertionError(f"no rank {rank} worker under pid {parent}")
+
+
+def test_killed_rank_stops_the_job_and_resume_matches(reference, tmp_path):
+    cfg = write_config(tmp_path)
+    proc = subprocess.Popen(torchrun(cfg, "--quiet"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith("checkpoint saved at step 3"):
+            os.kill(worker_pid(proc.pid, 1), signal.SIGKILL)
+            break
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    assert "error: lost contact with the other training processes at step " in rest
+    assert "rerun the same command with --resume" in rest
+    state = torch.load(tmp_path / "out" / "checkpoint" / "state.pt", weights_only=True)
+    assert (state["state"]["step"], state["world_size"]) == (3, 2)
+
+    resumed = subprocess.run(torchrun(cfg, "--resume", "--quiet"), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step 3" in resumed.stderr
+    ref_out = reference[0].parent / "out"
+    a, b = load_file(str(ref_out / "adapter.safetensors")), load_file(str(tmp_path / "out" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    keys = ("step", "epoch", "loss", "val_loss", "lr", "tokens")  # all but the timings
+    assert [[m.get(k) for k in keys] for m in metrics(tmp_path / "out")] == [[m.get(k) for k in keys] for m in metrics(ref_out)]
+
+
+def test_resume_refuses_another_world_size(reference, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(reference[0].parent, folder)
+    with pytest.raises(TrainingError) as err:
+        train(load_config(folder / "run.yaml"), resume=True, log=lambda m: None, progress=False)
+    path = folder / "out" / "checkpoint" / "state.pt"
+    assert str(err.value) == (f"--resume: checkpoint {path} was written by a run of 2 processes, this run has 1; "
+                              "resume with 2 (e.g. torchrun --nproc_per_node 2) or start again with --overwrite")
