@@ -146,7 +146,7 @@ class TrainConfig:
     max_steps: int | None = None  # optimizer steps; stops early when set
     batch_size: int = 8  # examples per micro-batch (per process)
     grad_accum: int = 1  # micro-batches per optimizer step
-    global_batch_size: int | None = None  # if set: batch_size x grad_accum x world size must equal it
+    global_batch_size: int | None = None  # if set: examples per step over all processes; grad_accum follows
     lr: float = 3e-4
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = 0.0  # floor of the decay, as a fraction of lr
