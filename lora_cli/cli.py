@@ -100,10 +100,12 @@ def train(
             typer.echo(line)
         return
     if nproc is not None:
-        from lora_cli.distributed import launch, launched
+        from lora_cli.distributed import launch, launched, resolve_batch
 
         if launched():
             raise ConfigError("--nproc starts its own processes; under torchrun leave it out")
+        t = cfg.train
+        resolve_batch(t.batch_size, t.grad_accum, t.global_batch_size, nproc)  # a bad split fails before launching
         flags = [a for o in overrides for a in ("--set", o)] + ["--resume"] * resume + ["--overwrite"] * overwrite
         raise typer.Exit(launch(nproc, [str(config), *flags, *["--quiet"] * quiet]))
     result = run_training(cfg, resume=resume, overwrite=overwrite, log=lambda m: typer.echo(m, err=True),
@@ -275,7 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     except LoraError as exc:
         if debug:
             raise
-        if not getattr(exc, "from_rank0", False):  # under torchrun, rank 0 prints what every rank raised
+        # under torchrun, rank 0 prints what every rank raised: errors it shared, and config errors (the same
+        # config and process count everywhere)
+        if not (getattr(exc, "from_rank0", False) or (isinstance(exc, ConfigError) and _rank_prefix())):
             typer.echo(f"{_rank_prefix()}error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except Exception as exc:  # a bug, not bad input: still one line, and the traceback on request
