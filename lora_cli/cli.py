@@ -132,11 +132,13 @@ def eval_(
     columns: List[str] = typer.Option([], "--column", help="ROLE=COLUMN, e.g. --column prompt=mr (repeatable)."),
     prompt_template: Optional[str] = typer.Option(None, "--prompt-template", help="Prompt template instead of the adapter's."),
     no_base: bool = typer.Option(False, "--no-base", help="Skip the base model's numbers (faster)."),
-    gen: bool = typer.Option(False, "--generate", help="Also generate for each distinct prompt and score BLEU, ROUGE-L and exact match against its references."),
+    gen: bool = typer.Option(False, "--generate", help="Also generate for each distinct prompt and score BLEU, NIST, ROUGE-L, CIDEr and exact match against all its references."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="--generate: tokens to generate at most."),
     num_beams: int = typer.Option(1, "--num-beams", help="--generate: beam search with this many beams (1: greedy)."),
     length_penalty: float = typer.Option(1.0, "--length-penalty", help="--generate: beam score = log p / length**penalty."),
     no_repeat_ngram_size: int = typer.Option(0, "--no-repeat-ngram-size", help="--generate: never repeat an n-gram of this size (0: off)."),
+    lowercase: bool = typer.Option(False, "--lowercase", help="--generate: BLEU and NIST ignore case, as the E2E challenge's scoring script does."),
+    meteor: bool = typer.Option(False, "--meteor", help="--generate: also METEOR 1.5 (needs `pip install pycocoevalcap` and Java)."),
     predictions: Optional[Path] = typer.Option(None, "--predictions", help="--generate: write each prompt, its output and references as JSONL."),
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help=MISMATCH_HELP),
     device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."),
@@ -154,7 +156,8 @@ def eval_(
                       max_length=max_length, fmt=fmt, columns=columns, prompt_template=prompt_template,
                       compare_base=not no_base, allow_mismatch=allow_mismatch, generate=gen,
                       max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
-                      no_repeat_ngram_size=no_repeat_ngram_size, predictions=predictions, device=device,
+                      no_repeat_ngram_size=no_repeat_ngram_size, lowercase=lowercase, meteor=meteor,
+                      predictions=predictions, device=device,
                       progress=not quiet and sys.stderr.isatty(), log=lambda m: typer.echo(m, err=True))
     if as_json:
         echo_json(result)

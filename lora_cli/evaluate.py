@@ -153,32 +153,8 @@ def generation_items(frame, rows, fmt: str, mapping: dict, data_cfg) -> list[tup
     return list(groups.items())
 
 
-def generation_metrics(hypotheses: list[str], references: list[list[str]]) -> dict:
-    """Corpus BLEU (sacrebleu, default 13a tokenisation, every reference of a prompt used at once), ROUGE-L
-    (rouge-score F-measure, the best over a prompt's references, averaged over prompts), both 0-100, and exact
-    match (the fraction of prompts whose output equals one of its references, whitespace-stripped)."""
-    from rouge_score import rouge_scorer
-    from sacrebleu.metrics import BLEU
-
-    if len(hypotheses) != len(references) or not hypotheses:
-        raise ValueError("need one non-empty list of references per hypothesis")
-    hyps = [h.strip() for h in hypotheses]
-    refs = [[r.strip() for r in rs] for rs in references]
-    width = max(len(rs) for rs in refs)
-    # sacrebleu takes reference streams; a prompt with fewer references pads its streams with None.
-    streams = [[rs[k] if k < len(rs) else None for rs in refs] for k in range(width)]
-    bleu = BLEU()
-    score = bleu.corpus_score(hyps, streams)
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
-    rouge = [max(scorer.score(r, h)["rougeL"].fmeasure for r in rs) for h, rs in zip(hyps, refs)]
-    return {
-        "bleu": score.score,
-        "rouge_l": 100.0 * sum(rouge) / len(rouge),
-        "exact_match": sum(h in rs for h, rs in zip(hyps, refs)) / len(hyps),
-        "prompts": len(hyps),
-        "references": sum(len(rs) for rs in refs),
-        "bleu_signature": str(bleu.get_signature()),
-    }
+# BLEU, NIST, ROUGE-L, CIDEr-D and METEOR with every reference of a prompt: lora_cli/metrics.py (E2E scoring).
+from lora_cli.metrics import generation_metrics  # noqa: E402,F401  (imported from here by callers and tests)
 
 
 def _check_reference_column(path, data_cfg, task: str) -> None:
@@ -238,6 +214,8 @@ def run_eval(
     num_beams: int = 1,
     length_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
+    lowercase: bool = False,
+    meteor: bool = False,
     predictions=None,
     device: str = "auto",
     progress: bool = False,
@@ -252,7 +230,8 @@ def run_eval(
     token_accuracy / tokens / examples of the evaluated model; with an adapter and compare_base also `base`
     (the same numbers for the bare base) and `delta` (adapter minus base); with `generate` also `generation`
     (generation_metrics of the outputs for each distinct prompt, greedy or beam search), and each prompt's
-    output in `predictions` (a JSONL file) when given.
+    output in `predictions` (a JSONL file) when given. lowercase: BLEU and NIST ignore case, as the E2E
+    challenge's scoring does; meteor: also METEOR 1.5 (needs pycocoevalcap and Java; checked before any work).
     """
     import json
     from pathlib import Path
@@ -270,6 +249,14 @@ def run_eval(
         raise ConfigError(f"--batch-size must be a positive integer, got {batch_size!r}")
     if generate and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1):
         raise ConfigError(f"--max-new-tokens must be a positive integer, got {max_new_tokens!r}")
+    if meteor and not generate:
+        raise ConfigError("--meteor scores generated text: add --generate")
+    if meteor:
+        from lora_cli.metrics import meteor_unavailable
+
+        why = meteor_unavailable()
+        if why:
+            raise ConfigError(f"--meteor: {why}; leave out --meteor to score BLEU, NIST, ROUGE-L and CIDEr only")
 
     # 1. The model (not yet with its adapter, so the base can be measured as it is).
     cfg = None
@@ -388,7 +375,7 @@ def run_eval(
         outputs, truncated = _generate_all(base.model, [p for p, _ in items], max_new_tokens, num_beams,
                                            length_penalty, no_repeat_ngram_size, batch_size, progress)
         hyps = [o.strip() for o in outputs]
-        gen = generation_metrics(hyps, [refs for _, refs in items])
+        gen = generation_metrics(hyps, [refs for _, refs in items], lowercase=lowercase, meteor=meteor)
         gen.update({"max_new_tokens": max_new_tokens, "num_beams": num_beams, "length_penalty": length_penalty,
                     "no_repeat_ngram_size": no_repeat_ngram_size, "truncated_prompts": truncated})
         result["generation"] = gen
@@ -448,8 +435,12 @@ def eval_table(result: dict) -> list[str]:
     gen = result.get("generation")
     if gen:
         where = 1 if "base" in result else 0  # the generations are the evaluated model's (adapter column)
-        for label, value in (("BLEU", f"{gen['bleu']:.2f}"), ("ROUGE-L", f"{gen['rouge_l']:.2f}"),
-                             ("exact match", f"{gen['exact_match']:.4f}")):
+        scores = [("BLEU", f"{gen['bleu']:.2f}")]
+        scores += [("NIST", f"{gen['nist']:.4f}")] if "nist" in gen else []
+        scores += [("METEOR", f"{gen['meteor']:.2f}")] if "meteor" in gen else []
+        scores += [("ROUGE-L", f"{gen['rouge_l']:.2f}")]
+        scores += [("CIDEr", f"{gen['cider']:.4f}")] if "cider" in gen else []
+        for label, value in scores + [("exact match", f"{gen['exact_match']:.4f}")]:
             cells = [""] * len(columns)
             cells[where] = value
             table.append([label, *cells])
@@ -462,6 +453,7 @@ def eval_table(result: dict) -> list[str]:
         lines.append("")
         lines.append(f"generation: {gen['prompts']:,} prompts, {gen['references']:,} references, {beams}, "
                      f"max {gen['max_new_tokens']} new tokens" +
+                     ("; BLEU and NIST case-insensitive" if gen.get("lowercase") else "") +
                      (f"; {gen['truncated_prompts']} prompts cut to fit the context" if gen["truncated_prompts"] else ""))
         if result.get("predictions"):
             lines.append(f"predictions written to {result['predictions']}")
