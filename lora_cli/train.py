@@ -609,8 +609,7 @@ def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list
                         loss.backward()
                     else:
                         (loss * (W * weight)).backward()
-                if weight:
-                    loss_value += loss.item()
+                loss_value += loss.item() * weight  # a non-finite padding loss still makes the step non-finite
             stopping = None
             if d.enabled:  # every process takes the same decisions: the global loss, and a stop signal any one got
                 loss_value, signalled = d.all_reduce_sum([loss_value, float(stop.received is not None)])
