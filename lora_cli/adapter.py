@@ -35,7 +35,7 @@ import torch
 
 from lora_cli.checkpoint import CONV1D_SUFFIXES, BaseModel
 from lora_cli.config import LoraConfig
-from lora_cli.errors import AdapterError, ConfigError
+from lora_cli.errors import AdapterError, ConfigError, LoraError
 from lora_cli.fsutil import atomic_path, atomic_write_text, default_mode
 from lora_cli.model import HEAD, add_classification_head
 from lora_cli.lora import (
@@ -539,6 +539,10 @@ def export_peft(adapter: Adapter | str | os.PathLike, out_dir: str | os.PathLike
         os.replace(staging, out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except (LoraError, OSError) as exc:  # one line naming the target, not the hidden staging folder
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = str(exc) if isinstance(exc, LoraError) else f"cannot write {out}: {exc.strerror or exc}"
+        raise AdapterError(reason.replace(str(staging), str(out))) from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

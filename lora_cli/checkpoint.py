@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lora_cli.config import ModelSpec
-from lora_cli.errors import CheckpointError
+from lora_cli.errors import CheckpointError, LoraError
 from lora_cli.fsutil import atomic_path, atomic_write_text, default_mode
 from lora_cli.model import GPT2, GPT2_PRESETS, GPT2Config
 
@@ -347,6 +347,10 @@ def save_pretrained(
         for name, text in (extra_files or {}).items():
             atomic_write_text(staging / name, text)
         _replace_dir(staging, out)
+    except (LoraError, OSError) as exc:  # one line naming the target, not the hidden staging folder
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = str(exc) if isinstance(exc, LoraError) else f"cannot write {out}: {exc.strerror or exc}"
+        raise CheckpointError(reason.replace(str(staging), str(out))) from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -267,14 +267,26 @@ def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("LORA_DEBUG", "") not in ("", "0")
+    # Typer >= 0.2x runs on its own vendored copy of click (typer._click): catch its exceptions as well.
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        vendored = click.exceptions
+    usage_errors = (click.ClickException, vendored.ClickException)
     try:
         command.main(args=args, prog_name="lora", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except (click.exceptions.Exit, typer.Exit) as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:  # usage errors: bad flag, missing argument
-        exc.show()
+    except (click.exceptions.NoArgsIsHelpError, vendored.NoArgsIsHelpError) as exc:  # bare `lora`: the help
+        if exc.format_message().strip():  # (Typer's rich help has been printed already)
+            exc.show()
         sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except usage_errors as exc:  # bad flag, missing argument: one line, exit 2
+        ctx = getattr(exc, "ctx", None)
+        hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+        typer.echo(f"error: {exc.format_message().rstrip('.')}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except LoraError as exc:

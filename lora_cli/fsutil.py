@@ -60,9 +60,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise LoraError(f"cannot write {target}: {exc.strerror or exc}; check free disk space and permissions") from exc
+    except Exception as exc:
+        # Writers wrap ENOSPC in their own errors (safetensors: SafetensorError, torch.save: RuntimeError
+        # "unexpected pos"): a full disk is still the user's to fix, so say so in one line.
+        full = _disk_full(target.parent, exc)
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise LoraError(f"cannot write {target}: No space left on device; free some disk space") from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _disk_full(folder: Path, exc: BaseException) -> bool:
+    if "No space left on device" in str(exc) or "os error 28" in str(exc):
+        return True
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 2**20  # (checked before the temporary file is removed)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -76,7 +94,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def append_line(path: str | os.PathLike, line: str) -> None:
     """Append one line and fsync it; a crash loses at most the line being written (readers skip a torn tail)."""
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line.rstrip("\n") + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(line.rstrip("\n") + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise LoraError(f"cannot write {path}: {exc.strerror or exc}; check free disk space and permissions") from exc

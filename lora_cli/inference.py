@@ -355,13 +355,15 @@ def generate_texts(model, items: Sequence[PromptItem], max_new_tokens: int, *, b
 
     from tqdm import tqdm
 
-    from lora_cli.generate import generate
+    from lora_cli.generate import fit_prompt, generate
     from lora_cli.tokenizer import decode, encode
 
     ids = [encode(item.text) for item in items]
     for item, x in zip(items, ids):
         if not x:
             raise DataError(f"{item.where} is empty after the template; give some text to continue")
+        # checked here too, so a prompt too long for the context is named by its file and line
+        fit_prompt(x, max_new_tokens, model.config.n_positions, options.get("truncate", False), where=item.where)
     with tqdm(total=len(ids), desc="generate", unit="prompt", file=sys.stderr, disable=not progress,
               dynamic_ncols=True, leave=False) as bar:
         new = generate(model, ids, max_new_tokens, batch_size=batch_size, progress=bar.update, **options)
