@@ -144,8 +144,10 @@ def eval_(
     device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."),
     overrides: List[str] = typer.Option([], "--set", help=SET_HELP + " (with CONFIG)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Classifiers: write the confusion matrix as a PNG image to this file."),
 ) -> None:
-    """Loss, perplexity and next-token accuracy on held-out data: base and adapter side by side."""
+    """Loss, perplexity and next-token accuracy on held-out data: base and adapter side by side. Classifiers:
+    loss, accuracy, per-class precision/recall/F1, macro-F1 and the confusion matrix."""
     from lora_cli.evaluate import eval_table, run_eval
 
     if config is not None and config.suffix.lower() not in (".yaml", ".yml"):
@@ -158,7 +160,7 @@ def eval_(
                       max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
                       no_repeat_ngram_size=no_repeat_ngram_size, lowercase=lowercase, meteor=meteor,
                       predictions=predictions, device=device,
-                      progress=not quiet and sys.stderr.isatty(), log=lambda m: typer.echo(m, err=True))
+                      progress=not quiet and sys.stderr.isatty(), log=lambda m: typer.echo(m, err=True), plot=plot)
     if as_json:
         echo_json(result)
         return
@@ -241,6 +243,36 @@ def generate(
             typer.echo(json.dumps({**item.record, "generated": text}, ensure_ascii=False))
         else:
             typer.echo(escape_line(text))
+
+
+@app.command()
+def predict(
+    texts: Optional[List[str]] = typer.Argument(None, help="Texts to classify (none: --file, or stdin)."),
+    adapter: Path = typer.Option(..., "--adapter", help="A classification adapter (lora train with task: classification)."),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    file: Optional[Path] = typer.Option(None, "--file", help="Texts, one per line ('-': stdin); blank lines are skipped."),
+    as_json: bool = typer.Option(False, "--json", help='One JSON object per line: {"text", "label", "probability", "probabilities"}.'),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Texts per batch."),
+    allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help=MISMATCH_HELP),
+    device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Classify texts with a classification adapter: prints `label probability` per text (e.g. `spam 0.9812`)."""
+    from lora_cli.inference import open_adapter
+    from lora_cli.predict import check_classifier, load_classifier, predict_texts, prediction_line, read_texts
+
+    adapter_obj = open_adapter(adapter)
+    check_classifier(adapter_obj)  # before reading stdin or loading the base
+    items = read_texts(texts or [], file)
+    loaded = load_classifier(adapter_obj, model, allow_mismatch, device)
+    from tqdm import tqdm
+
+    show = not quiet and sys.stderr.isatty() and len(items) > batch_size
+    with tqdm(total=len(items), desc="predict", unit="text", file=sys.stderr, disable=not show, dynamic_ncols=True,
+              leave=False) as bar:
+        predictions = predict_texts(loaded, [text for text, _ in items], batch_size=batch_size, progress=bar.update)
+    for p in predictions:
+        typer.echo(json.dumps(p.to_dict(), ensure_ascii=False) if as_json else prediction_line(p))
 
 
 @app.command()
