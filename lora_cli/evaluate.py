@@ -80,6 +80,9 @@ def evaluate_classification(model, batches, labels: list[str], autocast=nullcont
 
 
 def classification_metrics(confusion: torch.Tensor, labels: list[str], loss: float) -> dict:
+    """Metrics from a confusion matrix (rows: true label, columns: predicted). Precision, recall and F1 of a
+    class with no predictions / no examples are 0 (scikit-learn's zero_division=0); macro-F1 is their plain mean
+    over every label of the adapter, so a class absent from the data counts with F1 0."""
     per_class = {}
     for c, name in enumerate(labels):
         tp = confusion[c, c].item()
@@ -99,6 +102,81 @@ def classification_metrics(confusion: torch.Tensor, labels: list[str], loss: flo
         "labels": list(labels),
         "examples": total,
     }
+
+
+CLASSIFIER_BASE_NOTE = "the adapter's head on the base model, every LoRA layer off"
+
+
+def classification_file(path, data_cfg, labels, adapter=None):
+    """A held-out classification file -> (examples, stats, frame, format, mapping), its labels mapped to ids in
+    the adapter's order (`labels`). Labels the adapter does not know are one-line errors naming the file, the
+    row and the label; a file none of whose labels the adapter knows is told apart (a wrong adapter or file)."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from lora_cli.data import _cell, _row_label, detect_format, encode_records, read_table
+    from lora_cli.errors import AdapterError, DataError
+
+    if not labels:
+        raise AdapterError(f"adapter {adapter} does not record its class labels; evaluate an adapter written by "
+                           "`lora train` with task: classification")
+    if Path(path).suffix.lower() == ".txt":
+        raise DataError(f"{path}: a classifier is evaluated on a table with text and label columns (CSV, TSV, "
+                        "JSON or JSONL), not plain text")
+    frame = read_table(path, data_cfg, "--data")
+    fmt, mapping = detect_format(frame.columns, replace(data_cfg, format="classification"), "classification", path)
+    values = [_cell(v) for v in frame[mapping["label"]].tolist()]
+    known = set(labels)
+    # Missing or empty labels are left to encode_records, which names those rows.
+    unknown = [(i, v) for i, v in enumerate(values) if isinstance(v, str) and v.strip() and v not in known]
+    if unknown:
+        present = sorted({v for v in values if isinstance(v, str) and v.strip()})
+        shown = lambda names: ", ".join(map(repr, names[:5])) + (", ..." if len(names) > 5 else "")  # noqa: E731
+        if not known & set(present):
+            raise DataError(f"{path}: none of its labels ({shown(present)}) is one of adapter {adapter}'s labels "
+                            f"({shown(list(labels))}); evaluate with the adapter trained on these labels")
+        i, value = unknown[0]
+        others = sorted({v for _, v in unknown} - {value})
+        more = f"; {len(unknown) - 1} more rows have unknown labels" if len(unknown) > 1 else ""
+        more += f" ({shown(others)})" if others else ""
+        raise DataError(f"{path}: {_row_label(frame, i)}: label {value!r} is not one of adapter {adapter}'s labels "
+                        f"({shown(list(labels))}){more}; fix or drop those rows")
+    examples, stats = encode_records(frame, fmt, mapping, data_cfg, path, labels)
+    if not examples:
+        raise DataError(f"{path}: no usable examples ({stats.skipped} rows skipped as bad); add data")
+    return examples, stats, frame, fmt, mapping
+
+
+def plot_confusion(confusion, labels, path, title: str | None = None) -> None:
+    """The confusion matrix as a PNG (matplotlib, no display): rows true labels, columns predicted labels, each
+    cell's count written in it and shaded by its share of the true label's row. Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lora_cli.fsutil import atomic_path
+
+    counts = torch.as_tensor(confusion, dtype=torch.float64)
+    share = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+    k = len(labels)
+    side = min(12.0, 2.5 + 0.6 * k)
+    fig, ax = plt.subplots(figsize=(side, side * 0.85), dpi=100)
+    ax.imshow(share.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(k), labels=[str(x) for x in labels], rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center")
+    ax.set_yticks(range(k), labels=[str(x) for x in labels])
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    for t in range(k):
+        for p in range(k):
+            ax.text(p, t, f"{int(counts[t, p]):,}", ha="center", va="center",
+                    color="white" if share[t, p] > 0.5 else "black")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------ `lora eval`
@@ -220,6 +298,7 @@ def run_eval(
     device: str = "auto",
     progress: bool = False,
     log=None,
+    plot=None,
 ) -> dict:
     """`lora eval`: metrics of a base model, or of an adapter next to its base, as one dict.
 
@@ -232,6 +311,13 @@ def run_eval(
     (generation_metrics of the outputs for each distinct prompt, greedy or beam search), and each prompt's
     output in `predictions` (a JSONL file) when given. lowercase: BLEU and NIST ignore case, as the E2E
     challenge's scoring does; meteor: also METEOR 1.5 (needs pycocoevalcap and Java; checked before any work).
+
+    A classification adapter gives classification_metrics instead (loss, accuracy, per-class precision / recall
+    / F1, macro-F1, confusion matrix); labels are mapped to ids in the adapter's stored order, and a label it
+    does not know is an error. Its `base` is the adapter with every LoRA layer switched off but its head kept
+    (a bare base model has no trained head to compare): for the reference's frozen random head under LoRA this
+    is the untrained classifier, the book's "before fine-tuning" figures; for a head trained in full it shows
+    what the LoRA layers add to the head. `plot`: a confusion-matrix PNG of the adapter's predictions.
     """
     import json
     from pathlib import Path
@@ -281,6 +367,8 @@ def run_eval(
         settings.task = cfg.task
     if settings.task == "classification" and generate:
         raise ConfigError("--generate is for causal-LM adapters; this adapter is a classifier")
+    if plot is not None and settings.task != "classification":
+        raise ConfigError("--plot draws a classifier's confusion matrix; this is not a classification adapter")
     n_positions = base.model.config.n_positions
     want = adapter_obj.base_model.get("fingerprint") if adapter_obj is not None else None
     if want and base.fingerprint and want != base.fingerprint and not allow_mismatch:
@@ -308,6 +396,10 @@ def run_eval(
             raise DataError(f"{config}: the run holds out no validation or test data (data.val_split is 0 and "
                             "data.val / data.test are unset); pass --data FILE")
         data_cfg, fmt_used = cfg.data, splits.fmt
+        if settings.task == "classification" and settings.labels and list(splits.labels or []) != list(settings.labels):
+            raise AdapterError(f"adapter {adapter} was trained on the labels {', '.join(settings.labels)}, but "
+                               f"{config}'s data has {', '.join(splits.labels or [])}; retrain it (lora train "
+                               f"{config} --overwrite) or pass the matching --adapter")
         separate = cfg.data.test if split == "test" else cfg.data.val
         if separate:
             frame = read_table(separate, cfg.data, f"data.{split}")
@@ -323,8 +415,11 @@ def run_eval(
             data_cfg = replace(data_cfg, max_length=min(max_length or data_cfg.max_length, n_positions))
         if generate:
             _check_reference_column(data, data_cfg, settings.task)
-        examples, stats, frame, fmt_used, mapping = load_file(data, data_cfg, settings.task, "--data",
-                                                              labels=settings.labels)
+        if settings.task == "classification":
+            examples, stats, frame, fmt_used, mapping = classification_file(data, data_cfg, settings.labels, adapter)
+        else:
+            examples, stats, frame, fmt_used, mapping = load_file(data, data_cfg, settings.task, "--data",
+                                                                  labels=settings.labels)
         source = str(data)
         log(stats.describe())
 
@@ -332,18 +427,30 @@ def run_eval(
     if split:
         result["split"] = split
 
-    # 3. Classification adapters: accuracy and F1 of the adapter (the bare base has no trained head).
+    # 3. Classification adapters: the adapter, and the same head with the LoRA layers off as its "base".
     if settings.task == "classification":
         from lora_cli.inference import Loaded
+        from lora_cli.lora import lora_disabled, lora_layers
 
         if adapter_obj is None:
             raise ConfigError("a classification eval needs the adapter that carries the head: pass --adapter")
         attach_to(Loaded(base, adapter_obj, settings), allow_mismatch)
         base.model.to(dev)
-        labels = settings.labels or (data_cfg.labels if cfg is not None else None)
-        metrics = evaluate_classification(base.model, _eval_batches(examples, batch_size, dev, progress, "eval"),
+        labels = settings.labels
+        metrics = evaluate_classification(base.model, _eval_batches(examples, batch_size, dev, progress, "adapter"),
                                           labels, autocast)
-        return {**result, **metrics}
+        result.update(metrics)
+        if compare_base and lora_layers(base.model):
+            with lora_disabled(base.model):
+                base_metrics = evaluate_classification(
+                    base.model, _eval_batches(examples, batch_size, dev, progress, "base"), labels, autocast)
+            result["base"] = {**base_metrics, "note": CLASSIFIER_BASE_NOTE}
+            result["delta"] = {k: metrics[k] - base_metrics[k] for k in ("loss", "accuracy", "macro_f1")}
+        if plot is not None:
+            title = f"{Path(str(adapter)).name} on {Path(source).name}: accuracy {metrics['accuracy']:.4f}"
+            plot_confusion(metrics["confusion_matrix"], labels, plot, title)
+            result["plot"] = str(plot)
+        return result
 
     # 4. Loss, perplexity, accuracy: the base first, then with the adapter.
     base_metrics = None
@@ -409,14 +516,46 @@ def _generate_all(model, prompts: list[str], max_new_tokens: int, num_beams: int
     return [decode(x) for x in new], truncated
 
 
+def _aligned(table: list[list[str]]) -> list[str]:
+    """Rows of cells: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return ["  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]).rstrip()
+            for row in table]
+
+
+def classification_table(result: dict) -> list[str]:
+    """A classifier's report: loss / accuracy / macro-F1 (base, adapter, delta), per-class precision, recall,
+    F1 and support, and the confusion matrix (rows: true label, columns: predicted)."""
+    base = result.get("base")
+    head = ["", "base", "adapter", "delta"] if base else ["", "adapter"]
+    table = [head]
+    for label, key in (("loss", "loss"), ("accuracy", "accuracy"), ("macro-F1", "macro_f1")):
+        row = [label] + ([f"{base[key]:.4f}"] if base else []) + [f"{result[key]:.4f}"]
+        table.append(row + ([f"{result['delta'][key]:+.4f}"] if base else []))
+    table.append(["examples"] + ([f"{base['examples']:,}"] if base else []) + [f"{result['examples']:,}"]
+                 + ([""] if base else []))
+    lines = [""] + _aligned(table)
+    per_class = [["class", "precision", "recall", "F1", "support"]]
+    for name, v in result["per_class"].items():
+        per_class.append([str(name), f"{v['precision']:.4f}", f"{v['recall']:.4f}", f"{v['f1']:.4f}", f"{v['support']:,}"])
+    lines += [""] + _aligned(per_class)
+    labels = [str(x) for x in result["labels"]]
+    matrix = [["true \\ predicted", *labels]] + [[name, *(f"{n:,}" for n in row)]
+                                                 for name, row in zip(labels, result["confusion_matrix"])]
+    lines += ["", "confusion matrix (rows: true label, columns: predicted label)"] + _aligned(matrix)
+    if base:
+        lines += ["", f"base: {base['note']}"]
+    if result.get("plot"):
+        lines.append(f"confusion matrix plot written to {result['plot']}")
+    return lines
+
+
 def eval_table(result: dict) -> list[str]:
     """`lora eval`'s human-readable report: one aligned table, base and adapter side by side with the delta."""
     lines = [f"data     {result['data']}" + (f" ({result['split']} split)" if result.get("split") else "")]
     lines.append(f"model    {result['model']}" + (f" + adapter {result['adapter']}" if result.get("adapter") else ""))
     if "accuracy" in result and "per_class" in result:  # a classifier
-        lines.append(f"examples {result['examples']:,}   loss {result['loss']:.4f}   accuracy {result['accuracy']:.4f}"
-                     f"   macro-F1 {result['macro_f1']:.4f}")
-        return lines
+        return lines + classification_table(result)
     columns = [("adapter" if result.get("adapter") else "model", result)]
     if "base" in result:
         columns = [("base", result["base"]), ("adapter", result), ("delta", result["delta"])]
