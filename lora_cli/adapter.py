@@ -431,6 +431,9 @@ def peft_state_dict(adapter: Adapter) -> tuple[dict[str, torch.Tensor], list[str
         return lora_scaling(r, adapter.alpha_pattern.get(name, lora.alpha), lora.use_rslora)
 
     for t in lora.targets:
+        if t == HEAD:  # PEFT's base model brings its own random score: export this head folded, as a saved module
+            out[f"{PEFT_PREFIX}{HEAD}.weight"] = _folded_head(adapter, take, scaling(t))
+            continue
         split = _split_slice_name(t)
         if split is None:
             A, B = take(f"{t}.lora_A.weight"), take(f"{t}.lora_B.weight")
@@ -477,10 +480,35 @@ def peft_state_dict(adapter: Adapter) -> tuple[dict[str, torch.Tensor], list[str
     return {k: v.contiguous() for k, v in out.items()}, peft_targets, rank_pattern
 
 
+def _folded_head(adapter: Adapter, take, scaling: float) -> torch.Tensor:
+    """The weight of a LoRA'd classification head with its update folded in: W + scaling B A (DoRA: rescaled
+    row by row by its magnitude), computed by LoRALinear.merge itself so it equals what the model computes."""
+    from lora_cli.lora import LoRALinear
+
+    W = take(f"{HEAD}.base_layer.weight")
+    A, B = take(f"{HEAD}.lora_A.weight"), take(f"{HEAD}.lora_B.weight")
+    linear = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+    layer = LoRALinear(linear, A.shape[0], adapter.lora.alpha, use_rslora=adapter.lora.use_rslora,
+                       use_dora=adapter.lora.use_dora)
+    with torch.no_grad():
+        linear.weight.copy_(W.float())
+        layer.lora_A.weight.copy_(A.float())
+        layer.lora_B.weight.copy_(B.float())
+        if adapter.lora.use_dora:
+            layer.lora_magnitude_vector.copy_(take(f"{HEAD}.lora_magnitude_vector").float())
+    layer.scaling = scaling
+    layer.merge()
+    return linear.weight.detach().to(W.dtype)
+
+
 def peft_config(adapter: Adapter, target_modules: list[str], rank_pattern: dict[str, int]) -> dict:
-    """adapter_config.json for PEFT's LoraConfig (unlisted fields take PEFT's defaults)."""
+    """adapter_config.json for PEFT's LoraConfig (unlisted fields take PEFT's defaults). A classifier's head is
+    always a saved module (modules_to_save: score), task_type SEQ_CLS, for GPT2ForSequenceClassification."""
     lora, base = adapter.lora, adapter.base_model
     alpha = int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha
+    saved = list(lora.modules_to_save)
+    if adapter.metadata.get("task") == "classification" and HEAD not in saved:
+        saved.append(HEAD)
     return {
         "peft_type": "LORA",
         "task_type": {v: k for k, v in PEFT_TASKS.items()}.get(adapter.metadata.get("task")),
@@ -494,7 +522,7 @@ def peft_config(adapter: Adapter, target_modules: list[str], rank_pattern: dict[
         "bias": lora.bias,
         "use_rslora": lora.use_rslora,
         "use_dora": lora.use_dora,
-        "modules_to_save": list(lora.modules_to_save) or None,
+        "modules_to_save": saved or None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": {},  # every scaling difference is folded into B
         "init_lora_weights": True,
@@ -507,7 +535,8 @@ def peft_config(adapter: Adapter, target_modules: list[str], rank_pattern: dict[
 
 def export_peft(adapter: Adapter | str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Write a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) that
-    peft.PeftModel.from_pretrained(transformers GPT2LMHeadModel, out_dir) loads. The directory appears whole
+    peft.PeftModel.from_pretrained(transformers GPT2LMHeadModel, out_dir) loads (a classifier:
+    GPT2ForSequenceClassification with num_labels, its head in modules_to_save). The directory appears whole
     (built beside it, then renamed); an existing one is replaced only if it is itself an adapter directory."""
     from safetensors.torch import save_file
 

@@ -26,6 +26,9 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Buffers that old GPT-2 checkpoints carry next to the weights: the causal mask, not parameters.
 IGNORED_KEY = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
+# Task heads outside the GPT-2 body: GPT2ForSequenceClassification's `score` (what `lora merge` writes for a
+# classifier). A base model is its body; a new task gets a new head, so these are left out when loading.
+HEAD_KEYS = ("score.weight", "score.bias")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
@@ -208,10 +211,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _canonical(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hugging Face keys with or without the `transformer.` prefix -> ours; drop mask buffers and the tied head."""
+    """Hugging Face keys with or without the `transformer.` prefix -> ours; drop mask buffers, the tied head and
+    a classification head (HEAD_KEYS)."""
     out = {}
     for key, value in state.items():
-        if IGNORED_KEY.search(key) or key == "lm_head.weight":
+        if IGNORED_KEY.search(key) or key == "lm_head.weight" or key in HEAD_KEYS:
             continue
         out[key if key.startswith("transformer.") else f"transformer.{key}"] = value
     return out

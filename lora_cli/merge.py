@@ -11,6 +11,13 @@ writes config.json + model.safetensors (fp32, or bf16/fp16 after the fp32 merge)
 
 so `transformers.GPT2LMHeadModel.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)` load it, and so
 does lora-cli's own loader. The directory appears whole or not at all (built beside it, then renamed).
+
+A classification adapter merges into a `transformers.GPT2ForSequenceClassification` directory: `score.weight`
+[num_labels, n_embd] beside the body (a head trained in full as it is, a LoRA'd frozen head folded like any
+other layer), and config.json with architectures GPT2ForSequenceClassification, id2label / label2id in the
+adapter's label order and pad_token_id 50256 (<|endoftext|>): transformers pools the last token that is not
+pad_token_id, which is our last real token as long as a text does not itself end in <|endoftext|>. lora-cli's
+loader reads such a directory as its GPT-2 body and ignores the head (checkpoint.HEAD_KEYS).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from pathlib import Path
 import torch
 
 from lora_cli.errors import CheckpointError, ConfigError
+from lora_cli.model import HEAD
 from lora_cli.tokenizer import EOT_ID, EOT_TOKEN
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -123,6 +131,8 @@ def tokenizer_files(model_max_length: int = 1024) -> dict[str, str]:
 
 def model_card(base, adapter, dtype: str) -> str:
     """README.md of the merged directory: what it was made from, and how to load it."""
+    classifier = adapter.metadata.get("task") == "classification"
+    model_class = "GPT2ForSequenceClassification" if classifier else "GPT2LMHeadModel"
     lora = adapter.settings()
     b = base.describe()
     training = adapter.metadata.get("training") or {}
@@ -131,7 +141,7 @@ def model_card(base, adapter, dtype: str) -> str:
     lines = [
         "---",
         "library_name: transformers",
-        "pipeline_tag: text-generation",
+        f"pipeline_tag: {'text-classification' if classifier else 'text-generation'}",
         "tags: [gpt2, lora, merged, lora-cli]",
         "---",
         "",
@@ -160,6 +170,8 @@ def model_card(base, adapter, dtype: str) -> str:
         lines.append(f"| {key} | {shown if shown not in ('', None) else '-'} |")
     if training or data:
         lines += ["", "## Training", ""]
+        if classifier and data.get("labels"):
+            lines.append(f"- labels (class ids 0, 1, ...): {', '.join(map(str, data['labels']))}")
         if data.get("format"):
             lines.append(f"- data format: {data['format']}"
                          + (f", prompt template {json.dumps(data['prompt_template'])}" if data.get("prompt_template") else ""))
@@ -171,8 +183,8 @@ def model_card(base, adapter, dtype: str) -> str:
         "## Use",
         "",
         "```python",
-        "from transformers import AutoTokenizer, GPT2LMHeadModel",
-        "model = GPT2LMHeadModel.from_pretrained(\"PATH\")",
+        f"from transformers import AutoTokenizer, {model_class}",
+        f"model = {model_class}.from_pretrained(\"PATH\")",
         "tokenizer = AutoTokenizer.from_pretrained(\"PATH\")",
         "```",
         "",
@@ -223,20 +235,27 @@ def merge_adapter(adapter, out_dir, model: str | None = None, dtype: str = "fp32
     check_out_dir(out, overwrite)
     loaded = load_for_inference(adapter, model, allow_mismatch)
     net = loaded.model.float()  # the merge arithmetic is fp32 whatever the storage dtype
-    if loaded.adapter.metadata.get("task") == "classification" or getattr(net, "score", None) is not None:
-        raise ConfigError(f"adapter {loaded.adapter.path} is a classifier; `lora merge` writes causal language "
-                          "models (GPT2LMHeadModel)")
+    labels = loaded.settings.labels if getattr(net, HEAD, None) is not None else None
     layers = len(lora_layers(net))
-    log(f"merging {layers} LoRA layers of {loaded.adapter.path} into {loaded.base.name}")
+    head = f" and its {len(labels)}-label head ({', '.join(map(str, labels))})" if labels else ""
+    log(f"merging {layers} LoRA layers of {loaded.adapter.path}{head} into {loaded.base.name}")
     merge_and_unload(net)  # W += scaling * B A in fp32, refusing non-finite results
     bad = next((name for name, p in net.state_dict().items() if not bool(torch.isfinite(p).all())), None)
     if bad is not None:
         raise CheckpointError(f"the merged weight {bad} is not finite; nothing was written")
     files = tokenizer_files(net.config.n_positions)
     files["README.md"] = model_card(loaded.base, loaded.adapter, dtype)
-    files["generation_config.json"] = json.dumps({"bos_token_id": EOT_ID, "eos_token_id": EOT_ID,
-                                                  "pad_token_id": EOT_ID}, indent=2) + "\n"
+    updates = None
+    if labels:  # score.weight is in net's state dict, beside the body
+        names = [str(x) for x in labels]
+        updates = {"architectures": ["GPT2ForSequenceClassification"], "num_labels": len(names),
+                   "id2label": {str(i): name for i, name in enumerate(names)},
+                   "label2id": {name: i for i, name in enumerate(names)},
+                   "problem_type": "single_label_classification", "pad_token_id": EOT_ID}
+    else:
+        files["generation_config.json"] = json.dumps({"bos_token_id": EOT_ID, "eos_token_id": EOT_ID,
+                                                      "pad_token_id": EOT_ID}, indent=2) + "\n"
     check_out_dir(out, overwrite)  # again: the merge took time, and the directory may have appeared meanwhile
-    save_pretrained(net, out, dtype=DTYPES[dtype], extra_files=files)
+    save_pretrained(net, out, dtype=DTYPES[dtype], extra_files=files, config_updates=updates)
     return MergeResult(out, dtype, layers, net.num_parameters())
 
