@@ -388,7 +388,29 @@ def _load_peft(d: Path) -> Adapter:
                   "fingerprint": None}
     metadata = {"format_version": FORMAT_VERSION, "base_model": base_model, "task": PEFT_TASKS.get(raw.get("task_type")),
                 "tokenizer": "gpt2"}
+    head = tensors.get(f"{HEAD}.weight")
+    if metadata["task"] == "classification" and head is not None:
+        # The label names: export_peft keeps them in the weights file's header (PEFT ignores it); a classifier
+        # exported elsewhere gets the class ids as names.
+        labels = _peft_labels(weights)
+        if labels is None or len(labels) != head.shape[0]:
+            labels = [str(i) for i in range(head.shape[0])]
+        metadata["data"] = {"format": "classification", "labels": labels}
     return Adapter(tensors, lora, metadata, d, "peft", rank_pattern, alpha_pattern)
+
+
+def _peft_labels(weights: Path) -> list[str] | None:
+    """The `lora_cli_labels` entry of a PEFT weights file's safetensors header (export_peft writes it)."""
+    if weights.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            labels = json.loads((f.metadata() or {}).get("lora_cli_labels", "null"))
+    except Exception:  # an unreadable header was reported by _read_tensors already; names are optional
+        return None
+    return [str(x) for x in labels] if isinstance(labels, list) else None
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -560,7 +582,11 @@ def export_peft(adapter: Adapter | str | os.PathLike, out_dir: str | os.PathLike
     try:
         atomic_write_text(staging / PEFT_CONFIG, json.dumps(config, indent=2) + "\n")
         with atomic_path(staging / PEFT_WEIGHTS[0]) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            header = {"format": "pt"}
+            labels = (adapter.metadata.get("data") or {}).get("labels")
+            if adapter.metadata.get("task") == "classification" and labels:
+                header["lora_cli_labels"] = json.dumps([str(x) for x in labels])  # for lora-cli's own import
+            save_file(tensors, str(tmp), metadata=header)
         old = None
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -336,6 +336,17 @@ def test_peft_export_keeps_the_head(run, base_dir, tmp_path):
         ours = class_logits(model, batch)
     assert (theirs - ours).abs().max().item() <= 1e-5
 
+    # lora-cli reads the export back (label names from the weights file's header): the same classifier
+    reloaded = load_adapter(tmp_path / "peft")
+    assert reloaded.metadata["task"] == "classification" and reloaded.metadata["data"]["labels"] == ["neg", "pos"]
+    again = attach_adapter(load_model(str(base_dir)), reloaded).eval()
+    with torch.no_grad():
+        assert (class_logits(again, batch) - ours).abs().max().item() <= 1e-5
+    code, out, err = cli("predict", "--adapter", tmp_path / "peft", *TEXTS, "--json")
+    assert code == 0, err
+    for line, want in zip(out.splitlines(), torch.softmax(ours, dim=-1)):
+        assert json.loads(line)["probabilities"] == pytest.approx(dict(zip(["neg", "pos"], want.tolist())), abs=1e-5)
+
 
 # ---------------------------------------------------------------------------------------- the spam config e2e
 
