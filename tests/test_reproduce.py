@@ -100,6 +100,22 @@ def test_e2e_script_smoke(tmp_path):
     again = generation_metrics([x["prediction"] for x in lines], [x["references"] for x in lines], lowercase=True)
     assert {k: ours[k] for k in ("bleu", "nist", "rouge_l", "cider")} == {k: again[k] for k in ("bleu", "nist", "rouge_l", "cider")}
     assert "meteor" not in ours
+    # the CLI's beam search = transformers' generate(num_beams=4, length_penalty=0.9, no_repeat_ngram_size=4) on
+    # the merged model, token for token (tests/test_generate.py checks the decoder itself, beam 10 included)
+    from transformers import GPT2LMHeadModel
+
+    from lora_cli.tokenizer import EOT_ID, decode, encode
+
+    code, _, err = cli("merge", "--adapter", out / "adapter.safetensors", "--out", tmp_path / "merged")
+    assert code == 0, err
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    for line in lines:
+        ids = torch.tensor([encode(line["prompt"])])
+        with torch.no_grad():
+            new = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                              num_beams=4, length_penalty=0.9, no_repeat_ngram_size=4,
+                              pad_token_id=EOT_ID)[0, ids.shape[1]:].tolist()
+        assert decode(new[: new.index(EOT_ID)] if EOT_ID in new else new).strip() == line["prediction"]
     for name, paper in (("BLEU", "70.4"), ("NIST", "8.85"), ("METEOR", "46.8"), ("ROUGE-L", "71.8"), ("CIDEr", "2.53")):
         assert any(line.split()[:1] == [name] and paper in line for line in stdout.splitlines()), name
     assert "393,216" in stdout
