@@ -8,11 +8,9 @@ SHA-256 before and after). Malicious pickles must be refused by weights_only loa
 running (a marker file must not appear).
 
 Speed: importing torch costs ~2 s of CPU per process, and this machine has two shared cores, so the rows run in
-processes forked from one "zygote" that has imported torch/pandas/lora_cli once and never run a tensor op. A
-forked child sets sys.argv, cwd, environment and fds 0/1/2, then runs `runpy.run_module("lora_cli")` exactly as
-`python -m lora_cli` does (an uncaught exception prints its traceback and exits 1, like the interpreter).
-`test_zygote_matches_python_m` checks a few rows both ways; LORA_TEST_REAL_CLI=1 runs every row with
-`python -m lora_cli` instead.
+processes forked from one warm "zygote" (tests/zygote.py), each running `runpy.run_module("lora_cli")` exactly
+as `python -m lora_cli` does. `test_zygote_matches_python_m` checks a few rows both ways; LORA_TEST_REAL_CLI=1
+runs every row with `python -m lora_cli` instead.
 
 Commands not built yet (or not present in `lora --help`) are skipped, naming the command; their rows run as soon
 as the command exists.
@@ -23,11 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,103 +32,14 @@ import pytest
 import torch
 import yaml
 
+import zygote
+from zygote import Result, Zygote
 
 REAL_CLI = os.environ.get("LORA_TEST_REAL_CLI", "") not in ("", "0")
 TIMEOUT_S = 120
 MARKER = "PWNED"  # created by the malicious pickles' payload if it ever runs
 
 # ---------------------------------------------------------------------------------------------- the runner
-
-ZYGOTE = r'''
-import json, os, runpy, signal, sys, time, traceback
-# The expensive imports, once. No tensor op runs here, so forking stays safe.
-import torch, torch._dynamo, pandas, yaml, safetensors.torch, typer, click, tqdm
-import lora_cli.cli, lora_cli.config, lora_cli.data, lora_cli.checkpoint, lora_cli.adapter, lora_cli.train
-for name in ("evaluate", "inference", "merge", "generate", "loss", "lora", "distributed"):
-    try:
-        __import__("lora_cli." + name)
-    except ImportError:  # a module another engineer has not written yet
-        pass
-print("ready", flush=True)
-for line in sys.stdin:
-    req = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.chdir(req["cwd"])
-            os.environ.clear()
-            os.environ.update(req["env"])
-            fds = [os.open(os.devnull, os.O_RDONLY),
-                   os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644),
-                   os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)]
-            for target, fd in enumerate(fds):
-                os.dup2(fd, target)
-            sys.argv = ["lora", *req["argv"]]
-            try:
-                runpy.run_module("lora_cli", run_name="__main__", alter_sys=True)
-                code = 0
-            except SystemExit as exc:  # what the interpreter does with SystemExit
-                if exc.code is None:
-                    code = 0
-                elif isinstance(exc.code, int):
-                    code = exc.code
-                else:
-                    print(exc.code, file=sys.stderr)
-                    code = 1
-            except BaseException:
-                traceback.print_exc()
-                code = 1
-        finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
-    deadline = time.monotonic() + req["timeout"]
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            print(json.dumps({"rc": "timeout"}), flush=True)
-            break
-        time.sleep(0.02)
-'''
-
-
-@dataclass
-class Result:
-    rc: int | str
-    stdout: str
-    stderr: str
-
-
-class Zygote:
-    def __init__(self, scratch: Path):
-        self.scratch = scratch
-        self.count = 0
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env, cwd=str(Path(__file__).resolve().parents[1]))
-        assert self.proc.stdout.readline().strip() == "ready"
-
-    def run(self, argv: list[str], cwd: Path, env: dict) -> Result:
-        self.count += 1
-        out, err = self.scratch / f"{self.count}.out", self.scratch / f"{self.count}.err"
-        request = {"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err),
-                   "timeout": TIMEOUT_S}
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        reply = json.loads(self.proc.stdout.readline())
-        return Result(reply["rc"], out.read_text(errors="replace"), err.read_text(errors="replace"))
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
 
 
 def run_real(argv: list[str], cwd: Path, env: dict) -> Result:
@@ -145,10 +52,7 @@ def run_real(argv: list[str], cwd: Path, env: dict) -> Result:
 
 
 def child_env(ws: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LORA_", "HF_"))}
-    repo = str(Path(__file__).resolve().parents[1])
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(ws / "hf-home"), PYTHONPATH=repo, COLUMNS="200", **extra)
-    return env
+    return zygote.child_env(HF_HOME=str(ws / "hf-home"), **extra)
 
 
 @pytest.fixture(scope="module")

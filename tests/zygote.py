@@ -1,0 +1,210 @@
+"""Run the real `lora` CLI in child processes forked from one warm "zygote" (test helper, not product code).
+
+Importing torch costs ~2 s of CPU per process and this machine has two shared cores, so tests that run the CLI
+dozens of times fork each child from a process that imported torch/pandas/lora_cli once and never ran a tensor
+op (forking stays safe). A child sets sys.argv, cwd, environment and fds 0/1/2, then runs
+`runpy.run_module("lora_cli")` exactly as `python -m lora_cli` does: SystemExit gives the exit code, an
+uncaught exception prints its traceback and exits 1, like the interpreter.
+
+Two modes:
+- `run(argv, cwd, env)`: wait for the child, return exit code, stdout and stderr.
+- `spawn(argv, cwd, env, stderr_fifo, pause=None)`: return the child's pid at once; its stderr goes to a FIFO
+  the caller reads line by line (to SIGKILL it at a chosen log line), then `wait(pid)` gives the exit status.
+  `pause={"what": "checkpoint" | "adapter" | "metrics", "at": k}` makes the k-th such write in the child write
+  half of its bytes, fsync them, print "PAUSED <what>" on stderr and block, so a test can kill it in the middle
+  of that write, deterministically. This instrumentation lives here, in the child, not in the product.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCRIPT = r'''
+import io, json, os, runpy, signal, sys, time, traceback
+# The expensive imports, once. No tensor op runs here, so forking stays safe.
+import torch, torch._dynamo, pandas, yaml, safetensors.torch, typer, click, tqdm
+import lora_cli.cli, lora_cli.config, lora_cli.data, lora_cli.checkpoint, lora_cli.adapter, lora_cli.train
+for name in ("evaluate", "inference", "merge", "generate", "loss", "lora", "distributed", "predict"):
+    try:
+        __import__("lora_cli." + name)
+    except ImportError:  # a module not written yet
+        pass
+
+
+def install_pause(what, at):
+    """The at-th write of `what` writes half its bytes, says PAUSED and blocks (until SIGKILL)."""
+    seen = [0]
+
+    def stall(path, data):
+        with open(path, "wb") as fh:
+            fh.write(data[: len(data) // 2])
+            fh.flush()
+            os.fsync(fh.fileno())
+        print(f"PAUSED {what} {path}", file=sys.stderr, flush=True)
+        while True:
+            signal.pause()
+
+    def due():
+        seen[0] += 1
+        return seen[0] == at
+
+    if what == "checkpoint":
+        real = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            if due():
+                buf = io.BytesIO()
+                real(obj, buf, *args, **kwargs)
+                stall(f, buf.getvalue())
+            return real(obj, f, *args, **kwargs)
+
+        torch.save = save
+    elif what == "adapter":
+        real_file = safetensors.torch.save_file
+
+        def save_file(tensors, filename, metadata=None):
+            if due():
+                stall(filename, safetensors.torch.save(tensors, metadata=metadata))
+            return real_file(tensors, filename, metadata=metadata)
+
+        safetensors.torch.save_file = save_file
+    elif what == "metrics":
+        real_append = lora_cli.train.append_line
+
+        def append_line(path, line):
+            if due():
+                with open(path, "a", encoding="utf-8") as fh:
+                    fh.write(line[: len(line) // 2])
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                print(f"PAUSED {what} {path}", file=sys.stderr, flush=True)
+                while True:
+                    signal.pause()
+            return real_append(path, line)
+
+        lora_cli.train.append_line = append_line
+    else:
+        raise ValueError(what)
+
+
+def child(req):
+    code = 1
+    try:
+        os.chdir(req["cwd"])
+        os.environ.clear()
+        os.environ.update(req["env"])
+        out = os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        err = os.open(req["stderr"], os.O_WRONLY | (0 if req.get("fifo") else os.O_CREAT | os.O_TRUNC), 0o644)
+        for target, fd in enumerate([os.open(os.devnull, os.O_RDONLY), out, err]):
+            os.dup2(fd, target)
+        if req.get("pause"):
+            install_pause(req["pause"]["what"], req["pause"]["at"])
+        sys.argv = ["lora", *req["argv"]]
+        try:
+            runpy.run_module("lora_cli", run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as exc:  # what the interpreter does with SystemExit
+            if exc.code is None:
+                code = 0
+            elif isinstance(exc.code, int):
+                code = exc.code
+            else:
+                print(exc.code, file=sys.stderr)
+                code = 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def wait(pid, timeout):
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return "timeout"
+        time.sleep(0.02)
+
+
+print("ready", flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    if "wait" in req:
+        print(json.dumps({"rc": wait(req["wait"], req["timeout"])}), flush=True)
+        continue
+    pid = os.fork()
+    if pid == 0:
+        child(req)
+    if req.get("spawn"):
+        print(json.dumps({"pid": pid}), flush=True)
+    else:
+        print(json.dumps({"rc": wait(pid, req["timeout"])}), flush=True)
+'''
+
+
+@dataclass
+class Result:
+    rc: int | str  # "timeout" when the child was killed for running too long
+    stdout: str
+    stderr: str
+
+
+class Zygote:
+    def __init__(self, scratch: Path, timeout: float = 120):
+        self.scratch = Path(scratch)
+        self.timeout = timeout
+        self.count = 0
+        self.proc = subprocess.Popen([sys.executable, "-c", SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=str(REPO))
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def _ask(self, request: dict) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def _files(self) -> tuple[Path, Path]:
+        self.count += 1
+        return self.scratch / f"{self.count}.out", self.scratch / f"{self.count}.err"
+
+    def run(self, argv: list[str], cwd: Path, env: dict) -> Result:
+        out, err = self._files()
+        reply = self._ask({"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err),
+                           "timeout": self.timeout})
+        return Result(reply["rc"], out.read_text(errors="replace"), err.read_text(errors="replace"))
+
+    def spawn(self, argv: list[str], cwd: Path, env: dict, stderr_fifo: Path, pause: dict | None = None) -> int:
+        out, _ = self._files()
+        reply = self._ask({"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(stderr_fifo),
+                           "fifo": True, "spawn": True, "pause": pause})
+        return reply["pid"]
+
+    def wait(self, pid: int) -> int | str:
+        return self._ask({"wait": pid, "timeout": self.timeout})["rc"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def child_env(**extra) -> dict:
+    """The environment for CLI children: no LORA_/HF_ settings of the caller, offline hub, the repo importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LORA_", "HF_"))}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), COLUMNS="200", **extra)
+    return env
