@@ -362,7 +362,7 @@ def estimate_memory(s: Setup) -> int:
     c = s.model.config
     bytes_per = 2 if s.precision in ("bf16", "fp16") else 4
     T = min(s.cfg.data.max_length, max((len(e) for e in s.data.train), default=1))
-    B = s.cfg.train.batch_size
+    B = min(s.cfg.train.batch_size, max(1, len(s.data.train)))  # a batch holds at most the whole split
     weights = s.total * 4
     optimizer = s.trainable * 4 * 3  # grads + two Adam moments
     per_layer = B * T * c.n_embd * 34 * bytes_per // 2 + B * c.n_head * T * T * bytes_per
@@ -402,10 +402,26 @@ def dry_run_report(s: Setup) -> list[str]:
 def _available_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    # MemAvailable counts reclaimable page cache (free pages alone undercount), capped by a container's cgroup limit
+    available = None
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+        with open("/proc/meminfo") as fh:
+            available = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            limit = fh.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as fh:
+            used = int(fh.read().strip())
+        if limit != "max":
+            available = min(available, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return available
 
 
 # ----------------------------------------------------------------------------------------------- train
@@ -471,7 +487,9 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
         with StopSignals(distributed=dist.enabled) as stop:
             _loop(s, optimizer, state, stop, history, log, progress, forward)
         final_val = _finish(s, optimizer, state, history, log)
-    except RuntimeError as exc:
+    except (RuntimeError, MemoryError) as exc:
+        if is_out_of_memory(exc):  # nothing was written since the last checkpoint: it is kept
+            raise TrainingError(out_of_memory_message(s, state)) from exc
         if not (dist.enabled and is_comm_failure(exc)):
             raise
         raise TrainingError(
@@ -614,21 +632,25 @@ def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list
             if d.enabled:  # every process takes the same decisions: the global loss, and a stop signal any one got
                 loss_value, signalled = d.all_reduce_sum([loss_value, float(stop.received is not None)])
                 stopping = signalled > 0
-            # 2. a non-finite loss: skip the step (up to skip_nonfinite_steps) or stop with the last good checkpoint
-            if not math.isfinite(loss_value):
+            # 2. the gradient norm, clipped to max_grad_norm when set (an overflow in the backward pass can leave
+            #    inf/NaN gradients behind a finite loss)
+            grad_norm = grad_total_norm(params, t.max_grad_norm)
+            # 3. a non-finite loss or gradient: skip the step (up to skip_nonfinite_steps) or stop with the last
+            #    good checkpoint
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm" if not math.isfinite(grad_norm) else None
+            if what is not None:
                 optimizer.zero_grad(set_to_none=True)
                 state.nonfinite_skipped += 1
                 if state.nonfinite_skipped > t.skip_nonfinite_steps:
+                    value = loss_value if what == "loss" else grad_norm
                     raise TrainingError(
-                        f"loss is {loss_value} at step {state.step + 1}; stopped, the last good checkpoint is in "
-                        f"{s.out_dir / 'checkpoint'}; lower train.lr or check the data"
+                        f"{what} is {value} at step {state.step + 1}; stopped, {last_checkpoint_note(s.out_dir)}; "
+                        "lower train.lr, keep train.max_grad_norm set, or check the data"
                     )
-                log(f"step {state.step + 1}: non-finite loss skipped ({state.nonfinite_skipped}/{t.skip_nonfinite_steps})")
+                log(f"step {state.step + 1}: non-finite {what} skipped ({state.nonfinite_skipped}/{t.skip_nonfinite_steps})")
                 state.batch_in_epoch += consumed
                 continue
-            # 3. clip, step
-            if t.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm, foreach=False)
+            # 4. step
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
@@ -680,6 +702,46 @@ def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list
             state.epoch += 1
             state.batch_in_epoch = 0
     bar.close()
+
+
+def grad_total_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """The gradients' total L2 norm (clipping them to max_norm when set): one number that is finite exactly when
+    every gradient is."""
+    if max_norm is not None:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False))
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads, foreach=False)) if grads else 0.0
+
+
+def last_checkpoint_note(out_dir: Path) -> str:
+    """Where the run can be resumed from, for messages of a run that stopped."""
+    path = out_dir / CHECKPOINT_FILE
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True)["state"]["step"]
+    except Exception:  # absent (nothing saved yet) or unreadable: say so rather than point at it
+        return "no checkpoint was saved before it"
+    return f"the last good checkpoint is {path} (step {step}; continue with --resume)"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA/MPS out-of-memory errors, and the CPU allocator's ("can't allocate memory") or Python's MemoryError."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def out_of_memory_message(s: Setup, state: RunState) -> str:
+    """One line: where it ran out, the shape of the step's largest micro-batch, and what to change."""
+    t = s.cfg.train
+    batches = _epoch_batches(s, state.epoch)
+    step_batches = batches[state.batch_in_epoch : state.batch_in_epoch + t.grad_accum * s.dist.world_size] or batches[:1]
+    B = max(len(b) for b in step_batches)
+    T = max(len(s.data.train[i]) for b in step_batches for i in b)
+    return (f"out of memory on {s.device} at step {state.step + 1} (micro-batch of {B} examples x {T} tokens); "
+            f"{last_checkpoint_note(s.out_dir)}; lower train.batch_size (now {t.batch_size}) and raise "
+            f"train.grad_accum (now {t.grad_accum}) to keep the effective batch, lower data.max_length, or set "
+            "train.gradient_checkpointing: true")
 
 
 def _after_validation(s: Setup, state: RunState, record: dict, autocast, log) -> dict | None:

@@ -44,7 +44,7 @@ def write_run(folder: Path) -> Path:
         # dropout > 0: resuming must restore the RNG streams too
         "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
         "train": {"epochs": 2, "batch_size": 2, "lr": 1e-2, "warmup_steps": 2, "log_every": 1, "eval_every": 3,
-                  "save_every": 2, "seed": 3, "num_threads": 1},
+                  "save_every": 2, "seed": 3, "num_threads": 1, "device": "cpu"},
     }
     path = folder / "run.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

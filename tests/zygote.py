@@ -13,6 +13,9 @@ Two modes:
   `pause={"what": "checkpoint" | "adapter" | "metrics", "at": k}` makes the k-th such write in the child write
   half of its bytes, fsync them, print "PAUSED <what>" on stderr and block, so a test can kill it in the middle
   of that write, deterministically. This instrumentation lives here, in the child, not in the product.
+
+`run(..., memory_mb=N)` caps the child's address space (RLIMIT_AS) at its size before the CLI starts plus N MiB,
+to provoke a real out-of-memory error in a big training step.
 """
 
 from __future__ import annotations
@@ -94,6 +97,18 @@ def install_pause(what, at):
         raise ValueError(what)
 
 
+def limit_memory(mb):
+    """Cap this process's address space at what it uses now plus `mb` MiB (RLIMIT_AS), so a big batch fails to
+    allocate. The BLAS library allocates its work buffers on first use, and fails with its own exit rather than
+    an error; one small product here makes it do that first."""
+    import resource
+
+    torch.ones(256, 256) @ torch.ones(256, 256)
+    with open("/proc/self/status") as fh:
+        vm = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (vm + mb * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+
 def child(req):
     code = 1
     try:
@@ -106,6 +121,8 @@ def child(req):
             os.dup2(fd, target)
         if req.get("pause"):
             install_pause(req["pause"]["what"], req["pause"]["at"])
+        if req.get("memory_mb"):
+            limit_memory(req["memory_mb"])
         sys.argv = ["lora", *req["argv"]]
         try:
             runpy.run_module("lora_cli", run_name="__main__", alter_sys=True)
@@ -183,10 +200,11 @@ class Zygote:
         self.count += 1
         return self.scratch / f"{self.count}.out", self.scratch / f"{self.count}.err"
 
-    def run(self, argv: list[str], cwd: Path, env: dict) -> Result:
+    def run(self, argv: list[str], cwd: Path, env: dict, memory_mb: int | None = None) -> Result:
+        """Run to the end. memory_mb: cap the child's address space at its size before the CLI runs plus this."""
         out, err = self._files()
         reply = self._ask({"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err),
-                           "timeout": self.timeout})
+                           "timeout": self.timeout, "memory_mb": memory_mb})
         return Result(reply["rc"], out.read_text(errors="replace"), err.read_text(errors="replace"))
 
     def spawn(self, argv: list[str], cwd: Path, env: dict, stderr_fifo: Path, pause: dict | None = None) -> int:
