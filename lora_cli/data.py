@@ -414,12 +414,29 @@ def render_prompt(values: Mapping[str, str], fmt: str, template: DataConfig | st
     chosen = prompt_template(fmt, template, has_input=bool(str(values.get("input") or "").strip()))
     if chosen is None:
         raise ValueError(f"format {fmt} has no prompt")
-    return chosen.format_map(_Fields(values))
+    return fill_template(chosen, values)
 
 
-class _Fields(dict):
-    def __missing__(self, key: str) -> str:
-        return ""  # an optional role (input) or a column absent from this record renders as empty
+def fill_template(template: str, values: Mapping[str, Any]) -> str:
+    """str.format_map restricted to plain {name} fields ({{ and }} are literal braces; an absent name renders
+    as ""). A template can come from an adapter file, which is data: attribute or index access ({x.__class__},
+    {x[0]}), conversions and format specs ({x:>99999999999} would allocate gigabytes) are refused."""
+    out = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"prompt template {template[:60]!r}: {exc}; write a literal brace as {{{{ or }}}}") from None
+    for literal, name, spec, conversion in parsed:
+        out.append(literal)
+        if name is None:
+            continue
+        if not name or name.isdigit() or "." in name or "[" in name or spec or conversion:
+            shown = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise ConfigError(f"prompt template {template[:60]!r}: field {{{shown}}} is not a plain {{name}} field; "
+                              "use fields such as {instruction} or {prompt}")
+        value = values.get(name)
+        out.append("" if value is None else str(value))
+    return "".join(out)
 
 
 def encode_pair(prompt: str, response: str, max_length: int, mask_prompt: bool = True) -> tuple[Example, bool]:

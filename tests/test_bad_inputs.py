@@ -98,7 +98,7 @@ def write_evil(path: Path, marker: Path) -> None:
 
 
 def save_adapter_for(model_dir: Path, path: Path, r: int = 4, fill: float | None = None, seed: int = 0,
-                     header_r: int | None = None) -> None:
+                     header_r: int | None = None, template: str | None = None) -> None:
     """An adapter as `lora train` writes it (metadata included) for the model in model_dir."""
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -116,7 +116,7 @@ def save_adapter_for(model_dir: Path, path: Path, r: int = 4, fill: float | None
                 if ".lora_" in name:
                     p.fill_(fill)
     metadata = {"base_model": base.describe(), "model_spec": str(model_dir), "task": "causal_lm",
-                "data": {"format": "alpaca", "columns": {}, "prompt_template": None, "mask_prompt": True,
+                "data": {"format": "alpaca", "columns": {}, "prompt_template": template, "mask_prompt": True,
                          "max_length": 64, "labels": None}}
     save_adapter(path, base.model, metadata)
     if header_r is not None:  # a header that disagrees with the tensors
@@ -191,6 +191,9 @@ def ws(tmp_path_factory):
     save_adapter_for(ws / "tiny", ad / "rank.safetensors", r=8, header_r=4)
     save_adapter_for(ws / "tiny", ad / "inf.safetensors", fill=float("inf"))
     save_adapter_for(ws / "tiny", ad / "overflow.safetensors", fill=3e30)  # finite, but B A overflows fp32
+    # prompt templates in an adapter's header are data: no attribute access, no gigabyte-wide format specs
+    save_adapter_for(ws / "tiny", ad / "template-attr.safetensors", template="{instruction.__class__.__mro__}")
+    save_adapter_for(ws / "tiny", ad / "template-width.safetensors", template="{instruction:>99999999999}")
     good = (ad / "good.safetensors").read_bytes()
     (ad / "trunc.safetensors").write_bytes(good[: len(good) // 2])
     (ad / "garbage.safetensors").write_bytes(b"\xff" * 64 + os.urandom(1024))
@@ -588,6 +591,12 @@ ROWS = [
     Row("generate-prompt-longer-than-context", "generate", argv("generate", "--model", "{ws}/tiny", "--max-new-tokens",
                                                                 "8", "--file", "{ws}/data/prompts-long.txt"), 1,
         ("prompts-long.txt", "128")),
+    Row("generate-adapter-template-attribute", "generate", argv("generate", "--adapter",
+                                                                "{ws}/adapters/template-attr.safetensors", "hi"), 2,
+        ("prompt template", "instruction.__class__.__mro__", "plain {{name}}")),
+    Row("generate-adapter-template-huge-width", "generate", argv("generate", "--adapter",
+                                                                 "{ws}/adapters/template-width.safetensors", "hi"), 2,
+        ("prompt template", "instruction:>99999999999")),
     Row("generate-bad-temperature", "generate", argv("generate", "--model", "{ws}/tiny", "--temperature", "-1", "hi"),
         2, ("temperature",)),
     Row("generate-bad-top-p", "generate", argv("generate", "--model", "{ws}/tiny", "--top-p", "1.5", "hi"), 2,
@@ -711,3 +720,15 @@ def test_debug_shows_the_traceback(how, runner, ws, tmp_path):
     assert result.rc == 1
     assert "Traceback (most recent call last)" in result.stderr
     assert "lora_cli.errors.DataError" in result.stderr and "line 3" in result.stderr
+
+
+def test_hf_token_is_never_printed(runner, ws, tmp_path):
+    """The Hugging Face token (HF_TOKEN, read by huggingface_hub) appears in no output, even when a hub
+    download fails or --debug prints a traceback."""
+    secret = "hf_lorasecret0123456789ABCDEFGHIJ"
+    cfg = train_cfg({"model": "someone/private-gpt2"})(ws, tmp_path)
+    for args in (["info", "someone/private-gpt2"], cfg, ["--debug", *cfg]):
+        result = cli(runner, args, tmp_path, child_env(ws, HF_TOKEN=secret))
+        assert result.rc == 1, result.stderr
+        assert "private-gpt2" in result.stderr
+        assert secret not in result.stderr + result.stdout
