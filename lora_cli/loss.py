@@ -27,11 +27,26 @@ def scored_hidden(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states [N, C] at the N scored positions and their targets [N].
 
     Right-padded causal batches need no padding mask: a real token only attends to earlier positions, which
-    are real too, so the model can take SDPA's fused causal path. Left padding does need the mask.
+    are real too, so the model can take SDPA's fused causal path. Left padding does need the mask. A right-padded
+    batch with padding runs on its real tokens only (GPT2.forward with `keep`): the same values, no padding work.
     """
-    hidden = model(batch.input_ids, padding_mask(batch))  # [B, T, C]
+    mask = padding_mask(batch)
+    if mask is None and UNPAD:
+        keep = batch.attention_mask.bool()  # [B, T]
+        if int(keep.sum()) < keep.numel():  # some padding: run the model on the real tokens only
+            hidden = model(batch.input_ids, keep=keep)  # [N_real, C], row-major like the boolean index below
+            targets = batch.targets[keep]
+            scored = targets != IGNORE
+            return hidden[scored], targets[scored]
+    hidden = model(batch.input_ids, mask)  # [B, T, C]
     scored = batch.targets != IGNORE  # [B, T]
     return hidden[scored], batch.targets[scored]
+
+
+# Right-padded batches with padding run the model on their real tokens only (model.Unpadded). On the benchmark's
+# Alpaca batches (8.4% padding after length grouping) a step took 7.0% (fp32) and 6.1% (bf16) less CPU time; on
+# batches without padding the scatter/gather costs nothing measurable (it is not used there anyway).
+UNPAD = True
 
 
 def lm_loss_sum(model, batch, label_smoothing: float = 0.0, chunk_rows: int | None = None) -> torch.Tensor:
@@ -78,7 +93,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
         return F.cross_entropy(logits, targets, reduction="sum", label_smoothing=label_smoothing)
     dtype, no_autocast = _compute_dtype(hidden)
     h = hidden.to(dtype)
-    w = weight.detach().to(dtype)
+    w = frozen_cast(weight, dtype)
     with no_autocast:
         if grad and h.requires_grad:
             return _ChunkedCE.apply(h, w, targets, float(label_smoothing), int(chunk_rows))
@@ -91,9 +106,23 @@ def chunked_ce_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     """Evaluation: (summed cross-entropy, number of rows whose argmax is the target), chunk by chunk, no grad."""
     dtype, no_autocast = _compute_dtype(hidden)
     with torch.no_grad(), no_autocast:
-        loss, _, correct = _chunked_ce(hidden.to(dtype), weight.detach().to(dtype), targets, 0.0, chunk_rows,
+        loss, _, correct = _chunked_ce(hidden.to(dtype), frozen_cast(weight, dtype), targets, 0.0, chunk_rows,
                                        want_grad=False, want_correct=True)
     return loss, correct
+
+
+def frozen_cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """weight.detach().to(dtype), kept on the weight between calls while the weight is unchanged: the frozen
+    [V, C] head is cast to bf16 once per run instead of once per step (a 77 MB copy for GPT-2 under autocast)."""
+    if weight.dtype == dtype:
+        return weight.detach()
+    key = (dtype, weight._version, weight.data_ptr(), weight.device)
+    cached = getattr(weight, "_lora_cli_cast", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    cast = weight.detach().to(dtype)
+    weight._lora_cli_cast = (key, cast)
+    return cast
 
 
 def _compute_dtype(hidden: torch.Tensor):

@@ -173,7 +173,8 @@ def test_evaluate_lm_equals_the_plain_computation():
 
 
 def test_training_run_with_and_without_chunking_is_the_same(tmp_path, monkeypatch):
-    """A whole `lora train` run (loss, clipping, AdamW, validation) with the chunked loss and with the plain one."""
+    """A whole `lora train` run (loss, clipping, AdamW, validation) with every saving of loss.py (chunked
+    cross-entropy, the unpadded forward) and with neither."""
     from lora_cli.config import load_config
     from lora_cli.train import train
 
@@ -189,8 +190,9 @@ train: {lr: 1e-2, batch_size: 4, epochs: 2, warmup_steps: 1, log_every: 1, eval_
         label_smoothing: 0.05, device: cpu, precision: fp32}
 """)
     results = {}
-    for name, rows_per_chunk in (("plain", 0), ("chunked", 3)):
+    for name, rows_per_chunk, unpad in (("plain", 0, False), ("chunked", 3, True)):
         monkeypatch.setattr(loss_mod, "CHUNK_ROWS", rows_per_chunk)
+        monkeypatch.setattr(loss_mod, "UNPAD", unpad)
         cfg = load_config(config, [f"out_dir={tmp_path / name}"])
         train(cfg, log=lambda *a: None, progress=False)
         metrics = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]

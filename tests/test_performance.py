@@ -1,0 +1,156 @@
+"""The speed paths of model.py change no result: the unpadded forward equals the padded one (fp32, <= 1e-5
+relative, values and gradients), frozen weights stored in the autocast dtype give the same products as autocast's
+own casts, the short-sequence bf16 attention path matches the fused kernel to bf16 rounding, and the lm_head is
+tied without a weight of its own."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lora_cli import loss as loss_mod
+from lora_cli import model as model_mod
+from lora_cli.config import LoraConfig
+from lora_cli.data import Example, collate
+from lora_cli.lora import apply_lora
+from lora_cli.loss import lm_loss_sum
+from lora_cli.model import GPT2, GPT2Config, cast_frozen_linears_
+
+
+def tiny(use_dora=False, seed=3):
+    model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128))
+    model.init_weights(torch.Generator().manual_seed(seed))
+    model.set_dropout(0.0)
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, use_dora=use_dora), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(5))
+    return model
+
+
+def batch():
+    g = torch.Generator().manual_seed(6)
+    examples = []
+    for n, prompt in ((30, 12), (17, 9), (24, 20)):
+        ids = torch.randint(0, 50257, (n,), generator=g).tolist()
+        examples.append(Example(ids, [False] * prompt + [True] * (n - prompt)))
+    return collate(examples)
+
+
+def loss_and_grads(model, b):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = lm_loss_sum(model, b)
+    value.backward()
+    return value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_lm_head_is_tied_and_weightless_of_its_own():
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=64))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert not model.lm_head.weight.is_meta
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_frozen_weights_in_bf16_give_the_autocast_results_bit_for_bit(use_dora):
+    b = batch()
+    ref_model, fast_model = tiny(use_dora), tiny(use_dora)
+    ref_loss, ref_grads = loss_and_grads(ref_model, b)
+    cast = cast_frozen_linears_(fast_model, torch.bfloat16)
+    expected = 2 * (12 * 64 * 64 + 9 * 64)  # per layer: c_attn, attn.c_proj, c_fc, mlp.c_proj weights and biases
+    if use_dora:
+        expected -= 2 * (3 * 64 * 64 + 3 * 64)  # a DoRA layer's base keeps fp32 (its weight norm is fp32)
+    assert cast == expected
+    dtypes = {n: p.dtype for n, p in fast_model.named_parameters()}
+    assert dtypes["transformer.h.0.mlp.c_fc.weight"] == torch.bfloat16
+    assert dtypes["transformer.wte.weight"] == dtypes["transformer.h.0.ln_1.weight"] == torch.float32
+    assert all(p.dtype == torch.float32 for p in fast_model.parameters() if p.requires_grad)
+    loss, grads = loss_and_grads(fast_model, b)
+    assert torch.equal(loss, ref_loss)
+    for name in ref_grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+
+
+def test_short_bf16_attention_path_matches_the_fused_kernel():
+    b = batch()
+    model = tiny()
+    fast_loss, fast_grads = loss_and_grads(model, b)
+    limit = model_mod.MATH_BF16_ATTENTION_MAX
+    try:
+        model_mod.MATH_BF16_ATTENTION_MAX = 0  # the fused flash kernel only
+        ref_loss, ref_grads = loss_and_grads(model, b)
+    finally:
+        model_mod.MATH_BF16_ATTENTION_MAX = limit
+    assert fast_loss.item() == pytest.approx(ref_loss.item(), rel=2e-3)
+    for name in ref_grads:
+        diff = (fast_grads[name] - ref_grads[name]).norm() / ref_grads[name].norm()
+        assert diff < 3e-2, name
+
+
+def test_fp32_runs_never_take_the_bf16_attention_path():
+    b = batch()
+    model = tiny()
+    with torch.no_grad():
+        hidden = model(b.input_ids)
+    limit = model_mod.MATH_BF16_ATTENTION_MAX
+    try:
+        model_mod.MATH_BF16_ATTENTION_MAX = 0
+        with torch.no_grad():
+            again = model(b.input_ids)
+    finally:
+        model_mod.MATH_BF16_ATTENTION_MAX = limit
+    assert torch.equal(hidden, again)
+
+
+def test_cast_model_refuses_nothing_in_eval_under_autocast():
+    from lora_cli.evaluate import evaluate_lm
+
+    b = batch()
+    ref, fast = tiny(), tiny()
+    cast_frozen_linears_(fast, torch.bfloat16)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    assert evaluate_lm(fast, [b], autocast) == evaluate_lm(ref, [b], autocast)
+
+
+def rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / a.norm()).item()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_unpadded_forward_equals_the_padded_one(checkpointing):
+    b = batch()
+    model = tiny()
+    model.gradient_checkpointing = checkpointing
+    keep = b.attention_mask.bool()
+    assert not keep.all()  # the batch has padding
+    with torch.no_grad():
+        padded = model(b.input_ids)[keep]  # [N, C]
+        unpadded = model(b.input_ids, keep=keep)
+    assert unpadded.shape == padded.shape == (int(keep.sum()), 64)
+    assert rel(padded, unpadded) <= 1e-5
+    grads = {}
+    for unpad in (False, True):
+        loss_mod.UNPAD, saved = unpad, loss_mod.UNPAD
+        try:
+            model.zero_grad(set_to_none=True)
+            value = lm_loss_sum(model, b)
+            value.backward()
+        finally:
+            loss_mod.UNPAD = saved
+        grads[unpad] = (value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    (ref, ref_grads), (out, out_grads) = grads[False], grads[True]
+    assert rel(ref, out) <= 1e-5
+    for name in ref_grads:
+        assert rel(ref_grads[name], out_grads[name]) <= 1e-5, name
+
+
+def test_unpadded_forward_refuses_a_cache_or_a_mask():
+    b = batch()
+    model = tiny()
+    keep = b.attention_mask.bool()
+    with pytest.raises(ValueError, match="right-padded"):
+        model(b.input_ids, b.attention_mask, keep=keep)
+    with pytest.raises(ValueError, match="right-padded"):
+        model(b.input_ids, cache=model_mod.KVCache(2), keep=keep)
