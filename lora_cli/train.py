@@ -332,6 +332,10 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
     targets = apply_lora(model, lora_cfg, generator=generator)
     trainable, total = count_parameters(model)
     model.gradient_checkpointing = t.gradient_checkpointing
+    if precision in ("bf16", "fp16"):  # frozen weights stored as autocast would cast them: same products, no copies
+        from lora_cli.model import cast_frozen_linears_
+
+        cast_frozen_linears_(model, torch.bfloat16 if precision == "bf16" else torch.float16)
     micro_batches = len(batch_indices([len(e) for e in data.train], t.batch_size, t.seed, 0))
     # one step takes grad_accum micro-batches on each process: grad_accum x world size of the epoch's list
     steps_per_epoch = max(1, math.ceil(micro_batches / (t.grad_accum * world_size)))
