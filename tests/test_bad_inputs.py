@@ -98,7 +98,7 @@ def write_evil(path: Path, marker: Path) -> None:
 
 
 def save_adapter_for(model_dir: Path, path: Path, r: int = 4, fill: float | None = None, seed: int = 0,
-                     header_r: int | None = None, template: str | None = None) -> None:
+                     header_r: int | None = None, template: str | None = None, labels: list | None = None) -> None:
     """An adapter as `lora train` writes it (metadata included) for the model in model_dir."""
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -108,16 +108,24 @@ def save_adapter_for(model_dir: Path, path: Path, r: int = 4, fill: float | None
     from lora_cli.config import LoraConfig
     from lora_cli.lora import apply_lora
 
+    from lora_cli.model import add_classification_head
+
     base = load_model(str(model_dir))
-    apply_lora(base.model, LoraConfig(r=r, alpha=2 * r, dropout=0.0), generator=torch.Generator().manual_seed(seed))
+    extra = {}
+    if labels:  # a classifier: a trained head saved whole
+        add_classification_head(base.model, len(labels), torch.Generator().manual_seed(seed))
+        extra = {"modules_to_save": ["score"]}
+    apply_lora(base.model, LoraConfig(r=r, alpha=2 * r, dropout=0.0, **extra),
+               generator=torch.Generator().manual_seed(seed))
     if fill is not None:
         with torch.no_grad():
             for name, p in base.model.named_parameters():
                 if ".lora_" in name:
                     p.fill_(fill)
-    metadata = {"base_model": base.describe(), "model_spec": str(model_dir), "task": "causal_lm",
-                "data": {"format": "alpaca", "columns": {}, "prompt_template": template, "mask_prompt": True,
-                         "max_length": 64, "labels": None}}
+    metadata = {"base_model": base.describe(), "model_spec": str(model_dir),
+                "task": "classification" if labels else "causal_lm",
+                "data": {"format": "classification" if labels else "alpaca", "columns": {}, "prompt_template": template,
+                         "mask_prompt": True, "max_length": 64, "labels": labels}}
     save_adapter(path, base.model, metadata)
     if header_r is not None:  # a header that disagrees with the tensors
         with safe_open(str(path), "pt") as f:
@@ -186,6 +194,7 @@ def ws(tmp_path_factory):
     ad = ws / "adapters"
     ad.mkdir()
     save_adapter_for(ws / "tiny", ad / "good.safetensors")
+    save_adapter_for(ws / "tiny", ad / "classifier.safetensors", labels=["ham", "spam"])
     save_adapter_for(ws / "other", ad / "other-base.safetensors")
     save_adapter_for(ws / "wide", ad / "wide.safetensors")
     save_adapter_for(ws / "tiny", ad / "rank.safetensors", r=8, header_r=4)
@@ -196,6 +205,7 @@ def ws(tmp_path_factory):
     save_adapter_for(ws / "tiny", ad / "template-width.safetensors", template="{instruction:>99999999999}")
     good = (ad / "good.safetensors").read_bytes()
     (ad / "trunc.safetensors").write_bytes(good[: len(good) // 2])
+    (ws / "trunc.safetensors").write_bytes(blob[: len(blob) // 3])
     (ad / "garbage.safetensors").write_bytes(b"\xff" * 64 + os.urandom(1024))
     (ad / "empty.safetensors").write_bytes(b"")
     (ad / "model-not-adapter.safetensors").write_bytes(blob)  # a base model file, not an adapter
@@ -223,6 +233,8 @@ def ws(tmp_path_factory):
                                     + '{"instruction": "x", "output": \n' + json.dumps(alpaca_rows()[3]) + "\n")
     (d / "ragged.csv").write_text("prompt,completion\nhello,world\nagain,and,again\n")
     (d / "header-only.csv").write_text("prompt,completion\n")
+    (d / "dup-header.csv").write_text("prompt,prompt\na,b\n")
+    (d / "list-line.jsonl").write_text(json.dumps(alpaca_rows()[0]) + "\n[1, 2]\n")
     (d / "latin1.csv").write_bytes("prompt,completion\ncaf\xe9,cr\xe8me\n".encode("latin-1"))
     no_output = alpaca_rows()
     del no_output[2]["output"]
@@ -415,6 +427,9 @@ ROWS = [
         with_file("c.yaml", "lora: {r: 4\n", "info", "--random", "gpt2", "--lora-config", "{d}/c.yaml"),
         2, ("c.yaml", "invalid YAML")),
     Row("info-bad-flag", "info", argv("info", "gpt2", "--bogus"), 2, ("--bogus",)),
+    Row("info-truncated-weights-file", "info", argv("info", "{ws}/trunc.safetensors"), 1,
+        ("trunc.safetensors", "truncated")),
+    Row("info-missing-argument", "info", argv("info"), 2, ("model",)),
     # ------------------------------------------------------------------ train: the config (exit 2)
     Row("config-missing", "train", argv("train", "{d}/nope.yaml"), 2, ("{d}/nope.yaml", "does not exist")),
     Row("config-is-directory", "train", argv("train", "{ws}/empty-dir"), 2, ("{ws}/empty-dir", "directory")),
@@ -435,6 +450,10 @@ ROWS = [
     Row("config-rank-negative", "train", train_cfg({"lora": {"r": -4}}), 2, ("lora.r",)),
     Row("config-max-length-zero", "train", train_cfg({"data": {"max_length": 0}}), 2, ("data.max_length",)),
     Row("config-model-missing", "train", train_cfg({"model": DELETE}), 2, ("model", "required")),
+    Row("config-model-empty", "train", train_cfg({"model": ""}), 2, ("model",)),
+    Row("config-columns-unknown-role", "train", train_cfg({"data": {"columns": {"respons": "output"}}}), 2,
+        ("data.columns.respons", "unknown role")),
+    Row("config-val-split-one", "train", train_cfg({"data": {"val_split": 1.0}}), 2, ("data.val_split",)),
     Row("config-data-train-missing", "train", train_cfg({"data": {"train": DELETE}}), 2, ("data.train", "required")),
     Row("config-max-length-above-context", "train", train_cfg({"data": {"max_length": 4096}}), 2,
         ("data.max_length", "4096", "128")),
@@ -484,6 +503,12 @@ ROWS = [
     Row("data-label-empty-row", "train",
         train_cfg({"task": "classification", "data": {"train": "{ws}/data/label-gap.csv"}}), 1,
         ("label-gap.csv", "row 2", "label")),
+    Row("data-format-without-its-column", "train", train_cfg({"data": {"format": "text"}}), 1,
+        ("good.json", "'text'", "data.columns.text")),
+    Row("data-csv-duplicate-header", "train", train_cfg({"data": {"train": "{ws}/data/dup-header.csv"}}), 1,
+        ("dup-header.csv", "duplicate column name 'prompt'")),
+    Row("data-jsonl-line-not-object", "train", train_cfg({"data": {"train": "{ws}/data/list-line.jsonl"}}), 1,
+        ("list-line.jsonl", "line 2", "list")),
     Row("data-unsupported-type", "train", train_cfg({"data": {"train": "{ws}/data/table.xlsx"}}), 1,
         ("table.xlsx", ".xlsx")),
     Row("data-val-broken", "train", train_cfg({"data": {"val": "{ws}/data/broken.jsonl"}}), 1,
@@ -559,6 +584,11 @@ ROWS = [
     Row("eval-prompts-longer-than-context", "eval", argv("eval", "--model", "{ws}/tiny", "--data",
                                                          "{ws}/data/long-prompts.json", "--max-length", "4096"), 1,
         ("long-prompts.json", "128")),
+    Row("eval-config-not-yaml", "eval", argv("eval", "{ws}/data/good.json"), 2, ("good.json", ".yaml")),
+    Row("eval-bad-format", "eval", argv("eval", "--model", "{ws}/tiny", "--data", "{ws}/data/good.json", "--format",
+                                        "xml"), 2, ("--format", "xml")),
+    Row("eval-bad-column-flag", "eval", argv("eval", "--model", "{ws}/tiny", "--data", "{ws}/data/good.json",
+                                             "--column", "prompt"), 2, ("--column", "ROLE=COLUMN")),
     Row("eval-batch-size-zero", "eval", argv("eval", "--model", "{ws}/tiny", "--data", "{ws}/data/good.json",
                                              "--batch-size", "0"), 2, ("--batch-size",)),
     # ------------------------------------------------------------------ merge
@@ -597,6 +627,8 @@ ROWS = [
     Row("generate-adapter-template-huge-width", "generate", argv("generate", "--adapter",
                                                                  "{ws}/adapters/template-width.safetensors", "hi"), 2,
         ("prompt template", "instruction:>99999999999")),
+    Row("generate-prompt-file-missing", "generate", argv("generate", "--model", "{ws}/tiny", "--file",
+                                                         "{ws}/data/nope.txt"), 1, ("nope.txt", "does not exist")),
     Row("generate-bad-temperature", "generate", argv("generate", "--model", "{ws}/tiny", "--temperature", "-1", "hi"),
         2, ("temperature",)),
     Row("generate-bad-top-p", "generate", argv("generate", "--model", "{ws}/tiny", "--top-p", "1.5", "hi"), 2,
@@ -616,6 +648,14 @@ ROWS = [
     # ------------------------------------------------------------------ predict (classification inference)
     Row("predict-adapter-truncated", "predict", argv("predict", "--adapter", "{ws}/adapters/trunc.safetensors", "hi"),
         1, ("trunc.safetensors",)),
+    Row("predict-causal-lm-adapter", "predict", argv("predict", "--adapter", "{ws}/adapters/good.safetensors", "hi"),
+        2, ("good.safetensors", "classif")),
+    Row("predict-batch-size-zero", "predict", argv("predict", "--adapter", "{ws}/adapters/good.safetensors",
+                                                   "--batch-size", "0", "hi"), 2, ("--batch-size",)),
+    Row("predict-file-missing", "predict", argv("predict", "--adapter", "{ws}/adapters/classifier.safetensors",
+                                                "--file", "{ws}/data/nope.txt"), 1, ("nope.txt",)),
+    Row("predict-file-non-utf8", "predict", argv("predict", "--adapter", "{ws}/adapters/classifier.safetensors",
+                                                 "--file", "{ws}/data/prompts-latin1.txt"), 1, ("prompts-latin1.txt",)),
     Row("predict-adapter-missing", "predict", argv("predict", "--adapter", "{ws}/adapters/nope.safetensors", "hi"), 1,
         ("nope.safetensors",)),
 ]

@@ -76,17 +76,19 @@ def reference(z, tmp_path_factory):
     assert done.rc == 0, done.stderr
     out = folder / "out"
     assert [s for s, _, _ in losses(out)][-1] == TOTAL_STEPS
-    return adapter(out / "adapter.safetensors"), losses(out)
+    return adapter(out / "adapter.safetensors"), losses(out), out / "adapter.safetensors"
 
 
-def run_until(z, folder: Path, args: list[str], kill_at: str | None, pause: dict | None = None) -> tuple[int | str, list[str]]:
-    """Start `lora train`, read its stderr line by line, SIGKILL it at the first line starting with `kill_at`
-    (None: let it finish). Returns the exit status and the lines read."""
+def run_until(z, folder: Path, args: list[str], kill_at: str | None, pause: dict | None = None,
+              command: list[str] | None = None) -> tuple[int | str, list[str]]:
+    """Start `lora train` (or `command`), read its stderr line by line, SIGKILL it at the first line starting
+    with `kill_at` (None: let it finish). Returns the exit status and the lines read."""
     fifo = folder / "stderr.fifo"
     if fifo.exists():
         fifo.unlink()
     os.mkfifo(fifo)
-    pid = z.spawn(["train", str(folder / "run.yaml"), "--quiet", *args], folder, child_env(), fifo, pause=pause)
+    argv = command or ["train", str(folder / "run.yaml"), "--quiet", *args]
+    pid = z.spawn(argv, folder, child_env(), fifo, pause=pause)
     lines = []
     with open(fifo, encoding="utf-8", errors="replace") as stream:
         for line in stream:
@@ -116,7 +118,7 @@ TRIALS = {
     "after-checkpoint-6-epoch-boundary": [("checkpoint saved at step 6", None, 6)],
     "after-checkpoint-10": [("checkpoint saved at step 10", None, 10)],
     "during-checkpoint-write-3": [("PAUSED checkpoint", {"what": "checkpoint", "at": 3}, 4)],
-    "during-adapter-write-2": [("PAUSED adapter", {"what": "adapter", "at": 2}, 4)],
+    "during-adapter-write-2": [("PAUSED safetensors", {"what": "safetensors", "at": 2}, 4)],
     "during-metrics-append-7": [("PAUSED metrics", {"what": "metrics", "at": 7}, 6)],
     "three-kills-one-right-after-resume": [("checkpoint saved at step 4", None, 4), ("resumed from step", None, 4),
                                            ("checkpoint saved at step 8", None, 8)],
@@ -125,7 +127,7 @@ TRIALS = {
 
 @pytest.mark.parametrize("name", list(TRIALS))
 def test_sigkill_then_resume_ends_bitwise_equal(name, z, reference, tmp_path):
-    (ref_tensors, ref_meta), ref_losses = reference
+    (ref_tensors, ref_meta), ref_losses, _ = reference
     write_run(tmp_path)
     out = tmp_path / "out"
     kills = 0
@@ -150,3 +152,26 @@ def test_sigkill_then_resume_ends_bitwise_equal(name, z, reference, tmp_path):
     assert meta == ref_meta
     assert losses(out) == ref_losses
     assert kills == len(TRIALS[name])
+
+
+def test_sigkill_during_merge_keeps_the_previous_merged_model(z, reference, tmp_path):
+    """`lora merge --overwrite` killed while it writes model.safetensors: the earlier merged directory is
+    still there, byte for byte, and loads; the next merge completes."""
+    from lora_cli.checkpoint import load_model
+
+    adapter_path = reference[2]
+    merged = tmp_path / "merged"
+    command = ["merge", "--adapter", str(adapter_path), "--out", str(merged)]
+    status, lines = run_until(z, tmp_path, [], None, command=command)
+    assert status == 0, lines
+    before = {p.name: p.read_bytes() for p in merged.iterdir()}
+    status, lines = run_until(z, tmp_path, [], "PAUSED safetensors", {"what": "safetensors", "at": 1},
+                              command=[*command, "--overwrite"])
+    assert status == -signal.SIGKILL, lines
+    assert {p.name: p.read_bytes() for p in merged.iterdir()} == before
+    load_model(str(merged))
+    staging = [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged.")]
+    assert len(staging) == 1  # the killed merge's half-built directory, beside the target (safe to delete)
+    status, lines = run_until(z, tmp_path, [], None, command=[*command, "--overwrite"])
+    assert status == 0, lines
+    assert {p.name: p.read_bytes() for p in merged.iterdir()} == before  # the same merge, the same bytes

@@ -10,7 +10,7 @@ Two modes:
 - `run(argv, cwd, env)`: wait for the child, return exit code, stdout and stderr.
 - `spawn(argv, cwd, env, stderr_fifo, pause=None)`: return the child's pid at once; its stderr goes to a FIFO
   the caller reads line by line (to SIGKILL it at a chosen log line), then `wait(pid)` gives the exit status.
-  `pause={"what": "checkpoint" | "adapter" | "metrics", "at": k}` makes the k-th such write in the child write
+  `pause={"what": "checkpoint" | "safetensors" | "metrics", "at": k}` makes the k-th such write in the child write
   half of its bytes, fsync them, print "PAUSED <what>" on stderr and block, so a test can kill it in the middle
   of that write, deterministically. This instrumentation lives here, in the child, not in the product.
 
@@ -69,7 +69,7 @@ def install_pause(what, at):
             return real(obj, f, *args, **kwargs)
 
         torch.save = save
-    elif what == "adapter":
+    elif what == "safetensors":  # adapters, merged models, PEFT exports
         real_file = safetensors.torch.save_file
 
         def save_file(tensors, filename, metadata=None):
