@@ -106,7 +106,8 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None,
-                grid: "Unpadded | None" = None) -> torch.Tensor:
+                grid: "Unpadded | None" = None, outputs: torch.Tensor | None = None) -> torch.Tensor:
+        """outputs (with grid): indices into x's N rows; only those rows' outputs are computed and returned."""
         if grid is None:
             B, T, C = x.shape
             qkv = self.c_attn(x)  # [B, T, 3C]
@@ -129,7 +130,7 @@ class Attention(nn.Module):
             )  # [B, H, T, D]
         y = y.transpose(1, 2).reshape(B, T, C)
         if grid is not None:
-            y = grid.unpad(y)  # [N, C]
+            y = grid.unpad(y, outputs)  # [N, C], or [len(outputs), C]
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -154,8 +155,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None,
-                grid: "Unpadded | None" = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask, cache, grid)
+                grid: "Unpadded | None" = None, outputs: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.attn(self.ln_1(x), mask, cache, grid, outputs)
+        x = (x if outputs is None else x.index_select(0, outputs)) + a
         return x + self.mlp(self.ln_2(x))
 
 
@@ -176,10 +178,11 @@ class Unpadded:
         out = x.new_zeros(B * T, x.shape[-1])
         return out.index_copy_(0, self.index, x).view(B, T, -1)
 
-    def unpad(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, F] -> [N, F]."""
+    def unpad(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, F] -> [N, F]; with rows (indices into the N real tokens), just those: [len(rows), F]."""
         B, T = self.shape
-        return x.reshape(B * T, -1).index_select(0, self.index)
+        index = self.index if rows is None else self.index[rows]
+        return x.reshape(B * T, -1).index_select(0, index)
 
 
 def attention_bias(attention_mask: torch.Tensor | None, T: int, past: int) -> torch.Tensor | None:
@@ -260,7 +263,8 @@ class GPT2(nn.Module):
         attention_mask: torch.Tensor | None = None,  # [B, S], 1 = real token, 0 = padding
         cache: KVCache | None = None,
         keep: torch.Tensor | None = None,  # [B, T] bool, a prefix of True per row: return only those positions
-    ) -> torch.Tensor:  # [B, T, C], or [N, C] with `keep` (the kept positions in row-major order)
+        outputs: torch.Tensor | None = None,  # [B, T] bool within keep: return only these (see _forward_unpadded)
+    ) -> torch.Tensor:  # [B, T, C], or [N, C] with `keep` (the kept or output positions in row-major order)
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if past + T > self.config.n_positions:
@@ -268,7 +272,7 @@ class GPT2(nn.Module):
         if keep is not None:
             if cache is not None or attention_mask is not None:
                 raise ValueError("keep is for right-padded batches without a cache or an attention mask")
-            return self._forward_unpadded(input_ids, keep)
+            return self._forward_unpadded(input_ids, keep, outputs)
         pos = position_ids(attention_mask, B, T, past, input_ids.device)  # [B, T]
         mask = attention_bias(attention_mask, T, past)  # [B, 1, T, S] or None
         if mask is not None:
@@ -281,16 +285,29 @@ class GPT2(nn.Module):
                 x = block(x, mask, cache)
         return self.transformer.ln_f(x)
 
-    def _forward_unpadded(self, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """The forward on the real tokens of a right-padded batch only (see Unpadded); [N, C]."""
+    def _forward_unpadded(self, input_ids: torch.Tensor, keep: torch.Tensor,
+                          outputs: torch.Tensor | None = None) -> torch.Tensor:
+        """The forward on the real tokens of a right-padded batch only (see Unpadded); [N, C].
+
+        With `outputs` ([B, T] bool, a subset of keep: the positions with a loss) only those rows are returned, and
+        the last block computes its attention projection, MLP and LayerNorms for them alone: the other tokens are
+        needed there only as keys and values. With prompt masking most tokens carry no loss, so this skips most of
+        the last block's c_proj and MLP work (forward and backward)."""
         grid = Unpadded(keep.to(input_ids.device))
+        rows = None
+        if outputs is not None:
+            wanted = outputs.to(input_ids.device).reshape(-1)[grid.index]  # [N] bool over the real tokens
+            if not bool(wanted.all()):
+                rows = wanted.nonzero().squeeze(1)
         pos = grid.index % input_ids.shape[1]  # right padding: a real token's position is its column
         x = self.transformer.drop(self.transformer.wte(input_ids.reshape(-1)[grid.index]) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
+        last = len(self.transformer.h) - 1
+        for i, block in enumerate(self.transformer.h):
+            out = rows if i == last else None
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, None, None, grid, use_reentrant=False)
+                x = checkpoint(block, x, None, None, grid, out, use_reentrant=False)
             else:
-                x = block(x, None, None, grid)
+                x = block(x, None, None, grid, out)
         return self.transformer.ln_f(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

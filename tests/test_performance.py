@@ -1,5 +1,5 @@
-"""The speed paths of model.py change no result: the unpadded forward equals the padded one (fp32, <= 1e-5
-relative, values and gradients), frozen weights stored in the autocast dtype give the same products as autocast's
+"""The speed paths of model.py change no result: the unpadded forward (and its last block for the scored tokens
+only) equals the padded one (fp32, <= 1e-5 relative, values and gradients), frozen weights stored in the autocast dtype give the same products as autocast's
 own casts, the short-sequence bf16 attention path matches the fused kernel to bf16 rounding, and the lm_head is
 tied without a weight of its own."""
 
@@ -130,20 +130,28 @@ def test_unpadded_forward_equals_the_padded_one(checkpointing):
         unpadded = model(b.input_ids, keep=keep)
     assert unpadded.shape == padded.shape == (int(keep.sum()), 64)
     assert rel(padded, unpadded) <= 1e-5
+    scored = b.targets != -100
+    with torch.no_grad():  # the last block for the scored positions only
+        pruned = model(b.input_ids, keep=keep, outputs=scored)
+    assert pruned.shape == (int(scored.sum()), 64) and int(scored.sum()) < int(keep.sum()) / 2
+    assert rel(model(b.input_ids)[scored].detach(), pruned) <= 1e-5
     grads = {}
-    for unpad in (False, True):
-        loss_mod.UNPAD, saved = unpad, loss_mod.UNPAD
+    for unpad, prune in ((False, False), (True, False), (True, True)):
+        saved = loss_mod.UNPAD, loss_mod.PRUNE_LAST_BLOCK
+        loss_mod.UNPAD, loss_mod.PRUNE_LAST_BLOCK = unpad, prune
         try:
             model.zero_grad(set_to_none=True)
             value = lm_loss_sum(model, b)
             value.backward()
         finally:
-            loss_mod.UNPAD = saved
-        grads[unpad] = (value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-    (ref, ref_grads), (out, out_grads) = grads[False], grads[True]
-    assert rel(ref, out) <= 1e-5
-    for name in ref_grads:
-        assert rel(ref_grads[name], out_grads[name]) <= 1e-5, name
+            loss_mod.UNPAD, loss_mod.PRUNE_LAST_BLOCK = saved
+        grads[unpad, prune] = (value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    ref, ref_grads = grads[False, False]
+    for key in ((True, False), (True, True)):
+        out, out_grads = grads[key]
+        assert rel(ref, out) <= 1e-5, key
+        for name in ref_grads:
+            assert rel(ref_grads[name], out_grads[name]) <= 1e-5, (key, name)
 
 
 def test_unpadded_forward_refuses_a_cache_or_a_mask():
