@@ -565,6 +565,95 @@ def dropout_seed(seed: int, epoch: int, position: int) -> int:
     return random.Random(f"dropout:{seed}:{epoch}:{position}").getrandbits(63)
 
 
+@dataclass
+class StepBatches:
+    """One optimizer step's micro-batches on this process, and the counts of the whole (global) step."""
+
+    micro: list  # (data.Batch, global position in the epoch's batch list)
+    n_batches: int  # batches in this epoch (positions beyond are padding from data.shard)
+    consumed: int  # global batches this step uses up
+    n_targets: int  # target tokens (or examples) of the global step: the loss's denominator
+    tokens: int  # real tokens of the global step
+
+
+def _step_batches(s: Setup, state: RunState, batches: list, own: list) -> StepBatches:
+    """Global positions [batch_in_epoch, + grad_accum x W) of the epoch; this process takes rank, rank + W, ..."""
+    from lora_cli.data import collate
+
+    d, W, t = s.dist, s.dist.world_size, s.cfg.train
+    first = state.batch_in_epoch // W
+    positions = [(first + k) * W + d.rank for k in range(t.grad_accum) if first + k < len(own)]
+    micro = [(collate([s.data.train[i] for i in own[pos // W]]), pos) for pos in positions]
+    real = [b for b, pos in micro if pos < len(batches)]  # not padding
+    n_targets, tokens = sum(b.n_targets for b in real), sum(b.n_tokens for b in real)
+    if d.enabled:
+        n_targets, tokens = (int(v) for v in d.all_reduce_sum([n_targets, tokens]))
+    consumed = min(t.grad_accum * W, len(batches) - state.batch_in_epoch)
+    return StepBatches(micro, len(batches), consumed, n_targets, tokens)
+
+
+def _forward_backward(s: Setup, state: RunState, step: StepBatches, forward, loss_sum, autocast) -> float:
+    """Accumulate the step's gradients; returns this process's share of the step's mean loss."""
+    from contextlib import nullcontext
+
+    ddp = getattr(forward, "ddp", None)
+    W = s.dist.world_size
+    loss_value = 0.0
+    for j, (batch, pos) in enumerate(step.micro):
+        batch = batch.to(s.device)
+        torch.manual_seed(dropout_seed(s.cfg.train.seed, state.epoch, pos))
+        last = j == len(step.micro) - 1
+        weight = 1.0 if pos < step.n_batches else 0.0
+        with nullcontext() if ddp is None or last else ddp.no_sync():
+            with autocast():
+                loss = loss_sum(forward, batch) / max(1, step.n_targets)
+            if ddp is None:
+                loss.backward()
+            else:
+                (loss * (W * weight)).backward()
+        loss_value += loss.item() * weight  # a non-finite padding loss still makes the step non-finite
+    return loss_value
+
+
+def _warm_up_ddp(s: Setup, step: StepBatches, forward, loss_sum, autocast, optimizer) -> None:
+    """DDP's static graph is recorded in a first backward that must be synchronised: a zero-weighted pass."""
+    with autocast():
+        (loss_sum(forward, step.micro[0][0].to(s.device)) * 0.0).backward()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _nonfinite(s: Setup, state: RunState, loss_value: float, grad_norm: float, log) -> bool:
+    """A non-finite loss or gradient norm: True to skip the step (up to skip_nonfinite_steps), else stop with the
+    last good checkpoint."""
+    what = "loss" if not math.isfinite(loss_value) else "gradient norm" if not math.isfinite(grad_norm) else None
+    if what is None:
+        return False
+    t = s.cfg.train
+    state.nonfinite_skipped += 1
+    if state.nonfinite_skipped > t.skip_nonfinite_steps:
+        value = loss_value if what == "loss" else grad_norm
+        raise TrainingError(
+            f"{what} is {value} at step {state.step + 1}; stopped, {last_checkpoint_note(s.out_dir)}; "
+            "lower train.lr, keep train.max_grad_norm set, or check the data"
+        )
+    log(f"step {state.step + 1}: non-finite {what} skipped ({state.nonfinite_skipped}/{t.skip_nonfinite_steps})")
+    return True
+
+
+def _interrupted(s: Setup, model, optimizer, state: RunState) -> TrainingInterrupted:
+    """Save a checkpoint on every stop signal; every process stops here and rank 0 says so."""
+    d = s.dist
+    if d.is_main:
+        save_checkpoint(s.out_dir, model, optimizer, state, d.world_size)
+    d.barrier()  # the checkpoint is complete before any process exits
+    again = f"`lora train {s.cfg.source or 'CONFIG'} --resume`" if not d.enabled else "the same command and --resume"
+    interrupted = TrainingInterrupted(
+        f"interrupted at step {state.step}; checkpoint saved in {s.out_dir / 'checkpoint'}; continue with {again}"
+    )
+    interrupted.from_rank0 = not d.is_main
+    return interrupted
+
+
 def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list, log, progress: bool,
           forward=None) -> None:
     """The training loop: micro-batches -> loss -> backward -> (every grad_accum) clip, step, log, validate, save.
@@ -578,134 +667,90 @@ def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list
     run under no_sync, so gradients are all-reduced once per step. When the epoch's batch count is not a multiple
     of W, data.shard pads the list by repeating its first batches; those padding batches run with weight 0, so
     every process does the same number of passes and no example counts twice."""
-    from contextlib import nullcontext
-
     from tqdm import tqdm
 
-    from lora_cli.data import collate, shard
+    from lora_cli.data import shard
 
-    cfg, t, model, d = s.cfg, s.cfg.train, s.model, s.dist
-    W = s.dist.world_size
+    t, model, d = s.cfg.train, s.model, s.dist
     forward = forward if forward is not None else model
-    ddp = getattr(forward, "ddp", None)
     loss_sum = _loss_fn(s)
     autocast = autocast_for(s.device, s.precision)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    metrics_path = s.out_dir / "metrics.jsonl"
     bar = tqdm(total=s.total_steps, initial=state.step, disable=not progress, unit="step", dynamic_ncols=True)
     started = time.perf_counter() - state.elapsed
-    window_tokens, window_start = 0, time.perf_counter()
+    window = [0, time.perf_counter()]  # tokens since the last metrics line, and when it was written
+    warm = getattr(forward, "ddp", None) is None
     model.train()
-    warm = ddp is None
     while state.step < s.total_steps and not state.finished:
         batches = _epoch_batches(s, state.epoch)
-        own = shard(batches, d.rank, W)  # this process's batches: global positions rank, rank + W, ...
+        own = shard(batches, d.rank, d.world_size)  # this process's batches: global positions rank, rank + W, ...
         while state.batch_in_epoch < len(batches) and state.step < s.total_steps:
-            # 1. one optimizer step's micro-batches (global positions [batch_in_epoch, + grad_accum x W) of the
-            #    epoch; this process's share), loss normalised by the target tokens of all of them
-            first = state.batch_in_epoch // W
-            positions = [(first + k) * W + d.rank for k in range(t.grad_accum) if first + k < len(own)]
-            micro = [(collate([s.data.train[i] for i in own[pos // W]]), pos) for pos in positions]
-            real = [b for b, pos in micro if pos < len(batches)]  # not padding
-            consumed = min(t.grad_accum * W, len(batches) - state.batch_in_epoch)
-            n_targets, tokens = sum(b.n_targets for b in real), sum(b.n_tokens for b in real)
-            if d.enabled:
-                n_targets, tokens = (int(v) for v in d.all_reduce_sum([n_targets, tokens]))
+            # 1. the step's micro-batches; the loss is normalised by the target tokens of all of them
+            step = _step_batches(s, state, batches, own)
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(state.step, s.total_steps, t.lr, t.warmup_steps, t.lr_schedule, t.min_lr_ratio)
-            if not warm:  # DDP's static graph is recorded in a first backward that must be synchronised
-                with autocast():
-                    (loss_sum(forward, micro[0][0].to(s.device)) * 0.0).backward()
-                optimizer.zero_grad(set_to_none=True)
+            if not warm:
+                _warm_up_ddp(s, step, forward, loss_sum, autocast, optimizer)
                 warm = True
-            loss_value = 0.0
-            for j, (batch, pos) in enumerate(micro):
-                batch = batch.to(s.device)
-                torch.manual_seed(dropout_seed(t.seed, state.epoch, pos))
-                last = j == len(micro) - 1
-                with nullcontext() if ddp is None or last else ddp.no_sync():
-                    with autocast():
-                        loss = loss_sum(forward, batch) / max(1, n_targets)
-                    weight = 1.0 if pos < len(batches) else 0.0
-                    if ddp is None:
-                        loss.backward()
-                    else:
-                        (loss * (W * weight)).backward()
-                loss_value += loss.item() * weight  # a non-finite padding loss still makes the step non-finite
-            stopping = None
+            loss_value = _forward_backward(s, state, step, forward, loss_sum, autocast)
+            signalled = 0.0
             if d.enabled:  # every process takes the same decisions: the global loss, and a stop signal any one got
                 loss_value, signalled = d.all_reduce_sum([loss_value, float(stop.received is not None)])
-                stopping = signalled > 0
             # 2. the gradient norm, clipped to max_grad_norm when set (an overflow in the backward pass can leave
-            #    inf/NaN gradients behind a finite loss)
+            #    inf/NaN gradients behind a finite loss); a non-finite step is skipped or stops the run
             grad_norm = grad_total_norm(params, t.max_grad_norm)
-            # 3. a non-finite loss or gradient: skip the step (up to skip_nonfinite_steps) or stop with the last
-            #    good checkpoint
-            what = "loss" if not math.isfinite(loss_value) else "gradient norm" if not math.isfinite(grad_norm) else None
-            if what is not None:
+            if _nonfinite(s, state, loss_value, grad_norm, log):
                 optimizer.zero_grad(set_to_none=True)
-                state.nonfinite_skipped += 1
-                if state.nonfinite_skipped > t.skip_nonfinite_steps:
-                    value = loss_value if what == "loss" else grad_norm
-                    raise TrainingError(
-                        f"{what} is {value} at step {state.step + 1}; stopped, {last_checkpoint_note(s.out_dir)}; "
-                        "lower train.lr, keep train.max_grad_norm set, or check the data"
-                    )
-                log(f"step {state.step + 1}: non-finite {what} skipped ({state.nonfinite_skipped}/{t.skip_nonfinite_steps})")
-                state.batch_in_epoch += consumed
+                state.batch_in_epoch += step.consumed
                 continue
-            # 4. step
+            # 3. the update
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            state.batch_in_epoch += consumed
-            state.tokens += tokens
-            window_tokens += tokens
+            state.batch_in_epoch += step.consumed
+            state.tokens += step.tokens
+            window[0] += step.tokens
             state.elapsed = time.perf_counter() - started
-            # 4. log, validate, checkpoint
-            record = None
-            if state.step % t.log_every == 0 or state.step == s.total_steps:
-                now = time.perf_counter()
-                record = {"step": state.step, "epoch": state.epoch + state.batch_in_epoch / len(batches),
-                          "loss": loss_value, "lr": optimizer.param_groups[0]["lr"], "tokens": state.tokens,
-                          "tokens_per_s": window_tokens / max(1e-9, now - window_start), "elapsed": state.elapsed}
-                window_tokens, window_start = 0, now
-            if t.eval_every and state.step % t.eval_every == 0 and state.step < s.total_steps:
-                record = record or {"step": state.step, "epoch": state.epoch + state.batch_in_epoch / len(batches),
-                                    "loss": loss_value, "lr": optimizer.param_groups[0]["lr"], "tokens": state.tokens,
-                                    "elapsed": state.elapsed}
-                _after_validation(s, state, record, autocast, log)
-                model.train()
-            if record is not None:
-                if d.is_main:
-                    append_line(metrics_path, json.dumps(record))
-                history.append(record)
+            # 4. log, validate, checkpoint, stop
+            _log_and_validate(s, state, optimizer, loss_value, len(batches), window, history, autocast, log)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                             tok_s=f"{state.tokens / max(1e-9, state.elapsed):.0f}")
             if t.save_every and state.step % t.save_every == 0:
                 if d.is_main:
-                    save_checkpoint(s.out_dir, model, optimizer, state, W)
+                    save_checkpoint(s.out_dir, model, optimizer, state, d.world_size)
                 log(f"checkpoint saved at step {state.step}")
-            if stopping if stopping is not None else stop.received is not None:
-                if d.is_main:
-                    save_checkpoint(s.out_dir, model, optimizer, state, W)
-                d.barrier()  # the checkpoint is complete before any process exits
+            if (signalled > 0) if d.enabled else stop.received is not None:
                 bar.close()
-                again = f"`lora train {cfg.source or 'CONFIG'} --resume`" if not d.enabled else \
-                    "the same command and --resume"
-                interrupted = TrainingInterrupted(
-                    f"interrupted at step {state.step}; checkpoint saved in {s.out_dir / 'checkpoint'}; "
-                    f"continue with {again}"
-                )
-                interrupted.from_rank0 = not d.is_main  # every process stops here; rank 0 says so
-                raise interrupted
+                raise _interrupted(s, model, optimizer, state)
             if state.finished:  # early stopping
                 break
         if state.batch_in_epoch >= len(batches):
             state.epoch += 1
             state.batch_in_epoch = 0
     bar.close()
+
+
+def _log_and_validate(s: Setup, state: RunState, optimizer, loss_value: float, n_batches: int, window: list,
+                      history: list, autocast, log) -> None:
+    """Every log_every steps a metrics line; every eval_every steps a validation (with val_loss in that line)."""
+    t = s.cfg.train
+    record = None
+    if state.step % t.log_every == 0 or state.step == s.total_steps or (
+            t.eval_every and state.step % t.eval_every == 0 and state.step < s.total_steps):
+        record = {"step": state.step, "epoch": state.epoch + state.batch_in_epoch / n_batches, "loss": loss_value,
+                  "lr": optimizer.param_groups[0]["lr"], "tokens": state.tokens, "elapsed": state.elapsed}
+    if record is not None and (state.step % t.log_every == 0 or state.step == s.total_steps):
+        now = time.perf_counter()
+        record["tokens_per_s"] = window[0] / max(1e-9, now - window[1])
+        window[0], window[1] = 0, now
+    if t.eval_every and state.step % t.eval_every == 0 and state.step < s.total_steps:
+        _after_validation(s, state, record, autocast, log)
+        s.model.train()
+    if record is not None:
+        if s.dist.is_main:
+            append_line(s.out_dir / "metrics.jsonl", json.dumps(record))
+        history.append(record)
 
 
 def grad_total_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> float:
