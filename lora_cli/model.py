@@ -354,11 +354,14 @@ def cast_frozen_linears_(model: nn.Module, dtype: torch.dtype) -> int:
     frozen model every forward (kept alive until the backward) and the memory traffic to make it. A frozen weight
     stored already rounded to that dtype gives bit-identical products. Trained parameters (LoRA, modules_to_save)
     stay fp32; so do the embeddings and the tied lm_head/wte (the embedding lookup is not autocast), LayerNorm,
-    and the base layer of a DoRA adapter (its weight norm is taken in fp32)."""
+    the base layer of a DoRA adapter (its weight norm is taken in fp32) and a task head (model.score: the adapter
+    file carries it, frozen or not, and must keep its fp32 values)."""
     skip = {id(model.lm_head)} if hasattr(model, "lm_head") else set()
-    for module in model.modules():
+    for name, module in model.named_modules():
         if getattr(module, "use_dora", False) and hasattr(module, "base_layer"):
             skip.add(id(module.base_layer))
+        if name == HEAD or name.startswith(HEAD + "."):
+            skip.add(id(module))
     count = 0
     for module in model.modules():
         if type(module) is not nn.Linear or id(module) in skip:

@@ -4,6 +4,8 @@
     python scripts/benchmark.py --mode text               # plain text, 8 x 256, every position scored
     python scripts/benchmark.py --mode eval               # forward only, under torch.inference_mode
     python scripts/benchmark.py --precision bf16 --steps 6 --warmup-steps 2 --threads 2
+    python scripts/benchmark.py --device cuda --model gpt2-medium --mode text --batch-size 32 --seq-len 512 \
+        --precision bf16 --reference-peak-tflops 790      # a GPU (H200): MFU against its bf16 figure
 
 Each tool runs in its own subprocess, one after the other (so peak RSS is each tool's own), after a third
 subprocess has measured the machine's matmul peak on the same threads. Each prints one JSON line; a last line
@@ -322,6 +324,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-group", action="store_true", help="ours: no length grouping (A/B)")
     ap.add_argument("--compile", action="store_true", help="ours: train.compile: true")
     ap.add_argument("--peer-malloc-tuned", action="store_true", help=f"peer: run with {TUNED_MALLOC_ENV}")
+    ap.add_argument("--reference-peak-tflops", type=float, default=None,
+                    help="also report useful FLOPs / this figure as mfu (e.g. 790 for an H200's bf16)")
     ap.add_argument("--child", choices=["peak", "ours", "peer"], help=argparse.SUPPRESS)
     ap.add_argument("--pools", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -402,6 +406,7 @@ def main(argv=None) -> None:
             "padding_fraction": round(r["padding_fraction"], 4),
             "useful_gflops_per_s": round(flops / wall / 1e9, 2),
             "frac_of_matmul_peak": round(flops / wall / peak_flops, 4),
+            **({"mfu": round(flops / wall / (args.reference_peak_tflops * 1e12), 4)} if args.reference_peak_tflops else {}),
             "fp32_matmul_peak_gflops": round(peak["fp32_matmul_peak_flops"] / 1e9, 1),
             "bf16_matmul_peak_gflops": round(peak["bf16_matmul_peak_flops"] / 1e9, 1),
             "real_tokens": real, "scored_tokens": scored,

@@ -162,3 +162,15 @@ def test_unpadded_forward_refuses_a_cache_or_a_mask():
         model(b.input_ids, b.attention_mask, keep=keep)
     with pytest.raises(ValueError, match="right-padded"):
         model(b.input_ids, cache=model_mod.KVCache(2), keep=keep)
+
+
+def test_cast_keeps_a_task_head_in_fp32():
+    from lora_cli.model import add_classification_head
+
+    model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=64))
+    add_classification_head(model, 3)
+    apply_lora(model, LoraConfig(r=4, alpha=8, targets=["attn.c_attn", "score"]))
+    cast_frozen_linears_(model, torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["score.base_layer.weight"] == torch.float32
+    assert dtypes["transformer.h.0.attn.c_attn.base_layer.weight"] == torch.bfloat16
