@@ -169,7 +169,6 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 elsewhere
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
     gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the model
     num_threads: int | None = None  # torch.set_num_threads
 
 

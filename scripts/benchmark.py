@@ -91,8 +91,7 @@ def run_config(args, data_path: str):
                  "format": "text" if text else "alpaca", "group_by_length": not args.no_group},
         "lora": dict(LORA),
         "train": {"batch_size": args.batch_size, "lr": LR, "precision": args.precision, "device": args.device,
-                  "num_threads": args.threads, "model_dropout": args.model_dropout, "seed": args.seed,
-                  "compile": args.compile},
+                  "num_threads": args.threads, "model_dropout": args.model_dropout, "seed": args.seed},
     })
 
 
@@ -322,7 +321,6 @@ def parse_args(argv=None):
                     "tool's fastest run (shared machines) and its largest peak memory")
     ap.add_argument("--chunk-rows", type=int, default=None, help="ours: rows per cross-entropy chunk; 0 = plain path")
     ap.add_argument("--no-group", action="store_true", help="ours: no length grouping (A/B)")
-    ap.add_argument("--compile", action="store_true", help="ours: train.compile: true")
     ap.add_argument("--peer-malloc-tuned", action="store_true", help=f"peer: run with {TUNED_MALLOC_ENV}")
     ap.add_argument("--reference-peak-tflops", type=float, default=None,
                     help="also report useful FLOPs / this figure as mfu (e.g. 790 for an H200's bf16)")
