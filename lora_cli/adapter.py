@@ -26,8 +26,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +33,8 @@ import torch
 
 from lora_cli.checkpoint import CONV1D_SUFFIXES, BaseModel
 from lora_cli.config import LoraConfig
-from lora_cli.errors import AdapterError, ConfigError, LoraError
-from lora_cli.fsutil import atomic_path, atomic_write_text, default_mode
+from lora_cli.errors import AdapterError, ConfigError
+from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
 from lora_cli.model import HEAD, add_classification_head
 from lora_cli.lora import (
     SLICES,
@@ -573,13 +571,7 @@ def export_peft(adapter: Adapter | str | os.PathLike, out_dir: str | os.PathLike
             raise AdapterError(f"{out} exists and holds other files ({others[0]}); choose a new or empty output directory")
     tensors, targets, rank_pattern = peft_state_dict(adapter)
     config = peft_config(adapter, targets, rank_pattern)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        os.chmod(staging, default_mode(directory=True))
-    except OSError as exc:
-        raise AdapterError(f"cannot write {out}: {exc.strerror or exc}") from exc
-    try:
+    with atomic_dir(out, AdapterError) as staging:
         atomic_write_text(staging / PEFT_CONFIG, json.dumps(config, indent=2) + "\n")
         with atomic_path(staging / PEFT_WEIGHTS[0]) as tmp:
             header = {"format": "pt"}
@@ -587,18 +579,4 @@ def export_peft(adapter: Adapter | str | os.PathLike, out_dir: str | os.PathLike
             if adapter.metadata.get("task") == "classification" and labels:
                 header["lora_cli_labels"] = json.dumps([str(x) for x in labels])  # for lora-cli's own import
             save_file(tensors, str(tmp), metadata=header)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(staging, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except (LoraError, OSError) as exc:  # one line naming the target, not the hidden staging folder
-        shutil.rmtree(staging, ignore_errors=True)
-        reason = str(exc) if isinstance(exc, LoraError) else f"cannot write {out}: {exc.strerror or exc}"
-        raise AdapterError(reason.replace(str(staging), str(out))) from exc
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out

@@ -10,16 +10,14 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lora_cli.config import ModelSpec
-from lora_cli.errors import CheckpointError, LoraError
-from lora_cli.fsutil import atomic_path, atomic_write_text, default_mode
+from lora_cli.errors import CheckpointError
+from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
 from lora_cli.model import GPT2, GPT2_PRESETS, GPT2Config
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -338,35 +336,11 @@ def save_pretrained(
     config = {**hf_config_dict(model.config, dtype_name), **(config_updates or {})}
     tensors = hf_state_dict(model.state_dict(), dtype)
     tensors.update({k: v.detach().to("cpu", dtype).contiguous() for k, v in (extra_tensors or {}).items()})
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        os.chmod(staging, default_mode(directory=True))
-    except OSError as exc:
-        raise CheckpointError(f"cannot write {out}: {exc.strerror or exc}") from exc
-    try:
+    with atomic_dir(out, CheckpointError) as staging:
         atomic_write_text(staging / "config.json", json.dumps(config, indent=2) + "\n")
         with atomic_path(staging / "model.safetensors") as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt"})
         for name, text in (extra_files or {}).items():
             atomic_write_text(staging / name, text)
-        _replace_dir(staging, out)
-    except (LoraError, OSError) as exc:  # one line naming the target, not the hidden staging folder
-        shutil.rmtree(staging, ignore_errors=True)
-        reason = str(exc) if isinstance(exc, LoraError) else f"cannot write {out}: {exc.strerror or exc}"
-        raise CheckpointError(reason.replace(str(staging), str(out))) from exc
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
-
-def _replace_dir(staging: Path, out: Path) -> None:
-    """Move a finished directory into place; an older one is removed only after the new one is there."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

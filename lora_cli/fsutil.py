@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -81,6 +82,36 @@ def _disk_full(folder: Path, exc: BaseException) -> bool:
     except OSError:
         return False
     return st.f_bavail * st.f_frsize < 2**20  # (checked before the temporary file is removed)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, error: type[LoraError] = LoraError) -> Iterator[Path]:
+    """Yield a staging folder beside `path`; when the block succeeds the folder replaces `path` (an older one is
+    removed only after the new one is in place), when it fails the folder vanishes. Failures are one `error`
+    naming `path`, never the hidden staging folder."""
+    out = Path(path)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        os.chmod(staging, default_mode(directory=True))
+    except OSError as exc:
+        raise error(f"cannot write {out}: {exc.strerror or exc}") from exc
+    try:
+        yield staging
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(staging, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except (LoraError, OSError) as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = str(exc) if isinstance(exc, LoraError) else f"cannot write {out}: {exc.strerror or exc}"
+        raise error(reason.replace(str(staging), str(out))) from exc
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -12,7 +12,6 @@ from lora_cli import tokenizer
 from lora_cli.checkpoint import load_model, save_pretrained
 from lora_cli.errors import CheckpointError
 
-from conftest import make_hf_gpt2
 
 TEXT = "The quick brown fox jumps over the lazy dog. Every effort moves you."
 
@@ -59,6 +58,9 @@ def test_single_file_checkpoints_with_and_without_prefix(tmp_path, tiny_hf_dir):
         assert model.config.n_layer == 2 and model.config.n_head == 1  # 64 / 64: GPT-2's head size
         assert model.config.n_embd == 64 and model.config.vocab_size == 50257
         assert torch.equal(model.transformer.h[1].mlp.c_fc.weight, ref.transformer.h[1].mlp.c_fc.weight)
+        # n_head is not visible in shapes: 1 head of 64 here vs 2 of 32 in the original, so only the
+        # head-independent parts agree exactly; the embeddings and MLP weights above are the check
+        assert logits_of(model, ids).shape == logits_of(ref, ids).shape
 
 
 def test_random_init_is_seeded_and_counts_match():

@@ -182,11 +182,11 @@ def test_eval_table_and_plot(trained, tmp_path):
     (tn, fp), (fn, tp) = r["confusion_matrix"]
     assert lines[2:] == [
         "",
-        f"            base  adapter    delta",
+        "            base  adapter    delta",
         f"loss      {b['loss']:.4f}   {r['loss']:.4f}  {d['loss']:+.4f}",
         f"accuracy  {b['accuracy']:.4f}   {r['accuracy']:.4f}  {d['accuracy']:+.4f}",
         f"macro-F1  {b['macro_f1']:.4f}   {r['macro_f1']:.4f}  {d['macro_f1']:+.4f}",
-        f"examples      16       16",
+        "examples      16       16",
         "",
         "class  precision  recall      F1  support",
         f"neg    {n['precision']:>9.4f}  {n['recall']:>6.4f}  {n['f1']:>6.4f}        8",

@@ -5,7 +5,6 @@ tied without a weight of its own."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lora_cli import loss as loss_mod
 from lora_cli import model as model_mod

@@ -16,7 +16,6 @@ def test_every_config_key_is_documented():
 
 
 def test_every_command_is_documented():
-    import typer
 
     from lora_cli.cli import app
 
