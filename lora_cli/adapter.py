@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from lora_cli.checkpoint import CONV1D_SUFFIXES, BaseModel
+from lora_cli.checkpoint import CONV1D_SUFFIXES, BaseModel, key_mismatch
 from lora_cli.config import LoraConfig
 from lora_cli.errors import AdapterError, ConfigError
 from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
@@ -226,15 +226,10 @@ def attach_adapter(base: BaseModel | torch.nn.Module, adapter: Adapter | str | o
     except ConfigError as exc:
         raise AdapterError(f"{misfit}: {exc}") from exc
     expected = adapter_state_dict(model)
-    missing = [k for k in expected if k not in adapter.tensors]
-    unexpected = [k for k in adapter.tensors if k not in expected and k not in head_tensors]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-        if unexpected:
-            parts.append(f"unexpected {unexpected[0]}" + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
-        raise AdapterError(f"{misfit}: {'; '.join(parts)}")
+    mismatch = key_mismatch([k for k in expected if k not in adapter.tensors],
+                            [k for k in adapter.tensors if k not in expected and k not in head_tensors])
+    if mismatch:
+        raise AdapterError(f"{misfit}: {mismatch}")
     for key, param in expected.items():
         given = adapter.tensors[key]
         if tuple(given.shape) != tuple(param.shape):

@@ -242,21 +242,24 @@ def infer_config(state: dict[str, torch.Tensor], path: Path) -> GPT2Config:
         raise CheckpointError(f"{path}: {exc}") from exc
 
 
+def key_mismatch(missing: list[str], unexpected: list[str]) -> str | None:
+    """'missing A and 2 more; unexpected B' for an error message, or None when both lists are empty."""
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            parts.append(f"{what} {keys[0]}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else ""))
+    return "; ".join(parts) or None
+
+
 def build_model(config: GPT2Config, state: dict[str, torch.Tensor], path: Path) -> GPT2:
     """A GPT2 with `state` copied in: Conv1D weights transposed, every name and shape checked."""
     with torch.device("meta"):
         model = GPT2(config)
     expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     given = _canonical(state)
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-        if unexpected:
-            parts.append(f"unexpected {unexpected[0]}" + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""))
-        raise CheckpointError(f"{path} does not match the GPT-2 architecture of its config: {'; '.join(parts)}")
+    mismatch = key_mismatch(sorted(set(expected) - set(given)), sorted(set(given) - set(expected)))
+    if mismatch:
+        raise CheckpointError(f"{path} does not match the GPT-2 architecture of its config: {mismatch}")
     converted = {}
     for key, target in expected.items():
         tensor = given[key]
