@@ -27,3 +27,13 @@ def tiny_hf_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-gpt2")
     make_hf_gpt2(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def z(tmp_path_factory):
+    """A warm process that forks real `lora` CLI runs (tests/zygote.py), one per test module."""
+    from zygote import Zygote
+
+    runner = Zygote(tmp_path_factory.mktemp("zygote-io"))
+    yield runner
+    runner.close()

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from zygote import Zygote, child_env
+from zygote import child_env
 
 TINY_MODEL = {"name": "gpt2", "init": "random", "n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 128,
               "seed": 7}
@@ -49,13 +49,6 @@ def write_run(folder: Path) -> Path:
     path = folder / "run.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
-
-
-@pytest.fixture(scope="module")
-def z(tmp_path_factory):
-    runner = Zygote(tmp_path_factory.mktemp("zygote-io"))
-    yield runner
-    runner.close()
 
 
 def adapter(path: Path) -> tuple[dict, dict]:

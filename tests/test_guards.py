@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zygote import Zygote, child_env
+from zygote import child_env
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "quick", "seven", "table", "music", "light", "north",
          "paper", "glass", "horse", "bread", "chair"]
@@ -38,13 +38,6 @@ def write_run(folder: Path, train: str, rows: list[dict] | None = None, data: st
                     f"lora: {{r: 4, alpha: 8, dropout: 0.0}}\n"
                     f"train: {{eval_every: 0, warmup_steps: 0, num_threads: 1, log_every: 1, device: cpu, {train}}}\n")
     return path
-
-
-@pytest.fixture(scope="module")
-def z(tmp_path_factory):
-    runner = Zygote(tmp_path_factory.mktemp("zygote-io"))
-    yield runner
-    runner.close()
 
 
 def digest(path: Path) -> str:
