@@ -88,12 +88,14 @@ def autocast_for(device: torch.device, precision: str):
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
+def build_optimizer(params: list[torch.nn.Parameter], cfg):
+    """torch.optim's AdamW or SGD update, from lora_cli.optim (same numbers, without torch.optim's imports)."""
+    from lora_cli.optim import SGD, AdamW
+
     t = cfg.train
     if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    # foreach=False: the same kernels on every run keep CPU results bit-identical across resume.
-    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay, foreach=False)
+        return SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
 
 
 @dataclass
