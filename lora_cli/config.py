@@ -169,6 +169,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 elsewhere
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps
     gradient_checkpointing: bool = False
+    share_prefix: bool = True  # compute a prompt prefix common to a whole batch once (exact without dropout)
     num_threads: int | None = None  # torch.set_num_threads
 
 

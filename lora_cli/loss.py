@@ -36,7 +36,9 @@ def scored_hidden(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         keep = batch.attention_mask.bool()  # [B, T]
         n_real, n_scored = int(keep.sum()), int(scored.sum())
         prune = PRUNE_LAST_BLOCK and n_scored < n_real
-        if n_real < keep.numel() or prune:  # padding to skip, or unscored tokens to skip in the last block
+        share = getattr(model, "share_prefix", False) and keep.shape[0] > 1
+        # padding to skip, unscored tokens to skip in the last block, or a common prefix to compute once
+        if n_real < keep.numel() or prune or share:
             hidden = model(batch.input_ids, keep=keep, outputs=scored if prune else None)  # row-major order
             return (hidden if prune else hidden[scored[keep]]), batch.targets[scored]
     hidden = model(batch.input_ids, mask)  # [B, T, C]

@@ -108,12 +108,20 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None,
                 grid: "Unpadded | None" = None, outputs: torch.Tensor | None = None) -> torch.Tensor:
         """outputs (with grid): indices into x's N rows; only those rows' outputs are computed and returned."""
+        qkv = self.c_attn(x)  # [B, T, 3C], or [N, 3C] on the unpadded path (x is the real tokens only)
         if grid is None:
-            B, T, C = x.shape
-            qkv = self.c_attn(x)  # [B, T, 3C]
-        else:  # x is [N, C], the real tokens only: attention alone needs the [B, T] layout
-            (B, T), C = grid.shape, x.shape[-1]
-            qkv = grid.pad(self.c_attn(x))  # [B, T, 3C], zeros at padding
+            y = self._attend(qkv, mask, cache)  # [B, T, C]
+        else:
+            y = self._attend_rows(qkv, grid, outputs)  # [N, C], or [len(outputs), C]
+        return self.resid_dropout(self.c_proj(y))
+
+    def _attend_rows(self, qkv: torch.Tensor, grid: "Unpadded", outputs: torch.Tensor | None) -> torch.Tensor:
+        """[N, 3C] -> [N, C] (or [len(outputs), C]): attention alone needs the [B, T] layout."""
+        return grid.unpad(self._attend(grid.pad(qkv), None, None), outputs)
+
+    def _attend(self, qkv: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        """[B, T, 3C] -> [B, T, C]."""
+        B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         q, k, v = qkv.split(C, dim=2)  # 3 x [B, T, C]
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
         if cache is not None:
@@ -128,10 +136,7 @@ class Attention(nn.Module):
                 # Without a mask the plain causal case runs SDPA's fused path; one new token sees every cached key.
                 is_causal=mask is None and T > 1,
             )  # [B, H, T, D]
-        y = y.transpose(1, 2).reshape(B, T, C)
-        if grid is not None:
-            y = grid.unpad(y, outputs)  # [N, C], or [len(outputs), C]
-        return self.resid_dropout(self.c_proj(y))
+        return y.transpose(1, 2).reshape(B, T, C)
 
 
 class MLP(nn.Module):
@@ -162,27 +167,45 @@ class Block(nn.Module):
 
 
 class Unpadded:
-    """Where the N real tokens of a right-padded [B, T] batch sit: `index` [N] into the flattened B * T grid.
+    """The distinct real tokens of a right-padded [B, T] batch, as N rows in row-major order of the grid.
 
     The unpadded forward (GPT2.forward with `keep`) runs embeddings, LayerNorms, linear layers and the MLP on the
-    [N, C] real tokens only, so padding costs no FLOPs and no activation memory there; attention alone scatters
-    q, k, v back into [B, T] (zeros at padding, which causal attention never lets a real query see on the right)."""
+    [N, C] rows only, so padding costs no FLOPs and no activation memory there; attention alone gathers q, k, v
+    back into [B, T] (padding reads some real row: causal attention never lets a real query see a later position,
+    so those values reach no output, and the zero gradients of unread outputs add nothing in the backward).
 
-    def __init__(self, keep: torch.Tensor):
-        self.shape = tuple(keep.shape)  # (B, T)
-        self.index = keep.reshape(-1).nonzero().squeeze(1)  # [N]
+    shared: the first `shared` columns hold the same tokens in every row (a prompt preamble common to the batch,
+    such as an instruction template's). Causal attention makes their hidden states the same in every row, so they
+    are computed once: rows 0..shared-1 are row 0's, and every row of the grid reads them. The gradient of a shared
+    row sums the gradients of all the batch rows that read it, as the per-row computation would."""
+
+    def __init__(self, keep: torch.Tensor, shared: int = 0):
+        B, T = self.shape = tuple(keep.shape)
+        own = keep.reshape(-1).clone()  # [B * T] the positions that get a row of their own
+        column = torch.arange(B * T, device=keep.device) % T
+        if shared:
+            own[T:] &= column[T:] >= shared
+        self.index = own.nonzero().squeeze(1)  # [N] the grid position each row is computed at
+        rank = own.long().cumsum(0) - 1
+        # [B * T] the row each grid position reads: its own, the shared row of its column, or (padding) row 0
+        self.rows = torch.where(own, rank, torch.where(column < shared, column, 0))
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, F] -> [B, T, F] with zeros at padding."""
+        """[N, F] -> [B, T, F]."""
         B, T = self.shape
-        out = x.new_zeros(B * T, x.shape[-1])
-        return out.index_copy_(0, self.index, x).view(B, T, -1)
+        return x.index_select(0, self.rows).view(B, T, -1)
 
     def unpad(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, T, F] -> [N, F]; with rows (indices into the N real tokens), just those: [len(rows), F]."""
+        """[B, T, F] -> [N, F]; with rows (indices into the N rows), just those: [len(rows), F]."""
         B, T = self.shape
         index = self.index if rows is None else self.index[rows]
         return x.reshape(B * T, -1).index_select(0, index)
+
+
+def shared_prefix_length(input_ids: torch.Tensor, keep: torch.Tensor) -> int:
+    """How many leading columns of a [B, T] batch are real tokens with the same id in every row."""
+    same = (input_ids == input_ids[:1]).all(dim=0) & keep.all(dim=0)  # [T]
+    return int(same.long().cumprod(0).sum())
 
 
 def attention_bias(attention_mask: torch.Tensor | None, T: int, past: int) -> torch.Tensor | None:
@@ -220,6 +243,7 @@ class GPT2(nn.Module):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False
+        self.share_prefix = True  # compute a prefix common to a right-padded batch once (see Unpadded)
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -287,18 +311,22 @@ class GPT2(nn.Module):
 
     def _forward_unpadded(self, input_ids: torch.Tensor, keep: torch.Tensor,
                           outputs: torch.Tensor | None = None) -> torch.Tensor:
-        """The forward on the real tokens of a right-padded batch only (see Unpadded); [N, C].
+        """The forward on the real tokens of a right-padded batch only (see Unpadded): one row [.., C] per kept
+        position, or per `outputs` position, in row-major order.
 
-        With `outputs` ([B, T] bool, a subset of keep: the positions with a loss) only those rows are returned, and
-        the last block computes its attention projection, MLP and LayerNorms for them alone: the other tokens are
-        needed there only as keys and values. With prompt masking most tokens carry no loss, so this skips most of
-        the last block's c_proj and MLP work (forward and backward)."""
-        grid = Unpadded(keep.to(input_ids.device))
-        rows = None
-        if outputs is not None:
-            wanted = outputs.to(input_ids.device).reshape(-1)[grid.index]  # [N] bool over the real tokens
-            if not bool(wanted.all()):
-                rows = wanted.nonzero().squeeze(1)
+        With `outputs` ([B, T] bool, a subset of keep: the positions with a loss) the last block computes its
+        attention projection, MLP and LayerNorms for those rows alone: the other tokens are needed there only as
+        keys and values. With prompt masking most tokens carry no loss, so this skips most of the last block's
+        c_proj and MLP work (forward and backward). With `share_prefix` set, a prefix common to every row is
+        computed once (Unpadded's `shared`)."""
+        keep = keep.to(input_ids.device)
+        B = input_ids.shape[0]
+        shared = shared_prefix_length(input_ids, keep) if self.share_prefix and B > 1 else 0
+        grid = Unpadded(keep, shared)
+        wanted = (keep if outputs is None else outputs.to(input_ids.device)).reshape(-1)
+        requested = grid.rows[wanted.nonzero().squeeze(1)]  # [M] the row each returned position reads
+        needed = requested.unique(sorted=True) if shared else requested  # rows to compute in the last block
+        rows = needed if len(needed) < len(grid.index) else None
         pos = grid.index % input_ids.shape[1]  # right padding: a real token's position is its column
         x = self.transformer.drop(self.transformer.wte(input_ids.reshape(-1)[grid.index]) + self.transformer.wpe(pos))
         last = len(self.transformer.h) - 1
@@ -308,7 +336,10 @@ class GPT2(nn.Module):
                 x = checkpoint(block, x, None, None, grid, out, use_reentrant=False)
             else:
                 x = block(x, None, None, grid, out)
-        return self.transformer.ln_f(x)
+        x = self.transformer.ln_f(x)  # [len(needed), C]
+        if len(needed) != len(requested) or not torch.equal(needed, requested):
+            x = x.index_select(0, torch.searchsorted(needed, requested))  # shared rows read by several positions
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., C] -> [..., V]."""

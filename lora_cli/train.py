@@ -334,6 +334,7 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
     targets = apply_lora(model, lora_cfg, generator=generator)
     trainable, total = count_parameters(model)
     model.gradient_checkpointing = t.gradient_checkpointing
+    model.share_prefix = t.share_prefix
     if precision in ("bf16", "fp16"):  # frozen weights stored as autocast would cast them: same products, no copies
         from lora_cli.model import cast_frozen_linears_
 

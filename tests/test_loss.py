@@ -203,3 +203,59 @@ train: {lr: 1e-2, batch_size: 4, epochs: 2, warmup_steps: 1, log_every: 1, eval_
     for key in ("loss", "val_loss"):
         for a, b in zip(losses(plain_run, key), losses(chunked_run, key), strict=True):
             assert b == pytest.approx(a, rel=1e-5)
+
+
+def shared_prefix_batch(case: str):
+    """Right-padded batches whose rows start with the same tokens, as an instruction template's preamble does."""
+    from lora_cli.data import Example, collate
+
+    g = torch.Generator().manual_seed(8)
+    prefix = torch.randint(0, V, (11,), generator=g).tolist()
+    tail = lambda n: torch.randint(0, V, (n,), generator=g).tolist()  # noqa: E731
+    if case == "prompt masked":  # the prefix carries no loss (the instruction-tuning case)
+        rows = [(prefix + tail(n), 11 + k) for n, k in ((9, 3), (4, 1), (15, 6), (1, 0))]
+    elif case == "prefix scored":  # every position scored, a row that is the prefix alone, rows of other lengths
+        rows = [(prefix + tail(n), 0) for n in (6, 0, 13)]
+    elif case == "identical rows":
+        rows = [(prefix, 0), (prefix, 3)]
+    else:  # "nothing shared"
+        rows = [(tail(n), 2) for n in (8, 12, 5)]
+    return collate([Example(ids, [False] * p + [True] * (len(ids) - p)) for ids, p in rows])
+
+
+@pytest.mark.parametrize("case", ["prompt masked", "prefix scored", "identical rows", "nothing shared"])
+def test_shared_prefix_loss_and_gradients_equal_the_padded_path(case, monkeypatch):
+    """A prefix common to the batch is computed once (model.Unpadded's `shared`): the loss and every LoRA gradient
+    equal the plain padded computation, with and without pruning the last block."""
+    model, batch = tiny_lora_model(), shared_prefix_batch(case)
+    runs = {}
+    for name, unpad, share, prune in (("padded", False, False, False), ("shared", True, True, True),
+                                      ("shared, all rows out", True, True, False), ("unshared", True, False, True)):
+        monkeypatch.setattr(loss_mod, "UNPAD", unpad)
+        monkeypatch.setattr(loss_mod, "PRUNE_LAST_BLOCK", prune)
+        model.share_prefix = share
+        model.zero_grad(set_to_none=True)
+        value = lm_loss_sum(model, batch)
+        value.backward()
+        runs[name] = (value, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    ref, ref_grads = runs.pop("padded")
+    for name, (value, grads) in runs.items():
+        assert rel(ref, value) <= 1e-5, name
+        for param in ref_grads:
+            assert rel(ref_grads[param], grads[param]) <= 1e-5, (name, param)
+
+
+def test_shared_prefix_length():
+    from lora_cli.model import Unpadded, shared_prefix_length
+
+    batch = shared_prefix_batch("prompt masked")
+    keep = batch.attention_mask.bool()
+    assert shared_prefix_length(batch.input_ids, keep) == 11
+    assert shared_prefix_length(batch.input_ids[:1], keep[:1]) == int(keep[0].sum())  # one row shares all of itself
+    assert shared_prefix_length(shared_prefix_batch("nothing shared").input_ids,
+                                shared_prefix_batch("nothing shared").attention_mask.bool()) == 0
+    identical = shared_prefix_batch("identical rows")
+    assert shared_prefix_length(identical.input_ids, identical.attention_mask.bool()) == 10  # 11 tokens, 10 inputs
+    grid = Unpadded(keep, shared=11)
+    assert len(grid.index) == int(keep.sum()) - 3 * 11  # rows 1..3 read row 0's 11 prefix rows
+    assert grid.rows.view(keep.shape)[:, :11].eq(torch.arange(11)).all()
