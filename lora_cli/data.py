@@ -3,7 +3,7 @@
 The pipeline, in the order `load_splits` runs it:
 
 1. `read_table`: .csv / .tsv / .json (a list of objects) / .jsonl (one object per line) / .txt (plain text) ->
-   a pandas DataFrame of strings (and, for JSON, the values as written). Every problem with the file is one
+   a `Table` of strings (and, for JSON, the values as written). Every problem with the file is one
    DataError line naming the file and the row or line.
 2. `detect_format`: the columns decide the format, as mlx-lm's datasets.py does with keys: `alpaca`
    (instruction, optional input, output), `prompt_completion` (prompt, completion), `text` (text) or, for
@@ -36,8 +36,7 @@ from lora_cli.config import ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, PROMPT_CO
 from lora_cli.errors import ConfigError, DataError
 from lora_cli.tokenizer import EOT_ID, decode, encode
 
-if TYPE_CHECKING:  # torch and pandas are imported lazily so `lora --help` stays fast
-    import pandas as pd
+if TYPE_CHECKING:  # torch is imported lazily so `lora --help` stays fast
     import torch
 
     from lora_cli.config import RunConfig
@@ -122,16 +121,43 @@ class DataStats:
 # ------------------------------------------------------------------------------------------------- reading
 
 
-def read_table(path: str | Path, data_cfg: DataConfig, key: str = "data.train") -> "pd.DataFrame":
-    """Read a data file into a DataFrame (object dtype; CSV/TSV values are strings, "NA" and "" stay strings).
+@dataclass
+class Table:
+    """A data file's rows, column by column: `values[column]` holds one value per row (strings for CSV/TSV, the
+    values as written for JSON, None where a record lacks the key). `lines`: each row's source line (CSV, TSV,
+    JSONL), for messages."""
 
-    CSV/TSV are parsed with Python's csv module and then framed with pandas: pandas silently pads short rows and
-    turns a long first row into an index, and ragged rows must be an error naming the row. TSV uses
-    QUOTE_NONE (a `"` is text, as in the SMS Spam Collection). A .txt file becomes one row with a `text` column.
+    columns: list[str]
+    values: dict[str, list]
+    path: str = "data"
+    lines: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.values[self.columns[0]]) if self.columns else 0
+
+    def __getitem__(self, column: str) -> list:
+        return self.values[column]
+
+    def row(self, i: int) -> list:
+        return [self.values[c][i] for c in self.columns]
+
+    def to_csv(self, rows: Sequence[int]) -> str:
+        """These rows as CSV text under a header line, missing values as empty fields (pandas' to_csv layout)."""
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(self.columns)
+        missing = lambda v: v is None or (isinstance(v, float) and math.isnan(v))  # noqa: E731
+        writer.writerows(["" if missing(v) else v for v in self.row(i)] for i in rows)
+        return out.getvalue()
+
+
+def read_table(path: str | Path, data_cfg: DataConfig, key: str = "data.train") -> Table:
+    """Read a data file into a Table (CSV/TSV values are strings: "NA" and "" stay strings).
+
+    CSV/TSV are parsed with Python's csv module; ragged rows are an error naming the row. TSV uses QUOTE_NONE
+    (a `"` is text, as in the SMS Spam Collection). A .txt file becomes one row with a `text` column.
     `key` names the config key in messages (data.train, data.val, data.test, --data).
     """
-    import pandas as pd
-
     path = Path(path)
     suffix = path.suffix.lower()
     if not path.exists():
@@ -146,21 +172,18 @@ def read_table(path: str | Path, data_cfg: DataConfig, key: str = "data.train") 
     text = _read_utf8(path)
     if not text.strip():
         raise DataError(f"{path}: the file is empty; it needs at least one data row")
-    lines: list[int] | None = None
     if suffix == ".txt":
-        frame = pd.DataFrame({"text": [text]}, dtype=object)
+        table = Table(["text"], {"text": [text]})
     elif suffix in (".csv", ".tsv"):
-        frame, lines = _read_delimited(text, path, data_cfg)
+        table = _read_delimited(text, path, data_cfg)
     elif suffix == ".json":
-        frame = _frame(_read_json(text, path))
+        table = _table(_read_json(text, path))
     else:
-        records, lines = _read_jsonl(text, path)
-        frame = _frame(records)
-    if len(frame) == 0:
+        table = _table(*_read_jsonl(text, path))
+    if len(table) == 0:
         raise DataError(f"{path}: no data rows (only a header); add at least one row")
-    frame.attrs["lines"] = lines  # source line of each row, for messages
-    frame.attrs["path"] = str(path)
-    return frame
+    table.path = str(path)
+    return table
 
 
 def _read_utf8(path: Path) -> str:
@@ -178,9 +201,7 @@ def _read_utf8(path: Path) -> str:
                         f"{exc.start}); re-save the file as UTF-8") from None
 
 
-def _read_delimited(text: str, path: Path, cfg: DataConfig) -> tuple["pd.DataFrame", list[int]]:
-    import pandas as pd
-
+def _read_delimited(text: str, path: Path, cfg: DataConfig) -> Table:
     tsv = path.suffix.lower() == ".tsv"
     if not cfg.header and not cfg.column_names:
         raise ConfigError("data.column_names: is required when header is false (names for the columns, e.g. "
@@ -225,7 +246,7 @@ def _read_delimited(text: str, path: Path, cfg: DataConfig) -> tuple["pd.DataFra
         hint = "check for tab characters inside the text" if tsv else "quote fields that contain commas"
         raise DataError(f"{path}: row {i + 1} (line {lines[i]}) has {len(rows[i])} fields, expected "
                         f"{len(names)} ({', '.join(names)}){more}; {hint}")
-    return pd.DataFrame(rows, columns=names, dtype=object), lines
+    return Table(names, {name: [row[j] for row in rows] for j, name in enumerate(names)}, lines=lines)
 
 
 def _read_json(text: str, path: Path) -> list[dict]:
@@ -273,17 +294,13 @@ def _json_type(value: Any) -> str:
             type(None): "null"}.get(type(value), type(value).__name__)
 
 
-def _frame(records: list[dict]) -> "pd.DataFrame":
-    """Records -> DataFrame with object dtype, so JSON values keep their type (1 stays 1, not 1.0) and a key
-    absent from a record is None."""
-    import pandas as pd
-
+def _table(records: list[dict], lines: list[int] | None = None) -> Table:
+    """Records -> Table: JSON values keep their type (1 stays 1, not 1.0); a key absent from a record is None."""
     columns: dict[str, None] = {}
     for record in records:
         for key in record:
             columns.setdefault(str(key), None)
-    data = {c: [r.get(c) for r in records] for c in columns}
-    return pd.DataFrame(data, columns=list(columns), dtype=object)
+    return Table(list(columns), {c: [r.get(c) for r in records] for c in columns}, lines=lines)
 
 
 # ------------------------------------------------------------------------------------------ format detection
@@ -488,13 +505,11 @@ def _cell(value: Any) -> Any:
         return None
     if isinstance(value, (dict, list, tuple)):
         return _NOT_TEXT
-    if type(value).__name__ in ("NAType", "NaTType"):  # pandas' missing markers, from a caller's own frame
-        return None
     return str(value)
 
 
-def _row_label(frame: "pd.DataFrame", i: int) -> str:
-    lines = frame.attrs.get("lines")
+def _row_label(frame: Table, i: int) -> str:
+    lines = frame.lines
     return f"row {i + 1} (line {lines[i]})" if lines else f"row {i + 1}"
 
 
@@ -515,7 +530,7 @@ def label_order(values: Iterable[str], data_cfg: DataConfig) -> list[str]:
 
 
 def encode_records(
-    df: "pd.DataFrame",
+    df: Table,
     fmt: str,
     mapping: Mapping[str, str],
     data_cfg: DataConfig,
@@ -526,20 +541,20 @@ def encode_records(
     raise one DataError naming the rows, or are skipped and counted with data.skip_bad_rows. For
     classification, `labels` fixes the label order (e.g. the training file's, or an adapter's); otherwise it is
     `label_order`; a label outside a fixed order is a DataError."""
-    path = str(path if path is not None else df.attrs.get("path", "data"))
+    path = str(path if path is not None else df.path)
     max_length = data_cfg.max_length
     stats = DataStats(path=path, fmt=fmt, rows=len(df), max_length_limit=max_length)
     if fmt == "text" and Path(path).suffix.lower() == ".txt":
-        examples = chunk_text(str(df[mapping["text"]].iloc[0]), max_length)
+        examples = chunk_text(str(df[mapping["text"]][0]), max_length)
         return examples, _finish(stats, examples)
 
     required = [r for r in FORMATS[fmt] if r not in OPTIONAL_ROLES]
-    role_values = {role: df[column].tolist() for role, column in mapping.items()}
+    role_values = {role: df[column] for role, column in mapping.items()}
     extra_columns: list[str] = []
     if fmt in RESPONSE_ROLE and data_cfg.prompt_template is not None:
         fields = template_fields(data_cfg.prompt_template, fmt, df.columns)
         extra_columns = [f for f in dict.fromkeys(fields) if f not in FORMATS[fmt]]
-    column_values = {c: df[c].tolist() for c in extra_columns}
+    column_values = {c: df[c] for c in extra_columns}
 
     bad: list[tuple[int, str, str]] = []  # (row index, column, problem)
     records: list[tuple[int, dict[str, str]]] = []
@@ -634,7 +649,7 @@ def load_file(
     key: str = "data.train",
     fmt: str | None = None,
     labels: Sequence[str] | None = None,
-) -> tuple[list[Example], DataStats, "pd.DataFrame", str, dict[str, str]]:
+) -> tuple[list[Example], DataStats, Table, str, dict[str, str]]:
     """Read, detect and encode one file -> (examples, stats, frame, format, mapping). `fmt` forces a format
     (val/test files take the training file's); `labels` forces a label order (val/test, or an adapter's at
     eval time). A file with no usable example is a DataError."""
@@ -895,7 +910,7 @@ class DataSplits:
     class_weights: list[float] | None  # data.balance: class_weights
     fmt: str
     mapping: dict[str, str] = field(default_factory=dict)  # role -> column of the training file
-    frame: "pd.DataFrame | None" = None  # the training file's rows (Example.row indexes it)
+    frame: Table | None = None  # the training file's rows (Example.row indexes it)
 
     def describe(self) -> list[str]:
         lines = [s.describe() for s in self.stats.values()]
@@ -950,7 +965,7 @@ def load_splits(cfg: "RunConfig", context_length: int) -> DataSplits:
     return DataSplits(train, val, test, all_stats, labels, weights, fmt, mapping, frame)
 
 
-def write_split(path: str | Path, examples: Sequence[Example], frame: "pd.DataFrame") -> None:
+def write_split(path: str | Path, examples: Sequence[Example], frame: Table) -> None:
     """Write the source rows of these examples as a CSV (with a header), atomically; e.g. the classification
     test split for `lora eval --data`."""
     from lora_cli.fsutil import atomic_write_text
@@ -958,4 +973,4 @@ def write_split(path: str | Path, examples: Sequence[Example], frame: "pd.DataFr
     rows = [ex.row for ex in examples]
     if any(r < 0 for r in rows):
         raise DataError("cannot write a split of a .txt file (its examples are chunks, not rows)")
-    atomic_write_text(path, frame.iloc[rows].to_csv(index=False))
+    atomic_write_text(path, frame.to_csv(rows))

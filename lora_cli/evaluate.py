@@ -125,7 +125,7 @@ def classification_file(path, data_cfg, labels, adapter=None):
                         "JSON or JSONL), not plain text")
     frame = read_table(path, data_cfg, "--data")
     fmt, mapping = detect_format(frame.columns, replace(data_cfg, format="classification"), "classification", path)
-    values = [_cell(v) for v in frame[mapping["label"]].tolist()]
+    values = [_cell(v) for v in frame[mapping["label"]]]
     known = set(labels)
     # Missing or empty labels are left to encode_records, which names those rows.
     unknown = [(i, v) for i, v in enumerate(values) if isinstance(v, str) and v.strip() and v not in known]
@@ -223,8 +223,7 @@ def generation_items(frame, rows, fmt: str, mapping: dict, data_cfg) -> list[tup
     columns = [str(c) for c in frame.columns]
     groups: dict[str, list[str]] = {}
     for i in rows:
-        record = frame.iloc[i]
-        values = {c: _cell_text(v) for c, v in zip(columns, record.tolist())}
+        values = {c: _cell_text(v) for c, v in zip(columns, frame.row(i))}
         for role, column in mapping.items():
             values[role] = values.get(column, "")
         groups.setdefault(render_prompt(values, fmt, data_cfg), []).append(values[reference])

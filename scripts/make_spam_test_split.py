@@ -36,7 +36,7 @@ def test_split_csv(config: Path) -> tuple[str, int]:
     cfg = load_config(config)
     splits = load_splits(cfg, context_length=cfg.data.max_length)
     rows = [ex.row for ex in splits.test]
-    return splits.frame.iloc[rows].to_csv(index=False), len(rows)
+    return splits.frame.to_csv(rows), len(rows)
 
 
 def main() -> int:

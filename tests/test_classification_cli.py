@@ -6,6 +6,7 @@ the spam config end to end, and bad inputs (one exact line on stderr, no traceba
 Two tiny classifiers are trained once: the head trained in full (modules_to_save) with LoRA on fused c_attn and
 c_fc, and the reference's frozen head with LoRA on it, beside q/v slices and c_proj."""
 
+import csv
 import io
 import json
 import math
@@ -137,16 +138,16 @@ def test_eval_json_equals_a_direct_computation(run, base_dir):
     code, out, err = cli("eval", "--adapter", adapter, "--data", test_csv, "--json", "--batch-size", "3")
     assert code == 0, err
     result = json.loads(out)
-    import pandas as pd
-
-    frame = pd.read_csv(test_csv)
+    with open(test_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    frame = {column: [row[column] for row in rows] for column in ("text", "label")}
     labels = ["neg", "pos"]
     truth = [labels.index(x) for x in frame["label"]]
     model = our_model(base_dir, adapter)
     want = direct_metrics(one_by_one(model, list(frame["text"])), truth, labels)
     with lora_disabled(model):
         want_base = direct_metrics(one_by_one(model, list(frame["text"])), truth, labels)
-    assert result["labels"] == labels and result["examples"] == len(frame) == 16
+    assert result["labels"] == labels and result["examples"] == len(rows) == 16
     for got, expected in ((result, want), (result["base"], want_base)):
         assert got["confusion_matrix"] == expected["confusion_matrix"]
         assert got["accuracy"] == expected["accuracy"]

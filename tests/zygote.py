@@ -1,7 +1,7 @@
 """Run the real `lora` CLI in child processes forked from one warm "zygote" (test helper, not product code).
 
 Importing torch costs ~2 s of CPU per process and this machine has two shared cores, so tests that run the CLI
-dozens of times fork each child from a process that imported torch/pandas/lora_cli once and never ran a tensor
+dozens of times fork each child from a process that imported torch/lora_cli once and never ran a tensor
 op (forking stays safe). A child sets sys.argv, cwd, environment and fds 0/1/2, then runs
 `runpy.run_module("lora_cli")` exactly as `python -m lora_cli` does: SystemExit gives the exit code, an
 uncaught exception prints its traceback and exits 1, like the interpreter.
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = r'''
 import io, json, os, runpy, signal, sys, time, traceback
 # The expensive imports, once. No tensor op runs here, so forking stays safe.
-import torch, torch._dynamo, pandas, yaml, safetensors.torch, typer, click, tqdm
+import torch, torch._dynamo, yaml, safetensors.torch, typer, click, tqdm
 import lora_cli.cli, lora_cli.config, lora_cli.data, lora_cli.checkpoint, lora_cli.adapter, lora_cli.train
 for name in ("evaluate", "inference", "merge", "generate", "loss", "lora", "distributed", "predict"):
     try:
