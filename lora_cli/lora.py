@@ -67,6 +67,18 @@ def _low_rank_pair(in_features: int, out_features: int, r: int, like: torch.Tens
     return lora_A, lora_B
 
 
+class MaskDropout(nn.Dropout):
+    """nn.Dropout through torch.native_dropout, whose backward keeps a 1-byte mask. On the CPU, F.dropout keeps
+    an fp32 copy of its mask instead, one [tokens, in_features] fp32 tensor per LoRA layer until the backward pass
+    (12 MB of activations on a batch of ~400 tokens of GPT-2 124M with LoRA on c_attn). On CUDA, F.dropout calls
+    native_dropout itself, so the masks are the same there."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return torch.native_dropout(x, self.p, True)[0]
+
+
 class LoRALayer(nn.Module):
     """What LoRALinear and LoRASlicedLinear share: a frozen `base_layer`, merge/unmerge, an off switch."""
 
@@ -76,7 +88,7 @@ class LoRALayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = MaskDropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False  # forward = base layer only (see lora_disabled)
 

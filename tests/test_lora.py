@@ -347,3 +347,24 @@ def test_applying_twice_is_refused():
     apply_lora(model, LoraConfig())
     with pytest.raises(ConfigError, match="the model already has LoRA layers"):
         apply_lora(model, LoraConfig())
+
+
+def test_lora_dropout_keeps_a_one_byte_mask_for_the_backward():
+    """LoRA dropout (MaskDropout) zeroes a fraction p and scales the rest by 1 / (1 - p), as nn.Dropout; what it
+    keeps for the backward pass is a bool mask, not the fp32 copy CPU F.dropout keeps."""
+    from lora_cli.lora import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear.from_base(torch.nn.Linear(64, 32), r=4, alpha=8, dropout=0.25).train()
+    x = torch.randn(512, 64, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append((t.dtype, tuple(t.shape))) or t, lambda t: t):
+        layer(x)
+    assert (torch.bool, (512, 64)) in kept
+    assert kept.count((torch.float32, (512, 64))) == 1  # the dropped-out input, which lora_A's gradient needs
+    dropped = layer.lora_dropout(x).detach()
+    zero = dropped == 0
+    assert torch.allclose(dropped[~zero], x.detach()[~zero] / 0.75)
+    assert abs(zero.float().mean().item() - 0.25) < 0.02
+    layer.eval()
+    assert torch.equal(layer.lora_dropout(x), x)
