@@ -36,7 +36,10 @@ with every run's tokens/s alongside and the largest peak memory of its runs)
   sensitive than wall time to other processes on a shared machine, but it counts spinning threads).
 - peak_rss_mb: resource.getrusage(RUSAGE_SELF).ru_maxrss of the tool's subprocess (imports, model, data and all
   steps), on CPU; on CUDA max_memory_allocated_mb instead.
-- useful_flops_per_s and frac_of_matmul_peak (against the measured peak of the precision in use).
+- useful_flops_per_s and frac_of_matmul_peak (against the measured peak of the precision in use). Our trainer
+  computes a prompt prefix common to a batch once (train.share_prefix), so its useful FLOPs/s can exceed the
+  peak; prefix_positions_skipped counts those positions and frac_of_matmul_peak_run leaves their linear-layer
+  FLOPs out (what the hardware ran; an upper bound, since the last block's unscored positions stay counted).
 
 Useful FLOPs (counted from the data, the same for both tools; padding and the peer's extra last position count
 nothing). A matmul with a weight of P parameters costs 2P FLOPs per row forward. Per input position of a
@@ -109,21 +112,25 @@ def digest(examples) -> str:
     return hashlib.sha256(json.dumps([[e[0], e[1]] for e in examples]).encode()).hexdigest()[:16]
 
 
+def body_flops(mode: str, n_layer: int, C: int, r: int) -> float:
+    """Linear-layer FLOPs per input position, all layers (the module docstring's definition)."""
+    frozen = 12 * C * C  # per layer: c_attn 3C^2 + attn.c_proj C^2 + c_fc 4C^2 + mlp.c_proj 4C^2
+    lora_a, lora_b = r * C, 3 * C * r
+    if mode == "eval":
+        return n_layer * 2 * (frozen + lora_a + lora_b)
+    return n_layer * (4 * frozen + 6 * (lora_a + lora_b)) - 2 * 3 * C * C - 2 * lora_a
+
+
 def useful_flops(examples, mode: str, n_layer: int, C: int, r: int, V: int = VOCAB) -> float:
     """The useful FLOPs of processing `examples` ([(ids, loss_mask)]) once, as the module docstring defines."""
     train = mode != "eval"
-    frozen = 12 * C * C  # per layer: c_attn 3C^2 + attn.c_proj C^2 + c_fc 4C^2 + mlp.c_proj 4C^2
-    lora_a, lora_b = r * C, 3 * C * r
+    body = body_flops(mode, n_layer, C, r)
     total = 0.0
     for ids, mask in examples:
         P = len(ids) - 1  # input positions (the last token is only a target)
         S = sum(mask[1:])  # scored positions
         key_sum = P * (P + 1) / 2  # sum over queries of the keys each attends to
-        if train:
-            body = n_layer * (4 * frozen + 6 * (lora_a + lora_b)) - 2 * 3 * C * C - 2 * lora_a
-            total += P * body + n_layer * 12 * C * key_sum + S * 4 * V * C
-        else:
-            total += P * n_layer * 2 * (frozen + lora_a + lora_b) + n_layer * 4 * C * key_sum + S * 2 * V * C
+        total += P * body + n_layer * (12 if train else 4) * C * key_sum + S * (4 if train else 2) * V * C
     return total
 
 
@@ -170,6 +177,9 @@ def _memory(device) -> dict:
 
 
 def child_ours(args, pools) -> dict:
+    from lora_cli.cli import prepare_process
+
+    prepare_process()  # what `lora train` does before it imports torch
     import torch
 
     from lora_cli.data import batch_indices, collate
@@ -209,8 +219,18 @@ def child_ours(args, pools) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return value
 
+    from lora_cli.model import shared_prefix_length
+
+    def shared_rows(group) -> int:  # input positions the shared-prefix saving computes once instead of B times
+        if not model.share_prefix or len(group) < 2:
+            return 0
+        batch = collate(group)
+        return shared_prefix_length(batch.input_ids, batch.attention_mask.bool()) * (len(group) - 1)
+
     model.train()
-    return _timed(args, s.device, batches(warm), batches(measured), step)
+    result = _timed(args, s.device, batches(warm), batches(measured), step)
+    result["shared_rows_skipped"] = sum(shared_rows(g) for g in batches(measured))
+    return result
 
 
 def child_peer(args, pools) -> dict:
@@ -404,6 +424,11 @@ def main(argv=None) -> None:
             "padding_fraction": round(r["padding_fraction"], 4),
             "useful_gflops_per_s": round(flops / wall / 1e9, 2),
             "frac_of_matmul_peak": round(flops / wall / peak_flops, 4),
+            # FLOPs run: the useful count less the linear layers of the positions a shared prompt prefix saved
+            # (an upper bound: the last block's unscored positions, also skipped, are not subtracted)
+            "prefix_positions_skipped": r.get("shared_rows_skipped", 0),
+            "frac_of_matmul_peak_run": round((flops - r.get("shared_rows_skipped", 0) * body_flops(
+                args.mode, arch["n_layer"], arch["n_embd"], LORA["r"])) / wall / peak_flops, 4),
             **({"mfu": round(flops / wall / (args.reference_peak_tflops * 1e12), 4)} if args.reference_peak_tflops else {}),
             "fp32_matmul_peak_gflops": round(peak["fp32_matmul_peak_flops"] / 1e9, 1),
             "bf16_matmul_peak_gflops": round(peak["bf16_matmul_peak_flops"] / 1e9, 1),
