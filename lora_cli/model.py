@@ -117,7 +117,10 @@ class Attention(nn.Module):
 
     def _attend_rows(self, qkv: torch.Tensor, grid: "Unpadded", outputs: torch.Tensor | None) -> torch.Tensor:
         """[N, 3C] -> [N, C] (or [len(outputs), C]): attention alone needs the [B, T] layout."""
-        return grid.unpad(self._attend(grid.pad(qkv), None, None), outputs)
+        padded = grid.pad(qkv)  # [B, T, 3C]
+        with grid.save_as_rows(qkv, padded):
+            y = self._attend(padded, None, None)
+        return grid.unpad(y, outputs)
 
     def _attend(self, qkv: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         """[B, T, 3C] -> [B, T, C]."""
@@ -181,6 +184,7 @@ class Unpadded:
 
     def __init__(self, keep: torch.Tensor, shared: int = 0):
         B, T = self.shape = tuple(keep.shape)
+        self.shared = shared
         own = keep.reshape(-1).clone()  # [B * T] the positions that get a row of their own
         column = torch.arange(B * T, device=keep.device) % T
         if shared:
@@ -200,6 +204,32 @@ class Unpadded:
         B, T = self.shape
         index = self.index if rows is None else self.index[rows]
         return x.reshape(B * T, -1).index_select(0, index)
+
+    def save_as_rows(self, x: torch.Tensor, padded: torch.Tensor):
+        """A context in which autograd keeps `padded` = pad(x) (and views of it, such as the q, k, v that SDPA
+        saves for its backward) as x's N rows, gathering the [B, T, F] grid again when the backward needs it.
+
+        With a shared prefix the grid repeats the prefix in every row: on the instruction benchmark's largest
+        batch (8 rows, 80 columns, 418 distinct tokens) the saved q, k, v fell from 5.9 to 3.9 MB per layer."""
+        if self.shared == 0 or not (torch.is_grad_enabled() and x.requires_grad):
+            return nullcontext()
+        storage = padded.untyped_storage().data_ptr()
+        index, grid_shape = self.rows, padded.shape
+        rebuilt: list[torch.Tensor] = []  # the grid, gathered once for all the views unpacked with it
+
+        def pack(t: torch.Tensor):
+            if t.untyped_storage().data_ptr() != storage:
+                return t
+            return (t.size(), t.stride(), t.storage_offset())
+
+        def unpack(saved):
+            if isinstance(saved, torch.Tensor):
+                return saved
+            if not rebuilt:
+                rebuilt.append(x.detach().index_select(0, index).view(grid_shape))
+            return rebuilt[0].as_strided(*saved)
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def shared_prefix_length(input_ids: torch.Tensor, keep: torch.Tensor) -> int:

@@ -230,10 +230,12 @@ def test_shared_prefix_loss_and_gradients_equal_the_padded_path(case, monkeypatc
     model, batch = tiny_lora_model(), shared_prefix_batch(case)
     runs = {}
     for name, unpad, share, prune in (("padded", False, False, False), ("shared", True, True, True),
-                                      ("shared, all rows out", True, True, False), ("unshared", True, False, True)):
+                                      ("shared, all rows out", True, True, False), ("unshared", True, False, True),
+                                      ("shared, checkpointed", True, True, True)):
         monkeypatch.setattr(loss_mod, "UNPAD", unpad)
         monkeypatch.setattr(loss_mod, "PRUNE_LAST_BLOCK", prune)
         model.share_prefix = share
+        model.gradient_checkpointing = name.endswith("checkpointed")
         model.zero_grad(set_to_none=True)
         value = lm_loss_sum(model, batch)
         value.backward()
@@ -259,3 +261,33 @@ def test_shared_prefix_length():
     grid = Unpadded(keep, shared=11)
     assert len(grid.index) == int(keep.sum()) - 3 * 11  # rows 1..3 read row 0's 11 prefix rows
     assert grid.rows.view(keep.shape)[:, :11].eq(torch.arange(11)).all()
+
+
+def test_shared_prefix_attention_saves_distinct_rows_only():
+    """With a shared prefix, the q, k, v that attention keeps for the backward pass are stored as the N distinct
+    rows, not as the [B, T, 3C] grid that repeats the prefix in every row (Unpadded.save_as_rows)."""
+    from lora_cli.model import Unpadded, shared_prefix_length
+
+    model, batch = tiny_lora_model(), shared_prefix_batch("prompt masked")
+    keep = batch.attention_mask.bool()
+    grid = Unpadded(keep, shared_prefix_length(batch.input_ids, keep))
+    attention = model.transformer.h[0].attn
+    x = torch.randn(len(grid.index), 64, requires_grad=True)
+    B, T = keep.shape
+    grid_bytes = B * T * 3 * 64 * 4
+
+    def run():
+        kept = []  # storage sizes of every tensor autograd keeps for the backward
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.untyped_storage().nbytes()) or t,
+                                                      lambda t: t):
+            y = attention(x, None, None, grid)
+        x.grad = None
+        y.sum().backward()
+        return kept, x.grad.clone()
+
+    kept, grad = run()
+    assert grid_bytes not in kept
+    grid.shared = 0  # save_as_rows does nothing then: the grid itself is kept, and the gradient is the same
+    kept, plain_grad = run()
+    assert grid_bytes in kept
+    assert rel(plain_grad, grad) <= 1e-6
