@@ -91,7 +91,10 @@ class KVCache:
 # a softmax) is faster up to about 170 tokens. Forward + backward of one GPT-2 layer, [8 x 12 heads x T x 64],
 # 1 thread of a 2-core AMD EPYC (Zen 4): T=48 13.2 (flash) vs 7.1 ms (math), 96 23.3 vs 16.5, 128 33.4 vs 29.2,
 # 160 45.3 vs 38.7, 192 44.1 vs 62.8, 256 70.6 vs 87.8. A whole bf16 training step on Alpaca-style batches of
-# ~55 tokens took 13% less CPU time. Training and evaluation (no KV cache) up to this many tokens use math.
+# ~55 tokens took 13% less CPU time. But for its backward the math backend keeps fp32 copies of q, k, v and the
+# probabilities (77 MB more than flash's q, k, v, out on a 68-token batch of 8), so training stays on flash: the
+# bf16 instruction benchmark ran 1650 (math) vs 1439 (flash) tokens/s at a peak RSS of 1103 vs 980 MB. Forward
+# passes without gradients (evaluation, no KV cache) of up to this many tokens use math.
 MATH_BF16_ATTENTION_MAX = 160
 
 
@@ -130,7 +133,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, H, S, D]
         short_bf16 = cache is None and T <= MATH_BF16_ATTENTION_MAX and q.dtype == torch.bfloat16 \
-            and q.device.type == "cpu"
+            and q.device.type == "cpu" and not (torch.is_grad_enabled() and q.requires_grad)
         with sdpa_kernel(SDPBackend.MATH) if short_bf16 else nullcontext():  # see MATH_BF16_ATTENTION_MAX
             y = F.scaled_dot_product_attention(
                 q, k, v,
