@@ -4,13 +4,13 @@ Only positions with a target (targets != -100) are projected to the vocabulary: 
 positions carry no loss, and the [N, V] logits are the largest tensor of a GPT-2 step.
 
 The projection and the cross-entropy run in chunks of rows (`chunked_cross_entropy`), so the [N, V] fp32 logits
-never exist at once: each chunk's logits go into one reused [rows, V] fp32 buffer (13 MB for GPT-2), from
-which the loss and, in training, the gradient w.r.t. the hidden states are taken right away (the same idea as
+never exist at once: each chunk's logits go into one reused [rows, V] fp32 buffer (13-51 MB for GPT-2, see
+chunk_rows_for), from which the loss and, in training, the gradient w.r.t. the hidden states are taken right away (the same idea as
 Liger Kernel's fused linear cross-entropy, Hsu et al. 2024, arXiv:2410.10989). The tied lm_head/wte weight is
 frozen under LoRA, so only d loss / d hidden is needed: it is computed in the forward and stored ([N, C], the size
 of the hidden states themselves), and the backward only scales it. When the head's weight does need a gradient
 (e.g. lora.modules_to_save trains it) the plain path runs instead. On an [8 x 256] batch of plain text this
-replaces about four 412 MB fp32 tensors (logits, log-probabilities and their gradients) by one 13 MB buffer.
+replaces about four 412 MB fp32 tensors (logits, log-probabilities and their gradients) by one 51 MB buffer.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ PRUNE_LAST_BLOCK = True
 
 def lm_loss_sum(model, batch, label_smoothing: float = 0.0, chunk_rows: int | None = None) -> torch.Tensor:
     """Summed (not averaged) cross-entropy over the batch's scored tokens, computed in fp32.
-    chunk_rows: rows per chunk of the vocabulary projection (None: CHUNK_ROWS; 0: the plain, unchunked path)."""
+    chunk_rows: rows per chunk of the vocabulary projection (None: CHUNK_ROWS, by default chunk_rows_for(N);
+    0: the plain, unchunked path)."""
     hidden, targets = scored_hidden(model, batch)
     weight = head_weight(model)
     rows = CHUNK_ROWS if chunk_rows is None else chunk_rows
@@ -76,16 +77,22 @@ def head_weight(model) -> torch.Tensor | None:
     return None
 
 
-# Rows of logits per chunk (0: the plain path). The [rows, 50257] fp32 buffer is live at the step's memory peak,
-# on top of every saved activation: 64 rows (13 MB) instead of 256 (51 MB) lowered the instruction benchmark's
-# peak RSS by 16 MB (1070 -> 1054 MB, two runs each) for 1.5% fewer tokens/s (2 cores, gpt2 124M fp32). On an
-# [8 x 256] batch of text the chunked loss and gradient took 3.65 CPU-s at 256 rows, 3.87 at 128, 3.62 at 512
-# and 4.6-6.0 unchunked (1 thread, this 2-core AMD EPYC, N=2048, C=768).
-CHUNK_ROWS = 64
+# Rows of logits per chunk: None picks chunk_rows_for(N); 0 is the plain path (tests and A/B runs set it).
+CHUNK_ROWS: int | None = None
+
+
+def chunk_rows_for(n: int) -> int:
+    """Rows per chunk for N scored rows: a quarter of them, within [64, 256].
+
+    The [rows, V] fp32 buffer is live at the step's memory peak, on top of every saved activation, while bigger
+    chunks run the projection faster. Instruction data (~200 scored rows a batch): 64 rows (13 MB) instead of 256
+    (40 MB) lowered the benchmark's peak RSS from 1070 to 1054 MB for 1.5% fewer tokens/s. Plain text (2048 rows):
+    256 rows ran 9% faster than 64 (349 vs 320 tokens/s), at 2274 vs 2214 MB. (2 cores, gpt2 124M, fp32.)"""
+    return max(64, min(256, n // 4))
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          label_smoothing: float = 0.0, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+                          label_smoothing: float = 0.0, chunk_rows: int | None = None) -> torch.Tensor:
     """sum_i CE(hidden[i] @ weight.T, targets[i]) in fp32, as F.cross_entropy(F.linear(hidden, weight).float(),
     targets, reduction="sum", label_smoothing=..., ignore_index=-100), chunk by chunk.
 
@@ -93,6 +100,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     F.linear would; the softmax and the loss are fp32. Gradients: w.r.t. hidden only; if `weight` requires a
     gradient (and grad mode is on) this falls back to the plain path, which also yields d loss / d weight.
     """
+    chunk_rows = chunk_rows_for(len(targets)) if chunk_rows is None else chunk_rows
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     grad = torch.is_grad_enabled()
@@ -110,11 +118,12 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
 
 
 def chunked_ce_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                     chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+                     chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Evaluation: (summed cross-entropy, number of rows whose argmax is the target), chunk by chunk, no grad."""
     dtype, no_autocast = _compute_dtype(hidden)
     with torch.no_grad(), no_autocast:
-        loss, _, correct = _chunked_ce(hidden.to(dtype), frozen_cast(weight, dtype), targets, 0.0, chunk_rows,
+        rows = chunk_rows_for(len(targets)) if chunk_rows is None else chunk_rows
+        loss, _, correct = _chunked_ce(hidden.to(dtype), frozen_cast(weight, dtype), targets, 0.0, rows,
                                        want_grad=False, want_correct=True)
     return loss, correct
 

@@ -291,3 +291,7 @@ def test_shared_prefix_attention_saves_distinct_rows_only():
     kept, plain_grad = run()
     assert grid_bytes in kept
     assert rel(plain_grad, grad) <= 1e-6
+
+
+def test_chunk_rows_for():
+    assert [loss_mod.chunk_rows_for(n) for n in (1, 200, 300, 1024, 2048, 10**6)] == [64, 64, 75, 256, 256, 256]
