@@ -5,12 +5,13 @@ positions carry no loss, and the [N, V] logits are the largest tensor of a GPT-2
 
 The projection and the cross-entropy run in chunks of rows (`chunked_cross_entropy`), so the [N, V] fp32 logits
 never exist at once: each chunk's logits go into one reused [rows, V] fp32 buffer (13-51 MB for GPT-2, see
-chunk_rows_for), from which the loss and, in training, the gradient w.r.t. the hidden states are taken right away (the same idea as
-Liger Kernel's fused linear cross-entropy, Hsu et al. 2024, arXiv:2410.10989). The tied lm_head/wte weight is
-frozen under LoRA, so only d loss / d hidden is needed: it is computed in the forward and stored ([N, C], the size
-of the hidden states themselves), and the backward only scales it. When the head's weight does need a gradient
-(e.g. lora.modules_to_save trains it) the plain path runs instead. On an [8 x 256] batch of plain text this
-replaces about four 412 MB fp32 tensors (logits, log-probabilities and their gradients) by one 51 MB buffer.
+chunk_rows_for), from which the loss and, in training, the gradient w.r.t. the hidden states are taken right away
+(the same idea as Liger Kernel's fused linear cross-entropy, Hsu et al. 2024, arXiv:2410.10989). The tied
+lm_head/wte weight is frozen under LoRA, so only d loss / d hidden is needed: it is computed in the forward and
+stored ([N, C], the size of the hidden states themselves), and the backward only scales it. When the head's weight
+does need a gradient (e.g. lora.modules_to_save trains it) the plain path runs instead. On an [8 x 256] batch of
+plain text this replaces about four 412 MB fp32 tensors (logits, log-probabilities and their gradients) by one 51
+MB buffer.
 """
 
 from __future__ import annotations
