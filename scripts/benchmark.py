@@ -339,7 +339,8 @@ def parse_args(argv=None):
     ap.add_argument("--tools", default="ours,peer", help="comma list of ours, peer")
     ap.add_argument("--repeats", type=int, default=1, help="run the tools alternately this many times; report each "
                     "tool's fastest run (shared machines) and its largest peak memory")
-    ap.add_argument("--chunk-rows", type=int, default=None, help="ours: rows per cross-entropy chunk; 0 = plain path")
+    ap.add_argument("--chunk-rows", type=int, default=None,
+                    help="ours: rows per cross-entropy chunk (default: loss.chunk_rows_for); 0 = plain path")
     ap.add_argument("--no-group", action="store_true", help="ours: no length grouping (A/B)")
     ap.add_argument("--peer-malloc-tuned", action="store_true", help=f"peer: run with {TUNED_MALLOC_ENV}")
     ap.add_argument("--reference-peak-tflops", type=float, default=None,
