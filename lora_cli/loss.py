@@ -101,8 +101,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     F.linear would; the softmax and the loss are fp32. Gradients: w.r.t. hidden only; if `weight` requires a
     gradient (and grad mode is on) this falls back to the plain path, which also yields d loss / d weight.
     """
-    chunk_rows = chunk_rows_for(len(targets)) if chunk_rows is None else chunk_rows
-    if chunk_rows < 1:
+    if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     grad = torch.is_grad_enabled()
     if grad and weight.requires_grad:
@@ -113,9 +112,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     w = frozen_cast(weight, dtype)
     with no_autocast:
         if grad and h.requires_grad:
-            return _ChunkedCE.apply(h, w, targets, float(label_smoothing), int(chunk_rows))
+            return _ChunkedCE.apply(h, w, targets, float(label_smoothing), chunk_rows)
         with torch.no_grad():
-            return _chunked_ce(h, w, targets, float(label_smoothing), int(chunk_rows), want_grad=False)[0]
+            return _chunked_ce(h, w, targets, float(label_smoothing), chunk_rows, want_grad=False)[0]
 
 
 def chunked_ce_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -123,8 +122,7 @@ def chunked_ce_stats(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     """Evaluation: (summed cross-entropy, number of rows whose argmax is the target), chunk by chunk, no grad."""
     dtype, no_autocast = _compute_dtype(hidden)
     with torch.no_grad(), no_autocast:
-        rows = chunk_rows_for(len(targets)) if chunk_rows is None else chunk_rows
-        loss, _, correct = _chunked_ce(hidden.to(dtype), frozen_cast(weight, dtype), targets, 0.0, rows,
+        loss, _, correct = _chunked_ce(hidden.to(dtype), frozen_cast(weight, dtype), targets, 0.0, chunk_rows,
                                        want_grad=False, want_correct=True)
     return loss, correct
 
@@ -152,15 +150,16 @@ def _compute_dtype(hidden: torch.Tensor):
     return hidden.dtype, nullcontext()
 
 
-def _chunked_ce(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, eps: float, chunk_rows: int,
+def _chunked_ce(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, eps: float, chunk_rows: int | None,
                 want_grad: bool, want_correct: bool = False):
     """(loss_sum fp32 scalar, d loss_sum / d h [N, C] or None, correct count or None).
 
-    Per chunk of rows: logits z = h w^T into one fp32 buffer; loss = lse(z) - z_t (with label smoothing eps:
-    (1 - eps)(lse - z_t) + eps (lse - mean z)); gradient w.r.t. z = softmax(z) - (1 - eps) onehot(t) - eps / V,
-    formed in place in the buffer, then d/dh = (dz) w. Rows whose target is IGNORE add nothing."""
+    Per chunk of rows (chunk_rows, or chunk_rows_for(N) when None): logits z = h w^T into one fp32 buffer;
+    loss = lse(z) - z_t (with label smoothing eps: (1 - eps)(lse - z_t) + eps (lse - mean z)); gradient w.r.t.
+    z = softmax(z) - (1 - eps) onehot(t) - eps / V, formed in place in the buffer, then d/dh = (dz) w. Rows whose
+    target is IGNORE add nothing."""
     N, V = h.shape[0], w.shape[0]
-    rows = max(1, min(chunk_rows, N))
+    rows = max(1, min(chunk_rows_for(N) if chunk_rows is None else chunk_rows, N))
     buf = torch.empty(rows, V, dtype=torch.float32, device=h.device)
     low = None if h.dtype == torch.float32 else torch.empty(rows, V, dtype=h.dtype, device=h.device)
     wt = w.t()
