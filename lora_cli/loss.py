@@ -37,7 +37,8 @@ def scored_hidden(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         keep = batch.attention_mask.bool()  # [B, T]
         n_real, n_scored = int(keep.sum()), int(scored.sum())
         prune = PRUNE_LAST_BLOCK and n_scored < n_real
-        share = getattr(model, "share_prefix", False) and keep.shape[0] > 1
+        first = batch.input_ids[:, 0]  # right padding: column 0 is real, so a common first token means a prefix
+        share = getattr(model, "share_prefix", False) and keep.shape[0] > 1 and bool((first == first[0]).all())
         # padding to skip, unscored tokens to skip in the last block, or a common prefix to compute once
         if n_real < keep.numel() or prune or share:
             hidden = model(batch.input_ids, keep=keep, outputs=scored if prune else None)  # row-major order

@@ -370,7 +370,7 @@ class GPT2(nn.Module):
             else:
                 x = block(x, None, None, grid, out)
         x = self.transformer.ln_f(x)  # [len(needed), C]
-        if len(needed) != len(requested) or not torch.equal(needed, requested):
+        if shared and (len(needed) != len(requested) or not torch.equal(needed, requested)):
             x = x.index_select(0, torch.searchsorted(needed, requested))  # shared rows read by several positions
         return x
 
