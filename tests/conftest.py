@@ -37,3 +37,33 @@ def z(tmp_path_factory):
     runner = Zygote(tmp_path_factory.mktemp("zygote-io"))
     yield runner
     runner.close()
+
+
+def tiny_lora_model(use_dora: bool = False):
+    """A 2-layer GPT-2 (random, seeded) with LoRA r=4 on c_attn and no dropout; B is drawn non-zero so that every
+    LoRA weight gets a gradient (for tests that compare computation paths)."""
+    from lora_cli.config import LoraConfig
+    from lora_cli.lora import apply_lora
+    from lora_cli.model import GPT2, GPT2Config
+
+    model = GPT2(GPT2Config(**TINY))
+    model.init_weights(torch.Generator().manual_seed(3))
+    model.set_dropout(0.0)
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, use_dora=use_dora), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():  # B = 0 at init
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(5))
+    return model
+
+
+def tiny_batch():
+    """Three right-padded causal-LM examples of random tokens, each with a masked prompt."""
+    from lora_cli.data import Example, collate
+
+    g = torch.Generator().manual_seed(6)
+    examples = []
+    for n, prompt in ((30, 12), (17, 9), (24, 20)):
+        ids = torch.randint(0, 50257, (n,), generator=g).tolist()
+        examples.append(Example(ids, [False] * prompt + [True] * (n - prompt)))
+    return collate(examples)

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from lora_cli import loss as loss_mod
 from lora_cli.loss import chunked_ce_stats, chunked_cross_entropy, lm_loss_sum
 
+from conftest import tiny_batch, tiny_lora_model
+
 V = 50257
 
 
@@ -97,34 +99,6 @@ def test_bf16_autocast_is_close_to_the_autocast_plain_path():
 
 
 # --------------------------------------------------------------------------------------- on the real model
-
-
-def tiny_lora_model(modules_to_save=()):
-    from lora_cli.config import LoraConfig
-    from lora_cli.lora import apply_lora
-    from lora_cli.model import GPT2, GPT2Config
-
-    model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128))
-    model.init_weights(torch.Generator().manual_seed(3))
-    model.set_dropout(0.0)
-    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, modules_to_save=list(modules_to_save)),
-               generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():  # B = 0 at init: give it values so every LoRA weight gets a gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(5))
-    return model
-
-
-def tiny_batch():
-    from lora_cli.data import Example, collate
-
-    g = torch.Generator().manual_seed(6)
-    examples = []
-    for n, prompt in ((30, 12), (17, 9), (24, 20)):
-        ids = torch.randint(0, V, (n,), generator=g).tolist()
-        examples.append(Example(ids, [False] * prompt + [True] * (n - prompt)))
-    return collate(examples)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])

@@ -9,31 +9,11 @@ import torch
 from lora_cli import loss as loss_mod
 from lora_cli import model as model_mod
 from lora_cli.config import LoraConfig
-from lora_cli.data import Example, collate
 from lora_cli.lora import apply_lora
 from lora_cli.loss import lm_loss_sum
 from lora_cli.model import GPT2, GPT2Config, cast_frozen_linears_
 
-
-def tiny(use_dora=False, seed=3):
-    model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128))
-    model.init_weights(torch.Generator().manual_seed(seed))
-    model.set_dropout(0.0)
-    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, use_dora=use_dora), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(5))
-    return model
-
-
-def batch():
-    g = torch.Generator().manual_seed(6)
-    examples = []
-    for n, prompt in ((30, 12), (17, 9), (24, 20)):
-        ids = torch.randint(0, 50257, (n,), generator=g).tolist()
-        examples.append(Example(ids, [False] * prompt + [True] * (n - prompt)))
-    return collate(examples)
+from conftest import tiny_batch, tiny_lora_model
 
 
 def loss_and_grads(model, b):
@@ -53,8 +33,8 @@ def test_lm_head_is_tied_and_weightless_of_its_own():
 
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_frozen_weights_in_bf16_give_the_autocast_results_bit_for_bit(use_dora):
-    b = batch()
-    ref_model, fast_model = tiny(use_dora), tiny(use_dora)
+    b = tiny_batch()
+    ref_model, fast_model = tiny_lora_model(use_dora), tiny_lora_model(use_dora)
     ref_loss, ref_grads = loss_and_grads(ref_model, b)
     cast = cast_frozen_linears_(fast_model, torch.bfloat16)
     expected = 2 * (12 * 64 * 64 + 9 * 64)  # per layer: c_attn, attn.c_proj, c_fc, mlp.c_proj weights and biases
@@ -79,8 +59,8 @@ def bf16_eval_loss(model, b):
 def test_short_bf16_attention_path_matches_the_fused_kernel():
     """Forward passes without gradients take SDPA's math backend for short bf16 sequences: the same loss as the
     fused flash kernel to bf16 rounding."""
-    b = batch()
-    model = tiny()
+    b = tiny_batch()
+    model = tiny_lora_model()
     fast = bf16_eval_loss(model, b)
     limit = model_mod.MATH_BF16_ATTENTION_MAX
     try:
@@ -95,8 +75,8 @@ def test_short_bf16_attention_path_matches_the_fused_kernel():
 def test_bf16_training_keeps_the_flash_kernel():
     """With gradients, attention stays on the flash kernel, which keeps no [T, T] probability matrix (the math
     backend keeps fp32 probabilities and fp32 copies of q, k, v for its backward)."""
-    b = batch()
-    model = tiny()
+    b = tiny_batch()
+    model = tiny_lora_model()
     T = b.input_ids.shape[1]
     kept = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t, lambda t: t):
@@ -106,8 +86,8 @@ def test_bf16_training_keeps_the_flash_kernel():
 
 
 def test_fp32_runs_never_take_the_bf16_attention_path():
-    b = batch()
-    model = tiny()
+    b = tiny_batch()
+    model = tiny_lora_model()
     with torch.no_grad():
         hidden = model(b.input_ids)
     limit = model_mod.MATH_BF16_ATTENTION_MAX
@@ -123,8 +103,8 @@ def test_fp32_runs_never_take_the_bf16_attention_path():
 def test_cast_model_refuses_nothing_in_eval_under_autocast():
     from lora_cli.evaluate import evaluate_lm
 
-    b = batch()
-    ref, fast = tiny(), tiny()
+    b = tiny_batch()
+    ref, fast = tiny_lora_model(), tiny_lora_model()
     cast_frozen_linears_(fast, torch.bfloat16)
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     assert evaluate_lm(fast, [b], autocast) == evaluate_lm(ref, [b], autocast)
@@ -137,8 +117,8 @@ def rel(a, b) -> float:
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_unpadded_forward_equals_the_padded_one(checkpointing):
-    b = batch()
-    model = tiny()
+    b = tiny_batch()
+    model = tiny_lora_model()
     model.gradient_checkpointing = checkpointing
     keep = b.attention_mask.bool()
     assert not keep.all()  # the batch has padding
@@ -172,8 +152,8 @@ def test_unpadded_forward_equals_the_padded_one(checkpointing):
 
 
 def test_unpadded_forward_refuses_a_cache_or_a_mask():
-    b = batch()
-    model = tiny()
+    b = tiny_batch()
+    model = tiny_lora_model()
     keep = b.attention_mask.bool()
     with pytest.raises(ValueError, match="right-padded"):
         model(b.input_ids, b.attention_mask, keep=keep)
