@@ -33,7 +33,7 @@ import torch
 
 from lora_cli.checkpoint import CONV1D_SUFFIXES, BaseModel, key_mismatch
 from lora_cli.config import LoraConfig
-from lora_cli.errors import AdapterError, ConfigError
+from lora_cli.errors import AdapterError, ConfigError, first_line
 from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
 from lora_cli.model import HEAD, add_classification_head
 from lora_cli.lora import (
@@ -99,11 +99,6 @@ def _settings_dict(lora: LoraConfig, rank_pattern: dict, alpha_pattern: dict) ->
     }
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
-
-
 # ---------------------------------------------------------------------------------------------- our format
 
 
@@ -162,7 +157,7 @@ def _load_ours(p: Path) -> Adapter:
         raise AdapterError(f"cannot read adapter {p}: {exc.strerror or exc}") from exc
     except Exception as exc:  # safetensors raises its own error type for damaged files
         raise AdapterError(f"cannot load adapter {p}: it is truncated, corrupt, or not a safetensors file "
-                           f"({_first_line(exc)})") from exc
+                           f"({first_line(exc)})") from exc
     if "lora" not in header:
         raise AdapterError(f"{p} is not a lora-cli adapter (its header has no LoRA settings); pass an adapter "
                            f"written by `lora train`, or a PEFT adapter directory")
@@ -175,7 +170,7 @@ def _load_ours(p: Path) -> Adapter:
         rank_pattern = {k: int(v) for k, v in s.get("rank_pattern", {}).items()}
         alpha_pattern = {k: float(v) for k, v in s.get("alpha_pattern", {}).items()}
     except (ValueError, KeyError, TypeError) as exc:
-        raise AdapterError(f"{p}: the adapter's LoRA settings are damaged ({_first_line(exc)})") from exc
+        raise AdapterError(f"{p}: the adapter's LoRA settings are damaged ({first_line(exc)})") from exc
     if version > FORMAT_VERSION:
         raise AdapterError(f"{p} has adapter format version {version}; this lora-cli reads up to "
                            f"{FORMAT_VERSION}: upgrade lora-cli")
@@ -293,7 +288,7 @@ def _load_peft(d: Path) -> Adapter:
     try:
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{cfg_path} is not a readable JSON file ({_first_line(exc)})") from exc
+        raise AdapterError(f"{cfg_path} is not a readable JSON file ({first_line(exc)})") from exc
     if not isinstance(raw, dict):
         raise AdapterError(f"{cfg_path} must hold a JSON object")
     peft_type = raw.get("peft_type")
@@ -310,7 +305,7 @@ def _load_peft(d: Path) -> Adapter:
     try:
         r, alpha = int(raw["r"]), float(raw["lora_alpha"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise AdapterError(f"{cfg_path}: r and lora_alpha must be numbers ({_first_line(exc)})") from exc
+        raise AdapterError(f"{cfg_path}: r and lora_alpha must be numbers ({first_line(exc)})") from exc
     rank_cfg, alpha_cfg = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
     for name, patterns in (("rank_pattern", rank_cfg), ("alpha_pattern", alpha_cfg)):
         for key in patterns:
@@ -418,7 +413,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise AdapterError(f"cannot read adapter {path}: {exc.strerror or exc}") from exc
     except Exception as exc:  # safetensors / the unpickler raise their own types for damaged files
         raise AdapterError(f"cannot load adapter {path}: it is truncated, corrupt, or not a tensor file "
-                           f"({_first_line(exc)})") from exc
+                           f"({first_line(exc)})") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise AdapterError(f"{path} does not hold a dict of tensors")
     return state

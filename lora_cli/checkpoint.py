@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lora_cli.config import ModelSpec
-from lora_cli.errors import CheckpointError
+from lora_cli.errors import CheckpointError, first_line
 from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
 from lora_cli.model import GPT2, GPT2_PRESETS, GPT2Config
 
@@ -197,9 +197,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
     except Exception as exc:  # safetensors and the unpickler raise their own types for damaged or unsafe files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"cannot load {path}: it is truncated, corrupt, or not a plain tensor file ({first[:160]})"
+            f"cannot load {path}: it is truncated, corrupt, or not a plain tensor file ({first_line(exc)})"
         ) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

@@ -9,7 +9,6 @@ config file's folder. Nothing here imports torch, so `lora --help` and config er
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import types
 import typing
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from lora_cli.errors import ConfigError
+from lora_cli.errors import ConfigError, did_you_mean, first_line
 
 PRESET_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 ARCH_OVERRIDES = ("n_layer", "n_head", "n_embd", "n_positions")
@@ -46,7 +45,7 @@ class ModelSpec:
         if not isinstance(value, dict):
             raise ValueError(f"must be a string or a mapping, got {type(value).__name__}")
         allowed = ("name", "init", "revision", "seed", *ARCH_OVERRIDES)
-        problems = [f"unknown key {k}{_did_you_mean(k, allowed)}" for k in value if k not in allowed]
+        problems = [f"unknown key {k}{did_you_mean(k, allowed)}" for k in value if k not in allowed]
         if problems:
             raise ValueError("; ".join(problems))
         name = value.get("name")
@@ -197,11 +196,6 @@ TOP_KEYS = ("model", "out_dir", "task", *SECTIONS)
 # --------------------------------------------------------------------------------------------- reading YAML
 
 
-def _did_you_mean(key: str, choices) -> str:
-    match = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]}?)" if match else ""
-
-
 def _yaml_lines(text: str) -> dict[str, int]:
     """1-based line of every key path ("train.lr") in the YAML text."""
     import yaml
@@ -255,7 +249,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or first_line(exc, limit=10_000)
         raise ConfigError(f"{path}{where}: invalid YAML: {problem}; fix the syntax") from exc
     if raw is None:
         raise ConfigError(f"{path}: the config is empty; it needs at least model and data.train")
@@ -298,7 +292,7 @@ def build_config(
 
     for key in raw:
         if key not in TOP_KEYS:
-            report(str(key), f"unknown key{_did_you_mean(str(key), TOP_KEYS)}")
+            report(str(key), f"unknown key{did_you_mean(str(key), TOP_KEYS)}")
     model = None
     if "model" not in raw:
         report("model", "is required (a hub id such as gpt2, a local path, or {name: gpt2, init: random})")
@@ -341,7 +335,7 @@ def _build_section(cls, values: dict, section: str, report) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            report(f"{section}.{key}", f"unknown key{_did_you_mean(str(key), names)}")
+            report(f"{section}.{key}", f"unknown key{did_you_mean(str(key), names)}")
             continue
         try:
             kwargs[key] = coerce(value, hints[key])

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from lora_cli.config import ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, PROMPT_COMPLETION_TEMPLATE, DataConfig
-from lora_cli.errors import ConfigError, DataError
+from lora_cli.errors import ConfigError, DataError, did_you_mean
 from lora_cli.tokenizer import EOT_ID, decode, encode
 
 if TYPE_CHECKING:  # torch is imported lazily so `lora --help` stays fast
@@ -322,7 +322,7 @@ def detect_format(
     all_roles = list(dict.fromkeys(r for roles in FORMATS.values() for r in roles))
     for role, column in renames.items():
         if role not in all_roles:
-            raise ConfigError(f"data.columns.{role}: unknown role{_did_you_mean(role, all_roles)}; the roles are "
+            raise ConfigError(f"data.columns.{role}: unknown role{did_you_mean(role, all_roles)}; the roles are "
                               "instruction, input, output (alpaca), prompt, completion (prompt_completion), "
                               "text (text) and text, label (classification)")
         if column not in columns:
@@ -371,13 +371,6 @@ def _map_roles(fmt: str, renames: Mapping[str, str], columns: list[str]) -> tupl
         elif role not in OPTIONAL_ROLES:
             missing.append(role)
     return mapping, missing
-
-
-def _did_you_mean(key: str, choices: Sequence[str]) -> str:
-    import difflib
-
-    match = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]}?)" if match else ""
 
 
 # ------------------------------------------------------------------------------------------------ rendering

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_cli.errors import ConfigError, LoraError, TrainingError
+from lora_cli.errors import ConfigError, LoraError, TrainingError, first_line
 
 
 def launched() -> bool:
@@ -195,7 +195,7 @@ def resolve_batch(batch_size: int, grad_accum: int, global_batch_size: int | Non
 
 def short_reason(exc: BaseException) -> str:
     """The first sentence of an error, without the C++ source location gloo and NCCL put in front."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc, limit=10_000)
     if text.startswith("[") and "] " in text:
         text = text.split("] ", 1)[1]
     return text.split(". ")[0].rstrip(".")

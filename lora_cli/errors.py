@@ -31,3 +31,17 @@ class AdapterError(LoraError):
 
 class TrainingError(LoraError):
     """A run that had to stop (non-finite loss, out of memory, existing output directory)."""
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (its class name when it has none), for one-line error reports."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
+def did_you_mean(key: str, choices) -> str:
+    """' (did you mean X?)' for the closest of `choices`, or '' when none is close."""
+    import difflib  # only on the error path
+
+    match = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
