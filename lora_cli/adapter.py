@@ -7,7 +7,7 @@ them) and, in the safetensors header metadata (string -> string), everything nee
     format_version    "1"
     lora              JSON: r, alpha, dropout, use_rslora, use_dora, bias, targets (resolved module names,
                       slices as transformer.h.N.attn.q/k/v), modules_to_save, rank_pattern, alpha_pattern
-    base_model        JSON: source, name, revision, fingerprint (checkpoint.BaseModel.describe())
+    base_model        JSON: source, name, revision, fingerprint (pretrained.BaseModel.describe())
     task, tokenizer, prompt_template, training (JSON), ... whatever the caller adds
 
 Scalar strings are stored as they are, anything else as JSON. Loading onto a base whose fingerprint differs
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from lora_cli.checkpoint import CONV1D_SUFFIXES, BaseModel, key_mismatch
+from lora_cli.pretrained import CONV1D_SUFFIXES, BaseModel, key_mismatch
 from lora_cli.config import LoraConfig
 from lora_cli.errors import AdapterError, ConfigError, first_line
 from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text

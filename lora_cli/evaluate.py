@@ -321,7 +321,7 @@ def run_eval(
     import json
     from pathlib import Path
 
-    from lora_cli.checkpoint import load_model
+    from lora_cli.pretrained import load_model
     from lora_cli.errors import AdapterError, ConfigError, DataError
     from lora_cli.fsutil import atomic_write_text
     from lora_cli.inference import DataSettings, attach_to, load_base, open_adapter, resolve_device

@@ -54,8 +54,8 @@ def base_spec(adapter) -> ModelSpec:
 
 
 def load_base(adapter=None, model: str | None = None):
-    """checkpoint.BaseModel for `--model` if given, else the adapter's own base."""
-    from lora_cli.checkpoint import load_model
+    """pretrained.BaseModel for `--model` if given, else the adapter's own base."""
+    from lora_cli.pretrained import load_model
 
     if model is not None:
         return load_model(model)
@@ -81,7 +81,7 @@ def open_adapter(path: str | Path | None):
 class Loaded:
     """A model ready for inference and where it came from."""
 
-    base: Any  # checkpoint.BaseModel; base.model is `model` (with the adapter attached, when there is one)
+    base: Any  # pretrained.BaseModel; base.model is `model` (with the adapter attached, when there is one)
     adapter: Any  # adapter.Adapter | None
     settings: "DataSettings"
 

@@ -15,7 +15,7 @@ def describe(model: str, random_init: bool = False, lora_config: Path | None = N
     parameter count and adapter size its `lora` section would give. Weights are not loaded (meta device)."""
     import torch
 
-    from lora_cli.checkpoint import load_model
+    from lora_cli.pretrained import load_model
 
     spec = ModelSpec(name=model, init="random" if random_init else "pretrained")
     base = load_model(spec, weights=False)

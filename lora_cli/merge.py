@@ -224,7 +224,7 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
 def merge_adapter(adapter, out_dir, model: str | None = None, dtype: str = "fp32", overwrite: bool = False,
                   allow_mismatch: bool = False, log=None) -> MergeResult:
     """Load the base (the adapter's, or `model`) and the adapter, merge in fp32, and write `out_dir`."""
-    from lora_cli.checkpoint import save_pretrained
+    from lora_cli.pretrained import save_pretrained
     from lora_cli.inference import load_for_inference
     from lora_cli.lora import lora_layers, merge_and_unload
 

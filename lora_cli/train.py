@@ -281,7 +281,7 @@ class Setup:
     out_dir: Path
     device: torch.device
     precision: str
-    base: object  # checkpoint.BaseModel
+    base: object  # pretrained.BaseModel
     model: torch.nn.Module
     targets: list[str]
     data: object  # data.DataSplits
@@ -306,7 +306,7 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
     and the returned Setup's cfg holds them. dist: the process group this process joined (train())."""
     from dataclasses import replace
 
-    from lora_cli.checkpoint import load_model
+    from lora_cli.pretrained import load_model
     from lora_cli.data import batch_indices, load_splits
     from lora_cli.distributed import env_world_size, resolve_batch
     from lora_cli.lora import apply_lora, count_parameters

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from lora_cli import tokenizer  # noqa: E402
-from lora_cli.checkpoint import load_model  # noqa: E402
+from lora_cli.pretrained import load_model  # noqa: E402
 from lora_cli.config import ModelSpec  # noqa: E402
 from lora_cli.generate import generate  # noqa: E402
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lora_cli.adapter import attach_adapter, export_peft, load_adapter, save_adapter
-from lora_cli.checkpoint import load_model
+from lora_cli.pretrained import load_model
 from lora_cli.config import LoraConfig
 from lora_cli.errors import AdapterError
 from lora_cli.lora import adapter_state_dict, apply_lora, count_parameters, estimate_adapter_bytes

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lora_cli import tokenizer
-from lora_cli.checkpoint import load_model, save_pretrained
+from lora_cli.pretrained import load_model, save_pretrained
 from lora_cli.errors import CheckpointError
 
 
@@ -91,7 +91,7 @@ def test_offline_load_from_hub_cache(tmp_path, tiny_hf_dir):
     rev = make_hub_cache(tmp_path, "test-org/tiny-gpt2", tiny_hf_dir)
     env = {"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     code = (
-        "import torch; from lora_cli.checkpoint import load_model; b = load_model('test-org/tiny-gpt2');"
+        "import torch; from lora_cli.pretrained import load_model; b = load_model('test-org/tiny-gpt2');"
         "print(b.source, b.name, b.revision, b.fingerprint)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})

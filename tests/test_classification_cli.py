@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lora_cli.adapter import attach_adapter, load_adapter
-from lora_cli.checkpoint import load_model
+from lora_cli.pretrained import load_model
 from lora_cli.data import Example, collate
 from lora_cli.lora import lora_disabled
 from lora_cli.loss import class_logits

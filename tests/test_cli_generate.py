@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lora_cli.adapter import attach_adapter
-from lora_cli.checkpoint import load_model
+from lora_cli.pretrained import load_model
 from lora_cli.config import ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT
 from lora_cli.generate import generate
 from lora_cli.inference import escape_line

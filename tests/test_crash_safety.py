@@ -150,7 +150,7 @@ def test_sigkill_then_resume_ends_bitwise_equal(name, z, reference, tmp_path):
 def test_sigkill_during_merge_keeps_the_previous_merged_model(z, reference, tmp_path):
     """`lora merge --overwrite` killed while it writes model.safetensors: the earlier merged directory is
     still there, byte for byte, and loads; the next merge completes."""
-    from lora_cli.checkpoint import load_model
+    from lora_cli.pretrained import load_model
 
     adapter_path = reference[2]
     merged = tmp_path / "merged"

@@ -132,7 +132,7 @@ def write_e2e(path, rows):
 
 
 def test_generate_groups_references_per_prompt(run, tmp_path):
-    from lora_cli.checkpoint import load_model
+    from lora_cli.pretrained import load_model
     from lora_cli.generate import generate
 
     root, _, _ = run

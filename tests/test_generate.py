@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lora_cli import tokenizer
-from lora_cli.checkpoint import load_model
+from lora_cli.pretrained import load_model
 from lora_cli.errors import ConfigError, DataError
 from lora_cli.generate import (
     banned_ngram_mask,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_cli.checkpoint import load_model
+from lora_cli.pretrained import load_model
 from lora_cli.config import LoraConfig
 from lora_cli.errors import AdapterError, ConfigError
 from lora_cli.lora import (

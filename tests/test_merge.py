@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lora_cli.adapter import attach_adapter
-from lora_cli.checkpoint import load_model
+from lora_cli.pretrained import load_model
 from lora_cli.merge import bytes_to_unicode, hf_vocab_and_merges
 from lora_cli.tokenizer import encode
 

@@ -29,7 +29,7 @@ def run_script(name, *args, **env):
 
 def tiny_trainable(targets, classes=None):
     """Trainable parameters of the tiny model under r=4/16 LoRA, counted on the meta device."""
-    from lora_cli.checkpoint import load_model
+    from lora_cli.pretrained import load_model
     from lora_cli.config import LoraConfig
     from lora_cli.lora import apply_lora, count_parameters
     from lora_cli.model import add_classification_head

@@ -77,7 +77,7 @@ def test_end_to_end_cli(tmp_path):
     assert len(keys) == 4  # A and B of two c_attn layers
     # reloading the adapter onto the base reproduces the best validation loss exactly
     from lora_cli.adapter import attach_adapter, load_adapter
-    from lora_cli.checkpoint import load_model
+    from lora_cli.pretrained import load_model
     from lora_cli.data import collate
     from lora_cli.evaluate import evaluate_lm
 
@@ -177,7 +177,7 @@ def test_loss_curve_matches_transformers_peft(tmp_path):
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
     from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
 
-    from lora_cli.checkpoint import hf_state_dict
+    from lora_cli.pretrained import hf_state_dict
     cfg_path = write_config(tmp_path, "  max_steps: 20\n  epochs: 4\n  eval_every: 0\n  weight_decay: 0.01\n  max_grad_norm: 0.5\n",
                             data_extra="  val_split: 0.0\n")
     text = cfg_path.read_text().replace("  val_split: 0.2\n", "")
