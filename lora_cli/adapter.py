@@ -31,17 +31,17 @@ from pathlib import Path
 
 import torch
 
-from lora_cli.pretrained import CONV1D_SUFFIXES, BaseModel, key_mismatch
+from lora_cli.pretrained import CONV1D_SUFFIXES, BaseModel, key_mismatch, read_state_dict
 from lora_cli.config import LoraConfig
 from lora_cli.errors import AdapterError, ConfigError, first_line
 from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
 from lora_cli.model import HEAD, add_classification_head
+from lora_cli.runtime import as_dtype
 from lora_cli.lora import (
     SLICES,
     _split_slice_name,
     adapter_state_dict,
     apply_lora,
-    as_dtype,
     lora_scaling,
     target_candidates,
 )
@@ -301,7 +301,7 @@ def _load_peft(d: Path) -> Adapter:
     weights = next((d / f for f in PEFT_WEIGHTS if (d / f).is_file()), None)
     if weights is None:
         raise AdapterError(f"{d} has {PEFT_CONFIG} but no {PEFT_WEIGHTS[0]} or {PEFT_WEIGHTS[1]}")
-    state = _read_tensors(weights)
+    state = read_state_dict(weights, AdapterError, "adapter ")
     try:
         r, alpha = int(raw["r"]), float(raw["lora_alpha"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -396,27 +396,9 @@ def _peft_labels(weights: Path) -> list[str] | None:
     try:
         with safe_open(str(weights), framework="pt") as f:
             labels = json.loads((f.metadata() or {}).get("lora_cli_labels", "null"))
-    except Exception:  # an unreadable header was reported by _read_tensors already; names are optional
+    except Exception:  # an unreadable header was reported by read_state_dict already; names are optional
         return None
     return [str(x) for x in labels] if isinstance(labels, list) else None
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as exc:
-        raise AdapterError(f"cannot read adapter {path}: {exc.strerror or exc}") from exc
-    except Exception as exc:  # safetensors / the unpickler raise their own types for damaged files
-        raise AdapterError(f"cannot load adapter {path}: it is truncated, corrupt, or not a tensor file "
-                           f"({first_line(exc)})") from exc
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise AdapterError(f"{path} does not hold a dict of tensors")
-    return state
 
 
 # ------------------------------------------------------------------------------------------------ PEFT export

@@ -71,11 +71,7 @@ def info(
         typer.echo(f"  {name}")
 
 
-# ----------------------------------------------------------------------------------------- not built yet
-
-
-def _not_built(command: str, issue: str) -> None:
-    raise LoraError(f"`lora {command}` is not built yet ({issue}); see README.md for what works today")
+# --------------------------------------------------------------------------------------------------- train
 
 
 @app.command()
@@ -211,9 +207,9 @@ def generate(
 ) -> None:
     """Generate text with an adapter (its prompt template applied) or a base model; streams a single prompt."""
     from lora_cli.inference import (
-        DataSettings, collect_prompts, escape_line, generate_texts, load_for_inference, open_adapter,
-        resolve_device, sampling_options,
+        DataSettings, collect_prompts, escape_line, generate_texts, load_for_inference, open_adapter, sampling_options,
     )
+    from lora_cli.runtime import device_option
 
     if adapter is None and model is None:
         raise ConfigError("name a model: --adapter FILE (its base and prompt template come with it) or --model MODEL")
@@ -223,7 +219,7 @@ def generate(
     if settings.task == "classification":
         raise ConfigError(f"adapter {adapter} is a classifier; `lora generate` needs a causal-LM adapter")
     items = collect_prompts(prompts or [], file, as_json, settings, template=not no_template, input_text=input_text)
-    dev = resolve_device(device)
+    dev = device_option(device)
     loaded = load_for_inference(adapter_obj, model, allow_mismatch)
     net = loaded.model.to(dev)
     options.update(seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)

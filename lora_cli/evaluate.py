@@ -8,14 +8,16 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from lora_cli.loss import chunked_ce_stats, head_weight, scored_hidden
+from lora_cli.loss import Savings, chunked_ce_stats, head_weight, scored_hidden
 
 
 @torch.inference_mode()
-def evaluate_lm(model, batches, autocast=nullcontext, max_batches: int | None = None, reduce=None) -> dict:
+def evaluate_lm(model, batches, autocast=nullcontext, max_batches: int | None = None, reduce=None,
+                savings: Savings = Savings()) -> dict:
     """Token-weighted mean cross-entropy, perplexity and next-token accuracy over `batches` (an iterable of
     data.Batch already on the model's device). reduce: sums a list of numbers over processes (data-parallel
-    evaluation: each process scores its shard, the sums are combined before the means are taken)."""
+    evaluation: each process scores its shard, the sums are combined before the means are taken). savings: as in
+    loss.lm_loss_sum (chunk_rows 0: plain [N, V] logits)."""
     was_training = model.training
     model.eval()
     loss_sum, correct, tokens, examples = 0.0, 0, 0, 0
@@ -23,14 +25,14 @@ def evaluate_lm(model, batches, autocast=nullcontext, max_batches: int | None = 
         if max_batches is not None and i >= max_batches:
             break
         with autocast():
-            hidden, targets = scored_hidden(model, batch)
+            hidden, targets = scored_hidden(model, batch, savings)
             weight = head_weight(model)
-            if weight is None:  # a replaced head: plain [N, V] logits
+            if weight is None or savings.chunk_rows == 0:  # a replaced head (or the plain path): [N, V] logits
                 logits = model.logits(hidden).float()
                 batch_loss = F.cross_entropy(logits, targets, reduction="sum")
                 batch_correct = (logits.argmax(dim=-1) == targets).sum()
             else:  # chunk by chunk: the [N, V] fp32 logits never exist at once (loss.py)
-                batch_loss, batch_correct = chunked_ce_stats(hidden, weight, targets)
+                batch_loss, batch_correct = chunked_ce_stats(hidden, weight, targets, savings.chunk_rows)
         loss_sum += batch_loss.item()
         correct += batch_correct.item()
         tokens += targets.numel()
@@ -324,8 +326,9 @@ def run_eval(
     from lora_cli.pretrained import load_model
     from lora_cli.errors import AdapterError, ConfigError, DataError
     from lora_cli.fsutil import atomic_write_text
-    from lora_cli.inference import DataSettings, attach_to, load_base, open_adapter, resolve_device
-    from lora_cli.train import ADAPTER_FILE, autocast_for, resolve_precision
+    from lora_cli.adapter import ADAPTER_FILE
+    from lora_cli.inference import DataSettings, attach_to, load_base, open_adapter
+    from lora_cli.runtime import autocast_for, device_option, resolve_precision
 
     log = log or (lambda message: None)
     if data is None and config is None:
@@ -375,7 +378,7 @@ def run_eval(
         from lora_cli.adapter import attach_adapter
 
         attach_adapter(base, adapter_obj)
-    dev = resolve_device(device)
+    dev = device_option(device)
     base.model.to(dev).eval()
     autocast = autocast_for(dev, resolve_precision("auto", dev))
 

@@ -110,18 +110,6 @@ def attach_to(loaded: Loaded, allow_mismatch: bool = False) -> None:
     loaded.model.eval()
 
 
-def resolve_device(name: str = "auto"):
-    from lora_cli.errors import TrainingError
-    from lora_cli.train import resolve_device as train_device
-
-    try:
-        return train_device(name)
-    except TrainingError as exc:  # CUDA or MPS asked for but absent
-        raise ConfigError(f"--device {name}: that device is not available here; use --device auto or cpu") from exc
-    except RuntimeError as exc:  # torch.device("nonsense")
-        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from exc
-
-
 # --------------------------------------------------------------------------------------------- data settings
 
 

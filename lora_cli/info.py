@@ -31,15 +31,13 @@ def describe(model: str, random_init: bool = False, lora_config: Path | None = N
     }
     if lora_config is not None:
         from lora_cli.config import load_config
-        from lora_cli.lora import apply_lora, count_parameters, estimate_adapter_bytes
+        from lora_cli.lora import apply_lora, count_parameters, estimate_adapter_bytes, with_classification_head
 
         cfg = load_config(lora_config, overrides)
         lora_cfg = cfg.lora
         if cfg.task == "classification":
-            from lora_cli.train import _with_head
-
             with torch.device("meta"):
-                lora_cfg = _with_head(net, lora_cfg, _num_labels(cfg), None)
+                lora_cfg = with_classification_head(net, lora_cfg, _num_labels(cfg), None)
         targets = apply_lora(net, lora_cfg)
         trainable, total = count_parameters(net)
         dtype = "fp32"

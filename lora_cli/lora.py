@@ -32,6 +32,7 @@ In training the update is always computed as (x A^T) B^T: the [out, in] product 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import json
 import math
@@ -44,6 +45,8 @@ from torch import nn
 
 from lora_cli.config import LoraConfig
 from lora_cli.errors import AdapterError, ConfigError
+from lora_cli.model import HEAD, add_classification_head
+from lora_cli.runtime import as_dtype
 
 SLICES = ("q", "k", "v")  # thirds of GPT-2's fused c_attn output, in order
 BLOCK = re.compile(r"^transformer\.h\.(\d+)\.")
@@ -133,6 +136,12 @@ class LoRALayer(nn.Module):
                 yield name, p
 
 
+def check_rank(r: int, target: str | None = None) -> None:
+    """LoRA's rank must be positive: the one check of lora.r (layers, apply_lora, per-target ranks)."""
+    if r <= 0:
+        raise ConfigError(f"lora.r must be a positive integer, got {r}" + (f" for {target}" if target else ""))
+
+
 def _check_finite(weight: torch.Tensor, what: str) -> None:
     if not bool(torch.isfinite(weight).all()):
         raise AdapterError(f"{what} the adapter gives non-finite weights (NaN or inf); the adapter is corrupt or diverged")
@@ -143,8 +152,7 @@ class LoRALinear(LoRALayer):
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, use_dora: bool = False, generator: torch.Generator | None = None):
-        if r <= 0:
-            raise ConfigError(f"lora.r must be a positive integer, got {r}")
+        check_rank(r)
         super().__init__(base_layer, dropout)
         self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, use_rslora, use_dora
         self.scaling = lora_scaling(r, alpha, use_rslora)
@@ -253,8 +261,7 @@ class LoRASlice(nn.Module):
     def __init__(self, in_features: int, out_features: int, r: int, alpha: float, use_rslora: bool,
                  like: torch.Tensor, generator: torch.Generator | None):
         super().__init__()
-        if r <= 0:
-            raise ConfigError(f"lora.r must be a positive integer, got {r}")
+        check_rank(r)
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = lora_scaling(r, alpha, use_rslora)
         self.lora_A, self.lora_B = _low_rank_pair(in_features, out_features, r, like, generator)
@@ -451,8 +458,7 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig, generator: torch.Generato
     (used when loading adapters that carry per-module ranks, e.g. from PEFT)."""
     cfg = lora_cfg
     rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
-    if cfg.r <= 0:
-        raise ConfigError(f"lora.r must be a positive integer, got {cfg.r}")
+    check_rank(cfg.r)
     if cfg.alpha <= 0:
         raise ConfigError(f"lora.alpha must be > 0, got {cfg.alpha}")
     if not 0 <= cfg.dropout < 1:
@@ -460,8 +466,7 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig, generator: torch.Generato
     if cfg.bias not in ("none", "lora_only", "all"):
         raise ConfigError(f"lora.bias must be none, lora_only or all, got {cfg.bias!r}")
     for name, r in rank_pattern.items():
-        if int(r) <= 0:
-            raise ConfigError(f"lora.r must be a positive integer, got {r} for {name}")
+        check_rank(int(r), name)
     targets = resolve_targets(model, list(cfg.targets), cfg.layers)
     saved = resolve_modules(model, list(cfg.modules_to_save)) if cfg.modules_to_save else []
     for t in targets:
@@ -623,23 +628,20 @@ def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.disabled = False
 
 
+def with_classification_head(model: nn.Module, lora_cfg: LoraConfig, num_labels: int,
+                             generator: torch.Generator | None) -> LoraConfig:
+    """Add the classification head (model.HEAD) and return the LoRA settings for it. Unless LoRA targets the head
+    (the reference's frozen random head with LoRA on it), the head is trained in full: it is added to
+    modules_to_save."""
+    add_classification_head(model, num_labels, generator)
+    if HEAD in resolve_targets(model, list(lora_cfg.targets), None) or HEAD in lora_cfg.modules_to_save:
+        return lora_cfg
+    return dataclasses.replace(lora_cfg, modules_to_save=[*lora_cfg.modules_to_save, HEAD])
+
+
 # ------------------------------------------------------------------------------------------------ adapter size
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-_DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-                "fp16": torch.float16, "float16": torch.float16}
-
-
-def as_dtype(dtype: torch.dtype | str | None, default: torch.dtype = torch.float32) -> torch.dtype:
-    """torch dtype from a dtype or a name (fp32, bf16, fp16, float32, ...)."""
-    if dtype is None:
-        return default
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).lower().removeprefix("torch.")
-    if name not in _DTYPE_NAMES:
-        raise ConfigError(f"adapter dtype must be one of fp32, bf16, fp16, got {dtype!r}")
-    return _DTYPE_NAMES[name]
 
 
 def estimate_adapter_bytes(model: nn.Module, dtype: torch.dtype | str = torch.float32) -> int:

@@ -17,6 +17,7 @@ MB buffer.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,30 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
-def scored_hidden(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class Savings:
+    """Which savings of this module run (all, by default). Each gives the plain path's loss and gradients; tests
+    compare them with PLAIN.
+
+    unpad: right-padded batches with padding run the model on their real tokens only (model.Unpadded). On the
+        benchmark's Alpaca batches (8.4% padding after length grouping) a step took 7.0% (fp32) and 6.1% (bf16)
+        less CPU time; on batches without padding the scatter/gather costs nothing measurable.
+    prune_last_block: ... and the last block computes its attention output, MLP and LayerNorms for the scored
+        tokens only (the others are needed there as keys and values only). Same Alpaca batches (76% of real tokens
+        unscored): 4.3% (fp32) and 6.0% (bf16) less CPU time per step on top of the unpadding.
+    chunk_rows: rows of logits per chunk of the vocabulary projection: None picks chunk_rows_for(N); 0 is the
+        plain, unchunked path.
+    """
+
+    unpad: bool = True
+    prune_last_block: bool = True
+    chunk_rows: int | None = None
+
+
+PLAIN = Savings(unpad=False, prune_last_block=False, chunk_rows=0)
+
+
+def scored_hidden(model, batch, savings: Savings = Savings()) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states [N, C] at the N scored positions and their targets [N].
 
     Right-padded causal batches need no padding mask: a real token only attends to earlier positions, which
@@ -33,10 +57,10 @@ def scored_hidden(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """
     mask = padding_mask(batch)
     scored = batch.targets != IGNORE  # [B, T]; padding has no target
-    if mask is None and UNPAD:
+    if mask is None and savings.unpad:
         keep = batch.attention_mask.bool()  # [B, T]
         n_real, n_scored = int(keep.sum()), int(scored.sum())
-        prune = PRUNE_LAST_BLOCK and n_scored < n_real
+        prune = savings.prune_last_block and n_scored < n_real
         first = batch.input_ids[:, 0]  # right padding: column 0 is real, so a common first token means a prefix
         share = getattr(model, "share_prefix", False) and keep.shape[0] > 1 and bool((first == first[0]).all())
         # padding to skip, unscored tokens to skip in the last block, or a common prefix to compute once
@@ -47,27 +71,14 @@ def scored_hidden(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return hidden[scored], batch.targets[scored]
 
 
-# Right-padded batches with padding run the model on their real tokens only (model.Unpadded). On the benchmark's
-# Alpaca batches (8.4% padding after length grouping) a step took 7.0% (fp32) and 6.1% (bf16) less CPU time; on
-# batches without padding the scatter/gather costs nothing measurable (it is not used there anyway).
-UNPAD = True
-# ... and the last block computes its attention output, MLP and LayerNorms for the scored tokens only (the others
-# are needed there as keys and values only). Same Alpaca batches (76% of real tokens unscored): 4.3% (fp32) and
-# 6.0% (bf16) less CPU time per step on top of the unpadding.
-PRUNE_LAST_BLOCK = True
-
-
-def lm_loss_sum(model, batch, label_smoothing: float = 0.0, chunk_rows: int | None = None) -> torch.Tensor:
-    """Summed (not averaged) cross-entropy over the batch's scored tokens, computed in fp32.
-    chunk_rows: rows per chunk of the vocabulary projection (None: CHUNK_ROWS, by default chunk_rows_for(N);
-    0: the plain, unchunked path)."""
-    hidden, targets = scored_hidden(model, batch)
+def lm_loss_sum(model, batch, label_smoothing: float = 0.0, savings: Savings = Savings()) -> torch.Tensor:
+    """Summed (not averaged) cross-entropy over the batch's scored tokens, computed in fp32."""
+    hidden, targets = scored_hidden(model, batch, savings)
     weight = head_weight(model)
-    rows = CHUNK_ROWS if chunk_rows is None else chunk_rows
-    if weight is None or rows == 0:
+    if weight is None or savings.chunk_rows == 0:
         logits = model.logits(hidden).float()  # [N, V]
         return F.cross_entropy(logits, targets, reduction="sum", label_smoothing=label_smoothing)
-    return chunked_cross_entropy(hidden, weight, targets, label_smoothing, rows)
+    return chunked_cross_entropy(hidden, weight, targets, label_smoothing, savings.chunk_rows)
 
 
 def head_weight(model) -> torch.Tensor | None:
@@ -77,10 +88,6 @@ def head_weight(model) -> torch.Tensor | None:
     if type(head) is torch.nn.Linear and head.bias is None:
         return head.weight
     return None
-
-
-# Rows of logits per chunk: None picks chunk_rows_for(N); 0 is the plain path (tests and A/B runs set it).
-CHUNK_ROWS: int | None = None
 
 
 def chunk_rows_for(n: int) -> int:

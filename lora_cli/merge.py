@@ -31,9 +31,9 @@ import torch
 
 from lora_cli.errors import CheckpointError, ConfigError
 from lora_cli.model import HEAD
+from lora_cli.runtime import DTYPES
 from lora_cli.tokenizer import EOT_ID, EOT_TOKEN
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 # What a merged directory holds; --overwrite replaces only a directory like that (or an empty one).
 MERGED_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES, "README.md", "generation_config.json",

@@ -64,13 +64,14 @@ def read_texts(texts: Sequence[str], file: str | Path | None = None, stdin=None)
 def load_classifier(adapter, model: str | None = None, allow_mismatch: bool = False, device: str = "auto"):
     """inference.Loaded with the classification adapter attached, on `device`, in eval mode. An adapter of
     another task is a ConfigError."""
-    from lora_cli.inference import DataSettings, load_for_inference, open_adapter, resolve_device
+    from lora_cli.inference import DataSettings, load_for_inference, open_adapter
+    from lora_cli.runtime import device_option
 
     adapter_obj = open_adapter(adapter)
     if adapter_obj is None:
         raise ConfigError("`lora predict` needs a classification adapter: pass --adapter FILE")
     check_classifier(adapter_obj)
-    dev = resolve_device(device)
+    dev = device_option(device)
     loaded = load_for_inference(adapter_obj, model, allow_mismatch)
     loaded.model.to(dev).eval()
     if not DataSettings.from_adapter(adapter_obj).labels:
@@ -94,7 +95,7 @@ def predict_texts(loaded, texts: Sequence[str], batch_size: int = 8,
     from lora_cli.data import Example, batch_indices, collate
     from lora_cli.loss import class_logits
     from lora_cli.tokenizer import encode
-    from lora_cli.train import autocast_for, resolve_precision
+    from lora_cli.runtime import autocast_for, resolve_precision
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"--batch-size must be a positive integer, got {batch_size!r}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lora_cli.config import ModelSpec
-from lora_cli.errors import CheckpointError, first_line
+from lora_cli.errors import CheckpointError, LoraError, first_line
 from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
 from lora_cli.model import GPT2, GPT2_PRESETS, GPT2Config
 
@@ -185,8 +185,9 @@ def read_config(path: Path) -> GPT2Config:
         raise CheckpointError(f"{path}: {exc}") from exc
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors from a .safetensors file, or a .bin/.pt file read with weights_only=True (never unpickles code)."""
+def read_state_dict(path: Path, error: type[LoraError] = CheckpointError, what: str = "") -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file, or a .bin/.pt file read with weights_only=True (never unpickles code).
+    error / what: the error to raise and the word naming the file in it (adapters: AdapterError, "adapter ")."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -195,15 +196,15 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        raise error(f"cannot read {what}{path}: {exc.strerror or exc}") from exc
     except Exception as exc:  # safetensors and the unpickler raise their own types for damaged or unsafe files
-        raise CheckpointError(
-            f"cannot load {path}: it is truncated, corrupt, or not a plain tensor file ({first_line(exc)})"
+        raise error(
+            f"cannot load {what}{path}: it is truncated, corrupt, or not a plain tensor file ({first_line(exc)})"
         ) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+        raise error(f"{path} does not hold a state dict of tensors")
     return state
 
 

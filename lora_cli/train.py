@@ -23,13 +23,15 @@ from pathlib import Path
 
 import torch
 
+from lora_cli.adapter import ADAPTER_FILE
 from lora_cli.config import RunConfig, dump_config
 from lora_cli.distributed import Dist
 from lora_cli.errors import LoraError, TrainingError
 from lora_cli.fsutil import append_line, atomic_path, atomic_write_text
+from lora_cli.loss import Savings
+from lora_cli.runtime import DTYPES, autocast_for, resolve_device, resolve_precision
 
 CHECKPOINT_FILE = "checkpoint/state.pt"
-ADAPTER_FILE = "adapter.safetensors"
 
 
 class TrainingInterrupted(LoraError):
@@ -54,38 +56,6 @@ def lr_at(step: int, total_steps: int, lr: float, warmup_steps: int, schedule: s
     if schedule == "linear":
         return floor + (lr - floor) * (1.0 - progress)
     return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"train.device is {name} but CUDA is not available here; use device: auto or cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise TrainingError(f"train.device is {name} but MPS is not available here; use device: auto or cpu")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto: bf16 autocast on CUDA (fp32 LoRA weights and optimizer), fp32 elsewhere."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise TrainingError("train.precision fp16 needs a CUDA device; use bf16 or fp32 on this machine")
-    return precision
-
-
-def autocast_for(device: torch.device, precision: str):
-    """A zero-argument factory of autocast contexts (fp32: a no-op)."""
-    if precision == "fp32":
-        return nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg):
@@ -147,10 +117,6 @@ def save_checkpoint(out_dir: Path, model, optimizer, state: RunState, world_size
     }
     with atomic_path(out_dir / CHECKPOINT_FILE) as tmp:
         torch.save(payload, tmp)
-
-
-def load_checkpoint(out_dir: Path, model, optimizer, world_size: int = 1) -> RunState:
-    return apply_checkpoint(read_checkpoint(out_dir, model, world_size), model, optimizer)
 
 
 def read_checkpoint(out_dir: Path, model, world_size: int = 1) -> dict:
@@ -291,6 +257,7 @@ class Setup:
     total_steps: int
     world_size: int = 1  # processes training together (torchrun)
     dist: Dist = field(default_factory=Dist)  # this process's place among them
+    savings: Savings = Savings()  # the loss's savings (tests turn them off: loss.PLAIN)
 
     @property
     def global_batch(self) -> int:
@@ -298,18 +265,20 @@ class Setup:
         return self.cfg.train.batch_size * self.cfg.train.grad_accum * self.world_size
 
 
-def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = None) -> Setup:
+def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = None,
+          savings: Savings = Savings()) -> Setup:
     """Load the base model, add LoRA, read the data: everything a dry run shows and a run needs.
 
     world_size: the number of processes (default: WORLD_SIZE from torchrun's environment, else 1); with
     train.global_batch_size set, the per-process batch_size and grad_accum follow from it (distributed.resolve_batch),
-    and the returned Setup's cfg holds them. dist: the process group this process joined (train())."""
+    and the returned Setup's cfg holds them. dist: the process group this process joined (train()). savings: the
+    loss's savings (loss.Savings), all on by default."""
     from dataclasses import replace
 
     from lora_cli.pretrained import load_model
     from lora_cli.data import batch_indices, load_splits
     from lora_cli.distributed import env_world_size, resolve_batch
-    from lora_cli.lora import apply_lora, count_parameters
+    from lora_cli.lora import apply_lora, count_parameters, with_classification_head
 
     dist = dist or Dist()
     world_size = dist.world_size if dist.enabled else (world_size or env_world_size())
@@ -330,7 +299,7 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
     generator = torch.Generator().manual_seed(t.seed)
     lora_cfg = cfg.lora
     if cfg.task == "classification":
-        lora_cfg = _with_head(model, lora_cfg, len(data.labels), generator)
+        lora_cfg = with_classification_head(model, lora_cfg, len(data.labels), generator)
     targets = apply_lora(model, lora_cfg, generator=generator)
     trainable, total = count_parameters(model)
     model.gradient_checkpointing = t.gradient_checkpointing
@@ -338,7 +307,7 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
     if precision in ("bf16", "fp16"):  # frozen weights stored as autocast would cast them: same products, no copies
         from lora_cli.model import cast_frozen_linears_
 
-        cast_frozen_linears_(model, torch.bfloat16 if precision == "bf16" else torch.float16)
+        cast_frozen_linears_(model, DTYPES[precision])
     micro_batches = len(batch_indices([len(e) for e in data.train], t.batch_size, t.seed, 0))
     # one step takes grad_accum micro-batches on each process: grad_accum x world size of the epoch's list
     steps_per_epoch = max(1, math.ceil(micro_batches / (t.grad_accum * world_size)))
@@ -346,21 +315,7 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
     if t.max_steps is not None:
         total_steps = min(total_steps, t.max_steps)
     return Setup(cfg, Path(cfg.out_dir), device, precision, base, model.to(device), targets, data,
-                 trainable, total, steps_per_epoch, total_steps, world_size, dist)
-
-
-def _with_head(model, lora_cfg, num_labels: int, generator):
-    """Add the classification head. Unless LoRA targets it (the reference's frozen random head with LoRA on it),
-    the head is trained in full: it is added to modules_to_save."""
-    from dataclasses import replace
-
-    from lora_cli.lora import resolve_targets
-    from lora_cli.model import HEAD, add_classification_head
-
-    add_classification_head(model, num_labels, generator)
-    if HEAD in resolve_targets(model, list(lora_cfg.targets), None) or HEAD in lora_cfg.modules_to_save:
-        return lora_cfg
-    return replace(lora_cfg, modules_to_save=[*lora_cfg.modules_to_save, HEAD])
+                 trainable, total, steps_per_epoch, total_steps, world_size, dist, savings)
 
 
 def estimate_memory(s: Setup) -> int:
@@ -434,29 +389,32 @@ def _available_memory(device: torch.device) -> int | None:
 # ----------------------------------------------------------------------------------------------- train
 
 
-def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=print, progress: bool = True) -> TrainResult:
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=print, progress: bool = True,
+          savings: Savings = Savings()) -> TrainResult:
     """Run the config: returns where the adapter was written. Writes out_dir/adapter.safetensors (best by
     validation loss, else last), checkpoint/, metrics.jsonl, config.yaml and loss.png.
 
     Launched by torchrun, this process joins the process group and trains its shard of the data; rank 0 alone
-    writes out_dir and logs (log and progress are ignored on the other ranks)."""
+    writes out_dir and logs (log and progress are ignored on the other ranks). savings: see loss.Savings."""
     from lora_cli.distributed import init_distributed
 
     dist = init_distributed(resolve_device(cfg.train.device))
     try:
-        return _train(cfg, dist, resume, overwrite, log if dist.is_main else (lambda m: None), progress and dist.is_main)
+        return _train(cfg, dist, resume, overwrite, log if dist.is_main else (lambda m: None), progress and dist.is_main,
+                      savings)
     finally:
         dist.close()
 
 
-def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progress: bool) -> TrainResult:
+def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progress: bool,
+           savings: Savings) -> TrainResult:
     from lora_cli.distributed import DDPView, is_comm_failure, short_reason, wrap_ddp
 
     out_dir = Path(cfg.out_dir)
     dist.on_main(lambda: prepare_out_dir(out_dir, resume, overwrite))
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    s = build(cfg, dist=dist)
+    s = build(cfg, dist=dist, savings=savings)
     t = s.cfg.train
     for line in s.data.describe():
         log(line)
@@ -547,7 +505,7 @@ def _validate(s: Setup, autocast) -> dict | None:
     batches = (collate([s.data.val[i] for i in idx]).to(s.device) for idx in order)
     if s.cfg.task == "classification":
         return evaluate_classification(s.model, batches, s.data.labels, autocast, cap, reduce=reduce)
-    return evaluate_lm(s.model, batches, autocast, cap, reduce=reduce)
+    return evaluate_lm(s.model, batches, autocast, cap, reduce=reduce, savings=s.savings)
 
 
 def _loss_fn(s: Setup):
@@ -558,7 +516,7 @@ def _loss_fn(s: Setup):
     if s.cfg.task == "classification":
         weights = None if s.data.class_weights is None else torch.tensor(s.data.class_weights, device=s.device)
         return lambda model, batch: classification_loss_sum(model, batch, smoothing, weights)
-    return lambda model, batch: lm_loss_sum(model, batch, smoothing)
+    return lambda model, batch: lm_loss_sum(model, batch, smoothing, s.savings)
 
 
 def dropout_seed(seed: int, epoch: int, position: int) -> int:
@@ -597,8 +555,6 @@ def _step_batches(s: Setup, state: RunState, batches: list, own: list) -> StepBa
 
 def _forward_backward(s: Setup, state: RunState, step: StepBatches, forward, loss_sum, autocast) -> float:
     """Accumulate the step's gradients; returns this process's share of the step's mean loss."""
-    from contextlib import nullcontext
-
     ddp = getattr(forward, "ddp", None)
     W = s.dist.world_size
     loss_value = 0.0

@@ -184,8 +184,9 @@ def child_ours(args, pools) -> dict:
 
     from lora_cli.data import batch_indices, collate
     from lora_cli.evaluate import evaluate_lm
-    from lora_cli.loss import lm_loss_sum
-    from lora_cli.train import autocast_for, build, build_optimizer, trainable_named
+    from lora_cli.loss import Savings, lm_loss_sum
+    from lora_cli.runtime import autocast_for
+    from lora_cli.train import build, build_optimizer, trainable_named
 
     cfg = run_config(args, pools["data_path"])
     s = build(cfg)
@@ -198,7 +199,7 @@ def child_ours(args, pools) -> dict:
     autocast = autocast_for(s.device, s.precision)
     params = list(trainable_named(model).values())
     optimizer = build_optimizer(params, cfg)
-    chunk_rows = None if args.chunk_rows is None else args.chunk_rows
+    savings = Savings(chunk_rows=args.chunk_rows)
 
     def batches(pool):
         lengths = [len(e) for e in pool]
@@ -211,7 +212,7 @@ def child_ours(args, pools) -> dict:
         if args.mode == "eval":
             return evaluate_lm(model, [batch], autocast)["loss"]
         with autocast():
-            loss = lm_loss_sum(model, batch, t.label_smoothing, chunk_rows) / max(1, batch.n_targets)
+            loss = lm_loss_sum(model, batch, t.label_smoothing, savings) / max(1, batch.n_targets)
         loss.backward()
         value = loss.item()
         torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm, foreach=False)

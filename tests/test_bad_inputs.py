@@ -11,9 +11,6 @@ Speed: importing torch costs ~2 s of CPU per process, and this machine has two s
 processes forked from one warm "zygote" (tests/zygote.py), each running `runpy.run_module("lora_cli")` exactly
 as `python -m lora_cli` does. `test_zygote_matches_python_m` checks a few rows both ways; LORA_TEST_REAL_CLI=1
 runs every row with `python -m lora_cli` instead.
-
-Commands not built yet (or not present in `lora --help`) are skipped, naming the command; their rows run as soon
-as the command exists.
 """
 
 from __future__ import annotations
@@ -379,7 +376,7 @@ def with_file(name: str, text: str, *parts: str):
 @dataclass
 class Row:
     id: str
-    command: str  # for skipping commands that are not built yet
+    command: str  # the `lora` command the row runs (test_enough_rows counts rows per command)
     build: Callable[[Path, Path], list[str]]
     code: int
     expect: tuple[str, ...]  # substrings of stderr ({ws} and {d} are filled in)
@@ -661,20 +658,8 @@ ROWS = [
 ]
 
 
-def built_commands() -> set[str]:
-    """Commands in `lora --help` that are not placeholders."""
-    import typer
-
-    from lora_cli.cli import app
-
-    group = typer.main.get_command(app)
-    return {name for name, cmd in group.commands.items() if "not built yet" not in (cmd.help or "")}
-
-
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
 def test_bad_input(row: Row, runner, ws, full_disk, tmp_path):
-    if row.command not in built_commands():
-        pytest.skip(f"`lora {row.command}` is not built yet")
     if row.needs == "full_disk" and full_disk is None:
         pytest.skip("mounting a tmpfs to simulate a full disk is not permitted here")
     d = tmp_path

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_cli import loss as loss_mod
-from lora_cli.loss import chunked_ce_stats, chunked_cross_entropy, lm_loss_sum
+from lora_cli.loss import Savings, chunked_ce_stats, chunked_cross_entropy, lm_loss_sum
 
 from conftest import tiny_batch, tiny_lora_model
 
@@ -107,7 +107,7 @@ def test_lm_loss_sum_chunked_equals_plain_on_the_model(smoothing):
     grads = []
     for rows in (0, 5, None):
         model.zero_grad(set_to_none=True)
-        value = lm_loss_sum(model, batch, smoothing, chunk_rows=rows)
+        value = lm_loss_sum(model, batch, smoothing, Savings(chunk_rows=rows))
         value.backward()
         grads.append((value, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
     (ref, ref_grads), *others = grads
@@ -122,10 +122,10 @@ def test_lm_loss_sum_with_a_trained_head_gives_its_gradient():
     model, batch = tiny_lora_model(), tiny_batch()
     model.lm_head.weight.requires_grad_(True)  # what a trained (modules_to_save) head looks like to the loss
     model.zero_grad(set_to_none=True)
-    lm_loss_sum(model, batch, chunk_rows=0).backward()
+    lm_loss_sum(model, batch, savings=Savings(chunk_rows=0)).backward()
     ref = model.lm_head.weight.grad.clone()
     model.zero_grad(set_to_none=True)
-    lm_loss_sum(model, batch, chunk_rows=4).backward()
+    lm_loss_sum(model, batch, savings=Savings(chunk_rows=4)).backward()
     assert rel(ref, model.lm_head.weight.grad) <= 1e-5
 
 
@@ -146,7 +146,7 @@ def test_evaluate_lm_equals_the_plain_computation():
     assert metrics["tokens"] == targets.numel() == batch.n_targets
 
 
-def test_training_run_with_and_without_chunking_is_the_same(tmp_path, monkeypatch):
+def test_training_run_with_and_without_chunking_is_the_same(tmp_path):
     """A whole `lora train` run (loss, clipping, AdamW, validation) with every saving of loss.py (chunked
     cross-entropy, the unpadded forward) and with neither."""
     from lora_cli.config import load_config
@@ -165,10 +165,8 @@ train: {lr: 1e-2, batch_size: 4, epochs: 2, warmup_steps: 1, log_every: 1, eval_
 """)
     results = {}
     for name, rows_per_chunk, unpad in (("plain", 0, False), ("chunked", 3, True)):
-        monkeypatch.setattr(loss_mod, "CHUNK_ROWS", rows_per_chunk)
-        monkeypatch.setattr(loss_mod, "UNPAD", unpad)
         cfg = load_config(config, [f"out_dir={tmp_path / name}"])
-        train(cfg, log=lambda *a: None, progress=False)
+        train(cfg, log=lambda *a: None, progress=False, savings=Savings(unpad=unpad, chunk_rows=rows_per_chunk))
         metrics = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         results[name] = metrics
     plain_run, chunked_run = results["plain"], results["chunked"]
@@ -198,7 +196,7 @@ def shared_prefix_batch(case: str):
 
 
 @pytest.mark.parametrize("case", ["prompt masked", "prefix scored", "identical rows", "nothing shared"])
-def test_shared_prefix_loss_and_gradients_equal_the_padded_path(case, monkeypatch):
+def test_shared_prefix_loss_and_gradients_equal_the_padded_path(case):
     """A prefix common to the batch is computed once (model.Unpadded's `shared`): the loss and every LoRA gradient
     equal the plain padded computation, with and without pruning the last block."""
     model, batch = tiny_lora_model(), shared_prefix_batch(case)
@@ -206,12 +204,10 @@ def test_shared_prefix_loss_and_gradients_equal_the_padded_path(case, monkeypatc
     for name, unpad, share, prune in (("padded", False, False, False), ("shared", True, True, True),
                                       ("shared, all rows out", True, True, False), ("unshared", True, False, True),
                                       ("shared, checkpointed", True, True, True)):
-        monkeypatch.setattr(loss_mod, "UNPAD", unpad)
-        monkeypatch.setattr(loss_mod, "PRUNE_LAST_BLOCK", prune)
         model.share_prefix = share
         model.gradient_checkpointing = name.endswith("checkpointed")
         model.zero_grad(set_to_none=True)
-        value = lm_loss_sum(model, batch)
+        value = lm_loss_sum(model, batch, savings=Savings(unpad=unpad, prune_last_block=prune))
         value.backward()
         runs[name] = (value, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     ref, ref_grads = runs.pop("padded")

@@ -6,11 +6,10 @@ the fused kernel, and the lm_head is tied without a weight of its own."""
 import pytest
 import torch
 
-from lora_cli import loss as loss_mod
 from lora_cli import model as model_mod
 from lora_cli.config import LoraConfig
 from lora_cli.lora import apply_lora
-from lora_cli.loss import lm_loss_sum
+from lora_cli.loss import Savings, lm_loss_sum
 from lora_cli.model import GPT2, GPT2Config, cast_frozen_linears_
 
 from conftest import tiny_batch, tiny_lora_model
@@ -134,14 +133,9 @@ def test_unpadded_forward_equals_the_padded_one(checkpointing):
     assert rel(model(b.input_ids)[scored].detach(), pruned) <= 1e-5
     grads = {}
     for unpad, prune in ((False, False), (True, False), (True, True)):
-        saved = loss_mod.UNPAD, loss_mod.PRUNE_LAST_BLOCK
-        loss_mod.UNPAD, loss_mod.PRUNE_LAST_BLOCK = unpad, prune
-        try:
-            model.zero_grad(set_to_none=True)
-            value = lm_loss_sum(model, b)
-            value.backward()
-        finally:
-            loss_mod.UNPAD, loss_mod.PRUNE_LAST_BLOCK = saved
+        model.zero_grad(set_to_none=True)
+        value = lm_loss_sum(model, b, savings=Savings(unpad=unpad, prune_last_block=prune))
+        value.backward()
         grads[unpad, prune] = (value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     ref, ref_grads = grads[False, False]
     for key in ((True, False), (True, True)):

@@ -1,0 +1,72 @@
+"""Where and in what precision tensors live: device names, precision names, autocast, dtype names.
+
+The foundation layer: everything above (training, evaluation, the commands) asks here, so a precision name maps
+to one torch dtype in one place.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from lora_cli.errors import ConfigError, TrainingError
+
+# Precision names (config `train.precision`, `lora merge --dtype`, adapter dtypes) -> torch dtypes.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def as_dtype(dtype: torch.dtype | str | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    """torch dtype from a dtype or a name (fp32, bf16, fp16, float32, ...)."""
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).lower().removeprefix("torch.")
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise ConfigError(f"adapter dtype must be one of fp32, bf16, fp16, got {dtype!r}")
+    return DTYPES[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` (cuda > mps > cpu) or a torch device name that is available here (train.device)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"train.device is {name} but CUDA is not available here; use device: auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError(f"train.device is {name} but MPS is not available here; use device: auto or cpu")
+    return device
+
+
+def device_option(name: str = "auto") -> torch.device:
+    """resolve_device for a command's `--device` flag: its errors name the flag."""
+    try:
+        return resolve_device(name)
+    except TrainingError as exc:  # CUDA or MPS asked for but absent
+        raise ConfigError(f"--device {name}: that device is not available here; use --device auto or cpu") from exc
+    except RuntimeError as exc:  # torch.device("nonsense")
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from exc
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 autocast on CUDA (fp32 LoRA weights and optimizer), fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise TrainingError("train.precision fp16 needs a CUDA device; use bf16 or fp32 on this machine")
+    return precision
+
+
+def autocast_for(device: torch.device, precision: str):
+    """A zero-argument factory of autocast contexts (fp32: a no-op)."""
+    if precision == "fp32":
+        return nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=DTYPES[precision])
