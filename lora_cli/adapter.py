@@ -36,15 +36,16 @@ from lora_cli.config import LoraConfig
 from lora_cli.errors import AdapterError, ConfigError, first_line
 from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
 from lora_cli.model import HEAD, add_classification_head
-from lora_cli.runtime import as_dtype
 from lora_cli.lora import (
     SLICES,
+    LoRALinear,
     _split_slice_name,
     adapter_state_dict,
     apply_lora,
     lora_scaling,
     target_candidates,
 )
+from lora_cli.runtime import as_dtype
 
 FORMAT_VERSION = 1
 ADAPTER_FILE = "adapter.safetensors"  # the name inside a run directory
@@ -475,8 +476,6 @@ def peft_state_dict(adapter: Adapter) -> tuple[dict[str, torch.Tensor], list[str
 def _folded_head(adapter: Adapter, take, scaling: float) -> torch.Tensor:
     """The weight of a LoRA'd classification head with its update folded in: W + scaling B A (DoRA: rescaled
     row by row by its magnitude), computed by LoRALinear.merge itself so it equals what the model computes."""
-    from lora_cli.lora import LoRALinear
-
     W = take(f"{HEAD}.base_layer.weight")
     A, B = take(f"{HEAD}.lora_A.weight"), take(f"{HEAD}.lora_B.weight")
     linear = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)

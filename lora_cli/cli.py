@@ -144,19 +144,20 @@ def eval_(
 ) -> None:
     """Loss, perplexity and next-token accuracy on held-out data: base and adapter side by side. Classifiers:
     loss, accuracy, per-class precision/recall/F1, macro-F1 and the confusion matrix."""
-    from lora_cli.evaluate import eval_table, run_eval
+    from lora_cli.evaluate import EvalOptions, eval_table, run_eval
 
     if config is not None and config.suffix.lower() not in (".yaml", ".yml"):
         raise ConfigError(f"{config}: `lora eval` takes a run config (.yaml); pass data with --data FILE")
     if config is None and adapter is None and model is None:
         raise ConfigError("name what to evaluate: --adapter FILE, --model MODEL, or a run config")
-    result = run_eval(data, adapter=adapter, model=model, config=config, overrides=overrides, batch_size=batch_size,
-                      max_length=max_length, fmt=fmt, columns=columns, prompt_template=prompt_template,
-                      compare_base=not no_base, allow_mismatch=allow_mismatch, generate=gen,
-                      max_new_tokens=max_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
-                      no_repeat_ngram_size=no_repeat_ngram_size, lowercase=lowercase, meteor=meteor,
-                      predictions=predictions, device=device,
-                      progress=not quiet and sys.stderr.isatty(), log=lambda m: typer.echo(m, err=True), plot=plot)
+    options = EvalOptions(
+        data=data, adapter=adapter, model=model, config=config, overrides=tuple(overrides), batch_size=batch_size,
+        max_length=max_length, fmt=fmt, columns=tuple(columns), prompt_template=prompt_template,
+        compare_base=not no_base, allow_mismatch=allow_mismatch, generate=gen, max_new_tokens=max_new_tokens,
+        num_beams=num_beams, length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+        lowercase=lowercase, meteor=meteor, predictions=predictions, device=device,
+        progress=not quiet and sys.stderr.isatty(), plot=plot)
+    result = run_eval(options, log=lambda m: typer.echo(m, err=True))
     if as_json:
         echo_json(result)
         return
@@ -206,9 +207,9 @@ def generate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Generate text with an adapter (its prompt template applied) or a base model; streams a single prompt."""
-    from lora_cli.inference import (
-        DataSettings, collect_prompts, escape_line, generate_texts, load_for_inference, open_adapter, sampling_options,
-    )
+    from lora_cli.evaluation import generate_texts
+    from lora_cli.inference import DataSettings, load_for_inference, open_adapter
+    from lora_cli.prompts import collect_prompts, escape_line, sampling_options
     from lora_cli.runtime import device_option
 
     if adapter is None and model is None:
@@ -232,8 +233,9 @@ def generate(
             sys.stdout.flush()
         sys.stdout.write("\n")
         return
-    texts = generate_texts(net, items, max_new_tokens, batch_size=batch_size, num_beams=num_beams,
-                           length_penalty=length_penalty, progress=not quiet and sys.stderr.isatty(), **options)
+    texts = generate_texts(net, [item.text for item in items], max_new_tokens, where=[item.where for item in items],
+                           batch_size=batch_size, num_beams=num_beams, length_penalty=length_penalty,
+                           progress=not quiet and sys.stderr.isatty(), **options)
     for item, text in zip(items, texts):
         if as_json:
             typer.echo(json.dumps({**item.record, "generated": text}, ensure_ascii=False))

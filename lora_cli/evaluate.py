@@ -1,110 +1,35 @@
-"""Held-out metrics. Evaluation scores exactly the tokens training scores (same examples, same masks)."""
+"""`lora eval`: a base model, or an adapter next to its base, on held-out data (a file, or a run config's test or
+validation split), as small steps: load the subject, build the examples, then the classifier, LM and generation
+evaluations of evaluation.py (the core that training's validation shares).
+
+Everything it needs to know about the data (format, columns, template, masking, max_length) comes from the
+adapter's metadata (inference.DataSettings) or the run config; flags override it.
+"""
 
 from __future__ import annotations
 
-import math
-from contextlib import nullcontext
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from lora_cli.loss import Savings, chunked_ce_stats, head_weight, scored_hidden
-
-
-@torch.inference_mode()
-def evaluate_lm(model, batches, autocast=nullcontext, max_batches: int | None = None, reduce=None,
-                savings: Savings = Savings()) -> dict:
-    """Token-weighted mean cross-entropy, perplexity and next-token accuracy over `batches` (an iterable of
-    data.Batch already on the model's device). reduce: sums a list of numbers over processes (data-parallel
-    evaluation: each process scores its shard, the sums are combined before the means are taken). savings: as in
-    loss.lm_loss_sum (chunk_rows 0: plain [N, V] logits)."""
-    was_training = model.training
-    model.eval()
-    loss_sum, correct, tokens, examples = 0.0, 0, 0, 0
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        with autocast():
-            hidden, targets = scored_hidden(model, batch, savings)
-            weight = head_weight(model)
-            if weight is None or savings.chunk_rows == 0:  # a replaced head (or the plain path): [N, V] logits
-                logits = model.logits(hidden).float()
-                batch_loss = F.cross_entropy(logits, targets, reduction="sum")
-                batch_correct = (logits.argmax(dim=-1) == targets).sum()
-            else:  # chunk by chunk: the [N, V] fp32 logits never exist at once (loss.py)
-                batch_loss, batch_correct = chunked_ce_stats(hidden, weight, targets, savings.chunk_rows)
-        loss_sum += batch_loss.item()
-        correct += batch_correct.item()
-        tokens += targets.numel()
-        examples += batch.input_ids.shape[0]
-    model.train(was_training)
-    if reduce is not None:
-        loss_sum, correct, tokens, examples = reduce([loss_sum, correct, tokens, examples])
-        correct, tokens, examples = int(correct), int(tokens), int(examples)
-    loss = loss_sum / tokens if tokens else float("nan")
-    return {
-        "loss": loss,
-        "perplexity": math.exp(loss) if tokens and loss < 700 else float("inf"),
-        "token_accuracy": correct / tokens if tokens else float("nan"),
-        "tokens": tokens,
-        "examples": examples,
-    }
-
-
-@torch.inference_mode()
-def evaluate_classification(model, batches, labels: list[str], autocast=nullcontext,
-                            max_batches: int | None = None, reduce=None) -> dict:
-    """Loss, accuracy, per-class precision/recall/F1, macro-F1 and the confusion matrix (rows: true label,
-    columns: predicted label) over `batches` of classification examples. reduce: as in evaluate_lm."""
-    from lora_cli.loss import class_logits
-
-    was_training = model.training
-    model.eval()
-    k = len(labels)
-    confusion = torch.zeros(k, k, dtype=torch.long)
-    loss_sum, examples = 0.0, 0
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        with autocast():
-            logits = class_logits(model, batch)
-        loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").item()
-        predicted = logits.argmax(dim=-1).cpu()
-        for t, p in zip(batch.labels.cpu().tolist(), predicted.tolist()):
-            confusion[t, p] += 1
-        examples += batch.labels.shape[0]
-    model.train(was_training)
-    if reduce is not None:
-        summed = reduce([loss_sum, examples, *confusion.flatten().tolist()])
-        loss_sum, examples = summed[0], int(summed[1])
-        confusion = torch.tensor([int(v) for v in summed[2:]], dtype=torch.long).view(k, k)
-    return classification_metrics(confusion, labels, loss_sum / examples if examples else float("nan"))
-
-
-def classification_metrics(confusion: torch.Tensor, labels: list[str], loss: float) -> dict:
-    """Metrics from a confusion matrix (rows: true label, columns: predicted). Precision, recall and F1 of a
-    class with no predictions / no examples are 0 (scikit-learn's zero_division=0); macro-F1 is their plain mean
-    over every label of the adapter, so a class absent from the data counts with F1 0."""
-    per_class = {}
-    for c, name in enumerate(labels):
-        tp = confusion[c, c].item()
-        predicted = confusion[:, c].sum().item()
-        actual = confusion[c, :].sum().item()
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / actual if actual else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": actual}
-    total = confusion.sum().item()
-    return {
-        "loss": loss,
-        "accuracy": confusion.diag().sum().item() / total if total else float("nan"),
-        "macro_f1": sum(v["f1"] for v in per_class.values()) / len(labels) if labels else float("nan"),
-        "per_class": per_class,
-        "confusion_matrix": confusion.tolist(),
-        "labels": list(labels),
-        "examples": total,
-    }
-
+from lora_cli.adapter import ADAPTER_FILE, Adapter, attach_adapter
+from lora_cli.config import DataConfig, RunConfig, load_config
+from lora_cli.data import (
+    RESPONSE_ROLE, _cell, _row_label, detect_format, encode_records, load_file, load_splits, read_table, render_prompt,
+)
+from lora_cli.errors import AdapterError, ConfigError, DataError
+from lora_cli.evaluation import eval_batches, evaluate_classification, evaluate_lm, generate_texts
+from lora_cli.fsutil import atomic_path, atomic_write_text
+from lora_cli.inference import DataSettings, Loaded, attach_to, load_base, open_adapter
+from lora_cli.lora import lora_disabled, lora_layers
+from lora_cli.metrics import generation_metrics, meteor_unavailable
+from lora_cli.pretrained import BaseModel, load_model
+from lora_cli.prompts import response_column
+from lora_cli.runtime import autocast_for, device_option, resolve_precision
+from lora_cli.tokenizer import encode
 
 CLASSIFIER_BASE_NOTE = "the adapter's head on the base model, every LoRA layer off"
 
@@ -113,12 +38,6 @@ def classification_file(path, data_cfg, labels, adapter=None):
     """A held-out classification file -> (examples, stats, frame, format, mapping), its labels mapped to ids in
     the adapter's order (`labels`). Labels the adapter does not know are one-line errors naming the file, the
     row and the label; a file none of whose labels the adapter knows is told apart (a wrong adapter or file)."""
-    from dataclasses import replace
-    from pathlib import Path
-
-    from lora_cli.data import _cell, _row_label, detect_format, encode_records, read_table
-    from lora_cli.errors import AdapterError, DataError
-
     if not labels:
         raise AdapterError(f"adapter {adapter} does not record its class labels; evaluate an adapter written by "
                            "`lora train` with task: classification")
@@ -152,12 +71,10 @@ def classification_file(path, data_cfg, labels, adapter=None):
 def plot_confusion(confusion, labels, path, title: str | None = None) -> None:
     """The confusion matrix as a PNG (matplotlib, no display): rows true labels, columns predicted labels, each
     cell's count written in it and shaded by its share of the true label's row. Written atomically."""
-    import matplotlib
+    import matplotlib  # here: only --plot pays for matplotlib's import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from lora_cli.fsutil import atomic_path
 
     counts = torch.as_tensor(confusion, dtype=torch.float64)
     share = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
@@ -181,36 +98,11 @@ def plot_confusion(confusion, labels, path, title: str | None = None) -> None:
     plt.close(fig)
 
 
-# ------------------------------------------------------------------------------------------------ `lora eval`
-#
-# run_eval measures a base model, or an adapter next to its base, on a held-out file (or a run's validation /
-# test split), optionally with generation metrics. Everything it needs to know about the data (format, columns,
-# template, masking, max_length) comes from the adapter's metadata (inference.DataSettings) or the run config.
-
-
-def _eval_batches(examples, batch_size: int, device, progress: bool, desc: str):
-    """Batches of similar lengths (longest first), as training's validation builds them, with a progress bar."""
-    import sys
-
-    from tqdm import tqdm
-
-    from lora_cli.data import batch_indices, collate
-
-    order = batch_indices([len(e) for e in examples], batch_size, 0, 0, shuffle=False)
-    with tqdm(total=len(order), desc=desc, unit="batch", file=sys.stderr, disable=not progress,
-              dynamic_ncols=True, leave=False) as bar:
-        for idx in order:
-            yield collate([examples[i] for i in idx]).to(device)
-            bar.update(1)
-
-
 def _delta(new: dict, old: dict) -> dict:
     return {k: new[k] - old[k] for k in ("loss", "perplexity", "token_accuracy")}
 
 
 def _cell_text(value) -> str:
-    from lora_cli.data import _cell
-
     text = _cell(value)
     return text if isinstance(text, str) else ""
 
@@ -219,8 +111,6 @@ def generation_items(frame, rows, fmt: str, mapping: dict, data_cfg) -> list[tup
     """(prompt text, references) for each distinct prompt among these rows, in first-seen order. Rows with the
     same rendered prompt are one item with several references (E2E has ~8 references per meaning
     representation), so each prompt is generated once and scored against all of its references."""
-    from lora_cli.data import RESPONSE_ROLE, render_prompt
-
     reference = mapping[RESPONSE_ROLE[fmt]]
     columns = [str(c) for c in frame.columns]
     groups: dict[str, list[str]] = {}
@@ -232,20 +122,9 @@ def generation_items(frame, rows, fmt: str, mapping: dict, data_cfg) -> list[tup
     return list(groups.items())
 
 
-# BLEU, NIST, ROUGE-L, CIDEr-D and METEOR with every reference of a prompt: lora_cli/metrics.py (E2E scoring).
-from lora_cli.metrics import generation_metrics  # noqa: E402,F401  (imported from here by callers and tests)
-
-
 def _check_reference_column(path, data_cfg, task: str) -> None:
     """--generate scores against the response column: a file without one is a one-line error, before any
     model work."""
-    from dataclasses import replace
-    from pathlib import Path
-
-    from lora_cli.data import RESPONSE_ROLE, detect_format, read_table
-    from lora_cli.errors import DataError
-    from lora_cli.inference import response_column
-
     if Path(path).suffix.lower() == ".txt":
         raise DataError(f"{path}: --generate needs prompts with reference texts (a CSV, TSV, JSON or JSONL file "
                         "with prompt and completion columns, or alpaca instruction and output), not plain text")
@@ -274,248 +153,268 @@ def _check_reference_column(path, data_cfg, task: str) -> None:
     detect_format(columns, replace(data_cfg, format=fmt), task, path)
 
 
-def run_eval(
-    data=None,
-    *,
-    adapter=None,
-    model: str | None = None,
-    config=None,
-    overrides=(),
-    batch_size: int = 8,
-    max_length: int | None = None,
-    fmt: str | None = None,
-    columns=(),
-    prompt_template: str | None = None,
-    compare_base: bool = True,
-    allow_mismatch: bool = False,
-    generate: bool = False,
-    max_new_tokens: int = 64,
-    num_beams: int = 1,
-    length_penalty: float = 1.0,
-    no_repeat_ngram_size: int = 0,
-    lowercase: bool = False,
-    meteor: bool = False,
-    predictions=None,
-    device: str = "auto",
-    progress: bool = False,
-    log=None,
-    plot=None,
-) -> dict:
+@dataclass(frozen=True)
+class EvalOptions:
+    """`lora eval`'s flags (cli.eval_), with the defaults of the command line.
+
+    Data: `data` (a file, encoded as the adapter was trained: format, columns, template, mask_prompt, max_length
+    from its metadata unless fmt / columns / prompt_template / max_length say otherwise), or `config` (a run
+    config: its out_dir's adapter, its base model, and its test split if it has one, else its validation split,
+    built by data.load_splits exactly as training built them). compare_base: also measure the bare base (for a
+    classifier: its head with every LoRA layer off). generate: also decode each distinct prompt once (greedy, or
+    beam search with num_beams / length_penalty / no_repeat_ngram_size) and score generation_metrics; lowercase:
+    BLEU and NIST ignore case, as the E2E challenge's scoring does; meteor: also METEOR 1.5 (needs pycocoevalcap
+    and Java; checked before any work); predictions: a JSONL file of each prompt's output. plot: a classifier's
+    confusion matrix as a PNG."""
+
+    data: Path | None = None
+    adapter: Path | None = None
+    model: str | None = None
+    config: Path | None = None
+    overrides: tuple[str, ...] = ()
+    batch_size: int = 8
+    max_length: int | None = None
+    fmt: str | None = None
+    columns: tuple[str, ...] = ()
+    prompt_template: str | None = None
+    compare_base: bool = True
+    allow_mismatch: bool = False
+    generate: bool = False
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    lowercase: bool = False
+    meteor: bool = False
+    predictions: Path | None = None
+    device: str = "auto"
+    progress: bool = False
+    plot: Path | None = None
+
+    def check(self) -> None:
+        """The flags' own errors, before any file is read."""
+        if self.data is None and self.config is None:
+            raise ConfigError("name the data: --data FILE, or a run config (lora eval CONFIG.yaml)")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be a positive integer, got {self.batch_size!r}")
+        n = self.max_new_tokens
+        if self.generate and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ConfigError(f"--max-new-tokens must be a positive integer, got {n!r}")
+        if self.meteor and not self.generate:
+            raise ConfigError("--meteor scores generated text: add --generate")
+        if self.meteor:
+            why = meteor_unavailable()
+            if why:
+                raise ConfigError(f"--meteor: {why}; leave out --meteor to score BLEU, NIST, ROUGE-L and CIDEr only")
+
+
+@dataclass
+class Subject:
+    """What is evaluated: the base model (the adapter not yet attached, so the base can be measured as it is),
+    the adapter, how its data was encoded, the run config (lora eval CONFIG.yaml), the device and autocast."""
+
+    base: BaseModel
+    adapter: Adapter | None
+    adapter_path: Path | None
+    settings: DataSettings
+    cfg: RunConfig | None
+    device: torch.device
+    autocast: Callable
+
+
+@dataclass
+class HeldOut:
+    """The encoded examples and the table they came from (generation reads its prompts and references there)."""
+
+    examples: list
+    frame: object  # data.Table
+    fmt: str
+    mapping: dict
+    data_cfg: DataConfig
+    source: str
+    split: str | None = None  # "test" / "val" for a run config's split
+
+
+def run_eval(options: EvalOptions, log=None) -> dict:
     """`lora eval`: metrics of a base model, or of an adapter next to its base, as one dict.
 
-    Data: `data` (a file, encoded as the adapter was trained: format, columns, template, mask_prompt,
-    max_length from its metadata unless fmt/columns/prompt_template/max_length say otherwise), or `config` (a
-    run config: its out_dir's adapter, its base model, and its test split if it has one, else its validation
-    split, built by data.load_splits exactly as training built them). Returns loss / perplexity /
-    token_accuracy / tokens / examples of the evaluated model; with an adapter and compare_base also `base`
-    (the same numbers for the bare base) and `delta` (adapter minus base); with `generate` also `generation`
-    (generation_metrics of the outputs for each distinct prompt, greedy or beam search), and each prompt's
-    output in `predictions` (a JSONL file) when given. lowercase: BLEU and NIST ignore case, as the E2E
-    challenge's scoring does; meteor: also METEOR 1.5 (needs pycocoevalcap and Java; checked before any work).
+    Returns loss / perplexity / token_accuracy / tokens / examples of the evaluated model; with an adapter and
+    compare_base also `base` (the same numbers for the bare base) and `delta` (adapter minus base); with
+    `generate` also `generation` (generation_metrics of the outputs for each distinct prompt) and `predictions`
+    (the JSONL file) when asked.
 
     A classification adapter gives classification_metrics instead (loss, accuracy, per-class precision / recall
     / F1, macro-F1, confusion matrix); labels are mapped to ids in the adapter's stored order, and a label it
     does not know is an error. Its `base` is the adapter with every LoRA layer switched off but its head kept
     (a bare base model has no trained head to compare): for the reference's frozen random head under LoRA this
     is the untrained classifier, the book's "before fine-tuning" figures; for a head trained in full it shows
-    what the LoRA layers add to the head. `plot`: a confusion-matrix PNG of the adapter's predictions.
+    what the LoRA layers add to the head.
     """
-    import json
-    from pathlib import Path
-
-    from lora_cli.pretrained import load_model
-    from lora_cli.errors import AdapterError, ConfigError, DataError
-    from lora_cli.fsutil import atomic_write_text
-    from lora_cli.adapter import ADAPTER_FILE
-    from lora_cli.inference import DataSettings, attach_to, load_base, open_adapter
-    from lora_cli.runtime import autocast_for, device_option, resolve_precision
-
     log = log or (lambda message: None)
-    if data is None and config is None:
-        raise ConfigError("name the data: --data FILE, or a run config (lora eval CONFIG.yaml)")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"--batch-size must be a positive integer, got {batch_size!r}")
-    if generate and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1):
-        raise ConfigError(f"--max-new-tokens must be a positive integer, got {max_new_tokens!r}")
-    if meteor and not generate:
-        raise ConfigError("--meteor scores generated text: add --generate")
-    if meteor:
-        from lora_cli.metrics import meteor_unavailable
+    options.check()
+    subject = load_subject(options)
+    held = held_out_examples(options, subject, log)
+    result: dict = {"model": subject.base.name,
+                    "adapter": str(subject.adapter_path) if subject.adapter_path is not None else None,
+                    "data": held.source}
+    if held.split:
+        result["split"] = held.split
+    if subject.settings.task == "classification":
+        result.update(classifier_eval(options, subject, held))
+        return result
+    result.update(lm_eval(options, subject, held))
+    if options.generate:
+        result.update(generation_eval(options, subject, held))
+    return result
 
-        why = meteor_unavailable()
-        if why:
-            raise ConfigError(f"--meteor: {why}; leave out --meteor to score BLEU, NIST, ROUGE-L and CIDEr only")
 
-    # 1. The model (not yet with its adapter, so the base can be measured as it is).
-    cfg = None
-    if config is not None:
-        from lora_cli.config import load_config
-
-        cfg = load_config(config, list(overrides))
+def load_subject(options: EvalOptions) -> Subject:
+    """1. The run config (if any), the adapter, its base model (bare) and its data settings, on the device."""
+    cfg, adapter = None, options.adapter
+    if options.config is not None:
+        cfg = load_config(options.config, list(options.overrides))
         if adapter is None:
             adapter = Path(cfg.out_dir) / ADAPTER_FILE
             if not adapter.is_file():
-                raise AdapterError(f"no adapter at {adapter}; train the run first (`lora train {config}`) or pass "
-                                   "--adapter FILE")
-    elif overrides:
+                raise AdapterError(f"no adapter at {adapter}; train the run first (`lora train {options.config}`) or "
+                                   "pass --adapter FILE")
+    elif options.overrides:
         raise ConfigError("--set overrides a run config's keys; pass the config (lora eval CONFIG.yaml --set ...)")
     adapter_obj = open_adapter(adapter)
-    if cfg is not None and model is None:
-        base = load_model(cfg.model)
-    else:
-        base = load_base(adapter_obj, model)
-    settings = DataSettings.from_adapter(adapter_obj).override(fmt, columns, prompt_template, max_length)
+    base = load_model(cfg.model) if cfg is not None and options.model is None else load_base(adapter_obj, options.model)
+    settings = DataSettings.from_adapter(adapter_obj).override(options.fmt, options.columns, options.prompt_template,
+                                                               options.max_length)
     if cfg is not None:
-        settings.task = cfg.task
-    if settings.task == "classification" and generate:
+        settings = replace(settings, task=cfg.task)
+    if settings.task == "classification" and options.generate:
         raise ConfigError("--generate is for causal-LM adapters; this adapter is a classifier")
-    if plot is not None and settings.task != "classification":
+    if options.plot is not None and settings.task != "classification":
         raise ConfigError("--plot draws a classifier's confusion matrix; this is not a classification adapter")
-    n_positions = base.model.config.n_positions
     want = adapter_obj.base_model.get("fingerprint") if adapter_obj is not None else None
-    if want and base.fingerprint and want != base.fingerprint and not allow_mismatch:
-        # attach_adapter checks the fingerprint before it touches the model: its one-line message, now.
-        from lora_cli.adapter import attach_adapter
+    if want and base.fingerprint and want != base.fingerprint and not options.allow_mismatch:
+        attach_adapter(base, adapter_obj)  # it checks the fingerprint before it touches the model: its message, now
+    device = device_option(options.device)
+    base.model.to(device).eval()
+    autocast = autocast_for(device, resolve_precision("auto", device))
+    return Subject(base, adapter_obj, adapter, settings, cfg, device, autocast)
 
-        attach_adapter(base, adapter_obj)
-    dev = device_option(device)
-    base.model.to(dev).eval()
-    autocast = autocast_for(dev, resolve_precision("auto", dev))
 
-    # 2. The examples, and where their rows are (for generation).
-    from dataclasses import replace
-
-    from lora_cli.data import detect_format, load_file, load_splits, read_table
-
-    split = None
-    if cfg is not None and data is None:
-        if max_length is not None:
-            cfg.data.max_length = max_length
+def held_out_examples(options: EvalOptions, subject: Subject, log) -> HeldOut:
+    """2. The examples: the run config's test (else validation) split, or the --data file encoded as the adapter
+    was trained."""
+    cfg, settings = subject.cfg, subject.settings
+    n_positions = subject.base.model.config.n_positions
+    if cfg is not None and options.data is None:
+        if options.max_length is not None:
+            cfg = replace(cfg, data=replace(cfg.data, max_length=options.max_length))
         splits = load_splits(cfg, context_length=n_positions)
         split = "test" if splits.test else "val"
         examples = splits.test or splits.val
         if not examples:
-            raise DataError(f"{config}: the run holds out no validation or test data (data.val_split is 0 and "
-                            "data.val / data.test are unset); pass --data FILE")
-        data_cfg, fmt_used = cfg.data, splits.fmt
+            raise DataError(f"{options.config}: the run holds out no validation or test data (data.val_split is 0 "
+                            "and data.val / data.test are unset); pass --data FILE")
         if settings.task == "classification" and settings.labels and list(splits.labels or []) != list(settings.labels):
-            raise AdapterError(f"adapter {adapter} was trained on the labels {', '.join(settings.labels)}, but "
-                               f"{config}'s data has {', '.join(splits.labels or [])}; retrain it (lora train "
-                               f"{config} --overwrite) or pass the matching --adapter")
+            raise AdapterError(f"adapter {subject.adapter_path} was trained on the labels {', '.join(settings.labels)}, "
+                               f"but {options.config}'s data has {', '.join(splits.labels or [])}; retrain it (lora "
+                               f"train {options.config} --overwrite) or pass the matching --adapter")
         separate = cfg.data.test if split == "test" else cfg.data.val
         if separate:
             frame = read_table(separate, cfg.data, f"data.{split}")
-            _, mapping = detect_format(frame.columns, replace(cfg.data, format=fmt_used), cfg.task, separate)
+            _, mapping = detect_format(frame.columns, replace(cfg.data, format=splits.fmt), cfg.task, separate)
         else:
             frame, mapping = splits.frame, splits.mapping
-        source = separate or cfg.data.train
         for line in splits.describe():
             log(line)
-    else:
-        data_cfg = cfg.data if cfg is not None else settings.data_config(n_positions)
-        if cfg is not None:
-            data_cfg = replace(data_cfg, max_length=min(max_length or data_cfg.max_length, n_positions))
-        if generate:
-            _check_reference_column(data, data_cfg, settings.task)
-        if settings.task == "classification":
-            examples, stats, frame, fmt_used, mapping = classification_file(data, data_cfg, settings.labels, adapter)
-        else:
-            examples, stats, frame, fmt_used, mapping = load_file(data, data_cfg, settings.task, "--data",
-                                                                  labels=settings.labels)
-        source = str(data)
-        log(stats.describe())
-
-    result: dict = {"model": base.name, "adapter": str(adapter) if adapter is not None else None, "data": source}
-    if split:
-        result["split"] = split
-
-    # 3. Classification adapters: the adapter, and the same head with the LoRA layers off as its "base".
+        return HeldOut(examples, frame, splits.fmt, mapping, cfg.data, separate or cfg.data.train, split)
+    data = options.data
+    data_cfg = cfg.data if cfg is not None else settings.data_config(n_positions)
+    if cfg is not None:
+        data_cfg = replace(data_cfg, max_length=min(options.max_length or data_cfg.max_length, n_positions))
+    if options.generate:
+        _check_reference_column(data, data_cfg, settings.task)
     if settings.task == "classification":
-        from lora_cli.inference import Loaded
-        from lora_cli.lora import lora_disabled, lora_layers
-
-        if adapter_obj is None:
-            raise ConfigError("a classification eval needs the adapter that carries the head: pass --adapter")
-        attach_to(Loaded(base, adapter_obj, settings), allow_mismatch)
-        base.model.to(dev)
-        labels = settings.labels
-        metrics = evaluate_classification(base.model, _eval_batches(examples, batch_size, dev, progress, "adapter"),
-                                          labels, autocast)
-        result.update(metrics)
-        if compare_base and lora_layers(base.model):
-            with lora_disabled(base.model):
-                base_metrics = evaluate_classification(
-                    base.model, _eval_batches(examples, batch_size, dev, progress, "base"), labels, autocast)
-            result["base"] = {**base_metrics, "note": CLASSIFIER_BASE_NOTE}
-            result["delta"] = {k: metrics[k] - base_metrics[k] for k in ("loss", "accuracy", "macro_f1")}
-        if plot is not None:
-            title = f"{Path(str(adapter)).name} on {Path(source).name}: accuracy {metrics['accuracy']:.4f}"
-            plot_confusion(metrics["confusion_matrix"], labels, plot, title)
-            result["plot"] = str(plot)
-        return result
-
-    # 4. Loss, perplexity, accuracy: the base first, then with the adapter.
-    base_metrics = None
-    if adapter_obj is None or compare_base:
-        desc = "base" if adapter_obj is not None else "eval"
-        base_metrics = evaluate_lm(base.model, _eval_batches(examples, batch_size, dev, progress, desc), autocast)
-    if adapter_obj is None:
-        result.update(base_metrics)
+        examples, stats, frame, fmt, mapping = classification_file(data, data_cfg, settings.labels,
+                                                                   subject.adapter_path)
     else:
-        from lora_cli.inference import Loaded
+        examples, stats, frame, fmt, mapping = load_file(data, data_cfg, settings.task, "--data",
+                                                         labels=settings.labels)
+    log(stats.describe())
+    return HeldOut(examples, frame, fmt, mapping, data_cfg, str(data))
 
-        attach_to(Loaded(base, adapter_obj, settings), allow_mismatch)
-        base.model.to(dev)
-        metrics = evaluate_lm(base.model, _eval_batches(examples, batch_size, dev, progress, "adapter"), autocast)
-        result.update(metrics)
-        if base_metrics is not None:
-            result["base"] = base_metrics
-            result["delta"] = _delta(metrics, base_metrics)
 
-    # 5. Generation metrics, once per distinct prompt.
-    if generate:
-        from lora_cli.data import RESPONSE_ROLE
+def _attach(options: EvalOptions, subject: Subject) -> None:
+    attach_to(Loaded(subject.base, subject.adapter, subject.settings), options.allow_mismatch)
+    subject.base.model.to(subject.device)
 
-        if fmt_used not in RESPONSE_ROLE:
-            raise DataError(f"{source}: --generate needs prompt/completion or alpaca data with references, but the "
-                            f"data format is {fmt_used}")
-        rows = sorted({ex.row for ex in examples if ex.row >= 0})
-        items = generation_items(frame, rows, fmt_used, mapping, data_cfg)
-        outputs, truncated = _generate_all(base.model, [p for p, _ in items], max_new_tokens, num_beams,
-                                           length_penalty, no_repeat_ngram_size, batch_size, progress)
-        hyps = [o.strip() for o in outputs]
-        gen = generation_metrics(hyps, [refs for _, refs in items], lowercase=lowercase, meteor=meteor)
-        gen.update({"max_new_tokens": max_new_tokens, "num_beams": num_beams, "length_penalty": length_penalty,
-                    "no_repeat_ngram_size": no_repeat_ngram_size, "truncated_prompts": truncated})
-        result["generation"] = gen
-        if predictions is not None:
-            lines = [json.dumps({"prompt": p, "prediction": h, "references": refs}, ensure_ascii=False)
-                     for (p, refs), h in zip(items, hyps)]
-            atomic_write_text(predictions, "".join(line + "\n" for line in lines))
-            result["predictions"] = str(predictions)
+
+def _batches(options: EvalOptions, subject: Subject, held: HeldOut, desc: str):
+    return eval_batches(held.examples, options.batch_size, subject.device, options.progress, desc)
+
+
+def classifier_eval(options: EvalOptions, subject: Subject, held: HeldOut) -> dict:
+    """3. A classification adapter, and the same head with the LoRA layers off as its "base"."""
+    if subject.adapter is None:
+        raise ConfigError("a classification eval needs the adapter that carries the head: pass --adapter")
+    _attach(options, subject)
+    model, labels = subject.base.model, subject.settings.labels
+    metrics = evaluate_classification(model, _batches(options, subject, held, "adapter"), labels, subject.autocast)
+    result = dict(metrics)
+    if options.compare_base and lora_layers(model):
+        with lora_disabled(model):
+            base_metrics = evaluate_classification(model, _batches(options, subject, held, "base"), labels,
+                                                   subject.autocast)
+        result["base"] = {**base_metrics, "note": CLASSIFIER_BASE_NOTE}
+        result["delta"] = {k: metrics[k] - base_metrics[k] for k in ("loss", "accuracy", "macro_f1")}
+    if options.plot is not None:
+        title = (f"{Path(str(subject.adapter_path)).name} on {Path(held.source).name}: "
+                 f"accuracy {metrics['accuracy']:.4f}")
+        plot_confusion(metrics["confusion_matrix"], labels, options.plot, title)
+        result["plot"] = str(options.plot)
     return result
 
 
-def _generate_all(model, prompts: list[str], max_new_tokens: int, num_beams: int, length_penalty: float,
-                  no_repeat_ngram_size: int, batch_size: int, progress: bool) -> tuple[list[str], int]:
-    """Decoded outputs (stopped at <|endoftext|>) for each prompt text, and how many prompts lost their first
-    tokens to fit the context with max_new_tokens."""
-    import sys
+def lm_eval(options: EvalOptions, subject: Subject, held: HeldOut) -> dict:
+    """4. Loss, perplexity, accuracy: the base first, then with the adapter (which stays attached)."""
+    model = subject.base.model
+    base_metrics = None
+    if subject.adapter is None or options.compare_base:
+        desc = "base" if subject.adapter is not None else "eval"
+        base_metrics = evaluate_lm(model, _batches(options, subject, held, desc), subject.autocast)
+    if subject.adapter is None:
+        return dict(base_metrics)
+    _attach(options, subject)
+    result = dict(evaluate_lm(model, _batches(options, subject, held, "adapter"), subject.autocast))
+    if base_metrics is not None:
+        result["base"] = base_metrics
+        result["delta"] = _delta(result, base_metrics)
+    return result
 
-    from tqdm import tqdm
 
-    from lora_cli.generate import generate as decode_ids
-    from lora_cli.tokenizer import decode, encode
-
-    ids = [encode(p) for p in prompts]
-    room = model.config.n_positions - max_new_tokens
-    truncated = sum(len(x) > room for x in ids)
-    with tqdm(total=len(ids), desc="generate", unit="prompt", file=sys.stderr, disable=not progress,
-              dynamic_ncols=True, leave=False) as bar:
-        new = decode_ids(model, ids, max_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
-                         no_repeat_ngram_size=no_repeat_ngram_size, truncate=True, batch_size=batch_size,
-                         progress=bar.update)
-    return [decode(x) for x in new], truncated
+def generation_eval(options: EvalOptions, subject: Subject, held: HeldOut) -> dict:
+    """5. Generation metrics, once per distinct prompt against all of its references."""
+    if held.fmt not in RESPONSE_ROLE:
+        raise DataError(f"{held.source}: --generate needs prompt/completion or alpaca data with references, but the "
+                        f"data format is {held.fmt}")
+    model, n = subject.base.model, options.max_new_tokens
+    rows = sorted({ex.row for ex in held.examples if ex.row >= 0})
+    items = generation_items(held.frame, rows, held.fmt, held.mapping, held.data_cfg)
+    prompts = [p for p, _ in items]
+    room = model.config.n_positions - n
+    truncated = sum(len(encode(p)) > room for p in prompts)  # prompts that lose their first tokens to fit
+    outputs = generate_texts(model, prompts, n, batch_size=options.batch_size, progress=options.progress,
+                             num_beams=options.num_beams, length_penalty=options.length_penalty,
+                             no_repeat_ngram_size=options.no_repeat_ngram_size, truncate=True)
+    hyps = [o.strip() for o in outputs]
+    gen = generation_metrics(hyps, [refs for _, refs in items], lowercase=options.lowercase, meteor=options.meteor)
+    gen.update({"max_new_tokens": n, "num_beams": options.num_beams, "length_penalty": options.length_penalty,
+                "no_repeat_ngram_size": options.no_repeat_ngram_size, "truncated_prompts": truncated})
+    result = {"generation": gen}
+    if options.predictions is not None:
+        lines = [json.dumps({"prompt": p, "prediction": h, "references": refs}, ensure_ascii=False)
+                 for (p, refs), h in zip(items, hyps)]
+        atomic_write_text(options.predictions, "".join(line + "\n" for line in lines))
+        result["predictions"] = str(options.predictions)
+    return result
 
 
 def _aligned(table: list[list[str]]) -> list[str]:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from lora_cli.errors import ConfigError, DataError
 from lora_cli.model import GPT2, KVCache
-from lora_cli.tokenizer import EOT_ID
+from lora_cli.tokenizer import EOT_ID, get_encoding
 
 # Added to the score of a hypothesis that must not be picked; the constant transformers uses, so that float32
 # rounding of "score + penalty" is the same as in its beam search (Hugging Face `_beam_search`).
@@ -518,8 +518,6 @@ def decode_incremental(token_ids: Iterable[int]) -> Iterator[str]:
     """Text pieces for a stream of GPT-2 token ids. A byte-level BPE token can hold part of a UTF-8 character
     (an emoji is often 2-3 tokens), so bytes are fed through an incremental UTF-8 decoder and only whole
     characters are yielded; the pieces join to `tokenizer.decode(ids)`."""
-    from lora_cli.tokenizer import get_encoding
-
     enc = get_encoding()
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tiktoken's decode also replaces
     for t in token_ids:

@@ -1,4 +1,5 @@
-"""Using a trained adapter: find its base model, rebuild its data settings, turn user text into its prompts.
+"""Using a trained adapter: find and load its base model, attach it, rebuild its data settings (prompts.py turns
+user text into its prompts).
 
 `lora eval`, `lora merge` and `lora generate` take `--adapter FILE` alone: everything else comes from the
 adapter's safetensors metadata, which `lora train` writes (train._save_adapter):
@@ -18,10 +19,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
+from lora_cli.adapter import Adapter, attach_adapter, load_adapter
 from lora_cli.config import DataConfig, ModelSpec
-from lora_cli.errors import AdapterError, CheckpointError, ConfigError, DataError
+from lora_cli.errors import AdapterError, CheckpointError, ConfigError
+from lora_cli.pretrained import load_model
 
 FORMATS = ("auto", "alpaca", "prompt_completion", "text", "classification")
 
@@ -55,8 +58,6 @@ def base_spec(adapter) -> ModelSpec:
 
 def load_base(adapter=None, model: str | None = None):
     """pretrained.BaseModel for `--model` if given, else the adapter's own base."""
-    from lora_cli.pretrained import load_model
-
     if model is not None:
         return load_model(model)
     if adapter is None:
@@ -70,8 +71,6 @@ def load_base(adapter=None, model: str | None = None):
 
 def open_adapter(path: str | Path | None):
     """adapter.load_adapter (an Adapter passes through), or None without a path."""
-    from lora_cli.adapter import Adapter, load_adapter
-
     if path is None or isinstance(path, Adapter):
         return path
     return load_adapter(path)
@@ -103,8 +102,6 @@ def load_for_inference(adapter: str | Path | None = None, model: str | None = No
 
 
 def attach_to(loaded: Loaded, allow_mismatch: bool = False) -> None:
-    from lora_cli.adapter import attach_adapter
-
     if loaded.adapter is not None:
         attach_adapter(loaded.base, loaded.adapter, allow_mismatch=allow_mismatch)
     loaded.model.eval()
@@ -174,185 +171,3 @@ class DataSettings:
         max_length = min(self.max_length or DataConfig.max_length, n_positions)
         return DataConfig(format=fmt, columns=renames, prompt_template=self.prompt_template, max_length=max_length,
                           mask_prompt=self.mask_prompt, labels=self.labels)
-
-
-# ------------------------------------------------------------------------------------------------- prompts
-
-
-def response_column(fmt: str, columns: Sequence[str], renames: Mapping[str, str]) -> tuple[str, str | None]:
-    """(role, column) of the reference text in a table of this format: the column is None when the file has
-    none (matched as data.detect_format does: the renamed column, else the role's name, else a unique
-    case-insensitive match)."""
-    from lora_cli.data import RESPONSE_ROLE
-
-    role = RESPONSE_ROLE[fmt]
-    wanted = renames.get(role, role)
-    if wanted in columns:
-        return role, wanted
-    if role not in renames:
-        matches = [c for c in columns if c.lower() == role.lower()]
-        if len(matches) == 1:
-            return role, matches[0]
-    return role, None
-
-
-def prompt_values(text: str, settings: DataSettings, input_text: str | None = None) -> dict[str, str]:
-    """Template fields for a prompt given as plain text: alpaca -> the instruction (and --input), otherwise the
-    prompt role (and the column it was read from in training, so a template like "{mr}\\n" works)."""
-    if settings.format == "alpaca":
-        values = {"instruction": text, "input": input_text or ""}
-        for role in ("instruction", "input"):
-            column = settings.columns.get(role)
-            if column:
-                values.setdefault(column, values[role])
-        return values
-    values = {"prompt": text}
-    column = settings.columns.get("prompt")
-    if column:
-        values[column] = text
-    return values
-
-
-def record_values(record: Mapping[str, Any], settings: DataSettings, where: str) -> dict[str, str]:
-    """Template fields for a JSON prompt record: its keys are roles (prompt / instruction, input) or the
-    training file's column names."""
-    values = {str(k): ("" if v is None else str(v)) for k, v in record.items()}
-    for role, column in settings.columns.items():
-        if column in values and role not in values:
-            values[role] = values[column]
-        elif role in values and column not in values:
-            values[column] = values[role]
-    if uses_template(settings):
-        needed = "instruction" if settings.format == "alpaca" else "prompt"
-        if not values.get(needed, "").strip() and settings.prompt_template is None:
-            column = settings.columns.get(needed)
-            also = f" (or {column!r})" if column and column != needed else ""
-            raise DataError(f"{where}: the object has no {needed!r}{also} field; write e.g. "
-                            f'{{"{needed}": "..."}}')
-    elif not str(values.get("prompt", values.get("text", ""))).strip():
-        raise DataError(f'{where}: the object has no "prompt" field; write e.g. {{"prompt": "..."}}')
-    return values
-
-
-def uses_template(settings: DataSettings) -> bool:
-    return settings.format in ("alpaca", "prompt_completion")
-
-
-def render(values: Mapping[str, str], settings: DataSettings, template: bool = True) -> str:
-    """The text the model sees: the adapter's prompt template applied (as in training), or the raw prompt."""
-    from lora_cli.data import render_prompt
-
-    if not template or not uses_template(settings):
-        return str(values.get("prompt", values.get("text", values.get("instruction", ""))))
-    return render_prompt(values, settings.format, settings.prompt_template)
-
-
-# ------------------------------------------------------------------------------------------ `lora generate`
-
-
-@dataclass
-class PromptItem:
-    """One prompt: the text the model sees, the record it came from (echoed in --json output), its origin."""
-
-    text: str
-    record: dict
-    where: str
-
-
-def _read_prompt_file(path: Path) -> str:
-    import sys
-
-    if str(path) == "-":
-        return sys.stdin.read()
-    if not path.exists():
-        raise DataError(f"--file {path} does not exist")
-    if path.is_dir():
-        raise DataError(f"--file {path} is a directory; pass a text file with one prompt per line")
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"--file {path}: not UTF-8 text (byte offset {exc.start}); re-save it as UTF-8") from None
-    except OSError as exc:
-        raise DataError(f"cannot read --file {path}: {exc.strerror or exc}") from exc
-
-
-def collect_prompts(prompts: Sequence[str], file: Path | None, as_json: bool, settings: DataSettings,
-                    template: bool = True, input_text: str | None = None) -> list[PromptItem]:
-    """Prompts from the arguments, or from --file: one per line (blank lines skipped), or with --json one JSON
-    object per line ({"prompt": ...}, alpaca {"instruction": ..., "input": ...}, or the training columns).
-    Each is rendered with the adapter's template unless template=False."""
-    if prompts and file is not None:
-        raise ConfigError("give prompts as arguments or with --file, not both")
-    items: list[PromptItem] = []
-    if file is None:
-        if not prompts:
-            raise ConfigError("give a prompt: lora generate --adapter FILE \"PROMPT\" (or --file PROMPTS.txt)")
-        for i, text in enumerate(prompts, start=1):
-            where = f"prompt {i}"
-            if not text.strip():
-                raise DataError(f"{where} is empty; give some text to continue")
-            values = prompt_values(text, settings, input_text)
-            items.append(PromptItem(render(values, settings, template), {"prompt": text}, where))
-        return items
-    content = _read_prompt_file(file)
-    for number, line in enumerate(content.split("\n"), start=1):
-        line = line.rstrip("\r")
-        if not line.strip():
-            continue
-        where = f"{file} line {number}"
-        if as_json:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where} is not valid JSON ({exc.msg} at column {exc.colno}); write one object "
-                                'per line, e.g. {"prompt": "..."}') from None
-            if not isinstance(record, dict):
-                raise DataError(f'{where} is not a JSON object; write one object per line, e.g. {{"prompt": "..."}}')
-            values = record_values(record, settings, where)
-            if input_text is not None and "input" not in record:
-                values["input"] = input_text
-        else:
-            record = {"prompt": line}
-            values = prompt_values(line, settings, input_text)
-        items.append(PromptItem(render(values, settings, template), record, where))
-    if not items:
-        raise DataError(f"--file {file} holds no prompts (it is empty or blank); write one prompt per line")
-    return items
-
-
-def sampling_options(temperature: float | None, top_k: int | None, top_p: float | None, greedy: bool) -> dict:
-    """Greedy unless asked to sample: --temperature T samples at T; --top-k / --top-p alone sample at 1.0."""
-    if greedy:
-        if (temperature or 0.0) > 0 or top_k is not None or top_p is not None:
-            raise ConfigError("--greedy picks the most likely token; drop --temperature, --top-k and --top-p")
-        return {"temperature": 0.0, "top_k": None, "top_p": None}
-    if temperature is None:
-        temperature = 1.0 if (top_k is not None or top_p is not None) else 0.0
-    return {"temperature": temperature, "top_k": top_k, "top_p": top_p}
-
-
-def escape_line(text: str) -> str:
-    """A generation on one output line: backslashes, newlines and carriage returns written as escapes."""
-    return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
-
-
-def generate_texts(model, items: Sequence[PromptItem], max_new_tokens: int, *, batch_size: int = 8,
-                   progress: bool = False, **options) -> list[str]:
-    """Decoded generations (stopped at <|endoftext|>) for each prompt, in order; options as generate.generate."""
-    import sys
-
-    from tqdm import tqdm
-
-    from lora_cli.generate import fit_prompt, generate
-    from lora_cli.tokenizer import decode, encode
-
-    ids = [encode(item.text) for item in items]
-    for item, x in zip(items, ids):
-        if not x:
-            raise DataError(f"{item.where} is empty after the template; give some text to continue")
-        # checked here too, so a prompt too long for the context is named by its file and line
-        fit_prompt(x, max_new_tokens, model.config.n_positions, options.get("truncate", False), where=item.where)
-    with tqdm(total=len(ids), desc="generate", unit="prompt", file=sys.stderr, disable=not progress,
-              dynamic_ncols=True, leave=False) as bar:
-        new = generate(model, ids, max_new_tokens, batch_size=batch_size, progress=bar.update, **options)
-    return [decode(x) for x in new]

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_cli.config import ModelSpec
+import torch
+
+from lora_cli.config import ModelSpec, load_config
+from lora_cli.data import load_file
+from lora_cli.lora import apply_lora, count_parameters, estimate_adapter_bytes, with_classification_head
+from lora_cli.pretrained import load_model
 
 SHORTHANDS = ["all-linear", "attn.c_attn", "attn.q", "attn.k", "attn.v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 
@@ -13,10 +18,6 @@ def describe(model: str, random_init: bool = False, lora_config: Path | None = N
              overrides: list[str] | None = None) -> dict:
     """Config, exact parameter count and linear layer names of `model`; with a run config, the trainable
     parameter count and adapter size its `lora` section would give. Weights are not loaded (meta device)."""
-    import torch
-
-    from lora_cli.pretrained import load_model
-
     spec = ModelSpec(name=model, init="random" if random_init else "pretrained")
     base = load_model(spec, weights=False)
     net = base.model
@@ -30,9 +31,6 @@ def describe(model: str, random_init: bool = False, lora_config: Path | None = N
         "shorthands": SHORTHANDS,
     }
     if lora_config is not None:
-        from lora_cli.config import load_config
-        from lora_cli.lora import apply_lora, count_parameters, estimate_adapter_bytes, with_classification_head
-
         cfg = load_config(lora_config, overrides)
         lora_cfg = cfg.lora
         if cfg.task == "classification":
@@ -57,7 +55,5 @@ def _num_labels(cfg) -> int:
     """Classes of a classification config: data.labels, else the distinct labels of the training file."""
     if cfg.data.labels:
         return len(cfg.data.labels)
-    from lora_cli.data import load_file
-
     _, stats, _, _, _ = load_file(cfg.data.train, cfg.data, cfg.task, "data.train")
     return len(stats.labels)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lora_cli.model import last_token_hidden
+
 IGNORE = -100
 
 
@@ -239,8 +241,6 @@ def padding_mask(batch) -> torch.Tensor | None:
 
 def class_logits(model, batch) -> torch.Tensor:
     """[B, num_labels] fp32 logits from the last real token of each row (model.score head)."""
-    from lora_cli.model import last_token_hidden
-
     hidden = model(batch.input_ids, padding_mask(batch))  # [B, T, C]
     return model.score(last_token_hidden(hidden, batch.attention_mask)).float()
 

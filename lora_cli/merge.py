@@ -30,9 +30,12 @@ from pathlib import Path
 import torch
 
 from lora_cli.errors import CheckpointError, ConfigError
+from lora_cli.inference import load_for_inference
+from lora_cli.lora import lora_layers, merge_and_unload
 from lora_cli.model import HEAD
+from lora_cli.pretrained import save_pretrained
 from lora_cli.runtime import DTYPES
-from lora_cli.tokenizer import EOT_ID, EOT_TOKEN
+from lora_cli.tokenizer import EOT_ID, EOT_TOKEN, ranks_path
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 # What a merged directory holds; --overwrite replaces only a directory like that (or an empty one).
@@ -81,9 +84,7 @@ def hf_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     tiktoken stores only token bytes -> rank (= the token id). Each multi-byte token of rank r is the merge of
     the two parts byte-level BPE arrives at using the merges of rank < r; the merge list is those pairs in rank
     order (the standard tiktoken -> Hugging Face conversion). Bytes are shown through bytes_to_unicode."""
-    from tiktoken.load import load_tiktoken_bpe
-
-    from lora_cli.tokenizer import ranks_path
+    from tiktoken.load import load_tiktoken_bpe  # here: tiktoken's import is paid by merges only
 
     ranks = load_tiktoken_bpe(ranks_path())
     table = bytes_to_unicode()
@@ -224,10 +225,6 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
 def merge_adapter(adapter, out_dir, model: str | None = None, dtype: str = "fp32", overwrite: bool = False,
                   allow_mismatch: bool = False, log=None) -> MergeResult:
     """Load the base (the adapter's, or `model`) and the adapter, merge in fp32, and write `out_dir`."""
-    from lora_cli.pretrained import save_pretrained
-    from lora_cli.inference import load_for_inference
-    from lora_cli.lora import lora_layers, merge_and_unload
-
     log = log or (lambda message: None)
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")

@@ -16,7 +16,13 @@ from typing import Callable, Sequence
 
 import torch
 
+from lora_cli.data import Example, batch_indices, collate
 from lora_cli.errors import ConfigError, DataError
+from lora_cli.inference import DataSettings, load_for_inference, open_adapter
+from lora_cli.loss import class_logits
+from lora_cli.prompts import numbered_lines, read_text_file
+from lora_cli.runtime import autocast_for, device_option, resolve_precision
+from lora_cli.tokenizer import encode
 
 
 @dataclass
@@ -34,8 +40,6 @@ class Prediction:
 def read_texts(texts: Sequence[str], file: str | Path | None = None, stdin=None) -> list[tuple[str, str]]:
     """(text, where) pairs: the arguments, or --file (one text per line, blank lines skipped; '-': stdin), or
     stdin when neither is given (refused when stdin is a terminal: nothing would ever arrive)."""
-    from lora_cli.inference import _read_prompt_file
-
     stdin = sys.stdin if stdin is None else stdin
     if texts and file is not None:
         raise ConfigError("give texts as arguments or with --file, not both")
@@ -50,12 +54,8 @@ def read_texts(texts: Sequence[str], file: str | Path | None = None, stdin=None)
                               "(one text per line), or pipe them on stdin")
         content, name = stdin.read(), "stdin"
     else:
-        content, name = _read_prompt_file(Path(file)), str(file)
-    items = []
-    for number, line in enumerate(content.split("\n"), start=1):
-        line = line.rstrip("\r")
-        if line.strip():
-            items.append((line, f"{name} line {number}"))
+        content, name = read_text_file(Path(file)), str(file)
+    items = numbered_lines(content, name)
     if not items:
         raise DataError(f"{name} holds no texts (it is empty or blank); write one text per line")
     return items
@@ -64,9 +64,6 @@ def read_texts(texts: Sequence[str], file: str | Path | None = None, stdin=None)
 def load_classifier(adapter, model: str | None = None, allow_mismatch: bool = False, device: str = "auto"):
     """inference.Loaded with the classification adapter attached, on `device`, in eval mode. An adapter of
     another task is a ConfigError."""
-    from lora_cli.inference import DataSettings, load_for_inference, open_adapter
-    from lora_cli.runtime import device_option
-
     adapter_obj = open_adapter(adapter)
     if adapter_obj is None:
         raise ConfigError("`lora predict` needs a classification adapter: pass --adapter FILE")
@@ -92,11 +89,6 @@ def predict_texts(loaded, texts: Sequence[str], batch_size: int = 8,
                   progress: Callable[[int], None] | None = None) -> list[Prediction]:
     """Label and probabilities for each text with a loaded classifier (load_classifier), in input order.
     progress(n) is called after each batch with the number of texts it held."""
-    from lora_cli.data import Example, batch_indices, collate
-    from lora_cli.loss import class_logits
-    from lora_cli.tokenizer import encode
-    from lora_cli.runtime import autocast_for, resolve_precision
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"--batch-size must be a positive integer, got {batch_size!r}")
     model, settings = loaded.model, loaded.settings

@@ -1,9 +1,8 @@
 """`lora train`: config -> run directory holding the adapter.
 
 The loop is one plain function (`_loop`) with visible steps; the learning-rate schedule is a pure function
-(`lr_at`); evaluation is evaluate.evaluate_lm. Checkpoints hold everything the loop's future depends on
-(trainable weights, optimizer moments, RNG states, position in the data), so an interrupted run that is
-resumed ends with the same adapter, bit for bit on CPU, as one that never stopped.
+(`lr_at`); validation is evaluation.evaluate_lm / evaluate_classification. The run directory and its checkpoints
+are rundir.py's: a resumed run ends with the same adapter, bit for bit on CPU, as one that never stopped.
 
 Under torchrun the same loop runs data-parallel (distributed.py): every process trains on its shard of each
 step's micro-batches through DistributedDataParallel, and only rank 0 writes files and shows progress.
@@ -18,20 +17,31 @@ import random
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from lora_cli.adapter import ADAPTER_FILE
+from lora_cli.adapter import ADAPTER_FILE, save_adapter
 from lora_cli.config import RunConfig, dump_config
-from lora_cli.distributed import Dist
+from lora_cli.data import batch_indices, collate, load_splits, preview, shard, write_split
+from lora_cli.distributed import (
+    DDPView, Dist, env_world_size, init_distributed, is_comm_failure, resolve_batch, short_reason, wrap_ddp,
+)
 from lora_cli.errors import LoraError, TrainingError
-from lora_cli.fsutil import append_line, atomic_path, atomic_write_text
-from lora_cli.loss import Savings
+from lora_cli.evaluation import evaluate_classification, evaluate_lm
+from lora_cli.fsutil import append_line, atomic_write_text
+from lora_cli.lora import apply_lora, count_parameters, with_classification_head
+from lora_cli.loss import Savings, classification_loss_sum, lm_loss_sum
+from lora_cli.model import cast_frozen_linears_
+from lora_cli.pretrained import load_model
+from lora_cli.rundir import (
+    RunState, apply_checkpoint, clear_out_dir, last_checkpoint_note, plot_losses, prepare_out_dir,
+    read_checkpoint, read_history, save_checkpoint, trainable_named, trim_metrics,
+)
 from lora_cli.runtime import DTYPES, autocast_for, resolve_device, resolve_precision
 
-CHECKPOINT_FILE = "checkpoint/state.pt"
 
 
 class TrainingInterrupted(LoraError):
@@ -69,22 +79,6 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg):
 
 
 @dataclass
-class RunState:
-    """Where the loop is; saved in every checkpoint."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
-    tokens: int = 0  # real tokens trained on
-    best_val: float | None = None
-    best_step: int | None = None
-    evals_without_improvement: int = 0
-    nonfinite_skipped: int = 0
-    elapsed: float = 0.0
-    finished: bool = False
-
-
-@dataclass
 class TrainResult:
     out_dir: Path
     adapter: Path
@@ -92,115 +86,6 @@ class TrainResult:
     final_val: dict | None = None
     history: list = field(default_factory=list)
     rank: int = 0  # this process's rank under torchrun (only rank 0 reports the adapter)
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-
-
-def trainable_named(model) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(out_dir: Path, model, optimizer, state: RunState, world_size: int = 1) -> None:
-    """One file, written atomically: a reader finds the previous checkpoint or this one, never a mix.
-    Dropout needs no per-process RNG state: its seed is a pure function of the micro-batch (dropout_seed)."""
-    payload = {
-        "trainable": {n: p.detach().cpu().clone() for n, p in trainable_named(model).items()},
-        "optimizer": optimizer.state_dict(),
-        "state": asdict(state),
-        "world_size": world_size,
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": list(random.getstate()[1]),
-        },
-    }
-    with atomic_path(out_dir / CHECKPOINT_FILE) as tmp:
-        torch.save(payload, tmp)
-
-
-def read_checkpoint(out_dir: Path, model, world_size: int = 1) -> dict:
-    """The checkpoint's payload, checked against this run's LoRA parameters and process count."""
-    path = out_dir / CHECKPOINT_FILE
-    if not path.is_file():
-        raise TrainingError(f"--resume: no checkpoint at {path}; start without --resume (add --overwrite to replace the run)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise TrainingError(f"--resume: checkpoint {path} is unreadable ({type(exc).__name__}); start again with --overwrite") from exc
-    if not isinstance(payload, dict) or not {"trainable", "optimizer", "state", "rng"} <= set(payload):
-        raise TrainingError(f"--resume: {path} is not a lora-cli checkpoint; start again with --overwrite")
-    params = trainable_named(model)
-    saved = payload["trainable"]
-    if set(saved) != set(params) or any(saved[n].shape != p.shape for n, p in params.items()):
-        raise TrainingError(f"--resume: checkpoint {path} was written for other LoRA settings; keep the config of that run or use --overwrite")
-    saved_world = payload.get("world_size", 1)
-    if saved_world != world_size:
-        raise TrainingError(
-            f"--resume: checkpoint {path} was written by a run of {saved_world} process{'es' if saved_world > 1 else ''}, "
-            f"this run has {world_size}; resume with {saved_world} (e.g. torchrun --nproc_per_node {saved_world}) "
-            "or start again with --overwrite")
-    return payload
-
-
-def apply_checkpoint(payload: dict, model, optimizer) -> RunState:
-    """Load a checked payload into the model and optimizer (on every process); returns where the run was."""
-    params = trainable_named(model)
-    saved = payload["trainable"]
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name])
-    optimizer.load_state_dict(payload["optimizer"])
-    rng = payload["rng"]
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    random.setstate((3, tuple(rng["python"]), None))
-    return RunState(**payload["state"])
-
-
-def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Check out_dir before anything is loaded. Nothing is created or deleted here: clear_out_dir and the first
-    atomic write do that once the model and data have loaded, so a run that fails to start (bad data, a typo
-    in the model path) leaves out_dir, and an earlier run in it, as they were."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise TrainingError(f"out_dir {out_dir} is a file; choose a directory path")
-    if not out_dir.exists():
-        parent = next(p for p in out_dir.parents if p.exists())
-        if not parent.is_dir():
-            raise TrainingError(f"cannot create out_dir {out_dir}: {parent} is a file, not a directory; choose another out_dir")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise TrainingError(f"cannot create out_dir {out_dir}: {parent} is not writable; choose another out_dir")
-    busy = out_dir.is_dir() and any(out_dir.iterdir())
-    if resume:
-        if not (out_dir / CHECKPOINT_FILE).is_file():
-            raise TrainingError(f"--resume: no checkpoint at {out_dir / CHECKPOINT_FILE}; start without --resume "
-                                "(add --overwrite to replace the run)")
-        return
-    if busy and not overwrite:
-        raise TrainingError(f"out_dir {out_dir} is not empty; pass --resume to continue that run or --overwrite to replace it")
-
-
-def clear_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """--overwrite: remove the earlier run's files, once the new run has loaded its model and data."""
-    if overwrite and not resume:
-        for name in (CHECKPOINT_FILE, ADAPTER_FILE, "metrics.jsonl", "loss.png", "config.yaml", "test.csv"):
-            (out_dir / name).unlink(missing_ok=True)
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """On resume, drop metrics lines written after the checkpoint (they will be written again)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by a kill
-        if record.get("step", 0) <= step:
-            kept.append(line)
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 class StopSignals:
@@ -273,13 +158,6 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
     train.global_batch_size set, the per-process batch_size and grad_accum follow from it (distributed.resolve_batch),
     and the returned Setup's cfg holds them. dist: the process group this process joined (train()). savings: the
     loss's savings (loss.Savings), all on by default."""
-    from dataclasses import replace
-
-    from lora_cli.pretrained import load_model
-    from lora_cli.data import batch_indices, load_splits
-    from lora_cli.distributed import env_world_size, resolve_batch
-    from lora_cli.lora import apply_lora, count_parameters, with_classification_head
-
     dist = dist or Dist()
     world_size = dist.world_size if dist.enabled else (world_size or env_world_size())
     t = cfg.train
@@ -305,8 +183,6 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
     model.gradient_checkpointing = t.gradient_checkpointing
     model.share_prefix = t.share_prefix
     if precision in ("bf16", "fp16"):  # frozen weights stored as autocast would cast them: same products, no copies
-        from lora_cli.model import cast_frozen_linears_
-
         cast_frozen_linears_(model, DTYPES[precision])
     micro_batches = len(batch_indices([len(e) for e in data.train], t.batch_size, t.seed, 0))
     # one step takes grad_accum micro-batches on each process: grad_accum x world size of the epoch's list
@@ -335,8 +211,6 @@ def estimate_memory(s: Setup) -> int:
 
 
 def dry_run_report(s: Setup) -> list[str]:
-    from lora_cli.data import preview
-
     cfg = s.cfg
     t = cfg.train
     lines = [f"model: {s.base.name} ({s.base.source}), {s.total - s.trainable:,} frozen parameters"]
@@ -396,8 +270,6 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
 
     Launched by torchrun, this process joins the process group and trains its shard of the data; rank 0 alone
     writes out_dir and logs (log and progress are ignored on the other ranks). savings: see loss.Savings."""
-    from lora_cli.distributed import init_distributed
-
     dist = init_distributed(resolve_device(cfg.train.device))
     try:
         return _train(cfg, dist, resume, overwrite, log if dist.is_main else (lambda m: None), progress and dist.is_main,
@@ -408,8 +280,6 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
 
 def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progress: bool,
            savings: Savings) -> TrainResult:
-    from lora_cli.distributed import DDPView, is_comm_failure, short_reason, wrap_ddp
-
     out_dir = Path(cfg.out_dir)
     dist.on_main(lambda: prepare_out_dir(out_dir, resume, overwrite))
     torch.manual_seed(cfg.train.seed)
@@ -433,11 +303,9 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
         atomic_write_text(out_dir / "config.yaml", dump_config(s.cfg))
         wrote_test = False
         if s.data.test and not cfg.data.test and all(e.row >= 0 for e in s.data.test):
-            from lora_cli.data import write_split
-
             write_split(out_dir / "test.csv", s.data.test, s.data.frame)
             wrote_test = True
-        return payload, _read_history(out_dir / "metrics.jsonl"), wrote_test
+        return payload, read_history(out_dir / "metrics.jsonl"), wrote_test
 
     payload, history, wrote_test = dist.on_main(first_files)
     if payload is not None:
@@ -465,21 +333,7 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
     return TrainResult(out_dir, out_dir / ADAPTER_FILE, state, final_val, history, dist.rank)
 
 
-def _read_history(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
-
-
 def _epoch_batches(s: Setup, epoch: int) -> list[list[int]]:
-    from lora_cli.data import batch_indices
-
     t = s.cfg.train
     return batch_indices([len(e) for e in s.data.train], t.batch_size, t.seed, epoch,
                          group_by_length=s.cfg.data.group_by_length)
@@ -490,12 +344,8 @@ def _validate(s: Setup, autocast) -> dict | None:
     list and the sums (loss, tokens, correct, confusion counts) are all-reduced before the means are taken, so
     the result is token-weighted over the whole split: the single-process value up to the order of the float
     additions (about 1e-16 relative)."""
-    from lora_cli.data import batch_indices, collate
-
     if not s.data.val:
         return None
-    from lora_cli.evaluate import evaluate_classification, evaluate_lm
-
     t, d = s.cfg.train, s.dist
     order = batch_indices([len(e) for e in s.data.val], t.batch_size, 0, 0, shuffle=False)
     reduce, cap = None, t.eval_max_batches
@@ -510,8 +360,6 @@ def _validate(s: Setup, autocast) -> dict | None:
 
 def _loss_fn(s: Setup):
     """(model, batch) -> summed loss over the batch's targets (tokens, or examples for classification)."""
-    from lora_cli.loss import classification_loss_sum, lm_loss_sum
-
     smoothing = s.cfg.train.label_smoothing
     if s.cfg.task == "classification":
         weights = None if s.data.class_weights is None else torch.tensor(s.data.class_weights, device=s.device)
@@ -539,8 +387,6 @@ class StepBatches:
 
 def _step_batches(s: Setup, state: RunState, batches: list, own: list) -> StepBatches:
     """Global positions [batch_in_epoch, + grad_accum x W) of the epoch; this process takes rank, rank + W, ..."""
-    from lora_cli.data import collate
-
     d, W, t = s.dist, s.dist.world_size, s.cfg.train
     first = state.batch_in_epoch // W
     positions = [(first + k) * W + d.rank for k in range(t.grad_accum) if first + k < len(own)]
@@ -626,10 +472,6 @@ def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list
     run under no_sync, so gradients are all-reduced once per step. When the epoch's batch count is not a multiple
     of W, data.shard pads the list by repeating its first batches; those padding batches run with weight 0, so
     every process does the same number of passes and no example counts twice."""
-    from tqdm import tqdm
-
-    from lora_cli.data import shard
-
     t, model, d = s.cfg.train, s.model, s.dist
     forward = forward if forward is not None else model
     loss_sum = _loss_fn(s)
@@ -721,16 +563,6 @@ def grad_total_norm(params: list[torch.nn.Parameter], max_norm: float | None) ->
     return float(torch.nn.utils.get_total_norm(grads, foreach=False)) if grads else 0.0
 
 
-def last_checkpoint_note(out_dir: Path) -> str:
-    """Where the run can be resumed from, for messages of a run that stopped."""
-    path = out_dir / CHECKPOINT_FILE
-    try:
-        step = torch.load(path, map_location="cpu", weights_only=True)["state"]["step"]
-    except Exception:  # absent (nothing saved yet) or unreadable: say so rather than point at it
-        return "no checkpoint was saved before it"
-    return f"the last good checkpoint is {path} (step {step}; continue with --resume)"
-
-
 def is_out_of_memory(exc: BaseException) -> bool:
     """CUDA/MPS out-of-memory errors, and the CPU allocator's ("can't allocate memory") or Python's MemoryError."""
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
@@ -777,8 +609,6 @@ def _after_validation(s: Setup, state: RunState, record: dict, autocast, log) ->
 
 
 def _save_adapter(s: Setup, state: RunState) -> None:
-    from lora_cli.adapter import save_adapter
-
     cfg = s.cfg
     metadata = {
         "base_model": s.base.describe(),
@@ -814,27 +644,3 @@ def _finish(s: Setup, optimizer, state: RunState, history: list, log) -> dict | 
     best = f", best validation loss {state.best_val:.4f} at step {state.best_step}" if state.best_val is not None else ""
     log(f"done: {state.step} steps{best}; adapter written to {s.out_dir / ADAPTER_FILE}")
     return final
-
-
-def plot_losses(history: list[dict], path: Path) -> None:
-    """Train and validation loss against step (matplotlib, no display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train_pts = [(r["step"], r["loss"]) for r in history if "loss" in r]
-    val_pts = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    if train_pts:
-        ax.plot(*zip(*train_pts), label="train")
-    if val_pts:
-        ax.plot(*zip(*val_pts), marker="o", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)

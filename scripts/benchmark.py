@@ -15,7 +15,7 @@ What runs
 - ours: `lora_cli.train.build` (model, LoRA, threads, precision, data encoding, exactly as `lora train`), then
   the step of `train._loop`: `data.collate` of a length-grouped batch (`data.batch_indices`), `loss.lm_loss_sum`
   / target tokens under `train.autocast_for`, backward, `clip_grad_norm_(foreach=False)`, the AdamW of
-  `train.build_optimizer`, `zero_grad`, `loss.item()`. Eval: `evaluate.evaluate_lm` on each batch.
+  `train.build_optimizer`, `zero_grad`, `loss.item()`. Eval: `evaluation.evaluate_lm` on each batch.
 - peer: `transformers.GPT2LMHeadModel` (random init, SDPA attention) + `peft.get_peft_model` LoRA, fed the way
   its users feed it: the examples shuffled, padded to the longest in each batch, an attention mask, labels -100 on
   the prompt and on padding, full logits, `model(input_ids, attention_mask, labels=labels).loss`, backward,
@@ -183,10 +183,11 @@ def child_ours(args, pools) -> dict:
     import torch
 
     from lora_cli.data import batch_indices, collate
-    from lora_cli.evaluate import evaluate_lm
+    from lora_cli.evaluation import evaluate_lm
     from lora_cli.loss import Savings, lm_loss_sum
     from lora_cli.runtime import autocast_for
-    from lora_cli.train import build, build_optimizer, trainable_named
+    from lora_cli.rundir import trainable_named
+    from lora_cli.train import build, build_optimizer
 
     cfg = run_config(args, pools["data_path"])
     s = build(cfg)

@@ -10,7 +10,7 @@ from lora_cli.adapter import attach_adapter
 from lora_cli.pretrained import load_model
 from lora_cli.config import ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT
 from lora_cli.generate import generate
-from lora_cli.inference import escape_line
+from lora_cli.prompts import escape_line
 from lora_cli.tokenizer import EOT_ID, decode, encode
 
 from conftest import make_hf_gpt2

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_cli.config import ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT
-from lora_cli.evaluate import generation_metrics
+from lora_cli.metrics import generation_metrics
 from lora_cli.tokenizer import EOT_ID, decode, encode
 
 from conftest import make_hf_gpt2

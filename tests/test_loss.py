@@ -130,7 +130,7 @@ def test_lm_loss_sum_with_a_trained_head_gives_its_gradient():
 
 
 def test_evaluate_lm_equals_the_plain_computation():
-    from lora_cli.evaluate import evaluate_lm
+    from lora_cli.evaluation import evaluate_lm
 
     model, batch = tiny_lora_model(), tiny_batch()
     metrics = evaluate_lm(model, [batch])

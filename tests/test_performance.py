@@ -100,7 +100,7 @@ def test_fp32_runs_never_take_the_bf16_attention_path():
 
 
 def test_cast_model_refuses_nothing_in_eval_under_autocast():
-    from lora_cli.evaluate import evaluate_lm
+    from lora_cli.evaluation import evaluate_lm
 
     b = tiny_batch()
     ref, fast = tiny_lora_model(), tiny_lora_model()

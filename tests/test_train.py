@@ -79,7 +79,7 @@ def test_end_to_end_cli(tmp_path):
     from lora_cli.adapter import attach_adapter, load_adapter
     from lora_cli.pretrained import load_model
     from lora_cli.data import collate
-    from lora_cli.evaluate import evaluate_lm
+    from lora_cli.evaluation import evaluate_lm
 
     cfg = load_config(cfg_path)
     s = build(cfg)

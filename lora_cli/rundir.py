@@ -1,0 +1,191 @@
+"""A training run's directory: its checkpoints (checkpoint/state.pt), the checks before a run may write there, and
+the files of a finished run besides the adapter (metrics.jsonl history, loss.png).
+
+Checkpoints hold everything the loop's future depends on (trainable weights, optimizer moments, RNG states,
+position in the data), so an interrupted run that is resumed ends with the same adapter, bit for bit on CPU, as
+one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lora_cli.adapter import ADAPTER_FILE
+from lora_cli.errors import TrainingError
+from lora_cli.fsutil import atomic_path, atomic_write_text
+
+CHECKPOINT_FILE = "checkpoint/state.pt"
+
+
+@dataclass
+class RunState:
+    """Where the loop is; saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    tokens: int = 0  # real tokens trained on
+    best_val: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    nonfinite_skipped: int = 0
+    elapsed: float = 0.0
+    finished: bool = False
+
+
+def trainable_named(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out_dir: Path, model, optimizer, state: RunState, world_size: int = 1) -> None:
+    """One file, written atomically: a reader finds the previous checkpoint or this one, never a mix.
+    Dropout needs no per-process RNG state: its seed is a pure function of the micro-batch (train.dropout_seed)."""
+    payload = {
+        "trainable": {n: p.detach().cpu().clone() for n, p in trainable_named(model).items()},
+        "optimizer": optimizer.state_dict(),
+        "state": asdict(state),
+        "world_size": world_size,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": list(random.getstate()[1]),
+        },
+    }
+    with atomic_path(out_dir / CHECKPOINT_FILE) as tmp:
+        torch.save(payload, tmp)
+
+
+def read_checkpoint(out_dir: Path, model, world_size: int = 1) -> dict:
+    """The checkpoint's payload, checked against this run's LoRA parameters and process count."""
+    path = out_dir / CHECKPOINT_FILE
+    if not path.is_file():
+        raise TrainingError(f"--resume: no checkpoint at {path}; start without --resume (add --overwrite to replace the run)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TrainingError(f"--resume: checkpoint {path} is unreadable ({type(exc).__name__}); start again with --overwrite") from exc
+    if not isinstance(payload, dict) or not {"trainable", "optimizer", "state", "rng"} <= set(payload):
+        raise TrainingError(f"--resume: {path} is not a lora-cli checkpoint; start again with --overwrite")
+    params = trainable_named(model)
+    saved = payload["trainable"]
+    if set(saved) != set(params) or any(saved[n].shape != p.shape for n, p in params.items()):
+        raise TrainingError(f"--resume: checkpoint {path} was written for other LoRA settings; keep the config of that run or use --overwrite")
+    saved_world = payload.get("world_size", 1)
+    if saved_world != world_size:
+        raise TrainingError(
+            f"--resume: checkpoint {path} was written by a run of {saved_world} process{'es' if saved_world > 1 else ''}, "
+            f"this run has {world_size}; resume with {saved_world} (e.g. torchrun --nproc_per_node {saved_world}) "
+            "or start again with --overwrite")
+    return payload
+
+
+def apply_checkpoint(payload: dict, model, optimizer) -> RunState:
+    """Load a checked payload into the model and optimizer (on every process); returns where the run was."""
+    params = trainable_named(model)
+    saved = payload["trainable"]
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+    optimizer.load_state_dict(payload["optimizer"])
+    rng = payload["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    random.setstate((3, tuple(rng["python"]), None))
+    return RunState(**payload["state"])
+
+
+def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Check out_dir before anything is loaded. Nothing is created or deleted here: clear_out_dir and the first
+    atomic write do that once the model and data have loaded, so a run that fails to start (bad data, a typo
+    in the model path) leaves out_dir, and an earlier run in it, as they were."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainingError(f"out_dir {out_dir} is a file; choose a directory path")
+    if not out_dir.exists():
+        parent = next(p for p in out_dir.parents if p.exists())
+        if not parent.is_dir():
+            raise TrainingError(f"cannot create out_dir {out_dir}: {parent} is a file, not a directory; choose another out_dir")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise TrainingError(f"cannot create out_dir {out_dir}: {parent} is not writable; choose another out_dir")
+    busy = out_dir.is_dir() and any(out_dir.iterdir())
+    if resume:
+        if not (out_dir / CHECKPOINT_FILE).is_file():
+            raise TrainingError(f"--resume: no checkpoint at {out_dir / CHECKPOINT_FILE}; start without --resume "
+                                "(add --overwrite to replace the run)")
+        return
+    if busy and not overwrite:
+        raise TrainingError(f"out_dir {out_dir} is not empty; pass --resume to continue that run or --overwrite to replace it")
+
+
+def clear_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """--overwrite: remove the earlier run's files, once the new run has loaded its model and data."""
+    if overwrite and not resume:
+        for name in (CHECKPOINT_FILE, ADAPTER_FILE, "metrics.jsonl", "loss.png", "config.yaml", "test.csv"):
+            (out_dir / name).unlink(missing_ok=True)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """On resume, drop metrics lines written after the checkpoint (they will be written again)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def read_history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def last_checkpoint_note(out_dir: Path) -> str:
+    """Where the run can be resumed from, for messages of a run that stopped."""
+    path = out_dir / CHECKPOINT_FILE
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True)["state"]["step"]
+    except Exception:  # absent (nothing saved yet) or unreadable: say so rather than point at it
+        return "no checkpoint was saved before it"
+    return f"the last good checkpoint is {path} (step {step}; continue with --resume)"
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    """Train and validation loss against step (matplotlib, no display)."""
+    import matplotlib  # here: only the end of a run pays for matplotlib's import
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_pts = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    val_pts = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if train_pts:
+        ax.plot(*zip(*train_pts), label="train")
+    if val_pts:
+        ax.plot(*zip(*val_pts), marker="o", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
