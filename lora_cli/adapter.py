@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import safetensors.torch
+from safetensors import safe_open
 
 from lora_cli.pretrained import CONV1D_SUFFIXES, BaseModel, key_mismatch, read_state_dict
 from lora_cli.config import LoraConfig
@@ -109,8 +111,6 @@ def save_adapter(path: str | os.PathLike, model: torch.nn.Module, metadata: dict
 
     `metadata`: base_model (BaseModel.describe()), task, tokenizer, prompt_template, training summary, ...;
     None values are left out. dtype: None keeps the parameters' dtype (fp32), else fp32/bf16/fp16."""
-    from safetensors.torch import save_file
-
     metadata = dict(metadata or {})
     clash = [k for k in RESERVED if k in metadata]
     if clash:
@@ -127,7 +127,7 @@ def save_adapter(path: str | os.PathLike, model: torch.nn.Module, metadata: dict
             header[str(key)] = value if isinstance(value, str) else json.dumps(value)
     path = Path(path)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
+        safetensors.torch.save_file(tensors, str(tmp), metadata=header)
     return path
 
 
@@ -148,8 +148,6 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
 
 
 def _load_ours(p: Path) -> Adapter:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(p), framework="pt") as f:
             header = dict(f.metadata() or {})
@@ -392,8 +390,6 @@ def _peft_labels(weights: Path) -> list[str] | None:
     """The `lora_cli_labels` entry of a PEFT weights file's safetensors header (export_peft writes it)."""
     if weights.suffix != ".safetensors":
         return None
-    from safetensors import safe_open
-
     try:
         with safe_open(str(weights), framework="pt") as f:
             labels = json.loads((f.metadata() or {}).get("lora_cli_labels", "null"))
@@ -529,8 +525,6 @@ def export_peft(adapter: Adapter | str | os.PathLike, out_dir: str | os.PathLike
     peft.PeftModel.from_pretrained(transformers GPT2LMHeadModel, out_dir) loads (a classifier:
     GPT2ForSequenceClassification with num_labels, its head in modules_to_save). The directory appears whole
     (built beside it, then renamed); an existing one is replaced only if it is itself an adapter directory."""
-    from safetensors.torch import save_file
-
     if not isinstance(adapter, Adapter):
         adapter = load_adapter(adapter)
     out = Path(out_dir).expanduser()
@@ -549,5 +543,5 @@ def export_peft(adapter: Adapter | str | os.PathLike, out_dir: str | os.PathLike
             labels = (adapter.metadata.get("data") or {}).get("labels")
             if adapter.metadata.get("task") == "classification" and labels:
                 header["lora_cli_labels"] = json.dumps([str(x) for x in labels])  # for lora-cli's own import
-            save_file(tensors, str(tmp), metadata=header)
+            safetensors.torch.save_file(tensors, str(tmp), metadata=header)
     return out

@@ -39,7 +39,7 @@ _TOKENIZER_13A = None
 def _tokenizer_13a():
     global _TOKENIZER_13A
     if _TOKENIZER_13A is None:
-        from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+        from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a  # here: only --generate pays for sacrebleu
 
         _TOKENIZER_13A = Tokenizer13a()
     return _TOKENIZER_13A
@@ -69,7 +69,7 @@ def _ngrams(tokens: Sequence[str], n: int) -> Counter:
 def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]], lowercase: bool = False):
     """sacrebleu corpus BLEU (13a tokens, 4-grams, clipped by the largest count in any one reference, brevity
     penalty against the closest reference length, the shorter on a tie): (score 0-100, signature)."""
-    from sacrebleu.metrics import BLEU
+    from sacrebleu.metrics import BLEU  # here: only --generate pays for sacrebleu
 
     width = max(len(rs) for rs in references)
     # sacrebleu takes reference streams; a prompt with fewer references pads its streams with None.
@@ -217,7 +217,7 @@ def meteor_unavailable() -> str | None:
 def corpus_meteor(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]) -> float:
     """METEOR 1.5 (Denkowski & Lavie 2014; `-l en -norm`, all references of a segment) through pycocoevalcap,
     on coco_tokenize'd text as coco-caption feeds it, 0-1. Starts a Java process (2 GB heap)."""
-    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.meteor.meteor import Meteor  # optional dependency (the e2e extra)
 
     res = {i: [" ".join(h)] for i, h in enumerate(hypotheses)}
     gts = {i: [" ".join(r) for r in rs] for i, rs in enumerate(references)}
@@ -234,7 +234,7 @@ def corpus_meteor(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequ
 
 def rouge_l(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """ROUGE-L (rouge-score F-measure, the best over a prompt's references, averaged over prompts), 0-100."""
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer  # here: only --generate pays for rouge-score (and its nltk)
 
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     scores = [max(scorer.score(r, h)["rougeL"].fmeasure for r in rs) for h, rs in zip(hypotheses, references)]

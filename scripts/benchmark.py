@@ -14,7 +14,7 @@ holds the ratios ours / peer.
 What runs
 - ours: `lora_cli.train.build` (model, LoRA, threads, precision, data encoding, exactly as `lora train`), then
   the step of `train._loop`: `data.collate` of a length-grouped batch (`data.batch_indices`), `loss.lm_loss_sum`
-  / target tokens under `train.autocast_for`, backward, `clip_grad_norm_(foreach=False)`, the AdamW of
+  / target tokens under `runtime.autocast_for`, backward, `clip_grad_norm_(foreach=False)`, the AdamW of
   `train.build_optimizer`, `zero_grad`, `loss.item()`. Eval: `evaluation.evaluate_lm` on each batch.
 - peer: `transformers.GPT2LMHeadModel` (random init, SDPA attention) + `peft.get_peft_model` LoRA, fed the way
   its users feed it: the examples shuffled, padded to the longest in each batch, an attention mask, labels -100 on
