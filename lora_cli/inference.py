@@ -20,10 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from lora_cli.config import DataConfig, ModelSpec
+from lora_cli.config import FORMAT_CHOICES as FORMATS, DataConfig, ModelSpec
 from lora_cli.errors import AdapterError, CheckpointError, ConfigError, DataError
-
-FORMATS = ("auto", "alpaca", "prompt_completion", "text", "classification")
 
 
 # -------------------------------------------------------------------------------------------- base + adapter

@@ -21,7 +21,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from lora_cli.data.batches import IGNORE_INDEX as IGNORE  # targets that carry no loss
 
 
 def scored_hidden(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
