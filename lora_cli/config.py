@@ -429,7 +429,7 @@ def _check_constraints(cfg: RunConfig, report) -> None:
     """Cross-field and range checks; each failure names its key."""
     d, lo, t = cfg.data, cfg.lora, cfg.train
     if d.train is None or not str(d.train).strip():
-        report("data.train", "is required: a CSV, TSV, JSON or JSONL file")
+        report("data.train", "is required: a CSV, TSV, JSON, JSONL, Parquet or TXT file")
     if not 0 <= d.val_split < 1:
         report("data.val_split", f"must be in [0, 1), got {d.val_split}")
     if not 0 <= d.test_split < 1:
