@@ -80,8 +80,8 @@ def read_table(path: str | Path, data_cfg: DataConfig, key: str = "data.train") 
     if suffix not in SUPPORTED_SUFFIXES:
         shown = repr(suffix) if suffix else "(no extension)"
         raise DataError(f"{key}: {path}: unsupported file type {shown}; use {SUFFIXES_HELP}")
-    # pandas is imported here, when a data file is read, not with lora_cli.data: it costs ~0.3 s and ~30 MB,
-    # which `lora --help` and commands without data files should not pay.
+    # pandas is imported here, when a data file is read, not with lora_cli.data: with the pyarrow it loads it
+    # costs ~1 s and ~75 MB, which `lora --help` and commands without data files should not pay.
     import pandas as pd
 
     if suffix == ".parquet":
