@@ -14,6 +14,7 @@ Modules import from lower steps only (batches needs none of them); lora_cli.conf
 never import this package.
 """
 
+from lora_cli.config import DATA_FORMATS as FORMATS  # the formats and their roles, under this package's old name
 from lora_cli.data.batches import IGNORE_INDEX, Batch, batch_indices, collate, padding_waste, shard
 from lora_cli.data.encode import (NOT_TEXT, DataStats, Example, cell_value, chunk_text, count_stats, encode_pair,
                                   encode_records, encode_text, label_order, load_file, preview, row_label)
@@ -27,6 +28,7 @@ _cell = cell_value
 _row_label = row_label
 
 __all__ = [
+    "FORMATS",
     "IGNORE_INDEX", "Batch", "batch_indices", "collate", "padding_waste", "shard",
     "NOT_TEXT", "DataStats", "Example", "cell_value", "chunk_text", "count_stats", "encode_pair", "encode_records",
     "encode_text", "label_order", "load_file", "preview", "row_label",
