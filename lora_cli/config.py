@@ -100,16 +100,27 @@ ALPACA_TEMPLATE_NO_INPUT = (
 PROMPT_COMPLETION_TEMPLATE = "{prompt}\n"
 
 
+# The data formats and their roles, in the order they are rendered (`input` is the only optional role): the one
+# list that data.format, lora_cli.data and `--format` read.
+DATA_FORMATS: dict[str, tuple[str, ...]] = {
+    "alpaca": ("instruction", "input", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+    "classification": ("text", "label"),
+}
+FORMAT_CHOICES = ("auto", *DATA_FORMATS)  # data.format and --format
+
+
 @dataclass
 class DataConfig:
     """Where the examples come from and how they become tokens."""
 
-    train: str | None = None  # CSV, TSV, JSON (a list of objects) or JSONL
+    train: str | None = None  # CSV, TSV, JSON (a list of objects), JSONL, Parquet or TXT
     val: str | None = None  # a separate validation file; else val_split of train
     test: str | None = None  # held-out file for `lora eval CONFIG`
     val_split: float = 0.1  # seeded fraction of train held out for validation when val is null
     test_split: float = 0.0  # seeded fraction of train held out as a test split (written to out_dir)
-    format: Literal["auto", "alpaca", "prompt_completion", "text", "classification"] = "auto"
+    format: Literal[FORMAT_CHOICES] = "auto"  # auto: detected from the column names
     columns: dict[str, str] = field(default_factory=dict)  # role -> column, e.g. {prompt: mr, completion: ref}
     prompt_template: str | None = None  # alpaca/prompt_completion prompt, {role} or {column} fields; null: built-in
     max_length: int = 512  # tokens per example, truncated beyond (counted in the log)
@@ -418,7 +429,7 @@ def _check_constraints(cfg: RunConfig, report) -> None:
     """Cross-field and range checks; each failure names its key."""
     d, lo, t = cfg.data, cfg.lora, cfg.train
     if d.train is None or not str(d.train).strip():
-        report("data.train", "is required: a CSV, TSV, JSON or JSONL file")
+        report("data.train", "is required: a CSV, TSV, JSON, JSONL, Parquet or TXT file")
     if not 0 <= d.val_split < 1:
         report("data.val_split", f"must be in [0, 1), got {d.val_split}")
     if not 0 <= d.test_split < 1:

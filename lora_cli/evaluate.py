@@ -18,7 +18,7 @@ import torch
 from lora_cli.adapter import ADAPTER_FILE, Adapter, attach_adapter
 from lora_cli.config import DataConfig, RunConfig, load_config
 from lora_cli.data import (
-    RESPONSE_ROLE, _cell, _row_label, detect_format, encode_records, load_file, load_splits, read_table, render_prompt,
+    RESPONSE_ROLE, cell_value, row_label, detect_format, encode_records, load_file, load_splits, read_table, render_prompt,
 )
 from lora_cli.errors import AdapterError, ConfigError, DataError
 from lora_cli.evaluation import eval_batches, evaluate_classification, evaluate_lm, generate_texts
@@ -46,7 +46,7 @@ def classification_file(path, data_cfg, labels, adapter=None):
                         "JSON or JSONL), not plain text")
     frame = read_table(path, data_cfg, "--data")
     fmt, mapping = detect_format(frame.columns, replace(data_cfg, format="classification"), "classification", path)
-    values = [_cell(v) for v in frame[mapping["label"]]]
+    values = [cell_value(v) for v in frame[mapping["label"]]]
     known = set(labels)
     # Missing or empty labels are left to encode_records, which names those rows.
     unknown = [(i, v) for i, v in enumerate(values) if isinstance(v, str) and v.strip() and v not in known]
@@ -60,7 +60,7 @@ def classification_file(path, data_cfg, labels, adapter=None):
         others = sorted({v for _, v in unknown} - {value})
         more = f"; {len(unknown) - 1} more rows have unknown labels" if len(unknown) > 1 else ""
         more += f" ({shown(others)})" if others else ""
-        raise DataError(f"{path}: {_row_label(frame, i)}: label {value!r} is not one of adapter {adapter}'s labels "
+        raise DataError(f"{path}: {row_label(frame, i)}: label {value!r} is not one of adapter {adapter}'s labels "
                         f"({shown(list(labels))}){more}; fix or drop those rows")
     examples, stats = encode_records(frame, fmt, mapping, data_cfg, path, labels)
     if not examples:
@@ -103,7 +103,7 @@ def _delta(new: dict, old: dict) -> dict:
 
 
 def _cell_text(value) -> str:
-    text = _cell(value)
+    text = cell_value(value)
     return text if isinstance(text, str) else ""
 
 

@@ -22,11 +22,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lora_cli.adapter import Adapter, attach_adapter, load_adapter
-from lora_cli.config import DataConfig, ModelSpec
+from lora_cli.config import FORMAT_CHOICES as FORMATS, DataConfig, ModelSpec
 from lora_cli.errors import AdapterError, CheckpointError, ConfigError
 from lora_cli.pretrained import load_model
-
-FORMATS = ("auto", "alpaca", "prompt_completion", "text", "classification")
 
 
 # -------------------------------------------------------------------------------------------- base + adapter

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lora_cli.data.batches import IGNORE_INDEX as IGNORE  # targets that carry no loss
 from lora_cli.model import last_token_hidden
-
-IGNORE = -100
 
 
 @dataclass(frozen=True)

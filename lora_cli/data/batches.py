@@ -1,0 +1,145 @@
+"""Batching: length-grouped seeded batches of example indices, the per-process share of them, and collation into
+padded tensors.
+
+`batch_indices` + `collate`: batches hold examples of similar length and are padded only to the longest in the
+batch; `shard` gives each process of a data-parallel run the same number of batches.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Sequence
+
+from lora_cli.tokenizer import EOT_ID
+
+if TYPE_CHECKING:  # torch is imported lazily so `lora --help` stays fast
+    import torch
+
+    from lora_cli.data.encode import Example
+
+IGNORE_INDEX = -100  # targets with this value carry no loss (torch cross_entropy's default ignore_index)
+
+
+def batch_indices(
+    lengths: Sequence[int],
+    batch_size: int,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = True,
+    group_by_length: bool = True,
+    drop_last: bool = False,
+    chunk_batches: int = 50,
+) -> list[list[int]]:
+    """Batches of example indices, a pure function of (lengths, batch_size, seed, epoch, flags).
+
+    Length grouping (as in Hugging Face's LengthGroupedSampler): shuffle, sort each chunk of `chunk_batches`
+    batches by length (longest first), cut it into batches, then shuffle the batch order. Batches hold examples
+    of similar length, so padding to the longest wastes little, and the order stays random. Without shuffle,
+    grouping sorts everything by length (for evaluation). drop_last drops a final short batch.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    n = len(lengths)
+    order = list(range(n))
+    rng = random.Random(f"batches:{seed}:{epoch}")  # a str seed is hashed with SHA-512: stable across runs
+    if shuffle:
+        rng.shuffle(order)
+    if group_by_length:
+        size = batch_size * chunk_batches if shuffle else max(n, 1)
+        order = [i for s in range(0, n, size) for i in sorted(order[s:s + size], key=lambda i: -lengths[i])]
+    batches = [order[s:s + batch_size] for s in range(0, n, batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    if shuffle and group_by_length:
+        rng.shuffle(batches)
+    return batches
+
+
+def shard(batches: Sequence[list[int]], rank: int, world_size: int, drop_remainder: bool = False) -> list[list[int]]:
+    """This rank's batches: batches[rank::world_size], after making the count a multiple of world_size so every
+    rank runs the same number of steps (a rank with fewer would hang the others in all-reduce). By default the
+    list is padded by repeating batches from its start (no example is lost; a few are seen twice per epoch, as
+    with torch's DistributedSampler); drop_remainder=True drops the last len % world_size batches instead."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    batches = list(batches)
+    if not batches:
+        return []
+    extra = len(batches) % world_size
+    if extra:
+        if drop_remainder:
+            batches = batches[:len(batches) - extra]
+        else:
+            pad = world_size - extra
+            batches += [batches[i % len(batches)] for i in range(pad)]
+    return batches[rank::world_size]
+
+
+@dataclass
+class Batch:
+    """A padded batch. Causal LM: targets [B, T] with IGNORE_INDEX (-100) where there is no loss. Classification:
+    labels [B]. attention_mask is 1 for real tokens, 0 for padding."""
+
+    input_ids: "torch.Tensor"  # [B, T] long
+    attention_mask: "torch.Tensor"  # [B, T] long
+    targets: "torch.Tensor | None" = None  # [B, T] long (causal LM)
+    labels: "torch.Tensor | None" = None  # [B] long (classification)
+    n_tokens: int = 0  # real (non-padding) input tokens
+    n_targets: int = 0  # tokens with loss (causal LM) or examples (classification)
+
+    def to(self, device: Any, non_blocking: bool = False) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return replace(self, input_ids=move(self.input_ids), attention_mask=move(self.attention_mask),
+                       targets=move(self.targets), labels=move(self.labels))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)
+
+
+def collate(examples: Sequence[Example], pad_id: int = EOT_ID, pad_side: str = "right") -> Batch:
+    """Pad a list of examples to the longest in it.
+
+    Causal LM: input_ids = ids[:-1], targets = ids[1:] with -100 where loss_mask[1:] is False and on padding.
+    Classification (examples with labels): input_ids = ids, labels [B]; the model pools the last real token, so
+    right and left padding give the same result.
+    """
+    import torch
+
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    if pad_side not in ("right", "left"):
+        raise ValueError(f"pad_side must be right or left, got {pad_side!r}")
+    classify = examples[0].label is not None
+    if any((ex.label is not None) != classify for ex in examples):
+        raise ValueError("a batch mixes classification and causal-LM examples")
+    if classify:
+        inputs = [ex.ids for ex in examples]
+        targets = None
+    else:
+        inputs = [ex.ids[:-1] for ex in examples]
+        targets = [[t if m else IGNORE_INDEX for t, m in zip(ex.ids[1:], ex.loss_mask[1:])] for ex in examples]
+    B, T = len(examples), max(len(x) for x in inputs)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, T), dtype=torch.long)
+    target_ids = torch.full((B, T), IGNORE_INDEX, dtype=torch.long) if targets is not None else None
+    for b, x in enumerate(inputs):
+        span = slice(0, len(x)) if pad_side == "right" else slice(T - len(x), T)
+        input_ids[b, span] = torch.tensor(x, dtype=torch.long)
+        attention[b, span] = 1
+        if target_ids is not None:
+            target_ids[b, span] = torch.tensor(targets[b], dtype=torch.long)
+    n_tokens = int(attention.sum())
+    if classify:
+        labels = torch.tensor([ex.label for ex in examples], dtype=torch.long)
+        return Batch(input_ids, attention, labels=labels, n_tokens=n_tokens, n_targets=B)
+    n_targets = int((target_ids != IGNORE_INDEX).sum())
+    return Batch(input_ids, attention, targets=target_ids, n_tokens=n_tokens, n_targets=n_targets)
+
+
+def padding_waste(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> int:
+    """Pad tokens these batches need (sum over batches of longest x size, minus real tokens)."""
+    return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches if b)
+
+

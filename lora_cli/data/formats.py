@@ -1,0 +1,167 @@
+"""Data formats: which roles a file's columns play, and the prompt templates that render them.
+
+`detect_format`: the columns decide the format, as mlx-lm's datasets.py does with keys: `alpaca` (instruction,
+optional input, output), `prompt_completion` (prompt, completion), `text` (text) or, for `task:
+classification`, `classification` (text, label). `data.columns` maps any role to any column. The formats and
+their roles are listed once, in lora_cli.config (DATA_FORMATS), which defines the config schema.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from lora_cli.config import (ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, DATA_FORMATS, PROMPT_COMPLETION_TEMPLATE,
+                             DataConfig)
+from lora_cli.errors import ConfigError, DataError, did_you_mean
+
+OPTIONAL_ROLES = {"input"}
+RESPONSE_ROLE = {"alpaca": "output", "prompt_completion": "completion"}
+_FORMAT_HELP = (
+    "alpaca (instruction, output, optional input), prompt_completion (prompt, completion), text (text)"
+)
+
+
+def detect_format(
+    columns: Iterable[Any], data_cfg: DataConfig, task: str = "causal_lm", path: str | Path | None = None
+) -> tuple[str, dict[str, str]]:
+    """(format, {role: column}) for a table with these columns.
+
+    `data.format: auto` tries alpaca, prompt_completion and text in that order (restricted to the formats that
+    have every role named in data.columns) and takes the first whose required columns exist; task
+    classification always means the classification format. A role's column is data.columns[role] if given,
+    else the column named like the role (matched case-insensitively when there is no exact match).
+    """
+    columns = [str(c) for c in columns]
+    where = f"{path}: " if path is not None else ""
+    renames = dict(data_cfg.columns)
+    all_roles = list(dict.fromkeys(r for roles in DATA_FORMATS.values() for r in roles))
+    for role, column in renames.items():
+        if role not in all_roles:
+            raise ConfigError(f"data.columns.{role}: unknown role{did_you_mean(role, all_roles)}; the roles are "
+                              "instruction, input, output (alpaca), prompt, completion (prompt_completion), "
+                              "text (text) and text, label (classification)")
+        if column not in columns:
+            raise DataError(f"{where}column {column!r} named by data.columns.{role} is not in the file; its "
+                            f"columns are: {', '.join(columns)}")
+    fmt = data_cfg.format
+    if task == "classification":
+        fmt = "classification"
+    elif fmt == "classification":
+        raise ConfigError("data.format: classification needs task: classification")
+    if fmt == "auto":
+        for candidate in ("alpaca", "prompt_completion", "text"):
+            if not set(renames) <= set(DATA_FORMATS[candidate]):
+                continue
+            mapping, missing = _map_roles(candidate, renames, columns)
+            if not missing:
+                return candidate, mapping
+        raise DataError(f"{where}cannot tell the data format from the columns ({', '.join(columns)}); expected "
+                        f"{_FORMAT_HELP}; set data.format, and data.columns to map roles to your columns "
+                        "(e.g. {prompt: mr, completion: ref})")
+    for role in renames:
+        if role not in DATA_FORMATS[fmt]:
+            raise ConfigError(f"data.columns.{role}: not a role of format {fmt} (its roles: "
+                              f"{', '.join(DATA_FORMATS[fmt])})")
+    mapping, missing = _map_roles(fmt, renames, columns)
+    if missing:
+        role = missing[0]
+        raise DataError(f"{where}format {fmt} needs a column for {role!r} but there is no column {role!r}; the "
+                        f"file's columns are: {', '.join(columns)}; map one with data.columns.{role}: <column>")
+    return fmt, mapping
+
+
+def _map_roles(fmt: str, renames: Mapping[str, str], columns: list[str]) -> tuple[dict[str, str], list[str]]:
+    mapping: dict[str, str] = {}
+    missing: list[str] = []
+    lower = {}
+    for c in columns:
+        lower.setdefault(c.lower(), []).append(c)
+    for role in DATA_FORMATS[fmt]:
+        if role in renames:
+            mapping[role] = renames[role]
+        elif role in columns:
+            mapping[role] = role
+        elif len(lower.get(role, [])) == 1:
+            mapping[role] = lower[role][0]  # e.g. E2E's test file spells its column "MR"
+        elif role not in OPTIONAL_ROLES:
+            missing.append(role)
+    return mapping, missing
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+
+
+def prompt_template(fmt: str, data_cfg: DataConfig | str | None = None, has_input: bool = False) -> str | None:
+    """The prompt template for a row: the custom template if set (data.prompt_template, given as the DataConfig
+    or the string itself; used for every row), else the built-in one (alpaca: with or without the Input block
+    by `has_input`; prompt_completion: "{prompt}\\n"). None for formats without a prompt (text,
+    classification). Adapter metadata should store data.prompt_template (null = the built-in pair), since the
+    alpaca default is two templates."""
+    custom = data_cfg.prompt_template if isinstance(data_cfg, DataConfig) else data_cfg
+    if fmt not in RESPONSE_ROLE:
+        return None
+    if custom is not None:
+        return custom
+    if fmt == "alpaca":
+        return ALPACA_TEMPLATE if has_input else ALPACA_TEMPLATE_NO_INPUT
+    return PROMPT_COMPLETION_TEMPLATE
+
+
+def template_fields(template: str, fmt: str, columns: Iterable[str]) -> list[str]:
+    """The {fields} of a prompt template, checked: each must be a role of the format (not its response) or a
+    column of the file. Raises ConfigError naming data.prompt_template."""
+    allowed = [r for r in DATA_FORMATS[fmt] if r != RESPONSE_ROLE.get(fmt)] + [str(c) for c in columns]
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"data.prompt_template: {exc}; write a literal brace as {{{{ or }}}}") from None
+    fields = []
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        if name == "" or name.isdigit() or any(ch in name for ch in ".["):
+            raise ConfigError(f"data.prompt_template: field {{{name}}} is not supported; name a role or a column, "
+                              f"e.g. {{{allowed[0]}}}")
+        if name == RESPONSE_ROLE.get(fmt):
+            raise ConfigError(f"data.prompt_template: {{{name}}} is the response and cannot be in the prompt")
+        if name not in allowed:
+            raise ConfigError(f"data.prompt_template: unknown field {{{name}}}; use one of: "
+                              f"{', '.join(dict.fromkeys(allowed))}")
+        fields.append(name)
+    return fields
+
+
+def render_prompt(values: Mapping[str, str], fmt: str, template: DataConfig | str | None = None) -> str:
+    """The prompt text for one record. `values` maps roles (and, for custom templates, columns) to text;
+    `template` is a DataConfig, a custom template string (e.g. from adapter metadata) or None (built-in), e.g.
+    render_prompt({"instruction": "Name a color.", "input": ""}, "alpaca"). Generation uses this too, so a
+    prompt at inference is tokenised exactly as in training: encode(render_prompt(...))."""
+    chosen = prompt_template(fmt, template, has_input=bool(str(values.get("input") or "").strip()))
+    if chosen is None:
+        raise ValueError(f"format {fmt} has no prompt")
+    return fill_template(chosen, values)
+
+
+def fill_template(template: str, values: Mapping[str, Any]) -> str:
+    """str.format_map restricted to plain {name} fields ({{ and }} are literal braces; an absent name renders
+    as ""). A template can come from an adapter file, which is data: attribute or index access ({x.__class__},
+    {x[0]}), conversions and format specs ({x:>99999999999} would allocate gigabytes) are refused."""
+    out = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"prompt template {template[:60]!r}: {exc}; write a literal brace as {{{{ or }}}}") from None
+    for literal, name, spec, conversion in parsed:
+        out.append(literal)
+        if name is None:
+            continue
+        if not name or name.isdigit() or "." in name or "[" in name or spec or conversion:
+            shown = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise ConfigError(f"prompt template {template[:60]!r}: field {{{shown}}} is not a plain {{name}} field; "
+                              "use fields such as {instruction} or {prompt}")
+        value = values.get(name)
+        out.append("" if value is None else str(value))
+    return "".join(out)
+

@@ -1,0 +1,269 @@
+"""Reading data files: .csv / .tsv / .json (a list of objects) / .jsonl (one object per line) / .parquet / .txt
+(plain text) -> a `Table`, a pandas DataFrame of the file's values with what messages need (the path, each row's
+source line). Every problem with a file is one DataError line naming the file and the row or line.
+
+Values are never guessed: CSV/TSV values are strings as written ("NA", "null" and "" stay strings), JSON and
+Parquet values keep their type (1 stays 1, not 1.0) and a missing key or a null is a missing cell; lora_cli.data
+turns a value into text with `cell_value`. Row numbers in messages count data rows from 1 (a header is not a
+row); CSV/TSV/JSONL messages add the line.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from lora_cli.config import DataConfig
+from lora_cli.errors import ConfigError, DataError, first_line
+
+if TYPE_CHECKING:  # pandas is imported when a file is read, so importing lora_cli.data stays light
+    import pandas as pd
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")  # files with columns
+SUPPORTED_SUFFIXES = (*TABLE_SUFFIXES, ".txt")
+SUFFIXES_HELP = ".csv, .tsv, .json (a list of objects), .jsonl (one object per line), .parquet or .txt (plain text)"
+
+
+@dataclass
+class Table:
+    """A data file's rows: `frame` holds the values (strings for CSV/TSV, the values as written for JSON and
+    Parquet, None where a record lacks the key or holds a null). `lines`: each row's source line (CSV, TSV,
+    JSONL), for messages."""
+
+    frame: "pd.DataFrame"
+    path: str = "data"
+    lines: list[int] | None = None
+
+    @property
+    def columns(self) -> list[str]:
+        return [str(c) for c in self.frame.columns]
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def __getitem__(self, column: str) -> list:
+        return self.frame[column].tolist()
+
+    def row(self, i: int) -> list:
+        return self.frame.iloc[i].tolist()
+
+    def to_csv(self, rows: Sequence[int]) -> str:
+        """These rows as CSV text under a header line, missing values as empty fields."""
+        return self.frame.iloc[list(rows)].to_csv(index=False, lineterminator="\n")
+
+
+def read_table(path: str | Path, data_cfg: DataConfig, key: str = "data.train") -> Table:
+    """Read a data file into a Table with pandas.
+
+    CSV/TSV: pandas reads the values as strings (dtype=str, no NA guessing); the csv module first checks the
+    records, because pandas pads short rows silently and counts rows, not source lines: ragged rows are an
+    error naming the row and line. TSV uses QUOTE_NONE (a `"` is text, as in the SMS Spam Collection). JSON and
+    JSONL are parsed with the json module (exact line and column in errors; pandas' read_json would turn an int
+    column with a missing value into floats) and framed by pandas. Parquet is read by pandas with pyarrow. A .txt
+    file becomes one row with a `text` column. `key` names the config key in messages (data.train, data.val,
+    data.test, --data).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.exists():
+        raise DataError(f"{key}: {path} does not exist; check the path (relative paths are resolved against "
+                        "the config file's folder)")
+    if path.is_dir():
+        raise DataError(f"{key}: {path} is a directory; name a data file (.csv, .tsv, .json, .jsonl, .parquet "
+                        "or .txt)")
+    if suffix not in SUPPORTED_SUFFIXES:
+        shown = repr(suffix) if suffix else "(no extension)"
+        raise DataError(f"{key}: {path}: unsupported file type {shown}; use {SUFFIXES_HELP}")
+    # pandas is imported here, when a data file is read, not with lora_cli.data: with the pyarrow it loads it
+    # costs ~1 s and ~75 MB, which `lora --help` and commands without data files should not pay.
+    import pandas as pd
+
+    if suffix == ".parquet":
+        table = Table(_read_parquet(path))
+    else:
+        text = _read_utf8(path)
+        if not text.strip():
+            raise DataError(f"{path}: the file is empty; it needs at least one data row")
+        if suffix == ".txt":
+            table = Table(pd.DataFrame({"text": [text]}, dtype=object))
+        elif suffix in (".csv", ".tsv"):
+            table = _read_delimited(text, path, data_cfg)
+        elif suffix == ".json":
+            table = Table(_frame(_read_json(text, path)))
+        else:
+            records, lines = _read_jsonl(text, path)
+            table = Table(_frame(records), lines=lines)
+    if len(table) == 0:
+        raise DataError(f"{path}: no data rows (only a header); add at least one row")
+    table.path = str(path)
+    return table
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}; check the file's permissions") from exc
+    if raw.startswith(codecs.BOM_UTF8):  # Excel writes a BOM; it is not part of the first column's name
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at line {line} (byte offset "
+                        f"{exc.start}); re-save the file as UTF-8") from None
+
+
+def _read_delimited(text: str, path: Path, cfg: DataConfig) -> Table:
+    import pandas as pd  # lazily, as in read_table
+
+    tsv = path.suffix.lower() == ".tsv"
+    if not cfg.header and not cfg.column_names:
+        raise ConfigError("data.column_names: is required when header is false (names for the columns, e.g. "
+                          "[label, text])")
+    quoting = csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
+    header, lines = _check_records(text, path, cfg, tsv, quoting)
+    names = list(cfg.column_names) if cfg.column_names else header
+    names = [n.strip() or f"column_{i + 1}" for i, n in enumerate(names)]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DataError(f"{path}: duplicate column name {duplicates[0]!r} in the header; give every column a "
+                        "distinct name")
+    frame = pd.read_csv(io.StringIO(text, newline=""), sep="\t" if tsv else ",", quoting=quoting,
+                        header=0 if cfg.header else None, names=names, dtype=str, keep_default_na=False,
+                        na_filter=False, skip_blank_lines=True, engine="c")
+    if len(frame) != len(lines):  # a bug, not bad data: the two readers must agree on the records
+        raise AssertionError(f"{path}: pandas read {len(frame)} rows, the csv module {len(lines)}")
+    return Table(frame, lines=lines)
+
+
+def _check_records(text: str, path: Path, cfg: DataConfig, tsv: bool, quoting: int) -> tuple[list[str], list[int]]:
+    """(header names or [], each data row's first line), after checking every record with the csv module: a
+    quoting error names its line, a row with the wrong number of fields names its row and line."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # the default 128 KiB cap rejects long documents
+    last = [""]  # the source line the reader took last: tells a blank line from a quoted blank field ("")
+
+    def source_lines():
+        for line in io.StringIO(text, newline=""):
+            last[0] = line
+            yield line
+
+    reader = csv.reader(source_lines(), delimiter="\t" if tsv else ",", quoting=quoting, strict=not tsv)
+    widths: list[int] = []
+    lines: list[int] = []
+    header: list[str] | None = None
+    header_line = 0
+    start = 1
+    try:
+        for row in reader:
+            line, start = start, reader.line_num + 1
+            if not row or (len(row) == 1 and not last[0].strip()):
+                continue  # a blank or whitespace-only line, which pandas skips too
+            if header is None and cfg.header:
+                header, header_line = row, line
+                continue
+            widths.append(len(row))
+            lines.append(line)
+    except csv.Error as exc:
+        raise DataError(f"{path}: line {start}: cannot parse {'TSV' if tsv else 'CSV'} ({exc}); check the "
+                        "quoting on that line") from None
+    if cfg.column_names and header is not None and len(header) != len(cfg.column_names):
+        raise DataError(f"{path}: data.column_names has {len(cfg.column_names)} names but the header on line "
+                        f"{header_line} has {len(header)} columns; give one name per column")
+    names = list(cfg.column_names or header or [])
+    if not names:
+        raise DataError(f"{path}: the file is empty; it needs a header row and at least one data row")
+    ragged = [i for i, width in enumerate(widths) if width != len(names)]
+    if ragged:
+        i = ragged[0]
+        more = f" ({len(ragged) - 1} more rows like it)" if len(ragged) > 1 else ""
+        hint = "check for tab characters inside the text" if tsv else "quote fields that contain commas"
+        raise DataError(f"{path}: row {i + 1} (line {lines[i]}) has {widths[i]} fields, expected "
+                        f"{len(names)} ({', '.join(names)}){more}; {hint}")
+    return header or [], lines
+
+
+def _read_json(text: str, path: Path) -> list[dict]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}; fix the "
+                        "syntax (a .json file holds one list of objects; use .jsonl for one object per line)") from None
+    if isinstance(data, dict):
+        keys = ", ".join(list(map(str, data))[:5])
+        raise DataError(f"{path}: the JSON is an object (keys: {keys}), not a list of records; write the records "
+                        "as a list [{...}, {...}] or as .jsonl with one object per line")
+    if not isinstance(data, list):
+        raise DataError(f"{path}: the JSON is a {_json_type(data)}, not a list of records; write the records as a "
+                        "list [{...}, {...}]")
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise DataError(f"{path}: row {i + 1} is a {_json_type(item)}, not an object; every item of the list "
+                            'must be an object such as {"text": "..."}')
+    return data
+
+
+def _read_jsonl(text: str, path: Path) -> tuple[list[dict], list[int]]:
+    records, lines = [], []
+    # Split on \n only: str.splitlines would also split on U+2028, which JSON allows inside strings.
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line {number} is not valid JSON ({exc.msg} at column {exc.colno}); fix or "
+                            "remove that line") from None
+        if not isinstance(item, dict):
+            raise DataError(f"{path}: line {number} is a {_json_type(item)}, not a JSON object; each line must "
+                            'be one object such as {"text": "..."}')
+        records.append(item)
+        lines.append(number)
+    return records, lines
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _frame(records: list[dict]) -> "pd.DataFrame":
+    """Records -> DataFrame with object dtype, so JSON values keep their type (1 stays 1, not 1.0 as pandas'
+    inference would make it next to a missing value); a key absent from a record is None."""
+    import pandas as pd  # lazily, as in read_table
+
+    columns: dict[str, None] = {}
+    for record in records:
+        for key in record:
+            columns.setdefault(str(key), None)
+    return pd.DataFrame({c: [r.get(c) for r in records] for c in columns}, columns=list(columns), dtype=object)
+
+
+def _read_parquet(path: Path) -> "pd.DataFrame":
+    """A Parquet file -> DataFrame with object dtype holding Python values: strings, ints, floats, bools,
+    datetimes as written (cell_value gives their text as a CSV shows them), nulls as None (missing cells), lists
+    and structs as lists and dicts (not text, as in JSON)."""
+    import pandas as pd  # lazily, as in read_table
+    import pyarrow as pa  # pandas' Parquet engine, a dependency for this
+
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty; it needs at least one data row")
+    try:
+        # Arrow types, not numpy's: an int column with a null stays ints (numpy would make it float, 1 -> 1.0).
+        frame = pd.read_parquet(path, dtype_backend="pyarrow")
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise DataError(f"{path}: cannot read Parquet ({first_line(exc)}); check that it is a Parquet file "
+                        "(e.g. written by pandas' to_parquet)") from None
+    names = [str(c) for c in frame.columns]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DataError(f"{path}: duplicate column name {duplicates[0]!r}; give every column a distinct name")
+    values = {name: pa.array(frame[c].array).to_pylist() for name, c in zip(names, frame.columns)}
+    return pd.DataFrame(values, columns=names, dtype=object)
