@@ -26,7 +26,7 @@ import torch
 from lora_cli.config import RunConfig, dump_config
 from lora_cli.distributed import Dist
 from lora_cli.errors import LoraError, TrainingError
-from lora_cli.fsutil import append_line, atomic_path, atomic_write_text
+from lora_cli.fsutil import RunLock, append_line, atomic_path, atomic_write_text
 
 CHECKPOINT_FILE = "checkpoint/state.pt"
 ADAPTER_FILE = "adapter.safetensors"
@@ -443,9 +443,12 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
     from lora_cli.distributed import init_distributed
 
     dist = init_distributed(resolve_device(cfg.train.device))
+    lock = RunLock(cfg.out_dir, "lora train", "out_dir")  # rank 0 holds it: the only rank that writes out_dir
     try:
+        dist.on_main(lock.acquire)  # a refusal reaches every rank, so none waits for rank 0
         return _train(cfg, dist, resume, overwrite, log if dist.is_main else (lambda m: None), progress and dist.is_main)
     finally:
+        lock.release()
         dist.close()
 
 
