@@ -33,6 +33,10 @@ class TrainingError(LoraError):
     """A run that had to stop (non-finite loss, out of memory, existing output directory)."""
 
 
+class InUseError(LoraError):
+    """An output directory that a live `lora train` or `lora merge` holds (fsutil.run_lock)."""
+
+
 def first_line(exc: BaseException, limit: int = 160) -> str:
     """The first line of an exception's message (its class name when it has none), for one-line error reports."""
     text = str(exc).strip()

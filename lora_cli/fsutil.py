@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+"""Atomic file writes (a reader sees the old file or the new one, never half of one) and the run lock (one live
+command per output directory).
 
 Every write of an adapter, checkpoint, merged model or metrics file goes through here: the bytes go to a
 temporary file in the same folder, are fsynced, then renamed over the target (rename is atomic on POSIX).
@@ -7,13 +8,17 @@ temporary file in the same folder, are fsynced, then renamed over the target (re
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
-from lora_cli.errors import LoraError
+from lora_cli.errors import InUseError, LoraError
 
 
 def _umask() -> int:
@@ -132,3 +137,188 @@ def append_line(path: str | os.PathLike, line: str) -> None:
             os.fsync(fh.fileno())
     except OSError as exc:
         raise LoraError(f"cannot write {path}: {exc.strerror or exc}; check free disk space and permissions") from exc
+
+
+# ------------------------------------------------------------------------------------------------ run lock
+
+
+def lock_path(directory: str | os.PathLike) -> Path:
+    """Where the lock of `directory` lives: `.lock.NAME` beside it, not inside, because `lora merge` replaces its
+    output directory whole (atomic_dir) and a run directory may not exist yet; not `.NAME.*`, the pattern of
+    atomic_dir's leftovers that SECURITY.md calls safe to delete. The path is resolved, so every spelling of one
+    directory (relative, trailing slash, through a symlink) shares one lock."""
+    resolved = Path(directory).expanduser().resolve()
+    return resolved.parent / f".lock.{resolved.name}"
+
+
+def process_start_time(pid: int) -> str | None:
+    """The start time of process `pid` in clock ticks since boot (/proc/PID/stat field 22), or None where there
+    is no /proc or no such process. With the pid it names one process: a pid is reused, the pair is not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # after the command name, which may hold spaces and parentheses
+
+
+def holder_alive(record: dict) -> bool:
+    """Whether the process a lock file names still runs: its pid exists with the recorded start time. A process
+    on another host cannot be checked and counts as alive."""
+    if record.get("host") != socket.gethostname():
+        return True
+    pid = record.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    start = process_start_time(pid)
+    return start is None or record.get("start") is None or start == record["start"]
+
+
+# flock is not available on every filesystem (some FUSE and old NFS mounts answer one of these)
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+class RunLock:
+    """Hold `directory` for one command (`what`: "lora train", "lora merge") until release or the end of the
+    `with RunLock(out_dir, "lora train", "out_dir"):` block; a second holder, in this process or another, is
+    refused with an InUseError naming the process that holds it.
+
+    Why flock on a lock file: the kernel drops the lock when the holding process ends, however it ends (SIGKILL,
+    out of memory, power loss), so a lock left by a dead process never blocks and nothing has to decide when a
+    lock is stale. An O_CREAT|O_EXCL file instead outlives a killed process, and taking over a stale one races
+    with a second taker. The file records pid, process start time, host and command, for the refusal message,
+    and as the liveness test on filesystems without flock (a pid whose start time differs was reused). On release
+    the file is removed while still locked; a taker checks after flock that the file it locked is still the one
+    at the path, and else starts again on the new one."""
+
+    def __init__(self, directory: str | os.PathLike, what: str, name: str = "directory"):
+        self.directory = Path(directory)
+        self.what = what
+        self.name = name  # how the refusal names the directory: "out_dir", "--out"
+        self.path = lock_path(directory)
+        self._fd: int | None = None
+        self._created: list[Path] = []  # parent folders made to hold the lock file, removed again if left empty
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        for _ in range(10):  # each pass loses only to a holder that released in between
+            self._make_parent()
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, default_mode())
+            except OSError as exc:
+                if isinstance(exc, FileNotFoundError) and not self.path.parent.is_dir():
+                    continue  # the parent was just removed by a holder that had created it
+                self._remove_created()
+                raise LoraError(f"cannot lock {self.name} {self.directory}: cannot create {self.path} "
+                                f"({exc.strerror or exc}); put {self.name} in a writable folder") from exc
+            try:
+                ours = self._lock(fd) and self._still_at_path(fd)
+            except BaseException:
+                os.close(fd)
+                self._remove_created()
+                raise
+            if not ours:
+                os.close(fd)
+                continue
+            self._fd = fd
+            try:
+                self._write_record(fd)
+            except OSError as exc:
+                self.release()
+                raise LoraError(f"cannot lock {self.name} {self.directory}: cannot write {self.path} "
+                                f"({exc.strerror or exc}); check free disk space and permissions") from exc
+            return
+        self._remove_created()
+        raise LoraError(f"cannot lock {self.name} {self.directory}: {self.path} keeps changing; try again")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # while still locked: see the class docstring
+        os.close(self._fd)
+        self._fd = None
+        self._remove_created()
+
+    def _lock(self, fd: int) -> bool:
+        """True when `fd` is ours; raises InUseError when a live process holds it."""
+        import fcntl  # POSIX only; imported here so that the rest of fsutil imports anywhere
+
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            raise InUseError(self._refusal(self._read_record(fd, wait=True))) from None
+        except OSError as exc:
+            if exc.errno not in _NO_FLOCK:
+                raise LoraError(f"cannot lock {self.name} {self.directory}: {self.path}: {exc.strerror or exc}") from exc
+        record = self._read_record(fd, wait=False)  # no flock here: trust the record
+        if record and holder_alive(record):
+            raise InUseError(self._refusal(record))
+        return True
+
+    def _still_at_path(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def _write_record(self, fd: int) -> None:
+        record = {"pid": os.getpid(), "start": process_start_time(os.getpid()), "host": socket.gethostname(),
+                  "command": self.what, "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+
+    @staticmethod
+    def _read_record(fd: int, wait: bool) -> dict:
+        """The holder's record. It writes it right after taking the lock: when `wait`, allow it a moment."""
+        for _ in range(50 if wait else 1):
+            try:
+                record = json.loads(os.pread(fd, 4096, 0) or b"null")
+            except (OSError, ValueError):
+                record = None
+            if isinstance(record, dict):
+                return record
+            if wait:
+                time.sleep(0.01)
+        return {}
+
+    def _refusal(self, record: dict) -> str:
+        if not record:
+            holder = f"another process (its lock {self.path} names none yet)"
+        else:
+            host = "" if record.get("host") == socket.gethostname() else f" on host {record.get('host')}"
+            since = f", since {record['since']}" if record.get("since") else ""
+            holder = f"{record.get('command', 'another command')} (process {record.get('pid')}{host}{since})"
+        return f"{self.name} {self.directory} is in use by {holder}; wait for it to end or choose another {self.name}"
+
+    def _make_parent(self) -> None:
+        missing = [p for p in [self.path.parent, *self.path.parent.parents] if not p.exists()]
+        for folder in reversed(missing):  # top first
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                continue
+            except OSError:
+                break  # os.open then names the problem
+            self._created.append(folder)
+
+    def _remove_created(self) -> None:
+        """A run that ends before writing anything leaves the file system as it found it."""
+        while self._created:
+            try:
+                self._created.pop().rmdir()  # deepest first; only an empty folder goes
+            except OSError:
+                self._created.clear()
+                break

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from lora_cli.errors import CheckpointError, ConfigError
+from lora_cli.fsutil import RunLock
 from lora_cli.inference import load_for_inference
 from lora_cli.lora import lora_layers, merge_and_unload
 from lora_cli.model import HEAD
@@ -229,6 +230,11 @@ def merge_adapter(adapter, out_dir, model: str | None = None, dtype: str = "fp32
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out_dir).expanduser()
+    with RunLock(out, "lora merge", "--out"):  # no other train or merge writes `out` meanwhile
+        return _merge_into(out, adapter, model, dtype, overwrite, allow_mismatch, log)
+
+
+def _merge_into(out: Path, adapter, model, dtype: str, overwrite: bool, allow_mismatch: bool, log) -> MergeResult:
     check_out_dir(out, overwrite)
     loaded = load_for_inference(adapter, model, allow_mismatch)
     net = loaded.model.float()  # the merge arithmetic is fp32 whatever the storage dtype

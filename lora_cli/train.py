@@ -31,7 +31,7 @@ from lora_cli.distributed import (
 )
 from lora_cli.errors import LoraError, TrainingError
 from lora_cli.evaluation import evaluate_classification, evaluate_lm
-from lora_cli.fsutil import append_line, atomic_write_text
+from lora_cli.fsutil import RunLock, append_line, atomic_write_text
 from lora_cli.lora import apply_lora, count_parameters, with_classification_head
 from lora_cli.loss import Savings, classification_loss_sum, lm_loss_sum
 from lora_cli.model import cast_frozen_linears_
@@ -271,10 +271,13 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
     Launched by torchrun, this process joins the process group and trains its shard of the data; rank 0 alone
     writes out_dir and logs (log and progress are ignored on the other ranks). savings: see loss.Savings."""
     dist = init_distributed(resolve_device(cfg.train.device))
+    lock = RunLock(cfg.out_dir, "lora train", "out_dir")  # rank 0 holds it: the only rank that writes out_dir
     try:
+        dist.on_main(lock.acquire)  # a refusal reaches every rank, so none waits for rank 0
         return _train(cfg, dist, resume, overwrite, log if dist.is_main else (lambda m: None), progress and dist.is_main,
                       savings)
     finally:
+        lock.release()
         dist.close()
 
 
