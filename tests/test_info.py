@@ -1,11 +1,11 @@
 """`lora info --lora-config`: trainable parameters and adapter size before any training."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import cli
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -17,9 +17,8 @@ CONFIGS = Path(__file__).parent.parent / "configs"
     ("gpt2", "quickstart.yaml", ["--set", "lora.targets=all-linear"], 1_179_648),
 ])
 def test_info_lora_config_counts(model, config, sets, trainable):
-    done = subprocess.run([sys.executable, "-m", "lora_cli", "info", model, "--random", "--json",
-                           "--lora-config", str(CONFIGS / config), *sets], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    done = cli("info", model, "--random", "--json", "--lora-config", CONFIGS / config, *sets)
+    assert done.rc == 0, done.stderr
     lora = json.loads(done.stdout)["lora"]
     assert lora["trainable"] == trainable
     # fp32 tensors plus a small header
