@@ -13,9 +13,7 @@ def describe(model: str, random_init: bool = False, lora_config: Path | None = N
              overrides: list[str] | None = None) -> dict:
     """Config, exact parameter count and linear layer names of `model`; with a run config, the trainable
     parameter count and adapter size its `lora` section would give. Weights are not loaded (meta device)."""
-    import torch
-
-    from lora_cli.checkpoint import load_model
+    from lora_cli.checkpoint import load_model, on_meta
 
     spec = ModelSpec(name=model, init="random" if random_init else "pretrained")
     base = load_model(spec, weights=False)
@@ -38,9 +36,10 @@ def describe(model: str, random_init: bool = False, lora_config: Path | None = N
         if cfg.task == "classification":
             from lora_cli.train import _with_head
 
-            with torch.device("meta"):
+            with on_meta():
                 lora_cfg = _with_head(net, lora_cfg, _num_labels(cfg), None)
-        targets = apply_lora(net, lora_cfg)
+        with on_meta():  # LoRA weights of a meta model: shapes only
+            targets = apply_lora(net, lora_cfg)
         trainable, total = count_parameters(net)
         dtype = "fp32"
         report["lora"] = {
