@@ -334,7 +334,8 @@ def build_model(config: GPT2Config, state: dict[str, torch.Tensor], path: Path) 
         if not tensor.is_floating_point():
             raise CheckpointError(f"{path}: tensor {key} has dtype {tensor.dtype}, expected floating point")
         converted[key] = tensor.to(torch.float32).contiguous()
-    model = model.to_empty(device="cpu")
+    # assign: the checked tensors become the parameters of the meta model (every key is there, see above), with
+    # no allocation of empty weights first; to_empty would also import sympy through torch._refs
     model.load_state_dict(converted, strict=False, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # re-tie after assign
     return model
