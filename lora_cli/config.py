@@ -18,7 +18,6 @@ from typing import Any, Literal, Union
 
 from lora_cli.errors import ConfigError, did_you_mean, first_line
 
-PRESET_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 ARCH_OVERRIDES = ("n_layer", "n_head", "n_embd", "n_positions")
 
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from lora_cli.config import ModelSpec, load_config
 from lora_cli.data import load_file
 from lora_cli.lora import apply_lora, count_parameters, estimate_adapter_bytes, with_classification_head
-from lora_cli.pretrained import load_model
+from lora_cli.pretrained import load_model, on_meta
 
 SHORTHANDS = ["all-linear", "attn.c_attn", "attn.q", "attn.k", "attn.v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 
@@ -34,9 +32,10 @@ def describe(model: str, random_init: bool = False, lora_config: Path | None = N
         cfg = load_config(lora_config, overrides)
         lora_cfg = cfg.lora
         if cfg.task == "classification":
-            with torch.device("meta"):
+            with on_meta():
                 lora_cfg = with_classification_head(net, lora_cfg, _num_labels(cfg), None)
-        targets = apply_lora(net, lora_cfg)
+        with on_meta():  # LoRA weights of a meta model: shapes only
+            targets = apply_lora(net, lora_cfg)
         trainable, total = count_parameters(net)
         dtype = "fp32"
         report["lora"] = {

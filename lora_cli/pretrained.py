@@ -10,10 +10,14 @@ import hashlib
 import json
 import os
 import re
+import struct
+import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from lora_cli.config import ModelSpec
 from lora_cli.errors import CheckpointError, LoraError, first_line
@@ -65,8 +69,31 @@ def load_model(spec: ModelSpec | str | dict, weights: bool = True) -> BaseModel:
     return _hub_model(spec, weights)
 
 
+class _SkipInit(TorchFunctionMode):
+    """Initialising a meta tensor (torch.nn.init, Tensor.normal_ / uniform_) returns it untouched. Meta tensors
+    have no values, and initialising one runs a torch._refs decomposition whose first call imports torch._dynamo
+    and sympy (~0.8 s, 72 MB): `lora info`, `generate`, `eval` and `predict` never need them."""
+
+    METHODS = (torch.Tensor.normal_, torch.Tensor.uniform_)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensor = args[0] if args else kwargs.get("tensor")
+        is_init = getattr(func, "__module__", None) == "torch.nn.init" or func in self.METHODS
+        if is_init and isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            return tensor
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def on_meta():
+    """Build modules on the meta device (shapes only, no memory), skipping their weight initialisation."""
+    with torch.device("meta"), _SkipInit():
+        yield
+
+
 def _meta_model(config: GPT2Config) -> GPT2:
-    with torch.device("meta"):
+    with on_meta():
         return GPT2(config)
 
 
@@ -101,6 +128,7 @@ def _local_model(path: Path, weights: bool) -> BaseModel:
             raise CheckpointError(f"{path} has no {' or '.join(WEIGHT_FILES)}; the directory holds no GPT-2 weights")
         config = read_config(config_file)
         if not weights:
+            check_weights_file(weight_file)
             return BaseModel(_meta_model(config), "local", str(path), None, "")
         state = read_state_dict(weight_file)
     else:
@@ -185,6 +213,42 @@ def read_config(path: Path) -> GPT2Config:
         raise CheckpointError(f"{path}: {exc}") from exc
 
 
+def check_weights_file(path: Path) -> None:
+    """Cheap checks of one weights file that `lora info` does not load: a .safetensors file must be as long as
+    its header says (8-byte little-endian header length, JSON header, then the tensors' data_offsets), which
+    catches a truncated download; a .bin/.pt file must be readable and a zip archive with its end record (what
+    torch.save writes) or a legacy pickle."""
+    again = "download or copy it again"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if path.suffix != ".safetensors":
+                if head.startswith(b"PK") and not zipfile.is_zipfile(fh):
+                    raise CheckpointError(f"{path} is truncated or corrupt (its zip archive has no end record); {again}")
+                if not head.startswith((b"PK", b"\x80")):
+                    raise CheckpointError(f"{path} is not a PyTorch weights file (neither torch.save's zip nor a pickle)")
+                return
+            if len(head) < 8:
+                raise CheckpointError(f"{path} is not a safetensors file ({size} bytes, shorter than its header); {again}")
+            (header_len,) = struct.unpack("<Q", head)
+            if 8 + header_len > size:
+                raise CheckpointError(f"{path} is truncated: its header alone needs {8 + header_len:,} bytes but the "
+                                      f"file has {size:,}; {again}")
+            header = json.loads(fh.read(header_len))
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON); {again}") from exc
+    try:
+        data_end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a safetensors file (a header entry has no data_offsets)") from exc
+    if 8 + header_len + data_end > size:
+        raise CheckpointError(f"{path} is truncated: its header describes {8 + header_len + data_end:,} bytes but "
+                              f"the file has {size:,}; {again}")
+
+
 def read_state_dict(path: Path, error: type[LoraError] = CheckpointError, what: str = "") -> dict[str, torch.Tensor]:
     """Tensors from a .safetensors file, or a .bin/.pt file read with weights_only=True (never unpickles code).
     error / what: the error to raise and the word naming the file in it (adapters: AdapterError, "adapter ")."""
@@ -253,8 +317,7 @@ def key_mismatch(missing: list[str], unexpected: list[str]) -> str | None:
 
 def build_model(config: GPT2Config, state: dict[str, torch.Tensor], path: Path) -> GPT2:
     """A GPT2 with `state` copied in: Conv1D weights transposed, every name and shape checked."""
-    with torch.device("meta"):
-        model = GPT2(config)
+    model = _meta_model(config)
     expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     given = _canonical(state)
     mismatch = key_mismatch(sorted(set(expected) - set(given)), sorted(set(given) - set(expected)))
@@ -272,7 +335,8 @@ def build_model(config: GPT2Config, state: dict[str, torch.Tensor], path: Path) 
         if not tensor.is_floating_point():
             raise CheckpointError(f"{path}: tensor {key} has dtype {tensor.dtype}, expected floating point")
         converted[key] = tensor.to(torch.float32).contiguous()
-    model = model.to_empty(device="cpu")
+    # assign: the checked tensors become the parameters of the meta model (every key is there, see above), with
+    # no allocation of empty weights first; to_empty would also import sympy through torch._refs
     model.load_state_dict(converted, strict=False, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # re-tie after assign
     return model

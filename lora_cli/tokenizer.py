@@ -7,7 +7,6 @@ from importlib import resources
 
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256
-VOCAB_SIZE = 50257
 # The GPT-2 pre-tokenizer split pattern, as in OpenAI's encoder.py and tiktoken's `gpt2` encoding.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -37,10 +36,6 @@ def encode(text: str, allow_special: bool = False) -> list[int]:
     if allow_special:
         return enc.encode(text, allowed_special={EOT_TOKEN})
     return enc.encode(text, disallowed_special=())
-
-
-def encode_batch(texts: list[str]) -> list[list[int]]:
-    return get_encoding().encode_ordinary_batch(texts)
 
 
 def decode(ids: list[int]) -> str:

@@ -69,13 +69,28 @@ def lr_at(step: int, total_steps: int, lr: float, warmup_steps: int, schedule: s
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg):
-    """torch.optim's AdamW or SGD update, from lora_cli.optim (same numbers, without torch.optim's imports)."""
-    from lora_cli.optim import SGD, AdamW
-
+    """torch.optim.AdamW (Loshchilov & Hutter 2019, decoupled weight decay) or torch.optim.SGD: one parameter
+    group, every trainable tensor, the config's weight decay. On CUDA the fused kernel (one launch per step, no
+    per-tensor `.item()`); elsewhere torch's default single-tensor loop. Only training builds one: constructing
+    a torch.optim optimizer imports torch._dynamo and sympy (~0.8 s, 72 MB)."""
     t = cfg.train
+    fused = True if params and all(p.device.type == "cuda" for p in params) else None
     if t.optimizer == "sgd":
-        return SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    return AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+        optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, fused=fused)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
+                                      fused=fused)
+    implementation = ("foreach", "fused", "capturable", "differentiable")
+
+    def keep_implementation(opt, state_dict):
+        """A checkpoint restores hyperparameters and moments, not how this machine computes the update: a CPU
+        run's checkpoint may resume on CUDA (fused), and lora-cli's own optimizer wrote foreach=False."""
+        groups = [{**saved, **{k: own[k] for k in implementation if k in own}}
+                  for saved, own in zip(state_dict["param_groups"], opt.param_groups)]
+        return {**state_dict, "param_groups": groups}
+
+    optimizer.register_load_state_dict_pre_hook(keep_implementation)
+    return optimizer
 
 
 @dataclass

@@ -14,7 +14,7 @@ from lora_cli.errors import AdapterError
 from lora_cli.lora import adapter_state_dict, apply_lora, count_parameters, estimate_adapter_bytes
 from lora_cli.model import GPT2, GPT2_PRESETS
 
-from conftest import make_hf_gpt2
+from helpers import ids_batch, make_hf_gpt2
 
 peft = pytest.importorskip("peft")
 from safetensors import safe_open  # noqa: E402
@@ -27,16 +27,6 @@ CONFIGS = {
     "kv-rslora": dict(r=2, alpha=3, targets=["attn.k", "attn.v"], use_rslora=True, layers=[1]),
 }
 META = {"task": "causal_lm", "prompt_template": "Q: {prompt}\nA:", "training": {"steps": 3, "val_loss": 1.25}}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-adapter")
-    return path, make_hf_gpt2(path, seed=3)
-
-
-def ids_batch(seed=0):
-    return torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(seed))
 
 
 def logits(model, ids):
@@ -98,7 +88,7 @@ def test_save_load_attach_round_trip(tiny, tmp_path, name):
     assert adapter.base_model == base.describe() and adapter.kind == "lora-cli"
     fresh = load_model(str(path))
     model = attach_adapter(fresh, adapter).eval()
-    assert torch.equal(logits(model, ids_batch()), logits(base.model, ids_batch()))
+    assert torch.equal(logits(model, ids_batch(T=9)), logits(base.model, ids_batch(T=9)))
     assert count_parameters(model) == count_parameters(base.model)
     assert load_adapter(tmp_path).path == file  # a run directory holding adapter.safetensors works too
 
@@ -110,7 +100,7 @@ def test_bf16_adapter(tiny, tmp_path):
     adapter = load_adapter(file)
     assert {t.dtype for t in adapter.tensors.values()} == {torch.bfloat16}
     model = attach_adapter(load_model(str(path)), adapter).eval()
-    assert (logits(model, ids_batch()) - logits(base.model, ids_batch())).abs().max().item() < 0.05
+    assert (logits(model, ids_batch(T=9)) - logits(base.model, ids_batch(T=9))).abs().max().item() < 0.05
 
 
 @pytest.mark.parametrize("dtype,per_param", [("fp32", 4), ("bf16", 2)])
@@ -142,7 +132,7 @@ def test_export_loads_in_peft_with_the_same_logits(tiny, tmp_path, name):
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
         assert all(k.startswith("base_model.model.") for k in f.keys())
     theirs = peft_load(hf, out)
-    ids = ids_batch()
+    ids = ids_batch(T=9)
     ours = logits(base.model, ids)
     diff = (theirs(input_ids=ids).logits.detach() - ours).abs().max().item()
     assert diff <= 1e-5
@@ -180,7 +170,7 @@ def test_peft_saved_adapter_loaded_by_us(tiny, tmp_path):
             if p.requires_grad and "lora_A" not in name:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
     theirs.eval()
-    ids = ids_batch()
+    ids = ids_batch(T=9)
     want = theirs(input_ids=ids).logits.detach()
     for safe in (True, False):  # adapter_model.safetensors and adapter_model.bin
         d = tmp_path / f"peft-{safe}"

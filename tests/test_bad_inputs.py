@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,54 +28,17 @@ import pytest
 import torch
 import yaml
 
-import zygote
-from zygote import Result, Zygote
+import helpers
+from helpers import REAL_CLI, Evil, cli, cli_fresh, python, warm_zygote
 
-REAL_CLI = os.environ.get("LORA_TEST_REAL_CLI", "") not in ("", "0")
-TIMEOUT_S = 120
 MARKER = "PWNED"  # created by the malicious pickles' payload if it ever runs
-
-# ---------------------------------------------------------------------------------------------- the runner
-
-
-def run_real(argv: list[str], cwd: Path, env: dict) -> Result:
-    try:
-        done = subprocess.run([sys.executable, "-m", "lora_cli", *argv], capture_output=True, text=True, cwd=cwd,
-                              env=env, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return Result("timeout", "", "")
-    return Result(done.returncode, done.stdout, done.stderr)
 
 
 def child_env(ws: Path, **extra) -> dict:
-    return zygote.child_env(HF_HOME=str(ws / "hf-home"), **extra)
-
-
-@pytest.fixture(scope="module")
-def runner(tmp_path_factory):
-    if REAL_CLI:
-        yield None
-        return
-    z = Zygote(tmp_path_factory.mktemp("zygote-io"))
-    yield z
-    z.close()
-
-
-def cli(runner, argv, cwd, env) -> Result:
-    return run_real(argv, cwd, env) if runner is None else runner.run(argv, cwd, env)
+    return helpers.child_env(HF_HOME=str(ws / "hf-home"), **extra)
 
 
 # ------------------------------------------------------------------------------------------ the workspace
-
-
-class Evil:
-    """A pickle payload: unpickling it calls os.system (weights_only loading must refuse the global)."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def make_model(path: Path, seed: int = 0, **overrides) -> None:
@@ -143,8 +105,7 @@ def peft_dir(path: Path, config: dict, tensors: dict | None = None, evil_marker:
 
 
 def alpaca_rows(n: int = 12) -> list[dict]:
-    words = ["apple", "river", "stone", "cloud", "green", "quick", "seven", "table", "music", "light", "north", "paper"]
-    return [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w}"} for w in words[:n]]
+    return helpers.alpaca_rows(helpers.WORDS[:n], repeat=2, with_input=False)
 
 
 def fill_disk(mount: Path) -> None:
@@ -659,7 +620,7 @@ ROWS = [
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
-def test_bad_input(row: Row, runner, ws, full_disk, tmp_path):
+def test_bad_input(row: Row, ws, full_disk, tmp_path):
     if row.needs == "full_disk" and full_disk is None:
         pytest.skip("mounting a tmpfs to simulate a full disk is not permitted here")
     d = tmp_path
@@ -676,7 +637,7 @@ def test_bad_input(row: Row, runner, ws, full_disk, tmp_path):
             text = text.replace(key, value.encode())
         cfg.write_bytes(text)
     before = snapshot(*roots)
-    result = cli(runner, args, d, child_env(ws))
+    result = cli(*args, cwd=d, env=child_env(ws))
     after = snapshot(*roots)
 
     context = f"argv: {args}\nrc: {result.rc}\nstderr:\n{result.stderr}\nstdout:\n{result.stdout}"
@@ -709,7 +670,7 @@ def test_malicious_pickle_is_live(ws, tmp_path):
     marker = tmp_path / "ran"
     write_evil(tmp_path / "evil.bin", marker)
     code = f"import torch; torch.load({str(tmp_path / 'evil.bin')!r}, weights_only=False)"
-    subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    python("-c", code)
     assert marker.exists()
 
 
@@ -717,9 +678,9 @@ REAL_ROWS = ["config-unknown-key", "data-jsonl-broken-line", "model-malicious-pi
 
 
 @pytest.mark.parametrize("row_id", REAL_ROWS)
-def test_zygote_matches_python_m(row_id, runner, ws, tmp_path):
+def test_zygote_matches_python_m(row_id, ws, tmp_path):
     """A forked zygote child behaves as `python -m lora_cli`: same exit code and stderr."""
-    if runner is None:
+    if REAL_CLI:
         pytest.skip("LORA_TEST_REAL_CLI=1: every row already runs with python -m lora_cli")
     row = next(r for r in ROWS if r.id == row_id)
     results = []
@@ -728,32 +689,32 @@ def test_zygote_matches_python_m(row_id, runner, ws, tmp_path):
         d.mkdir()
         args = row.build(ws, d)
         env = child_env(ws)
-        results.append(runner.run(args, d, env) if how == "zygote" else run_real(args, d, env))
+        results.append(warm_zygote().run(args, d, env) if how == "zygote" else cli_fresh(*args, cwd=d, env=env))
     z, real = results
     assert z.rc == real.rc == row.code
     assert z.stderr.replace("/zygote/", "/X/") == real.stderr.replace("/real/", "/X/")
 
 
 @pytest.mark.parametrize("how", ["env", "flag"])
-def test_debug_shows_the_traceback(how, runner, ws, tmp_path):
+def test_debug_shows_the_traceback(how, ws, tmp_path):
     """LORA_DEBUG=1 or --debug: the full traceback, for bug reports (and still a failing exit code)."""
     args = train_cfg({"data": {"train": str(ws / "data" / "broken.jsonl")}})(ws, tmp_path)
     extra = {"LORA_DEBUG": "1"} if how == "env" else {}
     if how == "flag":
         args = ["--debug", *args]
-    result = cli(runner, args, tmp_path, child_env(ws, **extra))
+    result = cli(*args, cwd=tmp_path, env=child_env(ws, **extra))
     assert result.rc == 1
     assert "Traceback (most recent call last)" in result.stderr
     assert "lora_cli.errors.DataError" in result.stderr and "line 3" in result.stderr
 
 
-def test_hf_token_is_never_printed(runner, ws, tmp_path):
+def test_hf_token_is_never_printed(ws, tmp_path):
     """The Hugging Face token (HF_TOKEN, read by huggingface_hub) appears in no output, even when a hub
     download fails or --debug prints a traceback."""
     secret = "hf_lorasecret0123456789ABCDEFGHIJ"
     cfg = train_cfg({"model": "someone/private-gpt2"})(ws, tmp_path)
     for args in (["info", "someone/private-gpt2"], cfg, ["--debug", *cfg]):
-        result = cli(runner, args, tmp_path, child_env(ws, HF_TOKEN=secret))
+        result = cli(*args, cwd=tmp_path, env=child_env(ws, HF_TOKEN=secret))
         assert result.rc == 1, result.stderr
         assert "private-gpt2" in result.stderr
         assert secret not in result.stderr + result.stdout

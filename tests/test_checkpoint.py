@@ -2,12 +2,11 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from helpers import Evil, child_env, cli, python
 from lora_cli import tokenizer
 from lora_cli.pretrained import load_model, save_pretrained
 from lora_cli.errors import CheckpointError
@@ -19,12 +18,6 @@ TEXT = "The quick brown fox jumps over the lazy dog. Every effort moves you."
 def logits_of(model, ids):
     with torch.no_grad():
         return model.logits(model(ids))
-
-
-def run_cli(*args, env=None, cwd=None):
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "lora_cli", *args], capture_output=True, text=True,
-                          env=full_env, cwd=cwd, timeout=300)
 
 
 def test_save_pretrained_loads_in_transformers(tmp_path):
@@ -94,51 +87,46 @@ def test_offline_load_from_hub_cache(tmp_path, tiny_hf_dir):
         "import torch; from lora_cli.pretrained import load_model; b = load_model('test-org/tiny-gpt2');"
         "print(b.source, b.name, b.revision, b.fingerprint)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+    out = python("-c", code, env={**os.environ, **env})  # a fresh interpreter: huggingface_hub reads HF_HOME once
     assert out.returncode == 0, out.stderr
     direct = load_model(str(tiny_hf_dir))
     assert out.stdout.split() == ["hub", "test-org/tiny-gpt2", rev, direct.fingerprint]
-    info = run_cli("info", "test-org/tiny-gpt2", "--json", env=env)
-    assert info.returncode == 0, info.stderr
+    info = cli("info", "test-org/tiny-gpt2", "--json", env=child_env(**env))
+    assert info.rc == 0, info.stderr
     report = json.loads(info.stdout)
     assert report["parameters"] == direct.model.num_parameters() == sum(p.numel() for p in direct.model.parameters())
     assert report["revision"] == rev
 
 
 def test_offline_unknown_hub_id_is_one_line(tmp_path):
-    out = run_cli("info", "nobody/no-such-model", env={"HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"})
-    assert out.returncode == 1
+    out = cli("info", "nobody/no-such-model", env=child_env(HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1"))
+    assert out.rc == 1
     assert out.stderr.startswith("error: model nobody/no-such-model could not be downloaded and is not in the Hugging Face cache")
     assert "offline mode (HF_HUB_OFFLINE=1)" in out.stderr and "pass a local directory" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
 
 
 def test_info_gpt2_exact_count():
-    out = run_cli("info", "gpt2", "--random", "--json")
-    assert out.returncode == 0, out.stderr
+    out = cli("info", "gpt2", "--random", "--json")
+    assert out.rc == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["parameters"] == 124_439_808
     assert report["linear_layers"][:4] == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
                                            "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
     assert len(report["linear_layers"]) == 49 and report["linear_layers"][-1] == "lm_head"
-    medium = json.loads(run_cli("info", "gpt2-medium", "--random", "--json").stdout)
+    medium = json.loads(cli("info", "gpt2-medium", "--random", "--json").stdout)
     assert medium["parameters"] == 354_823_168
 
 
 def test_info_local_dir(tiny_hf_dir):
-    out = run_cli("info", str(tiny_hf_dir))
-    assert out.returncode == 0, out.stderr
+    out = cli("info", str(tiny_hf_dir))
+    assert out.rc == 0, out.stderr
     n = load_model(str(tiny_hf_dir)).model.num_parameters()
     assert f"parameters  {n:,}" in out.stdout
     assert "transformer.h.1.mlp.c_proj" in out.stdout
 
 
 # ------------------------------------------------------------------------------------------- bad inputs
-
-
-class Evil:
-    def __reduce__(self):
-        return (os.system, ("touch PWNED",))
 
 
 def test_bad_checkpoints(tmp_path, tiny_hf_dir):
@@ -179,9 +167,9 @@ def test_bad_checkpoints(tmp_path, tiny_hf_dir):
 def test_malicious_pickle_is_refused(tmp_path):
     evil = tmp_path / "evil.bin"
     with open(evil, "wb") as fh:
-        pickle.dump({"transformer.wte.weight": Evil()}, fh)
-    out = run_cli("info", str(evil), cwd=tmp_path)
-    assert out.returncode == 1
+        pickle.dump({"transformer.wte.weight": Evil(tmp_path / "PWNED")}, fh)
+    out = cli("info", str(evil), cwd=tmp_path)
+    assert out.rc == 1
     assert "not a plain tensor file" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "PWNED").exists()
 

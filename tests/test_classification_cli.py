@@ -7,7 +7,6 @@ Two tiny classifiers are trained once: the head trained in full (modules_to_save
 c_fc, and the reference's frozen head with LoRA on it, beside q/v slices and c_proj."""
 
 import csv
-import io
 import json
 import math
 from pathlib import Path
@@ -22,8 +21,7 @@ from lora_cli.lora import lora_disabled
 from lora_cli.loss import class_logits
 from lora_cli.tokenizer import EOT_ID, encode
 
-from conftest import make_hf_gpt2
-from inference_helpers import assert_one_line_error, cli
+from helpers import assert_one_line_error, cli, make_hf_gpt2
 
 ROOT = Path(__file__).parent.parent
 POS = ["great", "lovely", "excellent", "happy", "wonderful"]
@@ -215,7 +213,7 @@ def test_eval_table_and_plot(trained, tmp_path):
 TEXTS = ["the day was lovely", "so sad and awful, really", "it was a wonderful movie and the food was great"]
 
 
-def test_predict_arguments_file_stdin_and_json(trained, base_dir, tmp_path, monkeypatch):
+def test_predict_arguments_file_stdin_and_json(trained, base_dir, tmp_path):
     root, _, adapter = trained
     model = our_model(base_dir, adapter)
     probs = torch.softmax(one_by_one(model, TEXTS), dim=-1)
@@ -240,8 +238,7 @@ def test_predict_arguments_file_stdin_and_json(trained, base_dir, tmp_path, monk
         assert sum(o["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
 
     for args in ((), ("--file", "-")):  # no texts: stdin; --file -: stdin too
-        monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(TEXTS) + "\n"))
-        code, out, err = cli("predict", "--adapter", adapter, *args)
+        code, out, err = cli("predict", "--adapter", adapter, *args, stdin="\n".join(TEXTS) + "\n")
         assert code == 0, err
         assert out.splitlines() == want_lines
 

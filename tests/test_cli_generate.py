@@ -13,8 +13,7 @@ from lora_cli.generate import generate
 from lora_cli.prompts import escape_line
 from lora_cli.tokenizer import EOT_ID, decode, encode
 
-from conftest import make_hf_gpt2
-from inference_helpers import assert_one_line_error, cli, make_lively, train_run
+from helpers import assert_one_line_error, cli, make_hf_gpt2, make_lively, train_run
 
 INSTRUCTIONS = ["Repeat the word orange.", "Name a color.", "Write one short sentence about rivers and stones."]
 N = 24

@@ -1,11 +1,10 @@
 """Every shipped config loads and dry-runs (hub models swapped for a tiny random GPT-2: no internet here)."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import cli
 from lora_cli.config import load_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -24,18 +23,17 @@ def test_config_loads_and_dry_runs(path):
     sets = [FETCHED[path.name]] if path.name in FETCHED else []
     cfg = load_config(path, sets)
     assert Path(cfg.data.train).is_file()
-    args = [sys.executable, "-m", "lora_cli", "train", str(path), "--dry-run", *(a for s in sets for a in ("--set", s))]
+    args = ["train", str(path), "--dry-run", *(a for s in sets for a in ("--set", s))]
     if cfg.model.init != "random":
         args += ["--set", TINY]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    done = cli(*args)
+    assert done.rc == 0, done.stderr
     assert "trainable parameters:" in done.stdout and "estimated peak memory" in done.stdout
 
 
 def test_appendix_e_dry_run_prints_reference_count():
     path = Path(__file__).parent.parent / "configs" / "appendix-e-spam.yaml"
-    done = subprocess.run([sys.executable, "-m", "lora_cli", "train", str(path), "--dry-run",
-                           "--set", "model={name: gpt2, init: random}"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    done = cli("train", path, "--dry-run", "--set", "model={name: gpt2, init: random}")
+    assert done.rc == 0, done.stderr
     assert "trainable parameters: 2,666,528 of " in done.stdout
     assert "labels ham: 747, spam: 747" in done.stdout

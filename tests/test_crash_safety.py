@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from zygote import child_env
+from helpers import child_env, cli, warm_zygote
 
 TINY_MODEL = {"name": "gpt2", "init": "random", "n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 128,
               "seed": 7}
@@ -62,17 +62,17 @@ def losses(out: Path) -> list[tuple[int, float | None, float | None]]:
 
 
 @pytest.fixture(scope="module")
-def reference(z, tmp_path_factory):
+def reference(tmp_path_factory):
     folder = tmp_path_factory.mktemp("reference")
     cfg = write_run(folder)
-    done = z.run(["train", str(cfg), "--quiet"], folder, child_env())
+    done = cli("train", str(cfg), "--quiet", cwd=folder)
     assert done.rc == 0, done.stderr
     out = folder / "out"
     assert [s for s, _, _ in losses(out)][-1] == TOTAL_STEPS
     return adapter(out / "adapter.safetensors"), losses(out), out / "adapter.safetensors"
 
 
-def run_until(z, folder: Path, args: list[str], kill_at: str | None, pause: dict | None = None,
+def run_until(folder: Path, args: list[str], kill_at: str | None, pause: dict | None = None,
               command: list[str] | None = None) -> tuple[int | str, list[str]]:
     """Start `lora train` (or `command`), read its stderr line by line, SIGKILL it at the first line starting
     with `kill_at` (None: let it finish). Returns the exit status and the lines read."""
@@ -81,7 +81,7 @@ def run_until(z, folder: Path, args: list[str], kill_at: str | None, pause: dict
         fifo.unlink()
     os.mkfifo(fifo)
     argv = command or ["train", str(folder / "run.yaml"), "--quiet", *args]
-    pid = z.spawn(argv, folder, child_env(), fifo, pause=pause)
+    pid = warm_zygote().spawn(argv, folder, child_env(), fifo, pause=pause)
     lines = []
     with open(fifo, encoding="utf-8", errors="replace") as stream:
         for line in stream:
@@ -89,7 +89,7 @@ def run_until(z, folder: Path, args: list[str], kill_at: str | None, pause: dict
             if kill_at is not None and line.startswith(kill_at):
                 os.kill(pid, signal.SIGKILL)
                 break
-    status = z.wait(pid)
+    status = warm_zygote().wait(pid)
     fifo.unlink()
     return status, lines
 
@@ -119,13 +119,13 @@ TRIALS = {
 
 
 @pytest.mark.parametrize("name", list(TRIALS))
-def test_sigkill_then_resume_ends_bitwise_equal(name, z, reference, tmp_path):
+def test_sigkill_then_resume_ends_bitwise_equal(name, reference, tmp_path):
     (ref_tensors, ref_meta), ref_losses, _ = reference
     write_run(tmp_path)
     out = tmp_path / "out"
     kills = 0
     for i, (kill_at, pause, step) in enumerate(TRIALS[name]):
-        status, lines = run_until(z, tmp_path, ["--resume"] if i else [], kill_at, pause)
+        status, lines = run_until(tmp_path, ["--resume"] if i else [], kill_at, pause)
         assert status == -signal.SIGKILL, (status, lines)
         assert lines[-1].startswith(kill_at)
         kills += 1
@@ -136,7 +136,7 @@ def test_sigkill_then_resume_ends_bitwise_equal(name, z, reference, tmp_path):
             assert len(temps) == 1 and temps[0].stat().st_size > 0, sorted(p.name for p in out.rglob("*"))
         if pause is not None and pause["what"] == "metrics":
             assert not (out / "metrics.jsonl").read_text().endswith("\n")  # a torn last line
-    status, lines = run_until(z, tmp_path, ["--resume"], None)
+    status, lines = run_until(tmp_path, ["--resume"], None)
     assert status == 0, lines
     assert any(line.startswith("resumed from step") for line in lines)
     tensors, meta = adapter(out / "adapter.safetensors")
@@ -147,7 +147,7 @@ def test_sigkill_then_resume_ends_bitwise_equal(name, z, reference, tmp_path):
     assert kills == len(TRIALS[name])
 
 
-def test_sigkill_during_merge_keeps_the_previous_merged_model(z, reference, tmp_path):
+def test_sigkill_during_merge_keeps_the_previous_merged_model(reference, tmp_path):
     """`lora merge --overwrite` killed while it writes model.safetensors: the earlier merged directory is
     still there, byte for byte, and loads; the next merge completes."""
     from lora_cli.pretrained import load_model
@@ -155,16 +155,16 @@ def test_sigkill_during_merge_keeps_the_previous_merged_model(z, reference, tmp_
     adapter_path = reference[2]
     merged = tmp_path / "merged"
     command = ["merge", "--adapter", str(adapter_path), "--out", str(merged)]
-    status, lines = run_until(z, tmp_path, [], None, command=command)
+    status, lines = run_until(tmp_path, [], None, command=command)
     assert status == 0, lines
     before = {p.name: p.read_bytes() for p in merged.iterdir()}
-    status, lines = run_until(z, tmp_path, [], "PAUSED safetensors", {"what": "safetensors", "at": 1},
+    status, lines = run_until(tmp_path, [], "PAUSED safetensors", {"what": "safetensors", "at": 1},
                               command=[*command, "--overwrite"])
     assert status == -signal.SIGKILL, lines
     assert {p.name: p.read_bytes() for p in merged.iterdir()} == before
     load_model(str(merged))
     staging = [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged.")]
     assert len(staging) == 1  # the killed merge's half-built directory, beside the target (safe to delete)
-    status, lines = run_until(z, tmp_path, [], None, command=[*command, "--overwrite"])
+    status, lines = run_until(tmp_path, [], None, command=[*command, "--overwrite"])
     assert status == 0, lines
     assert {p.name: p.read_bytes() for p in merged.iterdir()} == before  # the same merge, the same bytes

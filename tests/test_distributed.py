@@ -10,13 +10,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import python
 from lora_cli.config import load_config
 from lora_cli.data import shard
 from lora_cli.distributed import resolve_batch
@@ -46,9 +46,9 @@ train: {lr: 1e-2, batch_size: 2, global_batch_size: 8, epochs: 6, max_steps: 12,
 
 
 def torchrun(*args) -> list[str]:
-    # --standalone: a free local port for the rendezvous, so concurrent test runs do not collide
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "lora_cli", "train", *map(str, args)]
+    """Arguments of `python` that run a 2-process `lora train` (--standalone: a free local port for the
+    rendezvous, so concurrent test runs do not collide)."""
+    return ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lora_cli", "train", *args]
 
 
 def metrics(out: Path) -> list[dict]:
@@ -59,7 +59,7 @@ def metrics(out: Path) -> list[dict]:
 def reference(tmp_path_factory):
     """An uninterrupted 2-process run."""
     cfg = write_config(tmp_path_factory.mktemp("ref"))
-    done = subprocess.run(torchrun(cfg, "--quiet"), capture_output=True, text=True, timeout=300)
+    done = python(*torchrun(cfg, "--quiet"))
     assert done.returncode == 0, done.stderr
     return cfg, done
 
@@ -132,7 +132,7 @@ def worker_pid(parent: int, rank: int) -> int:
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
 def test_killed_rank_stops_the_job_and_resume_matches(reference, tmp_path):
     cfg = write_config(tmp_path)
-    proc = subprocess.Popen(torchrun(cfg, "--quiet"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = python(*torchrun(cfg, "--quiet"), popen=True, stdout=subprocess.DEVNULL)
     for line in proc.stderr:
         if line.startswith("checkpoint saved at step 3"):
             os.kill(worker_pid(proc.pid, 1), signal.SIGKILL)
@@ -145,7 +145,7 @@ def test_killed_rank_stops_the_job_and_resume_matches(reference, tmp_path):
     state = torch.load(tmp_path / "out" / "checkpoint" / "state.pt", weights_only=True)
     assert (state["state"]["step"], state["world_size"]) == (3, 2)
 
-    resumed = subprocess.run(torchrun(cfg, "--resume", "--quiet"), capture_output=True, text=True, timeout=300)
+    resumed = python(*torchrun(cfg, "--resume", "--quiet"))
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from step 3" in resumed.stderr
     ref_out = reference[0].parent / "out"

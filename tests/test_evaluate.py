@@ -14,8 +14,7 @@ from lora_cli.config import ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT
 from lora_cli.metrics import generation_metrics
 from lora_cli.tokenizer import EOT_ID, decode, encode
 
-from conftest import make_hf_gpt2
-from inference_helpers import alpaca_rows, assert_one_line_error, cli, train_run
+from helpers import alpaca_rows, assert_one_line_error, cli, make_hf_gpt2, train_run
 
 peft = pytest.importorskip("peft")
 

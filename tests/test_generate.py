@@ -21,7 +21,7 @@ from lora_cli.generate import (
 )
 from lora_cli.tokenizer import EOT_ID
 
-from conftest import make_hf_gpt2
+from helpers import make_hf_gpt2
 
 TEXTS = [
     "Every effort moves you",

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zygote import child_env
+from helpers import child_env, cli, warm_zygote
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "quick", "seven", "table", "music", "light", "north",
          "paper", "glass", "horse", "bread", "chair"]
@@ -55,28 +55,28 @@ def error_line(stderr: str) -> str:
     return lines[-1]
 
 
-def kill_after(z, folder: Path, cfg: Path, line_prefix: str, args=()) -> None:
+def kill_after(folder: Path, cfg: Path, line_prefix: str, args=()) -> None:
     """Run `lora train` and SIGKILL it right after it prints line_prefix (a run that stops mid-way with a
     checkpoint and is not `finished`)."""
     fifo = folder / "stderr.fifo"
     os.mkfifo(fifo)
-    pid = z.spawn(["train", str(cfg), "--quiet", *args], folder, child_env(), fifo)
+    pid = warm_zygote().spawn(["train", str(cfg), "--quiet", *args], folder, child_env(), fifo)
     with open(fifo) as stream:
         for line in stream:
             if line.startswith(line_prefix):
                 os.kill(pid, signal.SIGKILL)
                 break
-    assert z.wait(pid) == -signal.SIGKILL
+    assert warm_zygote().wait(pid) == -signal.SIGKILL
     fifo.unlink()
 
 
 # ------------------------------------------------------------------------------------------ non-finite
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(z, tmp_path):
+def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
     # lr 1e30 without clipping: after step 1 the LoRA weights are ~1e30 and step 2's forward overflows
     cfg = write_run(tmp_path, "batch_size: 8, max_steps: 6, save_every: 1, lr: 1e30, max_grad_norm: null")
-    done = z.run(["train", str(cfg), "--quiet"], tmp_path, child_env())
+    done = cli("train", str(cfg), "--quiet", cwd=tmp_path)
     assert done.rc == 1
     out = tmp_path / "out"
     assert error_line(done.stderr) == (
@@ -88,10 +88,10 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(z, tmp_path):
     assert not (out / "adapter.safetensors").exists()  # no adapter from a diverged run
 
 
-def test_skip_nonfinite_steps_tolerates_n_then_stops(z, tmp_path):
+def test_skip_nonfinite_steps_tolerates_n_then_stops(tmp_path):
     cfg = write_run(tmp_path, "batch_size: 8, max_steps: 6, save_every: 1, lr: 1e30, max_grad_norm: null, "
                               "skip_nonfinite_steps: 2")
-    done = z.run(["train", str(cfg), "--quiet"], tmp_path, child_env())
+    done = cli("train", str(cfg), "--quiet", cwd=tmp_path)
     assert done.rc == 1
     lines = done.stderr.strip().splitlines()
     assert lines[-3:-1] == ["step 2: non-finite loss skipped (1/2)", "step 2: non-finite loss skipped (2/2)"]
@@ -99,20 +99,20 @@ def test_skip_nonfinite_steps_tolerates_n_then_stops(z, tmp_path):
     assert checkpoint(tmp_path / "out")["state"]["step"] == 1
 
 
-def test_nonfinite_gradient_with_finite_loss_stops(z, tmp_path):
+def test_nonfinite_gradient_with_finite_loss_stops(tmp_path):
     """A checkpoint whose LoRA A is 0 and B is 1e38: the forward adds scaling B (A x) = 0 (a finite loss; B stays
     below the fp32 limit once scaled, which the fused addmm may do first), but the gradient of A is
     scaling B^T (...) ~ 1e36 per entry, whose norm overflows to inf. Clipping it would zero the gradients in
     silence; the run must stop instead, leaving that checkpoint untouched."""
     cfg = write_run(tmp_path, "batch_size: 4, max_steps: 8, save_every: 2, lr: 1e-3")
-    kill_after(z, tmp_path, cfg, "checkpoint saved at step 2")
+    kill_after(tmp_path, cfg, "checkpoint saved at step 2")
     path = tmp_path / "out" / "checkpoint" / "state.pt"
     state = checkpoint(tmp_path / "out")
     for name, t in state["trainable"].items():
         t.fill_(0.0 if ".lora_A." in name else 1e38)
     torch.save(state, path)
     before = digest(path)
-    done = z.run(["train", str(cfg), "--quiet", "--resume"], tmp_path, child_env())
+    done = cli("train", str(cfg), "--quiet", "--resume", cwd=tmp_path)
     assert done.rc == 1
     assert error_line(done.stderr) == (
         f"error: gradient norm is inf at step 3; stopped, the last good checkpoint is {path} "
@@ -146,15 +146,15 @@ def long_rows(n: int) -> list[dict]:
             for w in (WORDS * (n // len(WORDS) + 1))[:n]]
 
 
-def test_out_of_memory_is_one_line_with_the_batch_shape_and_the_checkpoint_is_kept(z, tmp_path):
+def test_out_of_memory_is_one_line_with_the_batch_shape_and_the_checkpoint_is_kept(tmp_path):
     """A real allocation failure: step 2 runs in a child whose address space is capped 200 MiB above its size
     before the CLI started (step 1 needed ~300 MiB more: 64 examples x 218 tokens)."""
     cfg = write_run(tmp_path, "batch_size: 64, max_steps: 2, save_every: 1, lr: 1e-3", rows=long_rows(128),
                     data="val_split: 0.0, max_length: 256", model=tiny_model(256))
-    kill_after(z, tmp_path, cfg, "checkpoint saved at step 1")
+    kill_after(tmp_path, cfg, "checkpoint saved at step 1")
     path = tmp_path / "out" / "checkpoint" / "state.pt"
     before = digest(path)
-    done = z.run(["train", str(cfg), "--quiet", "--resume"], tmp_path, child_env(), memory_mb=200)
+    done = cli("train", str(cfg), "--quiet", "--resume", cwd=tmp_path, memory_mb=200)
     assert done.rc == 1, done.stderr
     assert error_line(done.stderr) == (
         f"error: out of memory on cpu at step 2 (micro-batch of 64 examples x 218 tokens); the last good "
@@ -179,7 +179,7 @@ def test_is_out_of_memory(exc, oom):
     assert is_out_of_memory(exc) is oom
 
 
-def test_dry_run_warns_before_an_obvious_out_of_memory(z, tmp_path):
+def test_dry_run_warns_before_an_obvious_out_of_memory(tmp_path):
     """Enough 1024-token chunks that one batch of them needs twice the memory available here."""
     from lora_cli.train import _available_memory
 
@@ -192,7 +192,7 @@ def test_dry_run_warns_before_an_obvious_out_of_memory(z, tmp_path):
     cfg.write_text(f"model: {tiny_model(1024)}\nout_dir: out\n"
                    "data: {train: book.txt, val_split: 0.0, max_length: 1024}\n"
                    f"train: {{batch_size: {chunks + 10}, num_threads: 1, device: cpu}}\n")
-    done = z.run(["train", str(cfg), "--dry-run"], tmp_path, child_env())
+    done = cli("train", str(cfg), "--dry-run", cwd=tmp_path)
     assert done.rc == 0, done.stderr
     lines = done.stdout.splitlines()
     estimate = next(line for line in lines if line.startswith("estimated peak memory: "))
@@ -203,9 +203,9 @@ def test_dry_run_warns_before_an_obvious_out_of_memory(z, tmp_path):
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
 
 
-def test_dry_run_without_warning_when_it_fits(z, tmp_path):
+def test_dry_run_without_warning_when_it_fits(tmp_path):
     cfg = write_run(tmp_path, "batch_size: 4")
-    done = z.run(["train", str(cfg), "--dry-run"], tmp_path, child_env())
+    done = cli("train", str(cfg), "--dry-run", cwd=tmp_path)
     assert done.rc == 0, done.stderr
     assert any(line.startswith("estimated peak memory: 0.0") for line in done.stdout.splitlines())
     assert not any(line.startswith("warning") for line in done.stdout.splitlines())

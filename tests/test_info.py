@@ -1,11 +1,15 @@
-"""`lora info --lora-config`: trainable parameters and adapter size before any training."""
+"""`lora info`: trainable parameters and adapter size before any training (`--lora-config`), and damaged weights
+files caught without loading them."""
 
+import io
 import json
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
+
+from helpers import cli
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -17,10 +21,52 @@ CONFIGS = Path(__file__).parent.parent / "configs"
     ("gpt2", "quickstart.yaml", ["--set", "lora.targets=all-linear"], 1_179_648),
 ])
 def test_info_lora_config_counts(model, config, sets, trainable):
-    done = subprocess.run([sys.executable, "-m", "lora_cli", "info", model, "--random", "--json",
-                           "--lora-config", str(CONFIGS / config), *sets], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    done = cli("info", model, "--random", "--json", "--lora-config", CONFIGS / config, *sets)
+    assert done.rc == 0, done.stderr
     lora = json.loads(done.stdout)["lora"]
     assert lora["trainable"] == trainable
     # fp32 tensors plus a small header
     assert trainable * 4 <= lora["adapter_bytes"] <= trainable * 4 + 64 * 1024
+
+
+# ------------------------------------------------------------------------------------ damaged weights files
+
+
+def damaged_copy(tiny_hf_dir, folder, name: str, content: bytes):
+    """A model directory with tiny_hf_dir's config.json and `content` as its weights file `name`."""
+    folder.mkdir()
+    shutil.copy(tiny_hf_dir / "config.json", folder / "config.json")
+    (folder / name).write_bytes(content)
+    return folder / name
+
+
+def test_info_refuses_a_truncated_safetensors_file(tiny_hf_dir, tmp_path):
+    """`lora info` reads no weights, but a download cut short is caught from the header's data offsets."""
+    data = (tiny_hf_dir / "model.safetensors").read_bytes()
+    weights = damaged_copy(tiny_hf_dir, tmp_path / "cut", "model.safetensors", data[:-100])
+    done = cli("info", weights.parent)
+    assert (done.rc, done.stdout) == (1, "")
+    assert done.stderr == (f"error: {weights} is truncated: its header describes {len(data):,} bytes but the file "
+                           f"has {len(data) - 100:,}; download or copy it again\n")
+    weights = damaged_copy(tiny_hf_dir, tmp_path / "header-cut", "model.safetensors", data[:200])
+    header_len = int.from_bytes(data[:8], "little")
+    done = cli("info", weights.parent)
+    assert (done.rc, done.stdout) == (1, "")
+    assert done.stderr == (f"error: {weights} is truncated: its header alone needs {8 + header_len:,} bytes but "
+                           "the file has 200; download or copy it again\n")
+    assert cli("info", tiny_hf_dir).rc == 0  # the whole file passes
+
+
+def test_info_refuses_an_unreadable_bin_file(tiny_hf_dir, tmp_path):
+    buffer = io.BytesIO()
+    torch.save({"transformer.wte.weight": torch.zeros(4, 2)}, buffer)
+    data = buffer.getvalue()
+    weights = damaged_copy(tiny_hf_dir, tmp_path / "cut", "pytorch_model.bin", data[: len(data) // 2])
+    done = cli("info", weights.parent)
+    assert (done.rc, done.stdout) == (1, "")
+    assert done.stderr == (f"error: {weights} is truncated or corrupt (its zip archive has no end record); "
+                           "download or copy it again\n")
+    weights = damaged_copy(tiny_hf_dir, tmp_path / "html", "pytorch_model.bin", b"<html>404 Not Found</html>")
+    done = cli("info", weights.parent)
+    assert (done.rc, done.stdout) == (1, "")
+    assert done.stderr == f"error: {weights} is not a PyTorch weights file (neither torch.save's zip nor a pickle)\n"

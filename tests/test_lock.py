@@ -17,8 +17,7 @@ import pytest
 from lora_cli.errors import InUseError
 from lora_cli.fsutil import RunLock, holder_alive, lock_path, process_start_time
 
-from inference_helpers import alpaca_rows, assert_one_line_error, cli
-from zygote import REPO, child_env
+from helpers import REPO, alpaca_rows, assert_one_line_error, child_env, cli, python, warm_zygote
 
 TINY_MODEL = {"name": "gpt2", "init": "random", "n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 128,
               "seed": 7}
@@ -146,10 +145,11 @@ def test_without_flock_the_record_decides(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------ commands
 
 
-def test_a_second_train_on_a_live_run_is_refused(z, tmp_path):
+def test_a_second_train_on_a_live_run_is_refused(tmp_path):
     """Run A pauses in the middle of its second checkpoint write (tests/zygote.py); `lora train` on its out_dir,
     plain, --resume and --overwrite, and `lora merge --out` into it are refused naming A's pid, and touch nothing.
     Once A is killed, its lock no longer blocks: --resume finishes the run with each step logged once."""
+    z = warm_zygote()
     config = write_run(tmp_path)
     out = tmp_path / "out"
     fifo = tmp_path / "a.fifo"
@@ -189,8 +189,7 @@ def test_a_second_train_on_a_live_run_is_refused(z, tmp_path):
 def test_a_lock_left_by_a_finished_process_does_not_block(tmp_path):
     config = write_run(tmp_path)
     out = tmp_path / "out"
-    ended = subprocess.run([sys.executable, "-c", "from lora_cli.fsutil import RunLock; "
-                            f"RunLock({str(out)!r}, 'lora train').acquire()"], env={**os.environ, "PYTHONPATH": str(REPO)})
+    ended = python("-c", f"from lora_cli.fsutil import RunLock; RunLock({str(out)!r}, 'lora train').acquire()")
     assert ended.returncode == 0 and lock_path(out).is_file()  # never released: the process just ended
     code, stdout, err = cli("train", config, "--quiet")
     assert code == 0, err

@@ -24,7 +24,7 @@ from lora_cli.lora import (
 )
 from lora_cli.model import GPT2, GPT2_PRESETS, GPT2Config
 
-from conftest import make_hf_gpt2
+from helpers import ids_batch
 
 peft = pytest.importorskip("peft")
 
@@ -43,17 +43,6 @@ def peft_trainable(preset: str, **lora_kwargs) -> int:
         hf = GPT2LMHeadModel(HFConfig(n_layer=size.n_layer, n_head=size.n_head, n_embd=size.n_embd))
     model = peft.get_peft_model(hf, peft.LoraConfig(fan_in_fan_out=True, **lora_kwargs))
     return model.get_nb_trainable_parameters()[0]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(directory, transformers model) of a tiny random GPT-2."""
-    path = tmp_path_factory.mktemp("tiny-lora")
-    return path, make_hf_gpt2(path, seed=3)
-
-
-def ids_batch(seed=0, B=2, T=10):
-    return torch.randint(0, 50257, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def randomise(model: nn.Module, seed: int = 1) -> None:

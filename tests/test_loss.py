@@ -11,15 +11,9 @@ import torch.nn.functional as F
 from lora_cli import loss as loss_mod
 from lora_cli.loss import Savings, chunked_ce_stats, chunked_cross_entropy, lm_loss_sum
 
-from conftest import tiny_batch, tiny_lora_model
+from helpers import rel, tiny_batch, tiny_lora_model
 
 V = 50257
-
-
-def rel(a, b) -> float:
-    """Norm-wise relative difference of b from a (a the plain path)."""
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / a.norm().clamp_min(1e-30)).item()
 
 
 def problem(n=150, c=64, seed=0, ignore=(5, 37)):

@@ -12,8 +12,7 @@ from lora_cli.pretrained import load_model
 from lora_cli.merge import bytes_to_unicode, hf_vocab_and_merges
 from lora_cli.tokenizer import encode
 
-from conftest import make_hf_gpt2
-from inference_helpers import assert_one_line_error, cli, train_run, tree
+from helpers import assert_one_line_error, cli, make_hf_gpt2, train_run, tree
 
 DATA = Path(__file__).parent.parent / "data"
 # DoRA and a trained bias beside slices would be better coverage but merge like the rest; keep slices + a plain

@@ -5,7 +5,7 @@ from lora_cli import tokenizer
 from lora_cli.pretrained import load_model
 from lora_cli.model import GPT2, GPT2Config, KVCache
 
-from conftest import make_hf_gpt2
+from helpers import make_hf_gpt2
 
 TEXTS = ["Every effort moves you", "Hello, world! This is a longer sentence with more tokens in it.", "Hi"]
 

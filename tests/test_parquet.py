@@ -19,8 +19,7 @@ from lora_cli import data as D
 from lora_cli.config import DataConfig
 from lora_cli.errors import DataError
 
-from conftest import make_hf_gpt2
-from inference_helpers import alpaca_rows, assert_one_line_error, cli
+from helpers import alpaca_rows, assert_one_line_error, cli, make_hf_gpt2
 
 POS = ["great", "lovely", "excellent", "happy", "wonderful"]
 NEG = ["awful", "terrible", "horrible", "sad", "dreadful"]

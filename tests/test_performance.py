@@ -12,7 +12,7 @@ from lora_cli.lora import apply_lora
 from lora_cli.loss import Savings, lm_loss_sum
 from lora_cli.model import GPT2, GPT2Config, cast_frozen_linears_
 
-from conftest import tiny_batch, tiny_lora_model
+from helpers import rel, tiny_batch, tiny_lora_model
 
 
 def loss_and_grads(model, b):
@@ -107,11 +107,6 @@ def test_cast_model_refuses_nothing_in_eval_under_autocast():
     cast_frozen_linears_(fast, torch.bfloat16)
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     assert evaluate_lm(fast, [b], autocast) == evaluate_lm(ref, [b], autocast)
-
-
-def rel(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / a.norm()).item()
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -13,7 +13,7 @@ import torch
 from lora_cli.config import load_config
 from lora_cli.metrics import generation_metrics
 
-from inference_helpers import cli
+from helpers import cli
 
 ROOT = Path(__file__).parent.parent
 SCRIPTS, CONFIGS, DATA = ROOT / "scripts", ROOT / "configs", ROOT / "data"

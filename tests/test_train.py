@@ -1,11 +1,11 @@
 import json
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
 
+from helpers import cli, python
 from lora_cli.config import load_config
 from lora_cli.train import build, lr_at, train, _epoch_batches
 
@@ -39,11 +39,6 @@ train:
     return path
 
 
-def run_cli(*args, cwd=None, **kw):
-    return subprocess.run([sys.executable, "-m", "lora_cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600, **kw)
-
-
 def read_metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -58,8 +53,8 @@ def test_lr_schedule_is_pure_and_shaped():
 
 def test_end_to_end_cli(tmp_path):
     cfg_path = write_config(tmp_path, "  epochs: 3\n")
-    done = run_cli("train", str(cfg_path), "--quiet")
-    assert done.returncode == 0, done.stderr
+    done = cli("train", str(cfg_path), "--quiet")
+    assert done.rc == 0, done.stderr
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "checkpoint", "config.yaml",
                                                      "loss.png", "metrics.jsonl"]
@@ -98,8 +93,8 @@ def test_refuses_existing_out_dir(tmp_path):
     cfg_path = write_config(tmp_path, "  max_steps: 2\n")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    done = run_cli("train", str(cfg_path), "--quiet")
-    assert done.returncode == 1
+    done = cli("train", str(cfg_path), "--quiet")
+    assert done.rc == 1
     assert done.stderr.strip() == (f"error: out_dir {tmp_path / 'out'} is not empty; pass --resume to continue "
                                    "that run or --overwrite to replace it")
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
@@ -115,21 +110,27 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path):
     # the uninterrupted reference
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
-    ref_cfg = write_config(ref_dir, "  max_steps: 12\n", lora="{r: 4, alpha: 8, dropout: 0.1}")
-    assert run_cli("train", str(ref_cfg), "--quiet").returncode == 0
+    # 3 epochs of 4 steps: the kill at step 4's checkpoint lands mid-run, 4 training steps before the next write
+    ref_cfg = write_config(ref_dir, "  epochs: 3\n  max_steps: 12\n", lora="{r: 4, alpha: 8, dropout: 0.1}")
+    assert cli("train", str(ref_cfg), "--quiet").rc == 0
     # the same run, SIGKILLed right after its first checkpoint, then resumed
-    cfg = write_config(tmp_path, "  max_steps: 12\n", lora="{r: 4, alpha: 8, dropout: 0.1}")
-    proc = subprocess.Popen([sys.executable, "-m", "lora_cli", "train", str(cfg), "--quiet"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    cfg = write_config(tmp_path, "  epochs: 3\n  max_steps: 12\n", lora="{r: 4, alpha: 8, dropout: 0.1}")
+    proc = python("-m", "lora_cli", "train", cfg, "--quiet", popen=True, stdout=subprocess.DEVNULL)
     for line in proc.stderr:
         if line.startswith("checkpoint saved at step 4"):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert not (tmp_path / "out" / "adapter.safetensors").exists() or True
-    resumed = run_cli("train", str(cfg), "--resume", "--quiet")
-    assert resumed.returncode == 0, resumed.stderr
+    # killed mid-run, after step 4's validation and checkpoint: the best adapter so far is step 4's, whole, and
+    # the checkpoint is step 4's, unfinished
+    from lora_cli.adapter import load_adapter
+
+    assert load_adapter(tmp_path / "out" / "adapter.safetensors").metadata["training"]["step"] == 4
+    state = torch.load(tmp_path / "out" / "checkpoint" / "state.pt", weights_only=True)["state"]
+    assert (state["step"], state["finished"]) == (4, False)
+    resumed = cli("train", str(cfg), "--resume", "--quiet")
+    assert resumed.rc == 0, resumed.stderr
     assert "resumed from step" in resumed.stderr
     a = adapter_tensors(ref_dir / "out" / "adapter.safetensors")
     b = adapter_tensors(tmp_path / "out" / "adapter.safetensors")
@@ -141,8 +142,7 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path):
 
 def test_sigint_saves_checkpoint_and_exits_130(tmp_path):
     cfg = write_config(tmp_path, "  max_steps: 400\n  save_every: 2\n")
-    proc = subprocess.Popen([sys.executable, "-m", "lora_cli", "train", str(cfg), "--quiet"],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    proc = python("-m", "lora_cli", "train", cfg, "--quiet", popen=True, stdout=subprocess.DEVNULL)
     lines = []
     for line in proc.stderr:
         lines.append(line)

@@ -24,8 +24,8 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,7 +117,7 @@ def child(req):
         os.environ.update(req["env"])
         out = os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         err = os.open(req["stderr"], os.O_WRONLY | (0 if req.get("fifo") else os.O_CREAT | os.O_TRUNC), 0o644)
-        for target, fd in enumerate([os.open(os.devnull, os.O_RDONLY), out, err]):
+        for target, fd in enumerate([os.open(req.get("stdin") or os.devnull, os.O_RDONLY), out, err]):
             os.dup2(fd, target)
         if req.get("pause"):
             install_pause(req["pause"]["what"], req["pause"]["at"])
@@ -175,8 +175,7 @@ for line in sys.stdin:
 '''
 
 
-@dataclass
-class Result:
+class Result(NamedTuple):
     rc: int | str  # "timeout" when the child was killed for running too long
     stdout: str
     stderr: str
@@ -200,11 +199,18 @@ class Zygote:
         self.count += 1
         return self.scratch / f"{self.count}.out", self.scratch / f"{self.count}.err"
 
-    def run(self, argv: list[str], cwd: Path, env: dict, memory_mb: int | None = None) -> Result:
-        """Run to the end. memory_mb: cap the child's address space at its size before the CLI runs plus this."""
+    def run(self, argv: list[str], cwd: Path, env: dict, memory_mb: int | None = None,
+            stdin: str | None = None) -> Result:
+        """Run to the end. memory_mb: cap the child's address space at its size before the CLI runs plus this;
+        stdin: the text the child reads on its standard input (default: nothing, /dev/null)."""
         out, err = self._files()
+        stdin_file = None
+        if stdin is not None:
+            stdin_file = out.with_suffix(".in")
+            stdin_file.write_text(stdin)
         reply = self._ask({"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err),
-                           "timeout": self.timeout, "memory_mb": memory_mb})
+                           "timeout": self.timeout, "memory_mb": memory_mb,
+                           "stdin": str(stdin_file) if stdin_file else None})
         return Result(reply["rc"], out.read_text(errors="replace"), err.read_text(errors="replace"))
 
     def spawn(self, argv: list[str], cwd: Path, env: dict, stderr_fifo: Path, pause: dict | None = None) -> int:
@@ -220,9 +226,3 @@ class Zygote:
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
 
-
-def child_env(**extra) -> dict:
-    """The environment for CLI children: no LORA_/HF_ settings of the caller, offline hub, the repo importable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LORA_", "HF_"))}
-    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), COLUMNS="200", **extra)
-    return env

@@ -1,0 +1,205 @@
+"""Shared test helpers (plain functions; conftest.py holds the fixtures): tiny random GPT-2 checkpoints, batches,
+data rows, trained adapters, the one way to run the real `lora` CLI (`cli`), and the one way to start a fresh
+Python interpreter (`python`) for what a forked child cannot show (imports, torchrun, a killed process)."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import zygote
+from lora_cli.tokenizer import EOT_ID
+from zygote import Result
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(n_layer=2, n_head=2, n_embd=64, n_positions=128)
+WORDS = ["apple", "river", "stone", "cloud", "green", "quick", "seven", "table", "music", "light", "north", "paper"]
+# LORA_TEST_REAL_CLI=1: `cli` runs every command with `python -m lora_cli` instead of a forked zygote child.
+REAL_CLI = os.environ.get("LORA_TEST_REAL_CLI", "") not in ("", "0")
+TIMEOUT_S = 300
+
+# ------------------------------------------------------------------------------------------ running things
+
+
+def child_env(**extra) -> dict:
+    """The environment for CLI children: no LORA_/HF_ settings of the caller, offline hub, the repo importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LORA_", "HF_"))}
+    env.update({"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "COLUMNS": "200", **extra})
+    return env
+
+
+def python(*args, cwd=None, env: dict | None = None, timeout: float = TIMEOUT_S, stdin: str | None = None,
+           popen: bool = False, **kw):
+    """`python ARGS` in a fresh interpreter: a CompletedProcess with text output, or the Popen with popen=True
+    (stdout and stderr piped unless given in kw). env: the whole environment (default: ours), with the repo on
+    PYTHONPATH. Only for what a forked zygote child cannot show; every other CLI run goes through `cli`."""
+    env = {**(os.environ if env is None else env), "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, *map(str, args)]
+    if popen:
+        kw = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kw}
+        return subprocess.Popen(argv, cwd=cwd, env=env, text=True, **kw)
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                          input=stdin if stdin is not None else "", **kw)
+
+
+_ZYGOTE: list[zygote.Zygote] = []
+
+
+def warm_zygote() -> zygote.Zygote:
+    """The session's zygote (tests/zygote.py), started on first use: it forks every `cli` run."""
+    if not _ZYGOTE:
+        _ZYGOTE.append(zygote.Zygote(Path(tempfile.mkdtemp(prefix="lora-zygote-")), timeout=TIMEOUT_S))
+        atexit.register(_ZYGOTE[0].close)
+    return _ZYGOTE[0]
+
+
+def cli(*args, cwd=None, env: dict | None = None, stdin: str | None = None, memory_mb: int | None = None) -> Result:
+    """Run the real `lora ARGS` command, as `python -m lora_cli` does, in a child forked from the warm zygote:
+    Result(rc, stdout, stderr), which also unpacks as a tuple. cwd: the current directory; env: child_env()
+    (no LORA_/HF_ settings of the caller, offline hub); stdin: text for the child's standard input."""
+    argv = [str(a) for a in args]
+    cwd = Path(cwd or os.getcwd())
+    env = child_env() if env is None else env
+    if REAL_CLI:
+        return cli_fresh(*argv, cwd=cwd, env=env, stdin=stdin)
+    return warm_zygote().run(argv, cwd, env, memory_mb=memory_mb, stdin=stdin)
+
+
+def cli_fresh(*args, cwd=None, env: dict | None = None, stdin: str | None = None) -> Result:
+    """`python -m lora_cli ARGS` in a fresh interpreter, for what a forked child cannot show (what a command
+    imports, that the zygote behaves as the real thing); otherwise use `cli`. env: child_env() by default."""
+    try:
+        done = python("-m", "lora_cli", *args, cwd=cwd, env=child_env() if env is None else env, stdin=stdin)
+    except subprocess.TimeoutExpired:
+        return Result("timeout", "", "")
+    return Result(done.returncode, done.stdout, done.stderr)
+
+
+def assert_one_line_error(code, out, err, expected_code=1):
+    assert code == expected_code, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err and out == ""
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------- models and batches
+
+
+def make_hf_gpt2(path, seed: int = 0, **overrides):
+    """Save a random transformers GPT2LMHeadModel (full 50257 vocabulary) with save_pretrained; return it."""
+    from transformers import GPT2Config as HFConfig, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = HFConfig(**{**TINY, **overrides}, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def make_lively(path, seed=0, eot_bias=0.5):
+    """A tiny random GPT-2 whose greedy outputs vary and sometimes end in EOT (see tests/test_generate.py's
+    `lively`): random ln_f gains, and an EOT embedding that an ln_f bias can select."""
+    hf = make_hf_gpt2(path, seed=seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    with torch.no_grad():
+        ln_f = hf.transformer.ln_f
+        ln_f.weight.copy_(torch.randn(ln_f.weight.shape, generator=g) * 3)
+        ln_f.weight[0], ln_f.bias[0] = 1.0, eot_bias
+        hf.transformer.wte.weight[EOT_ID].zero_()
+        hf.transformer.wte.weight[EOT_ID, 0] = 1.0
+    hf.save_pretrained(path)
+    return hf
+
+
+def tiny_lora_model(use_dora: bool = False):
+    """A 2-layer GPT-2 (random, seeded) with LoRA r=4 on c_attn and no dropout; B is drawn non-zero so that every
+    LoRA weight gets a gradient (for tests that compare computation paths)."""
+    from lora_cli.config import LoraConfig
+    from lora_cli.lora import apply_lora
+    from lora_cli.model import GPT2, GPT2Config
+
+    model = GPT2(GPT2Config(**TINY))
+    model.init_weights(torch.Generator().manual_seed(3))
+    model.set_dropout(0.0)
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, use_dora=use_dora), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():  # B = 0 at init
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(5))
+    return model
+
+
+def tiny_batch():
+    """Three right-padded causal-LM examples of random tokens, each with a masked prompt."""
+    from lora_cli.data import Example, collate
+
+    g = torch.Generator().manual_seed(6)
+    examples = []
+    for n, prompt in ((30, 12), (17, 9), (24, 20)):
+        ids = torch.randint(0, 50257, (n,), generator=g).tolist()
+        examples.append(Example(ids, [False] * prompt + [True] * (n - prompt)))
+    return collate(examples)
+
+
+def ids_batch(seed=0, B=2, T=10):
+    """[B, T] random token ids."""
+    return torch.randint(0, 50257, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def rel(a, b) -> float:
+    """Norm-wise relative difference of b from a (a the plain path)."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / a.norm().clamp_min(1e-30)).item()
+
+
+class Evil:
+    """A pickle payload: unpickling it calls os.system (weights_only loading must refuse the global)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+# ------------------------------------------------------------------------------------------- data and runs
+
+
+def alpaca_rows(words=WORDS, repeat: int = 3, with_input: bool = True):
+    """Rows "Repeat the word W." -> W repeated; with_input: every third row has an Input block (the two Alpaca
+    templates)."""
+    return [{"instruction": f"Repeat the word {w}.", "input": "twice" if with_input and i % 3 == 0 else "",
+             "output": " ".join([w] * repeat)} for i, w in enumerate(words)]
+
+
+def train_run(root: Path, base: Path, lora="{r: 4, alpha: 8, dropout: 0.0, targets: [attn.q, attn.v, mlp.c_proj]}",
+              rows=None, steps=4, lr=2e-2) -> Path:
+    """`lora train` a few steps on alpaca rows; returns the run config (out_dir = root/out)."""
+    from lora_cli.config import load_config
+    from lora_cli.train import train
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "train.json").write_text(json.dumps(rows or alpaca_rows()))
+    config = root / "run.yaml"
+    config.write_text(f"""\
+model: {base}
+out_dir: out
+data: {{train: train.json, val_split: 0.25, max_length: 96}}
+lora: {lora}
+train: {{lr: {lr}, batch_size: 4, max_steps: {steps}, warmup_steps: 1, eval_every: 0, save_every: 0, log_every: 1}}
+""")
+    train(load_config(config), log=lambda m: None, progress=False)
+    return config
+
+
+def tree(path: Path) -> dict:
+    """{relative path: (size, mtime_ns)} of every file under path: to show nothing changed."""
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(path).rglob("*"))}
