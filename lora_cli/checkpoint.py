@@ -18,7 +18,7 @@ import torch
 from lora_cli.config import ModelSpec
 from lora_cli.errors import CheckpointError, first_line
 from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
-from lora_cli.model import GPT2, GPT2_PRESETS, GPT2Config
+from lora_cli.models import GPT2, GPT2_PRESETS, GPT2Config
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_cli.errors import ConfigError, DataError
-from lora_cli.model import GPT2, KVCache
+from lora_cli.models import GPT2, KVCache
 from lora_cli.tokenizer import EOT_ID
 
 # Added to the score of a hypothesis that must not be picked; the constant transformers uses, so that float32

@@ -29,7 +29,7 @@ def scored_hidden(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
     Right-padded causal batches need no padding mask: a real token only attends to earlier positions, which
     are real too, so the model can take SDPA's fused causal path. Left padding does need the mask. A right-padded
-    batch with padding runs on its real tokens only (GPT2.forward with `keep`): the same values, no padding work.
+    batch with padding runs on its real tokens only (CausalLM.forward with `keep`): the same values, no padding work.
     """
     mask = padding_mask(batch)
     scored = batch.targets != IGNORE  # [B, T]; padding has no target
@@ -232,7 +232,7 @@ def padding_mask(batch) -> torch.Tensor | None:
 
 def class_logits(model, batch) -> torch.Tensor:
     """[B, num_labels] fp32 logits from the last real token of each row (model.score head)."""
-    from lora_cli.model import last_token_hidden
+    from lora_cli.models import last_token_hidden
 
     hidden = model(batch.input_ids, padding_mask(batch))  # [B, T, C]
     return model.score(last_token_hidden(hidden, batch.attention_mask)).float()

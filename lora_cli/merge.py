@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from lora_cli.errors import CheckpointError, ConfigError
-from lora_cli.model import HEAD
+from lora_cli.models import HEAD
 from lora_cli.tokenizer import EOT_ID, EOT_TOKEN
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -336,7 +336,7 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
     model.gradient_checkpointing = t.gradient_checkpointing
     model.share_prefix = t.share_prefix
     if precision in ("bf16", "fp16"):  # frozen weights stored as autocast would cast them: same products, no copies
-        from lora_cli.model import cast_frozen_linears_
+        from lora_cli.models import cast_frozen_linears_
 
         cast_frozen_linears_(model, torch.bfloat16 if precision == "bf16" else torch.float16)
     micro_batches = len(batch_indices([len(e) for e in data.train], t.batch_size, t.seed, 0))
@@ -355,7 +355,7 @@ def _with_head(model, lora_cfg, num_labels: int, generator):
     from dataclasses import replace
 
     from lora_cli.lora import resolve_targets
-    from lora_cli.model import HEAD, add_classification_head
+    from lora_cli.models import HEAD, add_classification_head
 
     add_classification_head(model, num_labels, generator)
     if HEAD in resolve_targets(model, list(lora_cfg.targets), None) or HEAD in lora_cfg.modules_to_save:

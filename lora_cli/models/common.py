@@ -1,0 +1,464 @@
+"""What every model family shares: the CausalLM interface, attention (SDPA with grouped-query attention), the
+KV cache, rotary embeddings, RMSNorm, the padding-free and shared-prefix paths, and the classification head.
+
+Shapes: B batch, T new tokens, S keys (past + new), C hidden size, H query heads, Hkv key/value heads (H for
+multi-head attention, fewer for grouped-query attention), D head size, V vocab_size, N real tokens of a batch.
+A family (gpt2.py, llama.py, gpt_neox.py) builds its module tree with the checkpoint's own parameter names and
+supplies `embed`, `blocks`, `final_norm`, `embed_tokens` (and `rope` when it uses rotary embeddings); forward,
+the unpadded path, logits and the counts live here once.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one (k, v) pair per layer, each [B, Hkv, S, D]."""
+
+    def __init__(self, n_layer: int):
+        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
+
+    @property
+    def length(self) -> int:
+        first = self.layers[0]
+        return 0 if first is None else first[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        past = self.layers[layer]
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        self.layers[layer] = (k, v)
+        return k, v
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` of the batch (beam search)."""
+        self.layers = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.layers]
+
+
+# On the CPU, SDPA's bf16 flash kernel is slow on short sequences; its plain "math" backend (two bf16 matmuls and
+# a softmax) is faster up to about 170 tokens. Forward + backward of one GPT-2 layer, [8 x 12 heads x T x 64],
+# 1 thread of a 2-core AMD EPYC (Zen 4): T=48 13.2 (flash) vs 7.1 ms (math), 96 23.3 vs 16.5, 128 33.4 vs 29.2,
+# 160 45.3 vs 38.7, 192 44.1 vs 62.8, 256 70.6 vs 87.8. A whole bf16 training step on Alpaca-style batches of
+# ~55 tokens took 13% less CPU time. But for its backward the math backend keeps fp32 copies of q, k, v and the
+# probabilities (77 MB more than flash's q, k, v, out on a 68-token batch of 8), so training stays on flash: the
+# bf16 instruction benchmark ran 1650 (math) vs 1439 (flash) tokens/s at a peak RSS of 1103 vs 980 MB. Forward
+# passes without gradients (evaluation, no KV cache) of up to this many tokens use math.
+MATH_BF16_ATTENTION_MAX = 160
+
+
+def attend(qkv: torch.Tensor, heads: tuple[int, int, int], mask: torch.Tensor | None, cache: KVCache | None,
+           layer_idx: int, dropout_p: float, grid: "Unpadded | None" = None,
+           outputs: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention (Vaswani et al. 2017) with grouped-query attention (Ainslie et al. 2023).
+
+    qkv: queries | keys | values side by side, [B, T, (H + 2 Hkv) D]; or, with `grid`, the [N, ...] rows of the
+    real tokens (the padding-free path: attention alone needs the [B, T] layout). heads: (H, Hkv, D).
+    Returns [B, T, H D], or [N, H D] with grid ([len(outputs), H D] with outputs, indices into the N rows)."""
+    if grid is None:
+        return _attend(qkv, heads, mask, cache, layer_idx, dropout_p)
+    padded = grid.pad(qkv)  # [B, T, (H + 2 Hkv) D]
+    with grid.save_as_rows(qkv, padded):
+        y = _attend(padded, heads, None, None, layer_idx, dropout_p)
+    return grid.unpad(y, outputs)
+
+
+def _attend(qkv: torch.Tensor, heads: tuple[int, int, int], mask: torch.Tensor | None, cache: KVCache | None,
+            layer_idx: int, dropout_p: float) -> torch.Tensor:
+    """[B, T, (H + 2 Hkv) D] -> [B, T, H D]."""
+    H, Hkv, D = heads
+    B, T = qkv.shape[0], qkv.shape[1]
+    q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=2)
+    q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+    k, v = (t.view(B, T, Hkv, D).transpose(1, 2) for t in (k, v))  # [B, Hkv, T, D]
+    if cache is not None:
+        k, v = cache.update(layer_idx, k, v)  # [B, Hkv, S, D]: the cache keeps the shared heads once
+    if Hkv != H:  # each group of H / Hkv query heads reads one key/value head
+        k, v = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))  # [B, H, S, D]
+    short_bf16 = cache is None and T <= MATH_BF16_ATTENTION_MAX and q.dtype == torch.bfloat16 \
+        and q.device.type == "cpu" and not (torch.is_grad_enabled() and q.requires_grad)
+    with sdpa_kernel(SDPBackend.MATH) if short_bf16 else nullcontext():  # see MATH_BF16_ATTENTION_MAX
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            dropout_p=dropout_p,
+            # Without a mask the plain causal case runs SDPA's fused path; one new token sees every cached key.
+            is_causal=mask is None and T > 1,
+        )  # [B, H, T, D]
+    return y.transpose(1, 2).reshape(B, T, H * D)
+
+
+class Unpadded:
+    """The distinct real tokens of a right-padded [B, T] batch, as N rows in row-major order of the grid.
+
+    The unpadded forward (CausalLM.forward with `keep`) runs embeddings, norms, linear layers and the MLP on the
+    [N, C] rows only, so padding costs no FLOPs and no activation memory there; attention alone gathers q, k, v
+    back into [B, T] (padding reads some real row: causal attention never lets a real query see a later position,
+    so those values reach no output, and the zero gradients of unread outputs add nothing in the backward).
+
+    shared: the first `shared` columns hold the same tokens in every row (a prompt preamble common to the batch,
+    such as an instruction template's). Causal attention makes their hidden states the same in every row, so they
+    are computed once: rows 0..shared-1 are row 0's, and every row of the grid reads them. The gradient of a shared
+    row sums the gradients of all the batch rows that read it, as the per-row computation would."""
+
+    def __init__(self, keep: torch.Tensor, shared: int = 0):
+        B, T = self.shape = tuple(keep.shape)
+        self.shared = shared
+        own = keep.reshape(-1).clone()  # [B * T] the positions that get a row of their own
+        column = torch.arange(B * T, device=keep.device) % T
+        if shared:
+            own[T:] &= column[T:] >= shared
+        self.index = own.nonzero().squeeze(1)  # [N] the grid position each row is computed at
+        rank = own.long().cumsum(0) - 1
+        # [B * T] the row each grid position reads: its own, the shared row of its column, or (padding) row 0
+        self.rows = torch.where(own, rank, torch.where(column < shared, column, 0))
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, F] -> [B, T, F]."""
+        B, T = self.shape
+        return x.index_select(0, self.rows).view(B, T, -1)
+
+    def unpad(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, F] -> [N, F]; with rows (indices into the N rows), just those: [len(rows), F]."""
+        B, T = self.shape
+        index = self.index if rows is None else self.index[rows]
+        return x.reshape(B * T, -1).index_select(0, index)
+
+    def save_as_rows(self, x: torch.Tensor, padded: torch.Tensor):
+        """A context in which autograd keeps `padded` = pad(x) (and views of it, such as the q, k, v that SDPA
+        saves for its backward) as x's N rows, gathering the [B, T, F] grid again when the backward needs it.
+
+        With a shared prefix the grid repeats the prefix in every row: on the instruction benchmark's largest
+        batch (8 rows, 80 columns, 418 distinct tokens) the saved q, k, v fell from 5.9 to 3.9 MB per layer."""
+        if self.shared == 0 or not (torch.is_grad_enabled() and x.requires_grad):
+            return nullcontext()
+        storage = padded.untyped_storage().data_ptr()
+        index, grid_shape = self.rows, padded.shape
+        rebuilt: list[torch.Tensor] = []  # the grid, gathered once for all the views unpacked with it
+
+        def pack(t: torch.Tensor):
+            if t.untyped_storage().data_ptr() != storage:
+                return t
+            return (t.size(), t.stride(), t.storage_offset())
+
+        def unpack(saved):
+            if isinstance(saved, torch.Tensor):
+                return saved
+            if not rebuilt:
+                rebuilt.append(x.detach().index_select(0, index).view(grid_shape))
+            return rebuilt[0].as_strided(*saved)
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+def shared_prefix_length(input_ids: torch.Tensor, keep: torch.Tensor) -> int:
+    """How many leading columns of a [B, T] batch are real tokens with the same id in every row."""
+    same = (input_ids == input_ids[:1]).all(dim=0) & keep.all(dim=0)  # [T]
+    return int(same.long().cumprod(0).sum())
+
+
+def attention_bias(attention_mask: torch.Tensor | None, T: int, past: int) -> torch.Tensor | None:
+    """Boolean [B, 1, T, S] mask (True = may attend) from a [B, S] padding mask, or None when plain causal
+    attention is exact (no padding), which lets SDPA take its fused causal path."""
+    S = past + T
+    if attention_mask is None or bool(attention_mask.all()):
+        if past == 0 or T == 1:
+            return None
+        causal = torch.ones(T, S, dtype=torch.bool).tril(diagonal=past)
+        return causal[None, None]
+    device = attention_mask.device
+    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)  # [T, S]
+    keys = attention_mask[:, None, None, :S].bool()  # [B, 1, 1, S]
+    mask = causal[None, None] & keys
+    # A padding query (left padding) would see no key at all and SDPA would return NaN: let it see itself.
+    # Its output is never used, and real tokens never attend to padding.
+    own = torch.zeros(T, S, dtype=torch.bool, device=device)
+    own[torch.arange(T), torch.arange(past, S)] = True
+    return mask | own[None, None]
+
+
+def position_ids(attention_mask: torch.Tensor | None, B: int, T: int, past: int, device) -> torch.Tensor:
+    """Positions count real tokens only, so a left-padded row gets the positions of the unpadded row."""
+    if attention_mask is None:
+        return torch.arange(past, past + T, device=device).expand(B, T)
+    pos = attention_mask.long().cumsum(dim=1) - 1  # [B, S]
+    return pos[:, past : past + T].clamp(min=0)
+
+
+# ------------------------------------------------------------------------------------------- building blocks
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019), computed in fp32 as transformers' LlamaRMSNorm."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (Su et al. 2021, RoFormer) on the first `dim` features of each head, in the
+    rotate-half layout of Llama and GPT-NeoX checkpoints. `scaling`: None, or the `llama3` rope_scaling of
+    Llama 3.1/3.2 (Meta's frequency-dependent interpolation, as transformers' _compute_llama3_parameters)."""
+
+    def __init__(self, dim: int, theta: float, scaling: dict | None = None):
+        super().__init__()
+        self.dim = dim
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+        inv_freq = 1.0 / (theta ** exponents)  # [dim / 2]
+        # A plain attribute, not a buffer: not in the checkpoint (older files carry it; loading drops it), and
+        # kept real when the model is built on the meta device and materialised with to_empty.
+        self.inv_freq = _llama3_inv_freq(inv_freq, scaling) if scaling else inv_freq
+
+    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [...] -> (cos, sin), each [..., dim], in fp32."""
+        inv_freq = self.inv_freq.to(pos.device)
+        angles = pos[..., None].float() * inv_freq  # [..., dim / 2]
+        angles = torch.cat([angles, angles], dim=-1)  # [..., dim]
+        return angles.cos(), angles.sin()
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_context = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)  # long wavelengths: interpolated
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x [..., heads, D] with (cos, sin) [..., Dr], Dr <= D: rotate the first Dr features of every head."""
+    cos, sin = (t.unsqueeze(-2).to(x.dtype) for t in rope)  # [..., 1, Dr]
+    rd = cos.shape[-1]
+    rot = x[..., :rd]
+    half = rd // 2
+    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    out = rot * cos + rotated * sin
+    return out if rd == x.shape[-1] else torch.cat([out, x[..., rd:]], dim=-1)
+
+
+# ------------------------------------------------------------------------------------------- the interface
+
+
+class CausalLM(nn.Module):
+    """A decoder-only language model: `forward` returns hidden states [B, T, C]; `logits` projects them to
+    [.., V], so training and evaluation can project only the positions that carry a loss.
+
+    A family provides `config` (n_positions, n_embd, n_layer, n_head, vocab_size, to_dict/from_dict), `lm_head`,
+    and the accessors below; it keeps the checkpoint's own parameter names in its module tree."""
+
+    config: object
+    lm_head: nn.Linear
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gradient_checkpointing = False
+        self.share_prefix = True  # compute a prefix common to a right-padded batch once (see Unpadded)
+
+    # ---- what a family supplies
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        """The input token embedding (the tied lm_head shares its weight)."""
+        raise NotImplementedError
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    @property
+    def final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    def embed(self, input_ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """ids and positions [...] -> [..., C]."""
+        return self.embed_tokens(input_ids)
+
+    def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(cos, sin) for the positions, or None for a model without rotary embeddings."""
+        return None
+
+    # ---- shared
+    @property
+    def tied(self) -> bool:
+        return self.lm_head.weight is self.embed_tokens.weight
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """N(0, initializer_range) for linear and embedding weights (transformers' _init_weights); biases zero,
+        norm weights one."""
+        std = getattr(self.config, "initializer_range", 0.02)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                with torch.no_grad():
+                    module.weight.normal_(0.0, std, generator=generator)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def set_dropout(self, p: float) -> None:
+        """One dropout probability for embeddings, attention and residuals (fine-tuning often uses 0)."""
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+            elif hasattr(module, "attn_pdrop"):
+                module.attn_pdrop = p
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, T]
+        attention_mask: torch.Tensor | None = None,  # [B, S], 1 = real token, 0 = padding
+        cache: KVCache | None = None,
+        keep: torch.Tensor | None = None,  # [B, T] bool, a prefix of True per row: return only those positions
+        outputs: torch.Tensor | None = None,  # [B, T] bool within keep: return only these (see _forward_unpadded)
+    ) -> torch.Tensor:  # [B, T, C], or [N, C] with `keep` (the kept or output positions in row-major order)
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.n_positions:
+            raise ValueError(f"sequence of {past + T} tokens exceeds the model's context of {self.config.n_positions}")
+        if keep is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("keep is for right-padded batches without a cache or an attention mask")
+            return self._forward_unpadded(input_ids, keep, outputs)
+        pos = position_ids(attention_mask, B, T, past, input_ids.device)  # [B, T]
+        mask = attention_bias(attention_mask, T, past)  # [B, 1, T, S] or None
+        if mask is not None:
+            mask = mask.to(input_ids.device)
+        x = self.embed(input_ids, pos)  # [B, T, C]
+        rope = self.rope(pos)  # 2 x [B, T, Dr] or None
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, mask, None, None, None, rope, use_reentrant=False)
+            else:
+                x = block(x, mask, cache, None, None, rope)
+        return self.final_norm(x)
+
+    def _forward_unpadded(self, input_ids: torch.Tensor, keep: torch.Tensor,
+                          outputs: torch.Tensor | None = None) -> torch.Tensor:
+        """The forward on the real tokens of a right-padded batch only (see Unpadded): one row [.., C] per kept
+        position, or per `outputs` position, in row-major order.
+
+        With `outputs` ([B, T] bool, a subset of keep: the positions with a loss) the last block computes its
+        attention projection, MLP and norms for those rows alone: the other tokens are needed there only as
+        keys and values. With prompt masking most tokens carry no loss, so this skips most of the last block's
+        output projection and MLP work (forward and backward). With `share_prefix` set, a prefix common to every
+        row is computed once (Unpadded's `shared`)."""
+        keep = keep.to(input_ids.device)
+        B = input_ids.shape[0]
+        shared = shared_prefix_length(input_ids, keep) if self.share_prefix and B > 1 else 0
+        grid = Unpadded(keep, shared)
+        wanted = (keep if outputs is None else outputs.to(input_ids.device)).reshape(-1)
+        requested = grid.rows[wanted.nonzero().squeeze(1)]  # [M] the row each returned position reads
+        needed = requested.unique(sorted=True) if shared else requested  # rows to compute in the last block
+        rows = needed if len(needed) < len(grid.index) else None
+        pos = grid.index % input_ids.shape[1]  # right padding: a real token's position is its column
+        x = self.embed(input_ids.reshape(-1)[grid.index], pos)  # [N, C]
+        rope = self.rope(pos)  # 2 x [N, Dr] or None
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            out = rows if i == last else None
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, None, None, grid, out, rope, use_reentrant=False)
+            else:
+                x = block(x, None, None, grid, out, rope)
+        x = self.final_norm(x)  # [len(needed), C]
+        if shared and (len(needed) != len(requested) or not torch.equal(needed, requested)):
+            x = x.index_select(0, torch.searchsorted(needed, requested))  # shared rows read by several positions
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., C] -> [..., V]."""
+        return self.lm_head(hidden)
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (a tied lm_head counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def linear_names(self) -> list[str]:
+        """Full names of every linear layer LoRA can target, in model order."""
+        return [n for n, m in self.named_modules() if isinstance(m, nn.Linear)]
+
+
+def tie_or_build_head(model: CausalLM, hidden: int, vocab: int, tied: bool, name: str = "lm_head") -> None:
+    """The output projection `name` (the checkpoint's: lm_head, GPT-NeoX's embed_out): sharing the input
+    embedding's weight, or a [V, C] weight of its own."""
+    if not tied:
+        setattr(model, name, nn.Linear(hidden, vocab, bias=False))
+        return
+    # Built on the meta device: its own [V, C] weight (154 MB for GPT-2) would only be allocated, initialised
+    # and dropped again by the tie below, raising the peak RSS of every run with random weights.
+    head = nn.Linear(hidden, vocab, bias=False, device="meta")
+    head.weight = model.embed_tokens.weight
+    setattr(model, name, head)
+
+
+# ------------------------------------------------------------------------------------- classification head
+
+HEAD = "score"  # transformers' name for the *ForSequenceClassification head, so merged models load there
+
+
+def add_classification_head(model: CausalLM, num_labels: int, generator: torch.Generator | None = None) -> nn.Linear:
+    """Attach `model.score`: a bias-free linear map [num_labels, n_embd] from the last real token's hidden
+    state to class logits (as transformers' GPT2ForSequenceClassification, so a merged model is exact)."""
+    head = nn.Linear(model.config.n_embd, num_labels, bias=False)
+    with torch.no_grad():
+        head.weight.normal_(0.0, 0.02, generator=generator)
+    model.score = head
+    return head
+
+
+def last_token_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, C] -> [B, C]: the hidden state of each row's last real token (right or left padding)."""
+    T = attention_mask.shape[1]
+    positions = torch.arange(T, device=attention_mask.device)
+    last = (attention_mask.long() * positions).argmax(dim=1)  # [B]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def cast_frozen_linears_(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the weights and biases of every frozen nn.Linear in `dtype` (the autocast dtype of a bf16/fp16 run);
+    returns the number of parameters cast.
+
+    Under autocast, F.linear casts its fp32 weight and bias to the autocast dtype on every call: a full copy of the
+    frozen model every forward (kept alive until the backward) and the memory traffic to make it. A frozen weight
+    stored already rounded to that dtype gives bit-identical products. Trained parameters (LoRA, modules_to_save)
+    stay fp32; so do the embeddings and the lm_head (tied to the embedding, whose lookup is not autocast, or the
+    projection whose logits feed the fp32 loss), norms, the base layer of a DoRA adapter (its weight norm is taken
+    in fp32) and a task head (model.score: the adapter file carries it, frozen or not, and must keep its fp32
+    values)."""
+    skip = {id(model.lm_head)} if hasattr(model, "lm_head") else set()
+    for name, module in model.named_modules():
+        if getattr(module, "use_dora", False) and hasattr(module, "base_layer"):
+            skip.add(id(module.base_layer))
+        if name == HEAD or name.startswith(HEAD + "."):
+            skip.add(id(module))
+    count = 0
+    for module in model.modules():
+        if type(module) is not nn.Linear or id(module) in skip:
+            continue
+        params = [p for p in module.parameters(recurse=False)]
+        if any(p.requires_grad for p in params) or module.weight is getattr(model, "lm_head", module).weight:
+            continue
+        module.to(dtype)
+        count += sum(p.numel() for p in params)
+    return count
