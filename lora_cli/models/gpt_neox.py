@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_cli.models.common import CausalLM, KVCache, Rotary, Unpadded, apply_rotary, attend, tie_or_build_head
-from lora_cli.models.llama import rope_from_hf
+from lora_cli.models.llama import REQUIRED, rope_from_hf
 
 
 @dataclass
@@ -85,6 +85,9 @@ class GPTNeoXConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTNeoXConfig":
+        missing = [k for k in REQUIRED if k not in d]
+        if missing:  # a config.json of another architecture: refuse rather than fill in a default size
+            raise ValueError(f"model_type {d.get('model_type')!r} needs {', '.join(missing)} in its config")
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in d.items() if k in known}
         values.setdefault("rope_theta", d.get("rotary_emb_base", cls.rope_theta))  # transformers 4's name

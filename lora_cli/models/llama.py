@@ -25,6 +25,9 @@ from lora_cli.models.common import (
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "llama3")
 
+# The sizes a config.json must state (no default size is guessed for a real checkpoint).
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
 
 @dataclass
 class LlamaConfig:
@@ -104,6 +107,9 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaConfig":
+        missing = [k for k in REQUIRED if k not in d]
+        if missing:  # a config.json of another architecture: refuse rather than fill in a default size
+            raise ValueError(f"model_type {d.get('model_type')!r} needs {', '.join(missing)} in its config")
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in d.items() if k in known}
         values.update(rope_from_hf(d, values.get("rope_theta", cls.rope_theta)))
