@@ -6,9 +6,6 @@ from pathlib import Path
 
 from lora_cli.config import ModelSpec
 
-SHORTHANDS = ["all-linear", "attn.c_attn", "attn.q", "attn.k", "attn.v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
-
-
 def describe(model: str, random_init: bool = False, lora_config: Path | None = None,
              overrides: list[str] | None = None) -> dict:
     """Config, exact parameter count and linear layer names of `model`; with a run config, the trainable
@@ -16,6 +13,7 @@ def describe(model: str, random_init: bool = False, lora_config: Path | None = N
     import torch
 
     from lora_cli.checkpoint import load_model
+    from lora_cli.lora import shorthands
 
     spec = ModelSpec(name=model, init="random" if random_init else "pretrained")
     base = load_model(spec, weights=False)
@@ -26,8 +24,9 @@ def describe(model: str, random_init: bool = False, lora_config: Path | None = N
         "revision": base.revision,
         "config": net.config.to_dict(),
         "parameters": net.num_parameters(),
+        "tied": net.tied,
         "linear_layers": net.linear_names(),
-        "shorthands": SHORTHANDS,
+        "shorthands": shorthands(net),
     }
     if lora_config is not None:
         from lora_cli.config import load_config
