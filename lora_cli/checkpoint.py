@@ -403,6 +403,9 @@ def save_pretrained(
     """
     from safetensors.torch import save_file
 
+    if model_type(model.config) != "gpt2":
+        raise CheckpointError(f"writing a merged {FAMILY_NAMES[model_type(model.config)]} model is not supported yet "
+                              f"(GPT-2 only); export the adapter for PEFT instead (lora export)")
     out = Path(out_dir)
     dtype_name = str(dtype).removeprefix("torch.")
     config = {**hf_config_dict(model.config, dtype_name), **(config_updates or {})}

@@ -331,3 +331,12 @@ def test_missing_tensor_names_the_family(tmp_path):
     with pytest.raises(CheckpointError, match=r"does not match the GPT-NeoX architecture of its config: missing "
                                               r"gpt_neox.layers.2."):
         load_model(path)
+
+
+def test_merged_directory_of_a_new_family_is_refused_for_now(tmp_path):
+    from lora_cli.checkpoint import save_pretrained
+
+    make_checkpoint(tmp_path / "src", "qwen3")
+    with pytest.raises(CheckpointError, match=r"writing a merged Qwen3 model is not supported yet \(GPT-2 only\)"):
+        save_pretrained(load_model(str(tmp_path / "src")).model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
