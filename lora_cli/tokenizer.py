@@ -99,8 +99,10 @@ class HFTokenizer:
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises its own Exception subclass for every damaged file
-            raise CheckpointError(f"cannot read {path}: it is not a tokenizer.json that the tokenizers library "
-                                  f"can load ({first_line(exc)}); pass a model directory with a valid tokenizer.json") from exc
+            raise CheckpointError(
+                f"cannot read {path}: it is not a tokenizer.json that the tokenizers library can load "
+                f"({first_line(exc)}); pass a model directory with a valid tokenizer.json"
+            ) from exc
         config = {**side.get("special_tokens_map.json", {}), **side.get("tokenizer_config.json", {})}
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._token_id(config.get("bos_token"), "bos_token")

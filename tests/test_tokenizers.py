@@ -19,7 +19,8 @@ transformers = pytest.importorskip("transformers")
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
-    "naïve café — 東京 🤖 über straße", "  leading spaces\tand tabs\nnew lines", "def f(x):\n    return x * 2",
+    "naïve café — 東京 🤖 über straße", "  leading spaces\tand tabs\nnew lines",
+    "def f(x):\n    return x * 2",
 ] * 20
 
 TEXTS = [

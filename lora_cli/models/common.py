@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import asdict
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -259,6 +261,47 @@ def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> to
 # ------------------------------------------------------------------------------------------- the interface
 
 
+class ModelConfig(Protocol):
+    """What callers read from any family's config: GPT-2's names (the other families alias them, HFNames)."""
+
+    model_type: str
+    vocab_size: int
+    n_positions: int  # the context length
+    n_embd: int  # the hidden size (a classification head reads it)
+    n_layer: int
+    n_head: int
+
+    def to_dict(self) -> dict: ...
+
+
+class HFNames:
+    """The interface's names for a config with transformers' newer field names (Llama, GPT-NeoX, ...)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    max_position_embeddings: int
+
+    @property
+    def n_positions(self) -> int:
+        return self.max_position_embeddings
+
+    @property
+    def n_embd(self) -> int:
+        return self.hidden_size
+
+    @property
+    def n_layer(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def n_head(self) -> int:
+        return self.num_attention_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 class CausalLM(nn.Module):
     """A decoder-only language model: `forward` returns hidden states [B, T, C]; `logits` projects them to
     [.., V], so training and evaluation can project only the positions that carry a loss.
@@ -266,7 +309,7 @@ class CausalLM(nn.Module):
     A family provides `config` (n_positions, n_embd, n_layer, n_head, vocab_size, to_dict/from_dict), `lm_head`,
     and the accessors below; it keeps the checkpoint's own parameter names in its module tree."""
 
-    config: object
+    config: ModelConfig
     lm_head: nn.Linear
 
     def __init__(self) -> None:

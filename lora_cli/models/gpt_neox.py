@@ -11,18 +11,20 @@ Shapes: C hidden_size, H num_attention_heads, D = C / H, I intermediate_size.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_cli.models.common import CausalLM, KVCache, Rotary, Unpadded, apply_rotary, attend, tie_or_build_head
+from lora_cli.models.common import (
+    CausalLM, HFNames, KVCache, Rotary, Unpadded, apply_rotary, attend, tie_or_build_head,
+)
 from lora_cli.models.llama import REQUIRED, rope_from_hf
 
 
 @dataclass
-class GPTNeoXConfig:
+class GPTNeoXConfig(HFNames):
     """transformers' GPTNeoXConfig fields that shape the model."""
 
     vocab_size: int = 50432
@@ -63,25 +65,6 @@ class GPTNeoXConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
-
-    @property
-    def n_positions(self) -> int:
-        return self.max_position_embeddings
-
-    @property
-    def n_embd(self) -> int:
-        return self.hidden_size
-
-    @property
-    def n_layer(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def n_head(self) -> int:
-        return self.num_attention_heads
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "GPTNeoXConfig":

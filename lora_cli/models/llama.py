@@ -12,14 +12,14 @@ Shapes: C hidden_size, H num_attention_heads, Hkv num_key_value_heads, D head_di
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lora_cli.models.common import (
-    CausalLM, KVCache, RMSNorm, Rotary, Unpadded, apply_rotary, attend, tie_or_build_head,
+    CausalLM, HFNames, KVCache, RMSNorm, Rotary, Unpadded, apply_rotary, attend, tie_or_build_head,
 )
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -30,7 +30,7 @@ REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers
 
 
 @dataclass
-class LlamaConfig:
+class LlamaConfig(HFNames):
     """transformers' LlamaConfig / MistralConfig / Qwen2Config / Qwen3Config fields that shape the model."""
 
     model_type: str = "llama"
@@ -84,26 +84,6 @@ class LlamaConfig:
                 f"sliding-window attention (sliding_window {self.sliding_window} < max_position_embeddings "
                 f"{self.max_position_embeddings}) is not supported; supported: full causal attention"
             )
-
-    # The interface every family's config offers (GPT-2's names).
-    @property
-    def n_positions(self) -> int:
-        return self.max_position_embeddings
-
-    @property
-    def n_embd(self) -> int:
-        return self.hidden_size
-
-    @property
-    def n_layer(self) -> int:
-        return self.num_hidden_layers
-
-    @property
-    def n_head(self) -> int:
-        return self.num_attention_heads
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaConfig":
