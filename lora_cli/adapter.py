@@ -37,7 +37,7 @@ from lora_cli.pretrained import CONV1D_SUFFIXES, BaseModel, key_mismatch, read_s
 from lora_cli.config import LoraConfig
 from lora_cli.errors import AdapterError, ConfigError, first_line
 from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
-from lora_cli.model import HEAD, add_classification_head
+from lora_cli.models import HEAD, add_classification_head
 from lora_cli.lora import (
     SLICES,
     LoRALinear,

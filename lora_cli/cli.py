@@ -58,7 +58,8 @@ def info(
         return
     typer.echo(f"model       {report['model']} ({report['source']}{', revision ' + report['revision'] if report.get('revision') else ''})")
     typer.echo("config      " + ", ".join(f"{k}={v}" for k, v in report["config"].items()))
-    typer.echo(f"parameters  {report['parameters']:,} (lm_head tied to wte, counted once)")
+    tied = " (lm_head tied to the input embedding, counted once)" if report["tied"] else ""
+    typer.echo(f"parameters  {report['parameters']:,}{tied}")
     if "lora" in report:
         lo = report["lora"]
         typer.echo(

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_cli.errors import ConfigError, DataError
-from lora_cli.model import GPT2, KVCache
+from lora_cli.models import CausalLM, KVCache
 from lora_cli.tokenizer import EOT_ID, get_encoding
 
 # Added to the score of a hypothesis that must not be picked; the constant transformers uses, so that float32
@@ -91,14 +91,15 @@ def _make_generator(seed: int | torch.Generator | None, device: torch.device) ->
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _device(model: GPT2) -> torch.device:
-    return model.transformer.wte.weight.device
+def _device(model: CausalLM) -> torch.device:
+    return model.embed_tokens.weight.device
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [N, P] (padding = EOT, never attended) and mask [N, P] (1 = real token), padded on the left."""
+    """ids [N, P] (padding = id 0, in every vocabulary and never attended) and mask [N, P] (1 = real token),
+    padded on the left."""
     width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), EOT_ID, dtype=torch.long)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
@@ -116,7 +117,7 @@ class _Decoder:
     With the cache only the new token goes through the model; without it the whole sequence is recomputed.
     `select(index)` keeps/reorders rows (finished rows dropped, beams reordered)."""
 
-    def __init__(self, model: GPT2, ids: torch.Tensor, mask: torch.Tensor, use_cache: bool):
+    def __init__(self, model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, use_cache: bool):
         self.model = model
         self.mask = mask  # [N, S]: past + new tokens
         self.padded = not bool(mask.all())
@@ -207,7 +208,7 @@ def choose_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int | N
 
 
 @torch.inference_mode()
-def _sampling_steps(model: GPT2, prompts: list[list[int]], max_new_tokens: int, *, temperature: float,
+def _sampling_steps(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, *, temperature: float,
                     top_k: int | None, top_p: float | None, generator: torch.Generator | None,
                     no_repeat_ngram_size: int, eos_id: int | None,
                     use_cache: bool) -> Iterator[tuple[list[int], list[int]]]:
@@ -252,7 +253,7 @@ def _sampling_steps(model: GPT2, prompts: list[list[int]], max_new_tokens: int, 
 
 
 @torch.inference_mode()
-def _beam_batch(model: GPT2, prompts: list[list[int]], max_new_tokens: int, num_beams: int, length_penalty: float,
+def _beam_batch(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, num_beams: int, length_penalty: float,
                 early_stopping: bool | str, no_repeat_ngram_size: int, eos_id: int | None,
                 use_cache: bool) -> list[list[int]]:
     """Beam search over a batch of prompts, step for step the algorithm of transformers' `_beam_search`
@@ -370,7 +371,7 @@ def _beam_batch(model: GPT2, prompts: list[list[int]], max_new_tokens: int, num_
 # Public entry points
 
 
-def _prepare(model: GPT2, prompts: Sequence[Sequence[int]], max_new_tokens: int, truncate: bool) -> list[list[int]]:
+def _prepare(model: CausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, truncate: bool) -> list[list[int]]:
     cfg = model.config
     return [fit_prompt(p, max_new_tokens, cfg.n_positions, truncate, where=f"prompt {i + 1}", vocab_size=cfg.vocab_size)
             for i, p in enumerate(prompts)]
@@ -394,7 +395,7 @@ def _in_batches(prompts: list[list[int]], batch_size: int | None, run: Callable[
 
 
 def generate(
-    model: GPT2,
+    model: CausalLM,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     *,
@@ -448,7 +449,7 @@ def generate(
 
 
 def beam_search(
-    model: GPT2,
+    model: CausalLM,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     *,
@@ -490,7 +491,7 @@ def beam_search(
 
 
 def stream(
-    model: GPT2,
+    model: CausalLM,
     prompt: Sequence[int],
     max_new_tokens: int,
     *,
@@ -529,6 +530,6 @@ def decode_incremental(token_ids: Iterable[int]) -> Iterator[str]:
         yield tail
 
 
-def stream_text(model: GPT2, prompt: Sequence[int], max_new_tokens: int, **options) -> Iterator[str]:
+def stream_text(model: CausalLM, prompt: Sequence[int], max_new_tokens: int, **options) -> Iterator[str]:
     """Text pieces for one prompt as they are decoded: `decode_incremental(stream(...))`."""
     return decode_incremental(stream(model, prompt, max_new_tokens, **options))

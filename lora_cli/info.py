@@ -6,10 +6,8 @@ from pathlib import Path
 
 from lora_cli.config import ModelSpec, load_config
 from lora_cli.data import load_file
-from lora_cli.lora import apply_lora, count_parameters, estimate_adapter_bytes, with_classification_head
+from lora_cli.lora import apply_lora, count_parameters, estimate_adapter_bytes, shorthands, with_classification_head
 from lora_cli.pretrained import load_model, on_meta
-
-SHORTHANDS = ["all-linear", "attn.c_attn", "attn.q", "attn.k", "attn.v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 
 
 def describe(model: str, random_init: bool = False, lora_config: Path | None = None,
@@ -25,8 +23,9 @@ def describe(model: str, random_init: bool = False, lora_config: Path | None = N
         "revision": base.revision,
         "config": net.config.to_dict(),
         "parameters": net.num_parameters(),
+        "tied": net.tied,
         "linear_layers": net.linear_names(),
-        "shorthands": SHORTHANDS,
+        "shorthands": shorthands(net),
     }
     if lora_config is not None:
         cfg = load_config(lora_config, overrides)

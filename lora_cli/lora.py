@@ -45,11 +45,12 @@ from torch import nn
 
 from lora_cli.config import LoraConfig
 from lora_cli.errors import AdapterError, ConfigError
-from lora_cli.model import HEAD, add_classification_head
+from lora_cli.models import HEAD, add_classification_head
 from lora_cli.runtime import as_dtype
 
 SLICES = ("q", "k", "v")  # thirds of GPT-2's fused c_attn output, in order
-BLOCK = re.compile(r"^transformer\.h\.(\d+)\.")
+# A block's prefix in each family's module tree: GPT-2, the Llama family, GPT-NeoX.
+BLOCK = re.compile(r"^(transformer\.h|model\.layers|gpt_neox\.layers)\.(\d+)\.")
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -340,8 +341,8 @@ def _split_slice_name(name: str) -> tuple[str, str] | None:
 
 def _tied_to_input(model: nn.Module, module: nn.Linear) -> bool:
     """A head that shares the input embedding (GPT-2's lm_head): adapting it would change the embedding too."""
-    wte = getattr(getattr(model, "transformer", None), "wte", None)
-    return wte is not None and module.weight is wte.weight
+    embed = getattr(model, "embed_tokens", None)
+    return embed is not None and module.weight is embed.weight
 
 
 def target_candidates(model: nn.Module) -> list[str]:
@@ -358,18 +359,30 @@ def target_candidates(model: nn.Module) -> list[str]:
     return names
 
 
+def shorthands(model: nn.Module) -> list[str]:
+    """The target shorthands a model offers: all-linear, then each block's layer names without the block prefix
+    (attn.c_attn, attn.q, ... for GPT-2; self_attn.q_proj, ..., mlp.down_proj for Llama), in model order."""
+    shorts = ["all-linear"]
+    for name in target_candidates(model):
+        if (m := BLOCK.match(name)) and name[m.end():] not in shorts:
+            shorts.append(name[m.end():])
+    return shorts
+
+
 def _short_names(names: list[str]) -> str:
     """transformer.h.N.attn.c_attn, ... -> "attn.c_attn, ... (in transformer.h.0-11)" for error messages."""
     shorts: list[str] = []
     blocks: list[int] = []
+    prefix = ""
     for name in names:
         m = BLOCK.match(name)
         short = name[m.end():] if m else name
         if m:
-            blocks.append(int(m.group(1)))
+            prefix = m.group(1)
+            blocks.append(int(m.group(2)))
         if short not in shorts:
             shorts.append(short)
-    where = f" (in transformer.h.{min(blocks)}-{max(blocks)})" if blocks else ""
+    where = f" (in {prefix}.{min(blocks)}-{max(blocks)})" if blocks else ""
     return f"{', '.join(shorts)}{where}, or all-linear"
 
 
@@ -393,13 +406,13 @@ def _matcher(pattern: str, key: str):
 def resolve_targets(model: nn.Module, targets: list[str], layers: list[int] | None = None) -> list[str]:
     """Config patterns -> the full module names (or slice names) to adapt, in model order."""
     candidates = target_candidates(model)
-    n_layer = len(getattr(getattr(model, "transformer", None), "h", []))
+    n_layer = len(getattr(model, "blocks", []))
     if layers is not None:
         bad = sorted(i for i in layers if not 0 <= i < n_layer)
         if bad:
             raise ConfigError(f"lora.layers: block {bad[0]} does not exist; the model has blocks 0-{n_layer - 1}")
         keep = set(layers)
-        pool = [n for n in candidates if (m := BLOCK.match(n)) and int(m.group(1)) in keep]
+        pool = [n for n in candidates if (m := BLOCK.match(n)) and int(m.group(2)) in keep]
     else:
         pool = candidates
     if not targets:

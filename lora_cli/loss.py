@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_cli.data.batches import IGNORE_INDEX as IGNORE  # targets that carry no loss
-from lora_cli.model import last_token_hidden
+from lora_cli.models import last_token_hidden
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def scored_hidden(model, batch, savings: Savings = Savings()) -> tuple[torch.Ten
 
     Right-padded causal batches need no padding mask: a real token only attends to earlier positions, which
     are real too, so the model can take SDPA's fused causal path. Left padding does need the mask. A right-padded
-    batch with padding runs on its real tokens only (GPT2.forward with `keep`): the same values, no padding work.
+    batch with padding runs on its real tokens only (CausalLM.forward with `keep`): the same values, no padding work.
     """
     mask = padding_mask(batch)
     scored = batch.targets != IGNORE  # [B, T]; padding has no target

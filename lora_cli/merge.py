@@ -33,7 +33,7 @@ from lora_cli.errors import CheckpointError, ConfigError
 from lora_cli.fsutil import RunLock
 from lora_cli.inference import load_for_inference
 from lora_cli.lora import lora_layers, merge_and_unload
-from lora_cli.model import HEAD
+from lora_cli.models import HEAD
 from lora_cli.pretrained import save_pretrained
 from lora_cli.runtime import DTYPES
 from lora_cli.tokenizer import EOT_ID, EOT_TOKEN, ranks_path

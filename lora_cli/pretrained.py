@@ -1,7 +1,10 @@
-"""Model spec -> GPT-2 with weights, and GPT-2 -> a Hugging Face directory.
+"""Model spec -> a model with weights (any family of lora_cli.models), and GPT-2 -> a Hugging Face directory.
 
-The Hugging Face boundary lives here and only here: GPT-2 checkpoints store the four Conv1D weights as
-[in, out]; they are transposed once while loading (and back while saving), and every tensor's shape is checked.
+The Hugging Face boundary lives here and only here: config.json's `model_type` picks the family; weights come
+from one safetensors file, a sharded one (model.safetensors.index.json) or a .bin; GPT-2 checkpoints store the
+four Conv1D weights as [in, out] and they are transposed once while loading (and back while saving); every
+tensor's name and shape is checked. Random-init presets: GPT-2's sizes (models/gpt2.py) and the config.json
+files in lora_cli/presets/.
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ from torch.overrides import TorchFunctionMode
 from lora_cli.config import ModelSpec
 from lora_cli.errors import CheckpointError, LoraError, first_line
 from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
-from lora_cli.model import GPT2, GPT2_PRESETS, GPT2Config
+from lora_cli.models import GPT2_PRESETS, CausalLM, GPT2Config, build_model as new_model, config_from_dict, model_type
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+SHARD_INDEX = "model.safetensors.index.json"
+WEIGHT_FILES = ("model.safetensors", SHARD_INDEX, "pytorch_model.bin")
+PRESET_DIR = Path(__file__).parent / "presets"  # <name>.json: a published config.json's architecture fields
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# Buffers that old GPT-2 checkpoints carry next to the weights: the causal mask, not parameters.
-IGNORED_KEY = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
+# Buffers that older checkpoints carry next to the weights: GPT-2's and GPT-NeoX's causal masks and rotary
+# frequencies, not parameters.
+IGNORED_KEY = re.compile(r"(^|\.)(attn|attention)\.(bias|masked_bias)$|rotary_emb\.inv_freq$")
 # Task heads outside the GPT-2 body: GPT2ForSequenceClassification's `score` (what `lora merge` writes for a
 # classifier). A base model is its body; a new task gets a new head, so these are left out when loading.
 HEAD_KEYS = ("score.weight", "score.bias")
@@ -38,7 +44,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 class BaseModel:
     """A loaded base model and where it came from (recorded in adapters, checked when they are loaded)."""
 
-    model: GPT2
+    model: CausalLM
     source: str  # "hub" | "local" | "random"
     name: str  # hub id, absolute path, or preset name
     revision: str | None
@@ -92,28 +98,41 @@ def on_meta():
         yield
 
 
-def _meta_model(config: GPT2Config) -> GPT2:
+def _meta_model(config) -> CausalLM:
     with on_meta():
-        return GPT2(config)
+        return new_model(config)
 
 
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith((".safetensors", ".bin", ".pt", ".pth")) or os.sep + os.sep in name
 
 
+def preset_names() -> list[str]:
+    return [*GPT2_PRESETS, *sorted(p.stem for p in PRESET_DIR.glob("*.json"))]
+
+
+# The architecture overrides of a random preset (GPT-2's names, config.ARCH_OVERRIDES) in the other families' configs.
+HF_OVERRIDE_NAMES = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embd": "hidden_size",
+                     "n_positions": "max_position_embeddings"}
+
+
 def _random_model(spec: ModelSpec, weights: bool) -> BaseModel:
     preset = spec.name.split("/")[-1]
-    if preset not in GPT2_PRESETS:
+    if preset not in preset_names():
         raise CheckpointError(
-            f"model: init: random needs a preset name ({', '.join(GPT2_PRESETS)}), got {spec.name!r}"
+            f"model: init: random needs a preset name ({', '.join(preset_names())}), got {spec.name!r}"
         )
     try:
-        config = GPT2Config.from_dict({**GPT2_PRESETS[preset].to_dict(), **spec.overrides})
+        if preset in GPT2_PRESETS:
+            config = GPT2Config.from_dict({**GPT2_PRESETS[preset].to_dict(), **spec.overrides})
+        else:
+            raw = json.loads((PRESET_DIR / f"{preset}.json").read_text(encoding="utf-8"))
+            config = config_from_dict({**raw, **{HF_OVERRIDE_NAMES[k]: v for k, v in spec.overrides.items()}})
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"model: bad architecture override: {exc}") from exc
     if not weights:
         return BaseModel(_meta_model(config), "random", preset, None, "")
-    model = GPT2(config)
+    model = new_model(config)
     model.init_weights(torch.Generator().manual_seed(spec.seed))
     return BaseModel(model, "random", preset, None, fingerprint(model.state_dict()))
 
@@ -125,12 +144,15 @@ def _local_model(path: Path, weights: bool) -> BaseModel:
             raise CheckpointError(f"{path} has no config.json; pass a Hugging Face model directory or a single weights file")
         weight_file = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
         if weight_file is None:
-            raise CheckpointError(f"{path} has no {' or '.join(WEIGHT_FILES)}; the directory holds no GPT-2 weights")
+            raise CheckpointError(f"{path} has no {' or '.join(WEIGHT_FILES)}; the directory holds no model weights")
         config = read_config(config_file)
         if not weights:
             check_weights_file(weight_file)
             return BaseModel(_meta_model(config), "local", str(path), None, "")
-        state = read_state_dict(weight_file)
+        if weight_file.name == SHARD_INDEX:
+            state = read_shards(weight_file, lambda name: path / name)
+        else:
+            state = read_state_dict(weight_file)
     else:
         state = read_state_dict(path)
         config = infer_config(state, path)
@@ -160,6 +182,8 @@ def _hub_model(spec: ModelSpec, weights: bool) -> BaseModel:
         for candidate in WEIGHT_FILES:
             try:
                 weight_file = fetch(candidate)
+                if candidate == SHARD_INDEX:  # every shard it names, through the same cache
+                    read_shards(weight_file, fetch, only_fetch=True)
                 break
             except EntryNotFoundError:
                 continue
@@ -173,7 +197,10 @@ def _hub_model(spec: ModelSpec, weights: bool) -> BaseModel:
     except Exception as exc:  # huggingface_hub raises many types (network, auth, offline); all mean "not here"
         raise CheckpointError(_hub_failure(spec.name, exc)) from exc
     config = read_config(config_file)
-    state = read_state_dict(weight_file)
+    if weight_file.name == SHARD_INDEX:
+        state = read_shards(weight_file, lambda name: weight_file.parent / name)
+    else:
+        state = read_state_dict(weight_file)
     model = build_model(config, state, Path(repo_id))
     resolved = weight_file.parent.name if weight_file.parent.parent.name == "snapshots" else revision
     return BaseModel(model, "hub", repo_id, resolved, fingerprint(model.state_dict()))
@@ -192,16 +219,19 @@ def _hub_failure(name: str, exc: Exception) -> str:
     )
 
 
-def read_config(path: Path) -> GPT2Config:
+def read_config(path: Path):
+    """config.json -> the config of its family (chosen by model_type; GPT-2 when it names none)."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} is not a readable JSON config: {exc}") from exc
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} must hold a JSON object")
-    model_type = raw.get("model_type", "gpt2")
-    if model_type != "gpt2":
-        raise CheckpointError(f"{path}: model_type is {model_type!r}; lora-cli supports GPT-2-family checkpoints only")
+    if raw.get("model_type", "gpt2") != "gpt2":
+        try:
+            return config_from_dict(raw)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
     activation = raw.get("activation_function", "gelu_new")
     if activation not in ("gelu_new", "gelu_pytorch_tanh"):
         raise CheckpointError(f"{path}: activation_function {activation!r} is not GPT-2's tanh GELU (gelu_new)")
@@ -272,6 +302,27 @@ def read_state_dict(path: Path, error: type[LoraError] = CheckpointError, what: 
     return state
 
 
+def read_shards(index_file: Path, locate, only_fetch: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a sharded checkpoint: model.safetensors.index.json's weight_map names each tensor's shard;
+    `locate(shard name)` gives its path (a local directory's file, or a hub download). only_fetch: locate every
+    shard and read nothing (a hub download before loading)."""
+    try:
+        weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{index_file} is not a readable shard index (a JSON object with a weight_map): "
+                              f"{first_line(exc)}") from exc
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        shard_path = Path(locate(shard))
+        if only_fetch:
+            continue
+        if not shard_path.is_file():
+            raise CheckpointError(f"{index_file} names shard {shard}, which is missing; download the checkpoint again")
+        state.update(read_state_dict(shard_path))
+    return state
+
+
 def _canonical(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Hugging Face keys with or without the `transformer.` prefix -> ours; drop mask buffers, the tied head and
     a classification head (HEAD_KEYS)."""
@@ -315,18 +366,33 @@ def key_mismatch(missing: list[str], unexpected: list[str]) -> str | None:
     return "; ".join(parts) or None
 
 
-def build_model(config: GPT2Config, state: dict[str, torch.Tensor], path: Path) -> GPT2:
-    """A GPT2 with `state` copied in: Conv1D weights transposed, every name and shape checked."""
+FAMILY_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+                "gpt_neox": "GPT-NeoX"}
+
+
+def _family_keys(model: CausalLM, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A non-GPT-2 checkpoint's keys are already ours: drop buffers, a tied head's copy and a task head."""
+    head = "embed_out.weight" if hasattr(model, "embed_out") else "lm_head.weight"
+    return {k: v for k, v in state.items()
+            if not IGNORED_KEY.search(k) and k not in HEAD_KEYS and not (model.tied and k == head)}
+
+
+def build_model(config, state: dict[str, torch.Tensor], path: Path) -> CausalLM:
+    """A model of the config's family with `state` copied in: GPT-2's Conv1D weights transposed, every name and
+    shape checked."""
     model = _meta_model(config)
-    expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    given = _canonical(state)
+    gpt2 = model_type(config) == "gpt2"
+    tied_head = {"lm_head.weight", "embed_out.weight"} if model.tied else set()
+    expected = {k: v for k, v in model.state_dict().items() if k not in tied_head}
+    given = _canonical(state) if gpt2 else _family_keys(model, state)
     mismatch = key_mismatch(sorted(set(expected) - set(given)), sorted(set(given) - set(expected)))
     if mismatch:
-        raise CheckpointError(f"{path} does not match the GPT-2 architecture of its config: {mismatch}")
+        family = FAMILY_NAMES[model_type(config)]
+        raise CheckpointError(f"{path} does not match the {family} architecture of its config: {mismatch}")
     converted = {}
     for key, target in expected.items():
         tensor = given[key]
-        if key.endswith(CONV1D_SUFFIXES):
+        if gpt2 and key.endswith(CONV1D_SUFFIXES):
             tensor = tensor.t()
         if tuple(tensor.shape) != tuple(target.shape):
             raise CheckpointError(
@@ -334,11 +400,15 @@ def build_model(config: GPT2Config, state: dict[str, torch.Tensor], path: Path) 
             )
         if not tensor.is_floating_point():
             raise CheckpointError(f"{path}: tensor {key} has dtype {tensor.dtype}, expected floating point")
+        # TODO(issue 15): a bf16 run could keep a bf16 checkpoint's frozen weights as they are (no fp32 copy);
+        # today every weight is loaded as fp32 and train casts the frozen linears back (cast_frozen_linears_).
         converted[key] = tensor.to(torch.float32).contiguous()
+    tied = model.tied
     # assign: the checked tensors become the parameters of the meta model (every key is there, see above), with
     # no allocation of empty weights first; to_empty would also import sympy through torch._refs
     model.load_state_dict(converted, strict=False, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # re-tie after assign
+    if tied:  # re-tie after assign
+        model.lm_head.weight = model.embed_tokens.weight
     return model
 
 
@@ -385,7 +455,7 @@ def hf_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.flo
 
 
 def save_pretrained(
-    model: GPT2,
+    model: CausalLM,
     out_dir: str | os.PathLike,
     dtype: torch.dtype = torch.float32,
     extra_files: dict[str, str] | None = None,
@@ -398,6 +468,9 @@ def save_pretrained(
     """
     from safetensors.torch import save_file
 
+    if model_type(model.config) != "gpt2":
+        raise CheckpointError(f"writing a merged {FAMILY_NAMES[model_type(model.config)]} model is not supported yet "
+                              f"(GPT-2 only); export the adapter for PEFT instead (lora export)")
     out = Path(out_dir)
     dtype_name = str(dtype).removeprefix("torch.")
     config = {**hf_config_dict(model.config, dtype_name), **(config_updates or {})}

@@ -1,9 +1,15 @@
-"""GPT-2 byte-pair encoding through tiktoken, built from the ranks file bundled in the package (no network)."""
+"""Tokenizers: GPT-2 byte-pair encoding through tiktoken, built from the ranks file bundled in the package (no
+network), and any checkpoint's tokenizer.json through Hugging Face's `tokenizers` (load_tokenizer)."""
 
 from __future__ import annotations
 
 import functools
+import json
 from importlib import resources
+from pathlib import Path
+
+from lora_cli.config import ModelSpec
+from lora_cli.errors import CheckpointError, first_line
 
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256
@@ -40,3 +46,156 @@ def encode(text: str, allow_special: bool = False) -> list[int]:
 
 def decode(ids: list[int]) -> str:
     return get_encoding().decode(ids)
+
+
+# ------------------------------------------------------------------------------------ tokenizers by checkpoint
+#
+# One interface for every model's tokenizer: encode(text, allow_special, add_special_tokens), encode_batch,
+# decode, vocab_size, bos_id, eos_ids, pad_id. GPT-2 keeps the bundled BPE ranks above (offline, unchanged);
+# other checkpoints bring a tokenizer.json, read with Hugging Face's `tokenizers` library (the fast tokenizer
+# transformers' AutoTokenizer wraps), with bos/eos/pad from tokenizer_config.json, special_tokens_map.json and
+# generation_config.json.
+
+TOKENIZER_FILE = "tokenizer.json"
+# The files next to tokenizer.json that name special tokens; generation_config.json adds the ids that end a reply.
+SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+class GPT2Tokenizer:
+    """The bundled GPT-2 BPE behind the common interface (the module functions above, unchanged)."""
+
+    vocab_size = EOT_ID + 1  # 50,257: the 50,256 BPE ranks, then <|endoftext|>
+    bos_id: int | None = EOT_ID
+    eos_ids: tuple[int, ...] = (EOT_ID,)
+    pad_id: int | None = None
+    adds_bos = False  # GPT-2's tokenizer adds no special token to a text
+
+    def encode(self, text: str, allow_special: bool = False, add_special_tokens: bool = False) -> list[int]:
+        return encode(text, allow_special)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [encode(text) for text in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        return decode(ids)
+
+
+class HFTokenizer:
+    """A checkpoint's tokenizer.json through `tokenizers`, with the special tokens its side files name.
+
+    add_special_tokens adds what the model's own tokenizer adds (AutoTokenizer's default): the bos token when
+    its post-processor (Llama 3, SmolLM: a TemplateProcessing "<bos> $A") or an explicit `add_bos_token` in
+    tokenizer_config.json says so, nothing for Qwen2."""
+
+    def __init__(self, path: Path, side: dict[str, dict]):
+        from tokenizers import Tokenizer  # here, not at the top: GPT-2 runs never load it
+
+        self.path = path
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises its own Exception subclass for every damaged file
+            raise CheckpointError(
+                f"cannot read {path}: it is not a tokenizer.json that the tokenizers library can load "
+                f"({first_line(exc)}); pass a model directory with a valid tokenizer.json"
+            ) from exc
+        config = {**side.get("special_tokens_map.json", {}), **side.get("tokenizer_config.json", {})}
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id = self._token_id(config.get("bos_token"), "bos_token")
+        eos_id = self._token_id(config.get("eos_token"), "eos_token")
+        self.pad_id = self._token_id(config.get("pad_token"), "pad_token")
+        generation_eos = side.get("generation_config.json", {}).get("eos_token_id")
+        extra = generation_eos if isinstance(generation_eos, list) else [generation_eos]
+        self.eos_ids = tuple(dict.fromkeys(i for i in [eos_id, *extra] if isinstance(i, int)))
+        probe = self._tok.encode("a", add_special_tokens=True).ids
+        post_bos = self.bos_id is not None and probe[:1] == [self.bos_id]
+        self.adds_bos = bool(config.get("add_bos_token", post_bos)) and self.bos_id is not None
+        self._post_bos = post_bos
+
+    def _token_id(self, token, key: str) -> int | None:
+        if isinstance(token, dict):  # {"content": "<s>", ...} in older files
+            token = token.get("content")
+        if token is None:
+            return None
+        token_id = self._tok.token_to_id(str(token))
+        if token_id is None:
+            raise CheckpointError(f"{self.path}: {key} {token!r} of tokenizer_config.json is not in the vocabulary")
+        return token_id
+
+    def encode(self, text: str, allow_special: bool = False, add_special_tokens: bool = False) -> list[int]:
+        """Token ids; special tokens written in `text` are special only when `allow_special` (else plain text,
+        so user data can never inject one)."""
+        self._tok.encode_special_tokens = not allow_special
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self._post_bos != self.adds_bos:  # add_bos_token overrides the post-processor
+            ids = [self.bos_id, *ids] if self.adds_bos else ids[1:]
+        return ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        self._tok.encode_special_tokens = True
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+def load_tokenizer(source) -> GPT2Tokenizer | HFTokenizer:
+    """The tokenizer of a model: a directory (its tokenizer.json and side files; a GPT-2 directory without one
+    gets the bundled BPE), a tokenizer.json file, a hub id (downloads tokenizer.json and the side files through
+    huggingface_hub's cache), or a ModelSpec / name of a random preset (the bundled GPT-2 BPE: real tokenizers
+    of the other presets cannot be had offline)."""
+    spec = source if isinstance(source, ModelSpec) else None
+    if spec is not None and spec.init == "random":
+        return GPT2Tokenizer()
+    name = spec.name if spec is not None else str(source)
+    path = Path(name).expanduser()
+
+    def read_side(folder: Path) -> dict[str, dict]:
+        side = {}
+        for f in SIDE_FILES:
+            if (folder / f).is_file():
+                try:
+                    side[f] = json.loads((folder / f).read_text(encoding="utf-8"))
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                    raise CheckpointError(f"{folder / f} is not readable JSON: {first_line(exc)}") from exc
+        return side
+
+    if path.is_file():
+        return HFTokenizer(path, read_side(path.parent))
+    if path.is_dir():
+        if (path / TOKENIZER_FILE).is_file():
+            return HFTokenizer(path / TOKENIZER_FILE, read_side(path))
+        if _model_type(path / "config.json") == "gpt2":
+            return GPT2Tokenizer()
+        raise CheckpointError(f"{path} has no {TOKENIZER_FILE}; pass a model directory with its tokenizer files, "
+                              f"or a tokenizer.json file")
+    return _hub_tokenizer(spec or ModelSpec(name=name), read_side)
+
+
+def _model_type(config_file: Path) -> str | None:
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8")).get("model_type", "gpt2")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _hub_tokenizer(spec, read_side) -> GPT2Tokenizer | HFTokenizer:
+    # Here, not at the top: huggingface_hub and checkpoint (torch) load only when a hub id is named.
+    from huggingface_hub import hf_hub_download
+
+    from lora_cli.checkpoint import _hub_failure
+
+    repo_id, _, at_revision = spec.name.partition("@")
+    revision = spec.revision or at_revision or None
+    try:
+        config_file = Path(hf_hub_download(repo_id, "config.json", revision=revision))
+        if _model_type(config_file) == "gpt2":
+            return GPT2Tokenizer()  # the bundled ranks: nothing more to download
+        tokenizer_file = Path(hf_hub_download(repo_id, TOKENIZER_FILE, revision=revision))
+        for f in SIDE_FILES:
+            try:
+                hf_hub_download(repo_id, f, revision=revision)
+            except Exception:  # optional files: a repository may have none of them
+                pass
+    except Exception as exc:  # huggingface_hub raises many types (network, auth, offline); all mean "not here"
+        raise CheckpointError(_hub_failure(spec.name, exc)) from exc
+    return HFTokenizer(tokenizer_file, read_side(tokenizer_file.parent))

@@ -34,7 +34,7 @@ from lora_cli.evaluation import evaluate_classification, evaluate_lm
 from lora_cli.fsutil import RunLock, append_line, atomic_write_text
 from lora_cli.lora import apply_lora, count_parameters, with_classification_head
 from lora_cli.loss import Savings, classification_loss_sum, lm_loss_sum
-from lora_cli.model import cast_frozen_linears_
+from lora_cli.models import cast_frozen_linears_
 from lora_cli.pretrained import load_model
 from lora_cli.rundir import (
     RunState, apply_checkpoint, clear_out_dir, last_checkpoint_note, plot_losses, prepare_out_dir,

@@ -221,7 +221,7 @@ def child_ours(args, pools) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return value
 
-    from lora_cli.model import shared_prefix_length
+    from lora_cli.models import shared_prefix_length
 
     def shared_rows(group) -> int:  # input positions the shared-prefix saving computes once instead of B times
         if not model.share_prefix or len(group) < 2:

@@ -124,7 +124,7 @@ def tiny_lora_model(use_dora: bool = False):
     LoRA weight gets a gradient (for tests that compare computation paths)."""
     from lora_cli.config import LoraConfig
     from lora_cli.lora import apply_lora
-    from lora_cli.model import GPT2, GPT2Config
+    from lora_cli.models import GPT2, GPT2Config
 
     model = GPT2(GPT2Config(**TINY))
     model.init_weights(torch.Generator().manual_seed(3))

@@ -12,7 +12,7 @@ from lora_cli.pretrained import load_model
 from lora_cli.config import LoraConfig
 from lora_cli.errors import AdapterError
 from lora_cli.lora import adapter_state_dict, apply_lora, count_parameters, estimate_adapter_bytes
-from lora_cli.model import GPT2, GPT2_PRESETS
+from lora_cli.models import GPT2, GPT2_PRESETS
 
 from helpers import ids_batch, make_hf_gpt2
 

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lora_cli"
 # every module inside it.
 LAYERS = {
     "foundation": ["errors", "fsutil", "runtime", "config"],
-    "models": ["model", "models", "tokenizer", "pretrained"],
+    "models": ["models", "tokenizer", "pretrained"],
     "lora": ["lora"],
     "adapters": ["adapter", "inference"],
     "data": ["data", "prompts"],

@@ -45,7 +45,7 @@ def make_model(path: Path, seed: int = 0, **overrides) -> None:
     """A tiny random GPT-2 (full vocabulary, 128 positions) as a Hugging Face directory, written by our own
     save_pretrained (no transformers import: it costs seconds)."""
     from lora_cli.pretrained import save_pretrained
-    from lora_cli.model import GPT2, GPT2Config
+    from lora_cli.models import GPT2, GPT2Config
 
     model = GPT2(GPT2Config(**{"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 128, **overrides}))
     model.init_weights(torch.Generator().manual_seed(seed))
@@ -67,7 +67,7 @@ def save_adapter_for(model_dir: Path, path: Path, r: int = 4, fill: float | None
     from lora_cli.config import LoraConfig
     from lora_cli.lora import apply_lora
 
-    from lora_cli.model import add_classification_head
+    from lora_cli.models import add_classification_head
 
     base = load_model(str(model_dir))
     extra = {}

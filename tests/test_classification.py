@@ -6,7 +6,7 @@ import torch
 from lora_cli.config import LoraConfig, load_config
 from lora_cli.lora import apply_lora, count_parameters
 from lora_cli.pretrained import load_model
-from lora_cli.model import add_classification_head
+from lora_cli.models import add_classification_head
 from lora_cli.train import build, train
 
 QKV_ALL = ["attn.q", "attn.k", "attn.v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]

@@ -290,7 +290,7 @@ def test_merge_loads_in_transformers_with_the_same_logits(run, base_dir, tmp_pat
     assert not hasattr(body, "score")
     with torch.no_grad():
         hidden = body(batch.input_ids)
-        from lora_cli.model import last_token_hidden
+        from lora_cli.models import last_token_hidden
 
         again = last_token_hidden(hidden, batch.attention_mask) @ weights["score.weight"].T
     assert (again - ours).abs().max().item() <= 1e-4

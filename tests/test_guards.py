@@ -126,7 +126,7 @@ def test_merge_refuses_non_finite_weights():
     from lora_cli.config import LoraConfig
     from lora_cli.errors import AdapterError
     from lora_cli.lora import apply_lora, merge_and_unload
-    from lora_cli.model import GPT2, GPT2Config
+    from lora_cli.models import GPT2, GPT2Config
 
     model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=64, n_positions=32, vocab_size=100))
     apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))

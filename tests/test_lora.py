@@ -22,7 +22,7 @@ from lora_cli.lora import (
     resolve_targets,
     unmerge_lora,
 )
-from lora_cli.model import GPT2, GPT2_PRESETS, GPT2Config
+from lora_cli.models import GPT2, GPT2_PRESETS, GPT2Config
 
 from helpers import ids_batch
 

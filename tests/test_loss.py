@@ -212,7 +212,7 @@ def test_shared_prefix_loss_and_gradients_equal_the_padded_path(case):
 
 
 def test_shared_prefix_length():
-    from lora_cli.model import Unpadded, shared_prefix_length
+    from lora_cli.models import Unpadded, shared_prefix_length
 
     batch = shared_prefix_batch("prompt masked")
     keep = batch.attention_mask.bool()
@@ -230,7 +230,7 @@ def test_shared_prefix_length():
 def test_shared_prefix_attention_saves_distinct_rows_only():
     """With a shared prefix, the q, k, v that attention keeps for the backward pass are stored as the N distinct
     rows, not as the [B, T, 3C] grid that repeats the prefix in every row (Unpadded.save_as_rows)."""
-    from lora_cli.model import Unpadded, shared_prefix_length
+    from lora_cli.models import Unpadded, shared_prefix_length
 
     model, batch = tiny_lora_model(), shared_prefix_batch("prompt masked")
     keep = batch.attention_mask.bool()
@@ -264,7 +264,7 @@ def test_chunk_rows_for():
 def test_shared_prefix_under_bf16_autocast_matches_the_unshared_step():
     """The same saving under bf16 autocast (frozen weights cast as `precision: bf16` does): loss and LoRA
     gradients match the unshared computation to bf16 precision."""
-    from lora_cli.model import cast_frozen_linears_
+    from lora_cli.models import cast_frozen_linears_
 
     model, batch = tiny_lora_model(), shared_prefix_batch("prompt masked")
     cast_frozen_linears_(model, torch.bfloat16)

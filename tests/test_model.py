@@ -3,7 +3,7 @@ import torch
 
 from lora_cli import tokenizer
 from lora_cli.pretrained import load_model
-from lora_cli.model import GPT2, GPT2Config, KVCache
+from lora_cli.models import GPT2, GPT2Config, KVCache
 
 from helpers import make_hf_gpt2
 

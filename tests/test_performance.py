@@ -6,11 +6,11 @@ the fused kernel, and the lm_head is tied without a weight of its own."""
 import pytest
 import torch
 
-from lora_cli import model as model_mod
+from lora_cli.models import common as model_mod
 from lora_cli.config import LoraConfig
 from lora_cli.lora import apply_lora
 from lora_cli.loss import Savings, lm_loss_sum
-from lora_cli.model import GPT2, GPT2Config, cast_frozen_linears_
+from lora_cli.models import GPT2, GPT2Config, cast_frozen_linears_
 
 from helpers import rel, tiny_batch, tiny_lora_model
 
@@ -151,7 +151,7 @@ def test_unpadded_forward_refuses_a_cache_or_a_mask():
 
 
 def test_cast_keeps_a_task_head_in_fp32():
-    from lora_cli.model import add_classification_head
+    from lora_cli.models import add_classification_head
 
     model = GPT2(GPT2Config(n_layer=1, n_head=2, n_embd=64))
     add_classification_head(model, 3)

@@ -32,7 +32,7 @@ def tiny_trainable(targets, classes=None):
     from lora_cli.pretrained import load_model
     from lora_cli.config import LoraConfig
     from lora_cli.lora import apply_lora, count_parameters
-    from lora_cli.model import add_classification_head
+    from lora_cli.models import add_classification_head
 
     model = load_model({"name": "gpt2", "init": "random", "n_layer": 2, "n_head": 2, "n_embd": 64},
                        weights=False).model

@@ -1,17 +1,19 @@
-"""GPT-2 in plain PyTorch, with the Hugging Face parameter names.
+"""What every model family shares: the CausalLM interface, attention (SDPA with grouped-query attention), the
+KV cache, rotary embeddings, RMSNorm, the padding-free and shared-prefix paths, and the classification head.
 
-Shapes: B batch, T new tokens, S keys (past + new), C = n_embd, H = n_head, D = C / H, V = vocab_size.
-Linear weights are stored [out, in] (Hugging Face's Conv1D files store [in, out]; checkpoint.py transposes once).
-The forward returns hidden states; `lm_head` is applied by the caller, so training and evaluation can project
-only the positions that carry a loss instead of materialising [B, T, V] logits.
-No LoRA and no I/O here: lora.py wraps the nn.Linear layers in place, checkpoint.py loads weights.
+Shapes: B batch, T new tokens, S keys (past + new), C hidden size, H query heads, Hkv key/value heads (H for
+multi-head attention, fewer for grouped-query attention), D head size, V vocab_size, N real tokens of a batch.
+A family (gpt2.py, llama.py, gpt_neox.py) builds its module tree with the checkpoint's own parameter names and
+supplies `embed`, `blocks`, `final_norm`, `embed_tokens` (and `rope` when it uses rotary embeddings); forward,
+the unpadded path, logits and the counts live here once.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,51 +22,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 
-@dataclass
-class GPT2Config:
-    """The architecture, with the names of Hugging Face's GPT2Config (so config.json maps one to one)."""
-
-    vocab_size: int = 50257
-    n_positions: int = 1024
-    n_embd: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    layer_norm_epsilon: float = 1e-5
-    embd_pdrop: float = 0.1
-    attn_pdrop: float = 0.1
-    resid_pdrop: float = 0.1
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GPT2Config":
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in d.items() if k in known}
-        if "n_positions" not in values and "n_ctx" in d:
-            values["n_positions"] = d["n_ctx"]
-        return cls(**values)
-
-
-# Parameter-free sizes of the published checkpoints: the one table of presets (checkpoint.py and `init: random`).
-GPT2_PRESETS: dict[str, GPT2Config] = {
-    "gpt2": GPT2Config(n_layer=12, n_head=12, n_embd=768),
-    "gpt2-medium": GPT2Config(n_layer=24, n_head=16, n_embd=1024),
-    "gpt2-large": GPT2Config(n_layer=36, n_head=20, n_embd=1280),
-    "gpt2-xl": GPT2Config(n_layer=48, n_head=25, n_embd=1600),
-    "distilgpt2": GPT2Config(n_layer=6, n_head=12, n_embd=768),
-}
-
-
 class KVCache:
-    """Keys and values of the tokens seen so far, one (k, v) pair per layer, each [B, H, S, D]."""
+    """Keys and values of the tokens seen so far, one (k, v) pair per layer, each [B, Hkv, S, D]."""
 
     def __init__(self, n_layer: int):
         self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
@@ -98,84 +57,51 @@ class KVCache:
 MATH_BF16_ATTENTION_MAX = 160
 
 
-class Attention(nn.Module):
-    def __init__(self, config: GPT2Config, layer_idx: int):
-        super().__init__()
-        self.n_head = config.n_head
-        self.layer_idx = layer_idx
-        self.attn_pdrop = config.attn_pdrop
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused query, key, value
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+def attend(qkv: torch.Tensor, heads: tuple[int, int, int], mask: torch.Tensor | None, cache: KVCache | None,
+           layer_idx: int, dropout_p: float, grid: "Unpadded | None" = None,
+           outputs: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention (Vaswani et al. 2017) with grouped-query attention (Ainslie et al. 2023).
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None,
-                grid: "Unpadded | None" = None, outputs: torch.Tensor | None = None) -> torch.Tensor:
-        """outputs (with grid): indices into x's N rows; only those rows' outputs are computed and returned."""
-        qkv = self.c_attn(x)  # [B, T, 3C], or [N, 3C] on the unpadded path (x is the real tokens only)
-        if grid is None:
-            y = self._attend(qkv, mask, cache)  # [B, T, C]
-        else:
-            y = self._attend_rows(qkv, grid, outputs)  # [N, C], or [len(outputs), C]
-        return self.resid_dropout(self.c_proj(y))
-
-    def _attend_rows(self, qkv: torch.Tensor, grid: "Unpadded", outputs: torch.Tensor | None) -> torch.Tensor:
-        """[N, 3C] -> [N, C] (or [len(outputs), C]): attention alone needs the [B, T] layout."""
-        padded = grid.pad(qkv)  # [B, T, 3C]
-        with grid.save_as_rows(qkv, padded):
-            y = self._attend(padded, None, None)
-        return grid.unpad(y, outputs)
-
-    def _attend(self, qkv: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
-        """[B, T, 3C] -> [B, T, C]."""
-        B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-        q, k, v = qkv.split(C, dim=2)  # 3 x [B, T, C]
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # [B, H, S, D]
-        short_bf16 = cache is None and T <= MATH_BF16_ATTENTION_MAX and q.dtype == torch.bfloat16 \
-            and q.device.type == "cpu" and not (torch.is_grad_enabled() and q.requires_grad)
-        with sdpa_kernel(SDPBackend.MATH) if short_bf16 else nullcontext():  # see MATH_BF16_ATTENTION_MAX
-            y = F.scaled_dot_product_attention(
-                q, k, v,
-                attn_mask=mask,
-                dropout_p=self.attn_pdrop if self.training else 0.0,
-                # Without a mask the plain causal case runs SDPA's fused path; one new token sees every cached key.
-                is_causal=mask is None and T > 1,
-            )  # [B, H, T, D]
-        return y.transpose(1, 2).reshape(B, T, C)
+    qkv: queries | keys | values side by side, [B, T, (H + 2 Hkv) D]; or, with `grid`, the [N, ...] rows of the
+    real tokens (the padding-free path: attention alone needs the [B, T] layout). heads: (H, Hkv, D).
+    Returns [B, T, H D], or [N, H D] with grid ([len(outputs), H D] with outputs, indices into the N rows)."""
+    if grid is None:
+        return _attend(qkv, heads, mask, cache, layer_idx, dropout_p)
+    padded = grid.pad(qkv)  # [B, T, (H + 2 Hkv) D]
+    with grid.save_as_rows(qkv, padded):
+        y = _attend(padded, heads, None, None, layer_idx, dropout_p)
+    return grid.unpad(y, outputs)
 
 
-class MLP(nn.Module):
-    def __init__(self, config: GPT2Config):
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
-        self.dropout = nn.Dropout(config.resid_pdrop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # GPT-2 uses the tanh approximation of GELU ("gelu_new" in Hugging Face).
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
-
-
-class Block(nn.Module):
-    def __init__(self, config: GPT2Config, layer_idx: int):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = Attention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = MLP(config)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None,
-                grid: "Unpadded | None" = None, outputs: torch.Tensor | None = None) -> torch.Tensor:
-        a = self.attn(self.ln_1(x), mask, cache, grid, outputs)
-        x = (x if outputs is None else x.index_select(0, outputs)) + a
-        return x + self.mlp(self.ln_2(x))
+def _attend(qkv: torch.Tensor, heads: tuple[int, int, int], mask: torch.Tensor | None, cache: KVCache | None,
+            layer_idx: int, dropout_p: float) -> torch.Tensor:
+    """[B, T, (H + 2 Hkv) D] -> [B, T, H D]."""
+    H, Hkv, D = heads
+    B, T = qkv.shape[0], qkv.shape[1]
+    q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=2)
+    q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+    k, v = (t.view(B, T, Hkv, D).transpose(1, 2) for t in (k, v))  # [B, Hkv, T, D]
+    if cache is not None:
+        k, v = cache.update(layer_idx, k, v)  # [B, Hkv, S, D]: the cache keeps the shared heads once
+    if Hkv != H:  # each group of H / Hkv query heads reads one key/value head
+        k, v = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))  # [B, H, S, D]
+    short_bf16 = cache is None and T <= MATH_BF16_ATTENTION_MAX and q.dtype == torch.bfloat16 \
+        and q.device.type == "cpu" and not (torch.is_grad_enabled() and q.requires_grad)
+    with sdpa_kernel(SDPBackend.MATH) if short_bf16 else nullcontext():  # see MATH_BF16_ATTENTION_MAX
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            dropout_p=dropout_p,
+            # Without a mask the plain causal case runs SDPA's fused path; one new token sees every cached key.
+            is_causal=mask is None and T > 1,
+        )  # [B, H, T, D]
+    return y.transpose(1, 2).reshape(B, T, H * D)
 
 
 class Unpadded:
     """The distinct real tokens of a right-padded [B, T] batch, as N rows in row-major order of the grid.
 
-    The unpadded forward (GPT2.forward with `keep`) runs embeddings, LayerNorms, linear layers and the MLP on the
+    The unpadded forward (CausalLM.forward with `keep`) runs embeddings, norms, linear layers and the MLP on the
     [N, C] rows only, so padding costs no FLOPs and no activation memory there; attention alone gathers q, k, v
     back into [B, T] (padding reads some real row: causal attention never lets a real query see a later position,
     so those values reach no output, and the zero gradients of unread outputs add nothing in the backward).
@@ -269,49 +195,176 @@ def position_ids(attention_mask: torch.Tensor | None, B: int, T: int, past: int,
     return pos[:, past : past + T].clamp(min=0)
 
 
-class GPT2(nn.Module):
-    """GPT-2 language model. `forward` returns hidden states [B, T, C]; `logits` projects them to [.., V]."""
+# ------------------------------------------------------------------------------------------- building blocks
 
-    def __init__(self, config: GPT2Config):
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019), computed in fp32 as transformers' LlamaRMSNorm."""
+
+    def __init__(self, size: int, eps: float):
         super().__init__()
-        self.config = config
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (Su et al. 2021, RoFormer) on the first `dim` features of each head, in the
+    rotate-half layout of Llama and GPT-NeoX checkpoints. `scaling`: None, or the `llama3` rope_scaling of
+    Llama 3.1/3.2 (Meta's frequency-dependent interpolation, as transformers' _compute_llama3_parameters)."""
+
+    def __init__(self, dim: int, theta: float, scaling: dict | None = None):
+        super().__init__()
+        self.dim = dim
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+        inv_freq = 1.0 / (theta ** exponents)  # [dim / 2]
+        # A plain attribute, not a buffer: not in the checkpoint (older files carry it; loading drops it), and
+        # kept real when the model is built on the meta device and materialised with to_empty.
+        self.inv_freq = _llama3_inv_freq(inv_freq, scaling) if scaling else inv_freq
+
+    def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [...] -> (cos, sin), each [..., dim], in fp32."""
+        inv_freq = self.inv_freq.to(pos.device)
+        angles = pos[..., None].float() * inv_freq  # [..., dim / 2]
+        angles = torch.cat([angles, angles], dim=-1)  # [..., dim]
+        return angles.cos(), angles.sin()
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_context = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)  # long wavelengths: interpolated
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x [..., heads, D] with (cos, sin) [..., Dr], Dr <= D: rotate the first Dr features of every head."""
+    cos, sin = (t.unsqueeze(-2).to(x.dtype) for t in rope)  # [..., 1, Dr]
+    rd = cos.shape[-1]
+    rot = x[..., :rd]
+    half = rd // 2
+    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    out = rot * cos + rotated * sin
+    return out if rd == x.shape[-1] else torch.cat([out, x[..., rd:]], dim=-1)
+
+
+# ------------------------------------------------------------------------------------------- the interface
+
+
+class ModelConfig(Protocol):
+    """What callers read from any family's config: GPT-2's names (the other families alias them, HFNames)."""
+
+    model_type: str
+    vocab_size: int
+    n_positions: int  # the context length
+    n_embd: int  # the hidden size (a classification head reads it)
+    n_layer: int
+    n_head: int
+
+    def to_dict(self) -> dict: ...
+
+
+class HFNames:
+    """The interface's names for a config with transformers' newer field names (Llama, GPT-NeoX, ...)."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    max_position_embeddings: int
+
+    @property
+    def n_positions(self) -> int:
+        return self.max_position_embeddings
+
+    @property
+    def n_embd(self) -> int:
+        return self.hidden_size
+
+    @property
+    def n_layer(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def n_head(self) -> int:
+        return self.num_attention_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CausalLM(nn.Module):
+    """A decoder-only language model: `forward` returns hidden states [B, T, C]; `logits` projects them to
+    [.., V], so training and evaluation can project only the positions that carry a loss.
+
+    A family provides `config` (n_positions, n_embd, n_layer, n_head, vocab_size, to_dict/from_dict), `lm_head`,
+    and the accessors below; it keeps the checkpoint's own parameter names in its module tree."""
+
+    config: ModelConfig
+    lm_head: nn.Linear
+
+    def __init__(self) -> None:
+        super().__init__()
         self.gradient_checkpointing = False
         self.share_prefix = True  # compute a prefix common to a right-padded batch once (see Unpadded)
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.n_positions, config.n_embd),
-                drop=nn.Dropout(config.embd_pdrop),
-                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
-                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
-            )
-        )
-        # Built on the meta device: its own [V, C] weight (154 MB for GPT-2) would only be allocated, initialised
-        # and dropped again by the tie below, raising the peak RSS of every run with random weights.
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False, device="meta")
-        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+
+    # ---- what a family supplies
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        """The input token embedding (the tied lm_head shares its weight)."""
+        raise NotImplementedError
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    @property
+    def final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    def embed(self, input_ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """ids and positions [...] -> [..., C]."""
+        return self.embed_tokens(input_ids)
+
+    def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(cos, sin) for the positions, or None for a model without rotary embeddings."""
+        return None
+
+    # ---- shared
+    @property
+    def tied(self) -> bool:
+        return self.lm_head.weight is self.embed_tokens.weight
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """GPT-2's initialisation (Radford et al. 2019, sec. 2.3): N(0, 0.02), residual projections scaled by
-        1/sqrt(2 * n_layer); biases zero, LayerNorm weights one."""
-        std = 0.02
-        for name, module in self.named_modules():
+        """N(0, initializer_range) for linear and embedding weights (transformers' _init_weights); biases zero,
+        norm weights one."""
+        std = getattr(self.config, "initializer_range", 0.02)
+        for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                scale = 1 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj") else 1.0
                 with torch.no_grad():
-                    module.weight.normal_(0.0, std * scale, generator=generator)
+                    module.weight.normal_(0.0, std, generator=generator)
                 if isinstance(module, nn.Linear) and module.bias is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
                 nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
 
     def set_dropout(self, p: float) -> None:
         """One dropout probability for embeddings, attention and residuals (fine-tuning often uses 0)."""
         for module in self.modules():
             if isinstance(module, nn.Dropout):
                 module.p = p
-            elif isinstance(module, Attention):
+            elif hasattr(module, "attn_pdrop"):
                 module.attn_pdrop = p
 
     def forward(
@@ -334,13 +387,14 @@ class GPT2(nn.Module):
         mask = attention_bias(attention_mask, T, past)  # [B, 1, T, S] or None
         if mask is not None:
             mask = mask.to(input_ids.device)
-        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(pos))  # [B, T, C]
-        for block in self.transformer.h:
+        x = self.embed(input_ids, pos)  # [B, T, C]
+        rope = self.rope(pos)  # 2 x [B, T, Dr] or None
+        for block in self.blocks:
             if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, mask, use_reentrant=False)
+                x = checkpoint(block, x, mask, None, None, None, rope, use_reentrant=False)
             else:
-                x = block(x, mask, cache)
-        return self.transformer.ln_f(x)
+                x = block(x, mask, cache, None, None, rope)
+        return self.final_norm(x)
 
     def _forward_unpadded(self, input_ids: torch.Tensor, keep: torch.Tensor,
                           outputs: torch.Tensor | None = None) -> torch.Tensor:
@@ -348,10 +402,10 @@ class GPT2(nn.Module):
         position, or per `outputs` position, in row-major order.
 
         With `outputs` ([B, T] bool, a subset of keep: the positions with a loss) the last block computes its
-        attention projection, MLP and LayerNorms for those rows alone: the other tokens are needed there only as
+        attention projection, MLP and norms for those rows alone: the other tokens are needed there only as
         keys and values. With prompt masking most tokens carry no loss, so this skips most of the last block's
-        c_proj and MLP work (forward and backward). With `share_prefix` set, a prefix common to every row is
-        computed once (Unpadded's `shared`)."""
+        output projection and MLP work (forward and backward). With `share_prefix` set, a prefix common to every
+        row is computed once (Unpadded's `shared`)."""
         keep = keep.to(input_ids.device)
         B = input_ids.shape[0]
         shared = shared_prefix_length(input_ids, keep) if self.share_prefix and B > 1 else 0
@@ -361,15 +415,16 @@ class GPT2(nn.Module):
         needed = requested.unique(sorted=True) if shared else requested  # rows to compute in the last block
         rows = needed if len(needed) < len(grid.index) else None
         pos = grid.index % input_ids.shape[1]  # right padding: a real token's position is its column
-        x = self.transformer.drop(self.transformer.wte(input_ids.reshape(-1)[grid.index]) + self.transformer.wpe(pos))
-        last = len(self.transformer.h) - 1
-        for i, block in enumerate(self.transformer.h):
+        x = self.embed(input_ids.reshape(-1)[grid.index], pos)  # [N, C]
+        rope = self.rope(pos)  # 2 x [N, Dr] or None
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
             out = rows if i == last else None
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, None, None, grid, out, use_reentrant=False)
+                x = checkpoint(block, x, None, None, grid, out, rope, use_reentrant=False)
             else:
-                x = block(x, None, None, grid, out)
-        x = self.transformer.ln_f(x)  # [len(needed), C]
+                x = block(x, None, None, grid, out, rope)
+        x = self.final_norm(x)  # [len(needed), C]
         if shared and (len(needed) != len(requested) or not torch.equal(needed, requested)):
             x = x.index_select(0, torch.searchsorted(needed, requested))  # shared rows read by several positions
         return x
@@ -379,7 +434,7 @@ class GPT2(nn.Module):
         return self.lm_head(hidden)
 
     def num_parameters(self) -> int:
-        """Distinct parameters (the tied lm_head counted once)."""
+        """Distinct parameters (a tied lm_head counted once)."""
         return sum(p.numel() for p in self.parameters())
 
     def linear_names(self) -> list[str]:
@@ -387,12 +442,25 @@ class GPT2(nn.Module):
         return [n for n, m in self.named_modules() if isinstance(m, nn.Linear)]
 
 
+def tie_or_build_head(model: CausalLM, hidden: int, vocab: int, tied: bool, name: str = "lm_head") -> None:
+    """The output projection `name` (the checkpoint's: lm_head, GPT-NeoX's embed_out): sharing the input
+    embedding's weight, or a [V, C] weight of its own."""
+    if not tied:
+        setattr(model, name, nn.Linear(hidden, vocab, bias=False))
+        return
+    # Built on the meta device: its own [V, C] weight (154 MB for GPT-2) would only be allocated, initialised
+    # and dropped again by the tie below, raising the peak RSS of every run with random weights.
+    head = nn.Linear(hidden, vocab, bias=False, device="meta")
+    head.weight = model.embed_tokens.weight
+    setattr(model, name, head)
+
+
 # ------------------------------------------------------------------------------------- classification head
 
-HEAD = "score"  # transformers' name for GPT2ForSequenceClassification's head, so merged models load there
+HEAD = "score"  # transformers' name for the *ForSequenceClassification head, so merged models load there
 
 
-def add_classification_head(model: GPT2, num_labels: int, generator: torch.Generator | None = None) -> nn.Linear:
+def add_classification_head(model: CausalLM, num_labels: int, generator: torch.Generator | None = None) -> nn.Linear:
     """Attach `model.score`: a bias-free linear map [num_labels, n_embd] from the last real token's hidden
     state to class logits (as transformers' GPT2ForSequenceClassification, so a merged model is exact)."""
     head = nn.Linear(model.config.n_embd, num_labels, bias=False)
@@ -417,9 +485,10 @@ def cast_frozen_linears_(model: nn.Module, dtype: torch.dtype) -> int:
     Under autocast, F.linear casts its fp32 weight and bias to the autocast dtype on every call: a full copy of the
     frozen model every forward (kept alive until the backward) and the memory traffic to make it. A frozen weight
     stored already rounded to that dtype gives bit-identical products. Trained parameters (LoRA, modules_to_save)
-    stay fp32; so do the embeddings and the tied lm_head/wte (the embedding lookup is not autocast), LayerNorm,
-    the base layer of a DoRA adapter (its weight norm is taken in fp32) and a task head (model.score: the adapter
-    file carries it, frozen or not, and must keep its fp32 values)."""
+    stay fp32; so do the embeddings and the lm_head (tied to the embedding, whose lookup is not autocast, or the
+    projection whose logits feed the fp32 loss), norms, the base layer of a DoRA adapter (its weight norm is taken
+    in fp32) and a task head (model.score: the adapter file carries it, frozen or not, and must keep its fp32
+    values)."""
     skip = {id(model.lm_head)} if hasattr(model, "lm_head") else set()
     for name, module in model.named_modules():
         if getattr(module, "use_dora", False) and hasattr(module, "base_layer"):

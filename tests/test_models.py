@@ -1,0 +1,341 @@
+"""The model families beyond GPT-2 (Llama, Mistral, Qwen2, Qwen3, GPT-NeoX) against transformers and PEFT, on tiny
+random checkpoints saved with `save_pretrained`: logits with and without padding, the padding-free and
+shared-prefix paths, KV-cached greedy decoding, LoRA logits, gradients and counts, sharded and hub-cache loading,
+random presets, and one-line errors for what is not supported."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import python
+from lora_cli.pretrained import load_model
+from lora_cli.config import LoraConfig, ModelSpec
+from lora_cli.errors import CheckpointError, ConfigError
+from lora_cli.lora import adapter_state_dict, apply_lora, count_parameters, resolve_targets, shorthands
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+V = 300
+SIZES = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=128)
+
+
+def hf_config(family: str):
+    """A tiny transformers config per family, each with the feature that sets the family apart switched on."""
+    if family == "llama":  # GQA, tied embeddings, q/k/v/o biases, llama3 rope scaling
+        return transformers.LlamaConfig(**SIZES, num_key_value_heads=2, tie_word_embeddings=True, attention_bias=True,
+                                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+    if family == "mistral":  # no sliding window (not supported), untied
+        return transformers.MistralConfig(**SIZES, num_key_value_heads=2, sliding_window=None)
+    if family == "qwen2":  # q/k/v biases, multi-head
+        return transformers.Qwen2Config(**SIZES, num_key_value_heads=4, tie_word_embeddings=True)
+    if family == "qwen3":  # q/k RMSNorm, head_dim * heads != hidden_size
+        return transformers.Qwen3Config(**SIZES, num_key_value_heads=2, head_dim=32)
+    if family == "gpt_neox":  # partial rotary, parallel residual, fused per-head q/k/v
+        return transformers.GPTNeoXConfig(**SIZES, rotary_pct=0.5, use_parallel_residual=True)
+    if family == "gpt_neox_sequential":
+        return transformers.GPTNeoXConfig(**SIZES, use_parallel_residual=False)
+    raise KeyError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gpt_neox_sequential"]
+# Two LoRA target sets per family: (ours, PEFT's target_modules); all-linear leaves the output head out, as PEFT.
+TARGETS = {
+    "llama-style": [(["q_proj", "self_attn.v_proj"], ["q_proj", "v_proj"]),
+                    (["all-linear"], "all-linear")],
+    "gpt_neox": [(["attention.query_key_value"], ["query_key_value"]),
+                 (["all-linear"], "all-linear")],
+}
+
+
+def make_checkpoint(path, family: str, seed: int = 0, **save_kwargs):
+    """Save a random transformers model of `family` (biases and norm weights perturbed away from 0 and 1);
+    return it in eval mode."""
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config(family)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(path, **save_kwargs)
+    return hf
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    """(family, checkpoint directory, transformers model)."""
+    path = tmp_path_factory.mktemp(request.param)
+    return request.param, path, make_checkpoint(path, request.param)
+
+
+def batch(seed: int = 0, B: int = 3, T: int = 11) -> torch.Tensor:
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def masked_max(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    return ((a - b).abs() * mask[..., None]).max().item()
+
+
+# ------------------------------------------------------------------------------------------- parity
+
+
+def test_logits_match_transformers_with_and_without_padding(family):
+    _, path, hf = family
+    ours = load_model(str(path)).model.eval()
+    ids = batch()
+    left = torch.ones_like(ids)
+    left[1, :4] = 0
+    left[2, :2] = 0
+    right = torch.ones_like(ids)
+    right[1, 7:] = 0
+    right[2, 9:] = 0
+    with torch.no_grad():
+        plain = ours.logits(ours(ids))
+        assert (plain - hf(input_ids=ids).logits).abs().max().item() <= 1e-4
+        assert plain.abs().max().item() > 0.1
+        for mask in (left, right):
+            got = ours.logits(ours(ids, mask))
+            assert masked_max(got, hf(input_ids=ids, attention_mask=mask).logits, mask) <= 1e-4
+
+
+def test_unpadded_and_shared_prefix_paths_equal_the_padded_path(family):
+    _, path, _ = family
+    ours = load_model(str(path)).model.eval()
+    ids = batch(seed=1, B=3, T=12)
+    ids[:, :5] = ids[0, :5]  # a prefix common to every row
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[1, 8:] = False
+    keep[2, 10:] = False
+    outputs = keep.clone()
+    outputs[:, :6] = False  # the loss positions only
+    with torch.no_grad():
+        padded = ours(ids, keep.long())[keep]  # [N, C]
+        for share in (False, True):
+            ours.share_prefix = share
+            assert (ours(ids, keep=keep) - padded).abs().max().item() <= 1e-5
+            assert (ours(ids, keep=keep, outputs=outputs) - ours(ids, keep.long())[outputs]).abs().max().item() <= 1e-5
+
+
+def test_kv_cached_greedy_decoding_equals_transformers_generate(family):
+    from lora_cli.generate import generate
+
+    _, path, hf = family
+    ours = load_model(str(path)).model.eval()
+    prompts = [batch(seed=2, B=1, T=7)[0].tolist(), batch(seed=3, B=1, T=4)[0].tolist()]
+    got = generate(ours, prompts, 8, eos_id=None)  # one left-padded batch, KV cache
+    for prompt, new in zip(prompts, got):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                          pad_token_id=0)
+        assert new == ref[0, len(prompt):].tolist()
+    assert generate(ours, prompts, 8, eos_id=None, use_cache=False) == got
+
+
+def hf_names(names, family_name: str) -> list[str]:
+    """transformers 5 calls GPT-NeoX's output head lm_head in the module tree; its checkpoints (and we) embed_out."""
+    if not family_name.startswith(("gpt_neox", "pythia")):
+        return list(names)
+    return [n.replace("lm_head", "embed_out") if n.startswith("lm_head") else n for n in names]
+
+
+def test_linear_names_and_parameter_counts_are_exact(family):
+    name, path, hf = family
+    ours = load_model(str(path)).model
+    assert ours.linear_names() == hf_names((n for n, m in hf.named_modules() if isinstance(m, nn.Linear)), name)
+    assert ours.num_parameters() == sum(p.numel() for p in hf.parameters())
+    assert set(ours.state_dict()) == set(hf_names(hf.state_dict(), name))
+
+
+def _peft_pair(family_name: str, path, hf, targets, peft_targets, r=4):
+    ours = load_model(str(path)).model.eval()
+    apply_lora(ours, LoraConfig(r=r, alpha=2 * r + 3, dropout=0.0, targets=targets),
+               generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:  # B = 0 at init: draw it, so parity is not trivially W x
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    theirs = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(
+        r=r, lora_alpha=2 * r + 3, lora_dropout=0.0, target_modules=peft_targets)).eval()
+    return ours, theirs
+
+
+def our_key(peft_name: str) -> str:
+    return peft_name.removeprefix("base_model.model.").replace(".default", "")
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_lora_logits_gradients_and_counts_match_peft(family, which):
+    name, path, hf = family
+    targets, peft_targets = TARGETS["gpt_neox" if name.startswith("gpt_neox") else "llama-style"][which]
+    ours, theirs = _peft_pair(name, path, hf, targets, peft_targets)
+    assert count_parameters(ours)[0] == theirs.get_nb_trainable_parameters()[0]
+    state = adapter_state_dict(ours)
+    copied = 0
+    with torch.no_grad():
+        for pname, p in theirs.named_parameters():
+            if p.requires_grad:
+                p.copy_(state[our_key(pname)])
+                copied += 1
+    assert copied == len(state) > 0
+
+    ids = batch(seed=4, B=2, T=10)
+    a = ours.logits(ours(ids))
+    b = theirs(input_ids=ids).logits
+    assert (a - b).abs().max().item() <= 1e-5
+    labels = batch(seed=5, B=2, T=10)
+    nn.functional.cross_entropy(a.flatten(0, 1), labels.flatten()).backward()
+    nn.functional.cross_entropy(b.flatten(0, 1), labels.flatten()).backward()
+    mine = dict(ours.named_parameters())
+    for pname, p in theirs.named_parameters():
+        if p.requires_grad:
+            assert (mine[our_key(pname)].grad - p.grad).abs().max().item() <= 1e-5, pname
+
+
+def test_lora_layers_select_blocks_and_shorthands_name_the_family(family):
+    name, path, _ = family
+    ours = load_model(str(path)).model
+    prefix = "gpt_neox.layers" if name.startswith("gpt_neox") else "model.layers"
+    picked = resolve_targets(ours, ["all-linear"], layers=[1])
+    assert picked and all(n.startswith(f"{prefix}.1.") for n in picked)
+    assert len(picked) == len(resolve_targets(ours, ["all-linear"])) // 2
+    with pytest.raises(ConfigError, match=r"lora.layers: block 2 does not exist; the model has blocks 0-1"):
+        resolve_targets(ours, ["all-linear"], layers=[2])
+    with pytest.raises(ConfigError, match=rf"'attn.q' matches no linear layer; available: .*\(in {prefix}.0-1\)"):
+        resolve_targets(ours, ["attn.q"])
+    shorts = shorthands(ours)
+    assert shorts[0] == "all-linear" and all(not s.startswith(prefix) for s in shorts)
+    assert len(shorts) == 1 + len({n.split(".", 3)[3] for n in ours.linear_names() if n.startswith(prefix)})
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def test_sharded_checkpoint_loads_with_equal_logits(tmp_path):
+    hf = make_checkpoint(tmp_path, "llama", max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and not (tmp_path / "model.safetensors").exists()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    ours = load_model(str(tmp_path)).model.eval()
+    ids = batch()
+    with torch.no_grad():
+        assert (ours.logits(ours(ids)) - hf(input_ids=ids).logits).abs().max().item() <= 1e-4
+
+
+def test_sharded_checkpoint_loads_offline_from_the_hub_cache(tmp_path):
+    source = tmp_path / "source"
+    make_checkpoint(source, "qwen2", max_shard_size="40KB")
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = tmp_path / "home" / "hub" / "models--test-org--tiny-qwen2"
+    snap = repo_dir / "snapshots" / revision
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(revision)
+    snap.mkdir(parents=True)
+    (repo_dir / "blobs").mkdir()
+    for f in source.iterdir():  # the layout huggingface_hub writes: blobs, snapshot links
+        blob = repo_dir / "blobs" / f"blob-{f.name}"
+        shutil.copy(f, blob)
+        os.symlink(os.path.relpath(blob, snap), snap / f.name)
+    code = ("from lora_cli.pretrained import load_model; b = load_model('test-org/tiny-qwen2');"
+            "print(b.source, b.revision, b.fingerprint, b.model.num_parameters())")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    out = python("-c", code, env=env)
+    assert out.returncode == 0, out.stderr
+    direct = load_model(str(source))
+    assert out.stdout.split() == ["hub", revision, direct.fingerprint, str(direct.model.num_parameters())]
+
+
+# Published sizes (transformers' own count of the same config on the meta device is checked too).
+PRESET_PARAMETERS = {"smollm2-135m": 134_515_008, "pythia-160m": 162_322_944}
+
+
+@pytest.mark.parametrize("preset", ["smollm2-135m", "qwen2.5-0.5b", "qwen3-0.6b", "pythia-160m", "llama-3.2-1b"])
+def test_random_presets_match_transformers_counts(preset):
+    from lora_cli.pretrained import PRESET_DIR
+
+    spec = ModelSpec.parse({"name": preset, "init": "random"})
+    net = load_model(spec, weights=False).model
+    raw = json.loads((PRESET_DIR / f"{preset}.json").read_text())
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**raw))
+    assert net.num_parameters() == sum(p.numel() for p in hf.parameters())
+    assert net.linear_names() == hf_names((n for n, m in hf.named_modules() if isinstance(m, nn.Linear)), preset)
+    if preset in PRESET_PARAMETERS:
+        assert net.num_parameters() == PRESET_PARAMETERS[preset]
+
+
+def test_random_preset_with_overrides_runs():
+    spec = ModelSpec.parse({"name": "smollm2-135m", "init": "random", "n_layer": 2, "n_embd": 72, "n_head": 3,
+                            "seed": 5})
+    base = load_model(spec)
+    net = base.model
+    assert (net.config.num_hidden_layers, net.config.hidden_size, net.config.num_attention_heads) == (2, 72, 3)
+    assert net.tied and base.fingerprint == load_model(spec).fingerprint
+    with torch.no_grad():
+        out = net.logits(net(torch.tensor([[1, 2, 3]])))
+    assert out.shape == (1, 3, 49152) and torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------------------- bad inputs
+
+
+def _edited(tmp_path, family: str, **changes):
+    make_checkpoint(tmp_path, family)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(changes)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return str(tmp_path)
+
+
+def test_unsupported_model_type_is_one_line(tmp_path):
+    path = _edited(tmp_path, "llama", model_type="mamba")
+    with pytest.raises(CheckpointError, match=r"config.json: model_type 'mamba' is not supported; supported: gpt2, "
+                                              r"llama, mistral, qwen2, qwen3, gpt_neox$"):
+        load_model(path)
+
+
+def test_active_sliding_window_is_one_line(tmp_path):
+    path = _edited(tmp_path, "mistral", sliding_window=16)
+    with pytest.raises(CheckpointError, match=r"sliding-window attention \(sliding_window 16 < max_position_embeddings "
+                                              r"128\) is not supported; supported: full causal attention"):
+        load_model(path)
+
+
+def test_qwen2_window_off_is_accepted(tmp_path):
+    path = _edited(tmp_path, "qwen2", sliding_window=16, use_sliding_window=False)
+    assert load_model(path).model.config.sliding_window == 16
+
+
+def test_unknown_rope_scaling_is_one_line(tmp_path):
+    path = _edited(tmp_path, "llama", rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0})
+    with pytest.raises(CheckpointError, match=r"rope_scaling type 'yarn' is not supported; supported: default, llama3"):
+        load_model(path)
+
+
+def test_vocab_size_that_does_not_match_the_embedding_is_one_line(tmp_path):
+    path = _edited(tmp_path, "qwen3", vocab_size=V + 10)
+    with pytest.raises(CheckpointError, match=rf"tensor model.embed_tokens.weight has shape \[{V}, 64\], the model "
+                                              rf"expects \[{V + 10}, 64\]"):
+        load_model(path)
+
+
+def test_missing_tensor_names_the_family(tmp_path):
+    path = _edited(tmp_path, "gpt_neox", num_hidden_layers=3)
+    with pytest.raises(CheckpointError, match=r"does not match the GPT-NeoX architecture of its config: missing "
+                                              r"gpt_neox.layers.2."):
+        load_model(path)
+
+
+def test_merged_directory_of_a_new_family_is_refused_for_now(tmp_path):
+    from lora_cli.pretrained import save_pretrained
+
+    make_checkpoint(tmp_path / "src", "qwen3")
+    with pytest.raises(CheckpointError, match=r"writing a merged Qwen3 model is not supported yet \(GPT-2 only\)"):
+        save_pretrained(load_model(str(tmp_path / "src")).model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

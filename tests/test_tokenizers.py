@@ -1,0 +1,136 @@
+"""load_tokenizer: a checkpoint's tokenizer.json (through `tokenizers`) gives the ids transformers' AutoTokenizer
+gives, with bos added exactly when the model's tokenizer adds it; GPT-2 keeps the bundled BPE; bad files are one
+line each. The tokenizers are byte-level BPEs trained here with the `tokenizers` library."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_cli import tokenizer as gpt2_bpe
+from lora_cli.config import ModelSpec
+from lora_cli.errors import CheckpointError
+from lora_cli.tokenizer import GPT2Tokenizer, HFTokenizer, load_tokenizer
+
+tokenizers = pytest.importorskip("tokenizers")
+transformers = pytest.importorskip("transformers")
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "naïve café — 東京 🤖 über straße", "  leading spaces\tand tabs\nnew lines",
+    "def f(x):\n    return x * 2",
+] * 20
+
+TEXTS = [
+    "Hello, world!",
+    " leading space and trailing space ",
+    "naïve café — 東京 🤖 ß∂ƒ",
+    "line one\nline two\r\n\ttabbed",
+    "<|begin_of_text|>special in the middle<|eot_id|> and after",
+    "<|im_start|>user\nhi<|im_end|>",
+    "",
+]
+
+
+def build(folder, *, bos: bool) -> HFTokenizer:
+    """A byte-level BPE tokenizer.json like Llama 3 / SmolLM (bos: a TemplateProcessing post-processor adds it)
+    or like Qwen2 (no bos), saved with its tokenizer_config.json and generation_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = (["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"] if bos
+                else ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    ids = {s: tok.token_to_id(s) for s in specials}
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+            special_tokens=[("<|begin_of_text|>", ids["<|begin_of_text|>"])])
+        config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
+        generation = {"bos_token_id": ids["<|begin_of_text|>"],
+                      "eos_token_id": [ids["<|end_of_text|>"], ids["<|eot_id|>"]]}
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        config = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+        generation = {"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]}
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                              **config}))
+    (folder / "generation_config.json").write_text(json.dumps(generation))
+    return ids
+
+
+@pytest.mark.parametrize("bos", [True, False], ids=["llama3-style", "qwen2-style"])
+def test_ids_equal_autotokenizer(tmp_path, bos):
+    ids = build(tmp_path, bos=bos)
+    ours = load_tokenizer(str(tmp_path))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert isinstance(ours, HFTokenizer) and ours.vocab_size == len(theirs)
+    for text in TEXTS:
+        expected = theirs(text)["input_ids"]
+        assert ours.encode(text, allow_special=True, add_special_tokens=True) == expected, text
+        assert ours.encode(text, allow_special=True) == theirs(text, add_special_tokens=False)["input_ids"], text
+        assert ours.decode(ours.encode(text)) == text
+    if bos:
+        assert ours.adds_bos and ours.bos_id == ids["<|begin_of_text|>"] == theirs.bos_token_id
+        assert ours.eos_ids == (ids["<|end_of_text|>"], ids["<|eot_id|>"]) and ours.pad_id is None
+    else:
+        assert not ours.adds_bos and ours.bos_id is None
+        assert ours.eos_ids == (ids["<|im_end|>"], ids["<|endoftext|>"]) == (theirs.eos_token_id, theirs.pad_token_id)
+        assert ours.pad_id == ids["<|endoftext|>"]
+
+
+def test_special_tokens_in_user_text_stay_text_unless_allowed(tmp_path):
+    ids = build(tmp_path, bos=True)
+    ours = load_tokenizer(tmp_path / "tokenizer.json")
+    text = "a<|eot_id|>b"
+    assert ids["<|eot_id|>"] in ours.encode(text, allow_special=True)
+    plain = ours.encode(text)
+    assert ids["<|eot_id|>"] not in plain and ours.decode(plain) == text
+    assert ours.encode_batch([text, "x"]) == [plain, ours.encode("x")]
+
+
+def test_add_bos_token_in_tokenizer_config_overrides_the_post_processor(tmp_path):
+    ids = build(tmp_path, bos=True)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    ours = load_tokenizer(str(tmp_path))
+    assert not ours.adds_bos and ours.encode("hi", add_special_tokens=True) == ours.encode("hi")
+    assert ids["<|begin_of_text|>"] == ours.bos_id
+
+
+def test_gpt2_keeps_the_bundled_bpe(tmp_path, tiny_hf_dir):
+    for source in (str(tiny_hf_dir), ModelSpec.parse({"name": "smollm2-135m", "init": "random"})):
+        tok = load_tokenizer(source)
+        assert isinstance(tok, GPT2Tokenizer)
+        assert tok.encode("Hello, world!") == gpt2_bpe.encode("Hello, world!") == [15496, 11, 995, 0]
+        assert tok.encode("<|endoftext|>", allow_special=True, add_special_tokens=True) == [50256]
+        assert tok.eos_ids == (50256,) and tok.vocab_size == 50257 and not tok.adds_bos
+
+
+def test_missing_tokenizer_json_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match=r"has no tokenizer.json; pass a model directory with its tokenizer "
+                                              r"files, or a tokenizer.json file$"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_corrupt_tokenizer_json_is_one_line(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": ')
+    with pytest.raises(CheckpointError, match=r"tokenizer.json: it is not a tokenizer.json that the tokenizers "
+                                              r"library can load \(.+\); pass a model directory") as err:
+        load_tokenizer(str(tmp_path))
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_special_token_is_one_line(tmp_path):
+    build(tmp_path, bos=False)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    with pytest.raises(CheckpointError, match=r"eos_token '</s>' of tokenizer_config.json is not in the vocabulary"):
+        load_tokenizer(str(tmp_path))
