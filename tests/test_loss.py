@@ -25,16 +25,18 @@ def problem(n=150, c=64, seed=0, ignore=(5, 37)):
     return hidden, weight, targets
 
 
-def plain(hidden, weight, targets, smoothing=0.0):
-    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum", label_smoothing=smoothing)
+def plain(hidden, weight, targets, smoothing=0.0, dtype=torch.float32):
+    return F.cross_entropy(F.linear(hidden, weight).to(dtype), targets, reduction="sum", label_smoothing=smoothing)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("chunk_rows", [1, 7, 64, 1000])
 def test_chunked_loss_and_hidden_grad_equal_plain(chunk_rows, smoothing):
+    # The reference is the plain path in fp64: torch's own fp32 gradient with label smoothing is 9.4e-6 (relative)
+    # away from it here, about as far as the bound, while the chunked fp32 gradient is within 4e-6.
     hidden, weight, targets = problem()
-    h1 = hidden.clone().requires_grad_()
-    ref = plain(h1, weight, targets, smoothing)
+    h1 = hidden.double().requires_grad_()
+    ref = plain(h1, weight.double(), targets, smoothing, dtype=torch.float64)
     (ref * 0.37).backward()  # a scale, as the trainer divides by the target count
     h2 = hidden.clone().requires_grad_()
     out = chunked_cross_entropy(h2, weight, targets, smoothing, chunk_rows)
