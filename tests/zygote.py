@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = r'''
 import io, json, os, runpy, signal, sys, time, traceback
 # The expensive imports, once. No tensor op runs here, so forking stays safe.
-import torch, torch._dynamo, yaml, safetensors.torch, typer, click, tqdm
+import torch, torch._dynamo, yaml, safetensors.torch, typer, click, tqdm, pandas  # pandas: reads every data file
 import lora_cli.cli, lora_cli.config, lora_cli.data, lora_cli.pretrained, lora_cli.adapter, lora_cli.train
 for name in ("evaluate", "inference", "merge", "generate", "loss", "lora", "distributed", "predict"):
     try:

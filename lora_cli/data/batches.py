@@ -141,5 +141,3 @@ def collate(examples: Sequence[Example], pad_id: int = EOT_ID, pad_side: str = "
 def padding_waste(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> int:
     """Pad tokens these batches need (sum over batches of longest x size, minus real tokens)."""
     return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches if b)
-
-

@@ -315,5 +315,3 @@ def preview(example: Example) -> str:
     if run:
         out.append(f"[[{decode(run)}]]" if run_mask else decode(run))
     return "".join(out)
-
-

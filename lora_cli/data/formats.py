@@ -164,4 +164,3 @@ def fill_template(template: str, values: Mapping[str, Any]) -> str:
         value = values.get(name)
         out.append("" if value is None else str(value))
     return "".join(out)
-

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from lora_cli.data.encode import DataStats, Example, count_stats, load_file
 from lora_cli.data.io import Table
 from lora_cli.errors import ConfigError, DataError
+from lora_cli.fsutil import atomic_write_text
 
 if TYPE_CHECKING:
     from lora_cli.config import RunConfig
@@ -168,8 +169,6 @@ def load_splits(cfg: "RunConfig", context_length: int) -> DataSplits:
 def write_split(path: str | Path, examples: Sequence[Example], frame: Table) -> None:
     """Write the source rows of these examples as a CSV (with a header), atomically; e.g. the classification
     test split for `lora eval --data`."""
-    from lora_cli.fsutil import atomic_write_text
-
     rows = [ex.row for ex in examples]
     if any(r < 0 for r in rows):
         raise DataError("cannot write a split of a .txt file (its examples are chunks, not rows)")
