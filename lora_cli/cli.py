@@ -121,7 +121,7 @@ def eval_(
     config: Optional[Path] = typer.Argument(None, help="A run config: evaluate its test split (data.test or test_split), else its validation split, with out_dir/adapter.safetensors."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP + " Alone: evaluate that model."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Held-out data file (.csv/.tsv/.json/.jsonl/.txt), encoded as the adapter was trained."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Held-out data file (.csv/.tsv/.json/.jsonl/.parquet/.txt), encoded as the adapter was trained."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     batch_size: int = typer.Option(8, "--batch-size", help="Examples (and prompts, with --generate) per batch."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per example (default: the adapter's data.max_length)."),

@@ -126,7 +126,7 @@ def _check_reference_column(path, data_cfg, task: str) -> None:
     """--generate scores against the response column: a file without one is a one-line error, before any
     model work."""
     if Path(path).suffix.lower() == ".txt":
-        raise DataError(f"{path}: --generate needs prompts with reference texts (a CSV, TSV, JSON or JSONL file "
+        raise DataError(f"{path}: --generate needs prompts with reference texts (a CSV, TSV, JSON, JSONL or Parquet file "
                         "with prompt and completion columns, or alpaca instruction and output), not plain text")
     frame = read_table(path, data_cfg, "--data")
     columns = [str(c) for c in frame.columns]

@@ -1,10 +1,10 @@
 """GPT-2 (Radford et al. 2019) in plain PyTorch, with the Hugging Face parameter names.
 
 Shapes: B batch, T new tokens, S keys (past + new), C = n_embd, H = n_head, D = C / H, V = vocab_size.
-Linear weights are stored [out, in] (Hugging Face's Conv1D files store [in, out]; checkpoint.py transposes once).
+Linear weights are stored [out, in] (Hugging Face's Conv1D files store [in, out]; pretrained.py transposes once).
 The forward returns hidden states; `lm_head` is applied by the caller, so training and evaluation can project
 only the positions that carry a loss instead of materialising [B, T, V] logits.
-No LoRA and no I/O here: lora.py wraps the nn.Linear layers in place, checkpoint.py loads weights.
+No LoRA and no I/O here: lora.py wraps the nn.Linear layers in place, pretrained.py loads weights.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class GPT2Config:
         return cls(**values)
 
 
-# Parameter-free sizes of the published checkpoints: the one table of presets (checkpoint.py and `init: random`).
+# Parameter-free sizes of the published checkpoints: the one table of presets (pretrained.py and `init: random`).
 GPT2_PRESETS: dict[str, GPT2Config] = {
     "gpt2": GPT2Config(n_layer=12, n_head=12, n_embd=768),
     "gpt2-medium": GPT2Config(n_layer=24, n_head=16, n_embd=1024),
