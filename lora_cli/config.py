@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
+import yaml
+
 from lora_cli.errors import ConfigError, did_you_mean, first_line
 
 ARCH_OVERRIDES = ("n_layer", "n_head", "n_embd", "n_positions")
@@ -208,8 +210,6 @@ TOP_KEYS = ("model", "out_dir", "task", *SECTIONS)
 
 def _yaml_lines(text: str) -> dict[str, int]:
     """1-based line of every key path ("train.lr") in the YAML text."""
-    import yaml
-
     lines: dict[str, int] = {}
 
     def walk(node, prefix: str) -> None:
@@ -228,8 +228,6 @@ def _yaml_lines(text: str) -> dict[str, int]:
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`train.lr=1e-4` -> (["train", "lr"], 1e-4); the value is read as YAML (so lists and null work)."""
-    import yaml
-
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
@@ -241,8 +239,6 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    import yaml
-
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
@@ -506,6 +502,4 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
 
 
 def dump_config(cfg: RunConfig) -> str:
-    import yaml
-
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

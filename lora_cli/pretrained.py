@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import safetensors.torch
 from torch.overrides import TorchFunctionMode
 
 from lora_cli.config import ModelSpec
@@ -161,6 +162,7 @@ def _local_model(path: Path, weights: bool) -> BaseModel:
 
 
 def _hub_model(spec: ModelSpec, weights: bool) -> BaseModel:
+    # Here, not at the top: only hub ids pay for importing huggingface_hub (~0.3 s).
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
     from huggingface_hub.utils import logging as hf_logging
@@ -195,7 +197,7 @@ def _hub_model(spec: ModelSpec, weights: bool) -> BaseModel:
     except CheckpointError:
         raise
     except Exception as exc:  # huggingface_hub raises many types (network, auth, offline); all mean "not here"
-        raise CheckpointError(_hub_failure(spec.name, exc)) from exc
+        raise CheckpointError(hub_failure(spec.name, exc)) from exc
     config = read_config(config_file)
     if weight_file.name == SHARD_INDEX:
         state = read_shards(weight_file, lambda name: weight_file.parent / name)
@@ -206,7 +208,7 @@ def _hub_model(spec: ModelSpec, weights: bool) -> BaseModel:
     return BaseModel(model, "hub", repo_id, resolved, fingerprint(model.state_dict()))
 
 
-def _hub_failure(name: str, exc: Exception) -> str:
+def hub_failure(name: str, exc: Exception) -> str:
     kind = type(exc).__name__
     if kind in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):
         return f"model {name} was not found on the Hugging Face hub ({kind}); check the id and revision, or log in with `hf auth login`"
@@ -466,8 +468,6 @@ def save_pretrained(
 
     The directory appears whole or not at all: it is built beside the target and renamed into place.
     """
-    from safetensors.torch import save_file
-
     if model_type(model.config) != "gpt2":
         raise CheckpointError(f"writing a merged {FAMILY_NAMES[model_type(model.config)]} model is not supported yet "
                               f"(GPT-2 only); export the adapter for PEFT instead (lora export)")
@@ -479,7 +479,7 @@ def save_pretrained(
     with atomic_dir(out, CheckpointError) as staging:
         atomic_write_text(staging / "config.json", json.dumps(config, indent=2) + "\n")
         with atomic_path(staging / "model.safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})  # looked up here: tests pause it
         for name, text in (extra_files or {}).items():
             atomic_write_text(staging / name, text)
     return out

@@ -179,10 +179,10 @@ def _model_type(config_file: Path) -> str | None:
 
 
 def _hub_tokenizer(spec, read_side) -> GPT2Tokenizer | HFTokenizer:
-    # Here, not at the top: huggingface_hub and checkpoint (torch) load only when a hub id is named.
+    # Here, not at the top: huggingface_hub and pretrained (torch) load only when a hub id is named.
     from huggingface_hub import hf_hub_download
 
-    from lora_cli.checkpoint import _hub_failure
+    from lora_cli.pretrained import hub_failure
 
     repo_id, _, at_revision = spec.name.partition("@")
     revision = spec.revision or at_revision or None
@@ -197,5 +197,5 @@ def _hub_tokenizer(spec, read_side) -> GPT2Tokenizer | HFTokenizer:
             except Exception:  # optional files: a repository may have none of them
                 pass
     except Exception as exc:  # huggingface_hub raises many types (network, auth, offline); all mean "not here"
-        raise CheckpointError(_hub_failure(spec.name, exc)) from exc
+        raise CheckpointError(hub_failure(spec.name, exc)) from exc
     return HFTokenizer(tokenizer_file, read_side(tokenizer_file.parent))

@@ -203,3 +203,21 @@ train: {{lr: {lr}, batch_size: 4, max_steps: {steps}, warmup_steps: 1, eval_ever
 def tree(path: Path) -> dict:
     """{relative path: (size, mtime_ns)} of every file under path: to show nothing changed."""
     return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(path).rglob("*"))}
+
+
+def offline_hub_repo(home: Path, repo_id: str, source: Path, revision: str = "0123456789abcdef" * 2 + "01234567") -> str:
+    """Put the files of `source` into HF_HOME=`home` as huggingface_hub's cache lays out a download of `repo_id`
+    (blobs, snapshots/REVISION links, refs/main), so HF_HUB_OFFLINE=1 loads it; returns the revision."""
+    import shutil
+
+    repo_dir = home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snap = repo_dir / "snapshots" / revision
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(revision)
+    snap.mkdir(parents=True)
+    (repo_dir / "blobs").mkdir()
+    for f in source.iterdir():
+        blob = repo_dir / "blobs" / f"blob-{f.name}"
+        shutil.copy(f, blob)
+        os.symlink(os.path.relpath(blob, snap), snap / f.name)
+    return revision

@@ -8,13 +8,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 
 import pytest
 import torch
 from torch import nn
 
-from helpers import python
+from helpers import offline_hub_repo, python
 from lora_cli.pretrained import load_model
 from lora_cli.config import LoraConfig, ModelSpec
 from lora_cli.errors import CheckpointError, ConfigError
@@ -231,17 +230,7 @@ def test_sharded_checkpoint_loads_with_equal_logits(tmp_path):
 def test_sharded_checkpoint_loads_offline_from_the_hub_cache(tmp_path):
     source = tmp_path / "source"
     make_checkpoint(source, "qwen2", max_shard_size="40KB")
-    revision = "0123456789abcdef0123456789abcdef01234567"
-    repo_dir = tmp_path / "home" / "hub" / "models--test-org--tiny-qwen2"
-    snap = repo_dir / "snapshots" / revision
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / "main").write_text(revision)
-    snap.mkdir(parents=True)
-    (repo_dir / "blobs").mkdir()
-    for f in source.iterdir():  # the layout huggingface_hub writes: blobs, snapshot links
-        blob = repo_dir / "blobs" / f"blob-{f.name}"
-        shutil.copy(f, blob)
-        os.symlink(os.path.relpath(blob, snap), snap / f.name)
+    revision = offline_hub_repo(tmp_path / "home", "test-org/tiny-qwen2", source)
     code = ("from lora_cli.pretrained import load_model; b = load_model('test-org/tiny-qwen2');"
             "print(b.source, b.revision, b.fingerprint, b.model.num_parameters())")
     env = {**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}

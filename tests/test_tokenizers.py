@@ -5,9 +5,11 @@ line each. The tokenizers are byte-level BPEs trained here with the `tokenizers`
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
+from helpers import offline_hub_repo, python
 from lora_cli import tokenizer as gpt2_bpe
 from lora_cli.config import ModelSpec
 from lora_cli.errors import CheckpointError
@@ -112,6 +114,25 @@ def test_gpt2_keeps_the_bundled_bpe(tmp_path, tiny_hf_dir):
         assert tok.encode("Hello, world!") == gpt2_bpe.encode("Hello, world!") == [15496, 11, 995, 0]
         assert tok.encode("<|endoftext|>", allow_special=True, add_special_tokens=True) == [50256]
         assert tok.eos_ids == (50256,) and tok.vocab_size == 50257 and not tok.adds_bos
+
+
+def test_hub_id_loads_from_the_offline_cache(tmp_path):
+    """A hub id's tokenizer.json and side files come through huggingface_hub's cache (HF_HUB_OFFLINE=1); an id
+    that is not cached is one line naming it."""
+    source = tmp_path / "source"
+    ids = build(source, bos=True)
+    (source / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    offline_hub_repo(tmp_path / "home", "test-org/tiny-llama", source)
+    code = ("import json; from lora_cli.tokenizer import load_tokenizer; t = load_tokenizer('test-org/tiny-llama');"
+            "print(json.dumps([t.encode('Hello there', add_special_tokens=True), t.bos_id, list(t.eos_ids)]))")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    out = python("-c", code, env=env)
+    assert out.returncode == 0, out.stderr
+    direct = load_tokenizer(str(source))
+    assert json.loads(out.stdout) == [direct.encode("Hello there", add_special_tokens=True), ids["<|begin_of_text|>"],
+                                      [ids["<|end_of_text|>"], ids["<|eot_id|>"]]]
+    missing = python("-c", "from lora_cli.tokenizer import load_tokenizer; load_tokenizer('test-org/absent')", env=env)
+    assert missing.returncode == 1 and "CheckpointError" in missing.stderr and "test-org/absent" in missing.stderr
 
 
 def test_missing_tokenizer_json_is_one_line(tmp_path):
