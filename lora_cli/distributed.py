@@ -8,13 +8,12 @@ management or communication of our own: torchrun starts, watches and tears down 
 gradients, and the few other collectives (token counts, the step's loss, validation sums, resume state) are single
 torch.distributed calls.
 
-How one optimizer step is spread (see train._loop): the epoch's micro-batches L (data.batch_indices, length-grouped)
-are sharded round-robin (data.shard): rank r runs L[r], L[r+W], ... With grad_accum A per process, step s covers
-the global positions s*A*W ... (s+1)*A*W - 1, rank r's k-th micro-batch of the step being position s*A*W + k*W + r,
-so W processes with (batch_size B, grad_accum A) see exactly the groups of examples one process sees with
-(B, A*W): the same global batch, the same optimizer steps. The loss of each micro-batch is normalised by the
-target tokens of the whole global step (all-reduced before backward) and multiplied by W, because DDP averages
-the gradients over the W processes; the result is the single-process gradient.
+How one optimizer step is spread (see train._loop): the epoch is a list of global batches (data.batch_indices at
+the global batch's size, length-grouped); step s takes global batch s, sorted by length and cut into A*W
+contiguous micro-batches (data.split_batch), rank r running micro-batches r*A ... (r+1)*A - 1. So the step's
+examples depend on the global batch only, not on (batch_size, grad_accum, W). The loss of each micro-batch is
+normalised by the target tokens of the whole global batch (all-reduced before backward) and multiplied by W,
+because DDP averages the gradients over the W processes; the result is the single-process gradient.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ class RunState:
 
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    batch_in_epoch: int = 0  # global batches (optimizer steps, skipped ones included) of this epoch consumed
     tokens: int = 0  # real tokens trained on
     best_val: float | None = None
     best_step: int | None = None
@@ -43,14 +43,18 @@ def trainable_named(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(out_dir: Path, model, optimizer, state: RunState, world_size: int = 1) -> None:
-    """One file, written atomically: a reader finds the previous checkpoint or this one, never a mix.
-    Dropout needs no per-process RNG state: its seed is a pure function of the micro-batch (train.dropout_seed)."""
+def save_checkpoint(out_dir: Path, model, optimizer, state: RunState, world_size: int = 1,
+                    global_batch: int | None = None) -> None:
+    """One file, written atomically: a reader finds the previous checkpoint or this one, never a mix. The data
+    position counts global batches, so any process count or micro-batch size with the same global batch can
+    resume it. Dropout needs no per-process RNG state: its seed is a pure function of the micro-batch
+    (train.dropout_seed)."""
     payload = {
         "trainable": {n: p.detach().cpu().clone() for n, p in trainable_named(model).items()},
         "optimizer": optimizer.state_dict(),
         "state": asdict(state),
-        "world_size": world_size,
+        "world_size": world_size,  # for the record: a resume may use another count
+        "global_batch": global_batch,
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -61,8 +65,8 @@ def save_checkpoint(out_dir: Path, model, optimizer, state: RunState, world_size
         torch.save(payload, tmp)
 
 
-def read_checkpoint(out_dir: Path, model, world_size: int = 1) -> dict:
-    """The checkpoint's payload, checked against this run's LoRA parameters and process count."""
+def read_checkpoint(out_dir: Path, model, global_batch: int | None = None) -> dict:
+    """The checkpoint's payload, checked against this run's LoRA parameters and global batch."""
     path = out_dir / CHECKPOINT_FILE
     if not path.is_file():
         raise TrainingError(f"--resume: no checkpoint at {path}; start without --resume (add --overwrite to replace the run)")
@@ -76,12 +80,14 @@ def read_checkpoint(out_dir: Path, model, world_size: int = 1) -> dict:
     saved = payload["trainable"]
     if set(saved) != set(params) or any(saved[n].shape != p.shape for n, p in params.items()):
         raise TrainingError(f"--resume: checkpoint {path} was written for other LoRA settings; keep the config of that run or use --overwrite")
-    saved_world = payload.get("world_size", 1)
-    if saved_world != world_size:
+    saved_batch = payload.get("global_batch")
+    if saved_batch is None:  # before the global batch was the unit, the position counted micro-batches
+        raise TrainingError(f"--resume: checkpoint {path} was written by an older lora-cli; start again with --overwrite")
+    if saved_batch != global_batch:
         raise TrainingError(
-            f"--resume: checkpoint {path} was written by a run of {saved_world} process{'es' if saved_world > 1 else ''}, "
-            f"this run has {world_size}; resume with {saved_world} (e.g. torchrun --nproc_per_node {saved_world}) "
-            "or start again with --overwrite")
+            f"--resume: checkpoint {path} was written with a global batch of {saved_batch}, this run's is "
+            f"{global_batch}; set train.global_batch_size: {saved_batch} (any process count and batch_size can "
+            "resume it) or start again with --overwrite")
     return payload
 
 

@@ -4,8 +4,10 @@ The loop is one plain function (`_loop`) with visible steps; the learning-rate s
 (`lr_at`); validation is evaluation.evaluate_lm / evaluate_classification. The run directory and its checkpoints
 are rundir.py's: a resumed run ends with the same adapter, bit for bit on CPU, as one that never stopped.
 
-Under torchrun the same loop runs data-parallel (distributed.py): every process trains on its shard of each
-step's micro-batches through DistributedDataParallel, and only rank 0 writes files and shows progress.
+The global batch is the unit: each epoch is a list of global batches (one per optimizer step), each cut into
+grad_accum x W micro-batches (data.split_batch). Under torchrun the same loop runs data-parallel (distributed.py):
+every process trains on its grad_accum of each step's micro-batches through DistributedDataParallel, and only
+rank 0 writes files and shows progress.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from tqdm import tqdm
 
 from lora_cli.adapter import ADAPTER_FILE, save_adapter
 from lora_cli.config import RunConfig, dump_config
-from lora_cli.data import batch_indices, collate, load_splits, preview, shard, write_split
+from lora_cli.data import batch_indices, collate, load_splits, preview, split_batch, write_split
 from lora_cli.distributed import (
     DDPView, Dist, env_world_size, init_distributed, is_comm_failure, resolve_batch, short_reason, wrap_ddp,
 )
@@ -199,9 +201,9 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
     model.share_prefix = t.share_prefix
     if precision in ("bf16", "fp16"):  # frozen weights stored as autocast would cast them: same products, no copies
         cast_frozen_linears_(model, DTYPES[precision])
-    micro_batches = len(batch_indices([len(e) for e in data.train], t.batch_size, t.seed, 0))
-    # one step takes grad_accum micro-batches on each process: grad_accum x world size of the epoch's list
-    steps_per_epoch = max(1, math.ceil(micro_batches / (t.grad_accum * world_size)))
+    # one step per global batch (batch_size x grad_accum x world size examples)
+    steps_per_epoch = max(1, len(batch_indices([len(e) for e in data.train], t.batch_size * t.grad_accum * world_size,
+                                               t.seed, 0)))
     total_steps = steps_per_epoch * t.epochs
     if t.max_steps is not None:
         total_steps = min(total_steps, t.max_steps)
@@ -314,7 +316,7 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
     state = RunState()
 
     def first_files():  # rank 0: the checkpoint to resume from, then the run's first files
-        payload = read_checkpoint(out_dir, s.model, s.world_size) if resume else None
+        payload = read_checkpoint(out_dir, s.model, s.global_batch) if resume else None
         clear_out_dir(out_dir, resume, overwrite)
         if payload is not None:
             trim_metrics(out_dir / "metrics.jsonl", payload["state"]["step"])
@@ -352,8 +354,10 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
 
 
 def _epoch_batches(s: Setup, epoch: int) -> list[list[int]]:
+    """The epoch's global batches: length-grouped and seeded at the global batch's size, so the order does not
+    depend on batch_size, grad_accum or the process count."""
     t = s.cfg.train
-    return batch_indices([len(e) for e in s.data.train], t.batch_size, t.seed, epoch,
+    return batch_indices([len(e) for e in s.data.train], s.global_batch, t.seed, epoch,
                          group_by_length=s.cfg.data.group_by_length)
 
 
@@ -385,36 +389,38 @@ def _loss_fn(s: Setup):
     return lambda model, batch: lm_loss_sum(model, batch, smoothing, s.savings)
 
 
-def dropout_seed(seed: int, epoch: int, position: int) -> int:
-    """The torch seed set before the micro-batch at `position` of epoch `epoch`'s batch list: dropout masks are a
-    pure function of (seed, epoch, micro-batch), the same on any number of processes and after a resume, so no
-    per-process RNG state has to be gathered into checkpoints."""
-    return random.Random(f"dropout:{seed}:{epoch}:{position}").getrandbits(63)
+def dropout_seed(seed: int, epoch: int, position: int, micro: int) -> int:
+    """The torch seed set before micro-batch `micro` of the global batch at `position` of epoch `epoch`: dropout
+    masks are a pure function of (seed, epoch, global batch, micro-batch index), the same on any number of
+    processes with the same micro-batch count and after a resume, so no per-process RNG state has to be gathered
+    into checkpoints."""
+    return random.Random(f"dropout:{seed}:{epoch}:{position}:{micro}").getrandbits(63)
 
 
 @dataclass
 class StepBatches:
     """One optimizer step's micro-batches on this process, and the counts of the whole (global) step."""
 
-    micro: list  # (data.Batch, global position in the epoch's batch list)
-    n_batches: int  # batches in this epoch (positions beyond are padding from data.shard)
-    consumed: int  # global batches this step uses up
+    micro: list  # (data.Batch, index among the global batch's micro-batches, weight: 0.0 for a placeholder)
     n_targets: int  # target tokens (or examples) of the global step: the loss's denominator
     tokens: int  # real tokens of the global step
 
 
-def _step_batches(s: Setup, state: RunState, batches: list, own: list) -> StepBatches:
-    """Global positions [batch_in_epoch, + grad_accum x W) of the epoch; this process takes rank, rank + W, ..."""
-    d, W, t = s.dist, s.dist.world_size, s.cfg.train
-    first = state.batch_in_epoch // W
-    positions = [(first + k) * W + d.rank for k in range(t.grad_accum) if first + k < len(own)]
-    micro = [(collate([s.data.train[i] for i in own[pos // W]]), pos) for pos in positions]
-    real = [b for b, pos in micro if pos < len(batches)]  # not padding
+def _step_batches(s: Setup, state: RunState, batches: list) -> StepBatches:
+    """The global batch at batch_in_epoch, cut into grad_accum x W micro-batches; this process takes micro-batches
+    rank x grad_accum, ..., (rank + 1) x grad_accum - 1. A micro-batch left empty by a short last global batch
+    becomes a placeholder of weight 0 (the global batch's first example), so every process makes the same passes."""
+    d, t = s.dist, s.cfg.train
+    examples = s.data.train
+    micro = split_batch(batches[state.batch_in_epoch], [len(e) for e in examples], t.grad_accum * d.world_size)
+    mine = range(d.rank * t.grad_accum, (d.rank + 1) * t.grad_accum)
+    step = [(collate([examples[i] for i in micro[j]]), j, 1.0) if micro[j] else
+            (collate([examples[micro[0][0]]]), j, 0.0) for j in mine]
+    real = [b for b, _, weight in step if weight]
     n_targets, tokens = sum(b.n_targets for b in real), sum(b.n_tokens for b in real)
     if d.enabled:
         n_targets, tokens = (int(v) for v in d.all_reduce_sum([n_targets, tokens]))
-    consumed = min(t.grad_accum * W, len(batches) - state.batch_in_epoch)
-    return StepBatches(micro, len(batches), consumed, n_targets, tokens)
+    return StepBatches(step, n_targets, tokens)
 
 
 def _forward_backward(s: Setup, state: RunState, step: StepBatches, forward, loss_sum, autocast) -> float:
@@ -422,11 +428,12 @@ def _forward_backward(s: Setup, state: RunState, step: StepBatches, forward, los
     ddp = getattr(forward, "ddp", None)
     W = s.dist.world_size
     loss_value = 0.0
-    for j, (batch, pos) in enumerate(step.micro):
+    for k, (batch, j, weight) in enumerate(step.micro):
+        if ddp is None and not weight:  # a placeholder only keeps the processes' passes in step
+            continue
         batch = batch.to(s.device)
-        torch.manual_seed(dropout_seed(s.cfg.train.seed, state.epoch, pos))
-        last = j == len(step.micro) - 1
-        weight = 1.0 if pos < step.n_batches else 0.0
+        torch.manual_seed(dropout_seed(s.cfg.train.seed, state.epoch, state.batch_in_epoch, j))
+        last = k == len(step.micro) - 1
         with nullcontext() if ddp is None or last else ddp.no_sync():
             with autocast():
                 loss = loss_sum(forward, batch) / max(1, step.n_targets)
@@ -467,7 +474,7 @@ def _interrupted(s: Setup, model, optimizer, state: RunState) -> TrainingInterru
     """Save a checkpoint on every stop signal; every process stops here and rank 0 says so."""
     d = s.dist
     if d.is_main:
-        save_checkpoint(s.out_dir, model, optimizer, state, d.world_size)
+        save_checkpoint(s.out_dir, model, optimizer, state, d.world_size, s.global_batch)
     d.barrier()  # the checkpoint is complete before any process exits
     again = f"`lora train {s.cfg.source or 'CONFIG'} --resume`" if not d.enabled else "the same command and --resume"
     interrupted = TrainingInterrupted(
@@ -481,15 +488,14 @@ def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list
           forward=None) -> None:
     """The training loop: micro-batches -> loss -> backward -> (every grad_accum) clip, step, log, validate, save.
 
-    forward: what the loss functions call (distributed.DDPView under torchrun; default s.model). With W processes,
-    the epoch's batch list is sharded round-robin (data.shard) and an optimizer step takes grad_accum x W
-    consecutive batches of it, grad_accum on each process (see distributed.py for the mapping). Each micro-batch's
-    summed loss is divided by the target tokens of the whole global step (all-reduced first) and multiplied by W,
-    which DDP's gradient averaging divides out again: the gradient equals the single-process one with grad_accum
-    x W. With a power-of-two W the scaling is exact in floating point. Micro-batches before the last of a step
-    run under no_sync, so gradients are all-reduced once per step. When the epoch's batch count is not a multiple
-    of W, data.shard pads the list by repeating its first batches; those padding batches run with weight 0, so
-    every process does the same number of passes and no example counts twice."""
+    forward: what the loss functions call (distributed.DDPView under torchrun; default s.model). An optimizer
+    step takes one global batch of the epoch's list and cuts it into grad_accum x W micro-batches (_step_batches),
+    grad_accum on each of the W processes. Each micro-batch's summed loss is divided by the target tokens of the
+    whole global batch (all-reduced first) and multiplied by W, which DDP's gradient averaging divides out again:
+    the gradient is the global batch's, whatever batch_size, grad_accum and W are, up to float rounding (with a
+    power-of-two W the scaling itself is exact). Micro-batches before the last of a step run under no_sync, so
+    gradients are all-reduced once per step. A short last global batch may leave micro-batches empty: they run
+    as weight-0 placeholders, so every process does the same number of passes and no example counts twice."""
     t, model, d = s.cfg.train, s.model, s.dist
     forward = forward if forward is not None else model
     loss_sum = _loss_fn(s)
@@ -502,10 +508,9 @@ def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list
     model.train()
     while state.step < s.total_steps and not state.finished:
         batches = _epoch_batches(s, state.epoch)
-        own = shard(batches, d.rank, d.world_size)  # this process's batches: global positions rank, rank + W, ...
         while state.batch_in_epoch < len(batches) and state.step < s.total_steps:
             # 1. the step's micro-batches; the loss is normalised by the target tokens of all of them
-            step = _step_batches(s, state, batches, own)
+            step = _step_batches(s, state, batches)
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(state.step, s.total_steps, t.lr, t.warmup_steps, t.lr_schedule, t.min_lr_ratio)
             if not warm:
@@ -520,13 +525,13 @@ def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list
             grad_norm = grad_total_norm(params, t.max_grad_norm)
             if _nonfinite(s, state, loss_value, grad_norm, log):
                 optimizer.zero_grad(set_to_none=True)
-                state.batch_in_epoch += step.consumed
+                state.batch_in_epoch += 1
                 continue
             # 3. the update
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            state.batch_in_epoch += step.consumed
+            state.batch_in_epoch += 1
             state.tokens += step.tokens
             window[0] += step.tokens
             state.elapsed = time.perf_counter() - started
@@ -537,7 +542,7 @@ def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list
                             tok_s=f"{state.tokens / max(1e-9, state.elapsed):.0f}")
             if t.save_every and state.step % t.save_every == 0:
                 if d.is_main:
-                    save_checkpoint(s.out_dir, model, optimizer, state, d.world_size)
+                    save_checkpoint(s.out_dir, model, optimizer, state, d.world_size, s.global_batch)
                 log(f"checkpoint saved at step {state.step}")
             if (signalled > 0) if d.enabled else stop.received is not None:
                 bar.close()
@@ -593,9 +598,10 @@ def out_of_memory_message(s: Setup, state: RunState) -> str:
     """One line: where it ran out, the shape of the step's largest micro-batch, and what to change."""
     t = s.cfg.train
     batches = _epoch_batches(s, state.epoch)
-    step_batches = batches[state.batch_in_epoch : state.batch_in_epoch + t.grad_accum * s.dist.world_size] or batches[:1]
-    B = max(len(b) for b in step_batches)
-    T = max(len(s.data.train[i]) for b in step_batches for i in b)
+    batch = batches[min(state.batch_in_epoch, len(batches) - 1)]
+    lengths = [len(e) for e in s.data.train]
+    B = max(len(m) for m in split_batch(batch, lengths, t.grad_accum * s.dist.world_size))
+    T = max(lengths[i] for i in batch)  # the longest example leads the first micro-batch
     return (f"out of memory on {s.device} at step {state.step + 1} (micro-batch of {B} examples x {T} tokens); "
             f"{last_checkpoint_note(s.out_dir)}; lower train.batch_size (now {t.batch_size}) and raise "
             f"train.grad_accum (now {t.grad_accum}) to keep the effective batch, lower data.max_length, or set "
@@ -657,7 +663,7 @@ def _finish(s: Setup, optimizer, state: RunState, history: list, log) -> dict | 
     if s.dist.is_main:  # only rank 0 writes
         if not s.data.val:
             _save_adapter(s, state)
-        save_checkpoint(s.out_dir, s.model, optimizer, state, s.world_size)
+        save_checkpoint(s.out_dir, s.model, optimizer, state, s.world_size, s.global_batch)
         plot_losses(history, s.out_dir / "loss.png")
     best = f", best validation loss {state.best_val:.4f} at step {state.best_step}" if state.best_val is not None else ""
     log(f"done: {state.step} steps{best}; adapter written to {s.out_dir / ADAPTER_FILE}")

@@ -444,6 +444,20 @@ def test_shard_gives_every_rank_the_same_count():
         D.shard(batches, 4, 4)
 
 
+def test_split_batch_deals_sorted_contiguous_slices():
+    """A global batch's micro-batches: longest first (ties keep their order), sizes differing by at most one, empty
+    slices when there are fewer examples than parts; every example once, whatever the number of parts."""
+    lengths = [3, 9, 5, 9, 1, 7, 2]
+    batch = [0, 1, 2, 3, 4, 5, 6]
+    assert D.split_batch(batch, lengths, 1) == [[1, 3, 5, 2, 0, 6, 4]]
+    assert D.split_batch(batch, lengths, 3) == [[1, 3, 5], [2, 0], [6, 4]]
+    assert D.split_batch([4, 2], lengths, 4) == [[2], [4], [], []]
+    for parts in range(1, 9):
+        assert [i for m in D.split_batch(batch, lengths, parts) for i in m] == [1, 3, 5, 2, 0, 6, 4]
+    with pytest.raises(ValueError):
+        D.split_batch(batch, lengths, 0)
+
+
 # ------------------------------------------------------------------------------------------------- collate
 
 

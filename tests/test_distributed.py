@@ -2,7 +2,9 @@
 
 One uninterrupted 2-process run (module fixture) is the reference for three checks: it equals a single-process run
 with the same global batch and seed; a run whose rank 1 is SIGKILLed after a checkpoint fails as a whole with a
-clear message and, resumed, ends bit for bit on the reference's adapter; and a single process refuses to resume it.
+clear message and, resumed, ends bit for bit on the reference's adapter, and resumed by a single process ends
+within float rounding of it; a resume with another global batch is refused. Without dropout, the adapter does
+not depend on batch_size, grad_accum or the process count (the global batch is the unit).
 """
 
 import json
@@ -18,7 +20,6 @@ from safetensors.torch import load_file
 
 from helpers import python
 from lora_cli.config import load_config
-from lora_cli.data import shard
 from lora_cli.distributed import resolve_batch
 from lora_cli.errors import ConfigError, TrainingError
 from lora_cli.train import train
@@ -27,9 +28,17 @@ WORDS = ["apple", "river", "stone", "cloud", "green", "quick", "seven", "table",
          "glass", "horse", "bread", "chair", "dream", "flame", "grape", "heart", "lemon", "ocean", "piano"]
 
 
-def write_config(folder: Path) -> Path:
-    """18 training examples in micro-batches of 2: 9 per epoch, so with 2 processes the last step of each epoch
-    has a padding batch. global_batch_size 8: grad_accum 4 on one process, 2 on each of two (no_sync in use)."""
+REFERENCE = """\
+lora: {r: 4, alpha: 8, dropout: 0.1}
+train: {lr: 1e-2, batch_size: 2, global_batch_size: 8, epochs: 6, max_steps: 12, warmup_steps: 2, log_every: 1,
+        eval_every: 4, save_every: 3}
+"""
+
+
+def write_config(folder: Path, lora_and_train: str = REFERENCE) -> Path:
+    """18 training examples: global batches of 8, 8 and 2 per epoch. The reference's global_batch_size 8 in
+    micro-batches of 2: grad_accum 4 on one process, 2 on each of two (no_sync in use); the last global batch of an
+    epoch fills only rank 0's two micro-batches, so rank 1 runs weight-0 placeholders."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"} for w in WORDS]
     (folder / "train.json").write_text(json.dumps(rows))
@@ -38,10 +47,7 @@ def write_config(folder: Path) -> Path:
 model: {name: gpt2, init: random, n_layer: 2, n_head: 2, n_embd: 64, n_positions: 256, seed: 7}
 out_dir: out
 data: {train: train.json, val_split: 0.2, max_length: 64}
-lora: {r: 4, alpha: 8, dropout: 0.1}
-train: {lr: 1e-2, batch_size: 2, global_batch_size: 8, epochs: 6, max_steps: 12, warmup_steps: 2, log_every: 1,
-        eval_every: 4, save_every: 3}
-""")
+""" + lora_and_train)
     return path
 
 
@@ -74,18 +80,6 @@ def test_global_batch_follows_world_size():
         resolve_batch(4, 1, 10, 4)
     assert str(err.value) == ("train.global_batch_size 10 cannot be split evenly over 4 processes; use a multiple "
                               "of 4 (e.g. 8 or 12) or another process count")
-
-
-def test_sharded_steps_hold_the_single_process_groups():
-    """W processes with grad_accum A see, per step, exactly the batches one process sees with grad_accum A x W."""
-    batches = [[i] for i in range(9)]
-    W, A = 2, 2
-    owns = [shard(batches, r, W) for r in range(W)]
-    for step in range(3):
-        single = batches[step * A * W:(step + 1) * A * W]
-        got = [own[i] for r, own in enumerate(owns) for i in range(step * A, min((step + 1) * A, len(own)))
-               if i * W + r < len(batches)]  # position i*W + r; beyond the list: padding, weight 0
-        assert sorted(got) == single
 
 
 def test_two_processes_equal_one(reference, tmp_path):
@@ -143,7 +137,9 @@ def test_killed_rank_stops_the_job_and_resume_matches(reference, tmp_path):
     assert "error: lost contact with the other training processes at step " in rest
     assert "rerun the same command with --resume" in rest
     state = torch.load(tmp_path / "out" / "checkpoint" / "state.pt", weights_only=True)
-    assert (state["state"]["step"], state["world_size"]) == (3, 2)
+    assert (state["state"]["step"], state["world_size"], state["global_batch"]) == (3, 2, 8)
+    elastic = tmp_path.parent / f"{tmp_path.name}-elastic"
+    shutil.copytree(tmp_path, elastic)
 
     resumed = python(*torchrun(cfg, "--resume", "--quiet"))
     assert resumed.returncode == 0, resumed.stderr
@@ -154,12 +150,51 @@ def test_killed_rank_stops_the_job_and_resume_matches(reference, tmp_path):
     keys = ("step", "epoch", "loss", "val_loss", "lr", "tokens")  # all but the timings
     assert [[m.get(k) for k in keys] for m in metrics(tmp_path / "out")] == [[m.get(k) for k in keys] for m in metrics(ref_out)]
 
+    # the same checkpoint resumed by one process (grad_accum 4): the same step and data position, the same result
+    lines = []
+    one = train(load_config(elastic / "run.yaml"), resume=True, log=lines.append, progress=False)
+    assert "resumed from step 3" in lines and "global batch 8 = batch_size 2 x grad_accum 4 x 1 process" in lines
+    c = load_file(str(one.adapter))
+    assert c.keys() == a.keys() and max((a[k] - c[k]).abs().max().item() for k in a) <= 1e-5
+    assert [m["step"] for m in metrics(elastic / "out")] == [m["step"] for m in metrics(ref_out)]
 
-def test_resume_refuses_another_world_size(reference, tmp_path):
+
+def test_resume_refuses_another_global_batch(reference, tmp_path):
     folder = tmp_path / "copy"
     shutil.copytree(reference[0].parent, folder)
+    config = folder / "run.yaml"
+    config.write_text(config.read_text().replace("global_batch_size: 8", "global_batch_size: 4"))
     with pytest.raises(TrainingError) as err:
-        train(load_config(folder / "run.yaml"), resume=True, log=lambda m: None, progress=False)
+        train(load_config(config), resume=True, log=lambda m: None, progress=False)
     path = folder / "out" / "checkpoint" / "state.pt"
-    assert str(err.value) == (f"--resume: checkpoint {path} was written by a run of 2 processes, this run has 1; "
-                              "resume with 2 (e.g. torchrun --nproc_per_node 2) or start again with --overwrite")
+    assert str(err.value) == (f"--resume: checkpoint {path} was written with a global batch of 8, this run's is 4; "
+                              "set train.global_batch_size: 8 (any process count and batch_size can resume it) or "
+                              "start again with --overwrite")
+
+
+def test_adapter_depends_on_the_global_batch_not_its_layout(tmp_path):
+    """Dropout 0, 8 steps of global batch 8 (the last of each epoch short): one process x batch 8 against four
+    other layouts, two of them torchrun with 2 processes."""
+    def config(name: str, train_options: str) -> Path:
+        return write_config(tmp_path / name, "lora: {r: 4, alpha: 8, dropout: 0.0}\n"
+                            f"train: {{lr: 1e-2, epochs: 6, max_steps: 8, warmup_steps: 2, {train_options}}}\n")
+
+    def adapter(cfg: Path) -> dict:
+        return load_file(str(cfg.parent / "out" / "adapter.safetensors"))
+
+    base = config("b8", "batch_size: 8")
+    train(load_config(base), log=lambda m: None, progress=False)
+    reference = adapter(base)
+    layouts = {"b4a2": "batch_size: 4, grad_accum: 2", "g8b2": "global_batch_size: 8, batch_size: 2",
+               "w2b4": "batch_size: 4", "w2g8b8": "global_batch_size: 8, batch_size: 8"}
+    for name, options in layouts.items():
+        cfg = config(name, options)
+        if name.startswith("w2"):
+            done = python(*torchrun(cfg, "--quiet"))
+            assert done.returncode == 0, done.stderr
+            assert "global batch 8 = batch_size 4 x grad_accum 1 x 2 processes (gloo)" in done.stderr
+        else:
+            train(load_config(cfg), log=lambda m: None, progress=False)
+        got = adapter(cfg)
+        assert got.keys() == reference.keys()
+        assert max((got[k] - reference[k]).abs().max().item() for k in got) <= 1e-5, name

@@ -15,7 +15,7 @@ never import this package.
 """
 
 from lora_cli.config import DATA_FORMATS as FORMATS  # the formats and their roles, under this package's old name
-from lora_cli.data.batches import IGNORE_INDEX, Batch, batch_indices, collate, padding_waste, shard
+from lora_cli.data.batches import IGNORE_INDEX, Batch, batch_indices, collate, padding_waste, shard, split_batch
 from lora_cli.data.encode import (NOT_TEXT, DataStats, Example, cell_value, chunk_text, count_stats, encode_pair,
                                   encode_records, encode_text, label_order, load_file, preview, row_label)
 from lora_cli.data.formats import (OPTIONAL_ROLES, RESPONSE_ROLE, detect_format, fill_template, prompt_template,
@@ -25,7 +25,7 @@ from lora_cli.data.splits import DataSplits, class_weights, load_splits, split_e
 
 __all__ = [
     "FORMATS",
-    "IGNORE_INDEX", "Batch", "batch_indices", "collate", "padding_waste", "shard",
+    "IGNORE_INDEX", "Batch", "batch_indices", "collate", "padding_waste", "shard", "split_batch",
     "NOT_TEXT", "DataStats", "Example", "cell_value", "chunk_text", "count_stats", "encode_pair", "encode_records",
     "encode_text", "label_order", "load_file", "preview", "row_label",
     "OPTIONAL_ROLES", "RESPONSE_ROLE", "detect_format", "fill_template", "prompt_template", "render_prompt",

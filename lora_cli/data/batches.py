@@ -1,8 +1,10 @@
-"""Batching: length-grouped seeded batches of example indices, the per-process share of them, and collation into
-padded tensors.
+"""Batching: length-grouped seeded batches of example indices, the micro-batches of a global batch, and collation
+into padded tensors.
 
 `batch_indices` + `collate`: batches hold examples of similar length and are padded only to the longest in the
-batch; `shard` gives each process of a data-parallel run the same number of batches.
+batch. Training draws global batches (one per optimizer step) with `batch_indices` and cuts each into the
+micro-batches of the processes and accumulation steps with `split_batch`; `shard` deals a batch list round-robin
+over processes, the same number to each.
 """
 
 from __future__ import annotations
@@ -74,6 +76,19 @@ def shard(batches: Sequence[list[int]], rank: int, world_size: int, drop_remaind
             pad = world_size - extra
             batches += [batches[i % len(batches)] for i in range(pad)]
     return batches[rank::world_size]
+
+
+def split_batch(batch: Sequence[int], lengths: Sequence[int], parts: int) -> list[list[int]]:
+    """One global batch cut into `parts` micro-batches: its examples sorted by length (longest first; ties keep
+    their order), dealt as contiguous slices whose sizes differ by at most one (the first ones larger), so each
+    micro-batch pads little. A function of the global batch and `parts` only; slices are empty when the batch has
+    fewer than `parts` examples (the last, short one of an epoch)."""
+    if parts < 1:
+        raise ValueError("parts must be >= 1")
+    order = sorted(batch, key=lambda i: -lengths[i])
+    size, larger = divmod(len(order), parts)
+    bounds = [j * size + min(j, larger) for j in range(parts + 1)]
+    return [order[bounds[j]:bounds[j + 1]] for j in range(parts)]
 
 
 @dataclass
