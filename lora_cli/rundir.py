@@ -65,8 +65,11 @@ def save_checkpoint(out_dir: Path, model, optimizer, state: RunState, world_size
         torch.save(payload, tmp)
 
 
-def read_checkpoint(out_dir: Path, model, global_batch: int | None = None) -> dict:
-    """The checkpoint's payload, checked against this run's LoRA parameters and global batch."""
+def read_checkpoint(out_dir: Path, model, global_batch: int | None = None, one_micro_batch_per_step: bool = True) -> dict:
+    """The checkpoint's payload, checked against this run's LoRA parameters and global batch.
+
+    one_micro_batch_per_step: this run takes one micro-batch per optimizer step on one process (grad_accum 1), the
+    layout in which a checkpoint of an older lora-cli (its position counted micro-batches) means the same thing."""
     path = out_dir / CHECKPOINT_FILE
     if not path.is_file():
         raise TrainingError(f"--resume: no checkpoint at {path}; start without --resume (add --overwrite to replace the run)")
@@ -82,7 +85,11 @@ def read_checkpoint(out_dir: Path, model, global_batch: int | None = None) -> di
         raise TrainingError(f"--resume: checkpoint {path} was written for other LoRA settings; keep the config of that run or use --overwrite")
     saved_batch = payload.get("global_batch")
     if saved_batch is None:  # before the global batch was the unit, the position counted micro-batches
-        raise TrainingError(f"--resume: checkpoint {path} was written by an older lora-cli; start again with --overwrite")
+        if payload.get("world_size", 1) == 1 and one_micro_batch_per_step:
+            return payload  # one micro-batch per step: that count is the number of global batches
+        raise TrainingError(f"--resume: checkpoint {path} was written by an older lora-cli, whose position counted "
+                            "micro-batches; resume it with one process and train.grad_accum: 1, or start again with "
+                            "--overwrite")
     if saved_batch != global_batch:
         raise TrainingError(
             f"--resume: checkpoint {path} was written with a global batch of {saved_batch}, this run's is "

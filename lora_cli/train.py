@@ -316,7 +316,7 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
     state = RunState()
 
     def first_files():  # rank 0: the checkpoint to resume from, then the run's first files
-        payload = read_checkpoint(out_dir, s.model, s.global_batch) if resume else None
+        payload = read_checkpoint(out_dir, s.model, s.global_batch, t.grad_accum * s.world_size == 1) if resume else None
         clear_out_dir(out_dir, resume, overwrite)
         if payload is not None:
             trim_metrics(out_dir / "metrics.jsonl", payload["state"]["step"])

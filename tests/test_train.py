@@ -1,4 +1,5 @@
 import json
+import shutil
 import signal
 import subprocess
 
@@ -129,12 +130,22 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path):
     assert load_adapter(tmp_path / "out" / "adapter.safetensors").metadata["training"]["step"] == 4
     state = torch.load(tmp_path / "out" / "checkpoint" / "state.pt", weights_only=True)["state"]
     assert (state["step"], state["finished"]) == (4, False)
+    # the same checkpoint as an older lora-cli wrote it (no global_batch: its position counted micro-batches, one
+    # per step here) resumes to the same adapter
+    old = tmp_path.parent / f"{tmp_path.name}-old-format"
+    shutil.copytree(tmp_path, old)
+    payload = torch.load(old / "out" / "checkpoint" / "state.pt", weights_only=True)
+    del payload["global_batch"]
+    torch.save(payload, old / "out" / "checkpoint" / "state.pt")
+    assert cli("train", str(old / cfg.name), "--resume", "--quiet").rc == 0
     resumed = cli("train", str(cfg), "--resume", "--quiet")
     assert resumed.rc == 0, resumed.stderr
     assert "resumed from step" in resumed.stderr
     a = adapter_tensors(ref_dir / "out" / "adapter.safetensors")
     b = adapter_tensors(tmp_path / "out" / "adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = adapter_tensors(old / "out" / "adapter.safetensors")
+    assert c.keys() == a.keys() and all(torch.equal(a[k], c[k]) for k in a)
     ref_losses = [m["loss"] for m in read_metrics(ref_dir / "out") if "loss" in m]
     got_losses = [m["loss"] for m in read_metrics(tmp_path / "out") if "loss" in m]
     assert ref_losses == got_losses
