@@ -505,6 +505,8 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
     candidate = base / Path(cfg.model.name).expanduser()
     if cfg.model.init == "pretrained" and not Path(cfg.model.name).is_absolute() and candidate.exists():
         cfg.model.name = str(candidate)
+    if cfg.model.tokenizer is not None:  # always a path (a directory or tokenizer.json)
+        cfg.model.tokenizer = resolve(cfg.model.tokenizer)
 
 
 def dump_config(cfg: RunConfig) -> str:
