@@ -26,7 +26,7 @@ from lora_cli.fsutil import atomic_path, atomic_write_text
 from lora_cli.inference import DataSettings, Loaded, attach_to, load_base, load_with_tokenizer, open_adapter
 from lora_cli.lora import lora_disabled, lora_layers
 from lora_cli.metrics import generation_metrics, meteor_unavailable
-from lora_cli.pretrained import BaseModel, load_model
+from lora_cli.pretrained import BaseModel
 from lora_cli.prompts import response_column
 from lora_cli.runtime import autocast_for, device_option, resolve_precision
 from lora_cli.tokenizer import GPT2, Tokenizer

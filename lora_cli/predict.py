@@ -1,10 +1,10 @@
 """`lora predict`: a classification adapter's label and probability for each text.
 
-The text is encoded as training encoded it (GPT-2 BPE, no template, cut to the adapter's data.max_length from the
-start), the head reads the hidden state of the last real token (model.last_token_hidden), and the softmax of its
-logits gives each label's probability; the label is the most likely one, named in the adapter's stored order
-(adapter metadata data.labels). Texts are batched longest first, so a batch pads little, and returned in input
-order.
+The text is encoded as training encoded it (the base model's tokenizer, no template, cut to the adapter's
+data.max_length from the start), the head reads the hidden state of the last real token (model.last_token_hidden),
+and the softmax of its logits gives each label's probability; the label is the most likely one, named in the
+adapter's stored order (adapter metadata data.labels). Texts are batched longest first, so a batch pads little, and
+returned in input order.
 """
 
 from __future__ import annotations
