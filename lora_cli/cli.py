@@ -227,14 +227,14 @@ def generate(
     options.update(seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)
     if len(items) == 1 and file is None and not as_json and num_beams == 1:
         from lora_cli.generate import stream_text
-        from lora_cli.tokenizer import encode
-
-        for piece in stream_text(net, encode(items[0].text), max_new_tokens, **options):
+        tokenizer = loaded.tokenizer
+        prompt = tokenizer.encode(items[0].text, add_special_tokens=True)
+        for piece in stream_text(net, prompt, max_new_tokens, tokenizer=tokenizer, **options):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return
-    texts = generate_texts(net, [item.text for item in items], max_new_tokens, where=[item.where for item in items],
+    texts = generate_texts(net, [item.text for item in items], max_new_tokens, tokenizer=loaded.tokenizer, where=[item.where for item in items],
                            batch_size=batch_size, num_beams=num_beams, length_penalty=length_penalty,
                            progress=not quiet and sys.stderr.isatty(), **options)
     for item, text in zip(items, texts):

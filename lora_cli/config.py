@@ -34,6 +34,7 @@ class ModelSpec:
     revision: str | None = None
     seed: int = 0  # random init only
     overrides: dict = field(default_factory=dict)
+    tokenizer: str | None = None  # a tokenizer directory or tokenizer.json (random presets: else GPT-2's BPE)
 
     @classmethod
     def parse(cls, value: Any) -> "ModelSpec":
@@ -45,7 +46,7 @@ class ModelSpec:
             return cls(name=value.strip())
         if not isinstance(value, dict):
             raise ValueError(f"must be a string or a mapping, got {type(value).__name__}")
-        allowed = ("name", "init", "revision", "seed", *ARCH_OVERRIDES)
+        allowed = ("name", "init", "revision", "seed", "tokenizer", *ARCH_OVERRIDES)
         problems = [f"unknown key {k}{did_you_mean(k, allowed)}" for k in value if k not in allowed]
         if problems:
             raise ValueError("; ".join(problems))
@@ -68,15 +69,20 @@ class ModelSpec:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         revision = value.get("revision")
+        tokenizer = value.get("tokenizer")
+        if tokenizer is not None and (not isinstance(tokenizer, str) or not tokenizer.strip()):
+            raise ValueError(f"tokenizer must be a tokenizer directory or tokenizer.json path, got {tokenizer!r}")
         return cls(name=name.strip(), init=init, revision=None if revision is None else str(revision),
-                   seed=seed, overrides=overrides)
+                   seed=seed, overrides=overrides, tokenizer=tokenizer and tokenizer.strip())
 
     def to_yaml(self) -> Any:
-        if self.init == "pretrained" and self.revision is None:
+        if self.init == "pretrained" and self.revision is None and self.tokenizer is None:
             return self.name
         out: dict[str, Any] = {"name": self.name, "init": self.init}
         if self.revision is not None:
             out["revision"] = self.revision
+        if self.tokenizer is not None:
+            out["tokenizer"] = self.tokenizer
         if self.init == "random":
             out["seed"] = self.seed
         return {**out, **self.overrides}
@@ -499,6 +505,8 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
     candidate = base / Path(cfg.model.name).expanduser()
     if cfg.model.init == "pretrained" and not Path(cfg.model.name).is_absolute() and candidate.exists():
         cfg.model.name = str(candidate)
+    if cfg.model.tokenizer is not None:  # always a path (a directory or tokenizer.json)
+        cfg.model.tokenizer = resolve(cfg.model.tokenizer)
 
 
 def dump_config(cfg: RunConfig) -> str:

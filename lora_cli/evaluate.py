@@ -23,18 +23,18 @@ from lora_cli.data import (
 from lora_cli.errors import AdapterError, ConfigError, DataError
 from lora_cli.evaluation import eval_batches, evaluate_classification, evaluate_lm, generate_texts
 from lora_cli.fsutil import atomic_path, atomic_write_text
-from lora_cli.inference import DataSettings, Loaded, attach_to, load_base, open_adapter
+from lora_cli.inference import DataSettings, Loaded, attach_to, load_base, load_with_tokenizer, open_adapter
 from lora_cli.lora import lora_disabled, lora_layers
 from lora_cli.metrics import generation_metrics, meteor_unavailable
-from lora_cli.pretrained import BaseModel, load_model
+from lora_cli.pretrained import BaseModel
 from lora_cli.prompts import response_column
 from lora_cli.runtime import autocast_for, device_option, resolve_precision
-from lora_cli.tokenizer import encode
+from lora_cli.tokenizer import GPT2, Tokenizer
 
 CLASSIFIER_BASE_NOTE = "the adapter's head on the base model, every LoRA layer off"
 
 
-def classification_file(path, data_cfg, labels, adapter=None):
+def classification_file(path, data_cfg, labels, adapter=None, tokenizer: Tokenizer = GPT2):
     """A held-out classification file -> (examples, stats, frame, format, mapping), its labels mapped to ids in
     the adapter's order (`labels`). Labels the adapter does not know are one-line errors naming the file, the
     row and the label; a file none of whose labels the adapter knows is told apart (a wrong adapter or file)."""
@@ -62,7 +62,7 @@ def classification_file(path, data_cfg, labels, adapter=None):
         more += f" ({shown(others)})" if others else ""
         raise DataError(f"{path}: {row_label(frame, i)}: label {value!r} is not one of adapter {adapter}'s labels "
                         f"({shown(list(labels))}){more}; fix or drop those rows")
-    examples, stats = encode_records(frame, fmt, mapping, data_cfg, path, labels)
+    examples, stats = encode_records(frame, fmt, mapping, data_cfg, path, labels, tokenizer)
     if not examples:
         raise DataError(f"{path}: no usable examples ({stats.skipped} rows skipped as bad); add data")
     return examples, stats, frame, fmt, mapping
@@ -220,6 +220,7 @@ class Subject:
     cfg: RunConfig | None
     device: torch.device
     autocast: Callable
+    tokenizer: Tokenizer  # the base model's
 
 
 @dataclass
@@ -281,7 +282,10 @@ def load_subject(options: EvalOptions) -> Subject:
     elif options.overrides:
         raise ConfigError("--set overrides a run config's keys; pass the config (lora eval CONFIG.yaml --set ...)")
     adapter_obj = open_adapter(adapter)
-    base = load_model(cfg.model) if cfg is not None and options.model is None else load_base(adapter_obj, options.model)
+    if cfg is not None and options.model is None:
+        base, tokenizer = load_with_tokenizer(cfg.model)
+    else:
+        base, tokenizer = load_base(adapter_obj, options.model)
     settings = DataSettings.from_adapter(adapter_obj).override(options.fmt, options.columns, options.prompt_template,
                                                                options.max_length)
     if cfg is not None:
@@ -296,7 +300,7 @@ def load_subject(options: EvalOptions) -> Subject:
     device = device_option(options.device)
     base.model.to(device).eval()
     autocast = autocast_for(device, resolve_precision("auto", device))
-    return Subject(base, adapter_obj, adapter, settings, cfg, device, autocast)
+    return Subject(base, adapter_obj, adapter, settings, cfg, device, autocast, tokenizer)
 
 
 def held_out_examples(options: EvalOptions, subject: Subject, log) -> HeldOut:
@@ -307,7 +311,7 @@ def held_out_examples(options: EvalOptions, subject: Subject, log) -> HeldOut:
     if cfg is not None and options.data is None:
         if options.max_length is not None:
             cfg = replace(cfg, data=replace(cfg.data, max_length=options.max_length))
-        splits = load_splits(cfg, context_length=n_positions)
+        splits = load_splits(cfg, context_length=n_positions, tokenizer=subject.tokenizer)
         split = "test" if splits.test else "val"
         examples = splits.test or splits.val
         if not examples:
@@ -334,21 +338,22 @@ def held_out_examples(options: EvalOptions, subject: Subject, log) -> HeldOut:
         _check_reference_column(data, data_cfg, settings.task)
     if settings.task == "classification":
         examples, stats, frame, fmt, mapping = classification_file(data, data_cfg, settings.labels,
-                                                                   subject.adapter_path)
+                                                                   subject.adapter_path, subject.tokenizer)
     else:
         examples, stats, frame, fmt, mapping = load_file(data, data_cfg, settings.task, "--data",
-                                                         labels=settings.labels)
+                                                         labels=settings.labels, tokenizer=subject.tokenizer)
     log(stats.describe())
     return HeldOut(examples, frame, fmt, mapping, data_cfg, str(data))
 
 
 def _attach(options: EvalOptions, subject: Subject) -> None:
-    attach_to(Loaded(subject.base, subject.adapter, subject.settings), options.allow_mismatch)
+    attach_to(Loaded(subject.base, subject.adapter, subject.settings, subject.tokenizer), options.allow_mismatch)
     subject.base.model.to(subject.device)
 
 
 def _batches(options: EvalOptions, subject: Subject, held: HeldOut, desc: str):
-    return eval_batches(held.examples, options.batch_size, subject.device, options.progress, desc)
+    return eval_batches(held.examples, options.batch_size, subject.device, options.progress, desc,
+                        pad_id=subject.tokenizer.eos_id)
 
 
 def classifier_eval(options: EvalOptions, subject: Subject, held: HeldOut) -> dict:
@@ -400,8 +405,9 @@ def generation_eval(options: EvalOptions, subject: Subject, held: HeldOut) -> di
     items = generation_items(held.frame, rows, held.fmt, held.mapping, held.data_cfg)
     prompts = [p for p, _ in items]
     room = model.config.n_positions - n
-    truncated = sum(len(encode(p)) > room for p in prompts)  # prompts that lose their first tokens to fit
-    outputs = generate_texts(model, prompts, n, batch_size=options.batch_size, progress=options.progress,
+    tokenizer = subject.tokenizer
+    truncated = sum(len(tokenizer.encode(p, add_special_tokens=True)) > room for p in prompts)  # prompts that lose their first tokens to fit
+    outputs = generate_texts(model, prompts, n, tokenizer=tokenizer, batch_size=options.batch_size, progress=options.progress,
                              num_beams=options.num_beams, length_penalty=options.length_penalty,
                              no_repeat_ngram_size=options.no_repeat_ngram_size, truncate=True)
     hyps = [o.strip() for o in outputs]

@@ -19,7 +19,7 @@ from lora_cli.data import batch_indices, collate
 from lora_cli.errors import DataError
 from lora_cli.generate import fit_prompt, generate
 from lora_cli.loss import Savings, chunked_ce_stats, class_logits, head_weight, scored_hidden
-from lora_cli.tokenizer import decode, encode
+from lora_cli.tokenizer import GPT2, Tokenizer
 
 
 @torch.inference_mode()
@@ -115,22 +115,24 @@ def classification_metrics(confusion: torch.Tensor, labels: list[str], loss: flo
     }
 
 
-def eval_batches(examples, batch_size: int, device, progress: bool, desc: str):
-    """Batches of similar lengths (longest first), as training's validation builds them, with a progress bar."""
+def eval_batches(examples, batch_size: int, device, progress: bool, desc: str, pad_id: int = GPT2.eos_id):
+    """Batches of similar lengths (longest first), as training's validation builds them, with a progress bar.
+    pad_id: the tokenizer's eos (an id inside every model's vocabulary; padding is never attended)."""
     order = batch_indices([len(e) for e in examples], batch_size, 0, 0, shuffle=False)
     with tqdm(total=len(order), desc=desc, unit="batch", file=sys.stderr, disable=not progress,
               dynamic_ncols=True, leave=False) as bar:
         for idx in order:
-            yield collate([examples[i] for i in idx]).to(device)
+            yield collate([examples[i] for i in idx], pad_id=pad_id).to(device)
             bar.update(1)
 
 
-def generate_texts(model, prompts: Sequence[str], max_new_tokens: int, *, where: Sequence[str] | None = None,
-                   batch_size: int = 8, progress: bool = False, **options) -> list[str]:
-    """Decoded generations (stopped at <|endoftext|>) for each prompt text, in order; options as generate.generate
-    (truncate=True cuts prompts too long for the context from the left). where: how each prompt is named in
-    messages ("prompts.txt line 3"; default "prompt N")."""
-    ids = [encode(text) for text in prompts]
+def generate_texts(model, prompts: Sequence[str], max_new_tokens: int, *, tokenizer: Tokenizer = GPT2,
+                   where: Sequence[str] | None = None, batch_size: int = 8, progress: bool = False,
+                   **options) -> list[str]:
+    """Decoded generations (stopped at any of the tokenizer's eos ids) for each prompt text, in order; options as
+    generate.generate (truncate=True cuts prompts too long for the context from the left). where: how each
+    prompt is named in messages ("prompts.txt line 3"; default "prompt N")."""
+    ids = [tokenizer.encode(text, add_special_tokens=True) for text in prompts]  # as training encoded prompts
     for i, x in enumerate(ids):
         name = where[i] if where is not None else f"prompt {i + 1}"
         if not x:
@@ -139,5 +141,6 @@ def generate_texts(model, prompts: Sequence[str], max_new_tokens: int, *, where:
         fit_prompt(x, max_new_tokens, model.config.n_positions, options.get("truncate", False), where=name)
     with tqdm(total=len(ids), desc="generate", unit="prompt", file=sys.stderr, disable=not progress,
               dynamic_ncols=True, leave=False) as bar:
-        new = generate(model, ids, max_new_tokens, batch_size=batch_size, progress=bar.update, **options)
-    return [decode(x) for x in new]
+        new = generate(model, ids, max_new_tokens, batch_size=batch_size, progress=bar.update,
+                       eos_id=tokenizer.eos_ids, **options)
+    return [tokenizer.decode(x) for x in new]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from lora_cli.errors import ConfigError, DataError
 from lora_cli.models import CausalLM, KVCache
-from lora_cli.tokenizer import EOT_ID, get_encoding
+from lora_cli.tokenizer import EOT_ID, GPT2, GPT2Tokenizer, Tokenizer, get_encoding
 
 # Added to the score of a hypothesis that must not be picked; the constant transformers uses, so that float32
 # rounding of "score + penalty" is the same as in its beam search (Hugging Face `_beam_search`).
@@ -89,6 +89,20 @@ def _make_generator(seed: int | torch.Generator | None, device: torch.device) ->
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
     return torch.Generator(device=device).manual_seed(seed)
+
+
+EosIds = int | Sequence[int] | None  # the token(s) that end a row: a tokenizer's eos_ids; None never ends
+
+
+def _eos_ids(eos_id: EosIds) -> tuple[int, ...]:
+    if eos_id is None:
+        return ()
+    return (eos_id,) if isinstance(eos_id, int) else tuple(eos_id)
+
+
+def _is_eos(tokens: torch.Tensor, eos: tuple[int, ...]) -> torch.Tensor:
+    """tokens [N] (or [N, K]) -> bool of the same shape: the token is one of `eos`."""
+    return torch.isin(tokens, torch.tensor(eos, dtype=tokens.dtype, device=tokens.device))
 
 
 def _device(model: CausalLM) -> torch.device:
@@ -210,10 +224,11 @@ def choose_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int | N
 @torch.inference_mode()
 def _sampling_steps(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, *, temperature: float,
                     top_k: int | None, top_p: float | None, generator: torch.Generator | None,
-                    no_repeat_ngram_size: int, eos_id: int | None,
+                    no_repeat_ngram_size: int, eos_id: EosIds,
                     use_cache: bool) -> Iterator[tuple[list[int], list[int]]]:
     """Yields, per step, (rows, tokens): the prompts (by index) that produced a token and the tokens. A row that
-    produces `eos_id` is finished: it is left out of that step and dropped from the batch, so it stops costing."""
+    produces an `eos_id` is finished: it is left out of that step and dropped from the batch, so it stops costing."""
+    eos = _eos_ids(eos_id)
     if max_new_tokens == 0 or not prompts:
         return
     was_training = model.training
@@ -231,7 +246,7 @@ def _sampling_steps(model: CausalLM, prompts: list[list[int]], max_new_tokens: i
                 if banned is not None:
                     logits = logits.masked_fill(banned, float("-inf"))
             tokens = choose_tokens(logits, temperature, top_k, top_p, generator)
-            going = tokens != eos_id if eos_id is not None else torch.ones_like(tokens, dtype=torch.bool)
+            going = ~_is_eos(tokens, eos) if eos else torch.ones_like(tokens, dtype=torch.bool)
             keep = going.nonzero().squeeze(1)
             yield rows[keep].tolist(), tokens[keep].tolist()
             if step == max_new_tokens - 1 or keep.numel() == 0:
@@ -254,7 +269,7 @@ def _sampling_steps(model: CausalLM, prompts: list[list[int]], max_new_tokens: i
 
 @torch.inference_mode()
 def _beam_batch(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, num_beams: int, length_penalty: float,
-                early_stopping: bool | str, no_repeat_ngram_size: int, eos_id: int | None,
+                early_stopping: bool | str, no_repeat_ngram_size: int, eos_id: EosIds,
                 use_cache: bool) -> list[list[int]]:
     """Beam search over a batch of prompts, step for step the algorithm of transformers' `_beam_search`
     (GenerationMixin, v4.50+ vectorised form), so that its outputs are the same tokens:
@@ -284,7 +299,8 @@ def _beam_batch(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, 
         run_gen = torch.zeros((B, nb, 0), dtype=torch.long, device=dev)  # running beams' new tokens
         run_score = torch.zeros((B, nb), device=dev)
         run_score[:, 1:] = _NEG  # all beams start equal: only beam 0's continuations may be chosen at step 0
-        fill = eos_id if eos_id is not None else 0
+        eos = _eos_ids(eos_id)
+        fill = eos[0] if eos else 0
         fin_gen = torch.full((B, nb, M), fill, dtype=torch.long, device=dev)  # finished hypotheses' new tokens
         fin_len = torch.zeros((B, nb), dtype=torch.long, device=dev)
         fin_score = torch.full((B, nb), _NEG, device=dev)
@@ -309,7 +325,7 @@ def _beam_batch(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, 
                                   token[:, :, None]], dim=2)  # [n_live, K, step+1]
             last = step + 1 >= M
             ends = torch.ones_like(token, dtype=torch.bool) if last else (
-                token == eos_id if eos_id is not None else torch.zeros_like(token, dtype=torch.bool))
+                _is_eos(token, eos) if eos else torch.zeros_like(token, dtype=torch.bool))
 
             # Running beams for the next step: the best continuations that did not end.
             running = top_scores + ends.to(torch.float32) * _NEG
@@ -347,7 +363,7 @@ def _beam_batch(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, 
                 done[:] = True
             for i in done.nonzero().squeeze(1).tolist():
                 best = fin_gen[i, 0, : fin_len[i, 0]].tolist()
-                if eos_id is not None and best and best[-1] == eos_id:
+                if best and best[-1] in eos:
                     best = best[:-1]
                 results[int(entries[i])] = best
             live = (~done).nonzero().squeeze(1)
@@ -407,7 +423,7 @@ def generate(
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
     no_repeat_ngram_size: int = 0,
-    eos_id: int | None = EOT_ID,
+    eos_id: EosIds = EOT_ID,
     truncate: bool = False,
     use_cache: bool = True,
     batch_size: int | None = None,
@@ -419,7 +435,7 @@ def generate(
     softmax(logits / temperature) restricted by top_k/top_p, drawing from `seed` (an int, or a torch.Generator to
     continue a stream of draws; None: torch's global generator). no_repeat_ngram_size > 0 forbids any token that
     would repeat an n-gram of prompt + output. num_beams > 1 is beam search (deterministic; see `beam_search`).
-    A row stops at `eos_id` (None: never) or after max_new_tokens.
+    A row stops at `eos_id` (an id or several, e.g. a tokenizer's eos_ids; None: never) or after max_new_tokens.
     A prompt that does not leave room for max_new_tokens in the context is an error, or with `truncate` loses
     its first tokens. batch_size None runs all prompts as one batch; otherwise batches of similar lengths, and
     `progress(n)` is called after each with the number of prompts it held.
@@ -457,7 +473,7 @@ def beam_search(
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
     no_repeat_ngram_size: int = 0,
-    eos_id: int | None = EOT_ID,
+    eos_id: EosIds = EOT_ID,
     truncate: bool = False,
     use_cache: bool = True,
     batch_size: int | None = None,
@@ -500,7 +516,7 @@ def stream(
     top_p: float | None = None,
     seed: int | torch.Generator | None = None,
     no_repeat_ngram_size: int = 0,
-    eos_id: int | None = EOT_ID,
+    eos_id: EosIds = EOT_ID,
     truncate: bool = False,
     use_cache: bool = True,
 ) -> Iterator[int]:
@@ -515,10 +531,14 @@ def stream(
     return (tokens[0] for _, tokens in steps if tokens)
 
 
-def decode_incremental(token_ids: Iterable[int]) -> Iterator[str]:
-    """Text pieces for a stream of GPT-2 token ids. A byte-level BPE token can hold part of a UTF-8 character
-    (an emoji is often 2-3 tokens), so bytes are fed through an incremental UTF-8 decoder and only whole
-    characters are yielded; the pieces join to `tokenizer.decode(ids)`."""
+def decode_incremental(token_ids: Iterable[int], tokenizer: Tokenizer = GPT2) -> Iterator[str]:
+    """Text pieces for a stream of token ids. A byte-level BPE token can hold part of a UTF-8 character
+    (an emoji is often 2-3 tokens), so only whole characters are yielded; the pieces join to
+    `tokenizer.decode(ids)`. GPT-2: bytes through an incremental UTF-8 decoder; other tokenizers: the decoded
+    text of all ids so far, yielded past what was yielded once it no longer ends in a partial character."""
+    if not isinstance(tokenizer, GPT2Tokenizer):
+        yield from _decode_by_prefix(token_ids, tokenizer)
+        return
     enc = get_encoding()
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tiktoken's decode also replaces
     for t in token_ids:
@@ -530,6 +550,23 @@ def decode_incremental(token_ids: Iterable[int]) -> Iterator[str]:
         yield tail
 
 
-def stream_text(model: CausalLM, prompt: Sequence[int], max_new_tokens: int, **options) -> Iterator[str]:
-    """Text pieces for one prompt as they are decoded: `decode_incremental(stream(...))`."""
-    return decode_incremental(stream(model, prompt, max_new_tokens, **options))
+def _decode_by_prefix(token_ids: Iterable[int], tokenizer: Tokenizer) -> Iterator[str]:
+    ids: list[int] = []
+    done = ""
+    for t in token_ids:
+        ids.append(t)
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd") and text.startswith(done):  # a whole character more (U+FFFD: a partial one)
+            yield text[len(done):]
+            done = text
+    text = tokenizer.decode(ids)
+    if text != done:
+        yield text[len(done):] if text.startswith(done) else text
+
+
+def stream_text(model: CausalLM, prompt: Sequence[int], max_new_tokens: int, tokenizer: Tokenizer = GPT2,
+                **options) -> Iterator[str]:
+    """Text pieces for one prompt as they are decoded: `decode_incremental(stream(...))`, stopping at any of
+    the tokenizer's eos ids."""
+    options.setdefault("eos_id", tokenizer.eos_ids)
+    return decode_incremental(stream(model, prompt, max_new_tokens, **options), tokenizer)

@@ -17,17 +17,37 @@ checked.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from lora_cli.adapter import Adapter, attach_adapter, load_adapter
 from lora_cli.config import FORMAT_CHOICES as FORMATS, DataConfig, ModelSpec
 from lora_cli.errors import AdapterError, CheckpointError, ConfigError
-from lora_cli.pretrained import load_model
+from lora_cli.models import model_type
+from lora_cli.pretrained import BaseModel, load_model
+from lora_cli.tokenizer import GPT2, Tokenizer, check_fits, model_tokenizer
 
 
 # -------------------------------------------------------------------------------------------- base + adapter
+
+
+def load_with_tokenizer(spec: ModelSpec | str, weights: bool = True) -> tuple[BaseModel, Tokenizer]:
+    """pretrained.load_model and the model's tokenizer (tokenizer.model_tokenizer). A random preset gets its
+    tokenizer's vocabulary size; a tokenizer larger than the embedding is an error."""
+    try:
+        spec = ModelSpec.parse(spec)
+    except ValueError as exc:
+        raise CheckpointError(f"model: {exc}") from exc
+    tokenizer = None
+    if spec.init == "random":  # the preset's vocabulary is its tokenizer's: GPT-2's 50,257 or model.tokenizer's
+        tokenizer = model_tokenizer(spec, "")
+        spec = replace(spec, overrides={**spec.overrides, "vocab_size": tokenizer.vocab_size})
+    base = load_model(spec, weights)
+    if tokenizer is None:
+        tokenizer = model_tokenizer(spec, model_type(base.model.config))
+    check_fits(tokenizer, base.model.config.vocab_size, base.name)
+    return base, tokenizer
 
 
 def base_spec(adapter) -> ModelSpec:
@@ -54,15 +74,15 @@ def base_spec(adapter) -> ModelSpec:
                        "model directory)")
 
 
-def load_base(adapter=None, model: str | None = None):
-    """pretrained.BaseModel for `--model` if given, else the adapter's own base."""
+def load_base(adapter=None, model: str | None = None) -> tuple[BaseModel, Tokenizer]:
+    """pretrained.BaseModel and its tokenizer for `--model` if given, else the adapter's own base."""
     if model is not None:
-        return load_model(model)
+        return load_with_tokenizer(model)
     if adapter is None:
         raise ConfigError("name a model: pass --adapter FILE (its base model is recorded in it) or --model MODEL")
     spec = base_spec(adapter)
     try:
-        return load_model(spec)
+        return load_with_tokenizer(spec)
     except CheckpointError as exc:
         raise CheckpointError(f"the base model of adapter {adapter.path}: {exc}; or pass --model") from exc
 
@@ -81,6 +101,7 @@ class Loaded:
     base: Any  # pretrained.BaseModel; base.model is `model` (with the adapter attached, when there is one)
     adapter: Any  # adapter.Adapter | None
     settings: "DataSettings"
+    tokenizer: Tokenizer = GPT2  # the base model's (tokenizer.model_tokenizer)
 
     @property
     def model(self):
@@ -92,8 +113,8 @@ def load_for_inference(adapter: str | Path | None = None, model: str | None = No
     """Load the base (the adapter's, or --model) and attach the adapter. attach=False leaves the base bare (to
     measure it first); call `attach_to(loaded)` afterwards."""
     adapter_obj = open_adapter(adapter)
-    base = load_base(adapter_obj, model)
-    loaded = Loaded(base, adapter_obj, DataSettings.from_adapter(adapter_obj))
+    base, tokenizer = load_base(adapter_obj, model)
+    loaded = Loaded(base, adapter_obj, DataSettings.from_adapter(adapter_obj), tokenizer)
     if attach:
         attach_to(loaded, allow_mismatch)
     return loaded

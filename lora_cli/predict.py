@@ -1,10 +1,10 @@
 """`lora predict`: a classification adapter's label and probability for each text.
 
-The text is encoded as training encoded it (GPT-2 BPE, no template, cut to the adapter's data.max_length from the
-start), the head reads the hidden state of the last real token (model.last_token_hidden), and the softmax of its
-logits gives each label's probability; the label is the most likely one, named in the adapter's stored order
-(adapter metadata data.labels). Texts are batched longest first, so a batch pads little, and returned in input
-order.
+The text is encoded as training encoded it (the base model's tokenizer, no template, cut to the adapter's
+data.max_length from the start), the head reads the hidden state of the last real token (model.last_token_hidden),
+and the softmax of its logits gives each label's probability; the label is the most likely one, named in the
+adapter's stored order (adapter metadata data.labels). Texts are batched longest first, so a batch pads little, and
+returned in input order.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from lora_cli.inference import DataSettings, load_for_inference, open_adapter
 from lora_cli.loss import class_logits
 from lora_cli.prompts import numbered_lines, read_text_file
 from lora_cli.runtime import autocast_for, device_option, resolve_precision
-from lora_cli.tokenizer import encode
 
 
 @dataclass
@@ -96,7 +95,7 @@ def predict_texts(loaded, texts: Sequence[str], batch_size: int = 8,
     max_length = min(settings.max_length or model.config.n_positions, model.config.n_positions)
     examples = []
     for i, text in enumerate(texts):
-        ids = encode(text)[:max_length]
+        ids = loaded.tokenizer.encode(text, add_special_tokens=True)[:max_length]
         if not ids:
             raise DataError(f"text {i + 1} is empty; give some text to classify")
         examples.append(Example(ids, [False] * len(ids), label=0, row=i))
@@ -104,7 +103,7 @@ def predict_texts(loaded, texts: Sequence[str], batch_size: int = 8,
     autocast = autocast_for(device, resolve_precision("auto", device))
     probs: list[torch.Tensor | None] = [None] * len(examples)
     for idx in batch_indices([len(e) for e in examples], batch_size, 0, 0, shuffle=False):
-        batch = collate([examples[i] for i in idx]).to(device)
+        batch = collate([examples[i] for i in idx], pad_id=loaded.tokenizer.eos_id).to(device)
         with autocast():
             logits = class_logits(model, batch)
         for i, p in zip(idx, torch.softmax(logits.float(), dim=-1).cpu()):

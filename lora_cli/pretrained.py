@@ -114,7 +114,7 @@ def preset_names() -> list[str]:
 
 # The architecture overrides of a random preset (GPT-2's names, config.ARCH_OVERRIDES) in the other families' configs.
 HF_OVERRIDE_NAMES = {"n_layer": "num_hidden_layers", "n_head": "num_attention_heads", "n_embd": "hidden_size",
-                     "n_positions": "max_position_embeddings"}
+                     "n_positions": "max_position_embeddings", "vocab_size": "vocab_size"}
 
 
 def _random_model(spec: ModelSpec, weights: bool) -> BaseModel:

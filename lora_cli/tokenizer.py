@@ -64,6 +64,7 @@ SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_co
 class GPT2Tokenizer:
     """The bundled GPT-2 BPE behind the common interface (the module functions above, unchanged)."""
 
+    name = "gpt2"  # as adapters record it
     vocab_size = EOT_ID + 1  # 50,257: the 50,256 BPE ranks, then <|endoftext|>
     bos_id: int | None = EOT_ID
     eos_ids: tuple[int, ...] = (EOT_ID,)
@@ -75,6 +76,10 @@ class GPT2Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [encode(text) for text in texts]
+
+    @property
+    def eos_id(self) -> int:
+        return self.eos_ids[0]
 
     def decode(self, ids: list[int]) -> str:
         return decode(ids)
@@ -91,6 +96,7 @@ class HFTokenizer:
         from tokenizers import Tokenizer  # here, not at the top: GPT-2 runs never load it
 
         self.path = path
+        self.name = str(path)  # as adapters record it
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises its own Exception subclass for every damaged file
@@ -130,6 +136,14 @@ class HFTokenizer:
             ids = [self.bos_id, *ids] if self.adds_bos else ids[1:]
         return ids
 
+    @property
+    def eos_id(self) -> int:
+        """The token that ends an example (the first of eos_ids)."""
+        if not self.eos_ids:
+            raise CheckpointError(f"{self.path}: no eos_token in tokenizer_config.json or generation_config.json; "
+                                  "name one there (examples and generation need an end-of-text token)")
+        return self.eos_ids[0]
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         self._tok.encode_special_tokens = True
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
@@ -138,14 +152,44 @@ class HFTokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
 
-def load_tokenizer(source) -> GPT2Tokenizer | HFTokenizer:
+Tokenizer = GPT2Tokenizer | HFTokenizer
+GPT2 = GPT2Tokenizer()  # the default wherever no model's tokenizer is given: GPT-2 runs stay as they were
+
+
+def model_tokenizer(spec: ModelSpec, model_type: str) -> Tokenizer:
+    """The tokenizer of a model: `model.tokenizer` when the spec names one, the bundled BPE for GPT-2 and for
+    random-init presets (their real tokenizers cannot be had offline), else the checkpoint's own tokenizer.json."""
+    if spec.tokenizer is not None:
+        return load_tokenizer(spec.tokenizer)
+    if model_type == "gpt2" or spec.init == "random":
+        return GPT2
+    return load_tokenizer(spec)
+
+
+def describe(tokenizer: Tokenizer) -> str:
+    """How `--dry-run` names the tokenizer."""
+    if isinstance(tokenizer, GPT2Tokenizer):
+        return f"GPT-2 BPE (bundled), vocabulary {tokenizer.vocab_size:,}"
+    return f"{tokenizer.path}, vocabulary {tokenizer.vocab_size:,}"
+
+
+def check_fits(tokenizer: Tokenizer, vocab_size: int, model_name: str) -> None:
+    """Every id the tokenizer can produce must have an embedding row (fewer ids than rows is normal: padded)."""
+    if tokenizer.vocab_size > vocab_size:
+        raise CheckpointError(
+            f"the tokenizer ({describe(tokenizer)}) has more tokens than model {model_name} has embedding rows "
+            f"({vocab_size:,}); use the tokenizer the model was trained with (model.tokenizer)"
+        )
+
+
+def load_tokenizer(source) -> Tokenizer:
     """The tokenizer of a model: a directory (its tokenizer.json and side files; a GPT-2 directory without one
     gets the bundled BPE), a tokenizer.json file, a hub id (downloads tokenizer.json and the side files through
     huggingface_hub's cache), or a ModelSpec / name of a random preset (the bundled GPT-2 BPE: real tokenizers
     of the other presets cannot be had offline)."""
     spec = source if isinstance(source, ModelSpec) else None
     if spec is not None and spec.init == "random":
-        return GPT2Tokenizer()
+        return GPT2
     name = spec.name if spec is not None else str(source)
     path = Path(name).expanduser()
 
@@ -159,13 +203,15 @@ def load_tokenizer(source) -> GPT2Tokenizer | HFTokenizer:
                     raise CheckpointError(f"{folder / f} is not readable JSON: {first_line(exc)}") from exc
         return side
 
+    if path.is_file() and path.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+        return GPT2  # a single weights file: a GPT-2 checkpoint (pretrained.infer_config)
     if path.is_file():
         return HFTokenizer(path, read_side(path.parent))
     if path.is_dir():
         if (path / TOKENIZER_FILE).is_file():
             return HFTokenizer(path / TOKENIZER_FILE, read_side(path))
         if _model_type(path / "config.json") == "gpt2":
-            return GPT2Tokenizer()
+            return GPT2
         raise CheckpointError(f"{path} has no {TOKENIZER_FILE}; pass a model directory with its tokenizer files, "
                               f"or a tokenizer.json file")
     return _hub_tokenizer(spec or ModelSpec(name=name), read_side)
@@ -178,7 +224,7 @@ def _model_type(config_file: Path) -> str | None:
         return None
 
 
-def _hub_tokenizer(spec, read_side) -> GPT2Tokenizer | HFTokenizer:
+def _hub_tokenizer(spec, read_side) -> Tokenizer:
     # Here, not at the top: huggingface_hub and pretrained (torch) load only when a hub id is named.
     from huggingface_hub import hf_hub_download
 
@@ -189,7 +235,7 @@ def _hub_tokenizer(spec, read_side) -> GPT2Tokenizer | HFTokenizer:
     try:
         config_file = Path(hf_hub_download(repo_id, "config.json", revision=revision))
         if _model_type(config_file) == "gpt2":
-            return GPT2Tokenizer()  # the bundled ranks: nothing more to download
+            return GPT2  # the bundled ranks: nothing more to download
         tokenizer_file = Path(hf_hub_download(repo_id, TOKENIZER_FILE, revision=revision))
         for f in SIDE_FILES:
             try:

@@ -37,12 +37,13 @@ from lora_cli.fsutil import RunLock, append_line, atomic_write_text
 from lora_cli.lora import apply_lora, count_parameters, with_classification_head
 from lora_cli.loss import Savings, classification_loss_sum, lm_loss_sum
 from lora_cli.models import cast_frozen_linears_
-from lora_cli.pretrained import load_model
+from lora_cli.inference import load_with_tokenizer
 from lora_cli.rundir import (
     RunState, apply_checkpoint, clear_out_dir, last_checkpoint_note, plot_losses, prepare_out_dir,
     read_checkpoint, read_history, save_checkpoint, trainable_named, trim_metrics,
 )
 from lora_cli.runtime import DTYPES, autocast_for, resolve_device, resolve_precision
+from lora_cli.tokenizer import GPT2, Tokenizer, describe as describe_tokenizer
 
 
 
@@ -160,6 +161,7 @@ class Setup:
     world_size: int = 1  # processes training together (torchrun)
     dist: Dist = field(default_factory=Dist)  # this process's place among them
     savings: Savings = Savings()  # the loss's savings (tests turn them off: loss.PLAIN)
+    tokenizer: Tokenizer = GPT2  # the base model's (inference.load_with_tokenizer)
 
     @property
     def global_batch(self) -> int:
@@ -186,9 +188,9 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
         torch.set_num_threads(t.num_threads)
     device = dist.device or resolve_device(t.device)
     precision = resolve_precision(t.precision, device)
-    base = load_model(cfg.model)
+    base, tokenizer = load_with_tokenizer(cfg.model)
     model = base.model
-    data = load_splits(cfg, context_length=model.config.n_positions)
+    data = load_splits(cfg, context_length=model.config.n_positions, tokenizer=tokenizer)
     model.set_dropout(t.model_dropout)
     # LoRA's A init (and a new head) draw from their own seeded generator: the same start on any device.
     generator = torch.Generator().manual_seed(t.seed)
@@ -208,7 +210,7 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
     if t.max_steps is not None:
         total_steps = min(total_steps, t.max_steps)
     return Setup(cfg, Path(cfg.out_dir), device, precision, base, model.to(device), targets, data,
-                 trainable, total, steps_per_epoch, total_steps, world_size, dist, savings)
+                 trainable, total, steps_per_epoch, total_steps, world_size, dist, savings, tokenizer)
 
 
 def estimate_memory(s: Setup) -> int:
@@ -230,7 +232,8 @@ def estimate_memory(s: Setup) -> int:
 def dry_run_report(s: Setup) -> list[str]:
     cfg = s.cfg
     t = cfg.train
-    lines = [f"model: {s.base.name} ({s.base.source}), {s.total - s.trainable:,} frozen parameters"]
+    lines = [f"model: {s.base.name} ({s.base.source}), {s.total - s.trainable:,} frozen parameters",
+             f"tokenizer: {describe_tokenizer(s.tokenizer)}"]
     lines += s.data.describe()
     lines.append(f"lora: r={cfg.lora.r} alpha={cfg.lora.alpha:g} on {len(s.targets)} layers "
                  f"({', '.join(s.targets[:4])}{', ...' if len(s.targets) > 4 else ''})")
@@ -248,7 +251,7 @@ def dry_run_report(s: Setup) -> list[str]:
                      "or data.max_length, raise train.grad_accum, or set train.gradient_checkpointing: true")
     if s.data.train:
         lines.append("first training example ([[...]] carries loss):")
-        lines.append("  " + preview(s.data.train[0]).replace("\n", "\n  "))
+        lines.append("  " + preview(s.data.train[0], s.tokenizer).replace("\n", "\n  "))
     return lines
 
 
@@ -374,7 +377,7 @@ def _validate(s: Setup, autocast) -> dict | None:
     if d.enabled:
         order = order[:cap][d.rank::d.world_size]
         reduce, cap = d.all_reduce_sum, None
-    batches = (collate([s.data.val[i] for i in idx]).to(s.device) for idx in order)
+    batches = (collate([s.data.val[i] for i in idx], pad_id=s.tokenizer.eos_id).to(s.device) for idx in order)
     if s.cfg.task == "classification":
         return evaluate_classification(s.model, batches, s.data.labels, autocast, cap, reduce=reduce)
     return evaluate_lm(s.model, batches, autocast, cap, reduce=reduce, savings=s.savings)
@@ -414,8 +417,8 @@ def _step_batches(s: Setup, state: RunState, batches: list) -> StepBatches:
     examples = s.data.train
     micro = split_batch(batches[state.batch_in_epoch], [len(e) for e in examples], t.grad_accum * d.world_size)
     mine = range(d.rank * t.grad_accum, (d.rank + 1) * t.grad_accum)
-    step = [(collate([examples[i] for i in micro[j]]), j, 1.0) if micro[j] else
-            (collate([examples[micro[0][0]]]), j, 0.0) for j in mine]
+    step = [(collate([examples[i] for i in micro[j]], pad_id=s.tokenizer.eos_id), j, 1.0) if micro[j] else
+            (collate([examples[micro[0][0]]], pad_id=s.tokenizer.eos_id), j, 0.0) for j in mine]
     real = [b for b, _, weight in step if weight]
     n_targets, tokens = sum(b.n_targets for b in real), sum(b.n_tokens for b in real)
     if d.enabled:
@@ -638,7 +641,7 @@ def _save_adapter(s: Setup, state: RunState) -> None:
         "base_model": s.base.describe(),
         "model_spec": cfg.model.to_yaml(),
         "task": cfg.task,
-        "tokenizer": "gpt2",
+        "tokenizer": s.tokenizer.name,
         "data": {"format": s.data.fmt, "columns": s.data.mapping, "prompt_template": cfg.data.prompt_template,
                  "mask_prompt": cfg.data.mask_prompt, "max_length": cfg.data.max_length, "labels": s.data.labels},
         "training": {"step": state.step, "best_val_loss": state.best_val, "best_step": state.best_step,

@@ -221,3 +221,46 @@ def offline_hub_repo(home: Path, repo_id: str, source: Path, revision: str = "01
         shutil.copy(f, blob)
         os.symlink(os.path.relpath(blob, snap), snap / f.name)
     return revision
+
+
+# ------------------------------------------------------------------------------------------------ tokenizers
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "naïve café — 東京 🤖 über straße", "  leading spaces\tand tabs\nnew lines",
+    "def f(x):\n    return x * 2",
+] * 20
+
+
+def build_tokenizer(folder, *, bos: bool) -> dict[str, int]:
+    """A byte-level BPE tokenizer.json like Llama 3 / SmolLM (bos: a TemplateProcessing post-processor adds it)
+    or like Qwen2 (no bos), saved with its tokenizer_config.json and generation_config.json (vocabulary 400).
+    Returns the special tokens' ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = (["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"] if bos
+                else ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    ids = {s: tok.token_to_id(s) for s in specials}
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+            special_tokens=[("<|begin_of_text|>", ids["<|begin_of_text|>"])])
+        config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
+        generation = {"bos_token_id": ids["<|begin_of_text|>"],
+                      "eos_token_id": [ids["<|end_of_text|>"], ids["<|eot_id|>"]]}
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        config = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+        generation = {"eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]}
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                              **config}))
+    (folder / "generation_config.json").write_text(json.dumps(generation))
+    return ids

@@ -1,8 +1,10 @@
 """Encoding: each row of a data file -> `Example(ids, loss_mask)`, with the label order for classification.
 
-Prompt and response are encoded separately and concatenated, so a prompt's ids are exactly `encode(prompt)`,
-which is what generation feeds the model. `<|endoftext|>` ends every causal-LM example and is a target. User
-text is encoded with allow_special=False, so a literal "<|endoftext|>" in the data is ordinary text.
+Text becomes ids through the model's tokenizer (tokenizer.py; GPT-2's BPE by default). Prompt and response are
+encoded separately and concatenated, so a prompt's ids are exactly `tokenizer.encode(prompt,
+add_special_tokens=True)` (the bos token first when the model's tokenizer adds one), which is what generation
+feeds the model. The tokenizer's eos (`<|endoftext|>` for GPT-2) ends every causal-LM example and is a target.
+User text is encoded with allow_special=False, so a literal "<|endoftext|>" in the data is ordinary text.
 `load_file` runs the steps for one file: read (data.io), detect the format (data.formats), encode.
 """
 
@@ -17,7 +19,7 @@ from lora_cli.config import DATA_FORMATS, DataConfig
 from lora_cli.data.formats import OPTIONAL_ROLES, RESPONSE_ROLE, detect_format, render_prompt, template_fields
 from lora_cli.data.io import Table, read_table
 from lora_cli.errors import ConfigError, DataError
-from lora_cli.tokenizer import EOT_ID, decode, encode
+from lora_cli.tokenizer import GPT2, Tokenizer
 
 
 @dataclass
@@ -79,11 +81,12 @@ class DataStats:
         return "".join(parts)
 
 
-def encode_pair(prompt: str, response: str, max_length: int, mask_prompt: bool = True) -> tuple[Example, bool]:
-    """Prompt + response + <|endoftext|>, each encoded on its own, truncated to max_length tokens.
-    Returns (example, truncated). Targets: the response and EOT (mask_prompt) or every token but the first."""
-    prompt_ids = encode(prompt)
-    response_ids = encode(response) + [EOT_ID]
+def encode_pair(prompt: str, response: str, max_length: int, mask_prompt: bool = True,
+                tokenizer: Tokenizer = GPT2) -> tuple[Example, bool]:
+    """[bos] + prompt + response + eos, each encoded on its own, truncated to max_length tokens.
+    Returns (example, truncated). Targets: the response and eos (mask_prompt) or every token but the first."""
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=True)  # bos only at the start of an example
+    response_ids = tokenizer.encode(response) + [tokenizer.eos_id]
     ids = prompt_ids + response_ids
     if mask_prompt:
         mask = [False] * len(prompt_ids) + [True] * len(response_ids)
@@ -94,15 +97,15 @@ def encode_pair(prompt: str, response: str, max_length: int, mask_prompt: bool =
     return Example(ids[:max_length], mask[:max_length]), truncated
 
 
-def encode_text(text: str, max_length: int) -> tuple[Example, bool]:
-    """Plain causal LM: every token but the first is a target; <|endoftext|> ends the text."""
-    return encode_pair("", text, max_length, mask_prompt=False)
+def encode_text(text: str, max_length: int, tokenizer: Tokenizer = GPT2) -> tuple[Example, bool]:
+    """Plain causal LM: every token but the first is a target; eos ends the text."""
+    return encode_pair("", text, max_length, mask_prompt=False, tokenizer=tokenizer)
 
 
-def chunk_text(text: str, max_length: int) -> list[Example]:
+def chunk_text(text: str, max_length: int, tokenizer: Tokenizer = GPT2) -> list[Example]:
     """A long document (a .txt file) -> chunks of max_length tokens that overlap by one token, so every token
     after the first is a target exactly once (the chunk's first token is context only)."""
-    ids = encode(text) + [EOT_ID]
+    ids = tokenizer.encode(text, add_special_tokens=True) + [tokenizer.eos_id]
     stride = max_length - 1
     chunks = []
     for start in range(0, max(len(ids) - 1, 1), stride):
@@ -161,6 +164,7 @@ def encode_records(
     data_cfg: DataConfig,
     path: str | Path | None = None,
     labels: Sequence[str] | None = None,
+    tokenizer: Tokenizer = GPT2,
 ) -> tuple[list[Example], DataStats]:
     """Rows -> Examples. Rows with a missing or empty required field (or a list/object where text belongs)
     raise one DataError naming the rows, or are skipped and counted with data.skip_bad_rows. For
@@ -170,7 +174,7 @@ def encode_records(
     max_length = data_cfg.max_length
     stats = DataStats(path=path, fmt=fmt, rows=len(df), max_length_limit=max_length)
     if fmt == "text" and Path(path).suffix.lower() == ".txt":
-        examples = chunk_text(str(df[mapping["text"]][0]), max_length)
+        examples = chunk_text(str(df[mapping["text"]][0]), max_length, tokenizer)
         return examples, count_stats(stats, examples)
 
     required = [r for r in DATA_FORMATS[fmt] if r not in OPTIONAL_ROLES]
@@ -229,7 +233,7 @@ def encode_records(
             raise DataError(f"{path}: {row_label(df, i)}: label {value!r} is not one of {source} "
                             f"({', '.join(order)}); fix the label or add it to data.labels")
         for i, values in records:
-            ids = encode(values["text"])
+            ids = tokenizer.encode(values["text"], add_special_tokens=True)
             stats.truncated += len(ids) > max_length
             ids = ids[:max_length]
             examples.append(Example(ids, [False] * len(ids), label=index[values["label"]], row=i))
@@ -238,10 +242,11 @@ def encode_records(
 
     for i, values in records:
         if fmt == "text":
-            example, truncated = encode_text(values["text"], max_length)
+            example, truncated = encode_text(values["text"], max_length, tokenizer)
         else:
             prompt = render_prompt(values, fmt, data_cfg)
-            example, truncated = encode_pair(prompt, values[RESPONSE_ROLE[fmt]], max_length, data_cfg.mask_prompt)
+            example, truncated = encode_pair(prompt, values[RESPONSE_ROLE[fmt]], max_length, data_cfg.mask_prompt,
+                                             tokenizer)
         stats.truncated += truncated
         if not any(example.loss_mask):
             stats.dropped += 1  # the prompt alone fills max_length: nothing left to learn from
@@ -275,6 +280,7 @@ def load_file(
     key: str = "data.train",
     fmt: str | None = None,
     labels: Sequence[str] | None = None,
+    tokenizer: Tokenizer = GPT2,
 ) -> tuple[list[Example], DataStats, Table, str, dict[str, str]]:
     """Read, detect and encode one file -> (examples, stats, frame, format, mapping). `fmt` forces a format
     (val/test files take the training file's); `labels` forces a label order (val/test, or an adapter's at
@@ -289,7 +295,7 @@ def load_file(
     else:
         cfg = data_cfg if fmt is None else replace(data_cfg, format=fmt)
         fmt, mapping = detect_format(frame.columns, cfg, task, path)
-    examples, stats = encode_records(frame, fmt, mapping, data_cfg, path, labels)
+    examples, stats = encode_records(frame, fmt, mapping, data_cfg, path, labels, tokenizer)
     if not examples:
         why = []
         if stats.skipped:
@@ -301,8 +307,9 @@ def load_file(
     return examples, stats, frame, fmt, mapping
 
 
-def preview(example: Example) -> str:
+def preview(example: Example, tokenizer: Tokenizer = GPT2) -> str:
     """An example as text with the tokens that carry loss in [[double brackets]] (for --dry-run)."""
+    decode = tokenizer.decode
     if example.label is not None:
         return f"{decode(example.ids)!r} -> label {example.label}"
     out, run, run_mask = [], [], None

@@ -14,6 +14,7 @@ from lora_cli.data.encode import DataStats, Example, count_stats, load_file
 from lora_cli.data.io import Table
 from lora_cli.errors import ConfigError, DataError
 from lora_cli.fsutil import atomic_write_text
+from lora_cli.tokenizer import GPT2, Tokenizer
 
 if TYPE_CHECKING:
     from lora_cli.config import RunConfig
@@ -119,7 +120,7 @@ class DataSplits:
         return lines
 
 
-def load_splits(cfg: "RunConfig", context_length: int) -> DataSplits:
+def load_splits(cfg: "RunConfig", context_length: int, tokenizer: Tokenizer = GPT2) -> DataSplits:
     """Read data.train (and data.val / data.test), encode, balance and split, as the config says.
 
     Validation comes from data.val if set, else a seeded data.val_split fraction of train; test likewise from
@@ -135,7 +136,7 @@ def load_splits(cfg: "RunConfig", context_length: int) -> DataSplits:
         raise ConfigError("data.train: is required: a CSV, TSV, JSON, JSONL, Parquet or TXT file")
     seed = cfg.train.seed
     task = cfg.task
-    examples, stats, frame, fmt, mapping = load_file(d.train, d, task, "data.train")
+    examples, stats, frame, fmt, mapping = load_file(d.train, d, task, "data.train", tokenizer=tokenizer)
     all_stats = {"train": stats}
     labels = stats.labels
     if fmt == "classification":
@@ -156,7 +157,8 @@ def load_splits(cfg: "RunConfig", context_length: int) -> DataSplits:
     for key in ("val", "test"):
         path = getattr(d, key)
         if path:
-            extra, extra_stats, _, _, _ = load_file(path, d, task, f"data.{key}", fmt=fmt, labels=labels)
+            extra, extra_stats, _, _, _ = load_file(path, d, task, f"data.{key}", fmt=fmt, labels=labels,
+                                                      tokenizer=tokenizer)
             all_stats[key] = extra_stats
             if key == "val":
                 val = extra
