@@ -145,7 +145,9 @@ def child_peak(args) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     n = 2048 if device.type == "cpu" else 8192
     out = {"matmul_n": n}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    # bf16 only for a bf16 run: on a CPU without bf16 instructions one 2048^3 bf16 matmul takes about a minute
+    dtypes = (("fp32", torch.float32),) + ((("bf16", torch.bfloat16),) if args.precision == "bf16" else ())
+    for name, dtype in dtypes:
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
         best = 0.0
@@ -434,7 +436,7 @@ def main(argv=None) -> None:
                 args.mode, arch["n_layer"], arch["n_embd"], LORA["r"])) / wall / peak_flops, 4),
             **({"mfu": round(flops / wall / (args.reference_peak_tflops * 1e12), 4)} if args.reference_peak_tflops else {}),
             "fp32_matmul_peak_gflops": round(peak["fp32_matmul_peak_flops"] / 1e9, 1),
-            "bf16_matmul_peak_gflops": round(peak["bf16_matmul_peak_flops"] / 1e9, 1),
+            "bf16_matmul_peak_gflops": round(peak.get("bf16_matmul_peak_flops", 0.0) / 1e9, 1),
             "real_tokens": real, "scored_tokens": scored,
             "mean_loss": round(sum(r["losses"]) / len(r["losses"]), 4),
         }
