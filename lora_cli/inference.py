@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from lora_cli.adapter import Adapter, attach_adapter, load_adapter
-from lora_cli.config import FORMAT_CHOICES as FORMATS, DataConfig, ModelSpec
+from lora_cli.config import FORMAT_CHOICES, DataConfig, ModelSpec
 from lora_cli.errors import AdapterError, CheckpointError, ConfigError
 from lora_cli.models import model_type
 from lora_cli.pretrained import BaseModel, load_model
@@ -166,8 +166,8 @@ class DataSettings:
                  max_length: int | None = None) -> "DataSettings":
         """Apply --format, --column ROLE=COLUMN (repeatable), --prompt-template, --max-length."""
         if fmt is not None:
-            if fmt not in FORMATS:
-                raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+            if fmt not in FORMAT_CHOICES:
+                raise ConfigError(f"--format must be one of {', '.join(FORMAT_CHOICES)}, got {fmt!r}")
             self.format = fmt
         for item in columns:
             role, sep, column = item.partition("=")
