@@ -431,19 +431,6 @@ def test_length_grouping_pads_less_than_random():
     assert grouped * 10 < scattered, (grouped, scattered)
 
 
-def test_shard_gives_every_rank_the_same_count():
-    batches = [[i] for i in range(10)]
-    padded = [D.shard(batches, r, 4) for r in range(4)]
-    assert [len(s) for s in padded] == [3, 3, 3, 3]
-    assert sorted(b[0] for s in padded for b in s) == sorted([*range(10), 0, 1])
-    dropped = [D.shard(batches, r, 4, drop_remainder=True) for r in range(4)]
-    assert [len(s) for s in dropped] == [2, 2, 2, 2]
-    assert sorted(b[0] for s in dropped for b in s) == list(range(8))
-    assert D.shard(batches, 0, 1) == batches
-    with pytest.raises(ValueError):
-        D.shard(batches, 4, 4)
-
-
 def test_split_batch_deals_sorted_contiguous_slices():
     """A global batch's micro-batches: longest first (ties keep their order), sizes differing by at most one, empty
     slices when there are fewer examples than parts; every example once, whatever the number of parts."""

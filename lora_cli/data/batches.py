@@ -3,8 +3,7 @@ into padded tensors.
 
 `batch_indices` + `collate`: batches hold examples of similar length and are padded only to the longest in the
 batch. Training draws global batches (one per optimizer step) with `batch_indices` and cuts each into the
-micro-batches of the processes and accumulation steps with `split_batch`; `shard` deals a batch list round-robin
-over processes, the same number to each.
+micro-batches of the processes and accumulation steps with `split_batch`.
 """
 
 from __future__ import annotations
@@ -56,26 +55,6 @@ def batch_indices(
     if shuffle and group_by_length:
         rng.shuffle(batches)
     return batches
-
-
-def shard(batches: Sequence[list[int]], rank: int, world_size: int, drop_remainder: bool = False) -> list[list[int]]:
-    """This rank's batches: batches[rank::world_size], after making the count a multiple of world_size so every
-    rank runs the same number of steps (a rank with fewer would hang the others in all-reduce). By default the
-    list is padded by repeating batches from its start (no example is lost; a few are seen twice per epoch, as
-    with torch's DistributedSampler); drop_remainder=True drops the last len % world_size batches instead."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, {world_size})")
-    batches = list(batches)
-    if not batches:
-        return []
-    extra = len(batches) % world_size
-    if extra:
-        if drop_remainder:
-            batches = batches[:len(batches) - extra]
-        else:
-            pad = world_size - extra
-            batches += [batches[i % len(batches)] for i in range(pad)]
-    return batches[rank::world_size]
 
 
 def split_batch(batch: Sequence[int], lengths: Sequence[int], parts: int) -> list[list[int]]:
