@@ -288,6 +288,23 @@ def export(
     typer.echo(str(export_peft(adapter, out_dir)))
 
 
+@app.command()
+def serve(
+    adapters: List[str] = typer.Option([], "--adapter", help="An adapter to serve, as PATH or NAME=PATH (repeatable): requests pick it by NAME in their `model` field (default name: the run directory's or file's name)."),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP + " Served under its own name."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on (0: any free port; the startup line names it)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1 requests (default: $LORA_API_KEY)."),
+    allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help=MISMATCH_HELP),
+    device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."),
+) -> None:
+    """Serve the base model and adapters over an OpenAI-compatible HTTP API (/v1/models, /v1/completions,
+    /v1/chat/completions, /health) until SIGTERM or Ctrl-C."""
+    from lora_cli.serve import serve as run_server
+
+    run_server(adapters, model, host, port, api_key, device, allow_mismatch, log=lambda m: typer.echo(m, err=True))
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 

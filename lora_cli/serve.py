@@ -1,0 +1,517 @@
+"""`lora serve`: an OpenAI-compatible HTTP API over a base model and its adapters (FastAPI on uvicorn).
+
+Endpoints, as OpenAI's API reference defines them (https://platform.openai.com/docs/api-reference):
+    GET  /v1/models             the base model (under its own name) and every adapter (under its NAME)
+    POST /v1/completions        a raw prompt (text or token ids, or a list of them), no template
+    POST /v1/chat/completions   messages -> prompt ids (`chat_prompt_ids`)
+    GET  /health                {"status": "ok", ...}: open even with an API key, for load balancers
+
+`stream: true` answers with server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. Every bad
+request gets OpenAI's error object {"error": {"message", "type", "param", "code"}} and a 4xx status; the server
+goes on serving.
+
+Several adapters over one base: the base is loaded once (per distinct base); each adapter gets a copy of the
+model's module tree whose tensors are the base's own (copy.deepcopy with the base tensors in its memo), with the
+adapter attached to the copy. Memory: one base plus each adapter's own tensors (LoRA weights, and any base tensor
+the adapter trains in full, e.g. biases, which is copied). A request picks its model by name; nothing is swapped.
+
+Concurrency: one lock around the models (they share weights and the CPU/GPU); each request's generation runs in
+its own thread under that lock, handing text pieces to the event loop. `run_generation` is the one path from a
+request to text (a batching queue replaces it). A client that disconnects mid-stream cancels its generation
+between two tokens, which frees the lock.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request, the request models)
+# at runtime, and those classes live inside build_app.
+import asyncio
+import copy
+import hmac
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lora_cli.errors import ConfigError, LoraError, first_line
+from lora_cli.generate import decode_incremental, stream
+from lora_cli.inference import Loaded, DataSettings, attach_to, base_spec, load_base, load_with_tokenizer, open_adapter
+from lora_cli.prompts import prompt_values, render, uses_template
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+
+
+# ------------------------------------------------------------------------------------------------ the models
+
+
+@dataclass
+class Served:
+    """One name the API answers to: a base model, or an adapter attached to a copy of its base."""
+
+    name: str
+    loaded: Loaded
+    parent: str | None = None  # an adapter's base model name
+
+    @property
+    def context(self) -> int:
+        return self.loaded.model.config.n_positions
+
+
+def adapter_flags(items: Sequence[str]) -> list[tuple[str, str]]:
+    """(name, path) for each --adapter value: NAME=PATH, or a PATH named after its file (a run directory or
+    .../RUN/adapter.safetensors: the run directory's name)."""
+    out = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or Path(item).exists():
+            path = item
+            p = Path(path)
+            name = p.parent.name if p.name == "adapter.safetensors" else (p.name if p.is_dir() else p.stem)
+        if not name.strip() or not path.strip():
+            raise ConfigError(f"--adapter {item!r}: expected PATH or NAME=PATH, e.g. --adapter support=runs/support")
+        out.append((name.strip(), path.strip()))
+    names = [n for n, _ in out]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise ConfigError(f"--adapter: two adapters are named {dup!r}; name them apart with NAME=PATH")
+    return out
+
+
+def _shared_copy(model, keep_own: set[str]):
+    """A copy of `model`'s modules that shares every parameter and buffer with it, except the tensors named in
+    `keep_own` (by their names in `model`), which are copied: those the adapter loaded onto them will write."""
+    own = {id(t) for n, t in [*model.named_parameters(remove_duplicate=False),
+                              *model.named_buffers(remove_duplicate=False)] if n in keep_own}
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in own}
+    return copy.deepcopy(model, memo)
+
+
+def load_models(adapters: Sequence[str] = (), model: str | None = None, allow_mismatch: bool = False,
+                device=None) -> dict[str, Served]:
+    """Every model the server answers to, by name: each distinct base once (--model, else the adapters' own
+    bases) and each adapter attached to a tensor-sharing copy of its base."""
+    import torch  # a lazy import keeps this module light for `lora serve --help`
+
+    flags = adapter_flags(adapters)
+    if not flags and model is None:
+        raise ConfigError("name a model: --model MODEL and/or --adapter [NAME=]PATH (repeatable)")
+    bases: dict[str, Served] = {}  # by the spec it was loaded from
+
+    def base_for(adapter) -> Served:
+        key = model if model is not None else repr(base_spec(adapter))
+        if key not in bases:
+            base, tokenizer = load_base(adapter, model)
+            base.model.to(device or torch.device("cpu")).eval()
+            bases[key] = Served(base.name, Loaded(base, None, DataSettings(), tokenizer))
+        return bases[key]
+
+    if model is not None:
+        base_for(None)
+    served: dict[str, Served] = {}
+    for name, path in flags:
+        adapter = open_adapter(path)
+        settings = DataSettings.from_adapter(adapter)
+        if settings.task == "classification":
+            raise ConfigError(f"--adapter {path} is a classifier; `lora serve` needs causal-LM adapters")
+        parent = base_for(adapter)
+        written = {k.replace(".base_layer.", ".") for k in adapter.tensors}
+        base = copy.copy(parent.loaded.base)
+        base.model = _shared_copy(parent.loaded.model, written)
+        loaded = Loaded(base, adapter, settings, parent.loaded.tokenizer)
+        attach_to(loaded, allow_mismatch)
+        served[name] = Served(name, loaded, parent.name)
+    for base in bases.values():
+        if base.name in served:
+            raise ConfigError(f"--adapter name {base.name!r} is the base model's name; give the adapter another")
+        served[base.name] = base
+    return served
+
+
+# ------------------------------------------------------------------------------------------------ requests
+
+
+class ApiError(Exception):
+    """A request the API refuses: OpenAI's error object with this HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Job:
+    """One prompt to continue, and (filled in by the generation) how it went."""
+
+    prompt: list[int]
+    max_tokens: int
+    sampling: dict  # temperature, top_p, top_k, seed: generate.stream's options
+    stop: list[str] = field(default_factory=list)
+    completion_tokens: int = 0
+    finish_reason: str = "length"
+
+
+def chat_prompt_ids(served: Served, messages: list[dict]) -> list[int]:
+    """Chat messages -> the prompt's token ids. An instruction adapter (alpaca, prompt_completion): its prompt
+    template on the last user message, exactly what `lora generate` feeds for that text. A model without a
+    template cannot chat."""
+    settings = served.loaded.settings
+    if not uses_template(settings):
+        raise ApiError(400, f"model {served.name!r} has no chat template; use /v1/completions with a raw prompt, "
+                            "or serve an instruction adapter", "messages", "model_not_supported")
+    users = [m for m in messages if m.get("role") == "user"]
+    if not users:
+        raise ApiError(400, "messages holds no message with role 'user'; add one", "messages")
+    text = _content_text(users[-1].get("content"))
+    return served.loaded.tokenizer.encode(render(prompt_values(text, settings), settings), add_special_tokens=True)
+
+
+def _content_text(content) -> str:
+    """A message's content: a string, or OpenAI's list of parts ({"type": "text", "text": ...})."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(str(p.get("text", "")) for p in content)
+    raise ApiError(400, "a message's content must be a string or a list of text parts", "messages")
+
+
+def _check_context(served: Served, prompt: list[int], max_tokens: int | None, param: str) -> int:
+    """max_tokens (the default: the rest of the context) once prompt + max_tokens fit the model's context."""
+    room = served.context - len(prompt)
+    if room < 1:
+        raise ApiError(400, f"the {param} has {len(prompt)} tokens; model {served.name!r} has a context of "
+                            f"{served.context} tokens: shorten it", param, "context_length_exceeded")
+    if max_tokens is None:
+        return room
+    if len(prompt) + max_tokens > served.context:
+        raise ApiError(400, f"max_tokens={max_tokens} plus the {param}'s {len(prompt)} tokens exceed the context of "
+                            f"model {served.name!r} ({served.context} tokens): lower max_tokens to at most {room}", "max_tokens", "context_length_exceeded")
+    return max_tokens
+
+
+class _StopText:
+    """Cuts generated text at the first stop string. Text that could be the start of a stop string is held back
+    until the next piece decides it."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops, self.pending = list(stops), ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """(text to emit now, whether a stop string was hit)"""
+        self.pending += piece
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[:min(hits)], ""
+            return out, True
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ generation
+
+
+_END = object()
+
+
+class Engine:
+    """The served models, the lock around them, and counters for /health."""
+
+    def __init__(self, models: dict[str, Served]):
+        self.models = models
+        self.lock = threading.Lock()
+        self.stats = {"active": 0, "completed": 0, "disconnected": 0}  # changed under the lock only
+
+    def model(self, name) -> Served:
+        if name not in self.models:
+            known = ", ".join(sorted(self.models))
+            raise ApiError(404, f"the model {name!r} does not exist; this server has: {known}", "model",
+                           "model_not_found")
+        return self.models[name]
+
+    def run_generation(self, served: Served, job: Job) -> AsyncIterator[str]:
+        """The one path from a request to text: checks the options now (LoraError), then returns an async
+        iterator of text pieces (stop strings applied; job.completion_tokens and job.finish_reason filled in at
+        its end). Closing the iterator early (a client gone) stops the generation between two tokens."""
+        net, tokenizer = served.loaded.model, served.loaded.tokenizer
+        ids = stream(net, job.prompt, job.max_tokens, eos_id=tokenizer.eos_ids, **job.sampling)
+
+        def counted() -> Iterator[int]:
+            for t in ids:
+                job.completion_tokens += 1
+                yield t
+
+        return self._pieces(decode_incremental(counted(), tokenizer), job)
+
+    async def _pieces(self, text: Iterator[str], job: Job) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def put(item) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop has closed (server shut down): nobody is listening
+                pass
+
+        def work() -> None:
+            stop = _StopText(job.stop)
+            try:
+                with self.lock:
+                    self.stats["active"] += 1
+                    try:
+                        hit = False
+                        for piece in text:
+                            if cancel.is_set():
+                                self.stats["disconnected"] += 1
+                                return
+                            out, hit = stop.feed(piece)
+                            if out:
+                                put(out)
+                            if hit:
+                                break
+                        else:  # no stop string: it ran to max_tokens ("length") or ended at an EOS ("stop")
+                            put(stop.flush())
+                        hit_limit = not hit and job.completion_tokens >= job.max_tokens
+                        job.finish_reason = "length" if hit_limit else "stop"
+                        self.stats["completed"] += 1
+                    finally:
+                        text.close()  # ends the decoder chain: the KV cache is freed now
+                        self.stats["active"] -= 1
+            except BaseException as exc:  # a bug in generation: the request gets a 500, the server goes on
+                put(exc)
+            finally:
+                put(_END)
+
+        threading.Thread(target=work, name="lora-serve-generation", daemon=True).start()
+        try:
+            while (item := await queue.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                if item:
+                    yield item
+        finally:
+            cancel.set()  # the client left (or the request failed): stop at the next token
+
+
+# ------------------------------------------------------------------------------------------------ the app
+
+
+def build_app(engine: Engine, api_key: str | None = None):
+    """The FastAPI application serving `engine`'s models."""
+    from fastapi import APIRouter, Depends, FastAPI, Request  # the `serve` extra: only `lora serve` needs it
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field
+    from starlette.exceptions import HTTPException
+
+    class Sampling(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        model: str
+        max_tokens: int | None = Field(None, ge=0)
+        temperature: float = Field(1.0, ge=0)  # OpenAI's default: sampling at 1
+        top_p: float = Field(1.0, gt=0, le=1)
+        top_k: int | None = Field(None, ge=1)  # not OpenAI's, but common (vLLM, llama.cpp)
+        seed: int | None = None
+        stop: str | list[str] | None = None
+        stream: bool = False
+        stream_options: dict | None = None
+        n: Literal[1] = 1
+        logprobs: Literal[None, False] = None
+
+    class CompletionRequest(Sampling):
+        prompt: str | list[int] | list[str] | list[list[int]]
+        echo: Literal[False] = False
+        best_of: Literal[None, 1] = None
+        suffix: Literal[None] = None
+
+    class ChatRequest(Sampling):
+        messages: list[dict] = Field(min_length=1)
+        max_completion_tokens: int | None = Field(None, ge=0)  # OpenAI's newer name for max_tokens
+        tools: Literal[None] = None
+
+    def error(exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "incorrect or missing API key: send the header 'Authorization: Bearer KEY' with "
+                                "the key the server was started with", None, "invalid_api_key")
+
+    app = FastAPI(title="lora serve", docs_url=None, redoc_url=None)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            return error(ApiError(400, "the request body is not valid JSON: " + str(first.get("ctx", {}).get("error", first["msg"]))))
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = loc[0] if loc else None
+        where = ".".join(loc) or "the request body"
+        return error(ApiError(400, f"{where}: {first['msg']}", param))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, exc: HTTPException):  # unknown route, wrong method
+        return error(ApiError(exc.status_code, str(exc.detail), None, None))
+
+    @app.exception_handler(Exception)
+    async def _bug(request, exc: Exception):
+        return error(ApiError(500, f"internal error ({type(exc).__name__}: {first_line(exc)})", kind="server_error"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": sorted(engine.models), **engine.stats}
+
+    @v1.get("/models")
+    async def models():
+        created = int(time.time())
+        return {"object": "list", "data": [
+            {"id": s.name, "object": "model", "created": created, "owned_by": "lora-cli",
+             **({"parent": s.parent} if s.parent else {})} for s in engine.models.values()]}
+
+    def jobs(served: Served, req: Sampling, prompts: list[list[int]], max_tokens: int | None,
+             param: str) -> list[tuple[Job, AsyncIterator[str]]]:
+        """Check every prompt and option before any generation starts: a bad one is a 400, never a broken
+        stream."""
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if any(not s for s in stops):
+            raise ApiError(400, "stop: a stop string must not be empty", "stop")
+        sampling = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "seed": req.seed}
+        out = []
+        for prompt in prompts:
+            job = Job(prompt, _check_context(served, prompt, max_tokens, param), sampling, stops)
+            try:
+                out.append((job, engine.run_generation(served, job)))
+            except LoraError as exc:
+                raise ApiError(400, first_line(exc, 400), param) from exc
+        return out
+
+    def usage(done: list[Job]) -> dict:
+        prompt = sum(len(j.prompt) for j in done)
+        completion = sum(j.completion_tokens for j in done)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def respond(req: Sampling, kind: str, work: list[tuple[Job, AsyncIterator[str]]]):
+        """The JSON answer, or with stream=true the SSE stream of chunks (OpenAI's formats for `kind`:
+        "text_completion" or "chat.completion")."""
+        rid = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + uuid.uuid4().hex
+        head = {"id": rid, "object": kind, "created": int(time.time()), "model": req.model}
+
+        def choice(i: int, text: str | None, finish: str | None, delta: bool = False) -> dict:
+            if kind == "text_completion":
+                return {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+            if delta:
+                return {"index": i, "delta": {} if text is None else {"content": text}, "finish_reason": finish}
+            return {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+
+        if not req.stream:
+            async def whole():
+                choices = []
+                for i, (job, pieces) in enumerate(work):
+                    text = "".join([p async for p in pieces])
+                    choices.append(choice(i, text, job.finish_reason))
+                return {**head, "choices": choices, "usage": usage([j for j, _ in work])}
+            return whole()
+
+        chunk_head = {**head, "object": kind + ".chunk"} if kind != "text_completion" else head
+
+        def event(obj) -> str:
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+        async def events():
+            for i, (job, pieces) in enumerate(work):
+                try:
+                    if kind != "text_completion":
+                        yield event({**chunk_head, "choices": [
+                            {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+                    async for piece in pieces:
+                        yield event({**chunk_head, "choices": [choice(i, piece, None, delta=True)]})
+                    yield event({**chunk_head, "choices": [choice(i, None, job.finish_reason, delta=True)]})
+                finally:
+                    await pieces.aclose()  # a client gone mid-stream: its generation stops now
+            if (req.stream_options or {}).get("include_usage"):
+                yield event({**chunk_head, "choices": [], "usage": usage([j for j, _ in work])})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @v1.post("/completions")
+    async def completions(req: CompletionRequest):
+        served = engine.model(req.model)
+        p = req.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            p = [p]
+        if not p:
+            raise ApiError(400, "prompt: give some text or token ids", "prompt")
+        encode = served.loaded.tokenizer.encode
+        prompts = [encode(x, add_special_tokens=True) if isinstance(x, str) else list(x) for x in p]
+        max_tokens = COMPLETION_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+        out = respond(req, "text_completion", jobs(served, req, prompts, max_tokens, "prompt"))
+        return out if req.stream else await out
+
+    @v1.post("/chat/completions")
+    async def chat(req: ChatRequest):
+        served = engine.model(req.model)
+        prompt = chat_prompt_ids(served, req.messages)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        out = respond(req, "chat.completion", jobs(served, req, [prompt], max_tokens, "messages"))
+        return out if req.stream else await out
+
+    app.include_router(v1)
+    return app
+
+
+# ------------------------------------------------------------------------------------------------ serving
+
+
+def _exit_cleanly(signum, frame) -> None:
+    raise SystemExit(0)
+
+
+def serve(adapters: Sequence[str] = (), model: str | None = None, host: str = DEFAULT_HOST,
+          port: int = DEFAULT_PORT, api_key: str | None = None, device: str = "auto", allow_mismatch: bool = False,
+          log: Callable[[str], None] = print) -> None:
+    """Load the models and serve them until SIGTERM or Ctrl-C (a clean stop: in-flight requests finish first).
+    Port 0 picks a free port; the line "serving http://HOST:PORT (models: ...)" says which."""
+    import uvicorn  # the `serve` extra
+
+    from lora_cli.runtime import device_option
+
+    if api_key is None:
+        api_key = os.environ.get("LORA_API_KEY") or None
+    # SIGTERM stops the server cleanly with exit code 0. uvicorn handles it while serving and raises it again
+    # once stopped; this handler turns that (or a SIGTERM while the models load) into a normal exit.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    engine = Engine(load_models(adapters, model, allow_mismatch, device_option(device)))
+    try:
+        sock = socket.create_server((host, port))
+    except OSError as exc:
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); pick "
+                          "another port (0: any free one)") from exc
+    bound = sock.getsockname()[1]
+    config = uvicorn.Config(build_app(engine, api_key), log_level="info", timeout_graceful_shutdown=30)
+    log(f"serving http://{host}:{bound} (models: {', '.join(engine.models)}"
+        f"{'; API key required' if api_key else ''})")
+    uvicorn.Server(config).run(sockets=[sock])
