@@ -1,0 +1,274 @@
+"""`lora serve`: the real server in a subprocess on 127.0.0.1 (a free port), called with the real `openai` client
+and raw HTTP: answers equal `lora generate`'s, streams equal whole answers, concurrent clients get their own
+answers, bad requests get OpenAI error objects and leave the server serving, a client gone mid-stream frees
+the model, SIGTERM stops it with exit code 0. In process: adapters share the base's tensors."""
+
+import json
+import queue
+import signal
+import subprocess
+import threading
+
+import pytest
+import torch
+
+from lora_cli.adapter import attach_adapter
+from lora_cli.lora import lora_layers
+from lora_cli.pretrained import load_model
+from lora_cli.serve import _StopText, adapter_flags, load_models
+
+from helpers import cli, child_env, make_hf_gpt2, python, train_run
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+KEY = "test-key"
+CONTEXT = 512  # room for the long generation that a client abandons
+INSTRUCTION = "Repeat the word apple."
+N = 12  # tokens per answer
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(base directory, instruction adapter, a second adapter) over one tiny GPT-2."""
+    root = tmp_path_factory.mktemp("serve")
+    make_hf_gpt2(root / "base", seed=5, n_positions=CONTEXT)
+    train_run(root / "inst", root / "base", steps=3, lr=1e-3)  # a light touch: answers do not end at once
+    train_run(root / "other", root / "base", steps=2, lr=5e-2, lora="{r: 2, alpha: 4, dropout: 0.0, targets: [attn.c_attn]}")
+    return root / "base", root / "inst" / "out" / "adapter.safetensors", root / "other" / "out"
+
+
+@pytest.fixture(scope="module")
+def server(runs, tmp_path_factory):
+    """The running server: (url, Popen, stderr lines so far). Stopped with SIGTERM by the last test."""
+    base, inst, other = runs
+    proc = python("-m", "lora_cli", "serve", "--adapter", f"inst={inst}", "--adapter", other, "--port", "0",
+                  "--api-key", KEY, "--device", "cpu", env=child_env(), popen=True)
+    lines: queue.Queue = queue.Queue()
+    log: list[str] = []
+
+    def drain(pipe):  # read the server's output to the end, so its pipes never fill up
+        for line in pipe:
+            log.append(line)
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=drain, args=(proc.stderr,), daemon=True).start()
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
+    url = None
+    while url is None:
+        line = lines.get(timeout=120)
+        assert line is not None, "".join(log)
+        if line.startswith("serving http://"):
+            url = line.split()[1]
+    # the socket is listening already: poll /health until it answers
+    for attempt in range(100):
+        try:
+            assert httpx.get(url + "/health", timeout=60).json()["status"] == "ok"
+            break
+        except httpx.TransportError:
+            assert proc.poll() is None, "".join(log)
+    yield url, proc, log
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def base_name(runs) -> str:
+    return str(runs[0].resolve())
+
+
+def gen(adapter, *args) -> str:
+    code, out, err = cli("generate", "--adapter", adapter, *args, "--device", "cpu")
+    assert code == 0, err
+    return out.removesuffix("\n")
+
+
+def complete(client, model, prompt, **kw):
+    kw = {"max_tokens": N, "temperature": 0, **kw}
+    return client.completions.create(model=model, prompt=prompt, **kw)
+
+
+def streamed(client, model, prompt, **kw) -> tuple[str, str]:
+    """(the concatenated text of a streamed completion, its finish_reason)"""
+    kw = {"max_tokens": N, "temperature": 0, **kw}
+    pieces, finish = [], None
+    for chunk in client.completions.create(model=model, prompt=prompt, stream=True, **kw):
+        pieces.append(chunk.choices[0].text)
+        finish = chunk.choices[0].finish_reason or finish
+    return "".join(pieces), finish
+
+
+# ------------------------------------------------------------------------------------------------ in process
+
+
+def test_adapters_share_the_base_tensors_and_compute_as_attached_alone(runs):
+    base, inst, other = runs
+    models = load_models([f"inst={inst}", str(other)], device=torch.device("cpu"))
+    name = base_name(runs)
+    assert sorted(models) == sorted(["inst", "out", name]) and models["inst"].parent == name
+    bare, adapted = models[name].loaded.model, models["inst"].loaded.model
+    assert lora_layers(bare) == [] and len(lora_layers(adapted)) > 0
+    assert adapted.transformer.wte.weight is bare.transformer.wte.weight  # one copy of the base weights
+    assert adapted.transformer.h[0].attn.c_attn.base_layer.weight is bare.transformer.h[0].attn.c_attn.weight
+    ids = torch.tensor([[464, 2068, 7586, 21831, 18045]])
+    for key, path in (("inst", inst), ("out", other)):
+        alone = attach_adapter(load_model(str(base)), path).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(models[key].loaded.model(ids), alone(ids), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(bare(ids), load_model(str(base)).model.eval()(ids), rtol=0, atol=0)
+
+
+def test_adapter_flags_and_stop_strings(tmp_path):
+    run = tmp_path / "support"
+    run.mkdir()
+    (run / "adapter.safetensors").write_bytes(b"")
+    assert adapter_flags([f"x={run}", str(run / "adapter.safetensors"), str(tmp_path / "b.safetensors")]) == \
+        [("x", str(run)), ("support", str(run / "adapter.safetensors")), ("b", str(tmp_path / "b.safetensors"))]
+    with pytest.raises(Exception, match="two adapters are named 'support'"):
+        adapter_flags([str(run), str(run / "adapter.safetensors")])
+    stop = _StopText(["END", "\n\n"])
+    assert [stop.feed(p) for p in ["ab", "cE", "N", "xE", "ND tail"]] == \
+        [("ab", False), ("c", False), ("", False), ("ENx", False), ("", True)]
+    assert _StopText(["zz"]).feed("az") == ("a", False)
+
+
+# ------------------------------------------------------------------------------------------------ the server
+
+
+def test_models_and_health(server, client, runs):
+    ids = {m.id for m in client.models.list()}
+    assert ids == {"inst", "out", base_name(runs)}
+    health = httpx.get(server[0] + "/health").json()
+    assert health["status"] == "ok" and health["active"] == 0
+
+
+def test_completions_equal_lora_generate_and_streams_concatenate(client, runs):
+    base, inst, other = runs
+    prompt = "The river and the stone"
+    for model, adapter in (("inst", inst), ("out", other)):
+        answer = complete(client, model, prompt)
+        want = gen(adapter, prompt, "--no-template", "--max-new-tokens", N)
+        assert answer.choices[0].text == want
+        assert answer.usage.prompt_tokens == 5 and answer.usage.completion_tokens == N
+        assert answer.choices[0].finish_reason == "length"
+        assert streamed(client, model, prompt) == (want, "length")
+    # the base answers to its own name, and differs from the adapter
+    plain = complete(client, base_name(runs), prompt).choices[0].text
+    assert plain != complete(client, "out", prompt).choices[0].text
+    # seeded sampling is lora generate's sampling
+    sampled = complete(client, "inst", prompt, temperature=1.0, top_p=0.9, seed=7).choices[0].text
+    assert sampled == gen(inst, prompt, "--no-template", "--max-new-tokens", N, "--temperature", 1.0,
+                          "--top-p", 0.9, "--seed", 7)
+
+
+def test_stop_strings_cut_the_answer(client):
+    prompt = "The river and the stone"
+    whole = complete(client, "inst", prompt, max_tokens=N).choices[0].text
+    stop = whole[len(whole) // 2:len(whole) // 2 + 3]
+    cut = complete(client, "inst", prompt, stop=[stop, "never appears"]).choices[0]
+    assert (cut.text, cut.finish_reason) == (whole[:whole.find(stop)], "stop")
+    assert streamed(client, "inst", prompt, stop=stop) == (whole[:whole.find(stop)], "stop")
+
+
+def test_chat_uses_the_adapters_prompt_template(client, runs):
+    base, inst, other = runs
+    answer = client.chat.completions.create(model="inst", messages=[
+        {"role": "system", "content": "You are terse."}, {"role": "user", "content": INSTRUCTION}],
+        max_tokens=N, temperature=0)
+    want = gen(inst, INSTRUCTION, "--max-new-tokens", N)
+    assert answer.choices[0].message.content == want and answer.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model="inst", messages=[{"role": "user", "content": INSTRUCTION}],
+                                                 max_tokens=N, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens == N
+    # a model without a prompt template (the base, or a `text` adapter) cannot chat: a 400 that says so
+    with pytest.raises(openai.BadRequestError, match="has no chat template"):
+        client.chat.completions.create(model=base_name(runs), messages=[{"role": "user", "content": "hi"}])
+
+
+def test_four_concurrent_clients_get_their_own_answers(client, runs):
+    asks = [("inst", "Seven green tables", False), ("out", "Seven green tables", True),
+            (base_name(runs), "North light on paper", False), ("inst", "Quick music", True)]
+    want = [complete(client, m, p).choices[0].text for m, p, _ in asks]
+    got: list = [None] * len(asks)
+    barrier = threading.Barrier(len(asks))
+
+    def ask(i):
+        model, prompt, stream = asks[i]
+        barrier.wait(timeout=60)
+        got[i] = streamed(client, model, prompt)[0] if stream else complete(client, model, prompt).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert got == want and len(set(want)) == 4
+
+
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
+    url = server[0]
+    auth = {"Authorization": f"Bearer {KEY}"}
+    good = {"model": "inst", "prompt": "Hello", "max_tokens": 2, "temperature": 0}
+    long_prompt = " ".join(["word"] * CONTEXT)
+    cases = [
+        # (body or raw bytes, headers, status, param, code)
+        (b'{"model": "inst", "prompt": ', auth, 400, None, None),
+        ({**good, "model": "nope"}, auth, 404, "model", "model_not_found"),
+        ({**good, "max_tokens": -1}, auth, 400, "max_tokens", None),
+        ({**good, "max_tokens": 10**9}, auth, 400, "max_tokens", "context_length_exceeded"),
+        ({**good, "prompt": long_prompt}, auth, 400, "prompt", "context_length_exceeded"),
+        ({**good, "prompt": [60000]}, auth, 400, "prompt", None),
+        ({**good, "temperature": -1}, auth, 400, "temperature", None),
+        ({**good, "n": 3}, auth, 400, "n", None),
+        (good, {"Authorization": "Bearer wrong"}, 401, None, "invalid_api_key"),
+        (good, {}, 401, None, "invalid_api_key"),
+    ]
+    for body, headers, status, param, code in cases:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        r = httpx.post(url + "/v1/completions", content=content, headers={**headers, "Content-Type": "application/json"})
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"], r.text
+        assert (err["param"], err["code"]) == (param, code), r.text
+        r = httpx.post(url + "/v1/completions", json=good, headers=auth)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    # the openai client sees the same errors as its exception classes
+    with pytest.raises(openai.NotFoundError):
+        complete(client, "nope", "Hello")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.chat.completions.create(model="inst", messages=[{"role": "user", "content": long_prompt}])
+    assert httpx.get(url + "/health").json()["active"] == 0
+
+
+def test_a_client_gone_mid_stream_frees_the_model(server, client):
+    url = server[0]
+    before = httpx.get(url + "/health").json()
+    body = {"model": "out", "prompt": "Once", "max_tokens": CONTEXT - 4, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+        first = next(r.iter_lines())
+        assert first.startswith("data: {")
+    # the next request waits for the model, which the abandoned generation gives up at its next token
+    assert complete(client, "inst", "Hello", max_tokens=2).usage.completion_tokens == 2
+    after = httpx.get(url + "/health").json()
+    assert after["disconnected"] == before["disconnected"] + 1 and after["active"] == 0
+
+
+def test_sigterm_stops_the_server_cleanly(server):
+    url, proc, log = server
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, "".join(log)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(url + "/health", timeout=5)
