@@ -43,7 +43,6 @@ from lora_cli.generate import decode_incremental, stream
 from lora_cli.inference import Loaded, DataSettings, attach_to, base_spec, load_base, load_with_tokenizer, open_adapter
 from lora_cli.prompts import prompt_values, render, uses_template
 
-DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
 
@@ -490,13 +489,16 @@ def _exit_cleanly(signum, frame) -> None:
     raise SystemExit(0)
 
 
-def serve(adapters: Sequence[str] = (), model: str | None = None, host: str = DEFAULT_HOST,
-          port: int = DEFAULT_PORT, api_key: str | None = None, device: str = "auto", allow_mismatch: bool = False,
-          log: Callable[[str], None] = print) -> None:
+def serve(adapters: Sequence[str], model: str | None, host: str, port: int, api_key: str | None = None,
+          device: str = "auto", allow_mismatch: bool = False, log: Callable[[str], None] = print) -> None:
     """Load the models and serve them until SIGTERM or Ctrl-C (a clean stop: in-flight requests finish first).
     Port 0 picks a free port; the line "serving http://HOST:PORT (models: ...)" says which."""
-    import uvicorn  # the `serve` extra
-
+    try:  # the `serve` extra
+        import fastapi  # noqa: F401  (build_app imports it; checked here before the models load)
+        import uvicorn
+    except ImportError as exc:
+        raise ConfigError(f"lora serve needs FastAPI and uvicorn ({exc.name} is missing): "
+                          "pip install 'lora-cli[serve]'") from None
     from lora_cli.runtime import device_option
 
     if api_key is None:
