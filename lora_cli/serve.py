@@ -36,12 +36,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from lora_cli.errors import ConfigError, LoraError, first_line
 from lora_cli.generate import decode_incremental, stream
-from lora_cli.inference import Loaded, DataSettings, attach_to, base_spec, load_base, load_with_tokenizer, open_adapter
+from lora_cli.inference import DataSettings, Loaded, attach_to, base_spec, load_base, open_adapter
 from lora_cli.prompts import prompt_values, render, uses_template
+from lora_cli.runtime import device_option
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 
@@ -94,9 +95,8 @@ def _shared_copy(model, keep_own: set[str]):
 def load_models(adapters: Sequence[str] = (), model: str | None = None, allow_mismatch: bool = False,
                 device=None) -> dict[str, Served]:
     """Every model the server answers to, by name: each distinct base once (--model, else the adapters' own
-    bases) and each adapter attached to a tensor-sharing copy of its base."""
-    import torch  # a lazy import keeps this module light for `lora serve --help`
-
+    bases) and each adapter attached to a tensor-sharing copy of its base. `device`: a torch.device (None: stay
+    on the CPU)."""
     flags = adapter_flags(adapters)
     if not flags and model is None:
         raise ConfigError("name a model: --model MODEL and/or --adapter [NAME=]PATH (repeatable)")
@@ -106,7 +106,9 @@ def load_models(adapters: Sequence[str] = (), model: str | None = None, allow_mi
         key = model if model is not None else repr(base_spec(adapter))
         if key not in bases:
             base, tokenizer = load_base(adapter, model)
-            base.model.to(device or torch.device("cpu")).eval()
+            if device is not None:
+                base.model.to(device)
+            base.model.eval()
             bases[key] = Served(base.name, Loaded(base, None, DataSettings(), tokenizer))
         return bases[key]
 
@@ -125,10 +127,10 @@ def load_models(adapters: Sequence[str] = (), model: str | None = None, allow_mi
         loaded = Loaded(base, adapter, settings, parent.loaded.tokenizer)
         attach_to(loaded, allow_mismatch)
         served[name] = Served(name, loaded, parent.name)
-    for base in bases.values():
-        if base.name in served:
-            raise ConfigError(f"--adapter name {base.name!r} is the base model's name; give the adapter another")
-        served[base.name] = base
+    for b in bases.values():
+        if b.name in served:
+            raise ConfigError(f"--adapter name {b.name!r} is the base model's name; give the adapter another")
+        served[b.name] = b
     return served
 
 
@@ -499,19 +501,25 @@ def serve(adapters: Sequence[str], model: str | None, host: str, port: int, api_
     except ImportError as exc:
         raise ConfigError(f"lora serve needs FastAPI and uvicorn ({exc.name} is missing): "
                           "pip install 'lora-cli[serve]'") from None
-    from lora_cli.runtime import device_option
 
     if api_key is None:
         api_key = os.environ.get("LORA_API_KEY") or None
     # SIGTERM stops the server cleanly with exit code 0. uvicorn handles it while serving and raises it again
     # once stopped; this handler turns that (or a SIGTERM while the models load) into a normal exit.
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    engine = Engine(load_models(adapters, model, allow_mismatch, device_option(device)))
+    dev = device_option(device)
+    # Bind before loading the models (a port in use fails at once), listen after (until then clients are
+    # refused rather than kept waiting).
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock = socket.create_server((host, port))
+        sock.bind((host, port))
     except OSError as exc:
+        sock.close()
         raise ConfigError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); pick "
-                          "another port (0: any free one)") from exc
+                          "another port (0: any free one)") from None
+    engine = Engine(load_models(adapters, model, allow_mismatch, dev))
+    sock.listen(2048)  # uvicorn's default backlog
     bound = sock.getsockname()[1]
     config = uvicorn.Config(build_app(engine, api_key), log_level="info", timeout_graceful_shutdown=30)
     log(f"serving http://{host}:{bound} (models: {', '.join(engine.models)}"

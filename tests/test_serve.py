@@ -6,7 +6,7 @@ the model, SIGTERM stops it with exit code 0. In process: adapters share the bas
 import json
 import queue
 import signal
-import subprocess
+import socket
 import threading
 
 import pytest
@@ -17,7 +17,7 @@ from lora_cli.lora import lora_layers
 from lora_cli.pretrained import load_model
 from lora_cli.serve import _StopText, adapter_flags, load_models
 
-from helpers import cli, child_env, make_hf_gpt2, python, train_run
+from helpers import assert_one_line_error, cli, child_env, make_hf_gpt2, python, train_run
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -139,6 +139,21 @@ def test_adapter_flags_and_stop_strings(tmp_path):
     assert [stop.feed(p) for p in ["ab", "cE", "N", "xE", "ND tail"]] == \
         [("ab", False), ("c", False), ("", False), ("ENx", False), ("", True)]
     assert _StopText(["zz"]).feed("az") == ("a", False)
+
+
+def test_bad_flags_are_one_line_errors(runs):
+    base, inst, other = runs
+    line = assert_one_line_error(*cli("serve", "--port", "0"), expected_code=2)
+    assert "name a model: --model MODEL and/or --adapter" in line
+    line = assert_one_line_error(*cli("serve", "--adapter", f"a={inst}", "--adapter", f"a={other}", "--port", "0"),
+                                 expected_code=2)
+    assert "two adapters are named 'a'" in line
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        line = assert_one_line_error(*cli("serve", "--model", base, "--port", port), expected_code=2)
+    assert f"--host 127.0.0.1 --port {port}: cannot listen there" in line
 
 
 # ------------------------------------------------------------------------------------------------ the server
