@@ -36,7 +36,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from lora_cli.errors import ConfigError, LoraError, first_line
 from lora_cli.generate import decode_incremental, stream
@@ -185,6 +185,26 @@ def _content_text(content) -> str:
     raise ApiError(400, "a message's content must be a string or a list of text parts", "messages")
 
 
+def _is_ids(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _prompt_ids(prompt, tokenizer) -> list[list[int]]:
+    """OpenAI's forms of `prompt` -> one list of token ids per prompt: a string, a list of token ids, or a list
+    of strings / token-id lists. Text is encoded as `lora generate` encodes it."""
+    many = prompt if isinstance(prompt, list) and prompt and not _is_ids(prompt) else [prompt]
+    out = []
+    for p in many:
+        if isinstance(p, str):
+            out.append(tokenizer.encode(p, add_special_tokens=True))
+        elif _is_ids(p):
+            out.append(list(p))
+        else:
+            raise ApiError(400, "prompt must be a string, a list of token ids, or a list of strings or token-id "
+                                "lists", "prompt")
+    return out
+
+
 def _check_context(served: Served, prompt: list[int], max_tokens: int | None, param: str) -> int:
     """max_tokens (the default: the rest of the context) once prompt + max_tokens fit the model's context."""
     room = served.context - len(prompt)
@@ -327,14 +347,14 @@ def build_app(engine: Engine, api_key: str | None = None):
         top_p: float = Field(1.0, gt=0, le=1)
         top_k: int | None = Field(None, ge=1)  # not OpenAI's, but common (vLLM, llama.cpp)
         seed: int | None = None
-        stop: str | list[str] | None = None
+        stop: Any = None  # a string or a list of them: checked in jobs(), with a clearer message than a union's
         stream: bool = False
         stream_options: dict | None = None
         n: Literal[1] = 1
         logprobs: Literal[None, False] = None
 
     class CompletionRequest(Sampling):
-        prompt: str | list[int] | list[str] | list[list[int]]
+        prompt: Any  # checked by _prompt_ids, with a clearer message than a union's
         echo: Literal[False] = False
         best_of: Literal[None, 1] = None
         suffix: Literal[None] = None
@@ -369,9 +389,10 @@ def build_app(engine: Engine, api_key: str | None = None):
         if first.get("type") == "json_invalid":
             return error(ApiError(400, "the request body is not valid JSON: " + str(first.get("ctx", {}).get("error", first["msg"]))))
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = loc[0] if loc else None
-        where = ".".join(loc) or "the request body"
-        return error(ApiError(400, f"{where}: {first['msg']}", param))
+        if not loc:  # not an object: a list, a string, or a body sent without Content-Type: application/json
+            return error(ApiError(400, "the request body must be a JSON object, sent with Content-Type: "
+                                       "application/json"))
+        return error(ApiError(400, f"{'.'.join(loc)}: {first['msg']}", loc[0]))
 
     @app.exception_handler(HTTPException)
     async def _http(request, exc: HTTPException):  # unknown route, wrong method
@@ -396,9 +417,9 @@ def build_app(engine: Engine, api_key: str | None = None):
              param: str) -> list[tuple[Job, AsyncIterator[str]]]:
         """Check every prompt and option before any generation starts: a bad one is a 400, never a broken
         stream."""
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if any(not s for s in stops):
-            raise ApiError(400, "stop: a stop string must not be empty", "stop")
+        stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise ApiError(400, "stop must be a non-empty string or a list of them", "stop")
         sampling = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "seed": req.seed}
         out = []
         for prompt in prompts:
@@ -461,13 +482,7 @@ def build_app(engine: Engine, api_key: str | None = None):
     @v1.post("/completions")
     async def completions(req: CompletionRequest):
         served = engine.model(req.model)
-        p = req.prompt
-        if isinstance(p, str) or (p and isinstance(p[0], int)):
-            p = [p]
-        if not p:
-            raise ApiError(400, "prompt: give some text or token ids", "prompt")
-        encode = served.loaded.tokenizer.encode
-        prompts = [encode(x, add_special_tokens=True) if isinstance(x, str) else list(x) for x in p]
+        prompts = _prompt_ids(req.prompt, served.loaded.tokenizer)
         max_tokens = COMPLETION_MAX_TOKENS if req.max_tokens is None else req.max_tokens
         out = respond(req, "text_completion", jobs(served, req, prompts, max_tokens, "prompt"))
         return out if req.stream else await out

@@ -16,6 +16,7 @@ from lora_cli.adapter import attach_adapter
 from lora_cli.lora import lora_layers
 from lora_cli.pretrained import load_model
 from lora_cli.serve import _StopText, adapter_flags, load_models
+from lora_cli.tokenizer import encode
 
 from helpers import assert_one_line_error, cli, child_env, make_hf_gpt2, python, train_run
 
@@ -176,6 +177,9 @@ def test_completions_equal_lora_generate_and_streams_concatenate(client, runs):
         assert answer.usage.prompt_tokens == 5 and answer.usage.completion_tokens == N
         assert answer.choices[0].finish_reason == "length"
         assert streamed(client, model, prompt) == (want, "length")
+    # a list of prompts (text, token ids) gets one choice each, in order
+    both = complete(client, "out", [prompt, encode(prompt)])
+    assert [c.text for c in both.choices] == [want, want] and both.usage.prompt_tokens == 10
     # the base answers to its own name, and differs from the adapter
     plain = complete(client, base_name(runs), prompt).choices[0].text
     assert plain != complete(client, "out", prompt).choices[0].text
@@ -246,6 +250,9 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
         ({**good, "prompt": [60000]}, auth, 400, "prompt", None),
         ({**good, "temperature": -1}, auth, 400, "temperature", None),
         ({**good, "n": 3}, auth, 400, "n", None),
+        ({**good, "prompt": 5}, auth, 400, "prompt", None),
+        ({**good, "stop": [""]}, auth, 400, "stop", None),
+        ([good], auth, 400, None, None),
         (good, {"Authorization": "Bearer wrong"}, 401, None, "invalid_api_key"),
         (good, {}, 401, None, "invalid_api_key"),
     ]
