@@ -3,7 +3,7 @@
 Endpoints, as OpenAI's API reference defines them (https://platform.openai.com/docs/api-reference):
     GET  /v1/models             the base model (under its own name) and every adapter (under its NAME)
     POST /v1/completions        a raw prompt (text or token ids, or a list of them), no template
-    POST /v1/chat/completions   messages -> prompt ids (`chat_prompt_ids`)
+    POST /v1/chat/completions   messages -> prompt ids (`messages_to_ids`)
     GET  /health                {"status": "ok", ...}: open even with an API key, for load balancers
 
 `stream: true` answers with server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. Every bad
@@ -45,6 +45,7 @@ from lora_cli.prompts import prompt_values, render, uses_template
 from lora_cli.runtime import device_option
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+GRACEFUL_SHUTDOWN_S = 30  # on SIGTERM / Ctrl-C, how long requests in flight may take to finish
 
 
 # ------------------------------------------------------------------------------------------------ the models
@@ -161,10 +162,11 @@ class Job:
     finish_reason: str = "length"
 
 
-def chat_prompt_ids(served: Served, messages: list[dict]) -> list[int]:
+def messages_to_ids(served: Served, messages: list[dict]) -> list[int]:
     """Chat messages -> the prompt's token ids. An instruction adapter (alpaca, prompt_completion): its prompt
     template on the last user message, exactly what `lora generate` feeds for that text. A model without a
-    template cannot chat."""
+    template cannot chat. The one place where messages become a prompt: a checkpoint's own chat template plugs
+    in here."""
     settings = served.loaded.settings
     if not uses_template(settings):
         raise ApiError(400, f"model {served.name!r} has no chat template; use /v1/completions with a raw prompt, "
@@ -186,7 +188,8 @@ def _content_text(content) -> str:
 
 
 def _is_ids(value) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    """A non-empty list of token ids (ints, not booleans)."""
+    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
 
 
 def _prompt_ids(prompt, tokenizer) -> list[list[int]]:
@@ -208,14 +211,16 @@ def _prompt_ids(prompt, tokenizer) -> list[list[int]]:
 def _check_context(served: Served, prompt: list[int], max_tokens: int | None, param: str) -> int:
     """max_tokens (the default: the rest of the context) once prompt + max_tokens fit the model's context."""
     room = served.context - len(prompt)
+    what = "prompt" if param == "prompt" else "chat prompt"
     if room < 1:
-        raise ApiError(400, f"the {param} has {len(prompt)} tokens; model {served.name!r} has a context of "
+        raise ApiError(400, f"the {what} has {len(prompt)} tokens; model {served.name!r} has a context of "
                             f"{served.context} tokens: shorten it", param, "context_length_exceeded")
     if max_tokens is None:
         return room
     if len(prompt) + max_tokens > served.context:
-        raise ApiError(400, f"max_tokens={max_tokens} plus the {param}'s {len(prompt)} tokens exceed the context of "
-                            f"model {served.name!r} ({served.context} tokens): lower max_tokens to at most {room}", "max_tokens", "context_length_exceeded")
+        raise ApiError(400, f"max_tokens={max_tokens} plus the {what}'s {len(prompt)} tokens exceed the context of "
+                            f"model {served.name!r} ({served.context} tokens): lower max_tokens to at most {room}",
+                       "max_tokens", "context_length_exceeded")
     return max_tokens
 
 
@@ -387,7 +392,8 @@ def build_app(engine: Engine, api_key: str | None = None):
     async def _invalid(request, exc: RequestValidationError):
         first = exc.errors()[0]
         if first.get("type") == "json_invalid":
-            return error(ApiError(400, "the request body is not valid JSON: " + str(first.get("ctx", {}).get("error", first["msg"]))))
+            reason = first.get("ctx", {}).get("error", first["msg"])
+            return error(ApiError(400, f"the request body is not valid JSON: {reason}"))
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         if not loc:  # not an object: a list, a string, or a body sent without Content-Type: application/json
             return error(ApiError(400, "the request body must be a JSON object, sent with Content-Type: "
@@ -490,7 +496,7 @@ def build_app(engine: Engine, api_key: str | None = None):
     @v1.post("/chat/completions")
     async def chat(req: ChatRequest):
         served = engine.model(req.model)
-        prompt = chat_prompt_ids(served, req.messages)
+        prompt = messages_to_ids(served, req.messages)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         out = respond(req, "chat.completion", jobs(served, req, [prompt], max_tokens, "messages"))
         return out if req.stream else await out
@@ -536,7 +542,7 @@ def serve(adapters: Sequence[str], model: str | None, host: str, port: int, api_
     engine = Engine(load_models(adapters, model, allow_mismatch, dev))
     sock.listen(2048)  # uvicorn's default backlog
     bound = sock.getsockname()[1]
-    config = uvicorn.Config(build_app(engine, api_key), log_level="info", timeout_graceful_shutdown=30)
+    config = uvicorn.Config(build_app(engine, api_key), log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     log(f"serving http://{host}:{bound} (models: {', '.join(engine.models)}"
         f"{'; API key required' if api_key else ''})")
     uvicorn.Server(config).run(sockets=[sock])

@@ -37,7 +37,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     make_hf_gpt2(root / "base", seed=5, n_positions=CONTEXT)
     train_run(root / "inst", root / "base", steps=3, lr=1e-3)  # a light touch: answers do not end at once
-    train_run(root / "other", root / "base", steps=2, lr=5e-2, lora="{r: 2, alpha: 4, dropout: 0.0, targets: [attn.c_attn]}")
+    train_run(root / "other", root / "base", steps=2, lr=5e-2,
+              lora="{r: 2, alpha: 4, dropout: 0.0, targets: [attn.c_attn]}")
     return root / "base", root / "inst" / "out" / "adapter.safetensors", root / "other" / "out"
 
 
@@ -258,7 +259,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
     ]
     for body, headers, status, param, code in cases:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
-        r = httpx.post(url + "/v1/completions", content=content, headers={**headers, "Content-Type": "application/json"})
+        r = httpx.post(url + "/v1/completions", content=content,
+                       headers={**headers, "Content-Type": "application/json"})
         assert r.status_code == status, (body, r.text)
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"], r.text
