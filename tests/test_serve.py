@@ -18,7 +18,7 @@ from lora_cli.pretrained import load_model
 from lora_cli.serve import _StopText, adapter_flags, load_models
 from lora_cli.tokenizer import encode
 
-from helpers import assert_one_line_error, cli, child_env, make_hf_gpt2, python, train_run
+from helpers import TIMEOUT_S, assert_one_line_error, cli, child_env, make_hf_gpt2, python, train_run
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -43,11 +43,12 @@ def runs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(runs, tmp_path_factory):
-    """The running server: (url, Popen, stderr lines so far). Stopped with SIGTERM by the last test."""
+def server(runs):
+    """The running server: (url, Popen, stderr lines so far), its API key from LORA_API_KEY (--api-key is the
+    same setting). Stopped with SIGTERM by the last test."""
     base, inst, other = runs
     proc = python("-m", "lora_cli", "serve", "--adapter", f"inst={inst}", "--adapter", other, "--port", "0",
-                  "--api-key", KEY, "--device", "cpu", env=child_env(), popen=True)
+                  "--device", "cpu", env=child_env(LORA_API_KEY=KEY), popen=True)
     lines: queue.Queue = queue.Queue()
     log: list[str] = []
 
@@ -61,7 +62,7 @@ def server(runs, tmp_path_factory):
     threading.Thread(target=proc.stdout.read, daemon=True).start()
     url = None
     while url is None:
-        line = lines.get(timeout=120)
+        line = lines.get(timeout=TIMEOUT_S)
         assert line is not None, "".join(log)
         if line.startswith("serving http://"):
             url = line.split()[1]
@@ -72,6 +73,8 @@ def server(runs, tmp_path_factory):
             break
         except httpx.TransportError:
             assert proc.poll() is None, "".join(log)
+    else:
+        pytest.fail("the server does not answer /health:\n" + "".join(log))
     yield url, proc, log
     if proc.poll() is None:
         proc.kill()
