@@ -38,7 +38,7 @@ def runs(tmp_path_factory):
     make_hf_gpt2(root / "base", seed=5, n_positions=CONTEXT)
     train_run(root / "inst", root / "base", steps=3, lr=1e-3)  # a light touch: answers do not end at once
     train_run(root / "other", root / "base", steps=2, lr=5e-2,
-              lora="{r: 2, alpha: 4, dropout: 0.0, targets: [attn.c_attn]}")
+              lora="{r: 2, alpha: 4, dropout: 0.0, targets: [attn.c_attn], bias: lora_only}")  # writes base biases
     return root / "base", root / "inst" / "out" / "adapter.safetensors", root / "other" / "out"
 
 
@@ -123,6 +123,10 @@ def test_adapters_share_the_base_tensors_and_compute_as_attached_alone(runs):
     assert lora_layers(bare) == [] and len(lora_layers(adapted)) > 0
     assert adapted.transformer.wte.weight is bare.transformer.wte.weight  # one copy of the base weights
     assert adapted.transformer.h[0].attn.c_attn.base_layer.weight is bare.transformer.h[0].attn.c_attn.weight
+    # an adapter that trains base tensors (here the biases of the layers it adapts) gets its own copies of them
+    other_bias = models["out"].loaded.model.transformer.h[0].attn.c_attn.base_layer.bias
+    assert other_bias is not bare.transformer.h[0].attn.c_attn.bias
+    assert not torch.equal(other_bias, bare.transformer.h[0].attn.c_attn.bias)
     ids = torch.tensor([[464, 2068, 7586, 21831, 18045]])
     for key, path in (("inst", inst), ("out", other)):
         alone = attach_adapter(load_model(str(base)), path).eval()
@@ -220,7 +224,7 @@ def test_chat_uses_the_adapters_prompt_template(client, runs):
 
 
 def test_four_concurrent_clients_get_their_own_answers(client, runs):
-    asks = [("inst", "Seven green tables", False), ("out", "Seven green tables", True),
+    asks = [("inst", "Seven green tables", False), ("out", "The river and the stone", True),
             (base_name(runs), "North light on paper", False), ("inst", "Quick music", True)]
     want = [complete(client, m, p).choices[0].text for m, p, _ in asks]
     got: list = [None] * len(asks)
