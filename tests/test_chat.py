@@ -112,12 +112,19 @@ def test_rendering_equals_apply_chat_template(tokenizer_dirs, family, template):
         assert "You are Qwen" in render_chat(template, CONVERSATIONS[0], tokens=template_tokens(ours))
 
 
-def test_gpt2_chatml_renders_as_transformers(tmp_path):
+@pytest.fixture(scope="module")
+def gpt2_files(tmp_path_factory):
+    """GPT-2's tokenizer files as `lora merge` writes them, which transformers' AutoTokenizer reads."""
     from lora_cli.merge import tokenizer_files
 
+    folder = tmp_path_factory.mktemp("gpt2-tokenizer")
     for name, text in tokenizer_files().items():
-        (tmp_path / name).write_text(text)
-    theirs = hf_tokenizer(tmp_path, CHATML_TEMPLATE)
+        (folder / name).write_text(text)
+    return folder
+
+
+def test_gpt2_chatml_renders_as_transformers(gpt2_files):
+    theirs = hf_tokenizer(gpt2_files, CHATML_TEMPLATE)
     for messages in CONVERSATIONS:
         want = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert render_chat(CHATML_TEMPLATE, messages, True, template_tokens(GPT2)) == want
@@ -125,15 +132,11 @@ def test_gpt2_chatml_renders_as_transformers(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["qwen", "gpt2"])
-def test_masks_are_the_assistant_spans(tokenizer_dirs, tmp_path, family):
+def test_masks_are_the_assistant_spans(tokenizer_dirs, gpt2_files, family):
     """Our masks equal transformers' assistant masks of the same template with `{% generation %}` markers, and the
     masked text is exactly each assistant's content and its end of turn."""
     if family == "gpt2":
-        from lora_cli.merge import tokenizer_files
-
-        for name, text in tokenizer_files().items():
-            (tmp_path / name).write_text(text)
-        folder, ours = tmp_path, GPT2
+        folder, ours = gpt2_files, GPT2
     else:
         folder = tokenizer_dirs[family]
         ours = load_tokenizer(str(folder))
@@ -192,3 +195,167 @@ def test_stop_at_holds_back_a_partial_marker():
     assert list(stop_at(pieces, "<|im_end|>")) == ["Hel", "lo"]
     assert "".join(stop_at(["a<", "b"], "<|im_end|>")) == "a<b"
     assert "".join(stop_at(pieces, "")) == "Hello<|im_end|>\nmore"
+
+
+# ------------------------------------------------------------------------------------------- through the CLI
+
+ROWS = [
+    [{"role": "user", "content": f"Repeat {w}."}, {"role": "assistant", "content": f"{w} {w}"},
+     {"role": "user", "content": "Once more?"}, {"role": "assistant", "content": w}]
+    for w in ("apple", "river", "stone", "cloud", "green", "quick")
+]
+RUN = """\
+model: {model}
+out_dir: out
+data: {{train: train.jsonl, val_split: 0.0, max_length: 96, chat_template: chatml}}
+lora: {{r: 4, alpha: 8, dropout: 0.0, targets: [attn.c_attn, mlp.c_proj]}}
+train: {{lr: 5e-2, batch_size: 3, max_steps: 2, warmup_steps: 0, eval_every: 0, save_every: 0, log_every: 1}}
+"""
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def chat_run(tiny, tmp_path_factory):
+    """A chat adapter trained by `lora train` on GPT-2 with the built-in ChatML template: (folder, adapter)."""
+    root = tmp_path_factory.mktemp("chat-run")
+    write_jsonl(root / "train.jsonl", [{"messages": m} for m in ROWS])
+    (root / "run.yaml").write_text(RUN.format(model=tiny[0]))
+    code, out, err = cli("train", root / "run.yaml", "-q", cwd=root)
+    assert code == 0, err
+    return root, root / "out" / "adapter.safetensors"
+
+
+
+
+def reference_loss(model, tok, conversations) -> tuple[float, int]:
+    """Mean cross-entropy over the assistant tokens, computed with transformers on its own ids and masks."""
+    total, count = 0.0, 0
+    for messages in conversations:
+        out = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+        labels = torch.tensor([t if m else -100 for t, m in zip(ids, mask)][1:])
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1].double()
+        total += torch.nn.functional.cross_entropy(logits, labels, reduction="sum", ignore_index=-100).item()
+        count += int((labels != -100).sum())
+    return total / count, count
+
+
+def test_train_eval_merge_match_transformers(chat_run, tiny, gpt2_files, tmp_path):
+    root, adapter = chat_run
+    code, out, err = cli("eval", "--adapter", adapter, "--data", root / "train.jsonl", "--json", "-q", cwd=root)
+    assert code == 0, err
+    result = json.loads(out)
+    tok = hf_tokenizer(gpt2_files, CHATML_GENERATION)  # the ChatML template marked for assistant masks
+    base_loss, count = reference_loss(tiny[1], tok, ROWS)
+    assert result["tokens"] == result["base"]["tokens"] == count == sum(
+        len(tok(m["content"] + "<|im_end|>\n", add_special_tokens=False)["input_ids"])
+        for row in ROWS for m in row if m["role"] == "assistant")
+    assert rel(torch.tensor(result["base"]["loss"]), torch.tensor(base_loss)) <= 1e-4
+    # the merged model carries the template in tokenizer_config.json: transformers alone reproduces the adapter's loss
+    code, out, err = cli("merge", "--adapter", adapter, "--out", tmp_path / "merged", cwd=root)
+    assert code == 0, err
+    merged_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
+    assert merged_tok.chat_template == CHATML_TEMPLATE
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    adapter_loss, _ = reference_loss(merged, tok, ROWS)
+    assert rel(torch.tensor(result["loss"]), torch.tensor(adapter_loss)) <= 1e-4
+    assert abs(result["loss"] - result["base"]["loss"]) > 1e-3  # the adapter learned something
+    # ShareGPT rows are the same data
+    sharegpt = [{"conversations": [{"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+                                   for m in row]} for row in ROWS]
+    write_jsonl(tmp_path / "sharegpt.jsonl", sharegpt)
+    code, out, err = cli("eval", "--adapter", adapter, "--data", tmp_path / "sharegpt.jsonl", "--json", "-q",
+                         "--no-base", cwd=root)
+    assert code == 0, err
+    assert json.loads(out)["loss"] == pytest.approx(result["loss"], rel=1e-6)
+    # train_on: last_assistant scores only the last reply of each conversation
+    code, out, err = cli("train", root / "run.yaml", "--dry-run", "--set", "data.train_on=last_assistant", cwd=root)
+    assert code == 0, err
+    last = sum(len(tok(row[-1]["content"] + "<|im_end|>\n", add_special_tokens=False)["input_ids"]) for row in ROWS)
+    assert f"({last:,} with loss)" in out
+
+
+def read_until(fd, marker: bytes, timeout: float = 120.0) -> bytes:
+    """Bytes from a pty master until `marker` has arrived (select, no sleeps); a child that stops talking first
+    fails the test."""
+    data = b""
+    while marker not in data:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        assert ready, f"no {marker!r} after {data!r}"
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            chunk = b""
+        assert chunk, f"the terminal closed before {marker!r}: {data!r}"
+        data += chunk
+    return data
+
+
+def test_chat_in_a_terminal_equals_generate_chat(chat_run):
+    root, adapter = chat_run
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "lora_cli", "chat", "--adapter", str(adapter),
+                             "--max-new-tokens", "12", "--system", "Be brief."],
+                            stdin=slave, stdout=slave, stderr=subprocess.PIPE, cwd=root,
+                            env={**child_env(), "PYTHONPATH": str(REPO)})
+    os.close(slave)
+    try:
+        def turn(text: str) -> str:
+            os.write(master, text.encode() + b"\n")
+            out = read_until(master, b"\r\n>>> ").decode()
+            echoed, _, reply = out.partition("\r\n")  # the terminal echoes the line typed
+            assert echoed.endswith(text)
+            return reply[:-len("\r\n>>> ")].replace("\r\n", "\n")
+
+        read_until(master, b">>> ")
+        first = turn("Repeat apple.")
+        second = turn("Once more?")
+        assert turn("/reset") == "(history cleared)"
+        third = turn("Repeat apple.")
+        os.write(master, b"\x04")  # Ctrl-D
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill() if proc.poll() is None else None
+        os.close(master)
+    assert "chatting with" in proc.stderr.read().decode()
+    system = {"role": "system", "content": "Be brief."}
+    history = [system, {"role": "user", "content": "Repeat apple."}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "Once more?"}]
+    code, out, err = cli("generate", "--adapter", adapter, "--max-new-tokens", "12", "--chat", json.dumps(history),
+                         cwd=root)
+    assert code == 0, err
+    assert out == second + "\n"
+    assert third == first and first  # /reset forgot the history (and kept --system)
+    lines = [json.dumps(history[:2]), json.dumps({"messages": history, "id": 7})]
+    (root / "conversations.jsonl").write_text("\n".join(lines) + "\n")
+    code, out, err = cli("generate", "--adapter", adapter, "--max-new-tokens", "12", "--chat", "--file",
+                         root / "conversations.jsonl", "--json", "-q", cwd=root)
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["generated"] for r in records] == [first, second] and records[1]["id"] == 7
+
+
+@pytest.mark.parametrize("name,rows,template,message", [
+    ("no-role", [ROWS[0], [{"content": "hi"}, {"role": "assistant", "content": "x"}]], "chatml",
+     "no-role.jsonl: row 2 (line 2): column 'messages': message 1 has no 'role'"),
+    ("unknown-role", [ROWS[0], ROWS[1], [{"role": "robot", "content": "hi"}]], "chatml",
+     "unknown-role.jsonl: row 3 (line 3): column 'messages': message 1 has the unknown role 'robot'"),
+    ("no-assistant", [[{"role": "user", "content": "hi"}], ROWS[0]], "chatml",
+     "no-assistant.jsonl: row 1 (line 1): column 'messages': the conversation has no assistant message"),
+    ("bad-template", [[{"role": "system", "content": "s"}] + ROWS[0]], "mistral.jinja",
+     "bad-template.jsonl: row 1 (line 1): column 'messages': the chat template failed to render the conversation "
+     "(Conversation roles must alternate"),
+])
+def test_bad_conversations_are_one_line_exit_2(tiny, tmp_path, name, rows, template, message):
+    write_jsonl(tmp_path / f"{name}.jsonl", [{"messages": m} for m in rows])
+    (tmp_path / "mistral.jinja").write_text(MISTRAL)
+    run = RUN.format(model=tiny[0]).replace("train.jsonl", f"{name}.jsonl").replace("chatml", template)
+    (tmp_path / "run.yaml").write_text(run)
+    before = tree(tmp_path)
+    line = assert_one_line_error(*cli("train", tmp_path / "run.yaml", "-q", cwd=tmp_path), expected_code=2)
+    assert message in line, line
+    assert tree(tmp_path) == before  # nothing written
