@@ -19,8 +19,7 @@ from lora_cli.errors import ConfigError, DataError, did_you_mean
 OPTIONAL_ROLES = {"input"}
 RESPONSE_ROLE = {"alpaca": "output", "prompt_completion": "completion"}
 _FORMAT_HELP = (
-    "alpaca (instruction, output, optional input), prompt_completion (prompt, completion), chat (messages or "
-    "conversations), text (text)"
+    "alpaca (instruction, output, optional input), prompt_completion (prompt, completion), text (text)"
 )
 
 
