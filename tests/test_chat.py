@@ -7,7 +7,6 @@ exactly the assistant spans (checked against transformers' `{% generation %}` as
 from __future__ import annotations
 
 import json
-import math
 import os
 import pty
 import re
@@ -18,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, assert_one_line_error, build_tokenizer, child_env, cli, make_hf_gpt2, rel, tree
+from helpers import REPO, assert_one_line_error, build_tokenizer, child_env, cli, rel, tree
 from lora_cli.chat import stop_at
 from lora_cli.chat_template import chat_ids, conversation, encode_chat, end_of_turn, render_chat, template_tokens
 from lora_cli.config import CHATML_TEMPLATE
@@ -264,19 +263,15 @@ def test_train_eval_merge_match_transformers(chat_run, tiny, gpt2_files, tmp_pat
     adapter_loss, _ = reference_loss(merged, tok, ROWS)
     assert rel(torch.tensor(result["loss"]), torch.tensor(adapter_loss)) <= 1e-4
     assert abs(result["loss"] - result["base"]["loss"]) > 1e-3  # the adapter learned something
-    # ShareGPT rows are the same data
-    sharegpt = [{"conversations": [{"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
-                                   for m in row]} for row in ROWS]
-    write_jsonl(tmp_path / "sharegpt.jsonl", sharegpt)
-    code, out, err = cli("eval", "--adapter", adapter, "--data", tmp_path / "sharegpt.jsonl", "--json", "-q",
-                         "--no-base", cwd=root)
+    # the merged directory alone (its tokenizer_config.json's template) answers as the adapter does
+    conversation_json = json.dumps(ROWS[0][:3])
+    replies = [cli("generate", *source, "--chat", conversation_json, "--max-new-tokens", "8", cwd=root)
+               for source in (("--adapter", adapter), ("--model", tmp_path / "merged"))]
+    assert replies[0].rc == 0 and replies[0][:2] == replies[1][:2] and replies[0].stdout.strip(), replies
+    # and a PEFT export carries it as chat_template.jinja
+    code, out, err = cli("export", adapter, tmp_path / "peft", cwd=root)
     assert code == 0, err
-    assert json.loads(out)["loss"] == pytest.approx(result["loss"], rel=1e-6)
-    # train_on: last_assistant scores only the last reply of each conversation
-    code, out, err = cli("train", root / "run.yaml", "--dry-run", "--set", "data.train_on=last_assistant", cwd=root)
-    assert code == 0, err
-    last = sum(len(tok(row[-1]["content"] + "<|im_end|>\n", add_special_tokens=False)["input_ids"]) for row in ROWS)
-    assert f"({last:,} with loss)" in out
+    assert (tmp_path / "peft" / "chat_template.jinja").read_text() == CHATML_TEMPLATE
 
 
 def read_until(fd, marker: bytes, timeout: float = 120.0) -> bytes:
@@ -339,22 +334,62 @@ def test_chat_in_a_terminal_equals_generate_chat(chat_run):
     assert [r["generated"] for r in records] == [first, second] and records[1]["id"] == 7
 
 
-@pytest.mark.parametrize("name,rows,template,message", [
-    ("no-role", [ROWS[0], [{"content": "hi"}, {"role": "assistant", "content": "x"}]], "chatml",
-     "no-role.jsonl: row 2 (line 2): column 'messages': message 1 has no 'role'"),
-    ("unknown-role", [ROWS[0], ROWS[1], [{"role": "robot", "content": "hi"}]], "chatml",
-     "unknown-role.jsonl: row 3 (line 3): column 'messages': message 1 has the unknown role 'robot'"),
-    ("no-assistant", [[{"role": "user", "content": "hi"}], ROWS[0]], "chatml",
-     "no-assistant.jsonl: row 1 (line 1): column 'messages': the conversation has no assistant message"),
-    ("bad-template", [[{"role": "system", "content": "s"}] + ROWS[0]], "mistral.jinja",
-     "bad-template.jsonl: row 1 (line 1): column 'messages': the chat template failed to render the conversation "
-     "(Conversation roles must alternate"),
-])
-def test_bad_conversations_are_one_line_exit_2(tiny, tmp_path, name, rows, template, message):
+BAD = {
+    "no-role": ([ROWS[0], [{"content": "hi"}, {"role": "assistant", "content": "x"}]], "chatml",
+                "no-role.jsonl: row 2 (line 2): column 'messages': message 1 has no 'role'"),
+    "unknown-role": ([ROWS[0], ROWS[1], [{"role": "robot", "content": "hi"}]], "chatml",
+                     "unknown-role.jsonl: row 3 (line 3): column 'messages': message 1 has the unknown role 'robot'"),
+    "no-assistant": ([[{"role": "user", "content": "hi"}], ROWS[0]], "chatml",
+                     "no-assistant.jsonl: row 1 (line 1): column 'messages': the conversation has no assistant message"),
+    "bad-template": ([[{"role": "system", "content": "s"}] + ROWS[0]], "mistral.jinja",
+                     "bad-template.jsonl: row 1 (line 1): column 'messages': the chat template failed to render the "
+                     "conversation (Conversation roles must alternate"),
+}
+
+
+def test_chat_files_read_alike(tmp_path):
+    """JSON, JSONL, Parquet, ShareGPT and a CSV cell of JSON text give the same examples."""
+    import pandas as pd
+
+    from lora_cli.config import DataConfig
+    from lora_cli.data import load_file
+
+    (tmp_path / "a.json").write_text(json.dumps([{"messages": m} for m in ROWS]))
+    write_jsonl(tmp_path / "b.jsonl", [{"messages": m} for m in ROWS])
+    pd.DataFrame({"messages": ROWS}).to_parquet(tmp_path / "c.parquet")
+    sender = {"user": "human", "assistant": "gpt", "system": "system"}
+    write_jsonl(tmp_path / "d.jsonl", [{"conversations": [{"from": sender[m["role"]], "value": m["content"]}
+                                                          for m in row]} for row in ROWS])
+    pd.DataFrame({"messages": [json.dumps(m) for m in ROWS]}).to_csv(tmp_path / "e.csv", index=False)
+    cfg = DataConfig(chat_template="chatml", max_length=96)
+    loaded = [load_file(tmp_path / name, cfg) for name in ("a.json", "b.jsonl", "c.parquet", "d.jsonl", "e.csv")]
+    assert [x[3] for x in loaded] == ["chat"] * 5 and loaded[3][4] == {"messages": "conversations"}
+    want = [(e.ids, e.loss_mask) for e in loaded[0][0]]
+    assert want == [encode_chat(CHATML_TEMPLATE, m, GPT2) for m in ROWS]
+    for examples, *_ in loaded[1:]:
+        assert [(e.ids, e.loss_mask) for e in examples] == want
+    last = load_file(tmp_path / "b.jsonl", DataConfig(chat_template="chatml", max_length=96, train_on="last_assistant"))
+    assert [e.loss_mask for e in last[0]] == [encode_chat(CHATML_TEMPLATE, m, GPT2, "last_assistant")[1] for m in ROWS]
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_conversations(tmp_path, name):
+    from lora_cli.config import DataConfig
+    from lora_cli.data import load_file
+
+    rows, template, message = BAD[name]
     write_jsonl(tmp_path / f"{name}.jsonl", [{"messages": m} for m in rows])
     (tmp_path / "mistral.jinja").write_text(MISTRAL)
-    run = RUN.format(model=tiny[0]).replace("train.jsonl", f"{name}.jsonl").replace("chatml", template)
-    (tmp_path / "run.yaml").write_text(run)
+    with pytest.raises(ConversationError) as err:
+        load_file(tmp_path / f"{name}.jsonl", DataConfig(chat_template=str(tmp_path / template) if "." in template
+                                                         else template))
+    assert message in str(err.value) and err.value.exit_code == 2
+
+
+def test_bad_conversation_stops_lora_train_with_one_line(tiny, tmp_path):
+    rows, _, message = BAD["no-role"]
+    write_jsonl(tmp_path / "no-role.jsonl", [{"messages": m} for m in rows])
+    (tmp_path / "run.yaml").write_text(RUN.format(model=tiny[0]).replace("train.jsonl", "no-role.jsonl"))
     before = tree(tmp_path)
     line = assert_one_line_error(*cli("train", tmp_path / "run.yaml", "-q", cwd=tmp_path), expected_code=2)
     assert message in line, line
