@@ -394,3 +394,28 @@ def test_bad_conversation_stops_lora_train_with_one_line(tiny, tmp_path):
     line = assert_one_line_error(*cli("train", tmp_path / "run.yaml", "-q", cwd=tmp_path), expected_code=2)
     assert message in line, line
     assert tree(tmp_path) == before  # nothing written
+
+
+def test_checkpoint_template_lookup(tmp_path):
+    from lora_cli.chat_template import checkpoint_template, resolve_template
+    from lora_cli.errors import ConfigError
+
+    folder = tokenizer_dir(tmp_path / "tok", "qwen")
+    tok = load_tokenizer(str(folder))
+    assert checkpoint_template(tok) is None
+    with pytest.raises(ConfigError, match="the model has no chat template .* set data.chat_template: chatml"):
+        resolve_template(None, tok)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {**config, "chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": QWEN25}]}))
+    assert checkpoint_template(tok) == resolve_template(None, tok) == QWEN25
+    (folder / "chat_template.jinja").write_text(LLAMA3)  # transformers >= 4.50 saves it so; it wins
+    assert checkpoint_template(tok) == LLAMA3
+    assert resolve_template("chatml", tok) == CHATML_TEMPLATE and resolve_template(MISTRAL, tok) == MISTRAL
+    with pytest.raises(ConfigError, match=r"'chatlm' is neither a built-in chat template \(chatml\) nor a file "
+                                          r"\(did you mean chatml\?\)"):
+        resolve_template("chatlm", tok)
+    # a GPT-2 directory (no tokenizer.json) keeps its template in tokenizer_config.json, as `lora merge` writes it
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE}))
+    assert checkpoint_template(GPT2) is None and checkpoint_template(GPT2, tmp_path / "gpt2") == CHATML_TEMPLATE
