@@ -53,6 +53,7 @@ FORMAT_VERSION = 1
 ADAPTER_FILE = "adapter.safetensors"  # the name inside a run directory
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_CHAT_TEMPLATE = "chat_template.jinja"  # a chat adapter's template, in an exported PEFT directory
 PEFT_PREFIX = "base_model.model."
 RESERVED = ("format", "format_version", "lora")
 PEFT_TASKS = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "classification"}
@@ -531,7 +532,8 @@ def export_peft(adapter: Adapter | str | os.PathLike, out_dir: str | os.PathLike
     if out.exists():
         if not out.is_dir():
             raise AdapterError(f"{out} exists and is a file; choose a new output directory")
-        others = [p.name for p in out.iterdir() if p.name not in (PEFT_CONFIG, *PEFT_WEIGHTS, "README.md")]
+        others = [p.name for p in out.iterdir() if p.name not in (PEFT_CONFIG, *PEFT_WEIGHTS, "README.md",
+                                                                   PEFT_CHAT_TEMPLATE)]
         if others:
             raise AdapterError(f"{out} exists and holds other files ({others[0]}); choose a new or empty output directory")
     tensors, targets, rank_pattern = peft_state_dict(adapter)
@@ -544,4 +546,7 @@ def export_peft(adapter: Adapter | str | os.PathLike, out_dir: str | os.PathLike
             if adapter.metadata.get("task") == "classification" and labels:
                 header["lora_cli_labels"] = json.dumps([str(x) for x in labels])  # for lora-cli's own import
             safetensors.torch.save_file(tensors, str(tmp), metadata=header)
+        template = (adapter.metadata.get("data") or {}).get("chat_template")
+        if template:  # a chat adapter: its template beside it, as transformers saves one (chat_template.jinja)
+            atomic_write_text(staging / PEFT_CHAT_TEMPLATE, template)
     return out

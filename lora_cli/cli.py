@@ -183,6 +183,11 @@ def merge(
     typer.echo(str(result.out_dir))
 
 
+CHAT_HELP = ("Answer a conversation: one JSON argument ([{\"role\": \"user\", \"content\": \"...\"}] or "
+             "{\"messages\": [...]}), or --file JSONL with one per line; rendered with the chat template.")
+CHAT_TEMPLATE_HELP = "Chat template instead of the adapter's or the model's: chatml (built in) or a Jinja file."
+
+
 @app.command()
 def generate(
     prompts: Optional[List[str]] = typer.Argument(None, help="Prompts (for alpaca adapters: the instruction)."),
@@ -206,6 +211,8 @@ def generate(
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help=MISMATCH_HELP),
     device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    chat: bool = typer.Option(False, "--chat", help=CHAT_HELP),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help=CHAT_TEMPLATE_HELP),
 ) -> None:
     """Generate text with an adapter (its prompt template applied) or a base model; streams a single prompt."""
     from lora_cli.evaluation import generate_texts
@@ -220,6 +227,17 @@ def generate(
     settings = DataSettings.from_adapter(adapter_obj)
     if settings.task == "classification":
         raise ConfigError(f"adapter {adapter} is a classifier; `lora generate` needs a causal-LM adapter")
+    if chat or chat_template is not None:
+        from lora_cli.chat import answer_conversations, read_conversations
+
+        if num_beams != 1:
+            raise ConfigError("--chat streams replies: drop --num-beams")
+        items = read_conversations(prompts or [], file)
+        replier = chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, max_new_tokens, options,
+                               seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)
+        answer_conversations(replier, items, streamed=file is None and not as_json, as_json=as_json,
+                             write=_write_flush)
+        return
     items = collect_prompts(prompts or [], file, as_json, settings, template=not no_template, input_text=input_text)
     dev = device_option(device)
     loaded = load_for_inference(adapter_obj, model, allow_mismatch)
@@ -242,6 +260,58 @@ def generate(
             typer.echo(json.dumps({**item.record, "generated": text}, ensure_ascii=False))
         else:
             typer.echo(escape_line(text))
+
+
+def _write_flush(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, max_new_tokens, options, **more):
+    """The model (adapter attached, on --device) and its chat template, ready to answer conversations."""
+    from lora_cli.chat import Replier, chat_template_for
+    from lora_cli.inference import load_for_inference
+    from lora_cli.runtime import device_option
+
+    dev = device_option(device)
+    loaded = load_for_inference(adapter_obj, model, allow_mismatch)
+    template = chat_template_for(loaded, chat_template)
+    return Replier(loaded, loaded.model.to(dev), template, max_new_tokens, {**options, **more})
+
+
+@app.command()
+def chat(
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message that starts the conversation (kept by /reset)."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help=CHAT_TEMPLATE_HELP),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Tokens per reply at most (stops earlier at the end of the turn)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sample at this temperature (default: greedy)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample from the k most likely tokens."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample from the smallest set of tokens with this total probability."),
+    greedy: bool = typer.Option(False, "--greedy", help="Always the most likely token (the default without sampling flags)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
+    no_repeat_ngram_size: int = typer.Option(0, "--no-repeat-ngram-size", help="Never repeat an n-gram of this size (0: off)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole sequence at every step (slow; checks the KV cache)."),
+    allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help=MISMATCH_HELP),
+    device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."),
+) -> None:
+    """Talk with a chat adapter (or model) in the terminal: replies stream, the history is kept; /reset clears
+    it, /exit or Ctrl-D ends."""
+    from lora_cli.chat import HELP, chat_loop
+    from lora_cli.inference import DataSettings, open_adapter
+    from lora_cli.prompts import sampling_options
+
+    if adapter is None and model is None:
+        raise ConfigError("name a model: --adapter FILE (its base and chat template come with it) or --model MODEL")
+    options = sampling_options(temperature, top_k, top_p, greedy)
+    adapter_obj = open_adapter(adapter)
+    if DataSettings.from_adapter(adapter_obj).task == "classification":
+        raise ConfigError(f"adapter {adapter} is a classifier; `lora chat` needs a causal-LM adapter")
+    replier = chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, max_new_tokens, options,
+                           seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)
+    typer.echo(f"chatting with {adapter or model}; {HELP}", err=True)
+    chat_loop(replier, system)
 
 
 @app.command()

@@ -106,6 +106,16 @@ ALPACA_TEMPLATE_NO_INPUT = (
 # prompt_completion default: the prompt, a newline, then the completion (E2E: "name[The Vaults], ...\nThe Vaults is ...").
 PROMPT_COMPLETION_TEMPLATE = "{prompt}\n"
 
+# Chat templates built in, for models without their own (GPT-2, base checkpoints): data.chat_template names one.
+# chatml: OpenAI's ChatML as transformers' former default template wrote it (no default system message).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+BUILTIN_CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE}
+
 
 # The data formats and their roles, in the order they are rendered (`input` is the only optional role): the one
 # list that data.format, lora_cli.data and `--format` read.
@@ -114,6 +124,7 @@ DATA_FORMATS: dict[str, tuple[str, ...]] = {
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
     "classification": ("text", "label"),
+    "chat": ("messages",),  # a list of {role, content}; ShareGPT's `conversations` of {from, value} too
 }
 FORMAT_CHOICES = ("auto", *DATA_FORMATS)  # data.format and --format
 
@@ -138,6 +149,8 @@ class DataConfig:
     group_by_length: bool = True  # batch examples of similar length, pad to the longest in the batch
     labels: list[str] | None = None  # classification: label order (default: sorted distinct labels)
     balance: Literal["none", "undersample", "class_weights"] = "none"  # classification
+    chat_template: str | None = None  # chat: a built-in (chatml), a Jinja file, or null: the model's own
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"  # chat: the assistant turns with loss
 
 
 @dataclass
@@ -500,6 +513,9 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
 
     d = cfg.data
     d.train, d.val, d.test = resolve(d.train), resolve(d.val), resolve(d.test)
+    if d.chat_template is not None and not is_inline_template(d.chat_template) \
+            and d.chat_template not in BUILTIN_CHAT_TEMPLATES:
+        d.chat_template = resolve(d.chat_template)  # a template file
     cfg.out_dir = resolve(cfg.out_dir)
     # A model name is a path only when it exists relative to the config; otherwise it is a hub id.
     candidate = base / Path(cfg.model.name).expanduser()
@@ -507,6 +523,11 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
         cfg.model.name = str(candidate)
     if cfg.model.tokenizer is not None:  # always a path (a directory or tokenizer.json)
         cfg.model.tokenizer = resolve(cfg.model.tokenizer)
+
+
+def is_inline_template(value: str) -> bool:
+    """True for a chat template's own Jinja text (adapters store it so), False for a built-in name or a path."""
+    return "{{" in value or "{%" in value
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -21,6 +21,14 @@ class DataError(LoraError):
     """A dataset that cannot be read or does not fit the chosen format."""
 
 
+class ConversationError(DataError):
+    """A conversation that does not fit the chat format or its chat template (a message without a role, an unknown
+    role, no assistant turn, a template that fails to render it). Exit code 2, like a bad flag: issue 16 asks
+    it so, because the fix is in the user's input, not in a file the tool could not read."""
+
+    exit_code = 2
+
+
 class CheckpointError(LoraError):
     """A model checkpoint that cannot be found, read or matched to GPT-2."""
 

@@ -7,7 +7,7 @@ adapter's safetensors metadata, which `lora train` writes (train._save_adapter):
     base_model   {source, name, revision, fingerprint}   which base to load, and a check that it is that base
     model_spec   the config's `model:` value              how to rebuild a random-init base (preset, seed, sizes)
     task         causal_lm | classification
-    data         {format, columns, prompt_template, mask_prompt, max_length, labels}
+    data         {format, columns, prompt_template, mask_prompt, max_length, labels, chat_template, train_on}
 
 A flag given on the command line (--model, --format, --column, --prompt-template, --max-length) wins over the
 metadata. A PEFT adapter directory names only `base_model_name_or_path`; a base without a fingerprint is not
@@ -140,6 +140,8 @@ class DataSettings:
     max_length: int | None = None
     labels: list[str] | None = None
     task: str = "causal_lm"
+    chat_template: str | None = None  # chat: the template's text (a built-in name or file after --chat-template)
+    train_on: str = "all_assistant"
 
     @classmethod
     def from_adapter(cls, adapter) -> "DataSettings":
@@ -160,6 +162,8 @@ class DataSettings:
             max_length=data.get("max_length"),
             labels=data.get("labels"),
             task=meta.get("task") or "causal_lm",
+            chat_template=data.get("chat_template"),
+            train_on=data.get("train_on") or "all_assistant",
         )
 
     def override(self, fmt: str | None = None, columns: Sequence[str] = (), prompt_template: str | None = None,
@@ -189,4 +193,5 @@ class DataSettings:
         fmt = self.format if self.format != "classification" or self.task == "classification" else "auto"
         max_length = min(self.max_length or DataConfig.max_length, n_positions)
         return DataConfig(format=fmt, columns=renames, prompt_template=self.prompt_template, max_length=max_length,
-                          mask_prompt=self.mask_prompt, labels=self.labels)
+                          mask_prompt=self.mask_prompt, labels=self.labels, chat_template=self.chat_template,
+                          train_on=self.train_on)

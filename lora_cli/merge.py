@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from lora_cli.chat_template import add_to_tokenizer_config
 from lora_cli.errors import CheckpointError, ConfigError
 from lora_cli.fsutil import RunLock
 from lora_cli.inference import load_for_inference
@@ -248,6 +249,7 @@ def _merge_into(out: Path, adapter, model, dtype: str, overwrite: bool, allow_mi
         raise CheckpointError(f"the merged weight {bad} is not finite; nothing was written")
     files = tokenizer_files(net.config.n_positions)
     files["README.md"] = model_card(loaded.base, loaded.adapter, dtype)
+    add_to_tokenizer_config(files, loaded.settings.chat_template)  # a chat adapter's template, as trained
     updates = None
     if labels:  # score.weight is in net's state dict, beside the body
         names = [str(x) for x in labels]

@@ -237,7 +237,7 @@ def _hub_tokenizer(spec, read_side) -> Tokenizer:
         if _model_type(config_file) == "gpt2":
             return GPT2  # the bundled ranks: nothing more to download
         tokenizer_file = Path(hf_hub_download(repo_id, TOKENIZER_FILE, revision=revision))
-        for f in SIDE_FILES:
+        for f in (*SIDE_FILES, "chat_template.jinja"):  # the template: for chat_template.checkpoint_template
             try:
                 hf_hub_download(repo_id, f, revision=revision)
             except Exception:  # optional files: a repository may have none of them

@@ -643,7 +643,8 @@ def _save_adapter(s: Setup, state: RunState) -> None:
         "task": cfg.task,
         "tokenizer": s.tokenizer.name,
         "data": {"format": s.data.fmt, "columns": s.data.mapping, "prompt_template": cfg.data.prompt_template,
-                 "mask_prompt": cfg.data.mask_prompt, "max_length": cfg.data.max_length, "labels": s.data.labels},
+                 "mask_prompt": cfg.data.mask_prompt, "max_length": cfg.data.max_length, "labels": s.data.labels,
+                 "chat_template": s.data.chat_template, "train_on": cfg.data.train_on},
         "training": {"step": state.step, "best_val_loss": state.best_val, "best_step": state.best_step,
                      "tokens": state.tokens, "lr": cfg.train.lr, "epochs": cfg.train.epochs, "seed": cfg.train.seed},
     }

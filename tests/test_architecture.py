@@ -14,13 +14,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lora_cli"
 # every module inside it.
 LAYERS = {
     "foundation": ["errors", "fsutil", "runtime", "config"],
-    "models": ["models", "tokenizer", "pretrained"],
+    "models": ["models", "tokenizer", "chat_template", "pretrained"],
     "lora": ["lora"],
     "adapters": ["adapter", "inference"],
     "data": ["data", "prompts"],
     "evaluation": ["loss", "generate", "metrics", "evaluation"],
     "training": ["train", "rundir", "distributed", "optim"],
-    "commands": ["evaluate", "merge", "predict", "info", "serve"],
+    "commands": ["evaluate", "merge", "predict", "info", "chat", "serve"],
     "cli": ["cli", "__main__", "__init__"],
 }
 LEVEL = {name: i for i, names in enumerate(LAYERS.values()) for name in names}

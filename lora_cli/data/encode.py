@@ -15,10 +15,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from lora_cli.chat_template import conversation, encode_chat, resolve_template
 from lora_cli.config import DATA_FORMATS, DataConfig
 from lora_cli.data.formats import OPTIONAL_ROLES, RESPONSE_ROLE, detect_format, render_prompt, template_fields
 from lora_cli.data.io import Table, read_table
-from lora_cli.errors import ConfigError, DataError
+from lora_cli.errors import ConfigError, ConversationError, DataError
 from lora_cli.tokenizer import GPT2, Tokenizer
 
 
@@ -177,6 +178,10 @@ def encode_records(
         examples = chunk_text(str(df[mapping["text"]][0]), max_length, tokenizer)
         return examples, count_stats(stats, examples)
 
+    if fmt == "chat":
+        examples = encode_conversations(df, mapping["messages"], data_cfg, path, tokenizer, stats)
+        return examples, count_stats(stats, examples)
+
     required = [r for r in DATA_FORMATS[fmt] if r not in OPTIONAL_ROLES]
     role_values = {role: df[column] for role, column in mapping.items()}
     extra_columns: list[str] = []
@@ -254,6 +259,41 @@ def encode_records(
         example.row = i
         examples.append(example)
     return examples, count_stats(stats, examples)
+
+
+def encode_conversations(df: Table, column: str, data_cfg: DataConfig, path: str, tokenizer: Tokenizer,
+                         stats: DataStats) -> list[Example]:
+    """Chat rows -> Examples rendered with the chat template (data.chat_template, else the model's own), loss on
+    the assistant spans (chat_template.encode_chat). A malformed conversation is a ConversationError naming the
+    file and row (or skipped and counted with data.skip_bad_rows); one the template cannot render or split into
+    spans is always an error."""
+    template = resolve_template(data_cfg.chat_template, tokenizer)
+    bad: list[tuple[int, str]] = []
+    examples: list[Example] = []
+    for i, value in enumerate(df[column]):
+        try:
+            messages = conversation(value)
+        except ConversationError as exc:
+            bad.append((i, str(exc)))
+            continue
+        try:
+            ids, mask = encode_chat(template, messages, tokenizer, data_cfg.train_on, not data_cfg.mask_prompt)
+        except ConversationError as exc:
+            raise ConversationError(f"{path}: {row_label(df, i)}: column {column!r}: {exc}") from None
+        stats.truncated += len(ids) > data_cfg.max_length
+        example = Example(ids[:data_cfg.max_length], mask[:data_cfg.max_length], row=i)
+        if not any(example.loss_mask):
+            stats.dropped += 1  # the assistant's turns all lie beyond max_length
+            continue
+        examples.append(example)
+    if bad and not data_cfg.skip_bad_rows:
+        i, what = bad[0]
+        more = f" ({len(bad) - 1} more bad rows)" if len(bad) > 1 else ""
+        raise ConversationError(f"{path}: {row_label(df, i)}: column {column!r}: {what}{more}; fix it or set "
+                                "data.skip_bad_rows: true to skip such rows")
+    stats.skipped = len(bad)
+    stats.skipped_rows = [b[0] + 1 for b in bad[:20]]
+    return examples
 
 
 def count_stats(stats: DataStats, examples: list[Example]) -> DataStats:

@@ -1,8 +1,8 @@
 """Data formats: which roles a file's columns play, and the prompt templates that render them.
 
 `detect_format`: the columns decide the format, as mlx-lm's datasets.py does with keys: `alpaca` (instruction,
-optional input, output), `prompt_completion` (prompt, completion), `text` (text) or, for `task:
-classification`, `classification` (text, label). `data.columns` maps any role to any column. The formats and
+optional input, output), `prompt_completion` (prompt, completion), `chat` (messages, or ShareGPT's
+conversations), `text` (text) or, for `task: classification`, `classification` (text, label). `data.columns` maps any role to any column. The formats and
 their roles are listed once, in lora_cli.config (DATA_FORMATS), which defines the config schema.
 """
 
@@ -28,7 +28,7 @@ def detect_format(
 ) -> tuple[str, dict[str, str]]:
     """(format, {role: column}) for a table with these columns.
 
-    `data.format: auto` tries alpaca, prompt_completion and text in that order (restricted to the formats that
+    `data.format: auto` tries alpaca, prompt_completion, chat and text in that order (restricted to the formats that
     have every role named in data.columns) and takes the first whose required columns exist; task
     classification always means the classification format. A role's column is data.columns[role] if given,
     else the column named like the role (matched case-insensitively when there is no exact match).
@@ -41,7 +41,7 @@ def detect_format(
         if role not in all_roles:
             raise ConfigError(f"data.columns.{role}: unknown role{did_you_mean(role, all_roles)}; the roles are "
                               "instruction, input, output (alpaca), prompt, completion (prompt_completion), "
-                              "text (text) and text, label (classification)")
+                              "messages (chat), text (text) and text, label (classification)")
         if column not in columns:
             raise DataError(f"{where}column {column!r} named by data.columns.{role} is not in the file; its "
                             f"columns are: {', '.join(columns)}")
@@ -51,7 +51,7 @@ def detect_format(
     elif fmt == "classification":
         raise ConfigError("data.format: classification needs task: classification")
     if fmt == "auto":
-        for candidate in ("alpaca", "prompt_completion", "text"):
+        for candidate in ("alpaca", "prompt_completion", "chat", "text"):
             if not set(renames) <= set(DATA_FORMATS[candidate]):
                 continue
             mapping, missing = _map_roles(candidate, renames, columns)
@@ -85,6 +85,8 @@ def _map_roles(fmt: str, renames: Mapping[str, str], columns: list[str]) -> tupl
             mapping[role] = role
         elif len(lower.get(role, [])) == 1:
             mapping[role] = lower[role][0]  # e.g. E2E's test file spells its column "MR"
+        elif fmt == "chat" and "conversations" in columns:
+            mapping[role] = "conversations"  # ShareGPT
         elif role not in OPTIONAL_ROLES:
             missing.append(role)
     return mapping, missing

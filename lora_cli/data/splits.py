@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from lora_cli.chat_template import checkpoint_template, resolve_template
 from lora_cli.data.encode import DataStats, Example, count_stats, load_file
 from lora_cli.data.io import Table
 from lora_cli.errors import ConfigError, DataError
@@ -113,6 +114,7 @@ class DataSplits:
     fmt: str
     mapping: dict[str, str] = field(default_factory=dict)  # role -> column of the training file
     frame: Table | None = None  # the training file's rows (Example.row indexes it)
+    chat_template: str | None = None  # chat: the template's text the examples were rendered with
 
     def describe(self) -> list[str]:
         lines = [s.describe() for s in self.stats.values()]
@@ -134,6 +136,10 @@ def load_splits(cfg: "RunConfig", context_length: int, tokenizer: Tokenizer = GP
                           f"{context_length}); set data.max_length to at most {context_length}")
     if d.train is None:
         raise ConfigError("data.train: is required: a CSV, TSV, JSON, JSONL, Parquet or TXT file")
+    if d.chat_template is None and cfg.model.init == "pretrained":
+        # a merged GPT-2 directory keeps its template in tokenizer_config.json, beside no tokenizer.json
+        found = checkpoint_template(tokenizer, cfg.model.name)
+        d = replace(d, chat_template=found) if found is not None else d
     seed = cfg.train.seed
     task = cfg.task
     examples, stats, frame, fmt, mapping = load_file(d.train, d, task, "data.train", tokenizer=tokenizer)
@@ -165,7 +171,8 @@ def load_splits(cfg: "RunConfig", context_length: int, tokenizer: Tokenizer = GP
             else:
                 test = extra
     weights = class_weights(train, len(labels)) if fmt == "classification" and d.balance == "class_weights" else None
-    return DataSplits(train, val, test, all_stats, labels, weights, fmt, mapping, frame)
+    chat_template = resolve_template(d.chat_template, tokenizer) if fmt == "chat" else None
+    return DataSplits(train, val, test, all_stats, labels, weights, fmt, mapping, frame, chat_template)
 
 
 def write_split(path: str | Path, examples: Sequence[Example], frame: Table) -> None:

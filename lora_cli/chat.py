@@ -1,0 +1,198 @@
+"""`lora chat` (an interactive conversation in the terminal) and `lora generate --chat` (replies to conversations
+given as JSON): the conversation rendered with the chat template the adapter was trained with (its metadata), or
+the model's own, or --chat-template; replies streamed and stopped at the template's end of turn.
+
+`chat_prompt_ids(loaded, messages)` is the one place a conversation becomes the ids a model continues; every
+command that answers conversations calls it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+from lora_cli.chat_template import chat_ids, conversation, end_of_turn, resolve_template, template_tokens
+from lora_cli.errors import ConfigError, ConversationError, LoraError
+from lora_cli.generate import stream_text
+from lora_cli.inference import Loaded
+from lora_cli.prompts import escape_line, numbered_lines, read_text_file
+
+PROMPT = ">>> "  # what `lora chat` shows when it waits for the user
+HELP = "/reset clears the history, /exit or Ctrl-D ends"
+
+
+def chat_template_for(loaded: Loaded, override: str | None = None) -> str:
+    """The template to talk with: --chat-template if given, else the adapter's (the one it was trained with),
+    else the base checkpoint's own; none at all is a ConfigError that says to pass --chat-template."""
+    value = override if override is not None else loaded.settings.chat_template
+    model_dir = loaded.base.name if loaded.base.source == "local" else None
+    return resolve_template(value, loaded.tokenizer, model_dir, key="--chat-template")
+
+
+def chat_prompt_ids(loaded: Loaded, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    template: str | None = None) -> list[int]:
+    """The token ids a chat model continues to answer `messages` ([{role, content}, ...], checked as training
+    checks them; ShareGPT's {from, value} too): rendered with `template` (default: chat_template_for(loaded))
+    and, with add_generation_prompt, the header of the assistant's turn, exactly as training tokenised it."""
+    template = template if template is not None else chat_template_for(loaded)
+    return chat_ids(template, conversation(messages, need_assistant=False), loaded.tokenizer, add_generation_prompt)
+
+
+def stop_at(pieces: Iterable[str], stop: str) -> Iterator[str]:
+    """The text pieces up to the first `stop` (not included); text that may be the start of `stop` is held back
+    until the next piece decides."""
+    if not stop:
+        yield from pieces
+        return
+    buffer = ""
+    for piece in pieces:
+        buffer += piece
+        found = buffer.find(stop)
+        if found >= 0:
+            if found:
+                yield buffer[:found]
+            return  # the decoding generator is dropped: no more tokens are computed
+        keep = next((n for n in range(min(len(stop) - 1, len(buffer)), 0, -1) if stop.startswith(buffer[-n:])), 0)
+        if len(buffer) > keep:
+            yield buffer[:len(buffer) - keep]
+            buffer = buffer[len(buffer) - keep:]
+    if buffer:
+        yield buffer
+
+
+@dataclass
+class Replier:
+    """Streams a model's replies to conversations: the model on its device, the template, the sampling options
+    of `lora generate` (prompts.sampling_options plus seed, no_repeat_ngram_size, use_cache)."""
+
+    loaded: Loaded
+    net: Any  # loaded.model on its device
+    template: str
+    max_new_tokens: int
+    options: dict
+
+    def stream(self, messages: Sequence[Mapping[str, Any]], where: str = "the conversation") -> Iterator[str]:
+        """The reply's text pieces as they are decoded. Generation stops at the tokenizer's eos ids, at the
+        template's end-of-turn token, or at its end-of-turn text (a marker the tokenizer splits)."""
+        tokenizer = self.loaded.tokenizer
+        try:
+            ids = chat_prompt_ids(self.loaded, messages, template=self.template)
+        except ConversationError as exc:
+            raise ConversationError(f"{where}: {exc}") from None
+        eot = end_of_turn(self.template, template_tokens(tokenizer))
+        eos = list(tokenizer.eos_ids)
+        eot_ids = tokenizer.encode(eot, allow_special=True) if eot else []
+        if len(eot_ids) == 1:
+            eos.append(eot_ids[0])  # e.g. Llama 3's <|eot_id|>, ChatML's <|im_end|> in Qwen's vocabulary
+        pieces = stream_text(self.net, ids, self.max_new_tokens, tokenizer=tokenizer,
+                             **{**self.options, "eos_id": tuple(dict.fromkeys(eos))})
+        return stop_at(pieces, eot)
+
+    def reply(self, messages: Sequence[Mapping[str, Any]], where: str = "the conversation") -> str:
+        return "".join(self.stream(messages, where))
+
+
+# -------------------------------------------------------------------------------------------- `lora chat`
+
+
+def chat_loop(replier: Replier, system: str | None = None, read: Callable[[], str] = input,
+              write: Callable[[str], Any] | None = None) -> int:
+    """Talk until /exit or end of input (Ctrl-D): each line is the user's message, the reply is streamed, the
+    history is kept (/reset clears it, keeping --system). A turn that fails (e.g. the history outgrew the
+    context) prints one error line and leaves the history as it was. Returns the number of replies."""
+    def default_write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    write = write or default_write
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    replies = 0
+    while True:
+        write(PROMPT)  # on stdout: input(PROMPT) would write it to stderr when it reads a terminal
+        try:
+            line = read()
+        except EOFError:  # Ctrl-D
+            write("\n")
+            return replies
+        command = line.strip()
+        if not command:
+            continue
+        if command == "/exit":
+            return replies
+        if command == "/reset":
+            history = list(start)
+            write("(history cleared)\n")
+            continue
+        turn = [*history, {"role": "user", "content": line}]
+        text = ""
+        try:
+            for piece in replier.stream(turn):
+                write(piece)
+                text += piece
+        except LoraError as exc:
+            write(f"{'' if not text else chr(10)}error: {exc}\n")
+            continue
+        write("\n")
+        history = [*turn, {"role": "assistant", "content": text}]
+        replies += 1
+
+
+# --------------------------------------------------------------------------------------- `generate --chat`
+
+
+@dataclass
+class ChatItem:
+    """One conversation to answer: its messages, the record it came from (echoed by --json), its origin."""
+
+    messages: list[dict]
+    record: dict
+    where: str
+
+
+def _parse(text: str, where: str) -> ChatItem:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConversationError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); give a conversation "
+                                'such as [{"role": "user", "content": "Hi"}]') from None
+    try:
+        messages = conversation(value, need_assistant=False)
+    except ConversationError as exc:
+        raise ConversationError(f"{where}: {exc}") from None
+    record = dict(value) if isinstance(value, Mapping) else {"messages": value}
+    return ChatItem(messages, record, where)
+
+
+def read_conversations(arguments: Sequence[str], file: Path | None) -> list[ChatItem]:
+    """`lora generate --chat`'s conversations: one JSON argument (a list of messages, or an object with
+    `messages`), or --file JSONL with one conversation per line (blank lines skipped)."""
+    if arguments and file is not None:
+        raise ConfigError("give the conversation as an argument or with --file, not both")
+    if file is None:
+        if len(arguments) != 1:
+            raise ConfigError("--chat takes one conversation as JSON, e.g. lora generate --chat "
+                              "'[{\"role\": \"user\", \"content\": \"Hi\"}]' (several: --file CONVERSATIONS.jsonl)")
+        return [_parse(arguments[0], "--chat")]
+    items = [_parse(line, where) for line, where in numbered_lines(read_text_file(file), f"--file {file}")]
+    if not items:
+        raise ConversationError(f"--file {file} holds no conversations; write one JSON conversation per line")
+    return items
+
+
+def answer_conversations(replier: Replier, items: Sequence[ChatItem], streamed: bool, as_json: bool,
+                         write: Callable[[str], Any]) -> None:
+    """Print each conversation's reply: streamed for a single one given as an argument, else one line each
+    (newlines escaped), or with --json each record plus "generated"."""
+    for item in items:
+        if streamed:
+            for piece in replier.stream(item.messages, item.where):
+                write(piece)
+            write("\n")
+            continue
+        text = replier.reply(item.messages, item.where)
+        write((json.dumps({**item.record, "generated": text}, ensure_ascii=False) if as_json
+               else escape_line(text)) + "\n")

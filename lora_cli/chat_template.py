@@ -1,0 +1,264 @@
+"""Chat templates: a conversation -> the text (and token ids) a chat model sees, rendered with jinja2 exactly as
+transformers' `apply_chat_template` renders it, and the assistant's spans that carry loss in training.
+
+Rendering copies transformers' environment (utils/chat_template_utils.py, `_compile_jinja_template`): an
+ImmutableSandboxedEnvironment (a template from a checkpoint is data, not code) with trim_blocks and lstrip_blocks,
+the loopcontrols extension, a `{% generation %}` block that renders its body, a `tojson` filter that does not
+escape HTML, and the globals `raise_exception` and `strftime_now`; the template sees `messages`,
+`add_generation_prompt` and the tokenizer's special tokens (bos_token, eos_token, ...), and the rendered text is
+tokenised with its special tokens recognised and nothing added (apply_chat_template's add_special_tokens=False).
+
+Assistant spans come from rendering prefix by prefix: for the assistant message k, the span is what
+render(messages[:k+1]) adds to render(messages[:k], add_generation_prompt=True), i.e. its content and the
+template's end-of-turn text. Both ends must fall on token boundaries of the whole conversation's ids, or the
+example is refused (its masks would be off by a merged token).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from lora_cli.config import BUILTIN_CHAT_TEMPLATES, is_inline_template
+from lora_cli.errors import ConfigError, ConversationError, did_you_mean, first_line
+from lora_cli.tokenizer import GPT2Tokenizer, Tokenizer
+
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # ShareGPT's `from` -> role
+TEMPLATE_FILE = "chat_template.jinja"  # transformers >= 4.50 saves the template beside tokenizer_config.json
+TRAIN_ON = ("all_assistant", "last_assistant")  # data.train_on
+
+
+# ------------------------------------------------------------------------------------------- conversations
+
+
+def conversation(value: Any, need_assistant: bool = True) -> list[dict]:
+    """A conversation checked and normalised: a list of messages {role, content, ...} (keys holding null dropped,
+    as transformers does). Accepts a list (or its JSON text, as a CSV cell holds it), an object with `messages`,
+    and ShareGPT messages {from: human|gpt|system, value}. Raises ConversationError (without a location: callers
+    add the file and row)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ConversationError("the messages are text, not a list of {role, content} objects") from None
+    if isinstance(value, Mapping):
+        value = value.get("messages", value.get("conversations"))
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConversationError('the messages must be a non-empty list of objects such as {"role": "user", '
+                                '"content": "..."}')
+    messages = []
+    for j, message in enumerate(value, start=1):
+        if not isinstance(message, Mapping):
+            raise ConversationError(f"message {j} is not an object; write it as {{\"role\": ..., \"content\": ...}}")
+        message = {str(k): v for k, v in message.items() if v is not None}
+        if "role" not in message and "from" in message:  # ShareGPT
+            sender = message.pop("from")
+            if sender not in SHAREGPT_ROLES:
+                raise ConversationError(f"message {j} is from the unknown sender {sender!r}; ShareGPT senders are "
+                                        "human, gpt and system")
+            message = {"role": SHAREGPT_ROLES[sender], "content": message.pop("value", None), **message}
+        if "role" not in message:
+            raise ConversationError(f"message {j} has no 'role'; give every message a role (system, user or "
+                                    "assistant) and its content")
+        role = message["role"]
+        if role not in ROLES:
+            raise ConversationError(f"message {j} has the unknown role {role!r}{did_you_mean(str(role), ROLES)}; "
+                                    f"roles are {', '.join(ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise ConversationError(f"message {j} ({role}) has no text 'content'")
+        messages.append(message)
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise ConversationError("the conversation has no assistant message, so nothing to learn from; add the "
+                                "assistant's reply")
+    return messages
+
+
+# ---------------------------------------------------------------------------------------------- templates
+
+
+def read_template(value: str, key: str = "data.chat_template") -> str:
+    """A template's Jinja text from a built-in name (chatml), a file, or the text itself (as adapters store it)."""
+    if value in BUILTIN_CHAT_TEMPLATES:
+        return BUILTIN_CHAT_TEMPLATES[value]
+    if is_inline_template(value):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        builtins = ", ".join(BUILTIN_CHAT_TEMPLATES)
+        raise ConfigError(f"{key}: {value!r} is neither a built-in chat template ({builtins}) nor a file"
+                          f"{did_you_mean(value, BUILTIN_CHAT_TEMPLATES)}; name a .jinja file or {builtins}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {first_line(exc)}") from None
+
+
+def checkpoint_template(tokenizer: Tokenizer, model_dir: str | Path | None = None) -> str | None:
+    """A checkpoint's own chat template: chat_template.jinja, else tokenizer_config.json's `chat_template` (a
+    string, or a list of {name, template} whose `default` is taken), looked up beside the tokenizer.json and in
+    the model directory. None when there is none (GPT-2, base checkpoints)."""
+    folders = []
+    if not isinstance(tokenizer, GPT2Tokenizer):
+        folders.append(Path(tokenizer.path).parent)
+    if model_dir is not None and Path(model_dir).is_dir():
+        folders.append(Path(model_dir))
+    for folder in folders:
+        if (folder / TEMPLATE_FILE).is_file():
+            return (folder / TEMPLATE_FILE).read_text(encoding="utf-8")
+        try:
+            found = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(found, list):
+            found = {t.get("name"): t.get("template") for t in found if isinstance(t, dict)}.get("default")
+        if isinstance(found, str) and found.strip():
+            return found
+    return None
+
+
+def resolve_template(value: str | None, tokenizer: Tokenizer, model_dir: str | Path | None = None,
+                     key: str = "data.chat_template") -> str:
+    """The template a chat run uses: `value` (data.chat_template, --chat-template) if given, else the
+    checkpoint's own; a model without one is a ConfigError saying what to set."""
+    if value is not None:
+        return read_template(value, key)
+    found = checkpoint_template(tokenizer, model_dir)
+    if found is None:
+        raise ConfigError(f"{key}: the model has no chat template (no chat_template in its tokenizer_config.json); "
+                          f"set {key}: chatml (built in) or a .jinja file")
+    return found
+
+
+@functools.lru_cache(maxsize=16)
+def compile_template(source: str):
+    """The jinja2 Template for this text, in transformers' environment (see the module docstring)."""
+    # jinja2 is imported here: only chat data and chat commands need it
+    from datetime import datetime
+
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlock(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask marker): renders its body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationBlock, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateError as exc:
+        raise ConversationError(f"the chat template is not valid Jinja ({first_line(exc)}); fix the template") from None
+
+
+def template_tokens(tokenizer: Tokenizer) -> dict[str, str]:
+    """The special tokens a template can name, as apply_chat_template passes them (bos_token, eos_token,
+    pad_token: their text)."""
+    ids = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_ids[0] if tokenizer.eos_ids else None,
+           "pad_token": tokenizer.pad_id}
+    return {name: tokenizer.decode([i]) for name, i in ids.items() if i is not None}
+
+
+def render_chat(template: str, messages: Sequence[Mapping], add_generation_prompt: bool = False,
+                tokens: Mapping[str, str] | None = None) -> str:
+    """The conversation's text, as tokenizer.apply_chat_template(messages, tokenize=False,
+    add_generation_prompt=...) gives it. A template that raises is a ConversationError."""
+    import jinja2  # loaded already by compile_template; named here for its exception type
+
+    compiled = compile_template(template)
+    try:
+        return compiled.render(messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
+                               tools=None, documents=None, **(tokens or {}))
+    except (jinja2.exceptions.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise ConversationError(f"the chat template failed to render the conversation ({first_line(exc)})") from None
+
+
+def chat_ids(template: str, messages: Sequence[Mapping], tokenizer: Tokenizer,
+             add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of the rendered conversation: special tokens in the text are special, nothing is added (the
+    template writes the bos token itself where the model wants one)."""
+    text = render_chat(template, messages, add_generation_prompt, template_tokens(tokenizer))
+    return tokenizer.encode(text, allow_special=True)
+
+
+def encode_chat(template: str, messages: Sequence[Mapping], tokenizer: Tokenizer, train_on: str = "all_assistant",
+                mask_all: bool = False) -> tuple[list[int], list[bool]]:
+    """(ids, loss_mask) of a conversation: the mask is True on every assistant message's span (content and the
+    template's end-of-turn tokens; only the last one's with train_on last_assistant), or on every token but the
+    first with mask_all (data.mask_prompt: false). Raises ConversationError when the template does not render
+    the conversation prefix by prefix or a span's ends fall inside a token."""
+    tokens = template_tokens(tokenizer)
+    text = render_chat(template, messages, False, tokens)
+    ids = tokenizer.encode(text, allow_special=True)
+    if mask_all:
+        return ids, [False] + [True] * (len(ids) - 1)
+    mask = [False] * len(ids)
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    if train_on == "last_assistant":
+        turns = turns[-1:]
+
+    def boundary(prefix: str, k: int) -> int:
+        if not text.startswith(prefix):
+            raise ConversationError(f"message {k + 1}: the chat template does not render the conversation prefix "
+                                    "by prefix (the text up to this message differs from the whole "
+                                    "conversation's), so its assistant span cannot be found; use another template")
+        head = tokenizer.encode(prefix, allow_special=True)
+        if ids[:len(head)] != head:
+            raise ConversationError(f"message {k + 1}: the assistant span's token boundaries do not line up with the "
+                                    "template (a token spans its edge); end the template's text before the content "
+                                    "with a separator such as a newline")
+        return len(head)
+
+    for k in turns:
+        start = boundary(render_chat(template, messages[:k], True, tokens), k)
+        end = boundary(render_chat(template, messages[:k + 1], False, tokens), k)
+        for i in range(max(start, 1), end):  # token 0 is predicted from nothing
+            mask[i] = True
+    return ids, mask
+
+
+def end_of_turn(template: str, tokens: Mapping[str, str] | None = None) -> str:
+    """The text the template writes after an assistant's content (ChatML: "<|im_end|>"), whitespace stripped; ""
+    when it writes none or the template cannot say. Generation stops there (a plain-text marker, e.g. ChatML on
+    GPT-2's tokenizer, is no eos token)."""
+    probe = "\x00reply\x00"
+    user = [{"role": "user", "content": "hi"}]
+    try:
+        head = render_chat(template, user, True, tokens)
+        full = render_chat(template, [*user, {"role": "assistant", "content": probe}], False, tokens)
+    except ConversationError:
+        return ""
+    if not full.startswith(head) or probe not in full:
+        return ""
+    return full[full.index(probe) + len(probe):].strip()
+
+
+def add_to_tokenizer_config(files: dict[str, str], template: str | None) -> None:
+    """Write `template` as `chat_template` into the tokenizer_config.json text of a model directory's files (a
+    merged model is then used the way it was trained); nothing without a template."""
+    if template is None or "tokenizer_config.json" not in files:
+        return
+    config = json.loads(files["tokenizer_config.json"])
+    config["chat_template"] = template
+    files["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False) + "\n"

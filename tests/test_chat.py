@@ -1,0 +1,421 @@
+"""Chat data and chat templates (issue 16, items 1-3): the rendered text and ids equal transformers'
+`apply_chat_template` for a ChatML, a Llama-3-style and a default-system-prompt template; the loss masks cover
+exactly the assistant spans (checked against transformers' `{% generation %}` assistant masks and by hand);
+`lora eval` on chat data equals a transformers computation on the same ids; `lora chat` in a pty streams what
+`lora generate --chat` prints; bad conversations are one line naming the file and row, exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import REPO, assert_one_line_error, build_tokenizer, child_env, cli, rel, tree
+from lora_cli.chat import stop_at
+from lora_cli.chat_template import chat_ids, conversation, encode_chat, end_of_turn, render_chat, template_tokens
+from lora_cli.config import CHATML_TEMPLATE
+from lora_cli.errors import ConversationError
+from lora_cli.tokenizer import GPT2, load_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+# Meta-Llama-3-8B-Instruct's template, verbatim.
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 "
+    "%}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# Qwen2.5-Instruct's template without its tools branch: a default system message when the conversation has none.
+QWEN25 = (
+    "{%- if messages[0]['role'] == 'system' %}\n    {{- '<|im_start|>system\\n' + messages[0]['content'] + "
+    "'<|im_end|>\\n' }}\n{%- else %}\n    {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are "
+    "a helpful assistant.<|im_end|>\\n' }}\n{%- endif %}\n{%- for message in messages %}\n    {%- if (message.role "
+    "== \"user\") or (message.role == \"system\" and not loop.first) or (message.role == \"assistant\") %}\n        "
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n    {%- endif %}\n"
+    "{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n"
+)
+# ChatML with transformers' `{% generation %}` markers around what the assistant's turn adds (content and end of
+# turn): transformers' return_assistant_tokens_mask then marks the tokens our masks must mark.
+CHATML_GENERATION = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>\\n' }}{% endgeneration %}{% else %}{{ '<|im_start|>' + "
+    "message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Mistral-Instruct's template: it refuses a system message with raise_exception.
+MISTRAL = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == "
+    "'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles "
+    "are supported!') }}{% endif %}{% endfor %}"
+)
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello, world!"}, {"role": "assistant", "content": "The quick brown fox."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."},
+     {"role": "assistant", "content": "green"}, {"role": "user", "content": "And another one?"},
+     {"role": "assistant", "content": " naïve café — 東京 🤖\nline two"}],
+    [{"role": "user", "content": "  spaces\tand tabs  "}, {"role": "assistant", "content": "def f(x):\n    return x"},
+     {"role": "user", "content": "again"}],
+]
+
+
+def tokenizer_dir(path, family: str):
+    """A byte-level BPE tokenizer directory (helpers.build_tokenizer) with the chat special tokens of `family`:
+    llama3 (<|start_header_id|>, <|end_header_id|> added; bos added by the tokenizer) or qwen (no bos)."""
+    from tokenizers import Tokenizer
+
+    build_tokenizer(path, bos=family == "llama3")
+    if family == "llama3":
+        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        tok.add_special_tokens(["<|start_header_id|>", "<|end_header_id|>"])
+        tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat-tokenizers")
+    return {family: tokenizer_dir(root / family, family) for family in ("llama3", "qwen")}
+
+
+def hf_tokenizer(folder, template):
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    tok.chat_template = template
+    return tok
+
+
+@pytest.mark.parametrize("family,template", [("qwen", CHATML_TEMPLATE), ("llama3", LLAMA3), ("qwen", QWEN25),
+                                             ("qwen", MISTRAL)], ids=["chatml", "llama3", "qwen2.5-default-system",
+                                                                      "mistral"])
+def test_rendering_equals_apply_chat_template(tokenizer_dirs, family, template):
+    folder = tokenizer_dirs[family]
+    ours, theirs = load_tokenizer(str(folder)), hf_tokenizer(folder, template)
+    for messages in CONVERSATIONS:
+        if template is MISTRAL and messages[0]["role"] == "system":
+            messages = messages[1:]
+        for generation_prompt in (False, True):
+            want = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+            assert render_chat(template, messages, generation_prompt, template_tokens(ours)) == want
+            assert chat_ids(template, messages, ours, generation_prompt) == theirs(want, add_special_tokens=False)["input_ids"]
+    if template is QWEN25:
+        assert "You are Qwen" in render_chat(template, CONVERSATIONS[0], tokens=template_tokens(ours))
+
+
+@pytest.fixture(scope="module")
+def gpt2_files(tmp_path_factory):
+    """GPT-2's tokenizer files as `lora merge` writes them, which transformers' AutoTokenizer reads."""
+    from lora_cli.merge import tokenizer_files
+
+    folder = tmp_path_factory.mktemp("gpt2-tokenizer")
+    for name, text in tokenizer_files().items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def test_gpt2_chatml_renders_as_transformers(gpt2_files):
+    theirs = hf_tokenizer(gpt2_files, CHATML_TEMPLATE)
+    for messages in CONVERSATIONS:
+        want = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert render_chat(CHATML_TEMPLATE, messages, True, template_tokens(GPT2)) == want
+        assert chat_ids(CHATML_TEMPLATE, messages, GPT2, True) == theirs(want, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("family", ["qwen", "gpt2"])
+def test_masks_are_the_assistant_spans(tokenizer_dirs, gpt2_files, family):
+    """Our masks equal transformers' assistant masks of the same template with `{% generation %}` markers, and the
+    masked text is exactly each assistant's content and its end of turn."""
+    if family == "gpt2":
+        folder, ours = gpt2_files, GPT2
+    else:
+        folder = tokenizer_dirs[family]
+        ours = load_tokenizer(str(folder))
+    theirs = hf_tokenizer(folder, CHATML_GENERATION)
+    for messages in CONVERSATIONS:
+        ids, mask = encode_chat(CHATML_TEMPLATE, messages, ours)
+        assert (ids, mask) == encode_chat(CHATML_GENERATION, messages, ours)
+        out = theirs.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        assert ids == list(out["input_ids"])
+        assert mask == [bool(x) for x in out["assistant_masks"]]
+        # by hand: the masked runs decode to "content<|im_end|>\n" of each assistant message, in order
+        runs, current = [], []
+        for token, m in zip(ids + [None], mask + [False]):
+            if m:
+                current.append(token)
+            elif current:
+                runs.append(ours.decode(current))
+                current = []
+        want = [m["content"] + "<|im_end|>\n" for m in messages if m["role"] == "assistant"]
+        assert runs == want
+        last_ids, last_mask = encode_chat(CHATML_TEMPLATE, messages, ours, train_on="last_assistant")
+        assert last_ids == ids
+        last_runs = [r for r in runs[-1:]]
+        assert ours.decode([t for t, m in zip(ids, last_mask) if m]) == "".join(last_runs)
+        assert sum(last_mask) < sum(mask) or len(want) == 1
+
+
+def test_llama3_spans_include_eot(tokenizer_dirs):
+    ours = load_tokenizer(str(tokenizer_dirs["llama3"]))
+    ids, mask = encode_chat(LLAMA3, CONVERSATIONS[1], ours)
+    assert ids[0] == ours.bos_id and ours.encode("<|eot_id|>", allow_special=True) == [ids[-1]] and mask[-1]
+    masked = ours.decode([t for t, m in zip(ids, mask) if m])
+    assert masked == "green<|eot_id|>naïve café — 東京 🤖\nline two<|eot_id|>"  # Llama 3 trims the content
+    assert end_of_turn(LLAMA3, template_tokens(ours)) == "<|eot_id|>"
+    assert end_of_turn(CHATML_TEMPLATE) == "<|im_end|>"
+
+
+def test_conversation_checks_and_sharegpt():
+    sharegpt = [{"from": "system", "value": "s"}, {"from": "human", "value": "u"}, {"from": "gpt", "value": "a"}]
+    assert conversation(sharegpt) == [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                                      {"role": "assistant", "content": "a"}]
+    assert conversation(json.dumps({"messages": sharegpt[1:]})) == conversation(sharegpt)[1:]
+    bad = [([{"content": "x"}], "message 1 has no 'role'"),
+           ([{"role": "user", "content": "x"}, {"role": "asistant", "content": "y"}],
+            "message 2 has the unknown role 'asistant' (did you mean assistant?)"),
+           ([{"role": "user", "content": "x"}], "no assistant message"),
+           ([{"from": "bot", "value": "x"}], "unknown sender 'bot'"),
+           ([], "non-empty list")]
+    for value, message in bad:
+        with pytest.raises(ConversationError, match=re.escape(message)):
+            conversation(value)
+
+
+def test_stop_at_holds_back_a_partial_marker():
+    pieces = ["Hel", "lo<", "|im", "_e", "nd|>\nmore"]
+    assert list(stop_at(pieces, "<|im_end|>")) == ["Hel", "lo"]
+    assert "".join(stop_at(["a<", "b"], "<|im_end|>")) == "a<b"
+    assert "".join(stop_at(pieces, "")) == "Hello<|im_end|>\nmore"
+
+
+# ------------------------------------------------------------------------------------------- through the CLI
+
+ROWS = [
+    [{"role": "user", "content": f"Repeat {w}."}, {"role": "assistant", "content": f"{w} {w}"},
+     {"role": "user", "content": "Once more?"}, {"role": "assistant", "content": w}]
+    for w in ("apple", "river", "stone", "cloud", "green", "quick")
+]
+RUN = """\
+model: {model}
+out_dir: out
+data: {{train: train.jsonl, val_split: 0.0, max_length: 96, chat_template: chatml}}
+lora: {{r: 4, alpha: 8, dropout: 0.0, targets: [attn.c_attn, mlp.c_proj]}}
+train: {{lr: 5e-2, batch_size: 3, max_steps: 2, warmup_steps: 0, eval_every: 0, save_every: 0, log_every: 1}}
+"""
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def chat_run(tiny, tmp_path_factory):
+    """A chat adapter trained by `lora train` on GPT-2 with the built-in ChatML template: (folder, adapter)."""
+    root = tmp_path_factory.mktemp("chat-run")
+    write_jsonl(root / "train.jsonl", [{"messages": m} for m in ROWS])
+    (root / "run.yaml").write_text(RUN.format(model=tiny[0]))
+    code, out, err = cli("train", root / "run.yaml", "-q", cwd=root)
+    assert code == 0, err
+    return root, root / "out" / "adapter.safetensors"
+
+
+
+
+def reference_loss(model, tok, conversations) -> tuple[float, int]:
+    """Mean cross-entropy over the assistant tokens, computed with transformers on its own ids and masks."""
+    total, count = 0.0, 0
+    for messages in conversations:
+        out = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+        labels = torch.tensor([t if m else -100 for t, m in zip(ids, mask)][1:])
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1].double()
+        total += torch.nn.functional.cross_entropy(logits, labels, reduction="sum", ignore_index=-100).item()
+        count += int((labels != -100).sum())
+    return total / count, count
+
+
+def test_train_eval_merge_match_transformers(chat_run, tiny, gpt2_files, tmp_path):
+    root, adapter = chat_run
+    code, out, err = cli("eval", "--adapter", adapter, "--data", root / "train.jsonl", "--json", "-q", cwd=root)
+    assert code == 0, err
+    result = json.loads(out)
+    tok = hf_tokenizer(gpt2_files, CHATML_GENERATION)  # the ChatML template marked for assistant masks
+    base_loss, count = reference_loss(tiny[1], tok, ROWS)
+    assert result["tokens"] == result["base"]["tokens"] == count == sum(
+        len(tok(m["content"] + "<|im_end|>\n", add_special_tokens=False)["input_ids"])
+        for row in ROWS for m in row if m["role"] == "assistant")
+    assert rel(torch.tensor(result["base"]["loss"]), torch.tensor(base_loss)) <= 1e-4
+    # the merged model carries the template in tokenizer_config.json: transformers alone reproduces the adapter's loss
+    code, out, err = cli("merge", "--adapter", adapter, "--out", tmp_path / "merged", cwd=root)
+    assert code == 0, err
+    merged_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
+    assert merged_tok.chat_template == CHATML_TEMPLATE
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    adapter_loss, _ = reference_loss(merged, tok, ROWS)
+    assert rel(torch.tensor(result["loss"]), torch.tensor(adapter_loss)) <= 1e-4
+    assert abs(result["loss"] - result["base"]["loss"]) > 1e-3  # the adapter learned something
+    # the merged directory alone (its tokenizer_config.json's template) answers as the adapter does
+    conversation_json = json.dumps(ROWS[0][:3])
+    replies = [cli("generate", *source, "--chat", conversation_json, "--max-new-tokens", "8", cwd=root)
+               for source in (("--adapter", adapter), ("--model", tmp_path / "merged"))]
+    assert replies[0].rc == 0 and replies[0][:2] == replies[1][:2] and replies[0].stdout.strip(), replies
+    # and a PEFT export carries it as chat_template.jinja
+    code, out, err = cli("export", adapter, tmp_path / "peft", cwd=root)
+    assert code == 0, err
+    assert (tmp_path / "peft" / "chat_template.jinja").read_text() == CHATML_TEMPLATE
+
+
+def read_until(fd, marker: bytes, timeout: float = 120.0) -> bytes:
+    """Bytes from a pty master until `marker` has arrived (select, no sleeps); a child that stops talking first
+    fails the test."""
+    data = b""
+    while marker not in data:
+        ready, _, _ = select.select([fd], [], [], timeout)
+        assert ready, f"no {marker!r} after {data!r}"
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            chunk = b""
+        assert chunk, f"the terminal closed before {marker!r}: {data!r}"
+        data += chunk
+    return data
+
+
+def test_chat_in_a_terminal_equals_generate_chat(chat_run):
+    root, adapter = chat_run
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "lora_cli", "chat", "--adapter", str(adapter),
+                             "--max-new-tokens", "12", "--system", "Be brief."],
+                            stdin=slave, stdout=slave, stderr=subprocess.PIPE, cwd=root,
+                            env={**child_env(), "PYTHONPATH": str(REPO)})
+    os.close(slave)
+    try:
+        def turn(text: str) -> str:
+            os.write(master, text.encode() + b"\n")
+            out = read_until(master, b"\r\n>>> ").decode()
+            echoed, _, reply = out.partition("\r\n")  # the terminal echoes the line typed
+            assert echoed.endswith(text)
+            return reply[:-len("\r\n>>> ")].replace("\r\n", "\n")
+
+        read_until(master, b">>> ")
+        first = turn("Repeat apple.")
+        second = turn("Once more?")
+        assert turn("/reset") == "(history cleared)"
+        third = turn("Repeat apple.")
+        os.write(master, b"\x04")  # Ctrl-D
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill() if proc.poll() is None else None
+        os.close(master)
+    assert "chatting with" in proc.stderr.read().decode()
+    system = {"role": "system", "content": "Be brief."}
+    history = [system, {"role": "user", "content": "Repeat apple."}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "Once more?"}]
+    code, out, err = cli("generate", "--adapter", adapter, "--max-new-tokens", "12", "--chat", json.dumps(history),
+                         cwd=root)
+    assert code == 0, err
+    assert out == second + "\n"
+    assert third == first and first  # /reset forgot the history (and kept --system)
+    lines = [json.dumps(history[:2]), json.dumps({"messages": history, "id": 7})]
+    (root / "conversations.jsonl").write_text("\n".join(lines) + "\n")
+    code, out, err = cli("generate", "--adapter", adapter, "--max-new-tokens", "12", "--chat", "--file",
+                         root / "conversations.jsonl", "--json", "-q", cwd=root)
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["generated"] for r in records] == [first, second] and records[1]["id"] == 7
+
+
+BAD = {
+    "no-role": ([ROWS[0], [{"content": "hi"}, {"role": "assistant", "content": "x"}]], "chatml",
+                "no-role.jsonl: row 2 (line 2): column 'messages': message 1 has no 'role'"),
+    "unknown-role": ([ROWS[0], ROWS[1], [{"role": "robot", "content": "hi"}]], "chatml",
+                     "unknown-role.jsonl: row 3 (line 3): column 'messages': message 1 has the unknown role 'robot'"),
+    "no-assistant": ([[{"role": "user", "content": "hi"}], ROWS[0]], "chatml",
+                     "no-assistant.jsonl: row 1 (line 1): column 'messages': the conversation has no assistant message"),
+    "bad-template": ([[{"role": "system", "content": "s"}] + ROWS[0]], "mistral.jinja",
+                     "bad-template.jsonl: row 1 (line 1): column 'messages': the chat template failed to render the "
+                     "conversation (Conversation roles must alternate"),
+}
+
+
+def test_chat_files_read_alike(tmp_path):
+    """JSON, JSONL, Parquet, ShareGPT and a CSV cell of JSON text give the same examples."""
+    import pandas as pd
+
+    from lora_cli.config import DataConfig
+    from lora_cli.data import load_file
+
+    (tmp_path / "a.json").write_text(json.dumps([{"messages": m} for m in ROWS]))
+    write_jsonl(tmp_path / "b.jsonl", [{"messages": m} for m in ROWS])
+    pd.DataFrame({"messages": ROWS}).to_parquet(tmp_path / "c.parquet")
+    sender = {"user": "human", "assistant": "gpt", "system": "system"}
+    write_jsonl(tmp_path / "d.jsonl", [{"conversations": [{"from": sender[m["role"]], "value": m["content"]}
+                                                          for m in row]} for row in ROWS])
+    pd.DataFrame({"messages": [json.dumps(m) for m in ROWS]}).to_csv(tmp_path / "e.csv", index=False)
+    cfg = DataConfig(chat_template="chatml", max_length=96)
+    loaded = [load_file(tmp_path / name, cfg) for name in ("a.json", "b.jsonl", "c.parquet", "d.jsonl", "e.csv")]
+    assert [x[3] for x in loaded] == ["chat"] * 5 and loaded[3][4] == {"messages": "conversations"}
+    want = [(e.ids, e.loss_mask) for e in loaded[0][0]]
+    assert want == [encode_chat(CHATML_TEMPLATE, m, GPT2) for m in ROWS]
+    for examples, *_ in loaded[1:]:
+        assert [(e.ids, e.loss_mask) for e in examples] == want
+    last = load_file(tmp_path / "b.jsonl", DataConfig(chat_template="chatml", max_length=96, train_on="last_assistant"))
+    assert [e.loss_mask for e in last[0]] == [encode_chat(CHATML_TEMPLATE, m, GPT2, "last_assistant")[1] for m in ROWS]
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_conversations(tmp_path, name):
+    from lora_cli.config import DataConfig
+    from lora_cli.data import load_file
+
+    rows, template, message = BAD[name]
+    write_jsonl(tmp_path / f"{name}.jsonl", [{"messages": m} for m in rows])
+    (tmp_path / "mistral.jinja").write_text(MISTRAL)
+    with pytest.raises(ConversationError) as err:
+        load_file(tmp_path / f"{name}.jsonl", DataConfig(chat_template=str(tmp_path / template) if "." in template
+                                                         else template))
+    assert message in str(err.value) and err.value.exit_code == 2
+
+
+def test_bad_conversation_stops_lora_train_with_one_line(tiny, tmp_path):
+    rows, _, message = BAD["no-role"]
+    write_jsonl(tmp_path / "no-role.jsonl", [{"messages": m} for m in rows])
+    (tmp_path / "run.yaml").write_text(RUN.format(model=tiny[0]).replace("train.jsonl", "no-role.jsonl"))
+    before = tree(tmp_path)
+    line = assert_one_line_error(*cli("train", tmp_path / "run.yaml", "-q", cwd=tmp_path), expected_code=2)
+    assert message in line, line
+    assert tree(tmp_path) == before  # nothing written
+
+
+def test_checkpoint_template_lookup(tmp_path):
+    from lora_cli.chat_template import checkpoint_template, resolve_template
+    from lora_cli.errors import ConfigError
+
+    folder = tokenizer_dir(tmp_path / "tok", "qwen")
+    tok = load_tokenizer(str(folder))
+    assert checkpoint_template(tok) is None
+    with pytest.raises(ConfigError, match="the model has no chat template .* set data.chat_template: chatml"):
+        resolve_template(None, tok)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {**config, "chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": QWEN25}]}))
+    assert checkpoint_template(tok) == resolve_template(None, tok) == QWEN25
+    (folder / "chat_template.jinja").write_text(LLAMA3)  # transformers >= 4.50 saves it so; it wins
+    assert checkpoint_template(tok) == LLAMA3
+    assert resolve_template("chatml", tok) == CHATML_TEMPLATE and resolve_template(MISTRAL, tok) == MISTRAL
+    with pytest.raises(ConfigError, match=r"'chatlm' is neither a built-in chat template \(chatml\) nor a file "
+                                          r"\(did you mean chatml\?\)"):
+        resolve_template("chatlm", tok)
+    # a GPT-2 directory (no tokenizer.json) keeps its template in tokenizer_config.json, as `lora merge` writes it
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE}))
+    assert checkpoint_template(GPT2) is None and checkpoint_template(GPT2, tmp_path / "gpt2") == CHATML_TEMPLATE
