@@ -41,6 +41,18 @@ def chat_prompt_ids(loaded: Loaded, messages: Sequence[Mapping[str, Any]], add_g
     return chat_ids(template, conversation(messages, need_assistant=False), loaded.tokenizer, add_generation_prompt)
 
 
+def reply_ends(template: str, tokenizer) -> tuple[tuple[int, ...], str]:
+    """Where a reply ends: (the eos ids to stop at, the end-of-turn text to cut at). The template's end of turn
+    joins the eos ids when the tokenizer has it as one token (Llama 3's <|eot_id|>, ChatML's <|im_end|> in
+    Qwen's vocabulary); as text it also catches a marker the tokenizer splits (<|im_end|> on GPT-2's BPE)."""
+    eot = end_of_turn(template, template_tokens(tokenizer))
+    eos = list(tokenizer.eos_ids)
+    eot_ids = tokenizer.encode(eot, allow_special=True) if eot else []
+    if len(eot_ids) == 1:
+        eos.append(eot_ids[0])
+    return tuple(dict.fromkeys(eos)), eot
+
+
 def stop_at(pieces: Iterable[str], stop: str) -> Iterator[str]:
     """The text pieces up to the first `stop` (not included); text that may be the start of `stop` is held back
     until the next piece decides."""
@@ -82,13 +94,8 @@ class Replier:
             ids = chat_prompt_ids(self.loaded, messages, template=self.template)
         except ConversationError as exc:
             raise ConversationError(f"{where}: {exc}") from None
-        eot = end_of_turn(self.template, template_tokens(tokenizer))
-        eos = list(tokenizer.eos_ids)
-        eot_ids = tokenizer.encode(eot, allow_special=True) if eot else []
-        if len(eot_ids) == 1:
-            eos.append(eot_ids[0])  # e.g. Llama 3's <|eot_id|>, ChatML's <|im_end|> in Qwen's vocabulary
-        pieces = stream_text(self.net, ids, self.max_new_tokens, tokenizer=tokenizer,
-                             **{**self.options, "eos_id": tuple(dict.fromkeys(eos))})
+        eos, eot = reply_ends(self.template, tokenizer)
+        pieces = stream_text(self.net, ids, self.max_new_tokens, tokenizer=tokenizer, **{**self.options, "eos_id": eos})
         return stop_at(pieces, eot)
 
     def reply(self, messages: Sequence[Mapping[str, Any]], where: str = "the conversation") -> str:
