@@ -138,6 +138,7 @@ class DataConfig:
     group_by_length: bool = True  # batch examples of similar length, pad to the longest in the batch
     labels: list[str] | None = None  # classification: label order (default: sorted distinct labels)
     balance: Literal["none", "undersample", "class_weights"] = "none"  # classification
+    packing: bool = False  # causal LM: each micro-batch's examples back to back in rows of max_length tokens
 
 
 @dataclass
@@ -443,6 +444,9 @@ def _check_constraints(cfg: RunConfig, report) -> None:
         report("data.column_names", "is required when header is false (names for the columns, e.g. [label, text])")
     if cfg.task == "classification" and d.format not in ("auto", "classification"):
         report("data.format", f"task classification needs format auto or classification, got {d.format}")
+    if cfg.task == "classification" and d.packing:
+        report("data.packing", "does not apply to task classification (each example is scored at its own last "
+                               "token); set data.packing: false")
     if lo.r <= 0:
         report("lora.r", f"must be a positive integer, got {lo.r}")
     if lo.alpha <= 0:

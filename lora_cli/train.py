@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from lora_cli.adapter import ADAPTER_FILE, save_adapter
 from lora_cli.config import RunConfig, dump_config
-from lora_cli.data import batch_indices, collate, load_splits, preview, split_batch, write_split
+from lora_cli.data import batch_indices, collate, load_splits, pack, preview, split_batch, write_split
 from lora_cli.distributed import (
     DDPView, Dist, env_world_size, init_distributed, is_comm_failure, resolve_batch, short_reason, wrap_ddp,
 )
@@ -417,13 +417,20 @@ def _step_batches(s: Setup, state: RunState, batches: list) -> StepBatches:
     examples = s.data.train
     micro = split_batch(batches[state.batch_in_epoch], [len(e) for e in examples], t.grad_accum * d.world_size)
     mine = range(d.rank * t.grad_accum, (d.rank + 1) * t.grad_accum)
-    step = [(collate([examples[i] for i in micro[j]], pad_id=s.tokenizer.eos_id), j, 1.0) if micro[j] else
-            (collate([examples[micro[0][0]]], pad_id=s.tokenizer.eos_id), j, 0.0) for j in mine]
+    step = [(_micro_batch(s, [examples[i] for i in micro[j]]), j, 1.0) if micro[j] else
+            (_micro_batch(s, [examples[micro[0][0]]]), j, 0.0) for j in mine]
     real = [b for b, _, weight in step if weight]
     n_targets, tokens = sum(b.n_targets for b in real), sum(b.n_tokens for b in real)
     if d.enabled:
         n_targets, tokens = (int(v) for v in d.all_reduce_sum([n_targets, tokens]))
     return StepBatches(step, n_targets, tokens)
+
+
+def _micro_batch(s: Setup, examples: list):
+    """A micro-batch's tensors: padded to its longest example, or packed into rows of data.max_length tokens."""
+    if s.cfg.data.packing:
+        return pack(examples, s.cfg.data.max_length, pad_id=s.tokenizer.eos_id)
+    return collate(examples, pad_id=s.tokenizer.eos_id)
 
 
 def _forward_backward(s: Setup, state: RunState, step: StepBatches, forward, loss_sum, autocast) -> float:
