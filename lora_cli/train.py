@@ -229,7 +229,8 @@ def estimate_memory(s: Setup) -> int:
     return weights + optimizer + per_layer * c.n_layer + logits
 
 
-def dry_run_report(s: Setup) -> list[str]:
+def dry_run_report(s: Setup, show: int | None = None) -> list[str]:
+    """What `lora train --dry-run` prints; with show=N, N training examples instead of one (see show_examples)."""
     cfg = s.cfg
     t = cfg.train
     lines = [f"model: {s.base.name} ({s.base.source}), {s.total - s.trainable:,} frozen parameters",
@@ -249,9 +250,33 @@ def dry_run_report(s: Setup) -> list[str]:
     if available and peak > 0.9 * available:
         lines.append(f"warning: that is above 90% of the {available / 2**30:.1f} GiB available; lower train.batch_size "
                      "or data.max_length, raise train.grad_accum, or set train.gradient_checkpointing: true")
-    if s.data.train:
+    if show is not None:
+        lines += show_examples(s, show)
+    elif s.data.train:
         lines.append("first training example ([[...]] carries loss):")
         lines.append("  " + preview(s.data.train[0], s.tokenizer).replace("\n", "\n  "))
+    return lines
+
+
+def show_examples(s: Setup, n: int) -> list[str]:
+    """`--dry-run --show N`: the first N training examples with the trained tokens in [[...]], each with its
+    source row and its counts of tokens and trained tokens, then how many examples truncation to data.max_length
+    left without a trained token (dropped from training; a warning line when there are any)."""
+    shown = s.data.train[:n]
+    lines = [f"training examples 1-{len(shown)} of {len(s.data.train)} ([[...]] carries loss):"]
+    for k, ex in enumerate(shown, start=1):
+        where = f"row {ex.row + 1}" if ex.row >= 0 else "a chunk of the text"
+        trained = "label " + str(ex.label) if ex.label is not None else f"{sum(ex.loss_mask)} trained"
+        lines.append(f"example {k} ({where}): {len(ex)} tokens, {trained}")
+        lines.append("  " + preview(ex, s.tokenizer).replace("\n", "\n  "))
+    if s.cfg.task != "classification":
+        dropped = sum(stats.dropped for stats in s.data.stats.values())
+        lines.append(f"examples left without a trained token by truncation: {dropped}")
+        if dropped:
+            one = dropped == 1
+            lines.append(f"warning: {dropped} example{'' if one else 's'} lost every trained token to truncation at "
+                         f"data.max_length={s.cfg.data.max_length} and {'is' if one else 'are'} left out; raise "
+                         "data.max_length or shorten their prompts")
     return lines
 
 
