@@ -430,7 +430,8 @@ def main(argv=None) -> None:
         line = {
             "tool": tool, "mode": args.mode, "precision": args.precision, "model": args.model,
             "batch_size": args.batch_size, "steps": args.steps, "warmup_steps": args.warmup_steps,
-            "threads": args.threads, "device": args.device, **({"packing": True} if tool == "ours" and args.packing else {}),
+            "threads": args.threads, "device": args.device,
+            **({"packing": True} if tool == "ours" and args.packing else {}),
             "real_tokens_per_s": round(real / wall, 1),
             "scored_tokens_per_s": round(scored / wall, 1),
             "step_time_median_s": round(statistics.median(r["step_times_s"]), 4),

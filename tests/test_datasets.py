@@ -34,7 +34,8 @@ def sources(tmp_path_factory):
     datasets.DatasetDict({"train": dataset, "validation": dataset.select([0, 1])}).save_to_disk(str(root / "dict"))
     builder = Parquet(dataset_name="name", config_name="default", cache_dir=str(root / "builder"),
                       data_files={"train": [str(root / "train.parquet")]})
-    builder.download_and_prepare(output_dir=str(root / "hf" / "datasets" / "owner___name" / "default" / "0.0.0" / REVISION))
+    builder.download_and_prepare(output_dir=str(root / "hf" / "datasets" / "owner___name" / "default" / "0.0.0"
+                                                 / REVISION))
     return root
 
 
@@ -86,7 +87,8 @@ def test_dry_run_show_is_the_same_from_parquet_save_to_disk_and_the_offline_hub_
         done = cli("train", write_config(sources, train), "--dry-run", "--show", "5", cwd=sources, env=offline(sources))
         assert done.rc == 0, (name, done.stderr)
         lines = done.stdout.splitlines()
-        assert lines[2].startswith(f"{train}: prompt_completion, 4 rows -> 3 examples (1 truncated to 14 tokens, 1 dropped"), lines[2]
+        assert lines[2].startswith(f"{train}: prompt_completion, 4 rows -> 3 examples (1 truncated to 14 tokens, "
+                                   "1 dropped"), lines[2]
         outputs[name] = done.stdout[done.stdout.index("training examples"):]
     assert outputs["parquet"] == SHOWN
     assert outputs["saved"] == outputs["hub"] == SHOWN
@@ -104,7 +106,8 @@ def test_a_missing_split_names_the_splits_there_are(sources):
     done = cli("train", write_config(sources, sources / "dict", ", split: test"), "--dry-run", cwd=sources,
                env=offline(sources))
     line = assert_one_line_error(*done, expected_code=1)
-    assert line == f"error: data.train: {sources / 'dict'} has no split 'test' (it has train, validation); set data.split"
+    assert line == (f"error: data.train: {sources / 'dict'} has no split 'test' (it has train, validation); set "
+                    "data.split")
     done = cli("train", write_config(sources, sources / "dict", ", split: validation"), "--dry-run", "--show", "1",
                cwd=sources, env=offline(sources))
     assert done.rc == 0 and "training examples 1-1 of 2" in done.stdout

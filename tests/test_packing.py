@@ -28,7 +28,8 @@ SIZES = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_laye
 def hf_config(family: str):
     """A tiny transformers config per family (GQA, biases, q/k norms, partial rotary where the family has them)."""
     if family == "gpt2":
-        return transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+        return transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                                       eos_token_id=0)
     if family == "llama":
         return transformers.LlamaConfig(**SIZES, num_key_value_heads=2, attention_bias=True)
     if family == "qwen2":

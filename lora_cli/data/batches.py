@@ -2,8 +2,9 @@
 into padded tensors.
 
 `batch_indices` + `collate`: batches hold examples of similar length and are padded only to the longest in the
-batch; `pack` (data.packing) puts a batch's examples back to back in rows of max_length tokens instead. Training draws global batches (one per optimizer step) with `batch_indices` and cuts each into the
-micro-batches of the processes and accumulation steps with `split_batch`.
+batch; `pack` (data.packing) puts a batch's examples back to back in rows of max_length tokens instead. Training
+draws global batches (one per optimizer step) with `batch_indices` and cuts each into the micro-batches of the
+processes and accumulation steps with `split_batch`.
 """
 
 from __future__ import annotations

@@ -174,9 +174,9 @@ def unpack_rows(input_ids: torch.Tensor, keep: torch.Tensor, outputs: torch.Tens
     Packed rows (data.batches.pack) hold whole examples back to back, then padding; `lengths` counts each
     example's tokens in row-major order. Row e of the result holds example e from column 0, so positions restart
     at each example, and causal attention within a row never reaches another example: the padding-free path
-    (Unpadded) then runs it on its real tokens, attending over the examples' grid (no new attention path, and
-    attention costs sum(len_e x L) instead of rows x max_length^2). The real tokens keep their row-major order,
-    which is the packed batch's, so the forward's output rows are the packed batch's real positions in order."""
+    (Unpadded) then runs it on its real tokens, attending within the examples' grid: no new attention path, and
+    E x L^2 attention scores rather than rows x max_length^2 for a block-diagonal mask. The real tokens keep
+    their row-major order, the packed batch's, so the forward's output rows are its real positions in order."""
     lengths = torch.as_tensor(lengths, dtype=torch.long, device=input_ids.device)  # [E]
     keep = keep.to(input_ids.device)
     if int(lengths.sum()) != int(keep.sum()):
