@@ -84,6 +84,7 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the results of an earlier run in out_dir."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Train data-parallel with N processes on this machine (one per GPU, or CPU processes): hands over to torchrun."),
+    show: Optional[int] = typer.Option(None, "--show", min=1, help="With --dry-run: show N training examples with the trained tokens in [[...]], their counts, and how many truncation left without a trained token."),
 ) -> None:
     """Fine-tune with LoRA as the config says; writes out_dir/adapter.safetensors."""
     from lora_cli.config import load_config
@@ -91,9 +92,11 @@ def train(
 
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pass one")
+    if show is not None and not dry_run:
+        raise ConfigError("--show N goes with --dry-run (it shows examples instead of training)")
     cfg = load_config(config, overrides)
     if dry_run:
-        for line in dry_run_report(build(cfg, world_size=nproc)):
+        for line in dry_run_report(build(cfg, world_size=nproc), show):
             typer.echo(line)
         return
     if nproc is not None:

@@ -133,7 +133,7 @@ FORMAT_CHOICES = ("auto", *DATA_FORMATS)  # data.format and --format
 class DataConfig:
     """Where the examples come from and how they become tokens."""
 
-    train: str | None = None  # CSV, TSV, JSON (a list of objects), JSONL, Parquet or TXT
+    train: str | None = None  # a data file, a save_to_disk directory or hf://datasets/OWNER/NAME
     val: str | None = None  # a separate validation file; else val_split of train
     test: str | None = None  # held-out file for `lora eval CONFIG`
     val_split: float = 0.1  # seeded fraction of train held out for validation when val is null
@@ -151,6 +151,9 @@ class DataConfig:
     balance: Literal["none", "undersample", "class_weights"] = "none"  # classification
     chat_template: str | None = None  # chat: a built-in (chatml), a Jinja file, or null: the model's own
     train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"  # chat: the assistant turns with loss
+    packing: bool = False  # causal LM: each micro-batch's examples back to back in rows of max_length tokens
+    split: str = "train"  # the split data.train reads from a hub dataset or a save_to_disk DatasetDict
+    subset: str | None = None  # a hub dataset's configuration (load_dataset's name), e.g. main
 
 
 @dataclass
@@ -450,12 +453,17 @@ def _check_constraints(cfg: RunConfig, report) -> None:
         report("data.test_split", f"must be in [0, 1), got {d.test_split}")
     if d.val_split + d.test_split >= 1:
         report("data.val_split", "val_split + test_split must leave training data (sum < 1)")
+    if not d.split.strip():
+        report("data.split", "must name a split, e.g. train")
     if d.max_length < 2:
         report("data.max_length", f"must be >= 2 tokens, got {d.max_length}")
     if not d.header and not d.column_names:
         report("data.column_names", "is required when header is false (names for the columns, e.g. [label, text])")
     if cfg.task == "classification" and d.format not in ("auto", "classification"):
         report("data.format", f"task classification needs format auto or classification, got {d.format}")
+    if cfg.task == "classification" and d.packing:
+        report("data.packing", "does not apply to task classification (each example is scored at its own last "
+                               "token); set data.packing: false")
     if lo.r <= 0:
         report("lora.r", f"must be a positive integer, got {lo.r}")
     if lo.alpha <= 0:
@@ -506,8 +514,8 @@ def _check_constraints(cfg: RunConfig, report) -> None:
 
 def _resolve_paths(cfg: RunConfig, base: Path) -> None:
     def resolve(p: str | None) -> str | None:
-        if p is None:
-            return None
+        if p is None or p.startswith("hf://"):  # a hub dataset's name, not a path
+            return p
         q = Path(p).expanduser()
         return str(q if q.is_absolute() else (base / q))
 

@@ -56,8 +56,13 @@ def scored_hidden(model, batch, savings: Savings = Savings()) -> tuple[torch.Ten
     are real too, so the model can take SDPA's fused causal path. Left padding does need the mask. A right-padded
     batch with padding runs on its real tokens only (CausalLM.forward with `keep`): the same values, no padding work.
     """
-    mask = padding_mask(batch)
     scored = batch.targets != IGNORE  # [B, T]; padding has no target
+    if getattr(batch, "lengths", None) is not None:  # packed (data.pack): always the examples' padding-free grid
+        keep = batch.attention_mask.bool()
+        prune = savings.prune_last_block and int(scored.sum()) < int(keep.sum())
+        hidden = model(batch.input_ids, keep=keep, outputs=scored if prune else None, lengths=batch.lengths)
+        return (hidden if prune else hidden[scored[keep]]), batch.targets[scored]
+    mask = padding_mask(batch)
     if mask is None and savings.unpad:
         keep = batch.attention_mask.bool()  # [B, T]
         n_real, n_scored = int(keep.sum()), int(scored.sum())

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from lora_cli.adapter import ADAPTER_FILE, save_adapter
 from lora_cli.config import RunConfig, dump_config
-from lora_cli.data import batch_indices, collate, load_splits, preview, split_batch, write_split
+from lora_cli.data import batch_indices, collate, load_splits, pack, preview, split_batch, write_split
 from lora_cli.distributed import (
     DDPView, Dist, env_world_size, init_distributed, is_comm_failure, resolve_batch, short_reason, wrap_ddp,
 )
@@ -229,7 +229,8 @@ def estimate_memory(s: Setup) -> int:
     return weights + optimizer + per_layer * c.n_layer + logits
 
 
-def dry_run_report(s: Setup) -> list[str]:
+def dry_run_report(s: Setup, show: int | None = None) -> list[str]:
+    """What `lora train --dry-run` prints; with show=N, N training examples instead of one (see show_examples)."""
     cfg = s.cfg
     t = cfg.train
     lines = [f"model: {s.base.name} ({s.base.source}), {s.total - s.trainable:,} frozen parameters",
@@ -249,9 +250,33 @@ def dry_run_report(s: Setup) -> list[str]:
     if available and peak > 0.9 * available:
         lines.append(f"warning: that is above 90% of the {available / 2**30:.1f} GiB available; lower train.batch_size "
                      "or data.max_length, raise train.grad_accum, or set train.gradient_checkpointing: true")
-    if s.data.train:
+    if show is not None:
+        lines += show_examples(s, show)
+    elif s.data.train:
         lines.append("first training example ([[...]] carries loss):")
         lines.append("  " + preview(s.data.train[0], s.tokenizer).replace("\n", "\n  "))
+    return lines
+
+
+def show_examples(s: Setup, n: int) -> list[str]:
+    """`--dry-run --show N`: the first N training examples with the trained tokens in [[...]], each with its
+    source row and its counts of tokens and trained tokens, then how many examples truncation to data.max_length
+    left without a trained token (dropped from training; a warning line when there are any)."""
+    shown = s.data.train[:n]
+    lines = [f"training examples 1-{len(shown)} of {len(s.data.train)} ([[...]] carries loss):"]
+    for k, ex in enumerate(shown, start=1):
+        where = f"row {ex.row + 1}" if ex.row >= 0 else "a chunk of the text"
+        trained = "label " + str(ex.label) if ex.label is not None else f"{sum(ex.loss_mask)} trained"
+        lines.append(f"example {k} ({where}): {len(ex)} tokens, {trained}")
+        lines.append("  " + preview(ex, s.tokenizer).replace("\n", "\n  "))
+    if s.cfg.task != "classification":
+        dropped = sum(stats.dropped for stats in s.data.stats.values())
+        lines.append(f"examples left without a trained token by truncation: {dropped}")
+        if dropped:
+            one = dropped == 1
+            lines.append(f"warning: {dropped} example{'' if one else 's'} lost every trained token to truncation at "
+                         f"data.max_length={s.cfg.data.max_length} and {'is' if one else 'are'} left out; raise "
+                         "data.max_length or shorten their prompts")
     return lines
 
 
@@ -417,13 +442,20 @@ def _step_batches(s: Setup, state: RunState, batches: list) -> StepBatches:
     examples = s.data.train
     micro = split_batch(batches[state.batch_in_epoch], [len(e) for e in examples], t.grad_accum * d.world_size)
     mine = range(d.rank * t.grad_accum, (d.rank + 1) * t.grad_accum)
-    step = [(collate([examples[i] for i in micro[j]], pad_id=s.tokenizer.eos_id), j, 1.0) if micro[j] else
-            (collate([examples[micro[0][0]]], pad_id=s.tokenizer.eos_id), j, 0.0) for j in mine]
+    step = [(_micro_batch(s, [examples[i] for i in micro[j]]), j, 1.0) if micro[j] else
+            (_micro_batch(s, [examples[micro[0][0]]]), j, 0.0) for j in mine]
     real = [b for b, _, weight in step if weight]
     n_targets, tokens = sum(b.n_targets for b in real), sum(b.n_tokens for b in real)
     if d.enabled:
         n_targets, tokens = (int(v) for v in d.all_reduce_sum([n_targets, tokens]))
     return StepBatches(step, n_targets, tokens)
+
+
+def _micro_batch(s: Setup, examples: list):
+    """A micro-batch's tensors: padded to its longest example, or packed into rows of data.max_length tokens."""
+    if s.cfg.data.packing:
+        return pack(examples, s.cfg.data.max_length, pad_id=s.tokenizer.eos_id)
+    return collate(examples, pad_id=s.tokenizer.eos_id)
 
 
 def _forward_backward(s: Setup, state: RunState, step: StepBatches, forward, loss_sum, autocast) -> float:

@@ -15,7 +15,8 @@ What runs
 - ours: `lora_cli.train.build` (model, LoRA, threads, precision, data encoding, exactly as `lora train`), then
   the step of `train._loop`: `data.collate` of a length-grouped batch (`data.batch_indices`), `loss.lm_loss_sum`
   / target tokens under `runtime.autocast_for`, backward, `clip_grad_norm_(foreach=False)`, the AdamW of
-  `train.build_optimizer`, `zero_grad`, `loss.item()`. Eval: `evaluation.evaluate_lm` on each batch.
+  `train.build_optimizer`, `zero_grad`, `loss.item()`. Eval: `evaluation.evaluate_lm` on each batch. With
+  --packing (data.packing), `data.pack` puts each batch into rows of --max-length tokens instead of `collate`.
 - peer: `transformers.GPT2LMHeadModel` (random init, SDPA attention) + `peft.get_peft_model` LoRA, fed the way
   its users feed it: the examples shuffled, padded to the longest in each batch, an attention mask, labels -100 on
   the prompt and on padding, full logits, `model(input_ids, attention_mask, labels=labels).loss`, backward,
@@ -91,7 +92,8 @@ def run_config(args, data_path: str):
         "model": {"name": args.model, "init": "random", "seed": args.seed},
         "out_dir": str(Path(tempfile.gettempdir()) / "lora-bench-unused"),
         "data": {"train": data_path, "val_split": 0.0, "max_length": args.seq_len + 1 if text else args.max_length,
-                 "format": "text" if text else "alpaca", "group_by_length": not args.no_group},
+                 "format": "text" if text else "alpaca", "group_by_length": not args.no_group,
+                 "packing": args.packing},
         "lora": dict(LORA),
         "train": {"batch_size": args.batch_size, "lr": LR, "precision": args.precision, "device": args.device,
                   "num_threads": args.threads, "model_dropout": args.model_dropout, "seed": args.seed},
@@ -184,7 +186,7 @@ def child_ours(args, pools) -> dict:
     prepare_process()  # what `lora train` does before it imports torch
     import torch
 
-    from lora_cli.data import batch_indices, collate
+    from lora_cli.data import batch_indices, collate, pack
     from lora_cli.evaluation import evaluate_lm
     from lora_cli.loss import Savings, lm_loss_sum
     from lora_cli.runtime import autocast_for
@@ -210,8 +212,11 @@ def child_ours(args, pools) -> dict:
         order = batch_indices(lengths, t.batch_size, t.seed, 0, shuffle=shuffle, group_by_length=cfg.data.group_by_length)
         return [[pool[i] for i in idx] for idx in order]
 
+    def tensors(group):  # as train._micro_batch makes them
+        return pack(group, cfg.data.max_length) if cfg.data.packing else collate(group)
+
     def step(group) -> float:
-        batch = collate(group).to(s.device)
+        batch = tensors(group).to(s.device)
         if args.mode == "eval":
             return evaluate_lm(model, [batch], autocast)["loss"]
         with autocast():
@@ -234,6 +239,9 @@ def child_ours(args, pools) -> dict:
     model.train()
     result = _timed(args, s.device, batches(warm), batches(measured), step)
     result["shared_rows_skipped"] = sum(shared_rows(g) for g in batches(measured))
+    if cfg.data.packing:  # the packed rows' padding, not the padded batches' that _timed counts
+        packed = [tensors(g) for g in batches(measured)]
+        result["padding_fraction"] = 1 - sum(b.n_tokens for b in packed) / sum(b.input_ids.numel() for b in packed)
     return result
 
 
@@ -346,6 +354,8 @@ def parse_args(argv=None):
     ap.add_argument("--chunk-rows", type=int, default=None,
                     help="ours: rows per cross-entropy chunk (default: loss.chunk_rows_for); 0 = plain path")
     ap.add_argument("--no-group", action="store_true", help="ours: no length grouping (A/B)")
+    ap.add_argument("--packing", action="store_true", help="ours: data.packing, each batch packed into rows of "
+                    "--max-length tokens (A/B)")
     ap.add_argument("--peer-malloc-tuned", action="store_true", help=f"peer: run with {TUNED_MALLOC_ENV}")
     ap.add_argument("--reference-peak-tflops", type=float, default=None,
                     help="also report useful FLOPs / this figure as mfu (e.g. 790 for an H200's bf16)")
@@ -421,6 +431,7 @@ def main(argv=None) -> None:
             "tool": tool, "mode": args.mode, "precision": args.precision, "model": args.model,
             "batch_size": args.batch_size, "steps": args.steps, "warmup_steps": args.warmup_steps,
             "threads": args.threads, "device": args.device,
+            **({"packing": True} if tool == "ours" and args.packing else {}),
             "real_tokens_per_s": round(real / wall, 1),
             "scored_tokens_per_s": round(scored / wall, 1),
             "step_time_median_s": round(statistics.median(r["step_times_s"]), 4),

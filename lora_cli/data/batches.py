@@ -2,8 +2,9 @@
 into padded tensors.
 
 `batch_indices` + `collate`: batches hold examples of similar length and are padded only to the longest in the
-batch. Training draws global batches (one per optimizer step) with `batch_indices` and cuts each into the
-micro-batches of the processes and accumulation steps with `split_batch`.
+batch; `pack` (data.packing) puts a batch's examples back to back in rows of max_length tokens instead. Training
+draws global batches (one per optimizer step) with `batch_indices` and cuts each into the micro-batches of the
+processes and accumulation steps with `split_batch`.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class Batch:
     labels: "torch.Tensor | None" = None  # [B] long (classification)
     n_tokens: int = 0  # real (non-padding) input tokens
     n_targets: int = 0  # tokens with loss (causal LM) or examples (classification)
+    lengths: tuple[int, ...] | None = None  # packed (see pack): each example's input tokens, in row-major order
 
     def to(self, device: Any, non_blocking: bool = False) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
@@ -112,8 +114,7 @@ def collate(examples: Sequence[Example], pad_id: int = EOT_ID, pad_side: str = "
         inputs = [ex.ids for ex in examples]
         targets = None
     else:
-        inputs = [ex.ids[:-1] for ex in examples]
-        targets = [[t if m else IGNORE_INDEX for t, m in zip(ex.ids[1:], ex.loss_mask[1:])] for ex in examples]
+        inputs, targets = map(list, zip(*map(_shifted, examples)))
     B, T = len(examples), max(len(x) for x in inputs)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     attention = torch.zeros((B, T), dtype=torch.long)
@@ -130,6 +131,55 @@ def collate(examples: Sequence[Example], pad_id: int = EOT_ID, pad_side: str = "
         return Batch(input_ids, attention, labels=labels, n_tokens=n_tokens, n_targets=B)
     n_targets = int((target_ids != IGNORE_INDEX).sum())
     return Batch(input_ids, attention, targets=target_ids, n_tokens=n_tokens, n_targets=n_targets)
+
+
+def _shifted(ex: Example) -> tuple[list[int], list[int]]:
+    """A causal-LM example's inputs ids[:-1] and targets ids[1:], IGNORE_INDEX where loss_mask[1:] is False."""
+    return ex.ids[:-1], [t if m else IGNORE_INDEX for t, m in zip(ex.ids[1:], ex.loss_mask[1:])]
+
+
+def pack(examples: Sequence[Example], max_length: int, pad_id: int = EOT_ID) -> Batch:
+    """Causal-LM examples packed back to back into rows of at most `max_length` input tokens, then right-padded
+    to the longest row (data.packing).
+
+    Rows are filled first-fit, longest example first (first-fit decreasing), so a micro-batch of short examples
+    becomes a few full rows. Each example keeps its own inputs and targets, as collate makes them: no target
+    crosses an example's boundary. `lengths` records each example's input tokens in row-major order; the model
+    (CausalLM.forward with keep and lengths) restarts positions at each example and never lets attention cross
+    one, so the loss and gradients equal those of collate's batch of the same examples. n_tokens and n_targets
+    are collate's too. Examples with one token (no input) are left out: they carry no target."""
+    import torch
+
+    if any(ex.label is not None for ex in examples):
+        raise ValueError("classification examples are not packed")
+    shifted = [_shifted(ex) for ex in sorted(examples, key=lambda ex: -len(ex)) if len(ex) > 1]
+    if not shifted:
+        raise ValueError("cannot pack an empty batch")
+    rows: list[list[int]] = []  # indices into shifted
+    room: list[int] = []
+    for i, (x, _) in enumerate(shifted):
+        if len(x) > max_length:
+            raise ValueError(f"an example of {len(x)} input tokens does not fit rows of {max_length}")
+        row = next((r for r, free in enumerate(room) if free >= len(x)), None)
+        if row is None:
+            rows.append([])
+            room.append(max_length)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= len(x)
+    B, T = len(rows), max(max_length - free for free in room)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention = torch.zeros((B, T), dtype=torch.long)
+    target_ids = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    for b, row in enumerate(rows):
+        x = [t for i in row for t in shifted[i][0]]
+        y = [t for i in row for t in shifted[i][1]]
+        input_ids[b, :len(x)] = torch.tensor(x, dtype=torch.long)
+        target_ids[b, :len(y)] = torch.tensor(y, dtype=torch.long)
+        attention[b, :len(x)] = 1
+    lengths = tuple(len(shifted[i][0]) for row in rows for i in row)
+    return Batch(input_ids, attention, targets=target_ids, n_tokens=int(attention.sum()),
+                 n_targets=int((target_ids != IGNORE_INDEX).sum()), lengths=lengths)
 
 
 def padding_waste(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> int:

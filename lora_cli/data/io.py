@@ -5,7 +5,8 @@ source line). Every problem with a file is one DataError line naming the file an
 Values are never guessed: CSV/TSV values are strings as written ("NA", "null" and "" stay strings), JSON and
 Parquet values keep their type (1 stays 1, not 1.0) and a missing key or a null is a missing cell; lora_cli.data
 turns a value into text with `cell_value`. Row numbers in messages count data rows from 1 (a header is not a
-row); CSV/TSV/JSONL messages add the line.
+row); CSV/TSV/JSONL messages add the line. A hub dataset (hf://datasets/OWNER/NAME) or a save_to_disk directory
+is read by data.hub.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from lora_cli.config import DataConfig
+from lora_cli.data.hub import is_hub_dataset, is_saved_dataset, read_dataset
 from lora_cli.errors import ConfigError, DataError, first_line
 
 if TYPE_CHECKING:  # pandas is imported when a file is read, so importing lora_cli.data stays light
@@ -69,6 +71,8 @@ def read_table(path: str | Path, data_cfg: DataConfig, key: str = "data.train") 
     file becomes one row with a `text` column. `key` names the config key in messages (data.train, data.val,
     data.test, --data).
     """
+    if is_hub_dataset(path) or is_saved_dataset(path):  # through the `datasets` library (data.hub)
+        return Table(read_dataset(str(path), data_cfg, key), path=str(path))
     path = Path(path)
     suffix = path.suffix.lower()
     if not path.exists():
@@ -76,7 +80,7 @@ def read_table(path: str | Path, data_cfg: DataConfig, key: str = "data.train") 
                         "the config file's folder)")
     if path.is_dir():
         raise DataError(f"{key}: {path} is a directory; name a data file (.csv, .tsv, .json, .jsonl, .parquet "
-                        "or .txt)")
+                        "or .txt) or a directory written by datasets' save_to_disk")
     if suffix not in SUPPORTED_SUFFIXES:
         shown = repr(suffix) if suffix else "(no extension)"
         raise DataError(f"{key}: {path}: unsupported file type {shown}; use {SUFFIXES_HELP}")

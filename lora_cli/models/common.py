@@ -167,6 +167,30 @@ def shared_prefix_length(input_ids: torch.Tensor, keep: torch.Tensor) -> int:
     return int(same.long().cumprod(0).sum())
 
 
+def unpack_rows(input_ids: torch.Tensor, keep: torch.Tensor, outputs: torch.Tensor | None,
+                lengths: "torch.Tensor | list[int]") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A packed batch as the right-padded batch of its examples: ([E, L] ids, keep, outputs), L the longest.
+
+    Packed rows (data.batches.pack) hold whole examples back to back, then padding; `lengths` counts each
+    example's tokens in row-major order. Row e of the result holds example e from column 0, so positions restart
+    at each example, and causal attention within a row never reaches another example: the padding-free path
+    (Unpadded) then runs it on its real tokens, attending within the examples' grid: no new attention path, and
+    E x L^2 attention scores rather than rows x max_length^2 for a block-diagonal mask. The real tokens keep
+    their row-major order, the packed batch's, so the forward's output rows are its real positions in order."""
+    lengths = torch.as_tensor(lengths, dtype=torch.long, device=input_ids.device)  # [E]
+    keep = keep.to(input_ids.device)
+    if int(lengths.sum()) != int(keep.sum()):
+        raise ValueError(f"lengths add up to {int(lengths.sum())} tokens, the packed batch holds {int(keep.sum())}")
+    grid = torch.arange(int(lengths.max()), device=input_ids.device) < lengths[:, None]  # [E, L]
+    ids = input_ids.new_zeros(grid.shape)
+    ids[grid] = input_ids[keep]  # boolean indexing is row-major on both sides
+    if outputs is not None:
+        wanted = torch.zeros_like(grid)
+        wanted[grid] = outputs.to(input_ids.device)[keep]
+        outputs = wanted
+    return ids, grid, outputs
+
+
 def attention_bias(attention_mask: torch.Tensor | None, T: int, past: int) -> torch.Tensor | None:
     """Boolean [B, 1, T, S] mask (True = may attend) from a [B, S] padding mask, or None when plain causal
     attention is exact (no padding), which lets SDPA take its fused causal path."""
@@ -374,6 +398,7 @@ class CausalLM(nn.Module):
         cache: KVCache | None = None,
         keep: torch.Tensor | None = None,  # [B, T] bool, a prefix of True per row: return only those positions
         outputs: torch.Tensor | None = None,  # [B, T] bool within keep: return only these (see _forward_unpadded)
+        lengths: "torch.Tensor | list[int] | None" = None,  # with keep: a packed batch's examples (see unpack_rows)
     ) -> torch.Tensor:  # [B, T, C], or [N, C] with `keep` (the kept or output positions in row-major order)
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -382,7 +407,11 @@ class CausalLM(nn.Module):
         if keep is not None:
             if cache is not None or attention_mask is not None:
                 raise ValueError("keep is for right-padded batches without a cache or an attention mask")
+            if lengths is not None:  # a packed batch runs as the right-padded batch of its examples
+                input_ids, keep, outputs = unpack_rows(input_ids, keep, outputs, lengths)
             return self._forward_unpadded(input_ids, keep, outputs)
+        if lengths is not None:
+            raise ValueError("lengths (a packed batch) needs keep")
         pos = position_ids(attention_mask, B, T, past, input_ids.device)  # [B, T]
         mask = attention_bias(attention_mask, T, past)  # [B, 1, T, S] or None
         if mask is not None:
