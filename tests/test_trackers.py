@@ -132,6 +132,13 @@ def test_tensorboard_scalars_equal_metrics_jsonl(runs):
     assert len(list((a / "tensorboard").glob("events.out.tfevents.*"))) == 2  # the resumed run appended a file
     texts = events.Tensors("samples/text_summary")
     assert [t.step for t in texts] == [2, 4]
+    first = read_jsonl(a / "samples.jsonl")[0]
+    assert "    " + first["generated"].replace("\n", "\n    ") in texts[0].tensor_proto.string_val[0].decode()
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams["train.lr"].number_value == 0.02 and hparams["lora.targets"].string_value == '["attn.c_attn"]'
 
 
 def test_mlflow_metrics_equal_metrics_jsonl_in_one_run(runs):
@@ -166,6 +173,12 @@ def test_wandb_offline_writes_its_run_directory(tmp_path):
     run_id = json.loads((tmp_path / "out" / "trackers.json").read_text())["wandb"]
     runs = list((tmp_path / "out" / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(runs) == 1 and list(runs[0].glob(f"run-{run_id}.wandb"))
+    tables = list((runs[0] / "files" / "media" / "table").glob("samples_2_*.table.json"))  # samples at step 2
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    samples = read_jsonl(tmp_path / "out" / "samples.jsonl")
+    assert table["columns"] == ["step", "prompt", "generated", "reference"]
+    assert table["data"] == [[s["step"], s["prompt"], s["generated"], s["reference"]] for s in samples]
     assert done.stdout.strip().endswith("adapter.safetensors")  # W&B kept off lora's standard output
 
 
