@@ -190,3 +190,35 @@ def test_missing_tracker_is_one_line_naming_the_extra(tmp_path, monkeypatch):
         train(load_config(config), log=lambda m: None, progress=False)
     assert str(err.value) == 'train.report_to: mlflow, wandb are not installed; pip install -e ".[mlflow,wandb]"'
     assert not (tmp_path / "out").exists()  # checked before anything loads or is written
+
+
+def test_new_train_keys_are_validated_at_once():
+    from lora_cli.config import build_config
+
+    raw = {"model": "gpt2", "task": "classification", "data": {"train": "x.csv"},
+           "train": {"report_to": ["tensorboard", "neptune"], "samples": 2, "sample_max_new_tokens": 0}}
+    with pytest.raises(ConfigError) as err:
+        build_config(raw)
+    assert str(err.value) == (
+        "config: 3 problems: train.report_to: must be one of tensorboard, mlflow, wandb, got 'neptune'; "
+        "train.samples: a classifier generates no text; set train.samples: 0; "
+        "train.sample_max_new_tokens: must be >= 1, got 0")
+    assert build_config({"model": "gpt2", "data": {"train": "x.csv"}, "train": {"report_to": "mlflow"}}
+                        ).train.report_to == ["mlflow"]
+
+
+def test_classifier_records_report_val_accuracy():
+    from lora_cli.trackers import scalars
+
+    assert scalars({"step": 3, "epoch": 1.0, "tokens": 90, "val_loss": 0.5, "val_accuracy": 0.75}) == {
+        "val/loss": 0.5, "val/accuracy": 0.75}
+
+
+def test_overwrite_removes_the_earlier_runs_samples_and_tensorboard_events(tmp_path):
+    from lora_cli.rundir import clear_out_dir
+
+    for name in ("samples.jsonl", "trackers.json", "tensorboard/events.out.tfevents.1.host", "mlruns/0/meta.yaml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("earlier run")
+    clear_out_dir(tmp_path, resume=False, overwrite=True)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["mlruns", "mlruns/0", "mlruns/0/meta.yaml"]
