@@ -343,11 +343,15 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
         log(f"resumed from step {state.step}")
     if wrote_test:
         log(f"test split ({len(s.data.test)} rows) written to {out_dir / 'test.csv'}")
-    if dist.is_main and t.report_to:
-        s.trackers = open_trackers(s.cfg, out_dir, None if payload is None else payload["state"]["step"])
     forward = s.model
     if dist.enabled:
         forward = DDPView(wrap_ddp(s.model, dist))
+
+    def start_trackers():  # rank 0 alone reports; a tracker that cannot start stops every rank (on_main)
+        s.trackers = open_trackers(s.cfg, out_dir, None if payload is None else payload["state"]["step"])
+
+    if t.report_to:
+        dist.on_main(start_trackers)
     try:
         with StopSignals(distributed=dist.enabled) as stop:
             _loop(s, optimizer, state, stop, history, log, progress, forward)

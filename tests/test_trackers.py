@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from helpers import alpaca_rows, child_env, cli, make_hf_gpt2
 from lora_cli.config import load_config
-from lora_cli.errors import ConfigError
+from lora_cli.errors import ConfigError, TrainingError
 from lora_cli.train import TrainingInterrupted, train
 
 TAGS = {"loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s", "val_loss": "val/loss",
@@ -222,3 +222,16 @@ def test_overwrite_removes_the_earlier_runs_samples_and_tensorboard_events(tmp_p
         (tmp_path / name).write_text("earlier run")
     clear_out_dir(tmp_path, resume=False, overwrite=True)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["mlruns", "mlruns/0", "mlruns/0/meta.yaml"]
+
+
+def test_a_tracker_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    make_hf_gpt2(tmp_path / "base")
+    config = write_run(tmp_path, tmp_path / "base", ", report_to: [mlflow]")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nowhere://tracking")
+    with pytest.raises(TrainingError) as err:
+        train(load_config(config), log=lambda m: None, progress=False)
+    message = str(err.value)
+    assert message.startswith("train.report_to: mlflow could not start a run (") and "nowhere://tracking" in message
+    assert message.endswith("; check its settings (e.g. MLFLOW_TRACKING_URI, WANDB_MODE=offline) or leave it out")
+    assert "\n" not in message and not (tmp_path / "out" / "checkpoint").exists()  # no step was trained
