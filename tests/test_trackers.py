@@ -235,3 +235,32 @@ def test_a_tracker_that_cannot_start_is_one_line(tmp_path, monkeypatch):
     assert message.startswith("train.report_to: mlflow could not start a run (") and "nowhere://tracking" in message
     assert message.endswith("; check its settings (e.g. MLFLOW_TRACKING_URI, WANDB_MODE=offline) or leave it out")
     assert "\n" not in message and not (tmp_path / "out" / "checkpoint").exists()  # no step was trained
+
+
+def test_sample_prompt_is_the_tokens_before_the_first_target():
+    from lora_cli.data import Example
+    from lora_cli.samples import prompt_text, split_example
+    from lora_cli.tokenizer import EOT_ID, GPT2
+
+    prompt, response = GPT2.encode("Say hi:\n"), GPT2.encode(" hi there")
+    masked = Example(prompt + response + [EOT_ID], [False] * len(prompt) + [True] * (len(response) + 1))
+    assert split_example(masked) == (prompt, response)
+    assert prompt_text(split_example(masked)[0]) == "Say hi:\n"
+    text = Example(list(range(10, 20)), [False] + [True] * 9)  # format text / mask_prompt false: cut in half
+    assert split_example(text) == (list(range(10, 15)), list(range(15, 20)))
+
+
+def test_sample_prompt_of_a_bos_tokenizer_encodes_back_to_its_ids(tmp_path):
+    from helpers import build_tokenizer
+    from lora_cli.data import Example
+    from lora_cli.samples import prompt_text, split_example
+    from lora_cli.tokenizer import load_tokenizer
+
+    special = build_tokenizer(tmp_path, bos=True)
+    tok = load_tokenizer(tmp_path)
+    prompt, response = tok.encode("def f(x):\n", add_special_tokens=True), tok.encode("    return x")
+    assert prompt[0] == special["<|begin_of_text|>"]
+    example = Example(prompt + response + [tok.eos_id], [False] * len(prompt) + [True] * (len(response) + 1))
+    ids, reference = split_example(example, tok)
+    assert (ids, reference) == (prompt, response)
+    assert prompt_text(ids, tok) == "def f(x):\n" and tok.encode(prompt_text(ids, tok), add_special_tokens=True) == ids
