@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from lora_cli.config import TRACKERS, RunConfig
+from lora_cli.config import RunConfig
 from lora_cli.errors import ConfigError, TrainingError, first_line
 from lora_cli.fsutil import atomic_write_text
 
@@ -25,16 +25,15 @@ TENSORBOARD_DIR = "tensorboard"
 # metrics.jsonl field -> tag (the step is the x axis)
 TAGS = {"loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s", "val_loss": "val/loss",
         "val_perplexity": "val/perplexity", "val_accuracy": "val/accuracy"}
-MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # what each tracker imports
-assert set(MODULES) == set(TRACKERS)
 
 
 def check_installed(names: Sequence[str]) -> None:
-    """One line naming the extras to install when a tracker's package is missing (all of them at once)."""
+    """One line naming the extras to install when a tracker's package is missing (all of them at once). Each
+    tracker's package, extra and name are the same word (config.TRACKERS)."""
     missing = []
     for name in dict.fromkeys(names):
         try:
-            __import__(MODULES[name])
+            __import__(name)
         except ImportError:
             missing.append(name)
     if missing:
