@@ -60,12 +60,12 @@ def flat_config(cfg: RunConfig) -> dict[str, str | int | float | bool]:
 
 def samples_markdown(samples: Sequence[dict]) -> str:
     """Samples as Markdown (TensorBoard renders text summaries as Markdown): code blocks keep newlines."""
-    blocks = []
-    for i, s in enumerate(samples, 1):
-        blocks.append(f"**sample {i}**\n\nprompt:\n\n    " + s["prompt"].replace("\n", "\n    ")
-                      + "\n\ngenerated:\n\n    " + s["generated"].replace("\n", "\n    ")
-                      + "\n\nreference:\n\n    " + s["reference"].replace("\n", "\n    "))
-    return "\n\n".join(blocks)
+    def block(text: str) -> str:  # indented four spaces: a Markdown code block
+        return "    " + text.replace("\n", "\n    ")
+
+    return "\n\n".join(f"**sample {i}**\n\n" + "\n\n".join(f"{key}:\n\n{block(s[key])}"
+                                                           for key in ("prompt", "generated", "reference"))
+                       for i, s in enumerate(samples, 1))
 
 
 class Tracker:
