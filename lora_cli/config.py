@@ -127,6 +127,7 @@ DATA_FORMATS: dict[str, tuple[str, ...]] = {
     "chat": ("messages",),  # a list of {role, content}; ShareGPT's `conversations` of {from, value} too
 }
 FORMAT_CHOICES = ("auto", *DATA_FORMATS)  # data.format and --format
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # train.report_to: each an optional extra of the same name
 
 
 @dataclass
@@ -204,6 +205,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     share_prefix: bool = True  # compute a prompt prefix common to a whole batch once (exact without dropout)
     num_threads: int | None = None  # torch.set_num_threads
+    report_to: list[Literal[TRACKERS]] = field(default_factory=list)  # experiment trackers (trackers.py)
+    run_name: str | None = None  # the trackers' run name (default: out_dir's folder name)
+    samples: int = 0  # first N validation prompts decoded greedily at every validation (samples.jsonl)
+    sample_max_new_tokens: int = 64  # tokens each sample generates at most
 
 
 @dataclass
@@ -508,6 +513,12 @@ def _check_constraints(cfg: RunConfig, report) -> None:
         report("train.eval_max_batches", f"must be >= 1 or null, got {t.eval_max_batches}")
     if t.num_threads is not None and t.num_threads < 1:
         report("train.num_threads", f"must be >= 1 or null, got {t.num_threads}")
+    if t.samples < 0:
+        report("train.samples", f"must be >= 0, got {t.samples}")
+    elif t.samples and cfg.task == "classification":
+        report("train.samples", "a classifier generates no text; set train.samples: 0")
+    if t.sample_max_new_tokens < 1:
+        report("train.sample_max_new_tokens", f"must be >= 1, got {t.sample_max_new_tokens}")
     if t.device != "auto" and t.device.split(":")[0] not in ("cpu", "cuda", "mps"):
         report("train.device", f"must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import torch
 from lora_cli.adapter import ADAPTER_FILE
 from lora_cli.errors import TrainingError
 from lora_cli.fsutil import atomic_path, atomic_write_text
+from lora_cli.samples import SAMPLES_FILE
+from lora_cli.trackers import RUNS_FILE, TENSORBOARD_DIR
 
 CHECKPOINT_FILE = "checkpoint/state.pt"
 
@@ -139,8 +142,10 @@ def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
 def clear_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     """--overwrite: remove the earlier run's files, once the new run has loaded its model and data."""
     if overwrite and not resume:
-        for name in (CHECKPOINT_FILE, ADAPTER_FILE, "metrics.jsonl", "loss.png", "config.yaml", "test.csv"):
+        for name in (CHECKPOINT_FILE, ADAPTER_FILE, "metrics.jsonl", "loss.png", "config.yaml", "test.csv",
+                     SAMPLES_FILE, RUNS_FILE):
             (out_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / TENSORBOARD_DIR, ignore_errors=True)  # else the old run's events mix with the new
 
 
 def trim_metrics(path: Path, step: int) -> None:

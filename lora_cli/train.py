@@ -17,6 +17,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -38,11 +39,14 @@ from lora_cli.lora import apply_lora, count_parameters, with_classification_head
 from lora_cli.loss import Savings, classification_loss_sum, lm_loss_sum
 from lora_cli.models import cast_frozen_linears_
 from lora_cli.inference import load_with_tokenizer
+from lora_cli.prompts import escape_line
 from lora_cli.rundir import (
     RunState, apply_checkpoint, clear_out_dir, last_checkpoint_note, plot_losses, prepare_out_dir,
     read_checkpoint, read_history, save_checkpoint, trainable_named, trim_metrics,
 )
 from lora_cli.runtime import DTYPES, autocast_for, resolve_device, resolve_precision
+from lora_cli.samples import SAMPLES_FILE, decode_samples
+from lora_cli.trackers import Trackers, check_installed, open_trackers
 from lora_cli.tokenizer import GPT2, Tokenizer, describe as describe_tokenizer
 
 
@@ -162,6 +166,7 @@ class Setup:
     dist: Dist = field(default_factory=Dist)  # this process's place among them
     savings: Savings = Savings()  # the loss's savings (tests turn them off: loss.PLAIN)
     tokenizer: Tokenizer = GPT2  # the base model's (inference.load_with_tokenizer)
+    trackers: Trackers = field(default_factory=Trackers)  # train.report_to (rank 0; elsewhere none)
 
     @property
     def global_batch(self) -> int:
@@ -315,6 +320,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
 
     Launched by torchrun, this process joins the process group and trains its shard of the data; rank 0 alone
     writes out_dir and logs (log and progress are ignored on the other ranks). savings: see loss.Savings."""
+    check_installed(cfg.train.report_to)  # a missing extra stops the run before anything loads
     dist = init_distributed(resolve_device(cfg.train.device))
     lock = RunLock(cfg.out_dir, "lora train", "out_dir")  # rank 0 holds it: the only rank that writes out_dir
     try:
@@ -348,6 +354,7 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
         clear_out_dir(out_dir, resume, overwrite)
         if payload is not None:
             trim_metrics(out_dir / "metrics.jsonl", payload["state"]["step"])
+            trim_metrics(out_dir / SAMPLES_FILE, payload["state"]["step"])
         atomic_write_text(out_dir / "config.yaml", dump_config(s.cfg))
         wrote_test = False
         if s.data.test and not cfg.data.test and all(e.row >= 0 for e in s.data.test):
@@ -364,6 +371,12 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
     forward = s.model
     if dist.enabled:
         forward = DDPView(wrap_ddp(s.model, dist))
+
+    def start_trackers():  # rank 0 alone reports; a tracker that cannot start stops every rank (on_main)
+        s.trackers = open_trackers(s.cfg, out_dir, None if payload is None else payload["state"]["step"])
+
+    if t.report_to:
+        dist.on_main(start_trackers)
     try:
         with StopSignals(distributed=dist.enabled) as stop:
             _loop(s, optimizer, state, stop, history, log, progress, forward)
@@ -377,6 +390,8 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
             f"lost contact with the other training processes at step {state.step + 1} ({short_reason(exc)}): one of "
             f"them stopped or the network failed; the last checkpoint is in {out_dir / 'checkpoint'}; rerun the same "
             "command with --resume") from exc
+    finally:
+        s.trackers.close(failed=sys.exc_info()[0] is not None)
     dist.barrier()  # rank 0 has written everything before any process reports success
     return TrainResult(out_dir, out_dir / ADAPTER_FILE, state, final_val, history, dist.rank)
 
@@ -609,6 +624,7 @@ def _log_and_validate(s: Setup, state: RunState, optimizer, loss_value: float, n
     if record is not None:
         if s.dist.is_main:
             append_line(s.out_dir / "metrics.jsonl", json.dumps(record))
+        s.trackers.log_record(record)
         history.append(record)
 
 
@@ -653,6 +669,8 @@ def _after_validation(s: Setup, state: RunState, record: dict, autocast, log) ->
         record["val_accuracy"] = metrics["accuracy"]
     else:
         record["val_perplexity"] = metrics["perplexity"]
+    if s.cfg.train.samples and s.dist.is_main:
+        _samples(s, state, autocast, log)
     if state.best_val is None or metrics["loss"] < state.best_val:
         state.best_val, state.best_step = metrics["loss"], state.step
         state.evals_without_improvement = 0
@@ -665,6 +683,17 @@ def _after_validation(s: Setup, state: RunState, record: dict, autocast, log) ->
             log(f"early stopping at step {state.step}: no validation improvement in {patience} evaluations")
             state.finished = True
     return metrics
+
+
+def _samples(s: Setup, state: RunState, autocast, log) -> None:
+    """Decode the first train.samples validation prompts greedily (samples.py): samples.jsonl, the log, trackers."""
+    t = s.cfg.train
+    samples = decode_samples(s.model, s.data.val[:t.samples], t.sample_max_new_tokens, s.tokenizer, autocast)
+    for i, sample in enumerate(samples, 1):
+        append_line(s.out_dir / SAMPLES_FILE, json.dumps({"step": state.step, **sample}, ensure_ascii=False))
+        log(f"sample {i}/{len(samples)} at step {state.step}: ...{escape_line(sample['prompt'][-40:])} -> "
+            f"{escape_line(sample['generated'])}")
+    s.trackers.log_samples(state.step, samples)
 
 
 def _save_adapter(s: Setup, state: RunState) -> None:
@@ -692,6 +721,7 @@ def _finish(s: Setup, optimizer, state: RunState, history: list, log) -> dict | 
         final = _after_validation(s, state, record, autocast, log)
         if s.dist.is_main:
             append_line(s.out_dir / "metrics.jsonl", json.dumps(record))
+        s.trackers.log_record(record)
         history.append(record)
     elif history and "val_loss" in history[-1]:
         final = {"loss": history[-1]["val_loss"]}

@@ -18,8 +18,8 @@ LAYERS = {
     "lora": ["lora"],
     "adapters": ["adapter", "inference"],
     "data": ["data", "prompts"],
-    "evaluation": ["loss", "generate", "metrics", "evaluation"],
-    "training": ["train", "rundir", "distributed", "optim"],
+    "evaluation": ["loss", "generate", "metrics", "evaluation", "samples"],
+    "training": ["train", "rundir", "distributed", "optim", "trackers"],
     "commands": ["evaluate", "merge", "predict", "info", "chat", "serve"],
     "cli": ["cli", "__main__", "__init__"],
 }
