@@ -390,7 +390,12 @@ def _validate(s: Setup, autocast) -> dict | None:
     batches = (collate([s.data.val[i] for i in idx], pad_id=s.tokenizer.eos_id).to(s.device) for idx in order)
     if d.sharded:  # FSDP: as many forwards on every process
         first = collate([s.data.val[0]], pad_id=s.tokenizer.eos_id).to(s.device)
-        batches = with_extra_passes(batches, rounds - len(order), lambda: s.model(first.input_ids))
+
+        def extra_pass():
+            with autocast():
+                s.model(first.input_ids)
+
+        batches = with_extra_passes(batches, rounds - len(order), extra_pass)
     if s.cfg.task == "classification":
         return evaluate_classification(s.model, batches, s.data.labels, autocast, cap, reduce=reduce)
     return evaluate_lm(s.model, batches, autocast, cap, reduce=reduce, savings=s.savings)

@@ -270,3 +270,13 @@ def test_fsdp_checkpoint_resumes_under_ddp_and_back(reference, tmp_path):
     a, b = load_file(str(ref_out / "adapter.safetensors")), load_file(str(out / "adapter.safetensors"))
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     assert [m["step"] for m in metrics(out)] == [m["step"] for m in metrics(ref_out)]
+
+
+def test_fsdp_in_one_process_trains_unsharded(tmp_path):
+    cfg = write_config(tmp_path, REFERENCE.replace("max_steps: 12", "max_steps: 2").replace(
+        "save_every: 3}", "save_every: 3, strategy: fsdp}"))
+    lines = []
+    train(load_config(cfg), log=lines.append, progress=False)
+    assert ("train.strategy fsdp: a single process, nothing to shard; training unsharded (start several processes "
+            "with torchrun or --nproc N to shard the model)") in lines
+    assert (tmp_path / "out" / "adapter.safetensors").is_file()
