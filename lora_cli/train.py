@@ -222,6 +222,8 @@ def estimate_memory(s: Setup) -> int:
     T = min(s.cfg.data.max_length, max((len(e) for e in s.data.train), default=1))
     B = min(s.cfg.train.batch_size, max(1, len(s.data.train)))  # a batch holds at most the whole split
     weights = s.total * 4
+    if s.cfg.train.strategy == "fsdp" and s.world_size > 1:  # a process's shard, plus a block gathered whole
+        weights = weights // s.world_size + weights // c.n_layer  # (a block is at most total / n_layer)
     optimizer = s.trainable * 4 * 3  # grads + two Adam moments
     per_layer = B * T * c.n_embd * 34 * bytes_per // 2 + B * c.n_head * T * T * bytes_per
     if s.cfg.train.gradient_checkpointing:
