@@ -254,13 +254,16 @@ def wrap_fsdp(model: torch.nn.Module, optimizer, d: Dist) -> FSDPView:
     fully_shard replaces the parameters, so the optimizer (built, and possibly loaded from a checkpoint, on the
     whole ones) is moved onto the new ones in place: its param_groups point at the DTensors and its state becomes
     each process's shard of the saved tensors (every process holds the whole checkpoint: no communication)."""
-    from torch.distributed.fsdp import fully_shard  # here: only an fsdp run pays for FSDP's import
+    from torch.distributed.device_mesh import init_device_mesh  # here: only an fsdp run pays for FSDP's import
+    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
 
+    # this run's device type: fully_shard's default mesh is CUDA whenever a GPU is visible, even for a CPU run
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
     before = dict(model.named_parameters())
     for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     after = dict(model.named_parameters())
     new = {id(before[name]): after[name] for name in before}
     for group in optimizer.param_groups:
