@@ -116,7 +116,7 @@ class Dist:
             if isinstance(p, DTensor) and (p.requires_grad or full_name.startswith(HEAD + ".")):
                 module_name, _, name = full_name.rpartition(".")
                 module = model.get_submodule(module_name)
-                module._parameters[name] = torch.nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
+                module.register_parameter(name, torch.nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad))
                 swapped.append((module, name, p))
         states = {}
         if optimizer is not None:
@@ -127,7 +127,7 @@ class Dist:
             yield
         finally:  # FSDP's own parameters and state back in place before the next forward
             for module, name, p in swapped:
-                module._parameters[name] = p
+                module.register_parameter(name, p)
             for p, state in states.items():
                 optimizer.state[p] = state
 
