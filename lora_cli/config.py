@@ -181,6 +181,7 @@ class TrainConfig:
     batch_size: int = 8  # examples per micro-batch (per process)
     grad_accum: int = 1  # micro-batches per optimizer step
     global_batch_size: int | None = None  # if set: examples per step over all processes; grad_accum follows
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate the model (ddp) or shard it (fsdp)
     lr: float = 3e-4
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = 0.0  # floor of the decay, as a fraction of lr

@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,7 @@ class Dist:
     local_rank: int = 0
     device: torch.device | None = None
     backend: str | None = None  # "nccl" or "gloo" once the process group is up; None: a single process
+    sharded: bool = False  # the model is sharded over the processes (wrap_fsdp)
 
     @property
     def enabled(self) -> bool:
@@ -91,6 +93,43 @@ class Dist:
                 value.from_rank0 = True  # the CLI lets rank 0 print it, once
             raise value
         return value
+
+    @contextmanager
+    def gathered(self, model: torch.nn.Module, optimizer=None):
+        """Every process: for the duration of the block, the model's trainable parameters, its task head and the
+        optimizer's state are whole plain tensors, so the single-process writers (adapter.save_adapter,
+        rundir.save_checkpoint) run unchanged on rank 0 and write the same files as under DDP. A no-op unless
+        sharded. The base's frozen weights stay sharded: gathering them would need the memory FSDP saves."""
+        if not self.sharded:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule  # here: only an fsdp run pays for FSDP's import
+        from torch.distributed.tensor import DTensor
+
+        from lora_cli.models.common import HEAD
+
+        for module in model.modules():  # a forward without backward (validation) may leave the root unsharded
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        swapped = []  # (module, name, the sharded parameter FSDP keeps a reference to)
+        for full_name, p in list(model.named_parameters()):
+            if isinstance(p, DTensor) and (p.requires_grad or full_name.startswith(HEAD + ".")):
+                module_name, _, name = full_name.rpartition(".")
+                module = model.get_submodule(module_name)
+                module.register_parameter(name, torch.nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad))
+                swapped.append((module, name, p))
+        states = {}
+        if optimizer is not None:
+            for p, state in optimizer.state.items():
+                states[p] = state
+                optimizer.state[p] = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
+        try:
+            yield
+        finally:  # FSDP's own parameters and state back in place before the next forward
+            for module, name, p in swapped:
+                module.register_parameter(name, p)
+            for p, state in states.items():
+                optimizer.state[p] = state
 
     def close(self) -> None:
         if self.enabled:
@@ -165,6 +204,8 @@ class DDPView:
     """The model as the loss functions see it under DDP: calls go through DDP's forward (which arms its gradient
     hooks), attributes (logits, lm_head, score, config) come from the wrapped module."""
 
+    needs_warm_up = True  # static_graph: the first backward must be a synchronised one
+
     def __init__(self, ddp):
         self.ddp = ddp
 
@@ -173,6 +214,88 @@ class DDPView:
 
     def __getattr__(self, name):
         return getattr(self.ddp.module, name)
+
+    def no_sync(self):
+        return self.ddp.no_sync()
+
+
+class FSDPView:
+    """The model as the loss functions see it under FSDP: fully_shard changed the module in place, so calls and
+    attributes are the model's own; no_sync() defers the gradient reduce-scatter to a step's last micro-batch,
+    as DDP's no_sync defers its all-reduce."""
+
+    needs_warm_up = False  # no static graph to record
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    @contextmanager
+    def no_sync(self):
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+
+def wrap_fsdp(model: torch.nn.Module, optimizer, d: Dist) -> FSDPView:
+    """Shard the model over the processes with FSDP2 (torch.distributed.fsdp.fully_shard; Zhao et al. 2023, "PyTorch
+    FSDP: Experiences on Scaling Fully Sharded Data Parallel"): each transformer block, then the root (embeddings,
+    final norm, head). Every parameter, the frozen base's and LoRA's alike, becomes a DTensor holding 1/W of its
+    rows (Shard(0), W = world size); a block's weights are all-gathered just before its forward and freed after
+    it (again for the backward), and gradients are reduce-scattered, averaged over the processes as DDP's are.
+
+    fully_shard replaces the parameters, so the optimizer (built, and possibly loaded from a checkpoint, on the
+    whole ones) is moved onto the new ones in place: its param_groups point at the DTensors and its state becomes
+    each process's shard of the saved tensors (every process holds the whole checkpoint: no communication)."""
+    from torch.distributed.device_mesh import init_device_mesh  # here: only an fsdp run pays for FSDP's import
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    # this run's device type: fully_shard's default mesh is CUDA whenever a GPU is visible, even for a CPU run
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    before = dict(model.named_parameters())
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    after = dict(model.named_parameters())
+    new = {id(before[name]): after[name] for name in before}
+    for group in optimizer.param_groups:
+        group["params"] = [new[id(p)] for p in group["params"]]
+    for old in list(optimizer.state):
+        p, state = new[id(old)], optimizer.state.pop(old)
+        optimizer.state[p] = {k: distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
+                              if torch.is_tensor(v) and v.shape == p.shape else v for k, v in state.items()}
+    d.sharded = True
+    return FSDPView(model)
+
+
+def shard_sizes(model: torch.nn.Module, d: Dist) -> list[int]:
+    """The parameter elements each process holds, by rank (a collective: every process gets the list)."""
+    mine = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+    counts = [0.0] * d.world_size
+    counts[d.rank] = mine
+    return [int(c) for c in d.all_reduce_sum(counts)]
+
+
+def with_extra_passes(batches, extra: int, run):
+    """`batches`, then `run()` called `extra` times before the iteration ends. Under FSDP every forward all-gathers
+    weights with the other processes, so a process with fewer validation batches than its peers makes up the
+    difference with passes whose results are dropped, still inside the evaluation loop (before its reduce)."""
+    yield from batches
+    for _ in range(extra):
+        run()
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor's whole value (a collective: every process calls it); any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def resolve_batch(batch_size: int, grad_accum: int, global_batch_size: int | None, world_size: int) -> tuple[int, int]:

@@ -30,7 +30,8 @@ from lora_cli.adapter import ADAPTER_FILE, save_adapter
 from lora_cli.config import RunConfig, dump_config
 from lora_cli.data import batch_indices, collate, load_splits, pack, preview, split_batch, write_split
 from lora_cli.distributed import (
-    DDPView, Dist, env_world_size, init_distributed, is_comm_failure, resolve_batch, short_reason, wrap_ddp,
+    DDPView, Dist, FSDPView, env_world_size, full_value, init_distributed, is_comm_failure, resolve_batch,
+    shard_sizes, short_reason, with_extra_passes, wrap_ddp, wrap_fsdp,
 )
 from lora_cli.errors import LoraError, TrainingError
 from lora_cli.evaluation import evaluate_classification, evaluate_lm
@@ -226,6 +227,8 @@ def estimate_memory(s: Setup) -> int:
     T = min(s.cfg.data.max_length, max((len(e) for e in s.data.train), default=1))
     B = min(s.cfg.train.batch_size, max(1, len(s.data.train)))  # a batch holds at most the whole split
     weights = s.total * 4
+    if s.cfg.train.strategy == "fsdp" and s.world_size > 1:  # a process's shard, plus a block gathered whole
+        weights = weights // s.world_size + weights // c.n_layer  # (a block is at most total / n_layer)
     optimizer = s.trainable * 4 * 3  # grads + two Adam moments
     per_layer = B * T * c.n_embd * 34 * bytes_per // 2 + B * c.n_head * T * T * bytes_per
     if s.cfg.train.gradient_checkpointing:
@@ -369,8 +372,16 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
     if wrote_test:
         log(f"test split ({len(s.data.test)} rows) written to {out_dir / 'test.csv'}")
     forward = s.model
-    if dist.enabled:
+    if dist.enabled and t.strategy == "fsdp":
+        forward = wrap_fsdp(s.model, optimizer, dist)
+        sizes = shard_sizes(s.model, dist)
+        log(f"fsdp: {sum(sizes):,} parameter elements sharded over {len(sizes)} processes: "
+            f"{' + '.join(f'{n:,}' for n in sizes)}")
+    elif dist.enabled:
         forward = DDPView(wrap_ddp(s.model, dist))
+    elif t.strategy == "fsdp":
+        log("train.strategy fsdp: a single process, nothing to shard; training unsharded (start several processes "
+            "with torchrun or --nproc N to shard the model)")
 
     def start_trackers():  # rank 0 alone reports; a tracker that cannot start stops every rank (on_main)
         s.trackers = open_trackers(s.cfg, out_dir, None if payload is None else payload["state"]["step"])
@@ -415,9 +426,18 @@ def _validate(s: Setup, autocast) -> dict | None:
     order = batch_indices([len(e) for e in s.data.val], t.batch_size, 0, 0, shuffle=False)
     reduce, cap = None, t.eval_max_batches
     if d.enabled:
+        rounds = math.ceil(len(order[:cap]) / d.world_size)
         order = order[:cap][d.rank::d.world_size]
         reduce, cap = d.all_reduce_sum, None
     batches = (collate([s.data.val[i] for i in idx], pad_id=s.tokenizer.eos_id).to(s.device) for idx in order)
+    if d.sharded:  # FSDP: as many forwards on every process
+        first = collate([s.data.val[0]], pad_id=s.tokenizer.eos_id).to(s.device)
+
+        def extra_pass():
+            with autocast():
+                s.model(first.input_ids)
+
+        batches = with_extra_passes(batches, rounds - len(order), extra_pass)
     if s.cfg.task == "classification":
         return evaluate_classification(s.model, batches, s.data.labels, autocast, cap, reduce=reduce)
     return evaluate_lm(s.model, batches, autocast, cap, reduce=reduce, savings=s.savings)
@@ -475,19 +495,19 @@ def _micro_batch(s: Setup, examples: list):
 
 def _forward_backward(s: Setup, state: RunState, step: StepBatches, forward, loss_sum, autocast) -> float:
     """Accumulate the step's gradients; returns this process's share of the step's mean loss."""
-    ddp = getattr(forward, "ddp", None)
+    wrapped = forward if isinstance(forward, (DDPView, FSDPView)) else None  # DDP, FSDP: every process, every pass
     W = s.dist.world_size
     loss_value = 0.0
     for k, (batch, j, weight) in enumerate(step.micro):
-        if ddp is None and not weight:  # a placeholder only keeps the processes' passes in step
+        if wrapped is None and not weight:  # a placeholder only keeps the processes' passes in step
             continue
         batch = batch.to(s.device)
         torch.manual_seed(dropout_seed(s.cfg.train.seed, state.epoch, state.batch_in_epoch, j))
         last = k == len(step.micro) - 1
-        with nullcontext() if ddp is None or last else ddp.no_sync():
+        with nullcontext() if wrapped is None or last else wrapped.no_sync():
             with autocast():
                 loss = loss_sum(forward, batch) / max(1, step.n_targets)
-            if ddp is None:
+            if wrapped is None:
                 loss.backward()
             else:
                 (loss * (W * weight)).backward()
@@ -523,8 +543,9 @@ def _nonfinite(s: Setup, state: RunState, loss_value: float, grad_norm: float, l
 def _interrupted(s: Setup, model, optimizer, state: RunState) -> TrainingInterrupted:
     """Save a checkpoint on every stop signal; every process stops here and rank 0 says so."""
     d = s.dist
-    if d.is_main:
-        save_checkpoint(s.out_dir, model, optimizer, state, d.world_size, s.global_batch)
+    with d.gathered(model, optimizer):
+        if d.is_main:
+            save_checkpoint(s.out_dir, model, optimizer, state, d.world_size, s.global_batch)
     d.barrier()  # the checkpoint is complete before any process exits
     again = f"`lora train {s.cfg.source or 'CONFIG'} --resume`" if not d.enabled else "the same command and --resume"
     interrupted = TrainingInterrupted(
@@ -554,7 +575,7 @@ def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list
     bar = tqdm(total=s.total_steps, initial=state.step, disable=not progress, unit="step", dynamic_ncols=True)
     started = time.perf_counter() - state.elapsed
     window = [0, time.perf_counter()]  # tokens since the last metrics line, and when it was written
-    warm = getattr(forward, "ddp", None) is None
+    warm = not getattr(forward, "needs_warm_up", False)
     model.train()
     while state.step < s.total_steps and not state.finished:
         batches = _epoch_batches(s, state.epoch)
@@ -591,8 +612,9 @@ def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                             tok_s=f"{state.tokens / max(1e-9, state.elapsed):.0f}")
             if t.save_every and state.step % t.save_every == 0:
-                if d.is_main:
-                    save_checkpoint(s.out_dir, model, optimizer, state, d.world_size, s.global_batch)
+                with d.gathered(model, optimizer):
+                    if d.is_main:
+                        save_checkpoint(s.out_dir, model, optimizer, state, d.world_size, s.global_batch)
                 log(f"checkpoint saved at step {state.step}")
             if (signalled > 0) if d.enabled else stop.received is not None:
                 bar.close()
@@ -632,9 +654,9 @@ def grad_total_norm(params: list[torch.nn.Parameter], max_norm: float | None) ->
     """The gradients' total L2 norm (clipping them to max_norm when set): one number that is finite exactly when
     every gradient is."""
     if max_norm is not None:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False))
+        return float(full_value(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)))
     grads = [p.grad for p in params if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads, foreach=False)) if grads else 0.0
+    return float(full_value(torch.nn.utils.get_total_norm(grads, foreach=False))) if grads else 0.0
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -669,13 +691,14 @@ def _after_validation(s: Setup, state: RunState, record: dict, autocast, log) ->
         record["val_accuracy"] = metrics["accuracy"]
     else:
         record["val_perplexity"] = metrics["perplexity"]
-    if s.cfg.train.samples and s.dist.is_main:
-        _samples(s, state, autocast, log)
+    if s.cfg.train.samples and (s.dist.is_main or s.dist.sharded):
+        _samples(s, state, autocast, log)  # under fsdp each forward gathers shards from every process
     if state.best_val is None or metrics["loss"] < state.best_val:
         state.best_val, state.best_step = metrics["loss"], state.step
         state.evals_without_improvement = 0
-        if s.dist.is_main:
-            _save_adapter(s, state)
+        with s.dist.gathered(s.model):
+            if s.dist.is_main:
+                _save_adapter(s, state)
     else:
         state.evals_without_improvement += 1
         patience = s.cfg.train.early_stopping_patience
@@ -689,6 +712,8 @@ def _samples(s: Setup, state: RunState, autocast, log) -> None:
     """Decode the first train.samples validation prompts greedily (samples.py): samples.jsonl, the log, trackers."""
     t = s.cfg.train
     samples = decode_samples(s.model, s.data.val[:t.samples], t.sample_max_new_tokens, s.tokenizer, autocast)
+    if not s.dist.is_main:  # fsdp: every process decoded the same greedy tokens; rank 0 alone writes
+        return
     for i, sample in enumerate(samples, 1):
         append_line(s.out_dir / SAMPLES_FILE, json.dumps({"step": state.step, **sample}, ensure_ascii=False))
         log(f"sample {i}/{len(samples)} at step {state.step}: ...{escape_line(sample['prompt'][-40:])} -> "
@@ -726,11 +751,12 @@ def _finish(s: Setup, optimizer, state: RunState, history: list, log) -> dict | 
     elif history and "val_loss" in history[-1]:
         final = {"loss": history[-1]["val_loss"]}
     state.finished = True
-    if s.dist.is_main:  # only rank 0 writes
-        if not s.data.val:
-            _save_adapter(s, state)
-        save_checkpoint(s.out_dir, s.model, optimizer, state, s.world_size, s.global_batch)
-        plot_losses(history, s.out_dir / "loss.png")
+    with s.dist.gathered(s.model, optimizer):
+        if s.dist.is_main:  # only rank 0 writes
+            if not s.data.val:
+                _save_adapter(s, state)
+            save_checkpoint(s.out_dir, s.model, optimizer, state, s.world_size, s.global_batch)
+            plot_losses(history, s.out_dir / "loss.png")
     best = f", best validation loss {state.best_val:.4f} at step {state.best_step}" if state.best_val is not None else ""
     log(f"done: {state.step} steps{best}; adapter written to {s.out_dir / ADAPTER_FILE}")
     return final

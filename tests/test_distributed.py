@@ -22,7 +22,7 @@ from helpers import python
 from lora_cli.config import load_config
 from lora_cli.distributed import resolve_batch
 from lora_cli.errors import ConfigError, TrainingError
-from lora_cli.train import train
+from lora_cli.train import build, train
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "quick", "seven", "table", "music", "light", "north", "paper",
          "glass", "horse", "bread", "chair", "dream", "flame", "grape", "heart", "lemon", "ocean", "piano"]
@@ -198,3 +198,85 @@ def test_adapter_depends_on_the_global_batch_not_its_layout(tmp_path):
         got = adapter(cfg)
         assert got.keys() == reference.keys()
         assert max((got[k] - reference[k]).abs().max().item() for k in got) <= 1e-5, name
+
+
+# ------------------------------------------------------------------------------------------------- FSDP
+
+
+def fsdp_config(folder: Path) -> Path:
+    return write_config(folder, REFERENCE.replace("save_every: 3}", "save_every: 3, strategy: fsdp}"))
+
+
+@pytest.fixture(scope="module")
+def fsdp_reference(tmp_path_factory):
+    """The reference's run with train.strategy: fsdp, uninterrupted."""
+    cfg = fsdp_config(tmp_path_factory.mktemp("fsdp"))
+    done = python(*torchrun(cfg, "--quiet"))
+    assert done.returncode == 0, done.stderr
+    return cfg, done
+
+
+def test_fsdp_equals_ddp_and_halves_the_parameters(reference, fsdp_reference):
+    cfg, done = fsdp_reference
+    ref_out, out = reference[0].parent / "out", cfg.parent / "out"
+    a, b = load_file(str(ref_out / "adapter.safetensors")), load_file(str(out / "adapter.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)  # gathered whole on rank 0
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    keys = ("step", "epoch", "tokens")
+    assert [[m.get(k) for k in keys] for m in metrics(out)] == [[m.get(k) for k in keys] for m in metrics(ref_out)]
+    for x, y in zip(metrics(out), metrics(ref_out)):
+        assert x.get("loss", 0) == pytest.approx(y.get("loss", 0), rel=1e-6)
+    # the checkpoint is the DDP one: the same names, shapes and optimizer layout
+    c, d = (torch.load(o / "checkpoint" / "state.pt", weights_only=True) for o in (ref_out, out))
+    assert {k: v.shape for k, v in c["trainable"].items()} == {k: v.shape for k, v in d["trainable"].items()}
+    assert c["optimizer"]["param_groups"] == d["optimizer"]["param_groups"]
+    assert {i: {k: v.shape for k, v in s.items()} for i, s in c["optimizer"]["state"].items()} == \
+        {i: {k: v.shape for k, v in s.items()} for i, s in d["optimizer"]["state"].items()}
+    # each process holds its rows of every parameter (torch.chunk's split of dim 0): half, up to odd row counts
+    model = build(load_config(cfg)).model
+    rows = [[len(c) for c in torch.arange(p.shape[0]).chunk(2)] + [0] for p in model.parameters()]
+    per_rank = [sum(r[k] * p[0].numel() for r, p in zip(rows, model.parameters())) for k in (0, 1)]
+    assert per_rank == [1_667_520, 1_667_456] and sum(per_rank) == 3_334_976
+    assert "fsdp: 3,334,976 parameter elements sharded over 2 processes: 1,667,520 + 1,667,456" in done.stderr
+
+
+def stop_rank0_after(cfg: Path, line: str, *args) -> str:
+    """A 2-process run whose rank 0 gets SIGTERM once `line` is logged: every process stops after the step in
+    progress and a checkpoint is written. Returns the rest of the log."""
+    proc = python(*torchrun(cfg, "--quiet", *args), popen=True, stdout=subprocess.DEVNULL)
+    for got in proc.stderr:
+        if got.startswith(line):
+            os.kill(worker_pid(proc.pid, 0), signal.SIGTERM)
+            break
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert proc.returncode != 0 and "interrupted at step " in rest, rest
+    return rest
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds torchrun's workers through /proc")
+def test_fsdp_checkpoint_resumes_under_ddp_and_back(reference, tmp_path):
+    """fsdp, stopped after a checkpoint -> ddp from there, stopped again -> fsdp to the end: the reference's
+    adapter within float rounding (the checkpoint holds whole tensors whatever the strategy)."""
+    cfg = fsdp_config(tmp_path)
+    stop_rank0_after(cfg, "checkpoint saved at step 3")
+    ddp = cfg.read_text().replace(", strategy: fsdp", "")
+    cfg.write_text(ddp)
+    stop_rank0_after(cfg, "checkpoint saved at step ", "--resume")  # logged in the loop, where signals are caught
+    cfg.write_text(fsdp_config(tmp_path).read_text())
+    done = python(*torchrun(cfg, "--resume", "--quiet"))
+    assert done.returncode == 0, done.stderr
+    ref_out, out = reference[0].parent / "out", tmp_path / "out"
+    a, b = load_file(str(ref_out / "adapter.safetensors")), load_file(str(out / "adapter.safetensors"))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert [m["step"] for m in metrics(out)] == [m["step"] for m in metrics(ref_out)]
+
+
+def test_fsdp_in_one_process_trains_unsharded(tmp_path):
+    cfg = write_config(tmp_path, REFERENCE.replace("max_steps: 12", "max_steps: 2").replace(
+        "save_every: 3}", "save_every: 3, strategy: fsdp}"))
+    lines = []
+    train(load_config(cfg), log=lines.append, progress=False)
+    assert ("train.strategy fsdp: a single process, nothing to shard; training unsharded (start several processes "
+            "with torchrun or --nproc N to shard the model)") in lines
+    assert (tmp_path / "out" / "adapter.safetensors").is_file()
