@@ -45,6 +45,8 @@ from lora_cli.lora import (
     adapter_state_dict,
     apply_lora,
     lora_scaling,
+    pattern_value,
+    portable_adapter,
     target_candidates,
 )
 from lora_cli.runtime import as_dtype
@@ -117,10 +119,11 @@ def save_adapter(path: str | os.PathLike, model: torch.nn.Module, metadata: dict
         raise ValueError(f"metadata key {clash[0]!r} is written by save_adapter itself")
     target = as_dtype(dtype) if dtype is not None else None
     # Cloned: safetensors refuses tensors that share storage (a tied head saved whole, say).
-    state = adapter_state_dict(model)
+    # PiSSA / OLoRA adapters are converted to apply to the untouched base (lora.portable_adapter).
+    state, settings = portable_adapter(model)
     state.update({k: v for k, v in task_head_state(model).items() if k not in state})
     tensors = {k: v.to("cpu", target or v.dtype, copy=True).contiguous() for k, v in state.items()}
-    header = {"format": "pt", "format_version": str(FORMAT_VERSION), "lora": json.dumps(model.lora_settings)}
+    header = {"format": "pt", "format_version": str(FORMAT_VERSION), "lora": json.dumps(settings)}
     metadata.setdefault("tokenizer", "gpt2")
     for key, value in metadata.items():
         if value is not None:
@@ -273,15 +276,6 @@ def _attach_task_head(model: torch.nn.Module, adapter: Adapter, misfit: str) -> 
 # ------------------------------------------------------------------------------------------------ PEFT import
 
 
-def _peft_pattern_value(patterns: dict, name: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key): the first key that
-    matches the end of the module name as a regex."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
 def _load_peft(d: Path) -> Adapter:
     cfg_path = d / PEFT_CONFIG
     try:
@@ -334,13 +328,13 @@ def _load_peft(d: Path) -> Adapter:
         if use_dora and f"{t}.lora_magnitude_vector" not in tensors:
             raise AdapterError(f"{weights}: use_dora is true but {t} has no lora_magnitude_vector")
         rank = tensors[f"{t}.lora_A.weight"].shape[0]
-        want = int(_peft_pattern_value(rank_cfg, t, r))
+        want = int(pattern_value(rank_cfg, t, r))
         if rank != want:
             raise AdapterError(f"{weights}: {t}.lora_A has rank {rank} but {PEFT_CONFIG} gives r={want}; "
                                f"the two files do not belong together")
         if rank != r:
             rank_pattern[t] = rank
-        a = float(_peft_pattern_value(alpha_cfg, t, alpha))
+        a = float(pattern_value(alpha_cfg, t, alpha))
         if a != alpha:
             alpha_pattern[t] = a
 
