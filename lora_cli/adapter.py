@@ -39,6 +39,7 @@ from lora_cli.errors import AdapterError, ConfigError, first_line
 from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
 from lora_cli.models import HEAD, add_classification_head
 from lora_cli.lora import (
+    MUTATING_INITS,
     SLICES,
     LoRALinear,
     _split_slice_name,
@@ -360,11 +361,18 @@ def _load_peft(d: Path) -> Adapter:
         if k.endswith(CONV1D_SUFFIXES) and any(k.startswith(m + ".") for m in saved):
             tensors[k] = tensors[k].t().contiguous()  # Conv1D [in, out] -> our [out, in]
 
+    # A PiSSA / OLoRA adapter saved without conversion needs its base's residual: PEFT recomputes it when it loads
+    # the adapter, and so does apply_lora (the same arithmetic). Random or data-driven starts cannot be redone.
+    init = raw.get("init_lora_weights", True)
+    if init not in (True, False, None, "gaussian", *MUTATING_INITS):
+        raise AdapterError(f"{cfg_path}: init_lora_weights {init!r} is not supported by lora-cli; save the adapter "
+                           f"with PEFT's path_initial_model_for_weight_conversion (a plain LoRA of the untouched base)")
     bias = raw.get("bias", "none")
     if bias not in ("none", "lora_only", "all"):
         raise AdapterError(f"{cfg_path}: bias {bias!r} is not one of none, lora_only, all")
     lora = LoraConfig(r=r, alpha=alpha, dropout=float(raw.get("lora_dropout") or 0.0), targets=targets, layers=None,
-                      use_rslora=use_rslora, use_dora=use_dora, bias=bias, modules_to_save=saved)
+                      use_rslora=use_rslora, use_dora=use_dora, bias=bias, modules_to_save=saved,
+                      init=init if init in MUTATING_INITS else "default")
     base_model = {"source": "peft", "name": raw.get("base_model_name_or_path"), "revision": raw.get("revision"),
                   "fingerprint": None}
     metadata = {"format_version": FORMAT_VERSION, "base_model": base_model, "task": PEFT_TASKS.get(raw.get("task_type")),
@@ -506,7 +514,7 @@ def peft_config(adapter: Adapter, target_modules: list[str], rank_pattern: dict[
         "modules_to_save": saved or None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": {},  # every scaling difference is folded into B
-        "init_lora_weights": True,
+        "init_lora_weights": lora.init if lora.init in MUTATING_INITS else True,  # pissa/olora: PEFT's own unconverted
         "inference_mode": True,
         "layers_to_transform": None,
         "layers_pattern": None,

@@ -17,7 +17,7 @@ from lora_cli.config import LoraConfig, build_config, load_config
 from lora_cli.errors import ConfigError
 from lora_cli.lora import apply_lora, count_parameters, lora_layers
 
-from helpers import TINY, alpaca_rows, build_tokenizer, cli, make_hf_gpt2, rel, train_run
+from helpers import TINY, WORDS, alpaca_rows, build_tokenizer, cli, make_hf_gpt2, rel, train_run
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -261,7 +261,7 @@ def test_loraplus_matches_a_peft_loop_step_by_step(bases, tmp_path):
     from lora_cli.adapter import adapter_state_dict
     from lora_cli.train import build, train
 
-    rows = alpaca_rows(with_input=False)
+    rows = alpaca_rows(WORDS[:8], with_input=False)
     (tmp_path / "train.json").write_text(json.dumps(rows))
     (tmp_path / "run.yaml").write_text(f"""\
 model: {bases / 'gpt_neox'}
@@ -321,3 +321,37 @@ train: {{lr: 1e-3, lr_schedule: constant, warmup_steps: 0, weight_decay: 0.1, ba
     exported = peft.PeftModel.from_pretrained(hf_model(bases / "gpt_neox"), str(tmp_path / "peft")).eval()
     assert reference_loss(exported, examples) == pytest.approx(loss, rel=1e-4)
     assert reference_loss(model.eval(), examples) == pytest.approx(loss, rel=1e-3)  # the PEFT loop's own end
+
+
+# ------------------------------------------------------------------------------------- PEFT's own PiSSA files
+
+
+def test_unconverted_peft_pissa_adapter_loads_as_peft_loads_it(bases, tmp_path):
+    """A PiSSA adapter PEFT saved without conversion holds A, B for the residual base: PEFT redoes the SVD when it
+    loads it, and so does lora-cli (attach, and export again with init_lora_weights pissa); a randomised start
+    (pissa_niter_K) cannot be redone and is refused in one line."""
+    from lora_cli.adapter import attach_adapter, export_peft, load_adapter
+    from lora_cli.errors import AdapterError
+    from lora_cli.pretrained import load_model
+
+    trained = peft.get_peft_model(hf_model(bases / "llama"), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa"))
+    with torch.no_grad():  # as if trained
+        for name, p in trained.named_parameters():
+            if ".lora_" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.05)
+    trained.save_pretrained(tmp_path / "pissa")
+    ids = torch.randint(0, LLAMA["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = peft.PeftModel.from_pretrained(hf_model(bases / "llama"), str(tmp_path / "pissa")).eval()(ids).logits
+        assert rel(want, hf_model(bases / "llama")(ids).logits) > 1e-3  # the adapter does something
+        model = attach_adapter(load_model(str(bases / "llama")).model.eval(), load_adapter(tmp_path / "pissa"))
+        assert rel(want, model.logits(model(ids))) < 1e-5
+        export_peft(load_adapter(tmp_path / "pissa"), tmp_path / "again")
+        again = peft.PeftModel.from_pretrained(hf_model(bases / "llama"), str(tmp_path / "again")).eval()(ids).logits
+        assert rel(want, again) < 1e-6
+    config = json.loads((tmp_path / "pissa" / "adapter_config.json").read_text())
+    (tmp_path / "pissa" / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa_niter_4"}))
+    with pytest.raises(AdapterError, match=r"adapter_config.json: init_lora_weights 'pissa_niter_4' is not supported "
+                                           r"by lora-cli; save the adapter with PEFT's path_initial_model_for_weight"):
+        load_adapter(tmp_path / "pissa")
