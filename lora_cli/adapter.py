@@ -34,12 +34,11 @@ import safetensors.torch
 from safetensors import safe_open
 
 from lora_cli.pretrained import CONV1D_SUFFIXES, BaseModel, key_mismatch, read_state_dict
-from lora_cli.config import LoraConfig
+from lora_cli.config import MUTATING_INITS, LoraConfig
 from lora_cli.errors import AdapterError, ConfigError, first_line
 from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
 from lora_cli.models import HEAD, add_classification_head
 from lora_cli.lora import (
-    MUTATING_INITS,
     SLICES,
     LoRALinear,
     _split_slice_name,

@@ -141,8 +141,10 @@ class DataConfig:
     balance: Literal["none", "undersample", "class_weights"] = "none"  # classification
 
 
-# lora.init: PEFT's init_lora_weights True ("default"), "gaussian", "pissa", "olora".
+# lora.init: PEFT's init_lora_weights True ("default"), "gaussian", "pissa", "olora"; the last two move part of
+# the base weight into A and B (lora.init_lora_weights).
 LORA_INITS = ("default", "gaussian", "pissa", "olora")
+MUTATING_INITS = ("pissa", "olora")
 
 
 @dataclass
@@ -471,7 +473,7 @@ def _check_constraints(cfg: RunConfig, report) -> None:
                 re.compile(pattern)
             except re.error as exc:
                 report(f"lora.{key}", f"{pattern!r} is not a valid regular expression ({exc})")
-    if lo.init in ("pissa", "olora") and lo.use_dora:
+    if lo.init in MUTATING_INITS and lo.use_dora:
         report("lora.init", f"{lo.init} cannot be combined with use_dora (its conversion to a plain LoRA adapter "
                             "on the untouched base is linear, DoRA is not); set use_dora: false or init: default")
     if lo.loraplus_lr_ratio is not None and lo.loraplus_lr_ratio <= 0:

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_cli.config import LoraConfig
+from lora_cli.config import LORA_INITS, MUTATING_INITS, LoraConfig
 from lora_cli.errors import AdapterError, ConfigError
 from lora_cli.models import HEAD, add_classification_head
 from lora_cli.runtime import as_dtype
@@ -325,9 +325,6 @@ class LoRASlicedLinear(LoRALayer):
 
 # ------------------------------------------------------------------------------------------- initialisation
 
-MUTATING_INITS = ("pissa", "olora")  # inits that move part of the base weight into A and B
-
-
 def _adapters(layer: LoRALayer) -> list[tuple[nn.Module, slice]]:
     """(module holding lora_A / lora_B / r / scaling, the base weight rows it updates) of a LoRA layer."""
     if isinstance(layer, LoRASlicedLinear):
@@ -362,6 +359,8 @@ def init_lora_weights(layer: LoRALayer, init: str, generator: torch.Generator | 
     The output at step 0 equals the base model's in every case (pissa/olora to float rounding). pissa/olora
     keep the starting values as buffers lora_A0 / lora_B0 (not saved, not trained): portable_adapter needs them.
     The arithmetic is fp32 whatever the base dtype, as PEFT's."""
+    if init not in LORA_INITS:
+        raise ConfigError(f"lora.init must be one of {', '.join(LORA_INITS)}, got {init!r}")
     if init == "default":
         return
     weight = layer.base_layer.weight
@@ -379,8 +378,6 @@ def init_lora_weights(layer: LoRALayer, init: str, generator: torch.Generator | 
             if init == "gaussian":
                 nn.init.normal_(A, std=1 / mod.r, generator=generator)
                 continue
-            if init not in MUTATING_INITS:
-                raise ConfigError(f"lora.init must be default, gaussian, pissa or olora, got {init!r}")
             W = weight[rows].float()
             A0, B0 = (_pissa if init == "pissa" else _olora)(W, mod.r, mod.scaling)
             A.copy_(A0)
