@@ -34,7 +34,7 @@ import safetensors.torch
 from safetensors import safe_open
 
 from lora_cli.pretrained import CONV1D_SUFFIXES, BaseModel, key_mismatch, read_state_dict
-from lora_cli.config import LoraConfig
+from lora_cli.config import MUTATING_INITS, LoraConfig
 from lora_cli.errors import AdapterError, ConfigError, first_line
 from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
 from lora_cli.models import HEAD, add_classification_head
@@ -45,6 +45,8 @@ from lora_cli.lora import (
     adapter_state_dict,
     apply_lora,
     lora_scaling,
+    pattern_value,
+    portable_adapter,
     target_candidates,
 )
 from lora_cli.runtime import as_dtype
@@ -118,10 +120,11 @@ def save_adapter(path: str | os.PathLike, model: torch.nn.Module, metadata: dict
         raise ValueError(f"metadata key {clash[0]!r} is written by save_adapter itself")
     target = as_dtype(dtype) if dtype is not None else None
     # Cloned: safetensors refuses tensors that share storage (a tied head saved whole, say).
-    state = adapter_state_dict(model)
+    # PiSSA / OLoRA adapters are converted to apply to the untouched base (lora.portable_adapter).
+    state, settings = portable_adapter(model)
     state.update({k: v for k, v in task_head_state(model).items() if k not in state})
     tensors = {k: v.to("cpu", target or v.dtype, copy=True).contiguous() for k, v in state.items()}
-    header = {"format": "pt", "format_version": str(FORMAT_VERSION), "lora": json.dumps(model.lora_settings)}
+    header = {"format": "pt", "format_version": str(FORMAT_VERSION), "lora": json.dumps(settings)}
     metadata.setdefault("tokenizer", "gpt2")
     for key, value in metadata.items():
         if value is not None:
@@ -274,15 +277,6 @@ def _attach_task_head(model: torch.nn.Module, adapter: Adapter, misfit: str) -> 
 # ------------------------------------------------------------------------------------------------ PEFT import
 
 
-def _peft_pattern_value(patterns: dict, name: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key): the first key that
-    matches the end of the module name as a regex."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
 def _load_peft(d: Path) -> Adapter:
     cfg_path = d / PEFT_CONFIG
     try:
@@ -335,13 +329,13 @@ def _load_peft(d: Path) -> Adapter:
         if use_dora and f"{t}.lora_magnitude_vector" not in tensors:
             raise AdapterError(f"{weights}: use_dora is true but {t} has no lora_magnitude_vector")
         rank = tensors[f"{t}.lora_A.weight"].shape[0]
-        want = int(_peft_pattern_value(rank_cfg, t, r))
+        want = int(pattern_value(rank_cfg, t, r))
         if rank != want:
             raise AdapterError(f"{weights}: {t}.lora_A has rank {rank} but {PEFT_CONFIG} gives r={want}; "
                                f"the two files do not belong together")
         if rank != r:
             rank_pattern[t] = rank
-        a = float(_peft_pattern_value(alpha_cfg, t, alpha))
+        a = float(pattern_value(alpha_cfg, t, alpha))
         if a != alpha:
             alpha_pattern[t] = a
 
@@ -367,11 +361,18 @@ def _load_peft(d: Path) -> Adapter:
         if k.endswith(CONV1D_SUFFIXES) and any(k.startswith(m + ".") for m in saved):
             tensors[k] = tensors[k].t().contiguous()  # Conv1D [in, out] -> our [out, in]
 
+    # A PiSSA / OLoRA adapter saved without conversion needs its base's residual: PEFT recomputes it when it loads
+    # the adapter, and so does apply_lora (the same arithmetic). Random or data-driven starts cannot be redone.
+    init = raw.get("init_lora_weights", True)
+    if init not in (True, False, None, "gaussian", *MUTATING_INITS):
+        raise AdapterError(f"{cfg_path}: init_lora_weights {init!r} is not supported by lora-cli; save the adapter "
+                           f"with PEFT's path_initial_model_for_weight_conversion (a plain LoRA of the untouched base)")
     bias = raw.get("bias", "none")
     if bias not in ("none", "lora_only", "all"):
         raise AdapterError(f"{cfg_path}: bias {bias!r} is not one of none, lora_only, all")
     lora = LoraConfig(r=r, alpha=alpha, dropout=float(raw.get("lora_dropout") or 0.0), targets=targets, layers=None,
-                      use_rslora=use_rslora, use_dora=use_dora, bias=bias, modules_to_save=saved)
+                      use_rslora=use_rslora, use_dora=use_dora, bias=bias, modules_to_save=saved,
+                      init=init if init in MUTATING_INITS else "default")
     base_model = {"source": "peft", "name": raw.get("base_model_name_or_path"), "revision": raw.get("revision"),
                   "fingerprint": None}
     metadata = {"format_version": FORMAT_VERSION, "base_model": base_model, "task": PEFT_TASKS.get(raw.get("task_type")),
@@ -513,7 +514,7 @@ def peft_config(adapter: Adapter, target_modules: list[str], rank_pattern: dict[
         "modules_to_save": saved or None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": {},  # every scaling difference is folded into B
-        "init_lora_weights": True,
+        "init_lora_weights": lora.init if lora.init in MUTATING_INITS else True,  # pissa/olora: PEFT's own unconverted
         "inference_mode": True,
         "layers_to_transform": None,
         "layers_pattern": None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -157,6 +158,12 @@ class DataConfig:
     subset: str | None = None  # a hub dataset's configuration (load_dataset's name), e.g. main
 
 
+# lora.init: PEFT's init_lora_weights True ("default"), "gaussian", "pissa", "olora"; the last two move part of
+# the base weight into A and B (lora.init_lora_weights).
+LORA_INITS = ("default", "gaussian", "pissa", "olora")
+MUTATING_INITS = ("pissa", "olora")
+
+
 @dataclass
 class LoraConfig:
     """LoRA (Hu et al. 2021, arXiv:2106.09685): W + (alpha/r) B A with A random, B zero."""
@@ -170,6 +177,10 @@ class LoraConfig:
     use_dora: bool = False  # weight-decomposed LoRA (Liu et al. 2024, arXiv:2402.09353)
     bias: Literal["none", "lora_only", "all"] = "none"
     modules_to_save: list[str] = field(default_factory=list)  # whole modules trained and saved (e.g. a head)
+    init: Literal[LORA_INITS] = "default"  # A/B start: default, gaussian, pissa, olora (lora.init_lora_weights)
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # PEFT's: module-name regex -> rank instead of r
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # PEFT's: module-name regex -> alpha
+    loraplus_lr_ratio: float | None = None  # LoRA+ (Hayou et al. 2024, arXiv:2402.12354): B's lr = ratio x lr
 
 
 @dataclass
@@ -480,6 +491,20 @@ def _check_constraints(cfg: RunConfig, report) -> None:
         report("lora.targets", "must name at least one layer pattern (e.g. [attn.c_attn] or all-linear)")
     if lo.layers is not None and any(i < 0 for i in lo.layers):
         report("lora.layers", "block indices must be >= 0")
+    for key, bad in (("rank_pattern", [k for k, v in lo.rank_pattern.items() if v <= 0]),
+                     ("alpha_pattern", [k for k, v in lo.alpha_pattern.items() if v <= 0])):
+        if bad:
+            report(f"lora.{key}", f"{bad[0]}: must be > 0, got {getattr(lo, key)[bad[0]]}")
+        for pattern in getattr(lo, key):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                report(f"lora.{key}", f"{pattern!r} is not a valid regular expression ({exc})")
+    if lo.init in MUTATING_INITS and lo.use_dora:
+        report("lora.init", f"{lo.init} cannot be combined with use_dora (its conversion to a plain LoRA adapter "
+                            "on the untouched base is linear, DoRA is not); set use_dora: false or init: default")
+    if lo.loraplus_lr_ratio is not None and lo.loraplus_lr_ratio <= 0:
+        report("lora.loraplus_lr_ratio", f"must be > 0 or null, got {lo.loraplus_lr_ratio}")
     for key in ("epochs", "batch_size", "grad_accum"):
         if getattr(t, key) < 1:
             report(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")

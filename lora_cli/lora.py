@@ -27,6 +27,10 @@ names `transformer.h.0.attn.q` etc., and the layer is a LoRASlicedLinear:
     transformer.h.0.attn.c_attn.lora_v.lora_A.weight   ...          (lora_k: rows C..2C, lora_v: rows 2C..3C)
 
 In training the update is always computed as (x A^T) B^T: the [out, in] product B A is formed only to merge.
+
+Variants beyond the default start (init_lora_weights): Gaussian A; PiSSA and OLoRA, which start A and B from the
+base weight and leave the base the residual (portable_adapter converts them back to a LoRA of the untouched base);
+per-module ranks and alphas (PEFT's rank_pattern / alpha_pattern); LoRA+ optimizer groups (loraplus_param_groups).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_cli.config import LoraConfig
+from lora_cli.config import LORA_INITS, MUTATING_INITS, LoraConfig
 from lora_cli.errors import AdapterError, ConfigError
 from lora_cli.models import HEAD, add_classification_head
 from lora_cli.runtime import as_dtype
@@ -319,6 +323,70 @@ class LoRASlicedLinear(LoRALayer):
         return f"slices={','.join(self.slice_names)}, merged={self.merged}"
 
 
+# ------------------------------------------------------------------------------------------- initialisation
+
+def _adapters(layer: LoRALayer) -> list[tuple[nn.Module, slice]]:
+    """(module holding lora_A / lora_B / r / scaling, the base weight rows it updates) of a LoRA layer."""
+    if isinstance(layer, LoRASlicedLinear):
+        return [(layer.slice(s), slice(layer.offset(s), layer.offset(s) + layer.slice_size)) for s in layer.slice_names]
+    return [(layer, slice(None))]
+
+
+def _pissa(W: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA (Meng et al. 2024, arXiv:2404.02948): W [out, in] = U S Vh; A = sqrt(S_r / s) Vh_r [r, in],
+    B = U_r sqrt(S_r / s) [out, r], so s B A is W's top-r part. Op for op PEFT's LoraLayer.pissa_init."""
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    Ur, Sr, Vhr = U[:, :r], S[:r], Vh[:r]
+    Sr /= scaling
+    return torch.diag(torch.sqrt(Sr)) @ Vhr, Ur @ torch.diag(torch.sqrt(Sr))
+
+
+def _olora(W: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """OLoRA (Büyükakyüz 2024, arXiv:2406.01775): W [out, in] = Q R; A = R[:r] [r, in], B = Q[:, :r] [out, r]
+    (orthonormal columns). As PEFT's LoraLayer.olora_init, whose scaling is not folded in."""
+    Q, R = torch.linalg.qr(W)
+    return R[:r].contiguous(), Q[:, :r].contiguous()
+
+
+def init_lora_weights(layer: LoRALayer, init: str, generator: torch.Generator | None = None, name: str = "") -> None:
+    """Start a freshly built layer's adapters as PEFT's `init_lora_weights` does:
+
+        default   A kaiming-uniform, B zeros (what the layer already holds)
+        gaussian  A ~ N(0, (1/r)^2), B zeros
+        pissa     A, B from the top-r singular triplets of W (_pissa); the base weight becomes W - s B A
+        olora     A, B from the QR decomposition of W (_olora); the base weight becomes W - s B A
+
+    The output at step 0 equals the base model's in every case (pissa/olora to float rounding). pissa/olora
+    keep the starting values as buffers lora_A0 / lora_B0 (not saved, not trained): portable_adapter needs them.
+    The arithmetic is fp32 whatever the base dtype, as PEFT's."""
+    if init not in LORA_INITS:
+        raise ConfigError(f"lora.init must be one of {', '.join(LORA_INITS)}, got {init!r}")
+    if init == "default":
+        return
+    weight = layer.base_layer.weight
+    for mod, rows in _adapters(layer):
+        A, B = mod.lora_A.weight, mod.lora_B.weight
+        if init in MUTATING_INITS and mod.r > min(B.shape[0], A.shape[1]):
+            raise ConfigError(f"lora.init {init}: rank {mod.r} of {name} exceeds its smaller dimension "
+                              f"{min(B.shape[0], A.shape[1])}; lower lora.r (or its rank_pattern)")
+        if weight.device.type == "meta":  # shapes only (`lora info`): the starting values are placeholders
+            if init in MUTATING_INITS:
+                mod.register_buffer("lora_A0", torch.empty_like(A), persistent=False)
+                mod.register_buffer("lora_B0", torch.empty_like(B), persistent=False)
+            continue
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(A, std=1 / mod.r, generator=generator)
+                continue
+            W = weight[rows].float()
+            A0, B0 = (_pissa if init == "pissa" else _olora)(W, mod.r, mod.scaling)
+            A.copy_(A0)
+            B.copy_(B0)
+            weight[rows] = (W - mod.scaling * B0 @ A0).to(weight.dtype)  # PEFT's order of operations
+            mod.register_buffer("lora_A0", A0.clone(), persistent=False)
+            mod.register_buffer("lora_B0", B0.clone(), persistent=False)
+
+
 # ------------------------------------------------------------------------------------------ target selection
 
 
@@ -403,6 +471,15 @@ def _matcher(pattern: str, key: str):
     return lambda name: name == pattern or name.endswith("." + pattern)
 
 
+def pattern_value(patterns: dict, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key): the value of the first key
+    that matches the end of the module name as a regex (`(.*[.])?(KEY)$`), else `default`."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
 def resolve_targets(model: nn.Module, targets: list[str], layers: list[int] | None = None) -> list[str]:
     """Config patterns -> the full module names (or slice names) to adapt, in model order."""
     candidates = target_candidates(model)
@@ -468,7 +545,9 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig, generator: torch.Generato
     target names (slice targets as transformer.h.N.attn.q/k/v).
 
     rank_pattern / alpha_pattern map resolved target names to a rank / alpha other than lora_cfg's
-    (used when loading adapters that carry per-module ranks, e.g. from PEFT)."""
+    (used when loading adapters that carry per-module ranks, e.g. from PEFT); names they lack take lora_cfg's own
+    rank_pattern / alpha_pattern (PEFT's regex keys, matched by pattern_value), else r / alpha. lora_cfg.init
+    starts the adapters (init_lora_weights)."""
     cfg = lora_cfg
     rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
     check_rank(cfg.r)
@@ -478,9 +557,13 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig, generator: torch.Generato
         raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.bias not in ("none", "lora_only", "all"):
         raise ConfigError(f"lora.bias must be none, lora_only or all, got {cfg.bias!r}")
-    for name, r in rank_pattern.items():
-        check_rank(int(r), name)
     targets = resolve_targets(model, list(cfg.targets), cfg.layers)
+    rank_pattern = {t: int(rank_pattern[t]) if t in rank_pattern else int(pattern_value(cfg.rank_pattern, t, cfg.r))
+                    for t in targets}
+    alpha_pattern = {t: float(alpha_pattern[t]) if t in alpha_pattern else
+                     float(pattern_value(cfg.alpha_pattern, t, cfg.alpha)) for t in targets}
+    for name, r in rank_pattern.items():
+        check_rank(r, name)
     saved = resolve_modules(model, list(cfg.modules_to_save)) if cfg.modules_to_save else []
     for t in targets:
         module = (_split_slice_name(t) or (t,))[0]
@@ -493,9 +576,15 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig, generator: torch.Generato
     for t in targets:
         split = _split_slice_name(t)
         if split:
-            slices.setdefault(split[0], {})[split[1]] = (int(rank_pattern.get(t, cfg.r)), float(alpha_pattern.get(t, cfg.alpha)))
+            slices.setdefault(split[0], {})[split[1]] = (rank_pattern[t], alpha_pattern[t])
         else:
             plain.append(t)
+    if cfg.init in MUTATING_INITS and cfg.use_dora:
+        raise ConfigError(f"lora.init {cfg.init} cannot be combined with use_dora; set use_dora: false or init: default")
+    if cfg.init in MUTATING_INITS and HEAD in targets:
+        # The adapter file carries the head's base weight, which would be the residual: not the untouched base.
+        raise ConfigError(f"lora.init {cfg.init} cannot adapt the classification head {HEAD}; leave it out of "
+                          f"lora.targets (it is then trained whole) or use init: default")
     if slices and cfg.use_dora:
         raise ConfigError("lora.use_dora: DoRA on attn.q/attn.k/attn.v slices is not supported; "
                           "target the fused attn.c_attn with DoRA instead")
@@ -508,8 +597,9 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig, generator: torch.Generato
         if t in slices:
             layer = LoRASlicedLinear(base, slices[t], cfg.dropout, cfg.use_rslora, generator)
         else:
-            layer = LoRALinear.from_base(base, int(rank_pattern.get(t, cfg.r)), float(alpha_pattern.get(t, cfg.alpha)),
-                                         cfg.dropout, cfg.use_rslora, cfg.use_dora, generator)
+            layer = LoRALinear.from_base(base, rank_pattern[t], alpha_pattern[t], cfg.dropout, cfg.use_rslora,
+                                         cfg.use_dora, generator)
+        init_lora_weights(layer, cfg.init, generator, t)
         setattr(parent, child, layer)
     # What the adapter is, recorded on the model: adapter_state_dict and save_adapter read it.
     model.lora_settings = {
@@ -521,8 +611,8 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig, generator: torch.Generato
         "bias": cfg.bias,
         "targets": targets,
         "modules_to_save": saved,
-        "rank_pattern": {k: int(v) for k, v in rank_pattern.items() if k in targets and int(v) != cfg.r},
-        "alpha_pattern": {k: float(v) for k, v in alpha_pattern.items() if k in targets and float(v) != cfg.alpha},
+        "rank_pattern": {k: v for k, v in rank_pattern.items() if v != cfg.r},
+        "alpha_pattern": {k: v for k, v in alpha_pattern.items() if v != cfg.alpha},
     }
     set_trainable(model)
     return targets
@@ -589,6 +679,53 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors (detached), named by our module names, e.g.
     transformer.h.0.attn.c_attn.lora_A.weight [r, in]. Only what the adapter trains: never the base weights."""
     return {k: p.detach() for k, p in _adapter_parameters(model).items()}
+
+
+def portable_adapter(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """The adapter's tensors and LoRA settings as they apply to the untouched base model: what save_adapter
+    writes. PiSSA / OLoRA took s B0 A0 out of the base weight, so the update of the original W is
+    s (B A - B0 A0) = s [B | -B0] [A ; A0]: a rank-2r LoRA, as PEFT's `path_initial_model_for_weight_conversion`
+    converts it (r and rank_pattern doubled; alpha and alpha_pattern doubled, times sqrt(2) with rsLoRA, so every
+    scaling stays). Other adapters come back as adapter_state_dict and lora_settings give them."""
+    state = adapter_state_dict(model)
+    settings = dict(_settings(model))
+    converted = False
+    for name, mod in model.named_modules():
+        A0, B0 = getattr(mod, "lora_A0", None), getattr(mod, "lora_B0", None)
+        if A0 is None:
+            continue
+        A, B = state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"]
+        state[f"{name}.lora_A.weight"] = torch.cat([A, A0.to(A.dtype)], dim=0)  # [2r, in]
+        state[f"{name}.lora_B.weight"] = torch.cat([B, -B0.to(B.dtype)], dim=1)  # [out, 2r]
+        converted = True
+    if converted:
+        grow = math.sqrt(2) if settings["use_rslora"] else 2.0
+        settings.update(r=2 * settings["r"], alpha=grow * settings["alpha"],
+                        rank_pattern={k: 2 * v for k, v in settings["rank_pattern"].items()},
+                        alpha_pattern={k: grow * v for k, v in settings["alpha_pattern"].items()})
+    return state, settings
+
+
+def loraplus_param_groups(model: nn.Module, ratio: float, weight_decay: float) -> list[dict]:
+    """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): B learns `ratio` times faster than A. The groups of PEFT's
+    create_loraplus_optimizer (called with loraplus_weight_decay = weight_decay): A and every other matrix at lr;
+    lora_B and every 1-D tensor (biases, DoRA magnitudes, norm gains) at ratio x lr, biases and LayerNorm
+    parameters without weight decay. Each group's `lr_scale` is its multiple of the scheduled lr. (PEFT's group
+    for LoRA on embeddings, loraplus_lr_embedding, has no counterpart: lora-cli adapts linear layers only.)"""
+    norms = {n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
+    A, B, B_no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if "lora_B" in name or p.ndim == 1:
+            no_decay = "bias" in name or name.rpartition(".")[0] in norms
+            (B_no_decay if no_decay else B).append(p)
+        else:
+            A.append(p)
+    groups = [{"params": A, "weight_decay": weight_decay, "lr_scale": 1.0},
+              {"params": B, "weight_decay": weight_decay, "lr_scale": ratio},
+              {"params": B_no_decay, "weight_decay": 0.0, "lr_scale": ratio}]
+    return [g for g in groups if g["params"]]
 
 
 # ------------------------------------------------------------------------------------------- merge / unmerge
@@ -662,13 +799,13 @@ def estimate_adapter_bytes(model: nn.Module, dtype: torch.dtype | str = torch.fl
     fine): the tensor bytes exactly, plus the safetensors header with the LoRA settings and ~1 KiB for the
     run's own metadata (base model, template, training summary)."""
     dtype = as_dtype(dtype)
-    tensors = _adapter_parameters(model)
+    tensors, settings = portable_adapter(model)
     header: dict = {}
     offset = 0
     for name, p in tensors.items():
         size = p.numel() * dtype.itemsize
         header[name] = {"dtype": _ST_DTYPES.get(dtype, "F32"), "shape": list(p.shape), "data_offsets": [offset, offset + size]}
         offset += size
-    header["__metadata__"] = {"format": "pt", "format_version": "1", "lora": json.dumps(_settings(model))}
+    header["__metadata__"] = {"format": "pt", "format_version": "1", "lora": json.dumps(settings)}
     header_bytes = len(json.dumps(header, separators=(",", ":")).encode()) + 1024
     return 8 + header_bytes + offset

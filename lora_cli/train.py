@@ -36,7 +36,7 @@ from lora_cli.distributed import (
 from lora_cli.errors import LoraError, TrainingError
 from lora_cli.evaluation import evaluate_classification, evaluate_lm
 from lora_cli.fsutil import RunLock, append_line, atomic_write_text
-from lora_cli.lora import apply_lora, count_parameters, with_classification_head
+from lora_cli.lora import apply_lora, count_parameters, loraplus_param_groups, with_classification_head
 from lora_cli.loss import Savings, classification_loss_sum, lm_loss_sum
 from lora_cli.models import cast_frozen_linears_
 from lora_cli.inference import load_with_tokenizer
@@ -76,13 +76,15 @@ def lr_at(step: int, total_steps: int, lr: float, warmup_steps: int, schedule: s
     return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg):
+def build_optimizer(params: list[torch.nn.Parameter] | list[dict], cfg):
     """torch.optim.AdamW (Loshchilov & Hutter 2019, decoupled weight decay) or torch.optim.SGD: one parameter
-    group, every trainable tensor, the config's weight decay. On CUDA the fused kernel (one launch per step, no
+    group, every trainable tensor, the config's weight decay (or the given parameter groups: LoRA+, whose
+    `lr_scale` the loop multiplies the scheduled lr by). On CUDA the fused kernel (one launch per step, no
     per-tensor `.item()`); elsewhere torch's default single-tensor loop. Only training builds one: constructing
     a torch.optim optimizer imports torch._dynamo and sympy (~0.8 s, 72 MB)."""
     t = cfg.train
-    fused = True if params and all(p.device.type == "cuda" for p in params) else None
+    flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
+    fused = True if flat and all(p.device.type == "cuda" for p in flat) else None
     if t.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, fused=fused)
     else:
@@ -349,6 +351,8 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
     log(f"global batch {s.global_batch} = batch_size {t.batch_size} x grad_accum {t.grad_accum} x "
         f"{s.world_size} process{'es' if s.world_size > 1 else ''}" + (f" ({dist.backend})" if dist.enabled else ""))
     params = list(trainable_named(s.model).values())
+    if s.cfg.lora.loraplus_lr_ratio is not None:  # LoRA+: B's group learns at ratio x lr
+        params = loraplus_param_groups(s.model, s.cfg.lora.loraplus_lr_ratio, t.weight_decay)
     optimizer = build_optimizer(params, s.cfg)
     state = RunState()
 
@@ -583,7 +587,8 @@ def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list
             # 1. the step's micro-batches; the loss is normalised by the target tokens of all of them
             step = _step_batches(s, state, batches)
             for g in optimizer.param_groups:
-                g["lr"] = lr_at(state.step, s.total_steps, t.lr, t.warmup_steps, t.lr_schedule, t.min_lr_ratio)
+                g["lr"] = lr_at(state.step, s.total_steps, t.lr, t.warmup_steps, t.lr_schedule,
+                                t.min_lr_ratio) * g.get("lr_scale", 1.0)
             if not warm:
                 _warm_up_ddp(s, step, forward, loss_sum, autocast, optimizer)
                 warm = True
