@@ -20,7 +20,7 @@ LAYERS = {
     "data": ["data", "prompts"],
     "evaluation": ["loss", "generate", "metrics", "evaluation"],
     "training": ["train", "rundir", "distributed", "optim"],
-    "commands": ["evaluate", "merge", "predict", "info"],
+    "commands": ["evaluate", "merge", "predict", "info", "gguf_export"],
     "cli": ["cli", "__main__", "__init__"],
 }
 LEVEL = {name: i for i, names in enumerate(LAYERS.values()) for name in names}
