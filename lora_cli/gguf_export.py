@@ -29,15 +29,18 @@ from __future__ import annotations
 
 import json
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lora_cli.data.formats import prompt_template
 from lora_cli.errors import AdapterError, ConfigError, LoraError
 from lora_cli.fsutil import atomic_path, atomic_write_text
 from lora_cli.inference import Loaded, load_for_inference
 from lora_cli.lora import LoRALinear, LoRASlicedLinear, lora_layers, merge_and_unload
+from lora_cli.merge import hf_vocab_and_merges
 from lora_cli.models import HEAD, model_type
 from lora_cli.prompts import uses_template
 from lora_cli.tokenizer import GPT2Tokenizer
@@ -45,9 +48,9 @@ from lora_cli.tokenizer import GPT2Tokenizer
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 FORMATS = ("gguf", "gguf-lora")
 MODELFILE = "Modelfile"
-# model_type -> the llama.cpp architecture name (gguf.MODEL_ARCH_NAMES): Mistral runs as llama, as in convert_hf_to_gguf
-ARCHITECTURES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-                 "gpt_neox": "gptneox"}
+# model_type -> llama.cpp's architecture (a gguf.MODEL_ARCH member): Mistral runs as llama, as in convert_hf_to_gguf
+ARCHITECTURES = {"gpt2": "GPT2", "llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3",
+                 "gpt_neox": "GPTNEOX"}
 # Token types (llama.cpp's llama_token_type): NORMAL 1, CONTROL 3, USER_DEFINED 4, UNUSED 5.
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 # The pre-tokenizer split patterns llama.cpp knows by name (llama-vocab.cpp), as tokenizer.json spells them.
@@ -114,8 +117,6 @@ def gguf_vocab(tokenizer, vocab_size: int, log=None) -> Vocab:
     `[PAD{id}]` (llama.cpp sizes the embedding by the token list)."""
     log = log or (lambda message: None)
     if isinstance(tokenizer, GPT2Tokenizer):
-        from lora_cli.merge import hf_vocab_and_merges  # the bundled BPE ranks as vocab.json and merges.txt
-
         vocab, pairs = hf_vocab_and_merges()
         specials = {tokenizer.eos_id}
         out = Vocab("gpt2", "gpt-2", [], [], [f"{a} {b}" for a, b in pairs], tokenizer.bos_id, tokenizer.eos_id,
@@ -202,17 +203,13 @@ def prompt_pieces(settings) -> list[str | None] | None:
     when it has none (format text). Alpaca uses its template without an Input block; other fields render empty."""
     if not uses_template(settings):
         return None
-    import string
-
-    from lora_cli.data.formats import prompt_template
-
     template = prompt_template(settings.format, settings.prompt_template, has_input=False)
-    main = "instruction" if settings.format == "alpaca" else "prompt"
-    main = settings.columns.get(main, main)
+    role = "instruction" if settings.format == "alpaca" else "prompt"
+    slot = {role, settings.columns.get(role, role)}  # a custom template may name the role's column
     pieces: list[str | None] = []
     for literal, name, _, _ in string.Formatter().parse(template):
         pieces.append(literal)
-        if name in (main, "instruction" if settings.format == "alpaca" else "prompt"):
+        if name in slot:
             pieces.append(None)
     return pieces
 
@@ -335,14 +332,15 @@ def export_gguf(adapter, out, fmt: str = "gguf", dtype: str = "f32", model: str 
                           "GGUF export needs a causal-LM adapter")
     net = loaded.model.float()
     family = model_type(net.config)
-    arch = ARCHITECTURES[family]
+    arch = gguf.MODEL_ARCH[ARCHITECTURES[family]]
+    names = gguf.get_tensor_name_map(arch, len(net.blocks))  # checkpoint names -> GGUF names, llama.cpp's table
     with atomic_path(out) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch)
-        writer.add_name(f"{loaded.base.name} + {loaded.adapter.path.stem}" if loaded.adapter else loaded.base.name)
+        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
+        writer.add_name(f"{Path(loaded.base.name).name} + {loaded.adapter.path.stem}")
         if fmt == "gguf":
-            count = _write_model(gguf, writer, loaded, net, family, dtype, log)
+            count = _write_model(gguf, writer, names, loaded, net, family, dtype, log)
         else:
-            count = _write_lora(gguf, writer, loaded, net, family, dtype)
+            count = _write_lora(gguf, writer, names, loaded, net, family, dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -398,7 +396,7 @@ def _quantize(gguf, name: str, t: torch.Tensor, dtype: str):
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
 
 
-def _write_model(gguf, writer, loaded: Loaded, net, family: str, dtype: str, log) -> int:
+def _write_model(gguf, writer, names, loaded: Loaded, net, family: str, dtype: str, log) -> int:
     """Hyperparameters, tokenizer, template and the merged tensors."""
     cfg = net.config
     writer.add_type(gguf.GGUFType.MODEL)
@@ -449,8 +447,6 @@ def _write_model(gguf, writer, loaded: Loaded, net, family: str, dtype: str, log
 
     log(f"merging {len(lora_layers(net))} LoRA layers into {loaded.base.name}")
     merge_and_unload(net)  # W += scaling * B A in fp32
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, _arch_enum(gguf, ARCHITECTURES[family])),
-                                     len(net.blocks))
     tied = net.lm_head.weight is net.embed_tokens.weight
     state = net.state_dict()
     count = 0
@@ -459,7 +455,7 @@ def _write_model(gguf, writer, loaded: Loaded, net, family: str, dtype: str, log
             continue  # llama.cpp reads a missing output tensor as the tied embedding
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise LoraError(f"tensor {key} has no GGUF name for architecture {ARCHITECTURES[family]}; report it")
+            raise LoraError(f"tensor {key} has no GGUF name in llama.cpp's {family} architecture; report it")
         if not bool(torch.isfinite(tensor).all()):
             raise LoraError(f"the merged weight {key} is not finite; nothing was written")
         layout = row_layout(family, key, cfg)
@@ -474,11 +470,7 @@ def _write_model(gguf, writer, loaded: Loaded, net, family: str, dtype: str, log
     return count
 
 
-def _arch_enum(gguf, name: str) -> str:
-    return next(k.name for k, v in gguf.MODEL_ARCH_NAMES.items() if v == name)
-
-
-def _write_lora(gguf, writer, loaded: Loaded, net, family: str, dtype: str) -> int:
+def _write_lora(gguf, writer, names, loaded: Loaded, net, family: str, dtype: str) -> int:
     """The adapter's layers as NAME.lora_a / NAME.lora_b (convert_lora_to_gguf.py's layout)."""
     lora = loaded.adapter.lora
     where = f"adapter {loaded.adapter.path}"
@@ -491,8 +483,6 @@ def _write_lora(gguf, writer, loaded: Loaded, net, family: str, dtype: str) -> i
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(lora.alpha))
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, _arch_enum(gguf, ARCHITECTURES[family])),
-                                     len(net.blocks))
     count = 0
     for module_name, layer in lora_layers(net):
         if isinstance(layer, LoRASlicedLinear):  # one adapter of rank r_q + r_k + r_v with a block B
@@ -510,7 +500,7 @@ def _write_lora(gguf, writer, loaded: Loaded, net, family: str, dtype: str) -> i
         key = f"{module_name}.weight"
         name = names.get_name(key, try_suffixes=(".weight",))
         if name is None:
-            raise LoraError(f"layer {module_name} has no GGUF name for architecture {ARCHITECTURES[family]}")
+            raise LoraError(f"layer {module_name} has no GGUF name in llama.cpp's {family} architecture; report it")
         layout = row_layout(family, key, net.config)
         for suffix, t in (("lora_a", A), ("lora_b", layout(B) if layout else B)):
             data, raw = _quantize(gguf, name, t, dtype)

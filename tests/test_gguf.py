@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from helpers import alpaca_rows, assert_one_line_error, build_tokenizer, cli, make_hf_gpt2
+from helpers import assert_one_line_error, build_tokenizer, cli, make_hf_gpt2
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -66,30 +66,44 @@ def make_adapter(path, lora_kw=None, metadata=None, out=None):
     return save_adapter(out or path / "adapter.safetensors", base.model, meta)
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def exported(request, tmp_path_factory):
-    """(family, checkpoint dir, adapter file, f32 GGUF path)."""
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    """build(family) -> (family, checkpoint dir, adapter file, f32 GGUF path), made once per module: a random
+    transformers checkpoint (GPT-2 with the bundled BPE; the others with a byte-level BPE tokenizer.json, Qwen2's
+    with a ChatML chat template), an alpaca adapter on it, and its f32 export."""
     from lora_cli.gguf_export import export_gguf
 
-    family = request.param
-    path = tmp_path_factory.mktemp(family)
-    torch.manual_seed(0)
-    if family == "gpt2":
-        make_hf_gpt2(path)
-    else:
-        hf = transformers.AutoModelForCausalLM.from_config(hf_config(family)).eval()
-        with torch.no_grad():
-            for p in hf.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
-        hf.save_pretrained(path)
-        build_tokenizer(path, bos=family != "qwen2")
-        if family == "qwen2":
-            config = json.loads((path / "tokenizer_config.json").read_text())
-            (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
-    adapter = make_adapter(path, {"targets": TARGETS.get(family, ["all-linear"])}, {"data": {"format": "alpaca"}})
-    out = path / "model.gguf"
-    export_gguf(adapter, out, dtype="f32")
-    return family, path, adapter, out
+    made = {}
+
+    def get(family):
+        if family in made:
+            return made[family]
+        path = tmp_path_factory.mktemp(family)
+        torch.manual_seed(0)
+        if family == "gpt2":
+            make_hf_gpt2(path)
+        else:
+            hf = transformers.AutoModelForCausalLM.from_config(hf_config(family)).eval()
+            with torch.no_grad():
+                for p in hf.parameters():
+                    p.add_(torch.randn_like(p) * 0.05)
+            hf.save_pretrained(path)
+            build_tokenizer(path, bos=family != "qwen2")
+            if family == "qwen2":
+                config = json.loads((path / "tokenizer_config.json").read_text())
+                (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+        adapter = make_adapter(path, {"targets": TARGETS.get(family, ["all-linear"])}, {"data": {"format": "alpaca"}})
+        out = path / "model.gguf"
+        export_gguf(adapter, out, dtype="f32")
+        made[family] = family, path, adapter, out
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(params=FAMILIES)
+def exported(request, build):
+    return build(request.param)
 
 
 def merged_reference(path, adapter) -> dict[str, torch.Tensor]:
@@ -197,10 +211,8 @@ def test_f32_tensors_metadata_and_tokenizer(exported):
         assert "### Instruction:\n{{ message['content'] }}\n\n### Response:\n" in template
 
 
-def test_chat_template_in_the_adapter_wins(tmp_path, exported):
-    family, path, adapter, _ = exported
-    if family != "qwen2":
-        pytest.skip("one family is enough")
+def test_chat_template_in_the_adapter_wins(tmp_path, build):
+    family, path, adapter, _ = build("qwen2")
     from lora_cli.gguf_export import export_gguf
 
     custom = make_adapter(path, {"targets": ["q_proj"]}, {"chat_template": "{{ messages[0]['content'] }}"},
@@ -210,10 +222,8 @@ def test_chat_template_in_the_adapter_wins(tmp_path, exported):
 
 
 @pytest.mark.parametrize("dtype", ["f16", "bf16", "q8_0"])
-def test_smaller_dtypes_within_their_rounding(tmp_path, exported, dtype):
-    family, path, adapter, f32 = exported
-    if family != "llama":
-        pytest.skip("one family is enough")
+def test_smaller_dtypes_within_their_rounding(tmp_path, build, dtype):
+    family, path, adapter, f32 = build("llama")
     from lora_cli.gguf_export import export_gguf
 
     export_gguf(adapter, tmp_path / f"{dtype}.gguf", dtype=dtype)
@@ -235,11 +245,10 @@ def test_smaller_dtypes_within_their_rounding(tmp_path, exported, dtype):
             assert torch.allclose(have, w, rtol=2 ** -8 if dtype == "bf16" else 2 ** -11, atol=1e-7), t.name
 
 
-@pytest.mark.parametrize("family_name", ["gpt2", "llama", "gpt_neox"])
-def test_gguf_lora_tensors_are_the_adapters(tmp_path, exported, family_name):
-    family, path, _, _ = exported
-    if family != family_name:
-        pytest.skip("gpt2 (q/v slices of c_attn), llama (rotary rows, rsLoRA), gpt_neox (fused q/k/v rows)")
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
+def test_gguf_lora_tensors_are_the_adapters(tmp_path, build, family):
+    """gpt2: q/v slices of c_attn; llama: rotary rows and rsLoRA; gpt_neox: fused q/k/v rows."""
+    _, path, _, _ = build(family)
     from safetensors import safe_open
 
     from lora_cli.gguf_export import export_gguf
@@ -281,10 +290,8 @@ def test_gguf_lora_tensors_are_the_adapters(tmp_path, exported, family_name):
         assert torch.allclose(b, lora[module + ".lora_B.weight"] * fold, atol=1e-7), module
 
 
-def test_modelfile_for_an_alpaca_adapter_is_exact(tmp_path, exported):
-    family, path, adapter, _ = exported
-    if family != "gpt2":
-        pytest.skip("one family is enough")
+def test_modelfile_for_an_alpaca_adapter_is_exact(tmp_path, build):
+    _, path, adapter, _ = build("gpt2")
     from lora_cli.gguf_export import export_gguf
 
     # in this process: GPT-2's 50,000 merges, derived from the BPE ranks, are cached here already
@@ -297,10 +304,8 @@ def test_modelfile_for_an_alpaca_adapter_is_exact(tmp_path, exported):
         'PARAMETER stop "<|endoftext|>"\n')
 
 
-def test_modelfile_for_a_chat_template_follows_it(tmp_path, exported):
-    family, path, adapter, _ = exported
-    if family != "qwen2":
-        pytest.skip("the family with a chat template")
+def test_modelfile_for_a_chat_template_follows_it(tmp_path, build):
+    _, path, adapter, _ = build("qwen2")
     code, out, err = cli("export", adapter, tmp_path / "q.gguf", "--format", "gguf", "--ollama")
     assert code == 0, err
     assert out.splitlines() == [str(tmp_path / "q.gguf"), str(tmp_path / "Modelfile")]
@@ -315,10 +320,8 @@ def test_modelfile_for_a_chat_template_follows_it(tmp_path, exported):
         'PARAMETER stop "<|im_end|>"\nPARAMETER stop "<|endoftext|>"\n')
 
 
-def test_bad_export_requests_are_one_line(tmp_path, exported):
-    family, path, adapter, _ = exported
-    if family != "gpt2":
-        pytest.skip("one family is enough")
+def test_bad_export_requests_are_one_line(tmp_path, build):
+    _, path, adapter, _ = build("qwen2")
     line = assert_one_line_error(*cli("export", adapter, tmp_path / "x.gguf", "--format", "gguf-lora", "--ollama"), 2)
     assert "--ollama needs --format gguf" in line
     line = assert_one_line_error(*cli("export", adapter, tmp_path / "x.gguf", "--format", "gguf", "--dtype", "q4"), 2)
