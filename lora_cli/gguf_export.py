@@ -118,7 +118,7 @@ def gguf_vocab(tokenizer, vocab_size: int, log=None) -> Vocab:
     log = log or (lambda message: None)
     if isinstance(tokenizer, GPT2Tokenizer):
         vocab, pairs = hf_vocab_and_merges()
-        specials = {tokenizer.eos_id}
+        specials, added = {tokenizer.eos_id}, set()
         out = Vocab("gpt2", "gpt-2", [], [], [f"{a} {b}" for a, b in pairs], tokenizer.bos_id, tokenizer.eos_id,
                     None, False)
     else:
@@ -133,7 +133,7 @@ def gguf_vocab(tokenizer, vocab_size: int, log=None) -> Vocab:
             out.types.append(UNUSED)
         elif i in specials:
             out.types.append(CONTROL)
-        elif not isinstance(tokenizer, GPT2Tokenizer) and i in added:
+        elif i in added:
             out.types.append(USER_DEFINED)
         else:
             out.types.append(NORMAL)
@@ -151,9 +151,9 @@ def _tokenizer_json(path: Path, log):
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
     if model.get("type") != "BPE" or model.get("byte_fallback") or "ByteLevel" not in kinds:
-        raise ConfigError(f"{path}: GGUF export reads byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM, Qwen2/3, "
-                          "Pythia); this one is a SentencePiece-style tokenizer (Llama 2, Mistral, TinyLlama), "
-                          "which it does not convert yet")
+        raise ConfigError(f"{path}: GGUF export converts byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM, "
+                          "Qwen2/3, Pythia); this one is not (SentencePiece-style ones, as Llama 2, Mistral 7B and "
+                          "TinyLlama use, are not converted yet)")
     tok = Tokenizer.from_file(str(path))
     vocab = tok.get_vocab(with_added_tokens=True)
     decoder = tok.get_added_tokens_decoder()
@@ -181,21 +181,26 @@ def _tokenizer_json(path: Path, log):
 
 
 def chat_template(loaded: Loaded) -> str | None:
-    """The adapter's `chat_template` metadata, else the base tokenizer_config.json's `chat_template`, else None."""
+    """The adapter's `chat_template` metadata, else the base tokenizer's (chat_template.jinja, as transformers
+    now saves it, or tokenizer_config.json's `chat_template`), else None."""
     meta = loaded.adapter.metadata if loaded.adapter is not None else {}
     if isinstance(meta.get("chat_template"), str):
         return meta["chat_template"]
-    path = getattr(loaded.tokenizer, "path", None)
-    if path is not None and (Path(path).parent / "tokenizer_config.json").is_file():
-        try:
-            config = json.loads((Path(path).parent / "tokenizer_config.json").read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    path = getattr(loaded.tokenizer, "path", None)  # the bundled GPT-2 BPE has none
+    if path is None:
+        return None
+    folder = Path(path).parent
+    try:
+        if (folder / "chat_template.jinja").is_file():
+            return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        if not (folder / "tokenizer_config.json").is_file():
             return None
-        template = config.get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-        return template if isinstance(template, str) else None
-    return None
+        template = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # tokenizer.load_tokenizer has read tokenizer_config.json already: this is a race, not data
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
 
 
 def prompt_pieces(settings) -> list[str | None] | None:
@@ -282,13 +287,13 @@ def go_from_chat(template: str, bos: str, eos: str, strip_bos: bool) -> str | No
             return None
     if any('"""' in p for pair in pieces.values() for p in pair) or '"""' in start + gen:
         return None
-    g = go_literal
-    return ("{{- if or (not .Messages) (ne (index .Messages 0).Role \"system\") }}" + g(start) + "{{ end }}"
-            "{{- range .Messages }}"
-            "{{- if eq .Role \"system\" }}" + g(head) + "{{ .Content }}" + g(sys_end)
-            + "{{- else if eq .Role \"user\" }}" + g(user_pre) + "{{ .Content }}" + g(user_end)
-            + "{{- else if eq .Role \"assistant\" }}" + g(asst_pre) + "{{ .Content }}" + g(asst_end)
-            + "{{- end }}{{- end }}" + g(gen))
+    g = go_literal  # no {{- trims: they would eat the newlines of the template's own text
+    return ("{{ if or (not .Messages) (ne (index .Messages 0).Role \"system\") }}" + g(start) + "{{ end }}"
+            "{{ range .Messages }}"
+            "{{ if eq .Role \"system\" }}" + g(head) + "{{ .Content }}" + g(sys_end)
+            + "{{ else if eq .Role \"user\" }}" + g(user_pre) + "{{ .Content }}" + g(user_end)
+            + "{{ else if eq .Role \"assistant\" }}" + g(asst_pre) + "{{ .Content }}" + g(asst_end)
+            + "{{ end }}{{ end }}" + g(gen))
 
 
 def modelfile(gguf_name: str, template: str | None, stops: list[str]) -> str:

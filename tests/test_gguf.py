@@ -311,12 +311,12 @@ def test_modelfile_for_a_chat_template_follows_it(tmp_path, build):
     assert out.splitlines() == [str(tmp_path / "q.gguf"), str(tmp_path / "Modelfile")]
     assert (tmp_path / "Modelfile").read_text() == (
         "FROM ./q.gguf\n"
-        'TEMPLATE """{{- if or (not .Messages) (ne (index .Messages 0).Role "system") }}{{ end }}'
-        '{{- range .Messages }}'
-        '{{- if eq .Role "system" }}<|im_start|>system\n{{ .Content }}<|im_end|>\n'
-        '{{- else if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n'
-        '{{- else if eq .Role "assistant" }}<|im_start|>assistant\n{{ .Content }}<|im_end|>\n'
-        '{{- end }}{{- end }}<|im_start|>assistant\n"""\n'
+        'TEMPLATE """{{ if or (not .Messages) (ne (index .Messages 0).Role "system") }}{{ end }}'
+        '{{ range .Messages }}'
+        '{{ if eq .Role "system" }}<|im_start|>system\n{{ .Content }}<|im_end|>\n'
+        '{{ else if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n'
+        '{{ else if eq .Role "assistant" }}<|im_start|>assistant\n{{ .Content }}<|im_end|>\n'
+        '{{ end }}{{ end }}<|im_start|>assistant\n"""\n'
         'PARAMETER stop "<|im_end|>"\nPARAMETER stop "<|endoftext|>"\n')
 
 
@@ -349,3 +349,22 @@ def test_llama_cpp_logits_equal_ours(exported):
     diff = float(np.abs(theirs - ours).max())
     print(f"{family}: max |logits llama.cpp - ours| = {diff:.2e}")
     assert diff < 1e-3
+
+
+def test_go_template_follows_a_llama3_chat_template_and_refuses_what_it_cannot():
+    from lora_cli.gguf_export import go_from_chat
+
+    llama3 = ("{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>"
+              "\n\n{{ message['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+    # bos is left to the runtime (the GGUF says add_bos), so the template does not write it twice
+    assert go_from_chat(llama3, "<|begin_of_text|>", "<|eot_id|>", strip_bos=True) == (
+        '{{ if or (not .Messages) (ne (index .Messages 0).Role "system") }}{{ end }}{{ range .Messages }}'
+        '{{ if eq .Role "system" }}<|start_header_id|>system<|end_header_id|>\n\n{{ .Content }}<|eot_id|>'
+        '{{ else if eq .Role "user" }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Content }}<|eot_id|>'
+        '{{ else if eq .Role "assistant" }}<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Content }}<|eot_id|>'
+        '{{ end }}{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n')
+    strict = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}{% endfor %}"
+    assert go_from_chat(strict, "", "", strip_bos=False) is None
+    numbered = "{% for m in messages %}{{ loop.index }}:{{ m['content'] }}\n{% endfor %}"  # not one text per role
+    assert go_from_chat(numbered, "", "", strip_bos=False) is None
