@@ -277,7 +277,7 @@ def predict(
 @app.command()
 def export(
     adapter: Path = typer.Argument(..., help=ADAPTER_HELP),
-    out_dir: Path = typer.Argument(..., help="peft: the adapter directory to write; gguf, gguf-lora: the .gguf file to write."),
+    out: Path = typer.Argument(..., help="peft: the adapter directory to write; gguf, gguf-lora: the .gguf file to write."),
     fmt: str = typer.Option("peft", "--format", help="peft (adapter_config.json + adapter_model.safetensors), gguf (the merged model for llama.cpp / Ollama) or gguf-lora (the adapter alone, for llama-cli --lora)."),
     dtype: str = typer.Option("f32", "--dtype", help="gguf, gguf-lora: stored weights, f32, f16, bf16 or q8_0 (1-D tensors stay f32)."),
     ollama: bool = typer.Option(False, "--ollama", help="gguf: also write an Ollama Modelfile (FROM, TEMPLATE, stop tokens) beside the file."),
@@ -288,7 +288,7 @@ def export(
     if fmt in ("gguf", "gguf-lora"):
         from lora_cli.gguf_export import export_gguf
 
-        result = export_gguf(adapter, out_dir, fmt=fmt, dtype=dtype, model=model, ollama=ollama,
+        result = export_gguf(adapter, out, fmt=fmt, dtype=dtype, model=model, ollama=ollama,
                              allow_mismatch=allow_mismatch, log=lambda m: typer.echo(m, err=True))
         typer.echo(str(result.path))
         if result.modelfile is not None:
@@ -301,7 +301,7 @@ def export(
     if ollama or dtype != "f32" or model is not None:
         raise ConfigError("--dtype, --ollama and --model are for --format gguf / gguf-lora; a PEFT export copies the "
                           "adapter as it is")
-    typer.echo(str(export_peft(adapter, out_dir)))
+    typer.echo(str(export_peft(adapter, out)))
 
 
 # ---------------------------------------------------------------------------------------------------- main

@@ -332,7 +332,8 @@ def test_bad_export_requests_are_one_line(tmp_path, build):
 
 
 def test_llama_cpp_logits_equal_ours(exported):
-    """llama.cpp itself (llama-cpp-python) on the f32 file: its logits equal our merged model's."""
+    """llama.cpp itself (llama-cpp-python) on the f32 file: its logits on a few token sequences equal our merged
+    model's."""
     llama_cpp = pytest.importorskip("llama_cpp")
     import numpy as np
 
@@ -340,15 +341,18 @@ def test_llama_cpp_logits_equal_ours(exported):
 
     family, path, adapter, out = exported
     loaded = load_for_inference(adapter)
-    ids = [int(i) for i in torch.randint(0, V, (12,), generator=torch.Generator().manual_seed(7))]
-    with torch.no_grad():
-        ours = loaded.model.logits(loaded.model(torch.tensor([ids])))[0].double().numpy()
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
-    llm.eval(ids)
-    theirs = np.array(llm.scores[: len(ids)], dtype=np.float64)
-    diff = float(np.abs(theirs - ours).max())
-    print(f"{family}: max |logits llama.cpp - ours| = {diff:.2e}")
-    assert diff < 1e-3
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False, n_threads=2, seed=0)
+    worst = 0.0
+    for seed, n in ((7, 12), (8, 30), (9, 5)):
+        ids = torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+        with torch.no_grad():
+            ours = loaded.model.logits(loaded.model(torch.tensor([ids])))[0].double().numpy()
+        llm.reset()
+        llm.eval(ids)
+        theirs = np.array(llm.scores[:n], dtype=np.float64)
+        worst = max(worst, float(np.abs(theirs - ours).max()))
+    print(f"{family}: max |logits llama.cpp - ours| = {worst:.2e} (logits std {ours.std():.2f})")
+    assert worst < 1e-3
 
 
 def test_go_template_follows_a_llama3_chat_template_and_refuses_what_it_cannot():
