@@ -341,7 +341,9 @@ def test_llama_cpp_logits_equal_ours(exported):
 
     family, path, adapter, out = exported
     loaded = load_for_inference(adapter)
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False, n_threads=2, seed=0)
+    # the KV cache in f32 (llama.cpp keeps it in f16 by default: ~1e-3 off on these logits)
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False, n_threads=2, seed=0,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     worst = 0.0
     for seed, n in ((7, 12), (8, 30), (9, 5)):
         ids = torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -352,7 +354,45 @@ def test_llama_cpp_logits_equal_ours(exported):
         theirs = np.array(llm.scores[:n], dtype=np.float64)
         worst = max(worst, float(np.abs(theirs - ours).max()))
     print(f"{family}: max |logits llama.cpp - ours| = {worst:.2e} (logits std {ours.std():.2f})")
-    assert worst < 1e-3
+    # llama.cpp's CPU GELU reads an f16 table (and is the tanh form for GPT-NeoX too, where Pythia uses the exact
+    # GELU): measured 2.5e-4 (gpt2) and 7.2e-4 (gpt_neox); the SiLU families agree to float rounding (~1e-6).
+    assert worst < (2e-3 if family in ("gpt2", "gpt_neox") else 1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
+def test_llama_cpp_applies_the_gguf_lora(tmp_path, build, family):
+    """llama.cpp with the gguf-lora file on a GGUF of the bare base (an adapter with B = 0, merged) gives the
+    logits of our model with the adapter."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lora_cli.gguf_export import export_gguf
+    from lora_cli.inference import load_for_inference
+
+    _, path, _, _ = build(family)
+    kw = {"gpt2": {"targets": ["attn.q", "attn.v"]}, "llama": {"targets": ["q_proj", "k_proj", "down_proj"],
+                                                               "use_rslora": True},
+          "gpt_neox": {"targets": ["attention.query_key_value"]}}[family]
+    adapter = make_adapter(path, kw, out=tmp_path / "a.safetensors")
+    with safe_open(str(adapter), "pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file({k: v * 0 if "lora_B" in k else v for k, v in tensors.items()}, str(tmp_path / "zero.safetensors"),
+              metadata=header)
+    export_gguf(tmp_path / "zero.safetensors", tmp_path / "base.gguf")
+    export_gguf(adapter, tmp_path / "lora.gguf", fmt="gguf-lora")
+    loaded = load_for_inference(adapter)
+    ids = torch.randint(0, V, (12,), generator=torch.Generator().manual_seed(7)).tolist()
+    with torch.no_grad():
+        ours = loaded.model.logits(loaded.model(torch.tensor([ids])))[0].double().numpy()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "base.gguf"), lora_path=str(tmp_path / "lora.gguf"), n_ctx=64,
+                          logits_all=True, verbose=False, n_threads=2, type_k=llama_cpp.GGML_TYPE_F32,
+                          type_v=llama_cpp.GGML_TYPE_F32)
+    llm.eval(ids)
+    diff = float(np.abs(np.array(llm.scores[:12], dtype=np.float64) - ours).max())
+    print(f"{family} + gguf-lora: max |logits llama.cpp - ours| = {diff:.2e}")
+    assert diff < (2e-3 if family in ("gpt2", "gpt_neox") else 1e-5)  # GELU: see the test above
 
 
 def test_go_template_follows_a_llama3_chat_template_and_refuses_what_it_cannot():
