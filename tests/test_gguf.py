@@ -412,3 +412,17 @@ def test_go_template_follows_a_llama3_chat_template_and_refuses_what_it_cannot()
     assert go_from_chat(strict, "", "", strip_bos=False) is None
     numbered = "{% for m in messages %}{{ loop.index }}:{{ m['content'] }}\n{% endfor %}"  # not one text per role
     assert go_from_chat(numbered, "", "", strip_bos=False) is None
+
+
+def test_a_sentencepiece_style_tokenizer_is_one_clear_error(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from lora_cli.errors import ConfigError
+    from lora_cli.gguf_export import gguf_vocab
+    from lora_cli.tokenizer import load_tokenizer
+
+    tok = Tokenizer(models.BPE(vocab={"<unk>": 0, "▁a": 1}, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ConfigError, match="converts byte-level BPE tokenizers .* this one is not"):
+        gguf_vocab(load_tokenizer(str(tmp_path / "tokenizer.json")), 8)
