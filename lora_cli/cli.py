@@ -350,15 +350,31 @@ def predict(
 @app.command()
 def export(
     adapter: Path = typer.Argument(..., help=ADAPTER_HELP),
-    out_dir: Path = typer.Argument(..., help="The PEFT adapter directory to write."),
-    fmt: str = typer.Option("peft", "--format", help="Export format: peft (adapter_config.json + adapter_model.safetensors)."),
+    out: Path = typer.Argument(..., help="peft: the adapter directory to write; gguf, gguf-lora: the .gguf file to write."),
+    fmt: str = typer.Option("peft", "--format", help="peft (adapter_config.json + adapter_model.safetensors), gguf (the merged model for llama.cpp / Ollama) or gguf-lora (the adapter alone, for llama-cli --lora)."),
+    dtype: str = typer.Option("f32", "--dtype", help="gguf, gguf-lora: stored weights, f32, f16, bf16 or q8_0 (1-D tensors stay f32)."),
+    ollama: bool = typer.Option(False, "--ollama", help="gguf: also write an Ollama Modelfile (FROM, TEMPLATE, stop tokens) beside the file."),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP + " (gguf formats)"),
+    allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help=MISMATCH_HELP),
 ) -> None:
-    """Convert an adapter to a Hugging Face PEFT adapter directory (PeftModel.from_pretrained loads it)."""
+    """Convert an adapter: a Hugging Face PEFT adapter directory, or GGUF for llama.cpp and Ollama."""
+    if fmt in ("gguf", "gguf-lora"):
+        from lora_cli.gguf_export import export_gguf
+
+        result = export_gguf(adapter, out, fmt=fmt, dtype=dtype, model=model, ollama=ollama,
+                             allow_mismatch=allow_mismatch, log=lambda m: typer.echo(m, err=True))
+        typer.echo(str(result.path))
+        if result.modelfile is not None:
+            typer.echo(str(result.modelfile))
+        return
     from lora_cli.adapter import export_peft
 
     if fmt != "peft":
-        raise ConfigError(f"--format {fmt!r} is not supported; the export format is peft")
-    typer.echo(str(export_peft(adapter, out_dir)))
+        raise ConfigError(f"--format {fmt!r} is not supported; the export formats are peft, gguf and gguf-lora")
+    if ollama or dtype != "f32" or model is not None:
+        raise ConfigError("--dtype, --ollama and --model are for --format gguf / gguf-lora; a PEFT export copies the "
+                          "adapter as it is")
+    typer.echo(str(export_peft(adapter, out)))
 
 
 @app.command()

@@ -1,0 +1,428 @@
+"""`lora export --format gguf | gguf-lora [--ollama]`: GGUF files for llama.cpp and Ollama, read back with llama.cpp's
+own `gguf` reader. Per family, on tiny random transformers checkpoints with a LoRA adapter: every tensor of the f32
+export equals W + scaling B A computed here from the checkpoint and the adapter file (the family's layout undone:
+llama's rotary row permutation, GPT-NeoX's fused q/k/v order, GPT-2's Conv1D transpose), the metadata and
+tokenizer fields are right, f16 / bf16 / q8_0 stay within their rounding, gguf-lora tensors are the adapter's A and
+B; the Modelfile is exact. With llama-cpp-python installed, llama.cpp's logits on the f32 file equal ours."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from helpers import assert_one_line_error, build_tokenizer, cli, make_hf_gpt2
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+V = 400  # build_tokenizer's vocabulary
+SIZES = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=128)
+R, ALPHA = 4, 8.0
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def hf_config(family: str):
+    """The feature that sets each family apart switched on (as tests/test_models.py)."""
+    if family == "llama":  # GQA, tied embeddings, q/k/v/o biases, llama3 rope scaling
+        return transformers.LlamaConfig(**SIZES, num_key_value_heads=2, tie_word_embeddings=True, attention_bias=True,
+                                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+    if family == "mistral":
+        return transformers.MistralConfig(**SIZES, num_key_value_heads=2, sliding_window=None)
+    if family == "qwen2":  # q/k/v biases
+        return transformers.Qwen2Config(**SIZES, num_key_value_heads=2, tie_word_embeddings=True)
+    if family == "qwen3":  # q/k RMSNorm, head_dim * heads != hidden_size
+        return transformers.Qwen3Config(**SIZES, num_key_value_heads=2, head_dim=32)
+    if family == "gpt_neox":  # partial rotary, parallel residual, fused per-head q/k/v
+        return transformers.GPTNeoXConfig(**SIZES, rotary_pct=0.5)
+    raise KeyError(family)
+
+
+FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox"]
+TARGETS = {"gpt2": ["attn.c_attn", "mlp.c_fc"], "gpt_neox": ["all-linear"]}
+
+
+def make_adapter(path, lora_kw=None, metadata=None, out=None):
+    """A LoRA adapter on the checkpoint at `path` with random non-zero A and B, saved as `lora train` saves one."""
+    from lora_cli.adapter import save_adapter
+    from lora_cli.config import LoraConfig
+    from lora_cli.inference import load_with_tokenizer
+    from lora_cli.lora import apply_lora
+
+    base, _ = load_with_tokenizer(str(path))
+    kw = {"r": R, "alpha": ALPHA, "dropout": 0.0, "targets": ["all-linear"], **(lora_kw or {})}
+    apply_lora(base.model, LoraConfig(**kw), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for name, p in base.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(hash(name) % 1000))
+    meta = {"base_model": base.describe(), "task": "causal_lm", **(metadata or {})}
+    return save_adapter(out or path / "adapter.safetensors", base.model, meta)
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    """build(family) -> (family, checkpoint dir, adapter file, f32 GGUF path), made once per module: a random
+    transformers checkpoint (GPT-2 with the bundled BPE; the others with a byte-level BPE tokenizer.json, Qwen2's
+    with a ChatML chat template), an alpaca adapter on it, and its f32 export."""
+    from lora_cli.gguf_export import export_gguf
+
+    made = {}
+
+    def get(family):
+        if family in made:
+            return made[family]
+        path = tmp_path_factory.mktemp(family)
+        torch.manual_seed(0)
+        if family == "gpt2":
+            make_hf_gpt2(path)
+        else:
+            hf = transformers.AutoModelForCausalLM.from_config(hf_config(family)).eval()
+            with torch.no_grad():
+                for p in hf.parameters():
+                    p.add_(torch.randn_like(p) * 0.05)
+            hf.save_pretrained(path)
+            build_tokenizer(path, bos=family != "qwen2")
+            if family == "qwen2":
+                config = json.loads((path / "tokenizer_config.json").read_text())
+                (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+        adapter = make_adapter(path, {"targets": TARGETS.get(family, ["all-linear"])}, {"data": {"format": "alpaca"}})
+        out = path / "model.gguf"
+        export_gguf(adapter, out, dtype="f32")
+        made[family] = family, path, adapter, out
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(params=FAMILIES)
+def exported(request, build):
+    return build(request.param)
+
+
+def merged_reference(path, adapter) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors (transformers' names and layout) with W += alpha / r * B A from the adapter file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    state = load_file(str(path / "model.safetensors"))
+    with safe_open(str(adapter), "pt") as f:
+        lora = {k: f.get_tensor(k) for k in f.keys()}
+    for key, a in lora.items():
+        if key.endswith(".lora_A.weight"):
+            module = key[: -len(".lora_A.weight")]
+            delta = ALPHA / R * (lora[module + ".lora_B.weight"] @ a)
+            if module.startswith("transformer."):  # GPT-2's Conv1D stores [in, out]
+                delta = delta.T
+            state[module + ".weight"] = state[module + ".weight"] + delta
+    return state
+
+
+def undo_layout(family: str, key: str, t: torch.Tensor, config) -> torch.Tensor:
+    """A GGUF tensor back in transformers' layout, written independently of gguf_export."""
+    if family == "gpt2" and key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+        return t.T
+    if family in ("llama", "mistral") and (".q_proj." in key or ".k_proj." in key):
+        heads = config["num_attention_heads"] if ".q_proj." in key else config["num_key_value_heads"]
+        d = t.shape[0] // heads
+        return t.reshape(heads, d // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)  # pairs -> halves
+    if family == "gpt_neox" and "query_key_value" in key:
+        heads = config["num_attention_heads"]
+        return t.reshape(3, heads, t.shape[0] // heads // 3, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+    return t
+
+
+def field(reader, key):
+    return reader.fields[key].contents()
+
+
+def test_f32_tensors_metadata_and_tokenizer(exported):
+    family, path, adapter, out = exported
+    reader = gguf.GGUFReader(str(out))
+    config = json.loads((path / "config.json").read_text())
+    arch = {"mistral": "llama", "gpt_neox": "gptneox"}.get(family, family)
+    names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), 2)
+    reference = merged_reference(path, adapter)
+    expected = {}
+    for key, t in reference.items():
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is not None and not key.endswith((".attn.bias", ".masked_bias")):
+            expected[name] = (key, t)
+    if family == "gpt2":  # the tied output projection is written beside the embedding
+        expected["output.weight"] = ("lm_head.weight", reference["transformer.wte.weight"])
+    got = {t.name: t for t in reader.tensors}
+    if family == "llama":  # llama3 rope scaling: the per-frequency divisors llama.cpp applies
+        freqs = torch.tensor(got.pop("rope_freqs.weight").data.copy())
+        assert freqs.shape == (8,) and freqs.min() == 1.0 and freqs.max() == 8.0
+    assert set(got) == set(expected)
+    for name, t in got.items():
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32
+        key, want = expected[name]
+        have = undo_layout(family, key, torch.tensor(t.data.copy()), config)
+        assert have.shape == want.shape, name
+        assert torch.allclose(have, want, atol=1e-6, rtol=1e-5), name
+    # metadata
+    assert field(reader, "general.architecture") == arch and field(reader, "general.type") == "model"
+    assert field(reader, f"{arch}.block_count") == 2
+    assert field(reader, f"{arch}.embedding_length") == 64
+    assert field(reader, f"{arch}.context_length") == (128 if family == "gpt2" else SIZES["max_position_embeddings"])
+    if family not in ("gpt2", "gpt_neox"):
+        assert field(reader, f"{arch}.attention.head_count_kv") == 2
+        assert field(reader, f"{arch}.rope.dimension_count") == config.get("head_dim", 16)
+    if family == "gpt_neox":
+        assert field(reader, f"{arch}.rope.dimension_count") == 8  # rotary_pct 0.5 of 16
+        assert field(reader, f"{arch}.use_parallel_residual") is True
+    # tokenizer
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    merges = field(reader, "tokenizer.ggml.merges")
+    assert field(reader, "tokenizer.ggml.model") == "gpt2" and field(reader, "tokenizer.ggml.pre") == "gpt-2"
+    if family == "gpt2":
+        assert len(tokens) == 50257 and tokens[50256] == "<|endoftext|>" and len(merges) == 50000
+        assert field(reader, "tokenizer.ggml.bos_token_id") == field(reader, "tokenizer.ggml.eos_token_id") == 50256
+        assert field(reader, "tokenizer.ggml.add_bos_token") is False
+        assert field(reader, "tokenizer.ggml.token_type")[50256] == 3  # control
+    else:
+        tok = json.loads((path / "tokenizer.json").read_text())
+        assert len(tokens) == V and len(merges) == len(tok["model"]["merges"])
+        assert merges[0] == " ".join(tok["model"]["merges"][0]) if isinstance(tok["model"]["merges"][0], list) \
+            else tok["model"]["merges"][0]
+        ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
+        if family == "qwen2":
+            assert field(reader, "tokenizer.ggml.eos_token_id") == ids["<|im_end|>"]
+            assert field(reader, "tokenizer.ggml.padding_token_id") == ids["<|endoftext|>"]
+            assert "tokenizer.ggml.bos_token_id" not in reader.fields
+            assert field(reader, "tokenizer.ggml.add_bos_token") is False
+        else:
+            assert field(reader, "tokenizer.ggml.bos_token_id") == ids["<|begin_of_text|>"]
+            assert field(reader, "tokenizer.ggml.eos_token_id") == ids["<|end_of_text|>"]
+            assert field(reader, "tokenizer.ggml.add_bos_token") is True
+        types = field(reader, "tokenizer.ggml.token_type")
+        assert [types[i] for i in sorted(ids.values())] == [3] * len(ids) and types[300] == 1
+    template = field(reader, "tokenizer.chat_template")
+    if family == "qwen2":  # the base tokenizer_config.json's chat template
+        assert template == CHATML
+    else:  # the adapter's alpaca prompt template as a chat template
+        assert "### Instruction:\n{{ message['content'] }}\n\n### Response:\n" in template
+
+
+def test_chat_template_in_the_adapter_wins(tmp_path, build):
+    family, path, adapter, _ = build("qwen2")
+    from lora_cli.gguf_export import export_gguf
+
+    custom = make_adapter(path, {"targets": ["q_proj"]}, {"chat_template": "{{ messages[0]['content'] }}"},
+                          out=tmp_path / "a.safetensors")
+    export_gguf(custom, tmp_path / "c.gguf")
+    assert field(gguf.GGUFReader(str(tmp_path / "c.gguf")), "tokenizer.chat_template") == "{{ messages[0]['content'] }}"
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16", "q8_0"])
+def test_smaller_dtypes_within_their_rounding(tmp_path, build, dtype):
+    family, path, adapter, f32 = build("llama")
+    from lora_cli.gguf_export import export_gguf
+
+    export_gguf(adapter, tmp_path / f"{dtype}.gguf", dtype=dtype)
+    reader = gguf.GGUFReader(str(tmp_path / f"{dtype}.gguf"))
+    want = {t.name: torch.tensor(t.data.copy()) for t in gguf.GGUFReader(str(f32)).tensors}
+    kind = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}[dtype]
+    assert field(reader, "general.file_type") == {"f16": 1, "bf16": 32, "q8_0": 7}[dtype]
+    for t in reader.tensors:
+        w = want[t.name]
+        have = torch.tensor(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(w.shape)
+        if w.dim() == 1 or t.name.endswith("_norm.weight"):
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32 and torch.equal(have, w)
+            continue
+        assert t.tensor_type.name == kind, t.name
+        if dtype == "q8_0":  # per 32 values an f16 scale d = max|block| / 127: |error| <= d / 2 + 127 |d - f16(d)|
+            step = w.reshape(-1, 32).abs().amax(dim=1, keepdim=True) / 127
+            assert ((have - w).reshape(-1, 32).abs() <= step * (0.5 + 127 * 2 ** -11) + 1e-7).all(), t.name
+        else:
+            assert torch.allclose(have, w, rtol=2 ** -8 if dtype == "bf16" else 2 ** -11, atol=1e-7), t.name
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
+def test_gguf_lora_tensors_are_the_adapters(tmp_path, build, family):
+    """gpt2: q/v slices of c_attn; llama: rotary rows and rsLoRA; gpt_neox: fused q/k/v rows."""
+    _, path, _, _ = build(family)
+    from safetensors import safe_open
+
+    from lora_cli.gguf_export import export_gguf
+
+    config = json.loads((path / "config.json").read_text())
+    kw = {"gpt2": {"targets": ["attn.q", "attn.v"]}, "llama": {"targets": ["q_proj", "k_proj", "down_proj"],
+                                                               "use_rslora": True},
+          "gpt_neox": {"targets": ["attention.query_key_value"]}}[family]
+    adapter = make_adapter(path, kw, out=tmp_path / "a.safetensors")
+    export_gguf(adapter, tmp_path / "lora.gguf", fmt="gguf-lora")
+    reader = gguf.GGUFReader(str(tmp_path / "lora.gguf"))
+    assert field(reader, "general.type") == "adapter" and field(reader, "adapter.type") == "lora"
+    assert field(reader, "adapter.lora.alpha") == ALPHA
+    with safe_open(str(adapter), "pt") as f:
+        lora = {k: f.get_tensor(k) for k in f.keys()}
+    got = {t.name: torch.tensor(t.data.copy()) for t in reader.tensors}
+    if family == "gpt2":
+        # One adapter on c_attn of rank 2r: A = [A_q; A_v], B block-structured over (q rows, v rows)
+        assert set(got) == {f"blk.{i}.attn_qkv.weight.lora_{x}" for i in range(2) for x in "ab"}
+        for i in range(2):
+            p = f"transformer.h.{i}.attn.c_attn"
+            A = got[f"blk.{i}.attn_qkv.weight.lora_a"]
+            B = got[f"blk.{i}.attn_qkv.weight.lora_b"]
+            assert torch.equal(A, torch.cat([lora[f"{p}.lora_q.lora_A.weight"], lora[f"{p}.lora_v.lora_A.weight"]]))
+            want = torch.zeros(192, 2 * R)
+            want[:64, :R] = lora[f"{p}.lora_q.lora_B.weight"]
+            want[128:, R:] = lora[f"{p}.lora_v.lora_B.weight"]
+            # llama.cpp scales by alpha / rank = 8 / 8; ours is alpha / r = 8 / 4 per slice
+            assert torch.allclose(B, want * 2.0, atol=1e-7)
+        return
+    fold = (ALPHA / math.sqrt(R)) / (ALPHA / R) if family == "llama" else 1.0  # rsLoRA's alpha/sqrt(r) over alpha/r
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if family == "llama" else gguf.MODEL_ARCH.GPTNEOX, 2)
+    modules = sorted({k[: -len(".lora_A.weight")] for k in lora if k.endswith(".lora_A.weight")})
+    assert len(got) == 2 * len(modules)
+    for module in modules:
+        name = names.get_name(module + ".weight", try_suffixes=(".weight",))
+        assert torch.equal(got[name + ".lora_a"], lora[module + ".lora_A.weight"])
+        b = undo_layout(family, module + ".weight", got[name + ".lora_b"], config)
+        assert torch.allclose(b, lora[module + ".lora_B.weight"] * fold, atol=1e-7), module
+
+
+def test_modelfile_for_an_alpaca_adapter_is_exact(tmp_path, build):
+    _, path, adapter, _ = build("gpt2")
+    from lora_cli.gguf_export import export_gguf
+
+    # in this process: GPT-2's 50,000 merges, derived from the BPE ranks, are cached here already
+    result = export_gguf(adapter, tmp_path / "m.gguf", dtype="q8_0", ollama=True)
+    assert (result.path, result.modelfile) == (tmp_path / "m.gguf", tmp_path / "Modelfile")
+    assert (tmp_path / "Modelfile").read_text() == (
+        "FROM ./m.gguf\n"
+        'TEMPLATE """Below is an instruction that describes a task. Write a response that appropriately completes '
+        "the request.\n\n### Instruction:\n{{ .Prompt }}\n\n### Response:\n\"\"\"\n"
+        'PARAMETER stop "<|endoftext|>"\n')
+
+
+def test_modelfile_for_a_chat_template_follows_it(tmp_path, build):
+    _, path, adapter, _ = build("qwen2")
+    code, out, err = cli("export", adapter, tmp_path / "q.gguf", "--format", "gguf", "--ollama")
+    assert code == 0, err
+    assert out.splitlines() == [str(tmp_path / "q.gguf"), str(tmp_path / "Modelfile")]
+    assert (tmp_path / "Modelfile").read_text() == (
+        "FROM ./q.gguf\n"
+        'TEMPLATE """{{ if or (not .Messages) (ne (index .Messages 0).Role "system") }}{{ end }}'
+        '{{ range .Messages }}'
+        '{{ if eq .Role "system" }}<|im_start|>system\n{{ .Content }}<|im_end|>\n'
+        '{{ else if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n'
+        '{{ else if eq .Role "assistant" }}<|im_start|>assistant\n{{ .Content }}<|im_end|>\n'
+        '{{ end }}{{ end }}<|im_start|>assistant\n"""\n'
+        'PARAMETER stop "<|im_end|>"\nPARAMETER stop "<|endoftext|>"\n')
+
+
+def test_bad_export_requests_are_one_line(tmp_path, build):
+    _, path, adapter, _ = build("qwen2")
+    line = assert_one_line_error(*cli("export", adapter, tmp_path / "x.gguf", "--format", "gguf-lora", "--ollama"), 2)
+    assert "--ollama needs --format gguf" in line
+    line = assert_one_line_error(*cli("export", adapter, tmp_path / "x.gguf", "--format", "gguf", "--dtype", "q4"), 2)
+    assert "--dtype must be one of f32, f16, bf16, q8_0" in line
+    line = assert_one_line_error(*cli("export", adapter, tmp_path, "--format", "gguf"), 2)
+    assert "is a directory" in line
+    assert not list(tmp_path.iterdir())
+
+
+def test_llama_cpp_logits_equal_ours(exported):
+    """llama.cpp itself (llama-cpp-python) on the f32 file: its logits on a few token sequences equal our merged
+    model's."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+
+    from lora_cli.inference import load_for_inference
+
+    family, path, adapter, out = exported
+    loaded = load_for_inference(adapter)
+    # the KV cache in f32 (llama.cpp keeps it in f16 by default: ~1e-3 off on these logits)
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False, n_threads=2, seed=0,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    worst = 0.0
+    for seed, n in ((7, 12), (8, 30), (9, 5)):
+        ids = torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+        with torch.no_grad():
+            ours = loaded.model.logits(loaded.model(torch.tensor([ids])))[0].double().numpy()
+        llm.reset()
+        llm.eval(ids)
+        theirs = np.array(llm.scores[:n], dtype=np.float64)
+        worst = max(worst, float(np.abs(theirs - ours).max()))
+    print(f"{family}: max |logits llama.cpp - ours| = {worst:.2e} (logits std {ours.std():.2f})")
+    # llama.cpp's CPU GELU reads an f16 table (and is the tanh form for GPT-NeoX too, where Pythia uses the exact
+    # GELU): measured 2.5e-4 (gpt2) and 7.2e-4 (gpt_neox); the SiLU families agree to float rounding (~1e-6).
+    assert worst < (2e-3 if family in ("gpt2", "gpt_neox") else 1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
+def test_llama_cpp_applies_the_gguf_lora(tmp_path, build, family):
+    """llama.cpp with the gguf-lora file on a GGUF of the bare base (an adapter with B = 0, merged) gives the
+    logits of our model with the adapter."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lora_cli.gguf_export import export_gguf
+    from lora_cli.inference import load_for_inference
+
+    _, path, _, _ = build(family)
+    kw = {"gpt2": {"targets": ["attn.q", "attn.v"]}, "llama": {"targets": ["q_proj", "k_proj", "down_proj"],
+                                                               "use_rslora": True},
+          "gpt_neox": {"targets": ["attention.query_key_value"]}}[family]
+    adapter = make_adapter(path, kw, out=tmp_path / "a.safetensors")
+    with safe_open(str(adapter), "pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file({k: v * 0 if "lora_B" in k else v for k, v in tensors.items()}, str(tmp_path / "zero.safetensors"),
+              metadata=header)
+    export_gguf(tmp_path / "zero.safetensors", tmp_path / "base.gguf")
+    export_gguf(adapter, tmp_path / "lora.gguf", fmt="gguf-lora")
+    loaded = load_for_inference(adapter)
+    ids = torch.randint(0, V, (12,), generator=torch.Generator().manual_seed(7)).tolist()
+    with torch.no_grad():
+        ours = loaded.model.logits(loaded.model(torch.tensor([ids])))[0].double().numpy()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "base.gguf"), lora_path=str(tmp_path / "lora.gguf"), n_ctx=64,
+                          logits_all=True, verbose=False, n_threads=2, type_k=llama_cpp.GGML_TYPE_F32,
+                          type_v=llama_cpp.GGML_TYPE_F32)
+    llm.eval(ids)
+    diff = float(np.abs(np.array(llm.scores[:12], dtype=np.float64) - ours).max())
+    print(f"{family} + gguf-lora: max |logits llama.cpp - ours| = {diff:.2e}")
+    assert diff < (2e-3 if family in ("gpt2", "gpt_neox") else 1e-5)  # GELU: see the test above
+
+
+def test_go_template_follows_a_llama3_chat_template_and_refuses_what_it_cannot():
+    from lora_cli.gguf_export import go_from_chat
+
+    llama3 = ("{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>"
+              "\n\n{{ message['content'] | trim }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+    # bos is left to the runtime (the GGUF says add_bos), so the template does not write it twice
+    assert go_from_chat(llama3, "<|begin_of_text|>", "<|eot_id|>", strip_bos=True) == (
+        '{{ if or (not .Messages) (ne (index .Messages 0).Role "system") }}{{ end }}{{ range .Messages }}'
+        '{{ if eq .Role "system" }}<|start_header_id|>system<|end_header_id|>\n\n{{ .Content }}<|eot_id|>'
+        '{{ else if eq .Role "user" }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Content }}<|eot_id|>'
+        '{{ else if eq .Role "assistant" }}<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Content }}<|eot_id|>'
+        '{{ end }}{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n')
+    strict = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}{% endfor %}"
+    assert go_from_chat(strict, "", "", strip_bos=False) is None
+    numbered = "{% for m in messages %}{{ loop.index }}:{{ m['content'] }}\n{% endfor %}"  # not one text per role
+    assert go_from_chat(numbered, "", "", strip_bos=False) is None
+
+
+def test_a_sentencepiece_style_tokenizer_is_one_clear_error(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from lora_cli.errors import ConfigError
+    from lora_cli.gguf_export import gguf_vocab
+    from lora_cli.tokenizer import load_tokenizer
+
+    tok = Tokenizer(models.BPE(vocab={"<unk>": 0, "▁a": 1}, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ConfigError, match="converts byte-level BPE tokenizers .* this one is not"):
+        gguf_vocab(load_tokenizer(str(tmp_path / "tokenizer.json")), 8)
