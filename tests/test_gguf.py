@@ -215,7 +215,7 @@ def test_chat_template_in_the_adapter_wins(tmp_path, build):
     family, path, adapter, _ = build("qwen2")
     from lora_cli.gguf_export import export_gguf
 
-    custom = make_adapter(path, {"targets": ["q_proj"]}, {"chat_template": "{{ messages[0]['content'] }}"},
+    custom = make_adapter(path, {"targets": ["q_proj"]}, {"data": {"chat_template": "{{ messages[0]['content'] }}"}},
                           out=tmp_path / "a.safetensors")
     export_gguf(custom, tmp_path / "c.gguf")
     assert field(gguf.GGUFReader(str(tmp_path / "c.gguf")), "tokenizer.chat_template") == "{{ messages[0]['content'] }}"
