@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 from lora_cli.config import ModelSpec
 from lora_cli.errors import CheckpointError, LoraError, first_line
 from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
-from lora_cli.models import GPT2_PRESETS, CausalLM, GPT2Config, build_model as new_model, config_from_dict, model_type
+from lora_cli.models import GPT2_PRESETS, HEAD, CausalLM, GPT2Config, build_model as new_model, config_from_dict, model_type
 
 SHARD_INDEX = "model.safetensors.index.json"
 WEIGHT_FILES = ("model.safetensors", SHARD_INDEX, "pytorch_model.bin")
@@ -50,6 +50,9 @@ class BaseModel:
     name: str  # hub id, absolute path, or preset name
     revision: str | None
     fingerprint: str
+    # The checkpoint's config.json as read (a random preset's, with its overrides): `lora merge` writes it back,
+    # so a merged directory keeps the fields lora-cli does not model (token ids, rope parameters, ...).
+    hf_config: dict | None = None
 
     def describe(self) -> dict:
         return {"source": self.source, "name": self.name, "revision": self.revision, "fingerprint": self.fingerprint}
@@ -123,19 +126,21 @@ def _random_model(spec: ModelSpec, weights: bool) -> BaseModel:
         raise CheckpointError(
             f"model: init: random needs a preset name ({', '.join(preset_names())}), got {spec.name!r}"
         )
+    raw = None  # GPT-2: save_pretrained writes its config from GPT2Config
     try:
         if preset in GPT2_PRESETS:
             config = GPT2Config.from_dict({**GPT2_PRESETS[preset].to_dict(), **spec.overrides})
         else:
             raw = json.loads((PRESET_DIR / f"{preset}.json").read_text(encoding="utf-8"))
-            config = config_from_dict({**raw, **{HF_OVERRIDE_NAMES[k]: v for k, v in spec.overrides.items()}})
+            raw = {**raw, **{HF_OVERRIDE_NAMES[k]: v for k, v in spec.overrides.items()}}
+            config = config_from_dict(raw)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"model: bad architecture override: {exc}") from exc
     if not weights:
         return BaseModel(_meta_model(config), "random", preset, None, "")
     model = new_model(config)
     model.init_weights(torch.Generator().manual_seed(spec.seed))
-    return BaseModel(model, "random", preset, None, fingerprint(model.state_dict()))
+    return BaseModel(model, "random", preset, None, fingerprint(model.state_dict()), raw)
 
 
 def _local_model(path: Path, weights: bool) -> BaseModel:
@@ -158,7 +163,8 @@ def _local_model(path: Path, weights: bool) -> BaseModel:
         state = read_state_dict(path)
         config = infer_config(state, path)
     model = build_model(config, state, path)
-    return BaseModel(model, "local", str(path), None, fingerprint(model.state_dict()))
+    raw = raw_config(path / "config.json") if path.is_dir() else None
+    return BaseModel(model, "local", str(path), None, fingerprint(model.state_dict()), raw)
 
 
 def _hub_model(spec: ModelSpec, weights: bool) -> BaseModel:
@@ -205,7 +211,7 @@ def _hub_model(spec: ModelSpec, weights: bool) -> BaseModel:
         state = read_state_dict(weight_file)
     model = build_model(config, state, Path(repo_id))
     resolved = weight_file.parent.name if weight_file.parent.parent.name == "snapshots" else revision
-    return BaseModel(model, "hub", repo_id, resolved, fingerprint(model.state_dict()))
+    return BaseModel(model, "hub", repo_id, resolved, fingerprint(model.state_dict()), raw_config(config_file))
 
 
 def hub_failure(name: str, exc: Exception) -> str:
@@ -221,14 +227,20 @@ def hub_failure(name: str, exc: Exception) -> str:
     )
 
 
-def read_config(path: Path):
-    """config.json -> the config of its family (chosen by model_type; GPT-2 when it names none)."""
+def raw_config(path: Path) -> dict:
+    """config.json as a dict."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} is not a readable JSON config: {exc}") from exc
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} must hold a JSON object")
+    return raw
+
+
+def read_config(path: Path):
+    """config.json -> the config of its family (chosen by model_type; GPT-2 when it names none)."""
+    raw = raw_config(path)
     if raw.get("model_type", "gpt2") != "gpt2":
         try:
             return config_from_dict(raw)
@@ -430,7 +442,30 @@ def fingerprint(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def hf_config_dict(config: GPT2Config, torch_dtype: str = "float32") -> dict:
+# model_type -> transformers' class names of (the causal LM, the sequence classifier): config.json's architectures.
+ARCHITECTURES = {
+    "gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
+    **{t: (f"{FAMILY_NAMES[t]}ForCausalLM", f"{FAMILY_NAMES[t]}ForSequenceClassification")
+       for t in ("llama", "mistral", "qwen2", "qwen3")},
+    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXForSequenceClassification"),
+}
+
+
+def architecture(model: CausalLM) -> str:
+    """The transformers class a saved `model` loads as: the family's causal LM, or its sequence classifier when
+    the model carries a `score` head."""
+    return ARCHITECTURES[model_type(model.config)][getattr(model, HEAD, None) is not None]
+
+
+def hf_config_dict(config, torch_dtype: str = "float32", base_config: dict | None = None) -> dict:
+    """config.json of a saved model: GPT-2's written from GPT2Config; another family's is the checkpoint's own
+    config.json (base_config: every field it had, token ids and rope parameters included), else our config."""
+    if model_type(config) != "gpt2":
+        out = dict(base_config if base_config is not None else config.to_dict())
+        out["model_type"] = model_type(config)
+        dtype_keys = [k for k in ("torch_dtype", "dtype") if k in out] or ["torch_dtype"]  # transformers 4 / 5
+        out.update({k: torch_dtype for k in dtype_keys})
+        return out
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -445,14 +480,17 @@ def hf_config_dict(config: GPT2Config, torch_dtype: str = "float32") -> dict:
     }
 
 
-def hf_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Our state dict -> Hugging Face GPT-2 layout (Conv1D weights [in, out]); the tied head is left out."""
+def hf_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                  leave_out: tuple[str, ...] = ("lm_head.weight",), gpt2: bool = True) -> dict[str, torch.Tensor]:
+    """Our state dict -> Hugging Face's layout: GPT-2's Conv1D weights back to [in, out]; the keys in leave_out
+    (a tied head, which the embedding's weight stands for) are left out. The other families' names and
+    orientation are already transformers'."""
     out = {}
     for key, tensor in state.items():
-        if key == "lm_head.weight":
+        if key in leave_out:
             continue
         t = tensor.detach().to("cpu", dtype)
-        out[key] = (t.t() if key.endswith(CONV1D_SUFFIXES) else t).contiguous()
+        out[key] = (t.t() if gpt2 and key.endswith(CONV1D_SUFFIXES) else t).contiguous()
     return out
 
 
@@ -463,18 +501,23 @@ def save_pretrained(
     extra_files: dict[str, str] | None = None,
     config_updates: dict | None = None,
     extra_tensors: dict[str, torch.Tensor] | None = None,
+    base_config: dict | None = None,
 ) -> Path:
-    """Write config.json + model.safetensors (+ extra text files) as a Hugging Face GPT-2 directory.
+    """Write config.json + model.safetensors (+ extra text files) as a Hugging Face directory of the model's
+    family: `transformers.AutoModelForCausalLM` loads it, or AutoModelForSequenceClassification when the model
+    carries a `score` head (whose directory holds no output head: the classifier has none). base_config: the
+    checkpoint's config.json (BaseModel.hf_config), written back with its own fields.
 
     The directory appears whole or not at all: it is built beside the target and renamed into place.
     """
-    if model_type(model.config) != "gpt2":
-        raise CheckpointError(f"writing a merged {FAMILY_NAMES[model_type(model.config)]} model is not supported yet "
-                              f"(GPT-2 only); export the adapter for PEFT instead (lora export)")
     out = Path(out_dir)
     dtype_name = str(dtype).removeprefix("torch.")
-    config = {**hf_config_dict(model.config, dtype_name), **(config_updates or {})}
-    tensors = hf_state_dict(model.state_dict(), dtype)
+    config = {**hf_config_dict(model.config, dtype_name, base_config), "architectures": [architecture(model)],
+              **(config_updates or {})}
+    head = "embed_out.weight" if hasattr(model, "embed_out") else "lm_head.weight"
+    classifier = getattr(model, HEAD, None) is not None
+    leave_out = (head,) if model.tied or classifier else ()
+    tensors = hf_state_dict(model.state_dict(), dtype, leave_out, gpt2=model_type(model.config) == "gpt2")
     tensors.update({k: v.detach().to("cpu", dtype).contiguous() for k, v in (extra_tensors or {}).items()})
     with atomic_dir(out, CheckpointError) as staging:
         atomic_write_text(staging / "config.json", json.dumps(config, indent=2) + "\n")
@@ -483,4 +526,3 @@ def save_pretrained(
         for name, text in (extra_files or {}).items():
             atomic_write_text(staging / name, text)
     return out
-
