@@ -58,11 +58,13 @@ class BaseModel:
         return {"source": self.source, "name": self.name, "revision": self.revision, "fingerprint": self.fingerprint}
 
 
-def load_model(spec: ModelSpec | str | dict, weights: bool = True) -> BaseModel:
+def load_model(spec: ModelSpec | str | dict, weights: bool = True, dtype: torch.dtype | None = None) -> BaseModel:
     """The one entry point: hub id, local directory or file, or random init.
 
     With weights=False only the architecture is read (config.json; no weight download) and the model lives on
     the meta device: enough for `lora info` to count parameters and list layers of gpt2-xl in a second.
+    dtype: the compute dtype of a bf16/fp16 run; linear weights the checkpoint stores in it are kept as they are
+    (see build_model), everything else is fp32.
     """
     if not isinstance(spec, ModelSpec):
         try:
@@ -73,10 +75,10 @@ def load_model(spec: ModelSpec | str | dict, weights: bool = True) -> BaseModel:
         return _random_model(spec, weights)
     path = Path(spec.name).expanduser()
     if path.exists():
-        return _local_model(path.resolve(), weights)
+        return _local_model(path.resolve(), weights, dtype)
     if _looks_like_path(spec.name) or not HUB_ID.match(spec.name):
         raise CheckpointError(f"model path {spec.name} does not exist; pass an existing directory or weights file, or a hub id such as gpt2")
-    return _hub_model(spec, weights)
+    return _hub_model(spec, weights, dtype)
 
 
 class _SkipInit(TorchFunctionMode):
@@ -132,7 +134,8 @@ def _random_model(spec: ModelSpec, weights: bool) -> BaseModel:
             config = GPT2Config.from_dict({**GPT2_PRESETS[preset].to_dict(), **spec.overrides})
         else:
             raw = json.loads((PRESET_DIR / f"{preset}.json").read_text(encoding="utf-8"))
-            raw = {**raw, **{HF_OVERRIDE_NAMES[k]: v for k, v in spec.overrides.items()}}
+            raw = {**{k: v for k, v in raw.items() if not k.startswith("_")},  # "_source": a note, not a field
+                   **{HF_OVERRIDE_NAMES[k]: v for k, v in spec.overrides.items()}}
             config = config_from_dict(raw)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"model: bad architecture override: {exc}") from exc
@@ -143,7 +146,7 @@ def _random_model(spec: ModelSpec, weights: bool) -> BaseModel:
     return BaseModel(model, "random", preset, None, fingerprint(model.state_dict()), raw)
 
 
-def _local_model(path: Path, weights: bool) -> BaseModel:
+def _local_model(path: Path, weights: bool, dtype: torch.dtype | None = None) -> BaseModel:
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.is_file():
@@ -162,12 +165,12 @@ def _local_model(path: Path, weights: bool) -> BaseModel:
     else:
         state = read_state_dict(path)
         config = infer_config(state, path)
-    model = build_model(config, state, path)
+    model = build_model(config, state, path, dtype)
     raw = raw_config(path / "config.json") if path.is_dir() else None
     return BaseModel(model, "local", str(path), None, fingerprint(model.state_dict()), raw)
 
 
-def _hub_model(spec: ModelSpec, weights: bool) -> BaseModel:
+def _hub_model(spec: ModelSpec, weights: bool, dtype: torch.dtype | None = None) -> BaseModel:
     # Here, not at the top: only hub ids pay for importing huggingface_hub (~0.3 s).
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
@@ -209,7 +212,7 @@ def _hub_model(spec: ModelSpec, weights: bool) -> BaseModel:
         state = read_shards(weight_file, lambda name: weight_file.parent / name)
     else:
         state = read_state_dict(weight_file)
-    model = build_model(config, state, Path(repo_id))
+    model = build_model(config, state, Path(repo_id), dtype)
     resolved = weight_file.parent.name if weight_file.parent.parent.name == "snapshots" else revision
     return BaseModel(model, "hub", repo_id, resolved, fingerprint(model.state_dict()), raw_config(config_file))
 
@@ -391,9 +394,15 @@ def _family_keys(model: CausalLM, state: dict[str, torch.Tensor]) -> dict[str, t
             if not IGNORED_KEY.search(k) and k not in HEAD_KEYS and not (model.tied and k == head)}
 
 
-def build_model(config, state: dict[str, torch.Tensor], path: Path) -> CausalLM:
+def build_model(config, state: dict[str, torch.Tensor], path: Path, keep: torch.dtype | None = None) -> CausalLM:
     """A model of the config's family with `state` copied in: GPT-2's Conv1D weights transposed, every name and
-    shape checked."""
+    shape checked; weights become fp32.
+
+    keep: the autocast dtype of a bf16/fp16 run. The weights and biases of linear layers (not the output head)
+    that the checkpoint stores in that dtype stay as they are, the tensors just read: a bf16 checkpoint then
+    loads without an fp32 copy of its linear layers (peak memory about its size, not 3x). These are the weights
+    train stores in that dtype anyway (models.cast_frozen_linears_, which turns a trained one back to fp32), and
+    the bf16 -> fp32 -> bf16 round trip is exact, so the run computes the same."""
     model = _meta_model(config)
     gpt2 = model_type(config) == "gpt2"
     tied_head = {"lm_head.weight", "embed_out.weight"} if model.tied else set()
@@ -403,6 +412,9 @@ def build_model(config, state: dict[str, torch.Tensor], path: Path) -> CausalLM:
     if mismatch:
         family = FAMILY_NAMES[model_type(config)]
         raise CheckpointError(f"{path} does not match the {family} architecture of its config: {mismatch}")
+    head = model.lm_head
+    linear = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
+              for p in ("weight", "bias")} if keep is not None else set()
     converted = {}
     for key, target in expected.items():
         tensor = given[key]
@@ -414,9 +426,8 @@ def build_model(config, state: dict[str, torch.Tensor], path: Path) -> CausalLM:
             )
         if not tensor.is_floating_point():
             raise CheckpointError(f"{path}: tensor {key} has dtype {tensor.dtype}, expected floating point")
-        # TODO(issue 15): a bf16 run could keep a bf16 checkpoint's frozen weights as they are (no fp32 copy);
-        # today every weight is loaded as fp32 and train casts the frozen linears back (cast_frozen_linears_).
-        converted[key] = tensor.to(torch.float32).contiguous()
+        kept = key in linear and tensor.dtype == keep
+        converted[key] = (tensor if kept else tensor.to(torch.float32)).contiguous()
     tied = model.tied
     # assign: the checked tensors become the parameters of the meta model (every key is there, see above), with
     # no allocation of empty weights first; to_empty would also import sympy through torch._refs

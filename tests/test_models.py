@@ -286,3 +286,28 @@ def test_missing_tensor_names_the_family(tmp_path):
     with pytest.raises(CheckpointError, match=r"does not match the GPT-NeoX architecture of its config: missing "
                                               r"gpt_neox.layers.2."):
         load_model(path)
+
+
+def test_bf16_checkpoint_keeps_its_linear_weights_for_a_bf16_run(tmp_path):
+    """A bf16 run loads a bf16 checkpoint's linear weights as stored (no fp32 copy); once train has cast the
+    frozen linears, the model equals the one loaded in fp32 and cast, bit for bit, and trained layers are fp32."""
+    from lora_cli.models import cast_frozen_linears_
+
+    make_checkpoint(tmp_path / "fp32", "qwen2").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    kept = load_model(str(tmp_path / "bf16"), dtype=torch.bfloat16).model
+    assert kept.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert kept.model.embed_tokens.weight.dtype == kept.model.norm.weight.dtype == torch.float32
+    plain = load_model(str(tmp_path / "bf16")).model
+    assert plain.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    cfg = LoraConfig(r=4, alpha=8, dropout=0.0, targets=["q_proj"], modules_to_save=["layers.1.mlp.up_proj"],
+                     bias="lora_only")
+    for model in (kept, plain):
+        apply_lora(model, cfg, generator=torch.Generator().manual_seed(0))
+        cast_frozen_linears_(model, torch.bfloat16)
+    a, b = kept.state_dict(), plain.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    assert a["model.layers.1.mlp.up_proj.weight"].dtype == a["model.layers.0.self_attn.q_proj.base_layer.bias"].dtype \
+        == torch.float32
+    assert a["model.layers.0.self_attn.k_proj.weight"].dtype == torch.bfloat16
