@@ -7,6 +7,8 @@ adapter of one family on another is one line."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -209,7 +211,32 @@ def test_adapter_of_another_family_is_one_line(family, tmp_path):
         (tmp_path / "d.json").write_text(json.dumps(alpaca_rows(repeat=1)))
         code, out, err = cli(*command, "--adapter", adapter, "--model", tmp_path / "gpt2")
         assert_one_line_error(code, out, err)
-        import re
         assert re.search(rf"adapter {adapter} was trained on a {words} model, but base model {tmp_path / 'gpt2'} is "
                          rf"a GPT-2 model; load the adapter onto its own base model", err), err
     assert not (tmp_path / "m").exists()
+
+
+def test_bad_checkpoints_are_one_line_exit_1_on_the_command_line(tmp_path):
+    """An unsupported model_type, a missing or corrupt tokenizer.json, a tokenizer larger than the embedding."""
+    make_family_checkpoint(tmp_path / "ok", "qwen2", vocab_size=V)
+    build_tokenizer(tmp_path / "ok", bos=False)
+    cases = {}
+    for case in ("mamba", "no-tokenizer", "corrupt", "small-vocab"):
+        shutil.copytree(tmp_path / "ok", tmp_path / case)
+        cases[case] = tmp_path / case
+    config = json.loads((cases["mamba"] / "config.json").read_text())
+    (cases["mamba"] / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
+    (cases["no-tokenizer"] / "tokenizer.json").unlink()
+    (cases["corrupt"] / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": ')
+    make_family_checkpoint(cases["small-vocab"], "qwen2", vocab_size=300)  # the tokenizer has 400 tokens
+    expected = {
+        "mamba": r"model_type 'mamba' is not supported; supported: gpt2, llama, mistral, qwen2, qwen3, gpt_neox",
+        "no-tokenizer": r"has no tokenizer.json; pass a model directory with its tokenizer files",
+        "corrupt": r"tokenizer.json: it is not a tokenizer.json that the tokenizers library can load",
+        "small-vocab": r"the tokenizer \(.*tokenizer.json, vocabulary 400\) has more tokens than model .* has embedding "
+                       r"rows \(300\)",
+    }
+    for case, path in cases.items():
+        code, out, err = cli("generate", "--model", path, "--max-new-tokens", "2", "hello")
+        assert_one_line_error(code, out, err)
+        assert re.search(expected[case], err), (case, err)
