@@ -158,7 +158,7 @@ def test_dora_and_rslora_export_to_peft_on_qwen2(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
     theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
     _, ours = our_logits(tmp_path / "base", adapter)
-    imported, again = our_logits(tmp_path / "base", tmp_path / "peft")  # and our import of the export
+    _, again = our_logits(tmp_path / "base", tmp_path / "peft")  # and our import of the export
     with torch.no_grad():
         assert (theirs(input_ids=IDS).logits - ours).abs().max().item() <= 1e-5
     assert (again - ours).abs().max().item() <= 1e-6
