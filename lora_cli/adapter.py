@@ -13,9 +13,10 @@ them) and, in the safetensors header metadata (string -> string), everything nee
 Scalar strings are stored as they are, anything else as JSON. Loading onto a base whose fingerprint differs
 fails unless the caller allows it; a shape mismatch always fails.
 
-PEFT (https://github.com/huggingface/peft) stores GPT-2 LoRA adapters as a directory: adapter_config.json +
-adapter_model.safetensors (or .bin), keys prefixed `base_model.model.`, `fan_in_fan_out: true` because
-transformers' GPT-2 uses Conv1D. lora_A [r, in] and lora_B [out, r] have the same orientation as ours; only
+PEFT (https://github.com/huggingface/peft) stores LoRA adapters as a directory: adapter_config.json +
+adapter_model.safetensors (or .bin), keys prefixed `base_model.model.` (the other families' module names are
+transformers' own, so their keys map one to one), and for GPT-2 `fan_in_fan_out: true` because transformers' GPT-2
+uses Conv1D. lora_A [r, in] and lora_B [out, r] have the same orientation as ours; only
 whole saved Conv1D modules are transposed. Slice adapters (attn.q/k/v) become one c_attn adapter whose rank is
 the sum of the slice ranks, with a block-structured B and each slice's scaling folded into its block of B, so
 PEFT's alpha / r scaling reproduces ours exactly.
@@ -59,6 +60,9 @@ PEFT_CHAT_TEMPLATE = "chat_template.jinja"  # a chat adapter's template, in an e
 PEFT_PREFIX = "base_model.model."
 RESERVED = ("format", "format_version", "lora")
 PEFT_TASKS = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "classification"}
+# A model's top-level module -> its family, as named in errors (adapter_family).
+FAMILY_TOPS = {"transformer": "gpt2", "gpt_neox": "gpt_neox", "model": "llama"}
+FAMILY_WORDS = {"gpt2": "GPT-2", "gpt_neox": "GPT-NeoX", "llama": "Llama-family (llama, mistral, qwen2, qwen3)"}
 # PEFT options that change the computation in ways lora-cli does not implement: key -> values that are harmless.
 PEFT_UNSUPPORTED = {
     "lora_bias": (False, None),
@@ -205,6 +209,11 @@ def attach_adapter(base: BaseModel | torch.nn.Module, adapter: Adapter | str | o
         model, base_name, have = base.model, base.name, base.fingerprint
     else:
         model, base_name, have = base, "the base model", None
+    made_for, base_family = adapter_family(adapter.tensors), adapter_family(n for n, _ in model.named_parameters())
+    if made_for and base_family and made_for != base_family:
+        raise AdapterError(f"adapter {adapter.path} was trained on a {FAMILY_WORDS[made_for]} model, but base model "
+                           f"{base_name} is a {FAMILY_WORDS[base_family]} model; load the adapter onto its own base "
+                           f"model (--model)")
     want = adapter.base_model.get("fingerprint")
     if want and have and want != have and not allow_mismatch:
         raise AdapterError(
@@ -490,6 +499,13 @@ def _folded_head(adapter: Adapter, take, scaling: float) -> torch.Tensor:
     return linear.weight.detach().to(W.dtype)
 
 
+def adapter_family(names) -> str | None:
+    """The family a model's tensor names belong to, by their top-level module (the checkpoint's own names):
+    transformer. GPT-2, gpt_neox. GPT-NeoX, model. the Llama family (llama, mistral, qwen2, qwen3)."""
+    tops = {name.split(".", 1)[0] for name in names} - {HEAD}
+    return next((family for top, family in FAMILY_TOPS.items() if top in tops), None)
+
+
 def peft_config(adapter: Adapter, target_modules: list[str], rank_pattern: dict[str, int]) -> dict:
     """adapter_config.json for PEFT's LoraConfig (unlisted fields take PEFT's defaults). A classifier's head is
     always a saved module (modules_to_save: score), task_type SEQ_CLS, for GPT2ForSequenceClassification."""
@@ -507,7 +523,7 @@ def peft_config(adapter: Adapter, target_modules: list[str], rank_pattern: dict[
         "lora_alpha": alpha,
         "lora_dropout": lora.dropout,
         "target_modules": target_modules,  # full module names: PEFT matches them exactly
-        "fan_in_fan_out": True,  # transformers' GPT-2 uses Conv1D
+        "fan_in_fan_out": adapter_family(adapter.tensors) == "gpt2",  # transformers' GPT-2 uses Conv1D
         "bias": lora.bias,
         "use_rslora": lora.use_rslora,
         "use_dora": lora.use_dora,

@@ -32,9 +32,10 @@ from lora_cli.tokenizer import GPT2, Tokenizer, check_fits, model_tokenizer
 # -------------------------------------------------------------------------------------------- base + adapter
 
 
-def load_with_tokenizer(spec: ModelSpec | str, weights: bool = True) -> tuple[BaseModel, Tokenizer]:
+def load_with_tokenizer(spec: ModelSpec | str, weights: bool = True, dtype=None) -> tuple[BaseModel, Tokenizer]:
     """pretrained.load_model and the model's tokenizer (tokenizer.model_tokenizer). A random preset gets its
-    tokenizer's vocabulary size; a tokenizer larger than the embedding is an error."""
+    tokenizer's vocabulary size; a tokenizer larger than the embedding is an error. dtype: load_model's (the
+    compute dtype of a bf16/fp16 training run)."""
     try:
         spec = ModelSpec.parse(spec)
     except ValueError as exc:
@@ -43,7 +44,7 @@ def load_with_tokenizer(spec: ModelSpec | str, weights: bool = True) -> tuple[Ba
     if spec.init == "random":  # the preset's vocabulary is its tokenizer's: GPT-2's 50,257 or model.tokenizer's
         tokenizer = model_tokenizer(spec, "")
         spec = replace(spec, overrides={**spec.overrides, "vocab_size": tokenizer.vocab_size})
-    base = load_model(spec, weights)
+    base = load_model(spec, weights, dtype)
     if tokenizer is None:
         tokenizer = model_tokenizer(spec, model_type(base.model.config))
     check_fits(tokenizer, base.model.config.vocab_size, base.name)

@@ -1,4 +1,4 @@
-"""`lora merge`: base + adapter -> one standalone Hugging Face GPT-2 directory.
+"""`lora merge`: base + adapter -> one standalone Hugging Face directory of the base's family.
 
 The adapter is folded into its base in fp32 (W += scaling * B A, per layer, checked finite; DoRA and slice
 adapters merge the same way, lora.merge_and_unload), the LoRA wrappers are removed, and checkpoint.save_pretrained
@@ -11,6 +11,12 @@ writes config.json + model.safetensors (fp32, or bf16/fp16 after the fp32 merge)
 
 so `transformers.GPT2LMHeadModel.from_pretrained(dir)` and `AutoTokenizer.from_pretrained(dir)` load it, and so
 does lora-cli's own loader. The directory appears whole or not at all (built beside it, then renamed).
+
+The other families (Llama, Mistral, Qwen2, Qwen3, GPT-NeoX) are written the same way (one save path,
+pretrained.save_pretrained: their parameter names are already transformers'), with the base checkpoint's own
+config.json and its tokenizer files carried over: tokenizer.json, tokenizer_config.json, special_tokens_map.json,
+generation_config.json and chat_template.jinja, whichever the base (or `model.tokenizer`) has. A random preset
+that ran on the bundled GPT-2 BPE gets GPT-2's tokenizer files as above.
 
 A classification adapter merges into a `transformers.GPT2ForSequenceClassification` directory: `score.weight`
 [num_labels, n_embd] beside the body (a head trained in full as it is, a LoRA'd frozen head folded like any
@@ -34,15 +40,17 @@ from lora_cli.errors import CheckpointError, ConfigError
 from lora_cli.fsutil import RunLock
 from lora_cli.inference import load_for_inference
 from lora_cli.lora import lora_layers, merge_and_unload
-from lora_cli.models import HEAD
-from lora_cli.pretrained import save_pretrained
+from lora_cli.models import HEAD, model_type
+from lora_cli.pretrained import FAMILY_NAMES, architecture, save_pretrained
 from lora_cli.runtime import DTYPES
-from lora_cli.tokenizer import EOT_ID, EOT_TOKEN, ranks_path
+from lora_cli.tokenizer import EOT_ID, EOT_TOKEN, SIDE_FILES, TOKENIZER_FILE, GPT2Tokenizer, ranks_path
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+# A tokenizer.json checkpoint's files that a merge carries over from the base (those it has).
+CARRIED_FILES = (TOKENIZER_FILE, *SIDE_FILES, "chat_template.jinja")
 # What a merged directory holds; --overwrite replaces only a directory like that (or an empty one).
 MERGED_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES, "README.md", "generation_config.json",
-                "tokenizer.json")
+                "tokenizer.json", "chat_template.jinja")
 
 
 # ------------------------------------------------------------------------------------- tokenizer files
@@ -129,13 +137,26 @@ def tokenizer_files(model_max_length: int = 1024) -> dict[str, str]:
     }
 
 
+def carried_files(folder: Path) -> dict[str, str]:
+    """The text of the tokenizer files (CARRIED_FILES) a tokenizer.json checkpoint has in `folder`."""
+    files = {}
+    for name in CARRIED_FILES:
+        if (folder / name).is_file():
+            try:
+                files[name] = (folder / name).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise CheckpointError(f"cannot read {folder / name} to copy it into the merged model: {exc}") from exc
+    return files
+
+
 # ------------------------------------------------------------------------------------------- model card
 
 
 def model_card(base, adapter, dtype: str) -> str:
     """README.md of the merged directory: what it was made from, and how to load it."""
     classifier = adapter.metadata.get("task") == "classification"
-    model_class = "GPT2ForSequenceClassification" if classifier else "GPT2LMHeadModel"
+    model_class = architecture(base.model)
+    family = model_type(base.model.config)
     lora = adapter.settings()
     b = base.describe()
     training = adapter.metadata.get("training") or {}
@@ -145,12 +166,12 @@ def model_card(base, adapter, dtype: str) -> str:
         "---",
         "library_name: transformers",
         f"pipeline_tag: {'text-classification' if classifier else 'text-generation'}",
-        "tags: [gpt2, lora, merged, lora-cli]",
+        f"tags: [{family}, lora, merged, lora-cli]",
         "---",
         "",
         "# Merged LoRA model",
         "",
-        f"A GPT-2 model: the LoRA adapter `{adapter.path.name}` folded into its base model, written by "
+        f"A {FAMILY_NAMES[family]} model: the LoRA adapter `{adapter.path.name}` folded into its base model, written by "
         "`lora merge` (lora-cli). It loads without lora-cli or PEFT.",
         "",
         "## Made from",
@@ -247,20 +268,26 @@ def _merge_into(out: Path, adapter, model, dtype: str, overwrite: bool, allow_mi
     bad = next((name for name, p in net.state_dict().items() if not bool(torch.isfinite(p).all())), None)
     if bad is not None:
         raise CheckpointError(f"the merged weight {bad} is not finite; nothing was written")
-    files = tokenizer_files(net.config.n_positions)
+    tokenizer = loaded.tokenizer
+    gpt2_bpe = isinstance(tokenizer, GPT2Tokenizer)
+    files = tokenizer_files(net.config.n_positions) if gpt2_bpe else carried_files(tokenizer.path.parent)
     files["README.md"] = model_card(loaded.base, loaded.adapter, dtype)
     add_to_tokenizer_config(files, loaded.settings.chat_template)  # a chat adapter's template, as trained
     updates = None
     if labels:  # score.weight is in net's state dict, beside the body
         names = [str(x) for x in labels]
-        updates = {"architectures": ["GPT2ForSequenceClassification"], "num_labels": len(names),
+        pad = EOT_ID if gpt2_bpe else tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        updates = {"num_labels": len(names),
                    "id2label": {str(i): name for i, name in enumerate(names)},
                    "label2id": {name: i for i, name in enumerate(names)},
-                   "problem_type": "single_label_classification", "pad_token_id": EOT_ID}
-    else:
+                   "problem_type": "single_label_classification", "pad_token_id": pad}
+    elif gpt2_bpe:
         files["generation_config.json"] = json.dumps({"bos_token_id": EOT_ID, "eos_token_id": EOT_ID,
                                                       "pad_token_id": EOT_ID}, indent=2) + "\n"
+    if gpt2_bpe and model_type(net.config) != "gpt2":  # a random preset on GPT-2's BPE: its special ids are EOT
+        updates = {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, **(updates or {})}
     check_out_dir(out, overwrite)  # again: the merge took time, and the directory may have appeared meanwhile
-    save_pretrained(net, out, dtype=DTYPES[dtype], extra_files=files, config_updates=updates)
+    save_pretrained(net, out, dtype=DTYPES[dtype], extra_files=files, config_updates=updates,
+                    base_config=loaded.base.hf_config)
     return MergeResult(out, dtype, layers, net.num_parameters())
 

@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 from lora_cli.config import ModelSpec
 from lora_cli.errors import CheckpointError, LoraError, first_line
 from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
-from lora_cli.models import GPT2_PRESETS, CausalLM, GPT2Config, build_model as new_model, config_from_dict, model_type
+from lora_cli.models import GPT2_PRESETS, HEAD, CausalLM, GPT2Config, build_model as new_model, config_from_dict, model_type
 
 SHARD_INDEX = "model.safetensors.index.json"
 WEIGHT_FILES = ("model.safetensors", SHARD_INDEX, "pytorch_model.bin")
@@ -50,16 +50,21 @@ class BaseModel:
     name: str  # hub id, absolute path, or preset name
     revision: str | None
     fingerprint: str
+    # The checkpoint's config.json as read (a random preset's, with its overrides): `lora merge` writes it back,
+    # so a merged directory keeps the fields lora-cli does not model (token ids, rope parameters, ...).
+    hf_config: dict | None = None
 
     def describe(self) -> dict:
         return {"source": self.source, "name": self.name, "revision": self.revision, "fingerprint": self.fingerprint}
 
 
-def load_model(spec: ModelSpec | str | dict, weights: bool = True) -> BaseModel:
+def load_model(spec: ModelSpec | str | dict, weights: bool = True, dtype: torch.dtype | None = None) -> BaseModel:
     """The one entry point: hub id, local directory or file, or random init.
 
     With weights=False only the architecture is read (config.json; no weight download) and the model lives on
     the meta device: enough for `lora info` to count parameters and list layers of gpt2-xl in a second.
+    dtype: the compute dtype of a bf16/fp16 run; linear weights the checkpoint stores in it are kept as they are
+    (see build_model), everything else is fp32.
     """
     if not isinstance(spec, ModelSpec):
         try:
@@ -70,10 +75,10 @@ def load_model(spec: ModelSpec | str | dict, weights: bool = True) -> BaseModel:
         return _random_model(spec, weights)
     path = Path(spec.name).expanduser()
     if path.exists():
-        return _local_model(path.resolve(), weights)
+        return _local_model(path.resolve(), weights, dtype)
     if _looks_like_path(spec.name) or not HUB_ID.match(spec.name):
         raise CheckpointError(f"model path {spec.name} does not exist; pass an existing directory or weights file, or a hub id such as gpt2")
-    return _hub_model(spec, weights)
+    return _hub_model(spec, weights, dtype)
 
 
 class _SkipInit(TorchFunctionMode):
@@ -123,22 +128,25 @@ def _random_model(spec: ModelSpec, weights: bool) -> BaseModel:
         raise CheckpointError(
             f"model: init: random needs a preset name ({', '.join(preset_names())}), got {spec.name!r}"
         )
+    raw = None  # GPT-2: save_pretrained writes its config from GPT2Config
     try:
         if preset in GPT2_PRESETS:
             config = GPT2Config.from_dict({**GPT2_PRESETS[preset].to_dict(), **spec.overrides})
         else:
             raw = json.loads((PRESET_DIR / f"{preset}.json").read_text(encoding="utf-8"))
-            config = config_from_dict({**raw, **{HF_OVERRIDE_NAMES[k]: v for k, v in spec.overrides.items()}})
+            raw = {**{k: v for k, v in raw.items() if not k.startswith("_")},  # "_source": a note, not a field
+                   **{HF_OVERRIDE_NAMES[k]: v for k, v in spec.overrides.items()}}
+            config = config_from_dict(raw)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"model: bad architecture override: {exc}") from exc
     if not weights:
         return BaseModel(_meta_model(config), "random", preset, None, "")
     model = new_model(config)
     model.init_weights(torch.Generator().manual_seed(spec.seed))
-    return BaseModel(model, "random", preset, None, fingerprint(model.state_dict()))
+    return BaseModel(model, "random", preset, None, fingerprint(model.state_dict()), raw)
 
 
-def _local_model(path: Path, weights: bool) -> BaseModel:
+def _local_model(path: Path, weights: bool, dtype: torch.dtype | None = None) -> BaseModel:
     if path.is_dir():
         config_file = path / "config.json"
         if not config_file.is_file():
@@ -157,11 +165,12 @@ def _local_model(path: Path, weights: bool) -> BaseModel:
     else:
         state = read_state_dict(path)
         config = infer_config(state, path)
-    model = build_model(config, state, path)
-    return BaseModel(model, "local", str(path), None, fingerprint(model.state_dict()))
+    model = build_model(config, state, path, dtype)
+    raw = raw_config(path / "config.json") if path.is_dir() else None
+    return BaseModel(model, "local", str(path), None, fingerprint(model.state_dict()), raw)
 
 
-def _hub_model(spec: ModelSpec, weights: bool) -> BaseModel:
+def _hub_model(spec: ModelSpec, weights: bool, dtype: torch.dtype | None = None) -> BaseModel:
     # Here, not at the top: only hub ids pay for importing huggingface_hub (~0.3 s).
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
@@ -203,9 +212,9 @@ def _hub_model(spec: ModelSpec, weights: bool) -> BaseModel:
         state = read_shards(weight_file, lambda name: weight_file.parent / name)
     else:
         state = read_state_dict(weight_file)
-    model = build_model(config, state, Path(repo_id))
+    model = build_model(config, state, Path(repo_id), dtype)
     resolved = weight_file.parent.name if weight_file.parent.parent.name == "snapshots" else revision
-    return BaseModel(model, "hub", repo_id, resolved, fingerprint(model.state_dict()))
+    return BaseModel(model, "hub", repo_id, resolved, fingerprint(model.state_dict()), raw_config(config_file))
 
 
 def hub_failure(name: str, exc: Exception) -> str:
@@ -221,14 +230,20 @@ def hub_failure(name: str, exc: Exception) -> str:
     )
 
 
-def read_config(path: Path):
-    """config.json -> the config of its family (chosen by model_type; GPT-2 when it names none)."""
+def raw_config(path: Path) -> dict:
+    """config.json as a dict."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} is not a readable JSON config: {exc}") from exc
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} must hold a JSON object")
+    return raw
+
+
+def read_config(path: Path):
+    """config.json -> the config of its family (chosen by model_type; GPT-2 when it names none)."""
+    raw = raw_config(path)
     if raw.get("model_type", "gpt2") != "gpt2":
         try:
             return config_from_dict(raw)
@@ -379,9 +394,15 @@ def _family_keys(model: CausalLM, state: dict[str, torch.Tensor]) -> dict[str, t
             if not IGNORED_KEY.search(k) and k not in HEAD_KEYS and not (model.tied and k == head)}
 
 
-def build_model(config, state: dict[str, torch.Tensor], path: Path) -> CausalLM:
+def build_model(config, state: dict[str, torch.Tensor], path: Path, keep: torch.dtype | None = None) -> CausalLM:
     """A model of the config's family with `state` copied in: GPT-2's Conv1D weights transposed, every name and
-    shape checked."""
+    shape checked; weights become fp32.
+
+    keep: the autocast dtype of a bf16/fp16 run. The weights and biases of linear layers (not the output head)
+    that the checkpoint stores in that dtype stay as they are, the tensors just read: a bf16 checkpoint then
+    loads without an fp32 copy of its linear layers (peak memory about its size, not 3x). These are the weights
+    train stores in that dtype anyway (models.cast_frozen_linears_, which turns a trained one back to fp32), and
+    the bf16 -> fp32 -> bf16 round trip is exact, so the run computes the same."""
     model = _meta_model(config)
     gpt2 = model_type(config) == "gpt2"
     tied_head = {"lm_head.weight", "embed_out.weight"} if model.tied else set()
@@ -391,6 +412,9 @@ def build_model(config, state: dict[str, torch.Tensor], path: Path) -> CausalLM:
     if mismatch:
         family = FAMILY_NAMES[model_type(config)]
         raise CheckpointError(f"{path} does not match the {family} architecture of its config: {mismatch}")
+    head = model.lm_head
+    linear = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
+              for p in ("weight", "bias")} if keep is not None else set()
     converted = {}
     for key, target in expected.items():
         tensor = given[key]
@@ -402,9 +426,8 @@ def build_model(config, state: dict[str, torch.Tensor], path: Path) -> CausalLM:
             )
         if not tensor.is_floating_point():
             raise CheckpointError(f"{path}: tensor {key} has dtype {tensor.dtype}, expected floating point")
-        # TODO(issue 15): a bf16 run could keep a bf16 checkpoint's frozen weights as they are (no fp32 copy);
-        # today every weight is loaded as fp32 and train casts the frozen linears back (cast_frozen_linears_).
-        converted[key] = tensor.to(torch.float32).contiguous()
+        kept = key in linear and tensor.dtype == keep
+        converted[key] = (tensor if kept else tensor.to(torch.float32)).contiguous()
     tied = model.tied
     # assign: the checked tensors become the parameters of the meta model (every key is there, see above), with
     # no allocation of empty weights first; to_empty would also import sympy through torch._refs
@@ -430,7 +453,30 @@ def fingerprint(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def hf_config_dict(config: GPT2Config, torch_dtype: str = "float32") -> dict:
+# model_type -> transformers' class names of (the causal LM, the sequence classifier): config.json's architectures.
+ARCHITECTURES = {
+    "gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
+    **{t: (f"{FAMILY_NAMES[t]}ForCausalLM", f"{FAMILY_NAMES[t]}ForSequenceClassification")
+       for t in ("llama", "mistral", "qwen2", "qwen3")},
+    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXForSequenceClassification"),
+}
+
+
+def architecture(model: CausalLM) -> str:
+    """The transformers class a saved `model` loads as: the family's causal LM, or its sequence classifier when
+    the model carries a `score` head."""
+    return ARCHITECTURES[model_type(model.config)][getattr(model, HEAD, None) is not None]
+
+
+def hf_config_dict(config, torch_dtype: str = "float32", base_config: dict | None = None) -> dict:
+    """config.json of a saved model: GPT-2's written from GPT2Config; another family's is the checkpoint's own
+    config.json (base_config: every field it had, token ids and rope parameters included), else our config."""
+    if model_type(config) != "gpt2":
+        out = dict(base_config if base_config is not None else config.to_dict())
+        out["model_type"] = model_type(config)
+        dtype_keys = [k for k in ("torch_dtype", "dtype") if k in out] or ["torch_dtype"]  # transformers 4 / 5
+        out.update({k: torch_dtype for k in dtype_keys})
+        return out
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -445,14 +491,17 @@ def hf_config_dict(config: GPT2Config, torch_dtype: str = "float32") -> dict:
     }
 
 
-def hf_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Our state dict -> Hugging Face GPT-2 layout (Conv1D weights [in, out]); the tied head is left out."""
+def hf_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                  leave_out: tuple[str, ...] = ("lm_head.weight",), gpt2: bool = True) -> dict[str, torch.Tensor]:
+    """Our state dict -> Hugging Face's layout: GPT-2's Conv1D weights back to [in, out]; the keys in leave_out
+    (a tied head, which the embedding's weight stands for) are left out. The other families' names and
+    orientation are already transformers'."""
     out = {}
     for key, tensor in state.items():
-        if key == "lm_head.weight":
+        if key in leave_out:
             continue
         t = tensor.detach().to("cpu", dtype)
-        out[key] = (t.t() if key.endswith(CONV1D_SUFFIXES) else t).contiguous()
+        out[key] = (t.t() if gpt2 and key.endswith(CONV1D_SUFFIXES) else t).contiguous()
     return out
 
 
@@ -463,18 +512,23 @@ def save_pretrained(
     extra_files: dict[str, str] | None = None,
     config_updates: dict | None = None,
     extra_tensors: dict[str, torch.Tensor] | None = None,
+    base_config: dict | None = None,
 ) -> Path:
-    """Write config.json + model.safetensors (+ extra text files) as a Hugging Face GPT-2 directory.
+    """Write config.json + model.safetensors (+ extra text files) as a Hugging Face directory of the model's
+    family: `transformers.AutoModelForCausalLM` loads it, or AutoModelForSequenceClassification when the model
+    carries a `score` head (whose directory holds no output head: the classifier has none). base_config: the
+    checkpoint's config.json (BaseModel.hf_config), written back with its own fields.
 
     The directory appears whole or not at all: it is built beside the target and renamed into place.
     """
-    if model_type(model.config) != "gpt2":
-        raise CheckpointError(f"writing a merged {FAMILY_NAMES[model_type(model.config)]} model is not supported yet "
-                              f"(GPT-2 only); export the adapter for PEFT instead (lora export)")
     out = Path(out_dir)
     dtype_name = str(dtype).removeprefix("torch.")
-    config = {**hf_config_dict(model.config, dtype_name), **(config_updates or {})}
-    tensors = hf_state_dict(model.state_dict(), dtype)
+    config = {**hf_config_dict(model.config, dtype_name, base_config), "architectures": [architecture(model)],
+              **(config_updates or {})}
+    head = "embed_out.weight" if hasattr(model, "embed_out") else "lm_head.weight"
+    classifier = getattr(model, HEAD, None) is not None
+    leave_out = (head,) if model.tied or classifier else ()
+    tensors = hf_state_dict(model.state_dict(), dtype, leave_out, gpt2=model_type(model.config) == "gpt2")
     tensors.update({k: v.detach().to("cpu", dtype).contiguous() for k, v in (extra_tensors or {}).items()})
     with atomic_dir(out, CheckpointError) as staging:
         atomic_write_text(staging / "config.json", json.dumps(config, indent=2) + "\n")
@@ -483,4 +537,3 @@ def save_pretrained(
         for name, text in (extra_files or {}).items():
             atomic_write_text(staging / name, text)
     return out
-

@@ -196,7 +196,8 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
         torch.set_num_threads(t.num_threads)
     device = dist.device or resolve_device(t.device)
     precision = resolve_precision(t.precision, device)
-    base, tokenizer = load_with_tokenizer(cfg.model)
+    low = DTYPES[precision] if precision in ("bf16", "fp16") else None  # kept as stored: no fp32 copy
+    base, tokenizer = load_with_tokenizer(cfg.model, dtype=low)
     model = base.model
     data = load_splits(cfg, context_length=model.config.n_positions, tokenizer=tokenizer)
     model.set_dropout(t.model_dropout)

@@ -22,8 +22,11 @@ What runs
   the prompt and on padding, full logits, `model(input_ids, attention_mask, labels=labels).loss`, backward,
   `clip_grad_norm_(1.0)`, `torch.optim.AdamW`, `zero_grad`, `loss.item()`; bf16: `torch.autocast` around the
   forward, as Hugging Face's Trainer does. Eval: the same forward under `torch.inference_mode`.
-- Both: the same GPT-2 architecture (--model), random weights, dropout --model-dropout (0, our default) in the
-  base, LoRA r=8 alpha=16 dropout 0.05 on attn.c_attn, AdamW lr 3e-4, batch --batch-size, --precision, the same
+- Both: the same architecture (--model: GPT-2's sizes, or a random-init preset of another family, whose config
+  file in lora_cli/presets/ the peer builds with transformers' AutoModelForCausalLM, LlamaForCausalLM /
+  Qwen2ForCausalLM, with the bundled GPT-2 BPE's vocabulary of 50,257 as ours), random weights, dropout
+  --model-dropout (0, our default) in the base, LoRA r=8 alpha=16 dropout 0.05 on attn.c_attn (GPT-2) or q_proj
+  and v_proj (the presets), AdamW lr 3e-4, batch --batch-size, --precision, the same
   examples. The pool is a seeded shuffle of the data: the first warmup_steps x batch_size examples are the warmup
   pool, the next steps x batch_size the measured pool; each tool batches each pool its own way (ours length-
   grouped, the peer in shuffled order), so both process exactly the same tokens in the measured steps.
@@ -43,7 +46,9 @@ with every run's tokens/s alongside and the largest peak memory of its runs)
   FLOPs out (what the hardware ran; an upper bound, since the last block's unscored positions stay counted).
 
 Useful FLOPs (counted from the data, the same for both tools; padding and the peer's extra last position count
-nothing). A matmul with a weight of P parameters costs 2P FLOPs per row forward. Per input position of a
+nothing). A matmul with a weight of P parameters costs 2P FLOPs per row forward. Below for GPT-2; a preset of
+another family counts its own linear layers the same way (q/k/v/o and the SwiGLU MLP; layer 0's q/k/v and LoRA
+A without an input gradient) and attention with its query width H D instead of C. Per input position of a
 training step, in every layer: the frozen linear weights (c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj: 12 C^2
 parameters) 4 FLOPs per parameter (forward + gradient w.r.t. the input; frozen weights need no weight gradient),
 except layer 0's c_attn, whose input never needs a gradient (2 per parameter); the LoRA matrices A [r, C] and B
@@ -73,11 +78,40 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 ARCH = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768), "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024)}
+PRESETS = ("smollm2-135m", "qwen2.5-0.5b")  # random-init presets of the Llama family (lora_cli/presets/*.json)
 VOCAB = 50257
 LORA = dict(r=8, alpha=16.0, dropout=0.05, targets=["attn.c_attn"])
+PRESET_TARGETS = ["q_proj", "v_proj"]
 LR = 3e-4
 # glibc settings the issue measured on the peer (page-faulting 412 MB logits copies every step).
 TUNED_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736", "MALLOC_TOP_PAD_": "1073741824"}
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+
+def preset_config(name: str) -> dict:
+    """A preset's config.json fields with the bundled GPT-2 BPE's vocabulary (as `init: random` builds it)."""
+    from lora_cli.pretrained import PRESET_DIR
+
+    raw = json.loads((PRESET_DIR / f"{name}.json").read_text(encoding="utf-8"))
+    return {**{k: v for k, v in raw.items() if not k.startswith("_")}, "vocab_size": VOCAB}
+
+
+def sizes(model: str, r: int) -> dict:
+    """What the FLOP count needs: layers, width C, query width H D, frozen linear parameters per layer, those of
+    layer 0 whose input needs no gradient, and the LoRA A / B parameters per layer."""
+    if model in ARCH:
+        C = ARCH[model]["n_embd"]
+        return dict(n_layer=ARCH[model]["n_layer"], C=C, attn=C, frozen=12 * C * C, first=3 * C * C,
+                    lora_a=r * C, lora_b=3 * C * r)
+    c = preset_config(model)
+    C, I, H = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"]
+    D = c.get("head_dim") or C // H
+    Hkv = c.get("num_key_value_heads") or H
+    qkv = C * (H + 2 * Hkv) * D
+    return dict(n_layer=c["num_hidden_layers"], C=C, attn=H * D, frozen=qkv + H * D * C + 3 * C * I, first=qkv,
+                lora_a=2 * r * C, lora_b=(H + Hkv) * D * r)  # LoRA on q_proj and v_proj
 
 
 # ------------------------------------------------------------------------------------------------ the data
@@ -94,7 +128,7 @@ def run_config(args, data_path: str):
         "data": {"train": data_path, "val_split": 0.0, "max_length": args.seq_len + 1 if text else args.max_length,
                  "format": "text" if text else "alpaca", "group_by_length": not args.no_group,
                  "packing": args.packing},
-        "lora": dict(LORA),
+        "lora": {**LORA, "targets": PRESET_TARGETS} if args.model in PRESETS else dict(LORA),
         "train": {"batch_size": args.batch_size, "lr": LR, "precision": args.precision, "device": args.device,
                   "num_threads": args.threads, "model_dropout": args.model_dropout, "seed": args.seed},
     })
@@ -114,25 +148,26 @@ def digest(examples) -> str:
     return hashlib.sha256(json.dumps([[e[0], e[1]] for e in examples]).encode()).hexdigest()[:16]
 
 
-def body_flops(mode: str, n_layer: int, C: int, r: int) -> float:
-    """Linear-layer FLOPs per input position, all layers (the module docstring's definition)."""
-    frozen = 12 * C * C  # per layer: c_attn 3C^2 + attn.c_proj C^2 + c_fc 4C^2 + mlp.c_proj 4C^2
-    lora_a, lora_b = r * C, 3 * C * r
+def body_flops(mode: str, a: dict) -> float:
+    """Linear-layer FLOPs per input position, all layers (the module docstring's definition); a: sizes().
+    GPT-2's frozen weights per layer: c_attn 3C^2 + attn.c_proj C^2 + c_fc 4C^2 + mlp.c_proj 4C^2."""
+    n_layer, frozen, lora_a, lora_b = a["n_layer"], a["frozen"], a["lora_a"], a["lora_b"]
     if mode == "eval":
         return n_layer * 2 * (frozen + lora_a + lora_b)
-    return n_layer * (4 * frozen + 6 * (lora_a + lora_b)) - 2 * 3 * C * C - 2 * lora_a
+    return n_layer * (4 * frozen + 6 * (lora_a + lora_b)) - 2 * a["first"] - 2 * lora_a
 
 
-def useful_flops(examples, mode: str, n_layer: int, C: int, r: int, V: int = VOCAB) -> float:
+def useful_flops(examples, mode: str, a: dict, V: int = VOCAB) -> float:
     """The useful FLOPs of processing `examples` ([(ids, loss_mask)]) once, as the module docstring defines."""
     train = mode != "eval"
-    body = body_flops(mode, n_layer, C, r)
+    n_layer, C = a["n_layer"], a["C"]
+    body = body_flops(mode, a)
     total = 0.0
     for ids, mask in examples:
         P = len(ids) - 1  # input positions (the last token is only a target)
         S = sum(mask[1:])  # scored positions
         key_sum = P * (P + 1) / 2  # sum over queries of the keys each attends to
-        total += P * body + n_layer * (12 if train else 4) * C * key_sum + S * (4 if train else 2) * V * C
+        total += P * body + n_layer * (12 if train else 4) * a["attn"] * key_sum + S * (4 if train else 2) * V * C
     return total
 
 
@@ -253,11 +288,21 @@ def child_peer(args, pools) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     p = args.model_dropout
-    config = GPT2Config(**ARCH[args.model], vocab_size=VOCAB, n_positions=1024, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p)
     torch.manual_seed(args.seed)
-    model = GPT2LMHeadModel(config)
+    if args.model in PRESETS:  # LlamaForCausalLM / Qwen2ForCausalLM from the preset's config, random init
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.for_model(**{**preset_config(args.model), "attention_dropout": p})
+        model = AutoModelForCausalLM.from_config(config)
+        targets, fan_in_fan_out = PRESET_TARGETS, False
+    else:
+        config = GPT2Config(**ARCH[args.model], vocab_size=VOCAB, n_positions=1024, resid_pdrop=p, embd_pdrop=p,
+                            attn_pdrop=p)
+        model = GPT2LMHeadModel(config)
+        targets, fan_in_fan_out = ["c_attn"], True
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                             target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM"))
+                                             target_modules=targets, fan_in_fan_out=fan_in_fan_out,
+                                             task_type="CAUSAL_LM"))
     model.to(device)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR)
@@ -342,7 +387,7 @@ def parse_args(argv=None):
     ap.add_argument("--seq-len", type=int, default=256, help="text mode: scored positions per example")
     ap.add_argument("--max-length", type=int, default=512, help="instruct/eval: tokens per example, truncated beyond")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--model", choices=sorted(ARCH), default="gpt2")
+    ap.add_argument("--model", choices=sorted(ARCH) + list(PRESETS), default="gpt2")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     ap.add_argument("--data", default=None, help="data file (default: instruction data, or The Verdict in text mode)")
@@ -418,9 +463,9 @@ def main(argv=None) -> None:
     # Each tool's fastest run (least disturbed by other processes on a shared machine); memory: the largest.
     results = {tool: min(rs, key=lambda r: sum(r["step_times_s"])) for tool, rs in runs.items()}
 
-    arch = ARCH[args.model]
+    arch = sizes(args.model, LORA["r"])
     real_count = sum(len(ids) - 1 for ids, _ in measured_examples)
-    flops = useful_flops(measured_examples, args.mode, arch["n_layer"], arch["n_embd"], LORA["r"])
+    flops = useful_flops(measured_examples, args.mode, arch)
     real = sum(len(ids) - 1 for ids, _ in measured_examples)
     scored = sum(sum(mask[1:]) for _, mask in measured_examples)
     peak_flops = peak[f"{args.precision}_matmul_peak_flops"]
@@ -444,7 +489,7 @@ def main(argv=None) -> None:
             # (an upper bound: the last block's unscored positions, also skipped, are not subtracted)
             "prefix_positions_skipped": r.get("shared_rows_skipped", 0),
             "frac_of_matmul_peak_run": round((flops - r.get("shared_rows_skipped", 0) * body_flops(
-                args.mode, arch["n_layer"], arch["n_embd"], LORA["r"])) / wall / peak_flops, 4),
+                args.mode, arch)) / wall / peak_flops, 4),
             **({"mfu": round(flops / wall / (args.reference_peak_tflops * 1e12), 4)} if args.reference_peak_tflops else {}),
             "fp32_matmul_peak_gflops": round(peak["fp32_matmul_peak_flops"] / 1e9, 1),
             "bf16_matmul_peak_gflops": round(peak.get("bf16_matmul_peak_flops", 0.0) / 1e9, 1),

@@ -264,3 +264,46 @@ def build_tokenizer(folder, *, bos: bool) -> dict[str, int]:
                                                               **config}))
     (folder / "generation_config.json").write_text(json.dumps(generation))
     return ids
+
+
+# ------------------------------------------------------------------------------------------ other families
+
+FAMILY_SIZES = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=128)
+
+
+def hf_family_config(family: str, vocab_size: int = FAMILY_SIZES["vocab_size"]):
+    """A tiny transformers config per family, each with the feature that sets the family apart switched on."""
+    import transformers
+
+    sizes = {**FAMILY_SIZES, "vocab_size": vocab_size}
+    if family == "llama":  # GQA, tied embeddings, q/k/v/o biases, llama3 rope scaling
+        return transformers.LlamaConfig(**sizes, num_key_value_heads=2, tie_word_embeddings=True, attention_bias=True,
+                                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+    if family == "mistral":  # no sliding window (not supported), untied
+        return transformers.MistralConfig(**sizes, num_key_value_heads=2, sliding_window=None)
+    if family == "qwen2":  # q/k/v biases, multi-head
+        return transformers.Qwen2Config(**sizes, num_key_value_heads=4, tie_word_embeddings=True)
+    if family == "qwen3":  # q/k RMSNorm, head_dim * heads != hidden_size
+        return transformers.Qwen3Config(**sizes, num_key_value_heads=2, head_dim=32)
+    if family == "gpt_neox":  # partial rotary, parallel residual, fused per-head q/k/v
+        return transformers.GPTNeoXConfig(**sizes, rotary_pct=0.5, use_parallel_residual=True)
+    if family == "gpt_neox_sequential":
+        return transformers.GPTNeoXConfig(**sizes, use_parallel_residual=False)
+    raise KeyError(family)
+
+
+def make_family_checkpoint(path, family: str, seed: int = 0, vocab_size: int = FAMILY_SIZES["vocab_size"],
+                           **save_kwargs):
+    """Save a random transformers model of `family` (biases and norm weights perturbed away from 0 and 1);
+    return it in eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_family_config(family, vocab_size)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(path, **save_kwargs)
+    return hf

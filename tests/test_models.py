@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import offline_hub_repo, python
+from helpers import FAMILY_SIZES, make_family_checkpoint as make_checkpoint, offline_hub_repo, python
 from lora_cli.pretrained import load_model
 from lora_cli.config import LoraConfig, ModelSpec
 from lora_cli.errors import CheckpointError, ConfigError
@@ -22,28 +22,7 @@ from lora_cli.lora import adapter_state_dict, apply_lora, count_parameters, reso
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-V = 300
-SIZES = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             max_position_embeddings=128)
-
-
-def hf_config(family: str):
-    """A tiny transformers config per family, each with the feature that sets the family apart switched on."""
-    if family == "llama":  # GQA, tied embeddings, q/k/v/o biases, llama3 rope scaling
-        return transformers.LlamaConfig(**SIZES, num_key_value_heads=2, tie_word_embeddings=True, attention_bias=True,
-                                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
-    if family == "mistral":  # no sliding window (not supported), untied
-        return transformers.MistralConfig(**SIZES, num_key_value_heads=2, sliding_window=None)
-    if family == "qwen2":  # q/k/v biases, multi-head
-        return transformers.Qwen2Config(**SIZES, num_key_value_heads=4, tie_word_embeddings=True)
-    if family == "qwen3":  # q/k RMSNorm, head_dim * heads != hidden_size
-        return transformers.Qwen3Config(**SIZES, num_key_value_heads=2, head_dim=32)
-    if family == "gpt_neox":  # partial rotary, parallel residual, fused per-head q/k/v
-        return transformers.GPTNeoXConfig(**SIZES, rotary_pct=0.5, use_parallel_residual=True)
-    if family == "gpt_neox_sequential":
-        return transformers.GPTNeoXConfig(**SIZES, use_parallel_residual=False)
-    raise KeyError(family)
+V = FAMILY_SIZES["vocab_size"]
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt_neox", "gpt_neox_sequential"]
@@ -54,18 +33,6 @@ TARGETS = {
     "gpt_neox": [(["attention.query_key_value"], ["query_key_value"]),
                  (["all-linear"], "all-linear")],
 }
-
-
-def make_checkpoint(path, family: str, seed: int = 0, **save_kwargs):
-    """Save a random transformers model of `family` (biases and norm weights perturbed away from 0 and 1);
-    return it in eval mode."""
-    torch.manual_seed(seed)
-    hf = transformers.AutoModelForCausalLM.from_config(hf_config(family)).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    hf.save_pretrained(path, **save_kwargs)
-    return hf
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -321,10 +288,26 @@ def test_missing_tensor_names_the_family(tmp_path):
         load_model(path)
 
 
-def test_merged_directory_of_a_new_family_is_refused_for_now(tmp_path):
-    from lora_cli.pretrained import save_pretrained
+def test_bf16_checkpoint_keeps_its_linear_weights_for_a_bf16_run(tmp_path):
+    """A bf16 run loads a bf16 checkpoint's linear weights as stored (no fp32 copy); once train has cast the
+    frozen linears, the model equals the one loaded in fp32 and cast, bit for bit, and trained layers are fp32."""
+    from lora_cli.models import cast_frozen_linears_
 
-    make_checkpoint(tmp_path / "src", "qwen3")
-    with pytest.raises(CheckpointError, match=r"writing a merged Qwen3 model is not supported yet \(GPT-2 only\)"):
-        save_pretrained(load_model(str(tmp_path / "src")).model, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    make_checkpoint(tmp_path / "fp32", "qwen2").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    kept = load_model(str(tmp_path / "bf16"), dtype=torch.bfloat16).model
+    assert kept.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert kept.model.embed_tokens.weight.dtype == kept.model.norm.weight.dtype == torch.float32
+    plain = load_model(str(tmp_path / "bf16")).model
+    assert plain.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    cfg = LoraConfig(r=4, alpha=8, dropout=0.0, targets=["q_proj"], modules_to_save=["layers.1.mlp.up_proj"],
+                     bias="lora_only")
+    for model in (kept, plain):
+        apply_lora(model, cfg, generator=torch.Generator().manual_seed(0))
+        cast_frozen_linears_(model, torch.bfloat16)
+    a, b = kept.state_dict(), plain.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    assert a["model.layers.1.mlp.up_proj.weight"].dtype == a["model.layers.0.self_attn.q_proj.base_layer.bias"].dtype \
+        == torch.float32
+    assert a["model.layers.0.self_attn.k_proj.weight"].dtype == torch.bfloat16

@@ -83,8 +83,6 @@ def _attend(qkv: torch.Tensor, heads: tuple[int, int, int], mask: torch.Tensor |
     k, v = (t.view(B, T, Hkv, D).transpose(1, 2) for t in (k, v))  # [B, Hkv, T, D]
     if cache is not None:
         k, v = cache.update(layer_idx, k, v)  # [B, Hkv, S, D]: the cache keeps the shared heads once
-    if Hkv != H:  # each group of H / Hkv query heads reads one key/value head
-        k, v = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))  # [B, H, S, D]
     short_bf16 = cache is None and T <= MATH_BF16_ATTENTION_MAX and q.dtype == torch.bfloat16 \
         and q.device.type == "cpu" and not (torch.is_grad_enabled() and q.requires_grad)
     with sdpa_kernel(SDPBackend.MATH) if short_bf16 else nullcontext():  # see MATH_BF16_ATTENTION_MAX
@@ -94,6 +92,10 @@ def _attend(qkv: torch.Tensor, heads: tuple[int, int, int], mask: torch.Tensor |
             dropout_p=dropout_p,
             # Without a mask the plain causal case runs SDPA's fused path; one new token sees every cached key.
             is_causal=mask is None and T > 1,
+            # Each group of H / Hkv query heads reads one key/value head. SDPA does the grouping itself (torch >= 2.5;
+            # the CPU flash and math kernels both take it, with or without a mask), so no [B, H, S, D] copies of
+            # k and v are made by repeat_interleave (nor kept for the backward).
+            enable_gqa=Hkv != H,
         )  # [B, H, T, D]
     return y.transpose(1, 2).reshape(B, T, H * D)
 
@@ -526,10 +528,15 @@ def cast_frozen_linears_(model: nn.Module, dtype: torch.dtype) -> int:
             skip.add(id(module))
     count = 0
     for module in model.modules():
-        if type(module) is not nn.Linear or id(module) in skip:
+        if type(module) is not nn.Linear:
             continue
         params = [p for p in module.parameters(recurse=False)]
-        if any(p.requires_grad for p in params) or module.weight is getattr(model, "lm_head", module).weight:
+        if any(p.requires_grad for p in params) or id(module) in skip:
+            # A layer trained (or read in fp32) that was loaded in `dtype` (pretrained.build_model's keep): fp32.
+            if any(p.dtype != torch.float32 for p in params):
+                module.float()
+            continue
+        if module.weight is getattr(model, "lm_head", module).weight:
             continue
         module.to(dtype)
         count += sum(p.numel() for p in params)

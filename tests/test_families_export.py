@@ -1,0 +1,242 @@
+"""`lora merge`, `lora export` (PEFT) and classifiers on the families beyond GPT-2, against transformers and PEFT on
+tiny random checkpoints with a tokenizer.json beside them: the merged directory loads in AutoModelForCausalLM /
+AutoModelForSequenceClassification and AutoTokenizer with our logits, config and tokenizer files carried over;
+PEFT loads our export on the transformers base and its loss equals `lora eval`'s on the exported directory; an
+adapter of one family on another is one line."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from helpers import alpaca_rows, assert_one_line_error, build_tokenizer, cli, make_family_checkpoint, make_hf_gpt2, rel
+from lora_cli.adapter import attach_adapter, export_peft, save_adapter
+from lora_cli.config import LoraConfig
+from lora_cli.lora import apply_lora, with_classification_head
+from lora_cli.merge import merge_adapter
+from lora_cli.models import last_token_hidden
+from lora_cli.pretrained import load_model
+from lora_cli.tokenizer import load_tokenizer
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+pytest.importorskip("tokenizers")
+
+V = 400  # build_tokenizer's vocabulary
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt_neox"]
+TARGETS = {"gpt_neox": ["attention.query_key_value", "mlp.dense_4h_to_h"]}
+LLAMA_TARGETS = ["q_proj", "v_proj", "mlp.down_proj"]
+CARRIED = ["generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+
+
+def make_adapter(base_dir, path, task="causal_lm", seed=0, **lora):
+    """An adapter on base_dir's model with random (non-zero) B, saved as `lora train` saves it."""
+    base = load_model(str(base_dir))
+    family = base.model.config.model_type
+    cfg = LoraConfig(r=4, alpha=8, dropout=0.0, targets=TARGETS.get(family, LLAMA_TARGETS), **lora)
+    g = torch.Generator().manual_seed(seed)
+    metadata = {"base_model": base.describe(), "task": task}
+    if task == "classification":
+        cfg = with_classification_head(base.model, cfg, 3, g)
+        metadata["data"] = {"format": "classification", "labels": ["a", "b", "c"]}
+    apply_lora(base.model, cfg, generator=g)
+    with torch.no_grad():
+        for name, p in base.model.named_parameters():
+            if "lora_B" in name or "magnitude" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    save_adapter(path, base.model, metadata)
+    return path
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    """(family, base directory with tokenizer files, adapter file)."""
+    root = tmp_path_factory.mktemp(request.param)
+    make_family_checkpoint(root / "base", request.param, vocab_size=V)
+    build_tokenizer(root / "base", bos=request.param in ("llama", "mistral", "gpt_neox"))
+    return request.param, root / "base", make_adapter(root / "base", root / "adapter.safetensors")
+
+
+IDS = torch.randint(3, V, (2, 13), generator=torch.Generator().manual_seed(0))  # no special token (pad, eos)
+
+
+def our_logits(base_dir, adapter):
+    model = attach_adapter(load_model(str(base_dir)), adapter).eval()
+    with torch.no_grad():
+        return model, model.logits(model(IDS))
+
+
+def test_merge_loads_in_transformers_with_equal_logits_and_carried_files(family, tmp_path):
+    name, base_dir, adapter = family
+    merge_adapter(adapter, tmp_path / "merged")
+    out = tmp_path / "merged"
+    assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", "config.json", "model.safetensors", *CARRIED])
+    for f in CARRIED:  # carried over unchanged from the base
+        assert (out / f).read_text() == (base_dir / f).read_text()
+    config, base_config = (json.loads((d / "config.json").read_text()) for d in (out, base_dir))
+    assert config == base_config  # the checkpoint's own fields (fp32 as it was)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    _, ours = our_logits(base_dir, adapter)
+    with torch.no_grad():
+        theirs = hf(input_ids=IDS).logits
+        base = transformers.AutoModelForCausalLM.from_pretrained(base_dir).eval()(input_ids=IDS).logits
+    assert (theirs - ours).abs().max().item() <= 1e-4
+    assert (base - theirs).abs().max().item() > 1e-3  # the merge changed the model
+    text = "naïve café — 東京 says hello, world"
+    assert (transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"]
+            == load_tokenizer(base_dir).encode(text, add_special_tokens=True))
+    again = load_model(str(out)).model.eval()  # our loader reads it back
+    with torch.no_grad():
+        assert (again.logits(again(IDS)) - ours).abs().max().item() <= 1e-5
+    assert f"{config['architectures'][0]}.from_pretrained" in (out / "README.md").read_text()
+
+
+def test_bf16_merge_records_its_dtype(family, tmp_path):
+    name, base_dir, adapter = family
+    if name != "qwen3":
+        pytest.skip("one family is enough")
+    merge_adapter(adapter, tmp_path / "m", dtype="bf16")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert {config.get(k) for k in ("torch_dtype", "dtype")} - {None} == {"bfloat16"}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    _, ours = our_logits(base_dir, adapter)
+    with torch.no_grad():
+        assert (hf(input_ids=IDS).logits - ours).abs().max().item() <= 0.1
+
+
+def hand_loss(model, tok, rows) -> tuple[float, int]:
+    """Mean loss of `model` (transformers' interface) on Alpaca rows encoded as `lora eval` does: [bos] + prompt,
+    then response + eos scored."""
+    from lora_cli.data.formats import render_prompt
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            prompt = tok.encode(render_prompt(row, "alpaca"), add_special_tokens=True)
+            response = tok.encode(row["output"]) + [tok.eos_id]
+            x = torch.tensor([prompt + response])
+            logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, len(prompt) - 1:-1].double()
+            total += torch.nn.functional.cross_entropy(logits, torch.tensor(response), reduction="sum").item()
+            count += len(response)
+    return total / count, count
+
+
+def test_peft_loads_the_export_and_its_loss_equals_lora_eval(family, tmp_path):
+    name, base_dir, adapter = family
+    export_peft(adapter, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is False and config["task_type"] == "CAUSAL_LM"
+    assert all(t.startswith("gpt_neox.layers." if name == "gpt_neox" else "model.layers.")
+               for t in config["target_modules"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
+    _, ours = our_logits(base_dir, adapter)
+    with torch.no_grad():
+        assert (theirs(input_ids=IDS).logits - ours).abs().max().item() <= 1e-5
+
+    rows = alpaca_rows(with_input=False, repeat=1)
+    (tmp_path / "val.json").write_text(json.dumps(rows))
+    code, out, err = cli("eval", "--adapter", tmp_path / "peft", "--model", base_dir, "--data", tmp_path / "val.json",
+                         "--json", "-q")
+    assert code == 0, err
+    result = json.loads(out)
+    loss, count = hand_loss(theirs, load_tokenizer(base_dir), rows)
+    assert result["tokens"] == count
+    assert rel(torch.tensor(result["loss"]), torch.tensor(loss)) <= 1e-4
+
+
+def test_dora_and_rslora_export_to_peft_on_qwen2(tmp_path):
+    make_family_checkpoint(tmp_path / "base", "qwen2", vocab_size=V)
+    adapter = make_adapter(tmp_path / "base", tmp_path / "a.safetensors", use_dora=True, use_rslora=True)
+    export_peft(adapter, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["use_rslora"] is True
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
+    _, ours = our_logits(tmp_path / "base", adapter)
+    _, again = our_logits(tmp_path / "base", tmp_path / "peft")  # and our import of the export
+    with torch.no_grad():
+        assert (theirs(input_ids=IDS).logits - ours).abs().max().item() <= 1e-5
+    assert (again - ours).abs().max().item() <= 1e-6
+
+
+# ------------------------------------------------------------------------------------------- classification
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt_neox"])
+def test_classifier_merges_and_exports_as_transformers_sequence_classifier(tmp_path, name):
+    make_family_checkpoint(tmp_path / "base", name, vocab_size=V)
+    build_tokenizer(tmp_path / "base", bos=name == "llama")
+    adapter = make_adapter(tmp_path / "base", tmp_path / "cls.safetensors", task="classification")
+    model = attach_adapter(load_model(str(tmp_path / "base")), adapter).eval()
+    mask = torch.ones_like(IDS)
+    with torch.no_grad():
+        ours = model.score(last_token_hidden(model(IDS, mask), mask))  # [B, 3]
+
+    merge_adapter(adapter, tmp_path / "merged")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["architectures"][0].endswith("ForSequenceClassification")
+    assert config["id2label"] == {"0": "a", "1": "b", "2": "c"}
+    tok = load_tokenizer(tmp_path / "base")
+    assert config["pad_token_id"] == (tok.pad_id if tok.pad_id is not None else tok.eos_id)
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert type(merged).__name__ == config["architectures"][0]
+    with torch.no_grad():
+        assert (merged(input_ids=IDS).logits - ours).abs().max().item() <= 1e-4
+
+    export_peft(adapter, tmp_path / "peft")
+    peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert peft_config["task_type"] == "SEQ_CLS" and peft_config["modules_to_save"] == ["score"]
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "base", num_labels=3, pad_token_id=config["pad_token_id"]).eval()
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
+    with torch.no_grad():
+        assert (theirs(input_ids=IDS).logits - ours).abs().max().item() <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------- bad inputs
+
+
+def test_adapter_of_another_family_is_one_line(family, tmp_path):
+    name, base_dir, adapter = family
+    if name != "llama":
+        pytest.skip("one family is enough")
+    make_hf_gpt2(tmp_path / "gpt2")
+    words = "Llama-family \\(llama, mistral, qwen2, qwen3\\)"
+    for command in (["eval", "--data", tmp_path / "d.json"], ["generate", "hi"], ["merge", "--out", tmp_path / "m"]):
+        (tmp_path / "d.json").write_text(json.dumps(alpaca_rows(repeat=1)))
+        code, out, err = cli(*command, "--adapter", adapter, "--model", tmp_path / "gpt2")
+        assert_one_line_error(code, out, err)
+        assert re.search(rf"adapter {adapter} was trained on a {words} model, but base model {tmp_path / 'gpt2'} is "
+                         rf"a GPT-2 model; load the adapter onto its own base model", err), err
+    assert not (tmp_path / "m").exists()
+
+
+def test_bad_checkpoints_are_one_line_exit_1_on_the_command_line(tmp_path):
+    """An unsupported model_type, a missing or corrupt tokenizer.json, a tokenizer larger than the embedding."""
+    make_family_checkpoint(tmp_path / "ok", "qwen2", vocab_size=V)
+    build_tokenizer(tmp_path / "ok", bos=False)
+    cases = {}
+    for case in ("mamba", "no-tokenizer", "corrupt", "small-vocab"):
+        shutil.copytree(tmp_path / "ok", tmp_path / case)
+        cases[case] = tmp_path / case
+    config = json.loads((cases["mamba"] / "config.json").read_text())
+    (cases["mamba"] / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
+    (cases["no-tokenizer"] / "tokenizer.json").unlink()
+    (cases["corrupt"] / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": ')
+    make_family_checkpoint(cases["small-vocab"], "qwen2", vocab_size=300)  # the tokenizer has 400 tokens
+    expected = {
+        "mamba": r"model_type 'mamba' is not supported; supported: gpt2, llama, mistral, qwen2, qwen3, gpt_neox",
+        "no-tokenizer": r"has no tokenizer.json; pass a model directory with its tokenizer files",
+        "corrupt": r"tokenizer.json: it is not a tokenizer.json that the tokenizers library can load",
+        "small-vocab": r"the tokenizer \(.*tokenizer.json, vocabulary 400\) has more tokens than model .* has embedding "
+                       r"rows \(300\)",
+    }
+    for case, path in cases.items():
+        code, out, err = cli("generate", "--model", path, "--max-new-tokens", "2", "hello")
+        assert_one_line_error(code, out, err)
+        assert re.search(expected[case], err), (case, err)
