@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from lora_cli.chat import chat_prompt_ids, chat_template_for, reply_ends
 from lora_cli.errors import ConfigError, LoraError, first_line
 from lora_cli.generate import decode_incremental, stream
 from lora_cli.inference import DataSettings, Loaded, attach_to, base_spec, load_base, open_adapter
@@ -158,24 +159,45 @@ class Job:
     max_tokens: int
     sampling: dict  # temperature, top_p, top_k, seed: generate.stream's options
     stop: list[str] = field(default_factory=list)
+    eos_ids: tuple[int, ...] | None = None  # None: the tokenizer's
     completion_tokens: int = 0
     finish_reason: str = "length"
 
 
-def messages_to_ids(served: Served, messages: list[dict]) -> list[int]:
-    """Chat messages -> the prompt's token ids. An instruction adapter (alpaca, prompt_completion): its prompt
-    template on the last user message, exactly what `lora generate` feeds for that text. A model without a
-    template cannot chat. The one place where messages become a prompt: a checkpoint's own chat template plugs
-    in here."""
-    settings = served.loaded.settings
-    if not uses_template(settings):
+@dataclass
+class ChatPrompt:
+    """What a conversation becomes: the prompt's ids and where the reply ends."""
+
+    ids: list[int]
+    eos_ids: tuple[int, ...] | None = None  # None: the tokenizer's eos ids
+    end_text: str = ""  # the chat template's end of turn, cut from the reply (a marker the tokenizer splits)
+
+
+def messages_to_ids(served: Served, messages: list[dict]) -> ChatPrompt:
+    """Chat messages -> the prompt, the one place where messages become a prompt. A chat adapter: the template it
+    was trained with (chat.chat_prompt_ids, as `lora generate --chat` renders it). An instruction adapter (alpaca,
+    prompt_completion): its prompt template on the last user message, exactly what `lora generate` feeds for that
+    text. Anything else: the checkpoint's own chat template; a model with none cannot chat."""
+    loaded, settings = served.loaded, served.loaded.settings
+    if settings.chat_template is None and uses_template(settings):
+        users = [m for m in messages if m.get("role") == "user"]
+        if not users:
+            raise ApiError(400, "messages holds no message with role 'user'; add one", "messages")
+        text = _content_text(users[-1].get("content"))
+        return ChatPrompt(loaded.tokenizer.encode(render(prompt_values(text, settings), settings),
+                                                  add_special_tokens=True))
+    try:
+        template = chat_template_for(loaded)
+    except ConfigError:
         raise ApiError(400, f"model {served.name!r} has no chat template; use /v1/completions with a raw prompt, "
-                            "or serve an instruction adapter", "messages", "model_not_supported")
-    users = [m for m in messages if m.get("role") == "user"]
-    if not users:
-        raise ApiError(400, "messages holds no message with role 'user'; add one", "messages")
-    text = _content_text(users[-1].get("content"))
-    return served.loaded.tokenizer.encode(render(prompt_values(text, settings), settings), add_special_tokens=True)
+                            "or serve a chat or instruction adapter", "messages", "model_not_supported") from None
+    messages = [{**m, "content": _content_text(m.get("content"))} if "content" in m else m for m in messages]
+    try:
+        ids = chat_prompt_ids(loaded, messages, template=template)
+    except LoraError as exc:
+        raise ApiError(400, first_line(exc), "messages") from None
+    eos_ids, end_text = reply_ends(template, loaded.tokenizer)
+    return ChatPrompt(ids, eos_ids, end_text)
 
 
 def _content_text(content) -> str:
@@ -273,7 +295,7 @@ class Engine:
         iterator of text pieces (stop strings applied; job.completion_tokens and job.finish_reason filled in at
         its end). Closing the iterator early (a client gone) stops the generation between two tokens."""
         net, tokenizer = served.loaded.model, served.loaded.tokenizer
-        ids = stream(net, job.prompt, job.max_tokens, eos_id=tokenizer.eos_ids, **job.sampling)
+        ids = stream(net, job.prompt, job.max_tokens, eos_id=job.eos_ids or tokenizer.eos_ids, **job.sampling)
 
         def counted() -> Iterator[int]:
             for t in ids:
@@ -420,7 +442,7 @@ def build_app(engine: Engine, api_key: str | None = None):
              **({"parent": s.parent} if s.parent else {})} for s in engine.models.values()]}
 
     def jobs(served: Served, req: Sampling, prompts: list[list[int]], max_tokens: int | None,
-             param: str) -> list[tuple[Job, AsyncIterator[str]]]:
+             param: str, chat: ChatPrompt | None = None) -> list[tuple[Job, AsyncIterator[str]]]:
         """Check every prompt and option before any generation starts: a bad one is a 400, never a broken
         stream."""
         stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
@@ -430,6 +452,9 @@ def build_app(engine: Engine, api_key: str | None = None):
         out = []
         for prompt in prompts:
             job = Job(prompt, _check_context(served, prompt, max_tokens, param), sampling, stops)
+            if chat is not None:  # the reply ends at the template's end of turn too
+                job.eos_ids = chat.eos_ids
+                job.stop = [*stops, chat.end_text] if chat.end_text else stops
             try:
                 out.append((job, engine.run_generation(served, job)))
             except LoraError as exc:
@@ -496,9 +521,9 @@ def build_app(engine: Engine, api_key: str | None = None):
     @v1.post("/chat/completions")
     async def chat(req: ChatRequest):
         served = engine.model(req.model)
-        prompt = messages_to_ids(served, req.messages)
+        chat_prompt = messages_to_ids(served, req.messages)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        out = respond(req, "chat.completion", jobs(served, req, [prompt], max_tokens, "messages"))
+        out = respond(req, "chat.completion", jobs(served, req, [chat_prompt.ids], max_tokens, "messages", chat_prompt))
         return out if req.stream else await out
 
     app.include_router(v1)

@@ -181,8 +181,9 @@ def alpaca_rows(words=WORDS, repeat: int = 3, with_input: bool = True):
 
 
 def train_run(root: Path, base: Path, lora="{r: 4, alpha: 8, dropout: 0.0, targets: [attn.q, attn.v, mlp.c_proj]}",
-              rows=None, steps=4, lr=2e-2) -> Path:
-    """`lora train` a few steps on alpaca rows; returns the run config (out_dir = root/out)."""
+              rows=None, steps=4, lr=2e-2, data_keys: str = "") -> Path:
+    """`lora train` a few steps on alpaca rows (or `rows`; `data_keys` adds data keys such as
+    ", chat_template: chatml"); returns the run config (out_dir = root/out)."""
     from lora_cli.config import load_config
     from lora_cli.train import train
 
@@ -192,7 +193,7 @@ def train_run(root: Path, base: Path, lora="{r: 4, alpha: 8, dropout: 0.0, targe
     config.write_text(f"""\
 model: {base}
 out_dir: out
-data: {{train: train.json, val_split: 0.25, max_length: 96}}
+data: {{train: train.json, val_split: 0.25, max_length: 96{data_keys}}}
 lora: {lora}
 train: {{lr: {lr}, batch_size: 4, max_steps: {steps}, warmup_steps: 1, eval_every: 0, save_every: 0, log_every: 1}}
 """)

@@ -29,6 +29,8 @@ KEY = "test-key"
 CONTEXT = 512  # room for the long generation that a client abandons
 INSTRUCTION = "Repeat the word apple."
 N = 12  # tokens per answer
+CHAT_ROWS = [[{"role": "user", "content": f"Repeat {w}."}, {"role": "assistant", "content": f"{w} {w}"}]
+             for w in ("apple", "river", "stone", "cloud", "green", "quick", "north", "paper")]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +41,8 @@ def runs(tmp_path_factory):
     train_run(root / "inst", root / "base", steps=3, lr=1e-3)  # a light touch: answers do not end at once
     train_run(root / "other", root / "base", steps=2, lr=5e-2,
               lora="{r: 2, alpha: 4, dropout: 0.0, targets: [attn.c_attn], bias: lora_only}")  # writes base biases
+    train_run(root / "chat", root / "base", steps=3, lr=5e-2, rows=[{"messages": m} for m in CHAT_ROWS],
+              data_keys=", chat_template: chatml")  # a chat adapter: its template rides in its metadata
     return root / "base", root / "inst" / "out" / "adapter.safetensors", root / "other" / "out"
 
 
@@ -47,7 +51,9 @@ def server(runs):
     """The running server: (url, Popen, stderr lines so far), its API key from LORA_API_KEY (--api-key is the
     same setting). Stopped with SIGTERM by the last test."""
     base, inst, other = runs
-    proc = python("-m", "lora_cli", "serve", "--adapter", f"inst={inst}", "--adapter", other, "--port", "0",
+    chat = base.parent / "chat" / "out" / "adapter.safetensors"
+    proc = python("-m", "lora_cli", "serve", "--adapter", f"inst={inst}", "--adapter", other, "--adapter",
+                  f"chat={chat}", "--port", "0",
                   "--device", "cpu", env=child_env(LORA_API_KEY=KEY), popen=True)
     lines: queue.Queue = queue.Queue()
     log: list[str] = []
@@ -170,7 +176,7 @@ def test_bad_flags_are_one_line_errors(runs):
 
 def test_models_and_health(server, client, runs):
     ids = {m.id for m in client.models.list()}
-    assert ids == {"inst", "out", base_name(runs)}
+    assert ids == {"inst", "out", "chat", base_name(runs)}
     health = httpx.get(server[0] + "/health").json()
     assert health["status"] == "ok" and health["active"] == 0
 
@@ -221,6 +227,22 @@ def test_chat_uses_the_adapters_prompt_template(client, runs):
     # a model without a prompt template (the base, or a `text` adapter) cannot chat: a 400 that says so
     with pytest.raises(openai.BadRequestError, match="has no chat template"):
         client.chat.completions.create(model=base_name(runs), messages=[{"role": "user", "content": "hi"}])
+
+
+def test_chat_adapter_answers_as_lora_generate_chat(client, runs):
+    """A chat adapter's conversation goes through the ChatML template it was trained with, and the reply ends at
+    the template's end of turn, exactly as `lora generate --chat` answers the same conversation."""
+    chat = runs[0].parent / "chat" / "out" / "adapter.safetensors"
+    messages = [{"role": "user", "content": "Repeat river."}, {"role": "assistant", "content": "river river"},
+                {"role": "user", "content": "Repeat stone."}]
+    want = gen(chat, "--chat", json.dumps(messages), "--max-new-tokens", 24)
+    answer = client.chat.completions.create(model="chat", messages=messages, max_tokens=24, temperature=0)
+    assert answer.choices[0].message.content == want
+    chunks = list(client.chat.completions.create(model="chat", messages=messages, max_tokens=24, temperature=0,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    with pytest.raises(openai.BadRequestError, match="role"):  # the template's conversation checks: a 400
+        client.chat.completions.create(model="chat", messages=[{"content": "no role"}])
 
 
 def test_four_concurrent_clients_get_their_own_answers(client, runs):
