@@ -95,10 +95,9 @@ def test_merge_loads_in_transformers_with_equal_logits_and_carried_files(family,
     assert f"{config['architectures'][0]}.from_pretrained" in (out / "README.md").read_text()
 
 
+@pytest.mark.parametrize("family", ["qwen3"], indirect=True)  # one family is enough
 def test_bf16_merge_records_its_dtype(family, tmp_path):
     name, base_dir, adapter = family
-    if name != "qwen3":
-        pytest.skip("one family is enough")
     merge_adapter(adapter, tmp_path / "m", dtype="bf16")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert {config.get(k) for k in ("torch_dtype", "dtype")} - {None} == {"bfloat16"}
@@ -201,10 +200,9 @@ def test_classifier_merges_and_exports_as_transformers_sequence_classifier(tmp_p
 # ------------------------------------------------------------------------------------------- bad inputs
 
 
+@pytest.mark.parametrize("family", ["llama"], indirect=True)  # one family is enough
 def test_adapter_of_another_family_is_one_line(family, tmp_path):
     name, base_dir, adapter = family
-    if name != "llama":
-        pytest.skip("one family is enough")
     make_hf_gpt2(tmp_path / "gpt2")
     words = "Llama-family \\(llama, mistral, qwen2, qwen3\\)"
     for command in (["eval", "--data", tmp_path / "d.json"], ["generate", "hi"], ["merge", "--out", tmp_path / "m"]):
