@@ -124,7 +124,9 @@ def eval_(
     config: Optional[Path] = typer.Argument(None, help="A run config: evaluate its test split (data.test or test_split), else its validation split, with out_dir/adapter.safetensors."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP + " Alone: evaluate that model."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Held-out data file (.csv/.tsv/.json/.jsonl/.parquet/.txt), encoded as the adapter was trained."),
+    data: Optional[str] = typer.Option(None, "--data", help="Held-out data file (.csv/.tsv/.json/.jsonl/.parquet/.txt), a save_to_disk directory or hf://datasets/OWNER/NAME, encoded as the adapter was trained."),
+    split: Optional[str] = typer.Option(None, "--split", help="--data from a hub dataset or a saved DatasetDict: the split to read (default: data.split, train)."),
+    subset: Optional[str] = typer.Option(None, "--subset", help="--data from a hub dataset: its configuration (load_dataset's name)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     batch_size: int = typer.Option(8, "--batch-size", help="Examples (and prompts, with --generate) per batch."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per example (default: the adapter's data.max_length)."),
@@ -155,7 +157,7 @@ def eval_(
     if config is None and adapter is None and model is None:
         raise ConfigError("name what to evaluate: --adapter FILE, --model MODEL, or a run config")
     options = EvalOptions(
-        data=data, adapter=adapter, model=model, config=config, overrides=tuple(overrides), batch_size=batch_size,
+        data=data, split=split, subset=subset, adapter=adapter, model=model, config=config, overrides=tuple(overrides), batch_size=batch_size,
         max_length=max_length, fmt=fmt, columns=tuple(columns), prompt_template=prompt_template,
         compare_base=not no_base, allow_mismatch=allow_mismatch, generate=gen, max_new_tokens=max_new_tokens,
         num_beams=num_beams, length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,

@@ -167,7 +167,9 @@ class EvalOptions:
     and Java; checked before any work); predictions: a JSONL file of each prompt's output. plot: a classifier's
     confusion matrix as a PNG."""
 
-    data: Path | None = None
+    data: str | Path | None = None  # a file, a save_to_disk directory, or hf://datasets/OWNER/NAME
+    split: str | None = None  # data from a hub dataset or a DatasetDict: this split instead of data.split
+    subset: str | None = None  # data from a hub dataset: this configuration instead of data.subset
     adapter: Path | None = None
     model: str | None = None
     config: Path | None = None
@@ -334,6 +336,8 @@ def held_out_examples(options: EvalOptions, subject: Subject, log) -> HeldOut:
     data_cfg = cfg.data if cfg is not None else settings.data_config(n_positions)
     if cfg is not None:
         data_cfg = replace(data_cfg, max_length=min(options.max_length or data_cfg.max_length, n_positions))
+    data_cfg = replace(data_cfg, split=options.split or data_cfg.split,
+                       subset=options.subset if options.subset is not None else data_cfg.subset)
     if options.generate:
         _check_reference_column(data, data_cfg, settings.task)
     if settings.task == "classification":

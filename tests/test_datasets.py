@@ -5,6 +5,8 @@ the examples truncation left without one."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from helpers import assert_one_line_error, child_env, cli
@@ -117,3 +119,25 @@ def test_show_needs_dry_run(sources):
     done = cli("train", write_config(sources, sources / "train.parquet"), "--show", "2", cwd=sources)
     line = assert_one_line_error(*done, expected_code=2)
     assert line == "error: --show N goes with --dry-run (it shows examples instead of training)"
+
+
+def test_lora_eval_reads_hub_datasets_and_saved_splits(sources, tmp_path):
+    """`lora eval --data` takes the same sources as data.train: the hub dataset (offline cache) and a saved
+    DatasetDict's split (--split) give the figures of the same rows read from Parquet."""
+    done = cli("train", write_config(sources, sources / "train.parquet"), "--set", f"out_dir={tmp_path / 'out'}",
+               "--set", "train.max_steps=1", "-q", cwd=sources)
+    assert done.rc == 0, done.stderr
+    adapter = tmp_path / "out" / "adapter.safetensors"
+
+    def figures(*data):
+        done = cli("eval", "--adapter", adapter, "--data", *data, "--json", "--no-base", cwd=sources,
+                   env=offline(sources))
+        assert done.rc == 0, done.stderr
+        result = json.loads(done.stdout)
+        return result["loss"], result["tokens"], result["examples"]
+
+    parquet = figures(sources / "train.parquet")
+    assert parquet[2] == 3
+    assert figures("hf://datasets/owner/name") == parquet
+    assert figures(sources / "dict", "--split", "train") == parquet
+    assert figures(sources / "dict", "--split", "validation")[2] == 2  # rows 1 and 2 of the same data
