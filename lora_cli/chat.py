@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from lora_cli.chat_template import chat_ids, conversation, end_of_turn, resolve_template, template_tokens
 from lora_cli.errors import ConfigError, ConversationError, LoraError
-from lora_cli.generate import stream_text
+from lora_cli.generate import StopText, stream_text
 from lora_cli.inference import Loaded
 from lora_cli.prompts import escape_line, numbered_lines, read_text_file
 
@@ -55,24 +55,16 @@ def reply_ends(template: str, tokenizer) -> tuple[tuple[int, ...], str]:
 
 def stop_at(pieces: Iterable[str], stop: str) -> Iterator[str]:
     """The text pieces up to the first `stop` (not included); text that may be the start of `stop` is held back
-    until the next piece decides."""
-    if not stop:
-        yield from pieces
-        return
-    buffer = ""
+    until the next piece decides (generate.StopText)."""
+    cut = StopText([stop] if stop else [])
     for piece in pieces:
-        buffer += piece
-        found = buffer.find(stop)
-        if found >= 0:
-            if found:
-                yield buffer[:found]
+        out, hit = cut.feed(piece)
+        if out:
+            yield out
+        if hit:
             return  # the decoding generator is dropped: no more tokens are computed
-        keep = next((n for n in range(min(len(stop) - 1, len(buffer)), 0, -1) if stop.startswith(buffer[-n:])), 0)
-        if len(buffer) > keep:
-            yield buffer[:len(buffer) - keep]
-            buffer = buffer[len(buffer) - keep:]
-    if buffer:
-        yield buffer
+    if tail := cut.flush():
+        yield tail
 
 
 @dataclass

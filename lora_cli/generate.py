@@ -531,6 +531,29 @@ def stream(
     return (tokens[0] for _, tokens in steps if tokens)
 
 
+class StopText:
+    """Cuts generated text at the first stop string (`lora serve`'s `stop`, a chat template's end of turn). Text
+    that could be the start of a stop string is held back until the next piece decides it."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops, self.pending = list(stops), ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """(text to emit now, whether a stop string was hit)"""
+        self.pending += piece
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[:min(hits)], ""
+            return out, True
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
 def decode_incremental(token_ids: Iterable[int], tokenizer: Tokenizer = GPT2) -> Iterator[str]:
     """Text pieces for a stream of token ids. A byte-level BPE token can hold part of a UTF-8 character
     (an emoji is often 2-3 tokens), so only whole characters are yielded; the pieces join to

@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 from lora_cli.chat import chat_prompt_ids, chat_template_for, reply_ends
 from lora_cli.errors import ConfigError, LoraError, first_line
-from lora_cli.generate import decode_incremental, stream
+from lora_cli.generate import StopText, decode_incremental, stream
 from lora_cli.inference import DataSettings, Loaded, attach_to, base_spec, load_base, open_adapter
 from lora_cli.prompts import prompt_values, render, uses_template
 from lora_cli.runtime import device_option
@@ -246,29 +246,6 @@ def _check_context(served: Served, prompt: list[int], max_tokens: int | None, pa
     return max_tokens
 
 
-class _StopText:
-    """Cuts generated text at the first stop string. Text that could be the start of a stop string is held back
-    until the next piece decides it."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops, self.pending = list(stops), ""
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        """(text to emit now, whether a stop string was hit)"""
-        self.pending += piece
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[:min(hits)], ""
-            return out, True
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        out, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
 # ------------------------------------------------------------------------------------------------ generation
 
 
@@ -316,7 +293,7 @@ class Engine:
                 pass
 
         def work() -> None:
-            stop = _StopText(job.stop)
+            stop = StopText(job.stop)
             try:
                 with self.lock:
                     self.stats["active"] += 1

@@ -15,7 +15,8 @@ import torch
 from lora_cli.adapter import attach_adapter
 from lora_cli.lora import lora_layers
 from lora_cli.pretrained import load_model
-from lora_cli.serve import _StopText, adapter_flags, load_models
+from lora_cli.generate import StopText
+from lora_cli.serve import adapter_flags, load_models
 from lora_cli.tokenizer import encode
 
 from helpers import TIMEOUT_S, assert_one_line_error, cli, child_env, make_hf_gpt2, python, train_run
@@ -150,10 +151,10 @@ def test_adapter_flags_and_stop_strings(tmp_path):
         [("x", str(run)), ("support", str(run / "adapter.safetensors")), ("b", str(tmp_path / "b.safetensors"))]
     with pytest.raises(Exception, match="two adapters are named 'support'"):
         adapter_flags([str(run), str(run / "adapter.safetensors")])
-    stop = _StopText(["END", "\n\n"])
+    stop = StopText(["END", "\n\n"])
     assert [stop.feed(p) for p in ["ab", "cE", "N", "xE", "ND tail"]] == \
         [("ab", False), ("c", False), ("", False), ("ENx", False), ("", True)]
-    assert _StopText(["zz"]).feed("az") == ("a", False)
+    assert StopText(["zz"]).feed("az") == ("a", False)
 
 
 def test_bad_flags_are_one_line_errors(runs):
