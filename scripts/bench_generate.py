@@ -30,7 +30,7 @@ from lora_cli import tokenizer  # noqa: E402
 from lora_cli.config import ModelSpec  # noqa: E402
 from lora_cli.generate import generate  # noqa: E402
 from lora_cli.inference import place  # noqa: E402
-from lora_cli.pretrained import load_model  # noqa: E402
+from lora_cli.pretrained import hf_state_dict, load_model  # noqa: E402
 
 PROMPT = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 
@@ -63,7 +63,7 @@ def transformers_model(model, name: str):
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
         n_head=cfg.n_head)).eval()
-    missing, _ = hf.load_state_dict(model.state_dict(), strict=False)
+    missing, _ = hf.load_state_dict(hf_state_dict(model.state_dict()), strict=False)
     assert not [k for k in missing if not k.endswith("attn.bias") and k != "lm_head.weight"], missing
     return hf
 
