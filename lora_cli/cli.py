@@ -116,6 +116,7 @@ def train(
 
 ADAPTER_HELP = "An adapter: .safetensors from `lora train`, a run directory, or a PEFT adapter directory."
 MODEL_HELP = "Base model (hub id, local directory or weights file); default: the adapter's own base."
+PRECISION_HELP = "Weights stored and computed in fp32, bf16 or fp16 (fp16: CUDA only); bf16 halves the bytes read per token."
 MISMATCH_HELP = "Use the adapter even if the base model's fingerprint differs from the one it was trained on."
 
 
@@ -144,6 +145,7 @@ def eval_(
     predictions: Optional[Path] = typer.Option(None, "--predictions", help="--generate: write each prompt, its output and references as JSONL."),
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help=MISMATCH_HELP),
     device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
     overrides: List[str] = typer.Option([], "--set", help=SET_HELP + " (with CONFIG)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Classifiers: write the confusion matrix as a PNG image to this file."),
@@ -162,7 +164,7 @@ def eval_(
         compare_base=not no_base, allow_mismatch=allow_mismatch, generate=gen, max_new_tokens=max_new_tokens,
         num_beams=num_beams, length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
         lowercase=lowercase, meteor=meteor, predictions=predictions, device=device,
-        progress=not quiet and sys.stderr.isatty(), plot=plot)
+        precision=precision, progress=not quiet and sys.stderr.isatty(), plot=plot)
     result = run_eval(options, log=lambda m: typer.echo(m, err=True))
     if as_json:
         echo_json(result)
@@ -215,15 +217,16 @@ def generate(
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole sequence at every step (slow; checks the KV cache)."),
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help=MISMATCH_HELP),
     device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     chat: bool = typer.Option(False, "--chat", help=CHAT_HELP),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", help=CHAT_TEMPLATE_HELP),
 ) -> None:
     """Generate text with an adapter (its prompt template applied) or a base model; streams a single prompt."""
     from lora_cli.evaluation import generate_texts
-    from lora_cli.inference import DataSettings, load_for_inference, open_adapter
+    from lora_cli.inference import DataSettings, load_for_inference, open_adapter, place
     from lora_cli.prompts import collect_prompts, escape_line, sampling_options
-    from lora_cli.runtime import device_option
+    from lora_cli.runtime import device_option, inference_dtype
 
     if adapter is None and model is None:
         raise ConfigError("name a model: --adapter FILE (its base and prompt template come with it) or --model MODEL")
@@ -245,8 +248,9 @@ def generate(
         return
     items = collect_prompts(prompts or [], file, as_json, settings, template=not no_template, input_text=input_text)
     dev = device_option(device)
+    dtype = inference_dtype(precision, dev)
     loaded = load_for_inference(adapter_obj, model, allow_mismatch)
-    net = loaded.model.to(dev)
+    net = place(loaded.model, dev, dtype)
     options.update(seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)
     if len(items) == 1 and file is None and not as_json and num_beams == 1:
         from lora_cli.generate import stream_text
@@ -329,6 +333,7 @@ def predict(
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Texts per batch."),
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help=MISMATCH_HELP),
     device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Classify texts with a classification adapter: prints `label probability` per text (e.g. `spam 0.9812`)."""
@@ -338,7 +343,7 @@ def predict(
     adapter_obj = open_adapter(adapter)
     check_classifier(adapter_obj)  # before reading stdin or loading the base
     items = read_texts(texts or [], file)
-    loaded = load_classifier(adapter_obj, model, allow_mismatch, device)
+    loaded = load_classifier(adapter_obj, model, allow_mismatch, device, precision)
     from tqdm import tqdm
 
     show = not quiet and sys.stderr.isatty() and len(items) > batch_size
@@ -388,12 +393,14 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1 requests (default: $LORA_API_KEY)."),
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help=MISMATCH_HELP),
     device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Serve the base model and adapters over an OpenAI-compatible HTTP API (/v1/models, /v1/completions,
     /v1/chat/completions, /health) until SIGTERM or Ctrl-C."""
     from lora_cli.serve import serve as run_server
 
-    run_server(adapters, model, host, port, api_key, device, allow_mismatch, log=lambda m: typer.echo(m, err=True))
+    run_server(adapters, model, host, port, api_key, device, allow_mismatch, log=lambda m: typer.echo(m, err=True),
+               precision=precision)
 
 
 # ---------------------------------------------------------------------------------------------------- main

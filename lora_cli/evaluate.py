@@ -23,12 +23,12 @@ from lora_cli.data import (
 from lora_cli.errors import AdapterError, ConfigError, DataError
 from lora_cli.evaluation import eval_batches, evaluate_classification, evaluate_lm, generate_texts
 from lora_cli.fsutil import atomic_path, atomic_write_text
-from lora_cli.inference import DataSettings, Loaded, attach_to, load_base, load_with_tokenizer, open_adapter
+from lora_cli.inference import DataSettings, Loaded, attach_to, load_base, load_with_tokenizer, open_adapter, place
 from lora_cli.lora import lora_disabled, lora_layers
 from lora_cli.metrics import generation_metrics, meteor_unavailable
 from lora_cli.pretrained import BaseModel
 from lora_cli.prompts import response_column
-from lora_cli.runtime import autocast_for, device_option, resolve_precision
+from lora_cli.runtime import autocast_for, device_option, inference_dtype, resolve_precision
 from lora_cli.tokenizer import GPT2, Tokenizer
 
 CLASSIFIER_BASE_NOTE = "the adapter's head on the base model, every LoRA layer off"
@@ -190,6 +190,7 @@ class EvalOptions:
     meteor: bool = False
     predictions: Path | None = None
     device: str = "auto"
+    precision: str = "fp32"  # --precision: the dtype the weights are stored in (runtime.inference_dtype)
     progress: bool = False
     plot: Path | None = None
 
@@ -274,6 +275,8 @@ def run_eval(options: EvalOptions, log=None) -> dict:
 def load_subject(options: EvalOptions) -> Subject:
     """1. The run config (if any), the adapter, its base model (bare) and its data settings, on the device."""
     cfg, adapter = None, options.adapter
+    device = device_option(options.device)
+    inference_dtype(options.precision, device)  # a bad --precision fails before anything loads
     if options.config is not None:
         cfg = load_config(options.config, list(options.overrides))
         if adapter is None:
@@ -299,9 +302,9 @@ def load_subject(options: EvalOptions) -> Subject:
     want = adapter_obj.base_model.get("fingerprint") if adapter_obj is not None else None
     if want and base.fingerprint and want != base.fingerprint and not options.allow_mismatch:
         attach_adapter(base, adapter_obj)  # it checks the fingerprint before it touches the model: its message, now
-    device = device_option(options.device)
-    base.model.to(device).eval()
-    autocast = autocast_for(device, resolve_precision("auto", device))
+    place(base.model, device, inference_dtype(options.precision, device))
+    # fp32 weights keep the default autocast (bf16 on CUDA); bf16/fp16 weights compute in their own dtype
+    autocast = autocast_for(device, resolve_precision("auto", device) if options.precision == "fp32" else options.precision)
     return Subject(base, adapter_obj, adapter, settings, cfg, device, autocast, tokenizer)
 
 
@@ -352,7 +355,7 @@ def held_out_examples(options: EvalOptions, subject: Subject, log) -> HeldOut:
 
 def _attach(options: EvalOptions, subject: Subject) -> None:
     attach_to(Loaded(subject.base, subject.adapter, subject.settings, subject.tokenizer), options.allow_mismatch)
-    subject.base.model.to(subject.device)
+    place(subject.base.model, subject.device, inference_dtype(options.precision, subject.device))
 
 
 def _batches(options: EvalOptions, subject: Subject, held: HeldOut, desc: str):

@@ -126,18 +126,29 @@ def _left_pad(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[t
 
 
 class _Decoder:
-    """Next-token logits [N, V] (float32) for N rows that each grow by one token per step.
+    """Next-token logits [N, V] (float32) for N rows that each grow by one token per step, up to `capacity`
+    tokens a row (prompt + new tokens).
 
-    With the cache only the new token goes through the model; without it the whole sequence is recomputed.
+    With the cache only the new token goes through the model, and the keys and values go into a static cache
+    allocated once (KVCache with a capacity); without it the whole sequence is recomputed. The attention mask
+    is allocated once too, [N, capacity] of ones, with a view of its first S columns handed to the model.
     `select(index)` keeps/reorders rows (finished rows dropped, beams reordered)."""
 
-    def __init__(self, model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, use_cache: bool):
+    def __init__(self, model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, use_cache: bool, capacity: int):
         self.model = model
-        self.mask = mask  # [N, S]: past + new tokens
+        S = mask.shape[1]
+        self.full_mask = torch.ones((mask.shape[0], max(capacity, S)), dtype=mask.dtype, device=mask.device)
+        self.full_mask[:, :S] = mask
+        self.length = S  # tokens per row so far
         self.padded = not bool(mask.all())
-        self.cache = KVCache(model.config.n_layer) if use_cache else None
+        self.cache = KVCache(model.config.n_layer, capacity=capacity) if use_cache else None
         self.ids = None if use_cache else ids
         self.logits = self._forward(ids)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[N, S]: past + new tokens."""
+        return self.full_mask[:, :self.length]
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         # Without padding, mask=None lets the model skip building a mask and take SDPA's fused causal path.
@@ -145,7 +156,7 @@ class _Decoder:
         return self.model.logits(hidden[:, -1]).float()  # only the last position: no [N, T, V] tensor
 
     def select(self, index: torch.Tensor) -> None:
-        self.mask = self.mask[index]
+        self.full_mask = self.full_mask[index]
         self.padded = not bool(self.mask.all())
         self.logits = self.logits[index]
         if self.cache is not None:
@@ -155,7 +166,7 @@ class _Decoder:
 
     def append(self, tokens: torch.Tensor) -> None:
         new = tokens[:, None]
-        self.mask = torch.cat([self.mask, torch.ones_like(new)], dim=1)
+        self.length += 1  # the new column of full_mask is already 1
         if self.cache is not None:
             self.logits = self._forward(new)
         else:
@@ -235,7 +246,7 @@ def _sampling_steps(model: CausalLM, prompts: list[list[int]], max_new_tokens: i
     model.eval()
     try:
         ids, mask = _left_pad(prompts, _device(model))
-        decoder = _Decoder(model, ids, mask, use_cache)
+        decoder = _Decoder(model, ids, mask, use_cache, ids.shape[1] + max_new_tokens)
         rows = torch.arange(len(prompts), device=ids.device)
         history, valid = ids, mask.bool()  # for no-repeat n-grams
         vocab = model.config.vocab_size
@@ -291,7 +302,7 @@ def _beam_batch(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, 
     try:
         ids, mask = _left_pad(prompts, _device(model))
         dev = ids.device
-        decoder = _Decoder(model, ids, mask, use_cache)
+        decoder = _Decoder(model, ids, mask, use_cache, ids.shape[1] + M)
         decoder.select(torch.arange(B, device=dev).repeat_interleave(nb))  # row b*nb + j is beam j of prompt b
         prompt_ids, prompt_valid = ids.repeat_interleave(nb, 0), mask.bool().repeat_interleave(nb, 0)
 

@@ -121,6 +121,13 @@ def load_for_inference(adapter: str | Path | None = None, model: str | None = No
     return loaded
 
 
+def place(model, device, dtype=None):
+    """The model on `device` in eval mode with every floating-point weight (base, LoRA, heads) stored in `dtype`
+    (runtime.inference_dtype; None keeps it). The cast replaces the parameters: no fp32 copy of the base stays
+    behind, and LoRA layers compute in the same dtype as their base. Returns the model."""
+    return model.to(device=device, dtype=dtype).eval()
+
+
 def attach_to(loaded: Loaded, allow_mismatch: bool = False) -> None:
     if loaded.adapter is not None:
         attach_adapter(loaded.base, loaded.adapter, allow_mismatch=allow_mismatch)

@@ -18,10 +18,10 @@ import torch
 
 from lora_cli.data import Example, batch_indices, collate
 from lora_cli.errors import ConfigError, DataError
-from lora_cli.inference import DataSettings, load_for_inference, open_adapter
+from lora_cli.inference import DataSettings, load_for_inference, open_adapter, place
 from lora_cli.loss import class_logits
 from lora_cli.prompts import numbered_lines, read_text_file
-from lora_cli.runtime import autocast_for, device_option, resolve_precision
+from lora_cli.runtime import DTYPES, autocast_for, device_option, inference_dtype, resolve_precision
 
 
 @dataclass
@@ -60,16 +60,18 @@ def read_texts(texts: Sequence[str], file: str | Path | None = None, stdin=None)
     return items
 
 
-def load_classifier(adapter, model: str | None = None, allow_mismatch: bool = False, device: str = "auto"):
-    """inference.Loaded with the classification adapter attached, on `device`, in eval mode. An adapter of
-    another task is a ConfigError."""
+def load_classifier(adapter, model: str | None = None, allow_mismatch: bool = False, device: str = "auto",
+                    precision: str = "fp32"):
+    """inference.Loaded with the classification adapter attached, on `device`, in eval mode, its weights in
+    `precision` (fp32, bf16, fp16: runtime.inference_dtype). An adapter of another task is a ConfigError."""
     adapter_obj = open_adapter(adapter)
     if adapter_obj is None:
         raise ConfigError("`lora predict` needs a classification adapter: pass --adapter FILE")
     check_classifier(adapter_obj)
     dev = device_option(device)
+    dtype = inference_dtype(precision, dev)
     loaded = load_for_inference(adapter_obj, model, allow_mismatch)
-    loaded.model.to(dev).eval()
+    place(loaded.model, dev, dtype)
     if not DataSettings.from_adapter(adapter_obj).labels:
         raise ConfigError(f"adapter {adapter_obj.path} does not record its class labels; pass an adapter written "
                           "by `lora train` with task: classification")
@@ -99,8 +101,11 @@ def predict_texts(loaded, texts: Sequence[str], batch_size: int = 8,
         if not ids:
             raise DataError(f"text {i + 1} is empty; give some text to classify")
         examples.append(Example(ids, [False] * len(ids), label=0, row=i))
-    device = next(model.parameters()).device
-    autocast = autocast_for(device, resolve_precision("auto", device))
+    first = next(model.parameters())
+    device = first.device
+    # fp32 weights keep the default autocast (bf16 on CUDA); bf16/fp16 weights compute in their own dtype
+    precision = next((name for name, dt in DTYPES.items() if dt == first.dtype), "fp32")
+    autocast = autocast_for(device, resolve_precision("auto", device) if precision == "fp32" else precision)
     probs: list[torch.Tensor | None] = [None] * len(examples)
     for idx in batch_indices([len(e) for e in examples], batch_size, 0, 0, shuffle=False):
         batch = collate([examples[i] for i in idx], pad_id=loaded.tokenizer.eos_id).to(device)

@@ -70,3 +70,16 @@ def autocast_for(device: torch.device, precision: str):
     if precision == "fp32":
         return nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+# `--precision` of the inference commands (generate, eval, predict, serve): the dtype the weights are stored in.
+INFERENCE_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of `--precision` on `device`: fp16 needs CUDA (CPU fp16 matmuls are slow and overflow-prone)."""
+    if precision not in INFERENCE_PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(INFERENCE_PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"--precision fp16 needs a CUDA device (this is {device.type}); use bf16 or fp32 here")
+    return DTYPES[precision]

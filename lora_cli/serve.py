@@ -41,9 +41,9 @@ from typing import Any, Literal
 from lora_cli.chat import chat_prompt_ids, chat_template_for, reply_ends
 from lora_cli.errors import ConfigError, LoraError, first_line
 from lora_cli.generate import StopText, decode_incremental, stream
-from lora_cli.inference import DataSettings, Loaded, attach_to, base_spec, load_base, open_adapter
+from lora_cli.inference import DataSettings, Loaded, attach_to, base_spec, load_base, open_adapter, place
 from lora_cli.prompts import prompt_values, render, uses_template
-from lora_cli.runtime import device_option
+from lora_cli.runtime import device_option, inference_dtype
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 GRACEFUL_SHUTDOWN_S = 30  # on SIGTERM / Ctrl-C, how long requests in flight may take to finish
@@ -95,10 +95,10 @@ def _shared_copy(model, keep_own: set[str]):
 
 
 def load_models(adapters: Sequence[str] = (), model: str | None = None, allow_mismatch: bool = False,
-                device=None) -> dict[str, Served]:
+                device=None, dtype=None) -> dict[str, Served]:
     """Every model the server answers to, by name: each distinct base once (--model, else the adapters' own
     bases) and each adapter attached to a tensor-sharing copy of its base. `device`: a torch.device (None: stay
-    on the CPU)."""
+    on the CPU); `dtype`: the weights' dtype (--precision; None: as loaded, fp32)."""
     flags = adapter_flags(adapters)
     if not flags and model is None:
         raise ConfigError("name a model: --model MODEL and/or --adapter [NAME=]PATH (repeatable)")
@@ -108,9 +108,7 @@ def load_models(adapters: Sequence[str] = (), model: str | None = None, allow_mi
         key = model if model is not None else repr(base_spec(adapter))
         if key not in bases:
             base, tokenizer = load_base(adapter, model)
-            if device is not None:
-                base.model.to(device)
-            base.model.eval()
+            place(base.model, device, dtype)
             bases[key] = Served(base.name, Loaded(base, None, DataSettings(), tokenizer))
         return bases[key]
 
@@ -128,6 +126,7 @@ def load_models(adapters: Sequence[str] = (), model: str | None = None, allow_mi
         base.model = _shared_copy(parent.loaded.model, written)
         loaded = Loaded(base, adapter, settings, parent.loaded.tokenizer)
         attach_to(loaded, allow_mismatch)
+        place(loaded.model, device, dtype)  # the adapter's own tensors (LoRA, biases) in the served dtype too
         served[name] = Served(name, loaded, parent.name)
     for b in bases.values():
         if b.name in served:
@@ -515,7 +514,8 @@ def _exit_cleanly(signum, frame) -> None:
 
 
 def serve(adapters: Sequence[str], model: str | None, host: str, port: int, api_key: str | None = None,
-          device: str = "auto", allow_mismatch: bool = False, log: Callable[[str], None] = print) -> None:
+          device: str = "auto", allow_mismatch: bool = False, log: Callable[[str], None] = print,
+          precision: str = "fp32") -> None:
     """Load the models and serve them until SIGTERM or Ctrl-C (a clean stop: in-flight requests finish first).
     Port 0 picks a free port; the line "serving http://HOST:PORT (models: ...)" says which."""
     try:  # the `serve` extra
@@ -531,6 +531,7 @@ def serve(adapters: Sequence[str], model: str | None, host: str, port: int, api_
     # once stopped; this handler turns that (or a SIGTERM while the models load) into a normal exit.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     dev = device_option(device)
+    dtype = inference_dtype(precision, dev)
     # Bind before loading the models (a port in use fails at once), listen after (until then clients are
     # refused rather than kept waiting).
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -541,7 +542,7 @@ def serve(adapters: Sequence[str], model: str | None, host: str, port: int, api_
         sock.close()
         raise ConfigError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); pick "
                           "another port (0: any free one)") from None
-    engine = Engine(load_models(adapters, model, allow_mismatch, dev))
+    engine = Engine(load_models(adapters, model, allow_mismatch, dev, dtype))
     sock.listen(2048)  # uvicorn's default backlog
     bound = sock.getsockname()[1]
     config = uvicorn.Config(build_app(engine, api_key), log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)

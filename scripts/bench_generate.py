@@ -1,12 +1,18 @@
-"""Generation speed with and without the KV cache (issue 5: the cache must win by >= 3x at 256 new tokens on
-gpt2-sized random weights, batch 1).
+"""Generation speed: with and without the KV cache (issue 5), or side by side with transformers and llama.cpp
+(issue 20: --side-by-side).
 
-    python scripts/bench_generate.py                 # gpt2 (124M), random init, 256 new tokens
+    python scripts/bench_generate.py                 # gpt2 (124M), random init, 256 new tokens, cache vs none
     python scripts/bench_generate.py --new-tokens 64 --model distilgpt2
+    python scripts/bench_generate.py --side-by-side --threads 2 --new-tokens 64   # ours fp32/bf16 vs transformers
+    python scripts/bench_generate.py --side-by-side --gguf model-f16.gguf         # ... and llama.cpp on that GGUF
 
-Greedy decoding with no EOT stop, so both runs produce exactly --new-tokens tokens; they must be the same tokens.
-Without the cache every step recomputes the whole sequence (prompt + tokens so far); only the last position is
-projected to the vocabulary in both modes, so the difference is the cache alone.
+Greedy decoding with no EOT stop, so every run produces exactly --new-tokens tokens per row; the cache and
+no-cache runs must give the same tokens. Without the cache every step recomputes the whole sequence (prompt +
+tokens so far); only the last position is projected to the vocabulary in both modes, so the difference is the
+cache alone. Side by side: batch 1 and batch 8 (eight copies of the prompt), tokens/s = rows x new tokens / s,
+for ours in fp32 and bf16 (`--precision`), transformers `generate` on the same weights (GPT2LMHeadModel built from
+our state dict) in fp32 and bf16, and llama.cpp (`llama_cpp`, when importable and --gguf names a GGUF of the
+same weights; batch 1 only: its Python API decodes one sequence).
 """
 
 from __future__ import annotations
@@ -21,17 +27,101 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from lora_cli import tokenizer  # noqa: E402
-from lora_cli.pretrained import load_model  # noqa: E402
 from lora_cli.config import ModelSpec  # noqa: E402
 from lora_cli.generate import generate  # noqa: E402
+from lora_cli.inference import place  # noqa: E402
+from lora_cli.pretrained import hf_state_dict, load_model  # noqa: E402
 
 PROMPT = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 
 
-def timed(model, prompt: list[int], n: int, use_cache: bool) -> tuple[list[int], float]:
+def timed(model, prompt: list[int], n: int, use_cache: bool, rows: int = 1) -> tuple[list[int], float]:
     start = time.perf_counter()
-    (out,) = generate(model, [prompt], n, eos_id=None, use_cache=use_cache)
+    out = generate(model, [prompt] * rows, n, eos_id=None, use_cache=use_cache)
+    return out[0], time.perf_counter() - start
+
+
+def cache_vs_none(model, prompt: list[int], n: int) -> None:
+    timed(model, prompt, 4, True)  # warm-up: first-call allocations and kernel selection
+    timed(model, prompt, 4, False)
+    cached, t_cached = timed(model, prompt, n, True)
+    print(f"with KV cache:    {n / t_cached:8.1f} tokens/s ({t_cached:.2f} s)", flush=True)
+    full, t_full = timed(model, prompt, n, False)
+    print(f"without KV cache: {n / t_full:8.1f} tokens/s ({t_full:.2f} s)")
+    print(f"speedup: {t_full / t_cached:.1f}x; same tokens: {cached == full}")
+
+
+def transformers_model(model, name: str):
+    """transformers' GPT2LMHeadModel with our weights (GPT-2 presets only), or None."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    if getattr(model.config, "model_type", "gpt2") != "gpt2":
+        return None
+    cfg = model.config
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head)).eval()
+    missing, _ = hf.load_state_dict(hf_state_dict(model.state_dict()), strict=False)
+    assert not [k for k in missing if not k.endswith("attn.bias") and k != "lm_head.weight"], missing
+    return hf
+
+
+def hf_timed(hf, prompt: list[int], n: int, rows: int) -> tuple[list[int], float]:
+    ids = torch.tensor([prompt] * rows)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist(), time.perf_counter() - start
+
+
+def llama_cpp_timed(path: str, prompt: list[int], n: int, threads: int) -> tuple[list[int], float] | None:
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    llm = llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + n + 8, n_threads=threads, verbose=False)
+    start = time.perf_counter()
+    out = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        out.append(token)
+        if len(out) == n:
+            break
     return out, time.perf_counter() - start
+
+
+def side_by_side(model, name: str, prompt: list[int], n: int, gguf: str | None) -> None:
+    hf = transformers_model(model, name)
+    cpu = torch.device("cpu")
+    print(f"{'':28s} {'batch 1':>12s} {'batch 8':>12s}   (tokens/s: rows x new tokens / s)")
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        place(model, cpu, dtype)
+        if hf is not None:
+            hf.to(dtype)
+        figures = {}
+        for rows in (1, 8):
+            timed(model, prompt, 4, True, rows)  # warm-up
+            ours, t = timed(model, prompt, n, True, rows)
+            figures[("ours", rows)] = rows * n / t
+            if hf is not None:
+                hf_timed(hf, prompt, 4, rows)
+                theirs, t = hf_timed(hf, prompt, n, rows)
+                figures[("transformers", rows)] = rows * n / t
+                figures[("same", rows)] = ours == theirs
+        print(f"{'lora-cli ' + precision:28s} {figures['ours', 1]:12.1f} {figures['ours', 8]:12.1f}", flush=True)
+        if hf is not None:
+            print(f"{'transformers ' + precision:28s} {figures['transformers', 1]:12.1f} "
+                  f"{figures['transformers', 8]:12.1f}   same tokens: {figures['same', 1]} / {figures['same', 8]}",
+                  flush=True)
+    place(model, cpu, torch.float32)
+    if gguf:
+        result = llama_cpp_timed(gguf, prompt, n, torch.get_num_threads())
+        if result is None:
+            print("llama.cpp: `llama_cpp` is not importable (pip install llama-cpp-python)")
+        else:
+            print(f"{'llama.cpp ' + Path(gguf).name:28s} {n / result[1]:12.1f} {'-':>12s}")
 
 
 def main() -> None:
@@ -39,6 +129,9 @@ def main() -> None:
     parser.add_argument("--model", default="gpt2", help="preset name, random weights (default gpt2)")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="ours (fp32, bf16) vs transformers generate vs llama.cpp, batch 1 and 8")
+    parser.add_argument("--gguf", default=None, help="--side-by-side: a GGUF of the same weights for llama.cpp")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -47,16 +140,12 @@ def main() -> None:
     prompt = tokenizer.encode(PROMPT)
     cfg = model.config
     print(f"model {args.model} (random init, {model.num_parameters() / 1e6:.1f}M parameters, n_layer={cfg.n_layer}, "
-          f"n_embd={cfg.n_embd}), prompt {len(prompt)} tokens, {args.new_tokens} new tokens, batch 1, "
+          f"n_embd={cfg.n_embd}), prompt {len(prompt)} tokens, {args.new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads")
-
-    timed(model, prompt, 4, True)  # warm-up: first-call allocations and kernel selection
-    timed(model, prompt, 4, False)
-    cached, t_cached = timed(model, prompt, args.new_tokens, True)
-    print(f"with KV cache:    {args.new_tokens / t_cached:8.1f} tokens/s ({t_cached:.2f} s)", flush=True)
-    full, t_full = timed(model, prompt, args.new_tokens, False)
-    print(f"without KV cache: {args.new_tokens / t_full:8.1f} tokens/s ({t_full:.2f} s)")
-    print(f"speedup: {t_full / t_cached:.1f}x; same tokens: {cached == full}")
+    if args.side_by_side:
+        side_by_side(model, args.model, prompt, args.new_tokens, args.gguf)
+    else:
+        cache_vs_none(model, prompt, args.new_tokens)
 
 
 if __name__ == "__main__":

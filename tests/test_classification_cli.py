@@ -247,6 +247,12 @@ def test_predict_arguments_file_stdin_and_json(trained, base_dir, tmp_path):
     preds = predict_texts(load_classifier(adapter, device="cpu"), TEXTS, batch_size=1)  # the library call
     assert [prediction_line(x) for x in preds] == want_lines
 
+    # --precision bf16: every weight (base, LoRA, head) stored in bf16; probabilities within bf16's rounding
+    loaded = load_classifier(adapter, device="cpu", precision="bf16")
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    for x, p in zip(predict_texts(loaded, TEXTS, batch_size=2), probs):
+        assert x.probability == pytest.approx(float(p.max()), abs=0.03) and x.label == labels[int(p.argmax())]
+
 
 # --------------------------------------------------------------------------------------------------- lora merge
 

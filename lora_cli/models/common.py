@@ -23,18 +23,38 @@ from torch.utils.checkpoint import checkpoint
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, one (k, v) pair per layer, each [B, Hkv, S, D]."""
+    """Keys and values of the tokens seen so far, one (k, v) pair per layer, each [B, Hkv, S, D].
 
-    def __init__(self, n_layer: int):
+    With `capacity` (the most tokens a row will hold: prompt + new tokens) the cache is static: each layer's
+    keys and values are allocated once, [B, Hkv, capacity, D], and every step writes its new columns in place
+    and attends over a view of the first S. Without it each step concatenates (a fresh [B, Hkv, S, D] copy per
+    layer and step: memory traffic that grows with the sequence and is not reading weights)."""
+
+    def __init__(self, n_layer: int, capacity: int | None = None):
         self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
+        self.capacity = capacity
+        self.size = 0  # static: tokens written so far (the same in every layer after a whole forward)
 
     @property
     def length(self) -> int:
+        if self.capacity is not None:
+            return self.size
         first = self.layers[0]
         return 0 if first is None else first[0].shape[2]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         past = self.layers[layer]
+        if self.capacity is not None:
+            B, Hkv, T, D = k.shape
+            if past is None:
+                past = (k.new_empty(B, Hkv, self.capacity, D), v.new_empty(B, Hkv, self.capacity, D))
+                self.layers[layer] = past
+            start = self.size
+            past[0][:, :, start:start + T] = k
+            past[1][:, :, start:start + T] = v
+            if layer == len(self.layers) - 1:
+                self.size += T
+            return past[0][:, :, :start + T], past[1][:, :, :start + T]
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
@@ -42,7 +62,7 @@ class KVCache:
         return k, v
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` of the batch (beam search)."""
+        """Keep rows `index` of the batch (finished rows dropped, beams reordered)."""
         self.layers = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.layers]
 
 

@@ -1,0 +1,146 @@
+"""Batched, KV-cached (static cache), uncached and beam decoding against the sequential, uncached reference, token
+for token (greedy), on a tiny checkpoint of every model family, in fp32 and bf16 (bf16: against a bf16 reference);
+and `--precision` on the inference commands (weights stored in that dtype, fp16 refused off CUDA in one line)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from helpers import assert_one_line_error, cli, make_hf_gpt2
+from lora_cli.generate import beam_search, generate
+from lora_cli.inference import place
+from lora_cli.pretrained import load_model
+from lora_cli.prompts import escape_line
+from lora_cli.runtime import inference_dtype
+
+transformers = pytest.importorskip("transformers")
+
+V = 64  # a small vocabulary: fewer near-ties among the top logits (see `reference`)
+SIZES = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=128)
+FAMILIES = ["gpt2", "llama", "qwen2", "qwen3", "gpt_neox"]
+PROMPTS = [[5, 17, 42, 19, 3, 50, 8], [7, 7, 12], [20, 1, 2, 3, 4, 5, 6, 9, 11, 60], [31, 63]]
+NEW = 12
+
+
+def hf_config(family: str):
+    if family == "gpt2":
+        return transformers.GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    if family == "llama":  # grouped-query attention, tied embeddings
+        return transformers.LlamaConfig(**SIZES, num_key_value_heads=2, tie_word_embeddings=True)
+    if family == "qwen2":  # q/k/v biases
+        return transformers.Qwen2Config(**SIZES, num_key_value_heads=4, tie_word_embeddings=True)
+    if family == "qwen3":  # q/k RMSNorm
+        return transformers.Qwen3Config(**SIZES, num_key_value_heads=2, head_dim=32)
+    return transformers.GPTNeoXConfig(**SIZES, rotary_pct=0.5)  # partial rotary, parallel residual
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def checkpoint(request, tmp_path_factory):
+    """A random checkpoint whose weights are scaled up, so that greedy outputs vary (a fresh init's logits are
+    nearly flat and its outputs repeat one token)."""
+    path = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config(request.param)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    hf.save_pretrained(path)
+    return path
+
+
+@torch.inference_mode()
+def reference(model, prompt: list[int], n: int, eos: int | None) -> tuple[list[int], int]:
+    """Greedy decoding one prompt at a time, recomputing the whole sequence at every step: no cache, no padding.
+    Returns the tokens and how many of them were clear choices: the steps before the first near-tie (top two
+    logits within 4 units in the last place of the top logit's dtype), where any other rounding of the same
+    computation (another batch shape, the cache's kernels) may pick the other token. fp32 ties do not occur here;
+    bf16 logits have 8 significant bits, and the paths' roundings move them by up to 2-3 ulps."""
+    ids, out, clear = list(prompt), [], None
+    for step in range(n):
+        logits = model.logits(model(torch.tensor([ids]))[0, -1])
+        top = logits.float().topk(2).values
+        ulp = torch.finfo(logits.dtype).eps * 2.0 ** math.floor(math.log2(top[0].abs().item()))
+        if clear is None and top[0] - top[1] < 4 * ulp:
+            clear = step
+        token = int(logits.float().argmax())
+        if token == eos:
+            break
+        out.append(token)
+        ids.append(token)
+    return out, len(out) if clear is None else clear
+
+
+def agree(got: list[list[int]], want: list[tuple[list[int], int]]) -> bool:
+    """Token for token equal over each reference row's clear steps, and equal in full for a row without ties."""
+    return all(g[:c] == w[:c] and (c < len(w) or g == w) for g, (w, c) in zip(got, want))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_batched_cached_and_uncached_decoding_equal_the_sequential_reference(checkpoint, precision):
+    dtype = inference_dtype(precision, torch.device("cpu"))
+    model = place(load_model(str(checkpoint)).model, torch.device("cpu"), dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    free = [reference(model, p, NEW, None)[0] for p in PROMPTS]
+    assert len({tuple(f) for f in free}) == len(PROMPTS)  # outputs that vary
+    # An eos that a row produces early: it leaves the batch, the others go on.
+    eos = free[0][2]
+    want = [reference(model, p, NEW, eos) for p in PROMPTS]
+    tokens = [w for w, _ in want]
+    assert min(len(t) for t in tokens) < NEW and len({len(t) for t in tokens}) > 1  # rows end at different steps
+    if precision == "fp32":
+        assert all(c == len(w) for w, c in want)  # no near-ties: every token is compared
+    else:
+        assert sum(c for _, c in want) >= len(PROMPTS)  # clear steps to compare
+    assert agree(generate(model, PROMPTS, NEW, eos_id=eos), want)  # one left-padded batch, static KV cache
+    assert agree(generate(model, PROMPTS, NEW, eos_id=eos, use_cache=False), want)
+    assert agree(generate(model, PROMPTS, NEW, eos_id=eos, batch_size=3), want)  # batches of similar lengths
+    assert agree(beam_search(model, PROMPTS, NEW, num_beams=1, eos_id=eos), want)
+
+
+def test_batched_beam_search_equals_one_prompt_at_a_time_uncached(checkpoint):
+    model = load_model(str(checkpoint)).model.eval()
+    eos = reference(model, PROMPTS[0], NEW, None)[0][2]
+    want = [beam_search(model, [p], NEW, num_beams=3, eos_id=eos, use_cache=False)[0] for p in PROMPTS]
+    assert beam_search(model, PROMPTS, NEW, num_beams=3, eos_id=eos) == want
+    assert beam_search(model, PROMPTS, NEW, num_beams=3, eos_id=eos, batch_size=2) == want
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt2-full-vocab")
+    make_hf_gpt2(path)
+    return path
+
+
+def test_precision_flag_stores_the_weights_in_that_dtype_and_refuses_fp16_off_cuda(tmp_path, gpt2_dir):
+    from lora_cli.evaluation import generate_texts
+
+    model = place(load_model(str(gpt2_dir)).model, torch.device("cpu"), torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    want = generate_texts(model, ["The river"], 6)[0]
+    code, out, err = cli("generate", "--model", str(gpt2_dir), "--precision", "bf16", "--max-new-tokens", "6",
+                         "--file", "-", stdin="The river\n")
+    assert code == 0, err
+    assert out == escape_line(want) + "\n"
+
+    text = tmp_path / "held.txt"
+    text.write_text("the quick river runs over seven stones\n" * 4)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        code, out, err = cli("eval", "--model", str(gpt2_dir), "--data", str(text), "--json", "--precision", precision)
+        assert code == 0, err
+        losses[precision] = json.loads(out)["loss"]
+    assert losses["bf16"] != losses["fp32"] and abs(losses["bf16"] / losses["fp32"] - 1) < 2e-2
+
+    for command in (["generate", "--model", str(gpt2_dir), "hi"], ["eval", "--model", str(gpt2_dir), "--data", str(text)]):
+        code, out, err = cli(*command, "--precision", "fp16")
+        assert_one_line_error(code, out, err, expected_code=2)
+        assert "--precision fp16 needs a CUDA device (this is cpu); use bf16 or fp32 here" in err
+        code, out, err = cli(*command, "--precision", "fp8")
+        assert_one_line_error(code, out, err, expected_code=2)
+        assert "--precision must be one of fp32, bf16, fp16, got 'fp8'" in err
