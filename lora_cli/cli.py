@@ -241,8 +241,8 @@ def generate(
         if num_beams != 1:
             raise ConfigError("--chat streams replies: drop --num-beams")
         items = read_conversations(prompts or [], file)
-        replier = chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, max_new_tokens, options,
-                               seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)
+        replier = chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, precision, max_new_tokens,
+                               options, seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)
         answer_conversations(replier, items, streamed=file is None and not as_json, as_json=as_json,
                              write=_write_flush)
         return
@@ -276,16 +276,19 @@ def _write_flush(text: str) -> None:
     sys.stdout.flush()
 
 
-def chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, max_new_tokens, options, **more):
-    """The model (adapter attached, on --device) and its chat template, ready to answer conversations."""
+def chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, precision, max_new_tokens, options,
+                 **more):
+    """The model (adapter attached, on --device, in --precision) and its chat template, ready to answer
+    conversations."""
     from lora_cli.chat import Replier, chat_template_for
-    from lora_cli.inference import load_for_inference
-    from lora_cli.runtime import device_option
+    from lora_cli.inference import load_for_inference, place
+    from lora_cli.runtime import device_option, inference_dtype
 
     dev = device_option(device)
+    dtype = inference_dtype(precision, dev)
     loaded = load_for_inference(adapter_obj, model, allow_mismatch)
     template = chat_template_for(loaded, chat_template)
-    return Replier(loaded, loaded.model.to(dev), template, max_new_tokens, {**options, **more})
+    return Replier(loaded, place(loaded.model, dev, dtype), template, max_new_tokens, {**options, **more})
 
 
 @app.command()
@@ -304,6 +307,7 @@ def chat(
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole sequence at every step (slow; checks the KV cache)."),
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help=MISMATCH_HELP),
     device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Talk with a chat adapter (or model) in the terminal: replies stream, the history is kept; /reset clears
     it, /exit or Ctrl-D ends."""
@@ -317,8 +321,8 @@ def chat(
     adapter_obj = open_adapter(adapter)
     if DataSettings.from_adapter(adapter_obj).task == "classification":
         raise ConfigError(f"adapter {adapter} is a classifier; `lora chat` needs a causal-LM adapter")
-    replier = chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, max_new_tokens, options,
-                           seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)
+    replier = chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, precision, max_new_tokens,
+                           options, seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)
     typer.echo(f"chatting with {adapter or model}; {HELP}", err=True)
     chat_loop(replier, system)
 

@@ -334,6 +334,20 @@ def test_chat_in_a_terminal_equals_generate_chat(chat_run):
     assert [r["generated"] for r in records] == [first, second] and records[1]["id"] == 7
 
 
+def test_chat_precision(chat_run):
+    """--precision reaches the chat commands: bf16 weights answer (the same reply up to bf16 rounding is not
+    asserted on a random tiny model), fp16 off CUDA is one line, exit 2."""
+    root, adapter = chat_run
+    history = json.dumps([{"role": "user", "content": "Repeat apple."}])
+    code, out, err = cli("generate", "--adapter", adapter, "--max-new-tokens", "4", "--chat", history, "--json",
+                         "--precision", "bf16", "--device", "cpu", cwd=root)
+    assert code == 0, err
+    assert isinstance(json.loads(out)["generated"], str)
+    code, out, err = cli("chat", "--adapter", adapter, "--precision", "fp16", "--device", "cpu", cwd=root)
+    assert assert_one_line_error(code, out, err, expected_code=2) == (
+        "error: --precision fp16 needs a CUDA device (this is cpu); use bf16 or fp32 here")
+
+
 BAD = {
     "no-role": ([ROWS[0], [{"content": "hi"}, {"role": "assistant", "content": "x"}]], "chatml",
                 "no-role.jsonl: row 2 (line 2): column 'messages': message 1 has no 'role'"),
