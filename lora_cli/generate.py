@@ -10,6 +10,7 @@ Public functions:
   stream(model, prompt, max_new_tokens, ...)     -> iterator of token ids for one prompt, as they are decoded
   stream_text(model, prompt, max_new_tokens, ...) -> iterator of text pieces (whole UTF-8 characters only)
   decode_incremental(token_ids)                   -> text pieces from any iterable of ids
+  ContinuousBatch(model), Row(model, prompt, ...) -> rows that join and leave a running batch between steps
   fit_prompt(prompt, max_new_tokens, n_positions, truncate, where) -> the prompt checked against the context
   process_logits / choose_tokens / banned_ngram_mask: the per-step pieces, exposed for tests and callers.
 
@@ -163,6 +164,36 @@ class _Decoder:
             self.cache.reorder(index)
         else:
             self.ids = self.ids[index]
+
+    def join(self, other: _Decoder, capacity: int) -> None:
+        """Take in `other`'s rows (prompts prefilled on their own) between two steps: continuous batching. Each side
+        is right-aligned at the longer one's length (the shorter one left-padded, as `_left_pad` pads prompts; a
+        row's positions come from its mask, so its past is unchanged), columns that are padding in every row are
+        dropped, and the cache is reallocated for `capacity` tokens a row. Cached decoders only."""
+        # (mask [n, w], cache layers [n, Hkv, w, D]) of each side, its real columns only: w <= width
+        parts = [(d.mask[:, d.first_column():], [tuple(t[:, :, d.first_column():d.length] for t in kv)
+                                                 for kv in d.cache.layers]) for d in (self, other)]
+        width = max(mask.shape[1] for mask, _ in parts)  # the joined rows' length
+        N, capacity = sum(mask.shape[0] for mask, _ in parts), max(capacity, width)
+        self.full_mask = torch.ones((N, capacity), dtype=self.mask.dtype, device=self.mask.device)
+        self.full_mask[:, :width] = 0
+        # [N, Hkv, capacity, D] per layer; zeros in the padding (never attended, but finite)
+        layers = [tuple(t.new_zeros((N, t.shape[1], capacity, t.shape[3])) for t in kv) for kv in parts[0][1]]
+        row = 0
+        for mask, kvs in parts:
+            rows, cols = slice(row, row + mask.shape[0]), slice(width - mask.shape[1], width)
+            self.full_mask[rows, cols] = mask
+            for (k, v), (pk, pv) in zip(layers, kvs):
+                k[rows, :, cols], v[rows, :, cols] = pk, pv
+            row = rows.stop
+        self.cache.layers, self.cache.capacity, self.cache.size = layers, capacity, width
+        self.length = width
+        self.padded = not bool(self.mask.all())
+        self.logits = torch.cat([self.logits, other.logits])
+
+    def first_column(self) -> int:
+        """The first column that some row attends to (the ones before are padding in every row)."""
+        return int(self.mask.any(dim=0).long().argmax())
 
     def append(self, tokens: torch.Tensor) -> None:
         new = tokens[:, None]
@@ -540,6 +571,116 @@ def stream(
                             generator=generator, no_repeat_ngram_size=no_repeat_ngram_size, eos_id=eos_id,
                             use_cache=use_cache)
     return (tokens[0] for _, tokens in steps if tokens)
+
+
+class Row:
+    """One prompt of a ContinuousBatch with its own options: what `stream(model, prompt, ...)` takes, checked
+    now (ConfigError, DataError). Its own torch.Generator (from `seed`) draws its samples: a row draws from it
+    exactly the samples it would draw alone, whatever else is in the batch."""
+
+    def __init__(self, model: CausalLM, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | torch.Generator | None = None,
+                 eos_id: EosIds = EOT_ID, truncate: bool = False):
+        _check_options(max_new_tokens, temperature, top_k, top_p, 0)
+        (self.prompt,) = _prepare(model, [prompt], max_new_tokens, truncate)
+        self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
+        self.generator = _make_generator(seed, _device(model))
+        self.eos = _eos_ids(eos_id)
+        self.produced = 0  # tokens so far
+        self.finished = False  # it ended (an eos, max_new_tokens, or removed)
+
+
+class ContinuousBatch:
+    """Continuous batching (Yu et al. 2022, "Orca", OSDI): rows join a running batch between two decoding steps
+    and leave it as soon as they end, so one forward decodes every running row. One `_Decoder` holds the batch:
+    a joining row's prompt is prefilled on its own, then `_Decoder.join` left-pads it (or the batch) into the
+    batch's cache. Every row gets the tokens it gets alone from `stream` (greedy: token for token; sampling: the
+    same draws from its own generator). Not thread-safe: one thread calls add, remove and step."""
+
+    def __init__(self, model: CausalLM):
+        self.model = model.eval()
+        self.rows: list[Row] = []  # the decoder's rows, in its order
+        self.waiting: list[Row] = []
+        self.decoder: _Decoder | None = None
+        self.batched_steps = 0  # steps that decoded more than one row
+        self.max_rows = 0  # the most rows one step decoded
+
+    def add(self, row: Row) -> None:
+        """Queue `row`: it joins at the next step that has room for it in the model's context."""
+        self.waiting.append(row)
+
+    def remove(self, row: Row) -> None:
+        """Drop `row` (its client is gone) at the next step."""
+        row.finished = True
+
+    def __bool__(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    def _admit(self) -> list[Row]:
+        """Prefill and join the waiting rows that fit, in order; returns those that end before decoding."""
+        ended = []
+        while self.waiting:
+            row = self.waiting[0]
+            if row.finished or row.max_new_tokens == 0:
+                row.finished = True
+                ended.append(self.waiting.pop(0))
+                continue
+            P = len(row.prompt)
+            if self.decoder is not None:
+                width = max(self.decoder.length - self.decoder.first_column(), P)
+                need = width + max(r.max_new_tokens - r.produced for r in [*self.rows, row])
+                if need > self.model.config.n_positions:
+                    break  # it waits for rows to leave (alone it always fits: Row checked that)
+            ids = torch.tensor([row.prompt], device=_device(self.model))
+            prefill = _Decoder(self.model, ids, torch.ones_like(ids), True, P + row.max_new_tokens)
+            if self.decoder is None:
+                self.decoder = prefill
+            else:
+                self.decoder.join(prefill, need)
+            self.rows.append(self.waiting.pop(0))
+        return ended
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Row, int | None]]:
+        """Admit waiting rows, then decode one token for every row: (row, token) pairs, token None for a row that
+        ended at an eos (not yielded, as `stream` does not) or before decoding. A row that ends has `finished` set
+        and has left the batch."""
+        out: list[tuple[Row, int | None]] = [(r, None) for r in self._admit()]
+        live = [i for i, r in enumerate(self.rows) if not r.finished]
+        if len(live) < len(self.rows) and self.decoder is not None:
+            self._keep(live)
+        if not self.rows:
+            return out
+        logits = self.decoder.logits  # [N, V]
+        tokens = logits.argmax(dim=-1)  # greedy rows; sampling rows draw from their own generator below
+        for i, r in enumerate(self.rows):
+            if r.temperature > 0:
+                tokens[i] = choose_tokens(logits[i:i + 1], r.temperature, r.top_k, r.top_p, r.generator)[0]
+        self.max_rows = max(self.max_rows, len(self.rows))
+        self.batched_steps += len(self.rows) > 1
+        keep = []
+        for i, (r, t) in enumerate(zip(self.rows, tokens.tolist())):
+            if t in r.eos:
+                r.finished = True
+                out.append((r, None))
+                continue
+            r.produced += 1
+            r.finished = r.produced == r.max_new_tokens
+            out.append((r, t))
+            if not r.finished:
+                keep.append(i)
+        if len(keep) < len(self.rows):
+            self._keep(keep)
+        if self.rows:
+            self.decoder.append(tokens[keep] if len(keep) < tokens.numel() else tokens)
+        return out
+
+    def _keep(self, index: list[int]) -> None:
+        self.rows = [self.rows[i] for i in index]
+        if not self.rows:
+            self.decoder = None
+        else:
+            self.decoder.select(torch.tensor(index, device=self.decoder.logits.device))
 
 
 class StopText:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import assert_one_line_error, cli, make_hf_gpt2
-from lora_cli.generate import beam_search, generate
+from lora_cli.generate import ContinuousBatch, Row, beam_search, generate, stream
 from lora_cli.inference import place
 from lora_cli.pretrained import load_model
 from lora_cli.prompts import escape_line
@@ -108,6 +108,41 @@ def test_batched_beam_search_equals_one_prompt_at_a_time_uncached(checkpoint):
     want = [beam_search(model, [p], NEW, num_beams=3, eos_id=eos, use_cache=False)[0] for p in PROMPTS]
     assert beam_search(model, PROMPTS, NEW, num_beams=3, eos_id=eos) == want
     assert beam_search(model, PROMPTS, NEW, num_beams=3, eos_id=eos, batch_size=2) == want
+
+
+def run_continuous(batch: ContinuousBatch, rows: list[Row], joins: list[int]) -> list[list[int]]:
+    """Decode `rows`, row i joining the running batch before step joins[i]; each row's tokens."""
+    out = {id(r): [] for r in rows}
+    step = 0
+    while step <= max(joins) or batch:
+        for r, j in zip(rows, joins):
+            if j == step:
+                batch.add(r)
+        for r, t in batch.step():
+            if t is not None:
+                out[id(r)].append(t)
+        step += 1
+    return [out[id(r)] for r in rows]
+
+
+def test_rows_joining_a_running_batch_get_the_tokens_they_get_alone(checkpoint):
+    """Continuous batching: prompts of different lengths join at different steps (one before the batch's first
+    step, one into a batch of longer rows, one longer than the running rows, one after others have left), rows
+    end at an eos or their own max_new_tokens; each gets the sequential reference's greedy tokens."""
+    model = load_model(str(checkpoint)).model.eval()
+    eos = reference(model, PROMPTS[0], NEW, None)[0][2]
+    news = [NEW, 9, NEW, 6]
+    want = [reference(model, p, n, eos) for p, n in zip(PROMPTS, news)]
+    batch = ContinuousBatch(model)
+    got = run_continuous(batch, [Row(model, p, n, eos_id=eos) for p, n in zip(PROMPTS, news)], [0, 1, 3, 9])
+    assert agree(got, want) and all(c == len(w) for w, c in want)
+    assert batch.max_rows == 3 and batch.batched_steps > 0 and not batch.rows and batch.decoder is None
+    # seeded sampling and greedy rows side by side: each row's draws are those of the same seed alone
+    options = [dict(temperature=1.0, seed=3), dict(temperature=0.8, top_k=20, seed=4), {},
+               dict(temperature=1.2, top_p=0.9, seed=5)]
+    alone = [list(stream(model, p, NEW, **o)) for p, o in zip(PROMPTS, options)]
+    assert run_continuous(ContinuousBatch(model), [Row(model, p, NEW, **o) for p, o in zip(PROMPTS, options)],
+                          [0, 2, 2, 5]) == alone
 
 
 @pytest.fixture(scope="module")
