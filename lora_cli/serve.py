@@ -15,10 +15,11 @@ model's module tree whose tensors are the base's own (copy.deepcopy with the bas
 adapter attached to the copy. Memory: one base plus each adapter's own tensors (LoRA weights, and any base tensor
 the adapter trains in full, e.g. biases, which is copied). A request picks its model by name; nothing is swapped.
 
-Concurrency: one lock around the models (they share weights and the CPU/GPU); each request's generation runs in
-its own thread under that lock, handing text pieces to the event loop. `run_generation` is the one path from a
-request to text (a batching queue replaces it). A client that disconnects mid-stream cancels its generation
-between two tokens, which frees the lock.
+Concurrency: continuous batching (generate.ContinuousBatch). Each served model has one running batch; a request
+becomes a row that joins its model's batch between two decoding steps (its prompt prefilled, then it decodes with
+the others) and leaves it as soon as it ends, or at the next step once its client is gone or a stop string is hit.
+One engine thread steps the models' batches in turn (see Engine); each request's text is made in its own thread
+and handed to the event loop. `run_generation` is the one path from a request to text.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request, the request models)
@@ -28,6 +29,7 @@ import copy
 import hmac
 import json
 import os
+import queue
 import signal
 import socket
 import threading
@@ -40,7 +42,7 @@ from typing import Any, Literal
 
 from lora_cli.chat import chat_prompt_ids, chat_template_for, reply_ends
 from lora_cli.errors import ConfigError, LoraError, first_line
-from lora_cli.generate import StopText, decode_incremental, stream
+from lora_cli.generate import ContinuousBatch, Row, StopText, decode_incremental
 from lora_cli.inference import DataSettings, Loaded, attach_to, base_spec, load_base, open_adapter, place
 from lora_cli.prompts import prompt_values, render, uses_template
 from lora_cli.runtime import device_option, inference_dtype
@@ -252,12 +254,23 @@ _END = object()
 
 
 class Engine:
-    """The served models, the lock around them, and counters for /health."""
+    """The served models, one ContinuousBatch each, the thread that decodes them, and counters for /health.
+
+    Batching: one engine thread steps every served model's batch in turn (round-robin, one decoding step each),
+    so the models, which share the base weights and the CPU/GPU, never run at once, and each model's concurrent
+    requests decode together. A request's row joins its model's batch at the next step and its tokens go to the
+    request's queue; the text (incremental decoding, stop strings) is made in the request's own thread."""
 
     def __init__(self, models: dict[str, Served]):
         self.models = models
-        self.lock = threading.Lock()
-        self.stats = {"active": 0, "completed": 0, "disconnected": 0}  # changed under the lock only
+        self.lock = threading.Lock()  # around stats
+        self.stats = {"active": 0, "completed": 0, "disconnected": 0}
+        self.batches = {name: ContinuousBatch(s.loaded.model) for name, s in models.items()}
+        self.wake = threading.Condition()  # around inbox, gone and sinks
+        self.inbox: list[tuple[str, Row]] = []  # rows to add, by model name
+        self.gone: list[tuple[str, Row]] = []  # rows to remove (a client gone, a stop string hit)
+        self.sinks: dict[Row, queue.SimpleQueue] = {}  # each running row's tokens, then None (or an exception)
+        threading.Thread(target=self._loop, name="lora-serve-batching", daemon=True).start()
 
     def model(self, name) -> Served:
         if name not in self.models:
@@ -266,19 +279,78 @@ class Engine:
                            "model_not_found")
         return self.models[name]
 
+    def batching(self) -> dict:
+        """/health's batching counters: steps that decoded several requests at once, and the most at once."""
+        return {"batched_steps": sum(b.batched_steps for b in self.batches.values()),
+                "max_batch": max((b.max_rows for b in self.batches.values()), default=0)}
+
     def run_generation(self, served: Served, job: Job) -> AsyncIterator[str]:
         """The one path from a request to text: checks the options now (LoraError), then returns an async
         iterator of text pieces (stop strings applied; job.completion_tokens and job.finish_reason filled in at
-        its end). Closing the iterator early (a client gone) stops the generation between two tokens."""
-        net, tokenizer = served.loaded.model, served.loaded.tokenizer
-        ids = stream(net, job.prompt, job.max_tokens, eos_id=job.eos_ids or tokenizer.eos_ids, **job.sampling)
+        its end). Closing the iterator early (a client gone) takes the request out of the batch at the next step."""
+        tokenizer = served.loaded.tokenizer
+        row = Row(served.loaded.model, job.prompt, job.max_tokens, eos_id=job.eos_ids or tokenizer.eos_ids,
+                  **job.sampling)
+        sink: queue.SimpleQueue = queue.SimpleQueue()
+        with self.wake:
+            self.sinks[row] = sink
+            self.inbox.append((served.name, row))
+            self.wake.notify()
 
         def counted() -> Iterator[int]:
-            for t in ids:
-                job.completion_tokens += 1
-                yield t
+            try:
+                while (t := sink.get()) is not None:
+                    if isinstance(t, BaseException):
+                        raise t
+                    job.completion_tokens += 1
+                    yield t
+            finally:  # ended early (or not: then this is a no-op)
+                with self.wake:
+                    self.gone.append((served.name, row))
+                    self.wake.notify()
 
         return self._pieces(decode_incremental(counted(), tokenizer), job)
+
+    def _loop(self) -> None:
+        while True:
+            with self.wake:
+                while not (self.inbox or self.gone or any(self.batches.values())):
+                    self.wake.wait()
+                for name, row in self.inbox:
+                    self.batches[name].add(row)
+                for name, row in self.gone:
+                    if self.sinks.pop(row, None) is not None:  # still running
+                        self.batches[name].remove(row)
+                self.inbox, self.gone = [], []
+            for name, batch in self.batches.items():
+                if batch:
+                    self._step(name, batch)
+
+    def _step(self, name: str, batch: ContinuousBatch) -> None:
+        try:
+            out = batch.step()
+        except BaseException as exc:  # a bug in generation: its requests get a 500, the server goes on
+            with self.wake:
+                for row in [*batch.rows, *batch.waiting]:
+                    sink = self.sinks.pop(row, None)
+                    if sink is not None:
+                        sink.put(exc)
+            self.batches[name] = ContinuousBatch(batch.model)
+            return
+        with self.wake:
+            for row, token in out:
+                sink = self.sinks.get(row)
+                if sink is None:  # removed meanwhile
+                    continue
+                if token is not None:
+                    sink.put(token)
+                if row.finished:
+                    sink.put(None)
+                    del self.sinks[row]
+
+    def _count(self, key: str, n: int) -> None:
+        with self.lock:
+            self.stats[key] += n
 
     async def _pieces(self, text: Iterator[str], job: Job) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
@@ -294,27 +366,26 @@ class Engine:
         def work() -> None:
             stop = StopText(job.stop)
             try:
-                with self.lock:
-                    self.stats["active"] += 1
-                    try:
-                        hit = False
-                        for piece in text:
-                            if cancel.is_set():
-                                self.stats["disconnected"] += 1
-                                return
-                            out, hit = stop.feed(piece)
-                            if out:
-                                put(out)
-                            if hit:
-                                break
-                        else:  # no stop string: it ran to max_tokens ("length") or ended at an EOS ("stop")
-                            put(stop.flush())
-                        hit_limit = not hit and job.completion_tokens >= job.max_tokens
-                        job.finish_reason = "length" if hit_limit else "stop"
-                        self.stats["completed"] += 1
-                    finally:
-                        text.close()  # ends the decoder chain: the KV cache is freed now
-                        self.stats["active"] -= 1
+                self._count("active", 1)
+                try:
+                    hit = False
+                    for piece in text:
+                        if cancel.is_set():
+                            self._count("disconnected", 1)
+                            return
+                        out, hit = stop.feed(piece)
+                        if out:
+                            put(out)
+                        if hit:
+                            break
+                    else:  # no stop string: it ran to max_tokens ("length") or ended at an EOS ("stop")
+                        put(stop.flush())
+                    hit_limit = not hit and job.completion_tokens >= job.max_tokens
+                    job.finish_reason = "length" if hit_limit else "stop"
+                    self._count("completed", 1)
+                finally:
+                    text.close()  # ends the token chain: the row leaves the batch at the next step
+                    self._count("active", -1)
             except BaseException as exc:  # a bug in generation: the request gets a 500, the server goes on
                 put(exc)
             finally:
@@ -408,7 +479,7 @@ def build_app(engine: Engine, api_key: str | None = None):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": sorted(engine.models), **engine.stats}
+        return {"status": "ok", "models": sorted(engine.models), **engine.stats, **engine.batching()}
 
     @v1.get("/models")
     async def models():
