@@ -266,6 +266,43 @@ def test_four_concurrent_clients_get_their_own_answers(client, runs):
     assert got == want and len(set(want)) == 4
 
 
+def test_concurrent_streams_are_decoded_together_and_get_their_own_answers(server, client):
+    """Continuous batching: a long stream runs; three more streams (greedy and seeded sampling, prompts of other
+    lengths) join its batch while it decodes. Each gets the answer it gets alone; /health's counters show the rows
+    shared decoding steps."""
+    long = 256
+    asks = [("The river and the stone", dict(max_tokens=long, stop="never appears")),
+            ("Quick music", {}), ("Seven green tables stand in the hall", dict(temperature=1.0, seed=11)),
+            ("North", dict(max_tokens=2 * N, temperature=0.7, top_p=0.9, seed=3))]
+    want = [streamed(client, "inst", p, **kw) for p, kw in asks]  # one at a time
+    assert len(set(want)) == 4
+    before = httpx.get(server[0] + "/health").json()
+    got: list = [None] * len(asks)
+    running = threading.Event()
+
+    def ask(i):
+        pieces, finish = [], None
+        for chunk in complete(client, "inst", asks[i][0], stream=True, **asks[i][1]):
+            pieces.append(chunk.choices[0].text)
+            finish = chunk.choices[0].finish_reason or finish
+            running.set()  # the first stream is decoding: the others may start
+        got[i] = ("".join(pieces), finish)
+
+    first = threading.Thread(target=ask, args=(0,))
+    first.start()
+    assert running.wait(timeout=120)
+    others = [threading.Thread(target=ask, args=(i,)) for i in range(1, len(asks))]
+    for t in others:
+        t.start()
+    for t in [first, *others]:
+        t.join(timeout=120)
+    assert got == want
+    after = httpx.get(server[0] + "/health").json()
+    # the long stream (256 steps) outlives the others (at most 2 N steps): each of their steps is shared
+    assert after["batched_steps"] - before["batched_steps"] >= N and after["max_batch"] >= 2
+    assert after["active"] == 0
+
+
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
     url = server[0]
     auth = {"Authorization": f"Bearer {KEY}"}
@@ -314,7 +351,7 @@ def test_a_client_gone_mid_stream_frees_the_model(server, client):
     with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
         first = next(r.iter_lines())
         assert first.startswith("data: {")
-    # the next request waits for the model, which the abandoned generation gives up at its next token
+    # the abandoned generation leaves its batch at its next token
     assert complete(client, "inst", "Hello", max_tokens=2).usage.completion_tokens == 2
     after = httpx.get(url + "/health").json()
     assert after["disconnected"] == before["disconnected"] + 1 and after["active"] == 0
