@@ -5,6 +5,7 @@
     python scripts/bench_generate.py --new-tokens 64 --model distilgpt2
     python scripts/bench_generate.py --side-by-side --threads 2 --new-tokens 64   # ours fp32/bf16 vs transformers
     python scripts/bench_generate.py --side-by-side --gguf model-f16.gguf         # ... and llama.cpp on that GGUF
+    python scripts/bench_generate.py --serve --new-tokens 64   # lora serve: total tokens/s, 1, 4, 8 clients
 
 Greedy decoding with no EOT stop, so every run produces exactly --new-tokens tokens per row; the cache and
 no-cache runs must give the same tokens. Without the cache every step recomputes the whole sequence (prompt +
@@ -13,6 +14,11 @@ cache alone. Side by side: batch 1 and batch 8 (eight copies of the prompt), tok
 for ours in fp32 and bf16 (`--precision`), transformers `generate` on the same weights (GPT2LMHeadModel built from
 our state dict) in fp32 and bf16, and llama.cpp (`llama_cpp`, when importable and --gguf names a GGUF of the
 same weights; batch 1 only: its Python API decodes one sequence).
+
+--serve: `lora serve`'s app (Engine + FastAPI on uvicorn, in this process, 127.0.0.1 on a free port) over the
+model; 1, 4 and 8 concurrent clients each ask /v1/completions for --new-tokens greedy tokens (each its own
+prompt); total tokens/s = all clients' completion tokens / wall time of the round. Continuous batching decodes
+the concurrent requests together, so the total grows with the clients until the batch stops being weight-bound.
 """
 
 from __future__ import annotations
@@ -124,6 +130,49 @@ def side_by_side(model, name: str, prompt: list[int], n: int, gguf: str | None) 
             print(f"{'llama.cpp ' + Path(gguf).name:28s} {n / result[1]:12.1f} {'-':>12s}")
 
 
+def serve_clients(base, prompt: list[int], n: int) -> None:
+    """base: pretrained.BaseModel (its model in eval mode)."""
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from lora_cli.inference import DataSettings, Loaded
+    from lora_cli.serve import Engine, Served, build_app
+
+    engine = Engine({"bench": Served("bench", Loaded(base, None, DataSettings()))})
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    server = uvicorn.Server(uvicorn.Config(build_app(engine), log_level="warning"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    while not server.started:
+        time.sleep(0.05)
+
+    def ask(i: int, out: list) -> None:  # each client its own prompt: the prompt plus i tokens
+        body = {"model": "bench", "prompt": prompt + prompt[:i], "max_tokens": n, "temperature": 0}
+        out[i] = httpx.post(url + "/v1/completions", json=body, timeout=3600).json()["usage"]["completion_tokens"]
+
+    ask(0, [0])  # warm-up
+    print(f"{'clients':>8s} {'total tokens/s':>15s} {'per client':>11s} {'seconds':>8s}", flush=True)
+    for clients in (1, 4, 8):
+        done = [0] * clients
+        threads = [threading.Thread(target=ask, args=(i, done)) for i in range(clients)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seconds = time.perf_counter() - start
+        print(f"{clients:8d} {sum(done) / seconds:15.1f} {sum(done) / seconds / clients:11.1f} {seconds:8.2f}",
+              flush=True)
+    health = httpx.get(url + "/health").json()
+    print(f"/health: max_batch {health['max_batch']}, batched_steps {health['batched_steps']}")
+    server.should_exit = True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gpt2", help="preset name, random weights (default gpt2)")
@@ -132,17 +181,22 @@ def main() -> None:
     parser.add_argument("--side-by-side", action="store_true",
                         help="ours (fp32, bf16) vs transformers generate vs llama.cpp, batch 1 and 8")
     parser.add_argument("--gguf", default=None, help="--side-by-side: a GGUF of the same weights for llama.cpp")
+    parser.add_argument("--serve", action="store_true",
+                        help="lora serve: total tokens/s with 1, 4 and 8 concurrent clients")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = load_model(ModelSpec(name=args.model, init="random")).model.eval()
+    base = load_model(ModelSpec(name=args.model, init="random"))
+    model = base.model.eval()
     prompt = tokenizer.encode(PROMPT)
     cfg = model.config
     print(f"model {args.model} (random init, {model.num_parameters() / 1e6:.1f}M parameters, n_layer={cfg.n_layer}, "
           f"n_embd={cfg.n_embd}), prompt {len(prompt)} tokens, {args.new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads")
-    if args.side_by_side:
+    if args.serve:
+        serve_clients(base, prompt, args.new_tokens)
+    elif args.side_by_side:
         side_by_side(model, args.model, prompt, args.new_tokens, args.gguf)
     else:
         cache_vs_none(model, prompt, args.new_tokens)
