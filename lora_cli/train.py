@@ -177,30 +177,6 @@ class Setup:
         return self.cfg.train.batch_size * self.cfg.train.grad_accum * self.world_size
 
 
-# glibc's malloc serves a request of at least this many bytes with its own mmap, returned to the system on free,
-# instead of from the heap. By default the threshold adapts upward to the largest block freed (up to 32 MB), so
-# after the first step every activation comes from the heap, where the saved tensors of one batch and the
-# temporaries of the next, of other sizes (other token counts), leave holes that no later request fits: the
-# heap, and the resident memory with it, grows past the live peak. Fixed at 512 KB (the [tokens, hidden] fp32
-# tensors of a batch and up), the smollm2-135m instruction benchmark (fp32, 1 thread, 2-core AMD EPYC) peaked at
-# 1348 instead of 1488 MB, for ~10% more CPU time per step (fresh pages are zeroed by the kernel on first use);
-# 256 KB: 1275 MB, ~30% more CPU time; 1 MB and 4 MB: 1515 and 1497 MB (no gain).
-HEAP_MMAP_THRESHOLD = 512 * 1024
-
-
-def limit_heap_fragmentation() -> None:
-    """Fix glibc's mmap threshold at HEAP_MMAP_THRESHOLD (mallopt M_MMAP_THRESHOLD); nothing on another C library."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes  # only here: the one call into the C library
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, HEAP_MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD (malloc.h)
-    except (OSError, AttributeError):  # musl or another libc without mallopt: nothing to tune
-        pass
-
-
 def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = None,
           savings: Savings = Savings()) -> Setup:
     """Load the base model, add LoRA, read the data: everything a dry run shows and a run needs.
@@ -219,8 +195,6 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     device = dist.device or resolve_device(t.device)
-    if device.type == "cpu":  # before the model's weights and the steps' activations are allocated
-        limit_heap_fragmentation()
     precision = resolve_precision(t.precision, device)
     low = DTYPES[precision] if precision in ("bf16", "fp16") else None  # kept as stored: no fp32 copy
     base, tokenizer = load_with_tokenizer(cfg.model, dtype=low)
