@@ -311,3 +311,25 @@ def test_bf16_checkpoint_keeps_its_linear_weights_for_a_bf16_run(tmp_path):
     assert a["model.layers.1.mlp.up_proj.weight"].dtype == a["model.layers.0.self_attn.q_proj.base_layer.bias"].dtype \
         == torch.float32
     assert a["model.layers.0.self_attn.k_proj.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_equals_autograd_bit_for_bit_and_keeps_two_tensors(dtype):
+    """common.swiglu (the Llama MLP's silu(gate) * up) gives autograd's values and gradients exactly, and keeps only
+    gate and up for the backward (autograd keeps silu(gate) as well)."""
+    import torch.nn.functional as F
+
+    from lora_cli.models.common import swiglu
+
+    g = torch.Generator().manual_seed(0)
+    gate, up, grad = (torch.randn(7, 24, generator=g).to(dtype) for _ in range(3))
+    results = []
+    for fn in (lambda a, b: F.silu(a) * b, swiglu):
+        a, b = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = fn(a, b)
+        results.append((out, *torch.autograd.grad(out, (a, b), grad), len(saved)))
+    (out, d_gate, d_up, n_autograd), (out2, d_gate2, d_up2, n_ours) = results
+    assert torch.equal(out, out2) and torch.equal(d_gate, d_gate2) and torch.equal(d_up, d_up2)
+    assert (n_autograd, n_ours) == (3, 2)

@@ -259,6 +259,36 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up, keeping only gate and up for the backward (autograd would also keep silu(gate)).
+
+    The backward recomputes silu(gate) and runs the ops autograd runs (mul, aten.silu_backward), in the same
+    order and dtype, so gradients are bit-identical to F.silu(gate) * up. One [N, I] tensor less per layer: the
+    smollm2-135m instruction benchmark (30 layers, I = 1536, fp32) peaked at 1488 instead of 1523 MB."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[1]:
+            grad_up = grad * F.silu(gate)
+        if ctx.needs_input_grad[0]:
+            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        return grad_gate, grad_up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (the SwiGLU of Shazeer 2020), with one activation less kept for the backward."""
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SwiGLU.apply(gate, up)
+    return F.silu(gate) * up
+
+
 class Rotary(nn.Module):
     """Rotary position embeddings (Su et al. 2021, RoFormer) on the first `dim` features of each head, in the
     rotate-half layout of Llama and GPT-NeoX checkpoints. `scaling`: None, or the `llama3` rope_scaling of

@@ -15,11 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lora_cli.models.common import (
-    CausalLM, HFNames, KVCache, RMSNorm, Rotary, Unpadded, apply_rotary, attend, tie_or_build_head,
+    CausalLM, HFNames, KVCache, RMSNorm, Rotary, Unpadded, apply_rotary, attend, swiglu, tie_or_build_head,
 )
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -152,7 +151,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(I, C, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
