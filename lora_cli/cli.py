@@ -224,9 +224,8 @@ def generate(
 ) -> None:
     """Generate text with an adapter (its prompt template applied) or a base model; streams a single prompt."""
     from lora_cli.evaluation import generate_texts
-    from lora_cli.inference import DataSettings, load_for_inference, open_adapter, place
+    from lora_cli.inference import DataSettings, load_placed, open_adapter
     from lora_cli.prompts import collect_prompts, escape_line, sampling_options
-    from lora_cli.runtime import device_option, inference_dtype
 
     if adapter is None and model is None:
         raise ConfigError("name a model: --adapter FILE (its base and prompt template come with it) or --model MODEL")
@@ -247,10 +246,8 @@ def generate(
                              write=_write_flush)
         return
     items = collect_prompts(prompts or [], file, as_json, settings, template=not no_template, input_text=input_text)
-    dev = device_option(device)
-    dtype = inference_dtype(precision, dev)
-    loaded = load_for_inference(adapter_obj, model, allow_mismatch)
-    net = place(loaded.model, dev, dtype)
+    loaded = load_placed(adapter_obj, model, allow_mismatch, device, precision)
+    net = loaded.model
     options.update(seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)
     if len(items) == 1 and file is None and not as_json and num_beams == 1:
         from lora_cli.generate import stream_text
@@ -281,14 +278,11 @@ def chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, prec
     """The model (adapter attached, on --device, in --precision) and its chat template, ready to answer
     conversations."""
     from lora_cli.chat import Replier, chat_template_for
-    from lora_cli.inference import load_for_inference, place
-    from lora_cli.runtime import device_option, inference_dtype
+    from lora_cli.inference import load_placed
 
-    dev = device_option(device)
-    dtype = inference_dtype(precision, dev)
-    loaded = load_for_inference(adapter_obj, model, allow_mismatch)
+    loaded = load_placed(adapter_obj, model, allow_mismatch, device, precision)
     template = chat_template_for(loaded, chat_template)
-    return Replier(loaded, place(loaded.model, dev, dtype), template, max_new_tokens, {**options, **more})
+    return Replier(loaded, loaded.model, template, max_new_tokens, {**options, **more})
 
 
 @app.command()

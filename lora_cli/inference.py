@@ -26,6 +26,7 @@ from lora_cli.config import FORMAT_CHOICES, DataConfig, ModelSpec
 from lora_cli.errors import AdapterError, CheckpointError, ConfigError
 from lora_cli.models import model_type
 from lora_cli.pretrained import BaseModel, load_model
+from lora_cli.runtime import device_option, inference_dtype
 from lora_cli.tokenizer import GPT2, Tokenizer, check_fits, model_tokenizer
 
 
@@ -118,6 +119,16 @@ def load_for_inference(adapter: str | Path | None = None, model: str | None = No
     loaded = Loaded(base, adapter_obj, DataSettings.from_adapter(adapter_obj), tokenizer)
     if attach:
         attach_to(loaded, allow_mismatch)
+    return loaded
+
+
+def load_placed(adapter, model: str | None, allow_mismatch: bool, device: str, precision: str) -> Loaded:
+    """load_for_inference, then the model placed on --device with its weights in --precision. The precision is
+    checked (runtime.inference_dtype) before anything loads."""
+    dev = device_option(device)
+    dtype = inference_dtype(precision, dev)
+    loaded = load_for_inference(adapter, model, allow_mismatch)
+    place(loaded.model, dev, dtype)
     return loaded
 
 

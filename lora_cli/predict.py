@@ -18,10 +18,10 @@ import torch
 
 from lora_cli.data import Example, batch_indices, collate
 from lora_cli.errors import ConfigError, DataError
-from lora_cli.inference import DataSettings, load_for_inference, open_adapter, place
+from lora_cli.inference import DataSettings, load_placed, open_adapter
 from lora_cli.loss import class_logits
 from lora_cli.prompts import numbered_lines, read_text_file
-from lora_cli.runtime import DTYPES, autocast_for, device_option, inference_dtype, resolve_precision
+from lora_cli.runtime import DTYPES, autocast_for, resolve_precision
 
 
 @dataclass
@@ -68,10 +68,7 @@ def load_classifier(adapter, model: str | None = None, allow_mismatch: bool = Fa
     if adapter_obj is None:
         raise ConfigError("`lora predict` needs a classification adapter: pass --adapter FILE")
     check_classifier(adapter_obj)
-    dev = device_option(device)
-    dtype = inference_dtype(precision, dev)
-    loaded = load_for_inference(adapter_obj, model, allow_mismatch)
-    place(loaded.model, dev, dtype)
+    loaded = load_placed(adapter_obj, model, allow_mismatch, device, precision)
     if not DataSettings.from_adapter(adapter_obj).labels:
         raise ConfigError(f"adapter {adapter_obj.path} does not record its class labels; pass an adapter written "
                           "by `lora train` with task: classification")
