@@ -91,7 +91,7 @@ def head_weight(model) -> torch.Tensor | None:
     """The [V, C] weight when model.logits is a plain bias-free linear map (GPT-2's tied lm_head), else None
     (a LoRA-wrapped or otherwise replaced head: callers then use model.logits)."""
     head = getattr(model, "lm_head", None)
-    if type(head) is torch.nn.Linear and head.bias is None:
+    if isinstance(head, torch.nn.Linear) and head.bias is None:
         return head.weight
     return None
 

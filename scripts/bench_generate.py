@@ -6,6 +6,7 @@
     python scripts/bench_generate.py --side-by-side --threads 2 --new-tokens 64   # ours fp32/bf16 vs transformers
     python scripts/bench_generate.py --side-by-side --gguf model-f16.gguf         # ... and llama.cpp on that GGUF
     python scripts/bench_generate.py --serve --new-tokens 64   # lora serve: total tokens/s, 1, 4, 8 clients
+    python scripts/bench_generate.py --e2e-beam 16 --model gpt2-medium   # E2E test MRs, beam 10, as lora eval
 
 Greedy decoding with no EOT stop, so every run produces exactly --new-tokens tokens per row; the cache and
 no-cache runs must give the same tokens. Without the cache every step recomputes the whole sequence (prompt +
@@ -30,9 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lora_cli import tokenizer  # noqa: E402  (lora_cli first: it sets torch's allocator up before torch loads)
 import torch  # noqa: E402
-
-from lora_cli import tokenizer  # noqa: E402
 from lora_cli.config import ModelSpec  # noqa: E402
 from lora_cli.generate import generate  # noqa: E402
 from lora_cli.inference import place  # noqa: E402
@@ -173,6 +173,27 @@ def serve_clients(base, prompt: list[int], n: int) -> None:
     server.should_exit = True
 
 
+def e2e_beam(model, limit: int, new_tokens: int, batch_size: int) -> None:
+    """The decoding of scripts/reproduce_e2e.sh's `lora eval --generate` on the first `limit` distinct meaning
+    representations of data/e2e_test.csv: prompt "{mr}\n", beam 10, length penalty 0.9, no-repeat 4-grams,
+    --batch-size prompts decoded together, at most `new_tokens` new tokens (a random model rarely ends early)."""
+    import csv
+
+    from lora_cli.generate import beam_search
+
+    with open(Path(__file__).resolve().parents[1] / "data" / "e2e_test.csv", newline="") as f:
+        mrs = list(dict.fromkeys(row["mr"] for row in csv.DictReader(f)))
+    prompts = [tokenizer.encode(mr + "\n") for mr in mrs[:limit]]
+    start = time.perf_counter()
+    out = beam_search(model, prompts, new_tokens, num_beams=10, length_penalty=0.9, no_repeat_ngram_size=4,
+                      batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o) for o in out)
+    print(f"{len(prompts)} of {len(mrs)} test MRs, beam 10, batch {batch_size}: {seconds:.1f} s, "
+          f"{len(prompts) / seconds:.3f} MRs/s, {tokens / seconds:.1f} output tokens/s "
+          f"(all {len(mrs)}: about {len(mrs) * seconds / len(prompts) / 60:.0f} min)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gpt2", help="preset name, random weights (default gpt2)")
@@ -183,6 +204,9 @@ def main() -> None:
     parser.add_argument("--gguf", default=None, help="--side-by-side: a GGUF of the same weights for llama.cpp")
     parser.add_argument("--serve", action="store_true",
                         help="lora serve: total tokens/s with 1, 4 and 8 concurrent clients")
+    parser.add_argument("--e2e-beam", type=int, default=0, metavar="N",
+                        help="beam-10 decoding of the first N E2E test MRs, as lora eval --generate runs it")
+    parser.add_argument("--batch-size", type=int, default=8, help="--e2e-beam: prompts decoded together (8)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -194,7 +218,9 @@ def main() -> None:
     print(f"model {args.model} (random init, {model.num_parameters() / 1e6:.1f}M parameters, n_layer={cfg.n_layer}, "
           f"n_embd={cfg.n_embd}), prompt {len(prompt)} tokens, {args.new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads")
-    if args.serve:
+    if args.e2e_beam:
+        e2e_beam(model, args.e2e_beam, args.new_tokens, args.batch_size)
+    elif args.serve:
         serve_clients(base, prompt, args.new_tokens)
     elif args.side_by_side:
         side_by_side(model, args.model, prompt, args.new_tokens, args.gguf)

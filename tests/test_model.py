@@ -76,3 +76,32 @@ def test_parameter_count_gpt2_config():
         model = GPT2(GPT2Config())
     assert model.num_parameters() == 124_439_808
     assert len(model.linear_names()) == 4 * 12 + 1
+
+
+@pytest.mark.parametrize("shape", [(1, 48), (5, 48), (2, 3, 48), (128, 48), (129, 48), (0, 48)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_decoding_kernel_equals_f_linear(shape, bias):
+    """models.common.Linear: without gradients, fp32, at most ONEDNN_MAX_ROWS rows, oneDNN's inner product runs
+    (the same values up to summation order); with gradients it is F.linear exactly, gradients included."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lora_cli.models.common import ONEDNN_MAX_ROWS, Linear
+
+    torch.manual_seed(0)
+    layer = Linear(48, 40, bias=bias)
+    x = torch.randn(shape)
+    reference = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fast = layer(x)
+    ran_onednn = any(e.name == "mkldnn::_linear_pointwise" for e in prof.events())
+    rows = x.numel() // 48
+    assert ran_onednn == (0 < rows <= ONEDNN_MAX_ROWS)  # torch's CPU builds ship oneDNN
+    assert fast.shape == reference.shape
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
+    x.requires_grad_(True)
+    out = layer(x)
+    assert torch.equal(out, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, layer.weight.sum(0).expand_as(x), rtol=1e-5, atol=1e-5)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_cli.models.common import CausalLM, KVCache, Unpadded, attend, tie_or_build_head
+from lora_cli.models.common import CausalLM, KVCache, Linear, Unpadded, attend, tie_or_build_head
 
 
 @dataclass
@@ -70,8 +70,8 @@ class Attention(nn.Module):
         self.heads = (config.n_head, config.n_head, config.n_embd // config.n_head)  # (H, Hkv, D)
         self.layer_idx = layer_idx
         self.attn_pdrop = config.attn_pdrop
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused query, key, value
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # fused query, key, value
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None,
@@ -86,8 +86,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_cli.models.common import (
-    CausalLM, HFNames, KVCache, Rotary, Unpadded, apply_rotary, attend, tie_or_build_head,
+    CausalLM, HFNames, KVCache, Linear, Rotary, Unpadded, apply_rotary, attend, tie_or_build_head,
 )
 from lora_cli.models.llama import REQUIRED, rope_from_hf
 
@@ -88,8 +88,8 @@ class Attention(nn.Module):
         self.heads = (H, H, D)
         self.layer_idx = layer_idx
         self.attn_pdrop = config.attention_dropout
-        self.query_key_value = nn.Linear(C, 3 * C, bias=config.attention_bias)  # [H, 3, D] per position
-        self.dense = nn.Linear(C, C, bias=config.attention_bias)
+        self.query_key_value = Linear(C, 3 * C, bias=config.attention_bias)  # [H, 3, D] per position
+        self.dense = Linear(C, C, bias=config.attention_bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, grid: Unpadded | None,
                 outputs: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -105,8 +105,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTNeoXConfig):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dense_h_to_4h = Linear(config.hidden_size, config.intermediate_size)
+        self.dense_4h_to_h = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lora_cli.models.common import (
-    CausalLM, HFNames, KVCache, RMSNorm, Rotary, Unpadded, apply_rotary, attend, swiglu, tie_or_build_head,
+    CausalLM, HFNames, KVCache, Linear, RMSNorm, Rotary, Unpadded, apply_rotary, attend, swiglu, tie_or_build_head,
 )
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -117,10 +117,10 @@ class Attention(nn.Module):
         self.attn_pdrop = config.attention_dropout
         qkv_bias = config.model_type == "qwen2" or config.attention_bias
         o_bias = config.attention_bias and config.model_type != "qwen2"
-        self.q_proj = nn.Linear(C, H * D, bias=qkv_bias)
-        self.k_proj = nn.Linear(C, Hkv * D, bias=qkv_bias)
-        self.v_proj = nn.Linear(C, Hkv * D, bias=qkv_bias)
-        self.o_proj = nn.Linear(H * D, C, bias=o_bias)
+        self.q_proj = Linear(C, H * D, bias=qkv_bias)
+        self.k_proj = Linear(C, Hkv * D, bias=qkv_bias)
+        self.v_proj = Linear(C, Hkv * D, bias=qkv_bias)
+        self.o_proj = Linear(H * D, C, bias=o_bias)
         if config.model_type == "qwen3":  # RMSNorm over each head's D features of q and k, before the rotation
             self.q_norm = RMSNorm(D, config.rms_norm_eps)
             self.k_norm = RMSNorm(D, config.rms_norm_eps)
@@ -146,9 +146,9 @@ class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         C, I, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(C, I, bias=bias)
-        self.up_proj = nn.Linear(C, I, bias=bias)
-        self.down_proj = nn.Linear(I, C, bias=bias)
+        self.gate_proj = Linear(C, I, bias=bias)
+        self.up_proj = Linear(C, I, bias=bias)
+        self.down_proj = Linear(I, C, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
