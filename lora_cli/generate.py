@@ -186,7 +186,7 @@ class _Decoder:
             for (k, v), (pk, pv) in zip(layers, kvs):
                 k[rows, :, cols], v[rows, :, cols] = pk, pv
             row = rows.stop
-        self.cache.layers, self.cache.capacity, self.cache.size = layers, capacity, width
+        self.cache.replace(layers, capacity, width)
         self.length = width
         self.padded = not bool(self.mask.all())
         self.logits = torch.cat([self.logits, other.logits])

@@ -69,6 +69,7 @@ class KVCache:
         self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
         self.capacity = capacity
         self.size = 0  # static: tokens written so far (the same in every layer after a whole forward)
+        self.spare: tuple[torch.Tensor, torch.Tensor] | None = None  # static: reorder's buffer (see reorder)
 
     @property
     def length(self) -> int:
@@ -97,8 +98,31 @@ class KVCache:
         return k, v
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` of the batch (finished rows dropped, beams reordered)."""
-        self.layers = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.layers]
+        """Keep rows `index` of the batch (finished rows dropped, beams reordered).
+
+        A static cache gathers the first `size` columns of each layer into a spare buffer of the same shape and
+        keeps the layer's old buffer as the spare of the next layer: one buffer more than the cache, allocated
+        once. Indexing (`kv[index]`) instead allocated a fresh [N, Hkv, capacity, D] tensor per layer and step,
+        whose page faults cost more than the copy: beam 10 over 8 E2E prompts on gpt2-medium (80 rows), 11.5 ms per
+        layer and step, as long as that layer's linear layers took."""
+        if self.capacity is None:
+            self.layers = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.layers]
+            return
+        n, S = index.numel(), self.size
+        spare = self.spare
+        for i, kv in enumerate(self.layers):
+            if kv is None:
+                continue
+            if spare is None or spare[0].shape[0] < n or spare[0].shape[1:] != kv[0].shape[1:]:
+                spare = tuple(t.new_empty((n,) + t.shape[1:]) for t in kv)
+            for src, dst in zip(kv, spare):
+                torch.index_select(src[:, :, :S], 0, index, out=dst[:n, :, :S])
+            self.layers[i], spare = tuple(t[:n] for t in spare), kv
+        self.spare = spare
+
+    def replace(self, layers: list[tuple[torch.Tensor, torch.Tensor]], capacity: int, size: int) -> None:
+        """New static buffers (generate._Decoder.join builds them): the spare of the old shape goes."""
+        self.layers, self.capacity, self.size, self.spare = layers, capacity, size, None
 
 
 # On the CPU, SDPA's bf16 flash kernel is slow on short sequences; its plain "math" backend (two bf16 matmuls and
