@@ -4,7 +4,7 @@
     python scripts/bench_generate.py                 # gpt2 (124M), random init, 256 new tokens, cache vs none
     python scripts/bench_generate.py --new-tokens 64 --model distilgpt2
     python scripts/bench_generate.py --side-by-side --threads 2 --new-tokens 64   # ours fp32/bf16 vs transformers
-    python scripts/bench_generate.py --side-by-side --gguf model-f16.gguf         # ... and llama.cpp on that GGUF
+    python scripts/bench_generate.py --side-by-side --gguf m-f32.gguf m-f16.gguf  # ... and llama.cpp on each GGUF
     python scripts/bench_generate.py --serve --new-tokens 64   # lora serve: total tokens/s, 1, 4, 8 clients
     python scripts/bench_generate.py --e2e-beam 16 --model gpt2-medium   # E2E test MRs, beam 10, as lora eval
 
@@ -98,7 +98,7 @@ def llama_cpp_timed(path: str, prompt: list[int], n: int, threads: int) -> tuple
     return out, time.perf_counter() - start
 
 
-def side_by_side(model, name: str, prompt: list[int], n: int, gguf: str | None) -> None:
+def side_by_side(model, name: str, prompt: list[int], n: int, ggufs: list[str]) -> None:
     hf = transformers_model(model, name)
     cpu = torch.device("cpu")
     print(f"{'':28s} {'batch 1':>12s} {'batch 8':>12s}   (tokens/s: rows x new tokens / s)")
@@ -122,10 +122,11 @@ def side_by_side(model, name: str, prompt: list[int], n: int, gguf: str | None) 
                   f"{figures['transformers', 8]:12.1f}   same tokens: {figures['same', 1]} / {figures['same', 8]}",
                   flush=True)
     place(model, cpu, torch.float32)
-    if gguf:
+    for gguf in ggufs:
         result = llama_cpp_timed(gguf, prompt, n, torch.get_num_threads())
         if result is None:
             print("llama.cpp: `llama_cpp` is not importable (pip install llama-cpp-python)")
+            break
         else:
             print(f"{'llama.cpp ' + Path(gguf).name:28s} {n / result[1]:12.1f} {'-':>12s}")
 
@@ -201,7 +202,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--side-by-side", action="store_true",
                         help="ours (fp32, bf16) vs transformers generate vs llama.cpp, batch 1 and 8")
-    parser.add_argument("--gguf", default=None, help="--side-by-side: a GGUF of the same weights for llama.cpp")
+    parser.add_argument("--gguf", nargs="+", default=[], help="--side-by-side: GGUFs of the same weights for llama.cpp")
     parser.add_argument("--serve", action="store_true",
                         help="lora serve: total tokens/s with 1, 4 and 8 concurrent clients")
     parser.add_argument("--e2e-beam", type=int, default=0, metavar="N",

@@ -76,6 +76,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# lora_cli asks torch's allocator for transparent huge pages (lora_cli/__init__.py) by setting this variable, which
+# subprocesses would inherit: the peer and the matmul peak run with the caller's own setting, as its users run it.
+CALLER_THP = os.environ.get("THP_MEM_ALLOC_ENABLE")
 
 ARCH = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768), "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024)}
 PRESETS = ("smollm2-135m", "qwen2.5-0.5b")  # random-init presets of the Llama family (lora_cli/presets/*.json)
@@ -425,6 +428,10 @@ def child_main(args) -> None:
 
 def run_child(args, argv, which: str, pools_path: str, env_extra: dict | None = None) -> dict:
     env = {**os.environ, **(env_extra or {})}
+    if which != "ours":
+        env.pop("THP_MEM_ALLOC_ENABLE", None)
+        if CALLER_THP is not None:
+            env["THP_MEM_ALLOC_ENABLE"] = CALLER_THP
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", which, "--pools", pools_path]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT))
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]

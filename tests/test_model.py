@@ -105,3 +105,25 @@ def test_linear_decoding_kernel_equals_f_linear(shape, bias):
     assert torch.equal(out, torch.nn.functional.linear(x, layer.weight, layer.bias))
     out.sum().backward()
     torch.testing.assert_close(x.grad, layer.weight.sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
+
+
+def test_static_cache_reorder_equals_indexing():
+    """KVCache.reorder on a static cache (spare buffer, first `size` columns) keeps exactly kv[index] in the written
+    columns, whether the batch grows (beams fan out), is reordered or shrinks, and later writes land after them."""
+    torch.manual_seed(0)
+    cache, plain = KVCache(3, capacity=8), KVCache(3)  # 3 tokens, then one per reorder
+    for layer in range(3):
+        k, v = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
+        cache.update(layer, k, v)
+        plain.update(layer, k, v)
+    for index in ([0, 0, 1, 1, 1], [4, 3, 2, 1, 0], [1, 1, 3, 0, 2], [2, 0], [1]):
+        index = torch.tensor(index)
+        cache.reorder(index)
+        plain.reorder(index)
+        for layer in range(3):
+            k, v = torch.randn(len(index), 2, 1, 4), torch.randn(len(index), 2, 1, 4)
+            got = cache.update(layer, k, v)
+            want = plain.update(layer, k, v)
+            assert all(torch.equal(g, w) for g, w in zip(got, want))
+    storages = {t.untyped_storage().data_ptr() for kv in cache.layers for t in kv}
+    assert len(storages) == 6 and cache.spare[0].untyped_storage().data_ptr() not in storages
