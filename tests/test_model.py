@@ -127,3 +127,17 @@ def test_static_cache_reorder_equals_indexing():
             assert all(torch.equal(g, w) for g, w in zip(got, want))
     storages = {t.untyped_storage().data_ptr() for kv in cache.layers for t in kv}
     assert len(storages) == 6 and cache.spare[0].untyped_storage().data_ptr() not in storages
+
+
+def test_linear_under_autocast_computes_in_the_autocast_dtype():
+    """Under CPU autocast (bf16 evaluation, validation of a bf16 run) Linear stays F.linear, which autocast casts:
+    the fp32 decoding kernel must not run there."""
+    from lora_cli.models.common import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(48, 40)
+    x = torch.randn(3, 48)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        reference = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, reference)

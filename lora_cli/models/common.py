@@ -52,6 +52,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (_ONEDNN_LINEAR is not None and x.dtype == torch.float32 and self.weight.dtype == torch.float32
                 and x.device.type == "cpu" and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu")  # autocast casts F.linear's inputs; this op it would not
                 and 0 < x.numel() <= ONEDNN_MAX_ROWS * self.in_features):
             return _ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
