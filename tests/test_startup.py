@@ -32,3 +32,12 @@ def test_adapter_commands_never_import_dynamo(tmp_path):
     assert done.stderr.splitlines()[-1] == "imported: []"
     assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "peft" / "adapter_config.json").is_file()
     assert json.loads(done.stdout.splitlines()[0])["examples"] > 0  # eval's --json line came first
+
+
+def test_lora_cli_asks_torch_for_huge_pages_unless_the_environment_says():
+    """Importing lora_cli sets THP_MEM_ALLOC_ENABLE=1 (torch's allocator reads it at its first allocation, so it must
+    come before torch), and leaves a value the caller set alone."""
+    code = "import os, lora_cli, torch; torch.ones(1); print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    env = {k: v for k, v in child_env().items() if k != "THP_MEM_ALLOC_ENABLE"}
+    assert python("-c", code, env=env).stdout.strip() == "1"
+    assert python("-c", code, env={**env, "THP_MEM_ALLOC_ENABLE": "0"}).stdout.strip() == "0"
