@@ -51,6 +51,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (_ONEDNN_LINEAR is not None and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and type(self.weight) in (nn.Parameter, torch.Tensor)  # not a tensor subclass (FSDP's DTensor)
                 and x.device.type == "cpu" and not torch.is_grad_enabled()
                 and not torch.is_autocast_enabled("cpu")  # autocast casts F.linear's inputs; this op it would not
                 and 0 < x.numel() <= ONEDNN_MAX_ROWS * self.in_features):
