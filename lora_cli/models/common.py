@@ -1,5 +1,6 @@
 """What every model family shares: the CausalLM interface, the linear layer (with its decoding kernel), attention
-(SDPA with grouped-query attention), the KV cache, rotary embeddings, RMSNorm, the padding-free and shared-prefix paths, and the classification head.
+(SDPA with grouped-query attention), the KV cache, rotary embeddings, RMSNorm, the padding-free and shared-prefix
+paths, and the classification head.
 
 Shapes: B batch, T new tokens, S keys (past + new), C hidden size, H query heads, Hkv key/value heads (H for
 multi-head attention, fewer for grouped-query attention), D head size, V vocab_size, N real tokens of a batch.
