@@ -393,19 +393,15 @@ def _write_model(gguf, writer, names, loaded: Loaded, net, family: str, dtype: s
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[dtype]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    # GPT-2's names (models.common.ModelConfig), which every family's config answers to
+    writer.add_context_length(cfg.n_positions)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_feed_forward_length(4 * cfg.n_embd if family == "gpt2" else cfg.intermediate_size)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_head_count(cfg.n_head)
     if family == "gpt2":
-        writer.add_context_length(cfg.n_positions)
-        writer.add_embedding_length(cfg.n_embd)
-        writer.add_feed_forward_length(4 * cfg.n_embd)
-        writer.add_block_count(cfg.n_layer)
-        writer.add_head_count(cfg.n_head)
         writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
     else:
-        writer.add_context_length(cfg.max_position_embeddings)
-        writer.add_embedding_length(cfg.hidden_size)
-        writer.add_feed_forward_length(cfg.intermediate_size)
-        writer.add_block_count(cfg.num_hidden_layers)
-        writer.add_head_count(cfg.num_attention_heads)
         writer.add_rope_freq_base(cfg.rope_theta)
     if family == "gpt_neox":
         writer.add_rope_dimension_count(int(cfg.rotary_pct * cfg.head_dim))
