@@ -51,9 +51,10 @@ class Linear(nn.Linear):
     most ONEDNN_MAX_ROWS rows, the shape of decoding, runs oneDNN's inner product instead of F.linear (MKL)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (_ONEDNN_LINEAR is not None and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+        if (not torch.is_grad_enabled() and _ONEDNN_LINEAR is not None  # training decides at the first test
+                and x.dtype == torch.float32 and self.weight.dtype == torch.float32
                 and type(self.weight) in (nn.Parameter, torch.Tensor)  # not a tensor subclass (FSDP's DTensor)
-                and x.device.type == "cpu" and not torch.is_grad_enabled()
+                and x.device.type == "cpu"
                 and not torch.is_autocast_enabled("cpu")  # autocast casts F.linear's inputs; this op it would not
                 and 0 < x.numel() <= ONEDNN_MAX_ROWS * self.in_features):
             return _ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
