@@ -24,7 +24,8 @@ from typing import Any, Sequence
 from lora_cli.adapter import Adapter, attach_adapter, load_adapter
 from lora_cli.config import FORMAT_CHOICES, DataConfig, ModelSpec
 from lora_cli.errors import AdapterError, CheckpointError, ConfigError
-from lora_cli.models import model_type
+from lora_cli.lora import LoRALinear
+from lora_cli.models import model_type, pack_linears_
 from lora_cli.pretrained import BaseModel, load_model
 from lora_cli.runtime import device_option, inference_dtype
 from lora_cli.tokenizer import GPT2, Tokenizer, check_fits, model_tokenizer
@@ -137,6 +138,20 @@ def place(model, device, dtype=None):
     (runtime.inference_dtype; None keeps it). The cast replaces the parameters: no fp32 copy of the base stays
     behind, and LoRA layers compute in the same dtype as their base. Returns the model."""
     return model.to(device=device, dtype=dtype).eval()
+
+
+def pack_for_decoding(*models) -> int:
+    """Before decoding many rows (batches of prompts, beams, a server's concurrent requests): the linear layers
+    of every block take oneDNN's packed fp32 weights (models.common.pack_linears_; on the CPU, 20-30% more tokens/s
+    at 4 and 8 rows; at 1 row the gain is within the noise and packing costs about a copy of the weights, so
+    single-prompt commands skip it). Models that share base weights (`lora serve`'s adapters) share the packed
+    copies. The output head stays plain (a tied head is the input embedding), and so do DoRA's base layers, whose
+    forward reads the weight. Call it last: the models are then for inference only. Returns the weights packed."""
+    layers = []
+    for model in models:
+        dora = {id(m.base_layer) for m in model.modules() if isinstance(m, LoRALinear) and m.use_dora}
+        layers += [m for block in model.blocks for m in block.modules() if id(m) not in dora]
+    return pack_linears_(layers)
 
 
 def attach_to(loaded: Loaded, allow_mismatch: bool = False) -> None:

@@ -43,7 +43,9 @@ from typing import Any, Literal
 from lora_cli.chat import chat_prompt_ids, chat_template_for, reply_ends
 from lora_cli.errors import ConfigError, LoraError, first_line
 from lora_cli.generate import ContinuousBatch, Row, StopText, decode_incremental
-from lora_cli.inference import DataSettings, Loaded, attach_to, base_spec, load_base, open_adapter, place
+from lora_cli.inference import (
+    DataSettings, Loaded, attach_to, base_spec, load_base, open_adapter, pack_for_decoding, place,
+)
 from lora_cli.prompts import prompt_values, render, uses_template
 from lora_cli.runtime import device_option, inference_dtype
 
@@ -134,6 +136,7 @@ def load_models(adapters: Sequence[str] = (), model: str | None = None, allow_mi
         if b.name in served:
             raise ConfigError(f"--adapter name {b.name!r} is the base model's name; give the adapter another")
         served[b.name] = b
+    pack_for_decoding(*(s.loaded.model for s in served.values()))  # continuous batching decodes many rows
     return served
 
 

@@ -12,7 +12,7 @@ import torch
 
 from helpers import assert_one_line_error, cli, make_hf_gpt2
 from lora_cli.generate import ContinuousBatch, Row, beam_search, generate, stream
-from lora_cli.inference import place
+from lora_cli.inference import pack_for_decoding, place
 from lora_cli.pretrained import load_model
 from lora_cli.prompts import escape_line
 from lora_cli.runtime import inference_dtype
@@ -108,6 +108,24 @@ def test_batched_beam_search_equals_one_prompt_at_a_time_uncached(checkpoint):
     want = [beam_search(model, [p], NEW, num_beams=3, eos_id=eos, use_cache=False)[0] for p in PROMPTS]
     assert beam_search(model, PROMPTS, NEW, num_beams=3, eos_id=eos) == want
     assert beam_search(model, PROMPTS, NEW, num_beams=3, eos_id=eos, batch_size=2) == want
+
+
+def test_packed_weights_decode_the_reference_tokens(checkpoint):
+    """pack_for_decoding (what `lora serve`, `lora generate` with several prompts or beams and `lora eval --generate`
+    do): every block's linear layers take oneDNN's packed weights, the head stays plain, and batched, beam and
+    continuous decoding give the tokens of the plain model."""
+    model = load_model(str(checkpoint)).model.eval()
+    eos = reference(model, PROMPTS[0], NEW, None)[0][2]
+    want = [reference(model, p, NEW, eos) for p in PROMPTS]
+    beams = beam_search(model, PROMPTS, NEW, num_beams=3, eos_id=eos)
+    blocks = [m for m in model.blocks.modules() if isinstance(m, torch.nn.Linear)]
+    assert pack_for_decoding(model) == len(blocks) > 0
+    assert all(m.weight.is_mkldnn for m in blocks) and not model.lm_head.weight.is_mkldnn
+    assert pack_for_decoding(model) == 0  # packed once
+    assert agree(generate(model, PROMPTS, NEW, eos_id=eos), want) and all(c == len(w) for w, c in want)
+    assert beam_search(model, PROMPTS, NEW, num_beams=3, eos_id=eos) == beams
+    got = run_continuous(ContinuousBatch(model), [Row(model, p, NEW, eos_id=eos) for p in PROMPTS], [0, 1, 3, 4])
+    assert agree(got, want)
 
 
 def run_continuous(batch: ContinuousBatch, rows: list[Row], joins: list[int]) -> list[list[int]]:

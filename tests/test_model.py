@@ -5,7 +5,7 @@ from lora_cli import tokenizer
 from lora_cli.pretrained import load_model
 from lora_cli.models import GPT2, GPT2Config, KVCache
 
-from helpers import make_hf_gpt2
+from helpers import make_hf_gpt2, tiny_lora_model
 
 TEXTS = ["Every effort moves you", "Hello, world! This is a longer sentence with more tokens in it.", "Hi"]
 
@@ -105,6 +105,53 @@ def test_linear_decoding_kernel_equals_f_linear(shape, bias):
     assert torch.equal(out, torch.nn.functional.linear(x, layer.weight, layer.bias))
     out.sum().backward()
     torch.testing.assert_close(x.grad, layer.weight.sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 48), (5, 48), (2, 3, 48), (300, 48), (0, 48)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_equals_f_linear(shape, bias):
+    """pack_linears_: the weight becomes oneDNN's packed copy (the same values, as to_dense shows), layers sharing a
+    weight share the copy, other modules and non-fp32 weights are passed over; a packed layer computes F.linear's
+    values without gradients (any number of rows), and exactly F.linear's with gradients or under autocast."""
+    from lora_cli.models.common import Linear, pack_linears_
+
+    torch.manual_seed(0)
+    layer, twin, half = Linear(48, 40, bias=bias), Linear(48, 40, bias=bias), Linear(48, 40).to(torch.bfloat16)
+    twin.weight = layer.weight
+    plain = layer.weight.detach().clone()
+    assert pack_linears_([layer, twin, half, torch.nn.ReLU(), torch.nn.Linear(48, 40)]) == 1
+    assert layer.weight.is_mkldnn and twin.weight is layer.weight and not half.weight.is_mkldnn
+    assert not layer.weight.requires_grad and torch.equal(layer.weight.to_dense(), plain)
+    x = torch.randn(shape)
+    reference = torch.nn.functional.linear(x, plain, layer.bias)
+    with torch.inference_mode():
+        fast = layer(x)
+    assert fast.shape == reference.shape
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+    x.requires_grad_(True)
+    out = layer(x)
+    assert torch.equal(out, torch.nn.functional.linear(x, plain, layer.bias))
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, plain.sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, plain, layer.bias))
+
+
+def test_pack_for_decoding_leaves_dora_bases_plain():
+    """DoRA's forward reads its base weight: pack_for_decoding packs the other block linears only, and the model's
+    outputs stay those of the plain model."""
+    from lora_cli.inference import pack_for_decoding
+    from lora_cli.lora import LoRALinear
+
+    model = tiny_lora_model(use_dora=True).eval()
+    ids = torch.randint(0, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model.logits(model(ids))
+    dora = [m.base_layer for m in model.modules() if isinstance(m, LoRALinear)]
+    assert dora and pack_for_decoding(model) == 3 * len(model.blocks)  # attn.c_proj, mlp.c_fc and mlp.c_proj
+    assert not any(m.weight.is_mkldnn for m in dora)
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(model(ids)), before, rtol=1e-5, atol=1e-5)
 
 
 def test_static_cache_reorder_equals_indexing():

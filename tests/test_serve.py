@@ -130,6 +130,10 @@ def test_adapters_share_the_base_tensors_and_compute_as_attached_alone(runs):
     assert lora_layers(bare) == [] and len(lora_layers(adapted)) > 0
     assert adapted.transformer.wte.weight is bare.transformer.wte.weight  # one copy of the base weights
     assert adapted.transformer.h[0].attn.c_attn.base_layer.weight is bare.transformer.h[0].attn.c_attn.weight
+    # the blocks' weights are packed for decoding (inference.pack_for_decoding) once, shared by every copy; the
+    # head (tied to the input embedding) stays plain
+    assert bare.transformer.h[1].mlp.c_fc.weight.is_mkldnn and not bare.lm_head.weight.is_mkldnn
+    assert models["out"].loaded.model.transformer.h[1].mlp.c_fc.weight is bare.transformer.h[1].mlp.c_fc.weight
     # an adapter that trains base tensors (here the biases of the layers it adapts) gets its own copies of them
     other_bias = models["out"].loaded.model.transformer.h[0].attn.c_attn.base_layer.bias
     assert other_bias is not bare.transformer.h[0].attn.c_attn.bias

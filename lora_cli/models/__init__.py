@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from lora_cli.models.common import (
     HEAD, CausalLM, KVCache, Unpadded, add_classification_head, cast_frozen_linears_, last_token_hidden,
-    shared_prefix_length,
+    pack_linears_, shared_prefix_length,
 )
 from lora_cli.models.gpt2 import GPT2, GPT2_PRESETS, GPT2Config
 from lora_cli.models.gpt_neox import GPTNeoX, GPTNeoXConfig
