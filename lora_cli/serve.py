@@ -47,7 +47,7 @@ from lora_cli.inference import (
     DataSettings, Loaded, attach_to, base_spec, load_base, open_adapter, pack_for_decoding, place,
 )
 from lora_cli.prompts import prompt_values, render, uses_template
-from lora_cli.runtime import device_option, inference_dtype
+from lora_cli.runtime import device_option, inference_dtype, release_openmp_threads
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 GRACEFUL_SHUTDOWN_S = 30  # on SIGTERM / Ctrl-C, how long requests in flight may take to finish
@@ -273,6 +273,7 @@ class Engine:
         self.inbox: list[tuple[str, Row]] = []  # rows to add, by model name
         self.gone: list[tuple[str, Row]] = []  # rows to remove (a client gone, a stop string hit)
         self.sinks: dict[Row, queue.SimpleQueue] = {}  # each running row's tokens, then None (or an exception)
+        release_openmp_threads()  # the engine thread computes from now on, with the only OpenMP team (see there)
         threading.Thread(target=self._loop, name="lora-serve-batching", daemon=True).start()
 
     def model(self, name) -> Served:

@@ -147,6 +147,21 @@ def test_adapters_share_the_base_tensors_and_compute_as_attached_alone(runs):
         torch.testing.assert_close(bare(ids), load_model(str(base)).model.eval()(ids), rtol=0, atol=0)
 
 
+def test_the_engine_thread_can_have_the_only_openmp_team():
+    """Engine releases the caller's OpenMP workers before its thread decodes (runtime.release_openmp_threads): torch's
+    Linux build exposes OpenMP 5.0's omp_pause_resource_all, and torch computes as before after the release."""
+    import sys
+
+    from lora_cli.runtime import release_openmp_threads
+
+    x = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+    before = x @ x
+    released = release_openmp_threads()
+    if sys.platform.startswith("linux"):
+        assert released
+    torch.testing.assert_close(x @ x, before, rtol=0, atol=0)
+
+
 def test_adapter_flags_and_stop_strings(tmp_path):
     run = tmp_path / "support"
     run.mkdir()
