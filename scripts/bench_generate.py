@@ -14,17 +14,20 @@ tokens so far); only the last position is projected to the vocabulary in both mo
 cache alone. Side by side: batch 1 and batch 8 (eight copies of the prompt), tokens/s = rows x new tokens / s,
 for ours in fp32 and bf16 (`--precision`), transformers `generate` on the same weights (GPT2LMHeadModel built from
 our state dict) in fp32 and bf16, and llama.cpp (`llama_cpp`, when importable and --gguf names a GGUF of the
-same weights; batch 1 only: its Python API decodes one sequence).
+same weights; batch 1 only: its Python API decodes one sequence). A last row of ours runs fp32 with the blocks'
+weights packed (inference.pack_for_decoding), as the commands that decode many rows at once run it.
 
 --serve: `lora serve`'s app (Engine + FastAPI on uvicorn, in this process, 127.0.0.1 on a free port) over the
 model; 1, 4 and 8 concurrent clients each ask /v1/completions for --new-tokens greedy tokens (each its own
 prompt); total tokens/s = all clients' completion tokens / wall time of the round. Continuous batching decodes
 the concurrent requests together, so the total grows with the clients until the batch stops being weight-bound.
+--serve and --e2e-beam pack the weights as `lora serve` and `lora eval --generate` do; --plain keeps them plain.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -35,7 +38,7 @@ from lora_cli import tokenizer  # noqa: E402  (lora_cli first: it sets torch's a
 import torch  # noqa: E402
 from lora_cli.config import ModelSpec  # noqa: E402
 from lora_cli.generate import generate  # noqa: E402
-from lora_cli.inference import place  # noqa: E402
+from lora_cli.inference import pack_for_decoding, place  # noqa: E402
 from lora_cli.pretrained import hf_state_dict, load_model  # noqa: E402
 
 PROMPT = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -122,6 +125,16 @@ def side_by_side(model, name: str, prompt: list[int], n: int, ggufs: list[str]) 
                   f"{figures['transformers', 8]:12.1f}   same tokens: {figures['same', 1]} / {figures['same', 8]}",
                   flush=True)
     place(model, cpu, torch.float32)
+    # What `lora generate` does with several prompts or beams, `lora eval --generate` and `lora serve`: the blocks'
+    # weights in oneDNN's packed layout (a single prompt stays plain: the packing would not pay for itself).
+    packed = copy.deepcopy(model)
+    pack_for_decoding(packed)
+    figures = {}
+    for rows in (1, 8):
+        timed(packed, prompt, 4, True, rows)
+        figures[rows] = rows * n / timed(packed, prompt, n, True, rows)[1]
+    print(f"{'lora-cli fp32, packed':28s} {figures[1]:12.1f} {figures[8]:12.1f}", flush=True)
+    del packed
     for gguf in ggufs:
         result = llama_cpp_timed(gguf, prompt, n, torch.get_num_threads())
         if result is None:
@@ -131,7 +144,7 @@ def side_by_side(model, name: str, prompt: list[int], n: int, ggufs: list[str]) 
             print(f"{'llama.cpp ' + Path(gguf).name:28s} {n / result[1]:12.1f} {'-':>12s}")
 
 
-def serve_clients(base, prompt: list[int], n: int) -> None:
+def serve_clients(base, prompt: list[int], n: int, pack: bool = True) -> None:
     """base: pretrained.BaseModel (its model in eval mode)."""
     import socket
     import threading
@@ -142,6 +155,8 @@ def serve_clients(base, prompt: list[int], n: int) -> None:
     from lora_cli.inference import DataSettings, Loaded
     from lora_cli.serve import Engine, Served, build_app
 
+    if pack:
+        pack_for_decoding(base.model)  # as lora serve's load_models does
     engine = Engine({"bench": Served("bench", Loaded(base, None, DataSettings()))})
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -174,7 +189,7 @@ def serve_clients(base, prompt: list[int], n: int) -> None:
     server.should_exit = True
 
 
-def e2e_beam(model, limit: int, new_tokens: int, batch_size: int) -> None:
+def e2e_beam(model, limit: int, new_tokens: int, batch_size: int, pack: bool = True) -> None:
     """The decoding of scripts/reproduce_e2e.sh's `lora eval --generate` on the first `limit` distinct meaning
     representations of data/e2e_test.csv: prompt "{mr}\n", beam 10, length penalty 0.9, no-repeat 4-grams,
     --batch-size prompts decoded together, at most `new_tokens` new tokens (a random model rarely ends early)."""
@@ -185,6 +200,8 @@ def e2e_beam(model, limit: int, new_tokens: int, batch_size: int) -> None:
     with open(Path(__file__).resolve().parents[1] / "data" / "e2e_test.csv", newline="") as f:
         mrs = list(dict.fromkeys(row["mr"] for row in csv.DictReader(f)))
     prompts = [tokenizer.encode(mr + "\n") for mr in mrs[:limit]]
+    if pack:
+        pack_for_decoding(model)  # as lora eval --generate does
     start = time.perf_counter()
     out = beam_search(model, prompts, new_tokens, num_beams=10, length_penalty=0.9, no_repeat_ngram_size=4,
                       batch_size=batch_size)
@@ -208,6 +225,8 @@ def main() -> None:
     parser.add_argument("--e2e-beam", type=int, default=0, metavar="N",
                         help="beam-10 decoding of the first N E2E test MRs, as lora eval --generate runs it")
     parser.add_argument("--batch-size", type=int, default=8, help="--e2e-beam: prompts decoded together (8)")
+    parser.add_argument("--plain", action="store_true",
+                        help="--serve, --e2e-beam: keep the weights plain, not packed as the commands pack them (A/B)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -220,9 +239,9 @@ def main() -> None:
           f"n_embd={cfg.n_embd}), prompt {len(prompt)} tokens, {args.new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads")
     if args.e2e_beam:
-        e2e_beam(model, args.e2e_beam, args.new_tokens, args.batch_size)
+        e2e_beam(model, args.e2e_beam, args.new_tokens, args.batch_size, pack=not args.plain)
     elif args.serve:
-        serve_clients(base, prompt, args.new_tokens)
+        serve_clients(base, prompt, args.new_tokens, pack=not args.plain)
     elif args.side_by_side:
         side_by_side(model, args.model, prompt, args.new_tokens, args.gguf)
     else:
