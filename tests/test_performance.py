@@ -3,6 +3,8 @@ only) equals the padded one (fp32, <= 1e-5 relative, values and gradients), froz
 own casts, the short-sequence bf16 attention path (no gradients) matches the fused kernel to bf16 rounding, training keeps
 the fused kernel, and the lm_head is tied without a weight of its own."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -138,6 +140,41 @@ def test_unpadded_forward_equals_the_padded_one(checkpointing):
         assert rel(ref, out) <= 1e-5, key
         for name in ref_grads:
             assert rel(ref_grads[name], out_grads[name]) <= 1e-5, (key, name)
+
+
+def test_checkpointing_with_a_shared_prefix_installs_no_hooks_of_its_own(monkeypatch):
+    """A batch whose rows share a prompt prefix: under gradient checkpointing the grid leaves attention's saved
+    tensors to the checkpoint (its saved-tensor hooks would win over the checkpoint's, the outer ones, and keep them
+    past the backward); without checkpointing it keeps them as rows. Loss and gradients are the same either way."""
+    from lora_cli.data import Example, collate
+
+    g = torch.Generator().manual_seed(7)
+    prefix = torch.randint(0, 50257, (8,), generator=g).tolist()
+    batch = collate([Example(prefix + torch.randint(0, 50257, (n,), generator=g).tolist(), [False] * 8 + [True] * n)
+                     for n in (9, 4, 6)])
+    hooked = []
+    plain_save_as_rows = model_mod.Unpadded.save_as_rows
+
+    def spy(self, x, padded):
+        context = plain_save_as_rows(self, x, padded)
+        hooked.append(self.shared > 0 and not isinstance(context, type(nullcontext())))
+        return context
+
+    monkeypatch.setattr(model_mod.Unpadded, "save_as_rows", spy)
+    model = tiny_lora_model()
+    results = {}
+    for checkpointing in (False, True):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad(set_to_none=True)
+        hooked.clear()
+        value = lm_loss_sum(model, batch, savings=Savings())
+        value.backward()
+        assert hooked and all(h == (not checkpointing) for h in hooked), checkpointing
+        results[checkpointing] = value.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                  if p.requires_grad}
+    (ref, ref_grads), (out, out_grads) = results[False], results[True]
+    assert rel(ref, out) <= 1e-6
+    assert all(rel(ref_grads[n], out_grads[n]) <= 1e-5 for n in ref_grads)
 
 
 def test_unpadded_forward_refuses_a_cache_or_a_mask():
