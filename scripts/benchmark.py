@@ -133,7 +133,8 @@ def run_config(args, data_path: str):
                  "packing": args.packing},
         "lora": {**LORA, "targets": PRESET_TARGETS} if args.model in PRESETS else dict(LORA),
         "train": {"batch_size": args.batch_size, "lr": LR, "precision": args.precision, "device": args.device,
-                  "num_threads": args.threads, "model_dropout": args.model_dropout, "seed": args.seed},
+                  "num_threads": args.threads, "model_dropout": args.model_dropout, "seed": args.seed,
+                  "gradient_checkpointing": args.gradient_checkpointing},
     })
 
 
@@ -405,6 +406,9 @@ def parse_args(argv=None):
     ap.add_argument("--packing", action="store_true", help="ours: data.packing, each batch packed into rows of "
                     "--max-length tokens (A/B)")
     ap.add_argument("--peer-malloc-tuned", action="store_true", help=f"peer: run with {TUNED_MALLOC_ENV}")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="ours: train.gradient_checkpointing (recompute each block in the backward; the peer as its "
+                    "users run it by default, without)")
     ap.add_argument("--reference-peak-tflops", type=float, default=None,
                     help="also report useful FLOPs / this figure as mfu (e.g. 790 for an H200's bf16)")
     ap.add_argument("--child", choices=["peak", "ours", "peer"], help=argparse.SUPPRESS)
@@ -511,6 +515,8 @@ def main(argv=None) -> None:
             line["real_tokens_per_s_each_run"] = [round(real_count / sum(run["step_times_s"]), 1) for run in runs[tool]]
         if tool == "peer" and args.peer_malloc_tuned:
             line["malloc_env"] = TUNED_MALLOC_ENV
+        if tool == "ours" and args.gradient_checkpointing:
+            line["gradient_checkpointing"] = True
         summary[tool] = line
         print(json.dumps(line), flush=True)
     if "ours" in summary and "peer" in summary:
