@@ -224,7 +224,7 @@ def generate(
 ) -> None:
     """Generate text with an adapter (its prompt template applied) or a base model; streams a single prompt."""
     from lora_cli.evaluation import generate_texts
-    from lora_cli.inference import DataSettings, load_placed, open_adapter, pack_for_decoding
+    from lora_cli.inference import DataSettings, decodes_many_rows, load_placed, open_adapter, pack_for_decoding
     from lora_cli.prompts import collect_prompts, escape_line, sampling_options
 
     if adapter is None and model is None:
@@ -248,7 +248,7 @@ def generate(
     items = collect_prompts(prompts or [], file, as_json, settings, template=not no_template, input_text=input_text)
     loaded = load_placed(adapter_obj, model, allow_mismatch, device, precision)
     net = loaded.model
-    if len(items) > 1 or num_beams > 1:  # many rows per forward: see pack_for_decoding
+    if decodes_many_rows(len(items), num_beams):
         pack_for_decoding(net)
     options.update(seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)
     if len(items) == 1 and file is None and not as_json and num_beams == 1:

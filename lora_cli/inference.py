@@ -140,11 +140,16 @@ def place(model, device, dtype=None):
     return model.to(device=device, dtype=dtype).eval()
 
 
+def decodes_many_rows(prompts: int, num_beams: int) -> bool:
+    """Whether a generation decodes several rows per step, so that pack_for_decoding pays for itself."""
+    return prompts > 1 or num_beams > 1
+
+
 def pack_for_decoding(*models) -> int:
     """Before decoding many rows (batches of prompts, beams, a server's concurrent requests): the linear layers
     of every block take oneDNN's packed fp32 weights (models.common.pack_linears_; on the CPU, 20-30% more tokens/s
     at 4 and 8 rows; at 1 row the gain is within the noise and packing costs about a copy of the weights, so
-    single-prompt commands skip it). Models that share base weights (`lora serve`'s adapters) share the packed
+    single-prompt commands skip it: decodes_many_rows). Models that share base weights (`lora serve`'s adapters) share the packed
     copies. The output head stays plain (a tied head is the input embedding), and so do DoRA's base layers, whose
     forward reads the weight. Call it last: the models are then for inference only. Returns the weights packed."""
     layers = []

@@ -54,6 +54,13 @@ _ONEDNN_LINEAR = _onednn_op("_linear_pointwise")
 _ONEDNN_PACK = _onednn_op("_reorder_linear_weight")
 
 
+def _plain_fp32_cpu(weight: torch.Tensor) -> bool:
+    """A weight oneDNN can take as it is, or pack: fp32 on the CPU, dense, and not a tensor subclass (FSDP's
+    DTensor)."""
+    return (weight.dtype == torch.float32 and weight.device.type == "cpu" and not weight.is_mkldnn
+            and type(weight) in (nn.Parameter, torch.Tensor))
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters, names and state dict) whose fp32 forward without gradients on the CPU, the shape
     of decoding, runs oneDNN's inner product instead of F.linear (MKL): with a plain weight for at most
@@ -63,13 +70,10 @@ class Linear(nn.Linear):
         weight = self.weight
         if (not torch.is_grad_enabled() and _ONEDNN_LINEAR is not None  # training decides at the first test
                 and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() > 0
-                and not torch.is_autocast_enabled("cpu")):  # autocast casts F.linear's inputs; this op it would not
-            if weight.is_mkldnn:
-                return _ONEDNN_LINEAR(x, weight, self.bias, "none", [], "")
-            if (weight.dtype == torch.float32
-                    and type(weight) in (nn.Parameter, torch.Tensor)  # not a tensor subclass (FSDP's DTensor)
-                    and x.numel() <= ONEDNN_MAX_ROWS * self.in_features):
-                return _ONEDNN_LINEAR(x, weight, self.bias, "none", [], "")
+                and not torch.is_autocast_enabled("cpu")  # autocast casts F.linear's inputs; this op it would not
+                and (weight.is_mkldnn
+                     or (_plain_fp32_cpu(weight) and x.numel() <= ONEDNN_MAX_ROWS * self.in_features))):
+            return _ONEDNN_LINEAR(x, weight, self.bias, "none", [], "")
         if weight.is_mkldnn:  # packed, but this call needs the plain weight (gradients, autocast): rebuilt for it
             weight = weight.to_dense()
         return F.linear(x, weight, self.bias)
@@ -81,16 +85,12 @@ def pack_linears_(layers: Iterable[nn.Module]) -> int:
     once the plain weight is freed. Layers that share a weight share its packed copy. For decoding only: a packed
     layer's forward without gradients runs oneDNN; anything else rebuilds the plain weight per call, and a packed
     model is not meant to be trained, merged, cast or saved. Returns how many weights were packed."""
-    owners: dict[int, list[Linear]] = {}  # one entry per distinct weight (modules may share one)
     if _ONEDNN_PACK is None or _ONEDNN_LINEAR is None:
         return 0
+    owners: dict[int, list[Linear]] = {}  # one entry per distinct weight (modules may share one)
     for layer in layers:
-        if not isinstance(layer, Linear):
-            continue
-        w = layer.weight
-        if (not w.is_mkldnn and w.dtype == torch.float32 and w.device.type == "cpu"
-                and type(w) in (nn.Parameter, torch.Tensor)):
-            owners.setdefault(id(w), []).append(layer)
+        if isinstance(layer, Linear) and _plain_fp32_cpu(layer.weight):
+            owners.setdefault(id(layer.weight), []).append(layer)
     for group in owners.values():
         packed = nn.Parameter(_ONEDNN_PACK(group[0].weight.detach(), PACK_ROWS), requires_grad=False)
         for layer in group:  # the plain weight goes with its last owner, before the next one is packed
