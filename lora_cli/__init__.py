@@ -1,4 +1,4 @@
-"""lora-cli: fine-tune GPT-2-family models with LoRA."""
+"""lora-cli: fine-tune GPT-style models (GPT-2, Llama, Mistral, Qwen2/3, GPT-NeoX) with LoRA."""
 
 import os
 

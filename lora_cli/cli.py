@@ -21,7 +21,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Fine-tune GPT-2-family models with LoRA: train, eval, merge, generate.",
+    help="Fine-tune GPT-style models (GPT-2, Llama, Mistral, Qwen2/3, GPT-NeoX) with LoRA: train, eval, merge, generate.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -182,7 +182,7 @@ def merge(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing merged model directory."),
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help=MISMATCH_HELP),
 ) -> None:
-    """Fold an adapter into its base: a standalone Hugging Face GPT-2 directory with tokenizer and model card."""
+    """Fold an adapter into its base: a standalone Hugging Face model directory with tokenizer and model card."""
     from lora_cli.merge import merge_adapter
 
     result = merge_adapter(adapter, out, model=model, dtype=dtype, overwrite=overwrite,
