@@ -396,7 +396,7 @@ def _write_model(gguf, writer, names, loaded: Loaded, net, family: str, dtype: s
     # GPT-2's names (models.common.ModelConfig), which every family's config answers to
     writer.add_context_length(cfg.n_positions)
     writer.add_embedding_length(cfg.n_embd)
-    writer.add_feed_forward_length(4 * cfg.n_embd if family == "gpt2" else cfg.intermediate_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_block_count(cfg.n_layer)
     writer.add_head_count(cfg.n_head)
     if family == "gpt2":

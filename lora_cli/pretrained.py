@@ -340,14 +340,14 @@ def read_shards(index_file: Path, locate, only_fetch: bool = False) -> dict[str,
     return state
 
 
-def _canonical(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hugging Face keys with or without the `transformer.` prefix -> ours; drop mask buffers, the tied head and
-    a classification head (HEAD_KEYS)."""
+def _canonical(state: dict[str, torch.Tensor], tied: bool = True) -> dict[str, torch.Tensor]:
+    """Hugging Face keys with or without the `transformer.` prefix -> ours; drop mask buffers, a classification
+    head (HEAD_KEYS) and, for a tied model, lm_head.weight (a copy of wte's)."""
     out = {}
     for key, value in state.items():
-        if IGNORED_KEY.search(key) or key == "lm_head.weight" or key in HEAD_KEYS:
+        if IGNORED_KEY.search(key) or key in HEAD_KEYS or (key == "lm_head.weight" and tied):
             continue
-        out[key if key.startswith("transformer.") else f"transformer.{key}"] = value
+        out[key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"] = value
     return out
 
 
@@ -368,8 +368,13 @@ def infer_config(state: dict[str, torch.Tensor], path: Path) -> GPT2Config:
         (p.n_head for p in GPT2_PRESETS.values() if (p.n_layer, p.n_embd) == (n_layer, n_embd)),
         max(1, n_embd // 64),
     )
+    fc = s.get("transformer.h.0.mlp.c_fc.weight")  # Conv1D: [n_embd, n_inner]
+    n_inner = fc.shape[-1] if fc is not None and fc.shape[-1] != 4 * n_embd else None
+    head = state.get("lm_head.weight")  # saved beside a tied wte as a copy, or a head of its own
+    tied = head is None or (head.shape == s["transformer.wte.weight"].shape and torch.equal(head, s["transformer.wte.weight"]))
     try:
-        return GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head)
+        return GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                          n_head=n_head, n_inner=n_inner, tie_word_embeddings=tied)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
 
@@ -407,7 +412,7 @@ def build_model(config, state: dict[str, torch.Tensor], path: Path, keep: torch.
     gpt2 = model_type(config) == "gpt2"
     tied_head = {"lm_head.weight", "embed_out.weight"} if model.tied else set()
     expected = {k: v for k, v in model.state_dict().items() if k not in tied_head}
-    given = _canonical(state) if gpt2 else _family_keys(model, state)
+    given = _canonical(state, model.tied) if gpt2 else _family_keys(model, state)
     mismatch = key_mismatch(sorted(set(expected) - set(given)), sorted(set(given) - set(expected)))
     if mismatch:
         family = FAMILY_NAMES[model_type(config)]

@@ -26,7 +26,8 @@ def padded(texts, side="right"):
 
 
 @pytest.mark.parametrize("shape", [dict(n_layer=2, n_head=2, n_embd=64), dict(n_layer=3, n_head=4, n_embd=128),
-                                   dict(n_layer=4, n_head=2, n_embd=96)])
+                                   dict(n_layer=4, n_head=2, n_embd=96),
+                                   dict(n_layer=2, n_head=2, n_embd=64, n_inner=96, tie_word_embeddings=False)])
 def test_logits_match_transformers(tmp_path, shape):
     hf = make_hf_gpt2(tmp_path, seed=1, **shape)
     ours = load_model(str(tmp_path)).model.eval()
@@ -42,6 +43,28 @@ def test_logits_match_transformers(tmp_path, shape):
         one = torch.tensor([ids[1]])
         diff = (ours.logits(ours(one)) - hf(input_ids=one).logits).abs().max().item()
     assert diff <= 1e-4
+
+
+def test_untied_head_and_n_inner_load_count_and_save_as_transformers_does(tmp_path):
+    """A GPT-2 with its own lm_head and an MLP width other than 4 * n_embd: from its directory and from a bare
+    weights file (the config read off the shapes), counted as transformers counts it, saved back whole."""
+    import safetensors.torch
+    from transformers import GPT2LMHeadModel
+    from lora_cli.pretrained import save_pretrained
+
+    # one head of 64: a bare file does not say its head count, and infer_config takes GPT-2's head size of 64
+    hf = make_hf_gpt2(tmp_path / "hf", seed=3, n_head=1, n_inner=96, tie_word_embeddings=False)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(tmp_path / "bare.safetensors"))
+    ids = torch.tensor([tokenizer.encode(TEXTS[1])])
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+        for source in (tmp_path / "hf", tmp_path / "bare.safetensors"):
+            ours = load_model(str(source)).model.eval()
+            assert not ours.tied and (ours.config.n_inner, ours.num_parameters()) == (96, hf.num_parameters())
+            assert (ours.logits(ours(ids)) - ref).abs().max().item() <= 1e-4
+        save_pretrained(ours, tmp_path / "ours")
+        back = GPT2LMHeadModel.from_pretrained(tmp_path / "ours").eval()
+        assert (back(input_ids=ids).logits - ref).abs().max().item() <= 1e-4
 
 
 def test_left_and_right_padding_equal_unpadded(tiny_hf_dir):

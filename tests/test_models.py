@@ -268,6 +268,23 @@ def test_qwen2_window_off_is_accepted(tmp_path):
     assert load_model(path).model.config.sliding_window == 16
 
 
+@pytest.mark.parametrize("first_window_layer", [1, FAMILY_SIZES["num_hidden_layers"]])
+def test_qwen2_window_slides_from_max_window_layers_on(tmp_path, first_window_layer):
+    """transformers gives Qwen2 a sliding window only in layers max_window_layers and up: past the last layer it
+    attends fully everywhere (and so do we, logits equal), else the window is refused."""
+    path = _edited(tmp_path, "qwen2", sliding_window=16, use_sliding_window=True, layer_types=None,
+                   max_window_layers=first_window_layer)
+    if first_window_layer < FAMILY_SIZES["num_hidden_layers"]:
+        with pytest.raises(CheckpointError, match=r"sliding-window attention \(sliding_window 16 < "):
+            load_model(path)
+        return
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    assert set(hf.config.layer_types) == {"full_attention"}
+    ours = load_model(path).model.eval()
+    with torch.no_grad():
+        assert (ours.logits(ours(batch())) - hf(input_ids=batch()).logits).abs().max().item() <= 1e-4
+
+
 def test_unknown_rope_scaling_is_one_line(tmp_path):
     path = _edited(tmp_path, "llama", rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0})
     with pytest.raises(CheckpointError, match=r"rope_scaling type 'yarn' is not supported; supported: default, llama3"):

@@ -34,13 +34,21 @@ class GPT2Config:
     embd_pdrop: float = 0.1
     attn_pdrop: float = 0.1
     resid_pdrop: float = 0.1
+    n_inner: int | None = None  # the MLP's width; None: 4 * n_embd
+    tie_word_embeddings: bool = True  # lm_head shares wte's weight, as in every published GPT-2
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+        sizes = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head") + ("n_inner",) * (self.n_inner is not None)
+        for name in sizes:
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+    @property
+    def intermediate_size(self) -> int:
+        """The MLP's hidden width (the other families' name for it)."""
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,8 +94,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = Linear(config.n_embd, config.intermediate_size)
+        self.c_proj = Linear(config.intermediate_size, config.n_embd)
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +134,7 @@ class GPT2(CausalLM):
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
             )
         )
-        tie_or_build_head(self, config.n_embd, config.vocab_size, tied=True)  # tied, as in GPT-2
+        tie_or_build_head(self, config.n_embd, config.vocab_size, config.tie_word_embeddings)
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """GPT-2's initialisation (Radford et al. 2019, sec. 2.3): N(0, 0.02), residual projections scaled by

@@ -52,6 +52,8 @@ class LlamaConfig(HFNames):
     initializer_range: float = 0.02
     sliding_window: int | None = None
     use_sliding_window: bool | None = None  # Qwen2/Qwen3 only; Mistral's window is on whenever it is set
+    max_window_layers: int = 28  # Qwen2/Qwen3: layers below this index attend fully (transformers' default)
+    layer_types: list[str] | None = None  # per layer "full_attention" / "sliding_attention", when config.json says
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
@@ -77,12 +79,23 @@ class LlamaConfig(HFNames):
             raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
         if rope_type == "default":
             self.rope_scaling = None
-        window_on = self.use_sliding_window if self.model_type in ("qwen2", "qwen3") else True
-        if window_on and self.sliding_window is not None and self.sliding_window < self.max_position_embeddings:
+        if self.sliding_window is not None and self.sliding_window < self.max_position_embeddings \
+                and any(t == "sliding_attention" for t in self.window_layer_types()):
             raise ValueError(
                 f"sliding-window attention (sliding_window {self.sliding_window} < max_position_embeddings "
                 f"{self.max_position_embeddings}) is not supported; supported: full causal attention"
             )
+
+    def window_layer_types(self) -> list[str]:
+        """Each layer's attention as transformers builds it: Mistral slides in every layer once sliding_window is
+        set; Qwen2/Qwen3 only with use_sliding_window, from layer max_window_layers on (or as layer_types says)."""
+        n = self.num_hidden_layers
+        if self.model_type not in ("qwen2", "qwen3"):
+            return ["sliding_attention"] * n
+        if not self.use_sliding_window:
+            return ["full_attention"] * n
+        return self.layer_types or ["sliding_attention" if i >= self.max_window_layers else "full_attention"
+                                    for i in range(n)]
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaConfig":
