@@ -538,11 +538,12 @@ def peft_config(adapter: Adapter, target_modules: list[str], rank_pattern: dict[
     }
 
 
-def export_peft(adapter: Adapter | str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def export_peft(adapter: Adapter | str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) that
     peft.PeftModel.from_pretrained(transformers GPT2LMHeadModel, out_dir) loads (a classifier:
     GPT2ForSequenceClassification with num_labels, its head in modules_to_save). The directory appears whole
-    (built beside it, then renamed); an existing one is replaced only if it is itself an adapter directory."""
+    (built beside it, then renamed); an existing one is replaced only with `overwrite`, and only if it is itself
+    an adapter directory."""
     if not isinstance(adapter, Adapter):
         adapter = load_adapter(adapter)
     out = Path(out_dir).expanduser()
@@ -553,6 +554,8 @@ def export_peft(adapter: Adapter | str | os.PathLike, out_dir: str | os.PathLike
                                                                    PEFT_CHAT_TEMPLATE)]
         if others:
             raise AdapterError(f"{out} exists and holds other files ({others[0]}); choose a new or empty output directory")
+        if not overwrite and any(out.iterdir()):
+            raise AdapterError(f"{out} already exists; choose a new directory or pass --overwrite to replace it")
     tensors, targets, rank_pattern = peft_state_dict(adapter)
     config = peft_config(adapter, targets, rank_pattern)
     with atomic_dir(out, AdapterError) as staging:

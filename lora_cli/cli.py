@@ -363,13 +363,15 @@ def export(
     ollama: bool = typer.Option(False, "--ollama", help="gguf: also write an Ollama Modelfile (FROM, TEMPLATE, stop tokens) beside the file."),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP + " (gguf formats)"),
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help=MISMATCH_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export (a PEFT adapter directory, a GGUF file, the Modelfile); other files are never replaced."),
 ) -> None:
     """Convert an adapter: a Hugging Face PEFT adapter directory, or GGUF for llama.cpp and Ollama."""
     if fmt in ("gguf", "gguf-lora"):
         from lora_cli.gguf_export import export_gguf
 
         result = export_gguf(adapter, out, fmt=fmt, dtype=dtype, model=model, ollama=ollama,
-                             allow_mismatch=allow_mismatch, log=lambda m: typer.echo(m, err=True))
+                             allow_mismatch=allow_mismatch, overwrite=overwrite,
+                             log=lambda m: typer.echo(m, err=True))
         typer.echo(str(result.path))
         if result.modelfile is not None:
             typer.echo(str(result.modelfile))
@@ -381,7 +383,7 @@ def export(
     if ollama or dtype != "f32" or model is not None:
         raise ConfigError("--dtype, --ollama and --model are for --format gguf / gguf-lora; a PEFT export copies the "
                           "adapter as it is")
-    typer.echo(str(export_peft(adapter, out)))
+    typer.echo(str(export_peft(adapter, out, overwrite=overwrite)))
 
 
 @app.command()

@@ -301,10 +301,28 @@ class GGUFResult:
     modelfile: Path | None = None
 
 
+def check_replaceable(out: Path, ollama: bool, overwrite: bool) -> None:
+    """Refuse to write over an existing file unless --overwrite, and even then anything but a GGUF file (its
+    magic bytes): --overwrite must never replace a user's other files."""
+    if out.is_dir():
+        raise ConfigError(f"{out} is a directory; name the .gguf file to write, e.g. {out / 'model.gguf'}")
+    for path in (out, out.parent / MODELFILE) if ollama else (out,):
+        if not path.exists():
+            continue
+        if not overwrite:
+            raise ConfigError(f"{path} already exists; choose another name or pass --overwrite to replace it")
+        if path == out:
+            with open(out, "rb") as fh:
+                if fh.read(4) != b"GGUF":
+                    raise ConfigError(f"{out} exists and is not a GGUF file; --overwrite replaces only a GGUF file; "
+                                      "choose another name")
+
+
 def export_gguf(adapter, out, fmt: str = "gguf", dtype: str = "f32", model: str | None = None,
-                ollama: bool = False, allow_mismatch: bool = False, log=None) -> GGUFResult:
+                ollama: bool = False, allow_mismatch: bool = False, overwrite: bool = False,
+                log=None) -> GGUFResult:
     """Write `out` (a .gguf file) from the adapter: the merged model (fmt gguf) or the adapter alone
-    (gguf-lora); with `ollama`, a Modelfile beside it."""
+    (gguf-lora); with `ollama`, a Modelfile beside it. Existing files are replaced only with `overwrite`."""
     log = log or (lambda message: None)
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r} is not a GGUF format; choose gguf or gguf-lora")
@@ -314,8 +332,7 @@ def export_gguf(adapter, out, fmt: str = "gguf", dtype: str = "f32", model: str 
         raise ConfigError("--ollama needs --format gguf: an Ollama ADAPTER needs its base as a GGUF file too; "
                           "export the merged model with --format gguf --ollama")
     out = Path(out).expanduser()
-    if out.is_dir():
-        raise ConfigError(f"{out} is a directory; name the .gguf file to write, e.g. {out / 'model.gguf'}")
+    check_replaceable(out, ollama, overwrite)
     gguf = _gguf()
     loaded = load_for_inference(adapter, model, allow_mismatch)
     if loaded.settings.task == "classification" or getattr(loaded.model, HEAD, None) is not None:

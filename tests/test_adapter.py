@@ -266,4 +266,7 @@ def test_other_bad_paths(tiny, tmp_path):
         export_peft(file, busy)
     assert (busy / "notes.txt").read_text() == "mine"
     out = export_peft(file, tmp_path / "peft")
-    assert export_peft(file, out) == out  # a previous export is replaced
+    with pytest.raises(AdapterError, match="peft already exists; choose a new directory or pass --overwrite to "
+                                           "replace it$"):
+        export_peft(file, out)
+    assert export_peft(file, out, overwrite=True) == out  # a previous export is replaced

@@ -331,6 +331,28 @@ def test_bad_export_requests_are_one_line(tmp_path, build):
     assert not list(tmp_path.iterdir())
 
 
+def test_export_replaces_only_an_earlier_export_and_only_with_overwrite(tmp_path, build):
+    _, path, adapter, _ = build("qwen2")
+    notes = tmp_path / "notes.json"
+    notes.write_text("mine")
+    for flags in ((), ("--overwrite",)):
+        line = assert_one_line_error(*cli("export", adapter, notes, "--format", "gguf", *flags), 2)
+        assert line.endswith("notes.json already exists; choose another name or pass --overwrite to replace it"
+                             if not flags else "notes.json exists and is not a GGUF file; --overwrite replaces only "
+                                               "a GGUF file; choose another name")
+    assert notes.read_text() == "mine"
+    out = tmp_path / "m.gguf"
+    assert cli("export", adapter, out, "--format", "gguf-lora")[0] == 0
+    first = out.stat().st_mtime_ns
+    line = assert_one_line_error(*cli("export", adapter, out, "--format", "gguf-lora"), 2)
+    assert "m.gguf already exists" in line and out.stat().st_mtime_ns == first
+    (tmp_path / "Modelfile").write_text("FROM mine.gguf\n")
+    line = assert_one_line_error(*cli("export", adapter, tmp_path / "n.gguf", "--format", "gguf", "--ollama"), 2)
+    assert line.endswith("Modelfile already exists; choose another name or pass --overwrite to replace it")
+    assert cli("export", adapter, out, "--format", "gguf-lora", "--overwrite")[0] == 0
+    assert out.read_bytes()[:4] == b"GGUF" and not (tmp_path / "n.gguf").exists()
+
+
 def test_llama_cpp_logits_equal_ours(exported):
     """llama.cpp itself (llama-cpp-python) on the f32 file: its logits on a few token sequences equal our merged
     model's."""
