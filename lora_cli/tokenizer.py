@@ -210,11 +210,24 @@ def load_tokenizer(source) -> Tokenizer:
     if path.is_dir():
         if (path / TOKENIZER_FILE).is_file():
             return HFTokenizer(path / TOKENIZER_FILE, read_side(path))
-        if _model_type(path / "config.json") == "gpt2":
+        if _model_type(path / "config.json") == "gpt2" or _has_gpt2_bpe_files(path):
             return GPT2
         raise CheckpointError(f"{path} has no {TOKENIZER_FILE}; pass a model directory with its tokenizer files, "
                               f"or a tokenizer.json file")
     return _hub_tokenizer(spec or ModelSpec(name=name), read_side)
+
+
+def _has_gpt2_bpe_files(folder: Path) -> bool:
+    """GPT-2's own BPE as vocab.json + merges.txt (what `lora merge` writes beside a random preset of another
+    family, and what GPT-2 fine-tunes ship): 50,257 tokens, <|endoftext|> last, byte-level pieces at GPT-2's ids."""
+    if not (folder / "merges.txt").is_file():
+        return False
+    try:
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return (isinstance(vocab, dict) and len(vocab) == EOT_ID + 1 and vocab.get(EOT_TOKEN) == EOT_ID
+            and vocab.get("!") == 0 and vocab.get("\u0120the") == 262)  # "\u0120" (Ġ): the byte-level space
 
 
 def _model_type(config_file: Path) -> str | None:

@@ -137,6 +137,11 @@ train: {lr: 1e-3, batch_size: 4, max_steps: 2, warmup_steps: 0, eval_every: 0, s
     assert code == 0, err
     losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    # its merged directory carries GPT-2's vocab.json and merges.txt, which lora-cli reads back as the bundled BPE
+    assert cli("merge", "--adapter", tmp_path / "out", "--out", tmp_path / "merged")[0] == 0
+    generated = [cli("generate", *source, "--no-template", "--max-new-tokens", "6", "-q", "The river")
+                 for source in (("--adapter", tmp_path / "out"), ("--model", tmp_path / "merged"))]
+    assert generated[0][0] == 0 and generated[0] == generated[1]
 
     build_tokenizer(tmp_path / "tok", bos=True)
     with_tok = model.replace("}", f", tokenizer: {tmp_path / 'tok'}}}")
