@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -575,5 +576,29 @@ def is_inline_template(value: str) -> bool:
     return "{{" in value or "{%" in value
 
 
-def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def dump_config(cfg: RunConfig, folder: str | Path | None = None) -> str:
+    """The config as YAML. With `folder` (where the YAML is written: a run's out_dir), its paths are made relative
+    to that folder, so the saved file loads again from wherever it sits (`lora eval out_dir/config.yaml`)."""
+    out = cfg.to_dict()
+    if folder is not None:
+        def rel(p: str | None) -> str | None:
+            if p is None or p.startswith("hf://") or not (p == cfg.out_dir or Path(p).expanduser().exists()):
+                return p  # a hub id, or a path the run never read
+            return os.path.relpath(Path(p).expanduser().resolve(), Path(folder).resolve())
+
+        data = out["data"]
+        for key in ("train", "val", "test"):
+            data[key] = rel(data[key])
+        if data.get("chat_template") and not is_inline_template(data["chat_template"]) \
+                and data["chat_template"] not in BUILTIN_CHAT_TEMPLATES:
+            data["chat_template"] = rel(data["chat_template"])
+        out["out_dir"] = rel(out["out_dir"])
+        model = out["model"]
+        if isinstance(model, str):  # a pretrained model's name: a hub id, or a path
+            out["model"] = rel(model)
+        else:
+            if "tokenizer" in model:
+                model["tokenizer"] = rel(model["tokenizer"])
+            if model["init"] == "pretrained":
+                model["name"] = rel(model["name"])
+    return yaml.safe_dump(out, sort_keys=False)

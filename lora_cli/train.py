@@ -363,7 +363,7 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
         if payload is not None:
             trim_metrics(out_dir / "metrics.jsonl", payload["state"]["step"])
             trim_metrics(out_dir / SAMPLES_FILE, payload["state"]["step"])
-        atomic_write_text(out_dir / "config.yaml", dump_config(s.cfg))
+        atomic_write_text(out_dir / "config.yaml", dump_config(s.cfg, out_dir))
         wrote_test = False
         if s.data.test and not cfg.data.test and all(e.row >= 0 for e in s.data.test):
             write_split(out_dir / "test.csv", s.data.test, s.data.frame)

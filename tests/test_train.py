@@ -2,6 +2,7 @@ import json
 import shutil
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,6 +89,13 @@ def test_end_to_end_cli(tmp_path):
     best = min(vals)
     assert val["loss"] == best
     assert json.loads(meta["training"])["best_val_loss"] == best
+    # the saved config names its paths relative to the run directory: it loads again from there, wherever it is
+    text = (out / "config.yaml").read_text()
+    assert "out_dir: .\n" in text and "train: ../train.json\n" in text
+    saved = load_config(out / "config.yaml")
+    assert (Path(saved.out_dir).resolve(), Path(saved.data.train).resolve()) == (out.resolve(), Path(cfg.data.train))
+    moved = {"out_dir": saved.out_dir, "data": {**cfg.to_dict()["data"], "train": saved.data.train}}
+    assert saved.to_dict() == {**cfg.to_dict(), **moved}
 
 
 def test_refuses_existing_out_dir(tmp_path):
