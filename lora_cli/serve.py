@@ -418,7 +418,8 @@ def build_app(engine: Engine, api_key: str | None = None):
     from starlette.exceptions import HTTPException
 
     class Sampling(BaseModel):
-        model_config = ConfigDict(extra="ignore")
+        # strict: "max_tokens": true or "5" is a 400, not 1 or 5; no inf/nan (JSON's 1e309) for a number
+        model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
         model: str
         max_tokens: int | None = Field(None, ge=0)
         temperature: float = Field(1.0, ge=0)  # OpenAI's default: sampling at 1
@@ -600,6 +601,8 @@ def serve(adapters: Sequence[str], model: str | None, host: str, port: int, api_
         raise ConfigError(f"lora serve needs FastAPI and uvicorn ({exc.name} is missing): "
                           "pip install 'lora-cli[serve]'") from None
 
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be 0-65535 (0: any free port), got {port}")
     if api_key is None:
         api_key = os.environ.get("LORA_API_KEY") or None
     # SIGTERM stops the server cleanly with exit code 0. uvicorn handles it while serving and raises it again
@@ -613,7 +616,7 @@ def serve(adapters: Sequence[str], model: str | None, host: str, port: int, api_
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-    except OSError as exc:
+    except (OSError, OverflowError) as exc:
         sock.close()
         raise ConfigError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); pick "
                           "another port (0: any free one)") from None

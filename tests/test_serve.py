@@ -189,6 +189,9 @@ def test_bad_flags_are_one_line_errors(runs):
         port = busy.getsockname()[1]
         line = assert_one_line_error(*cli("serve", "--model", base, "--port", port), expected_code=2)
     assert f"--host 127.0.0.1 --port {port}: cannot listen there" in line
+    for port in ("65536", "-1"):
+        line = assert_one_line_error(*cli("serve", "--model", base, "--port", port), expected_code=2)
+        assert line == f"error: --port must be 0-65535 (0: any free port), got {port}"
 
 
 # ------------------------------------------------------------------------------------------------ the server
@@ -336,6 +339,9 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
         ({**good, "prompt": long_prompt}, auth, 400, "prompt", "context_length_exceeded"),
         ({**good, "prompt": [60000]}, auth, 400, "prompt", None),
         ({**good, "temperature": -1}, auth, 400, "temperature", None),
+        (b'{"model": "inst", "prompt": "Hello", "temperature": 1e309}', auth, 400, "temperature", None),  # inf
+        ({**good, "max_tokens": True}, auth, 400, "max_tokens", None),
+        ({**good, "max_tokens": "5"}, auth, 400, "max_tokens", None),
         ({**good, "n": 3}, auth, 400, "n", None),
         ({**good, "prompt": 5}, auth, 400, "prompt", None),
         ({**good, "stop": [""]}, auth, 400, "stop", None),
