@@ -35,7 +35,7 @@ import safetensors.torch
 from safetensors import safe_open
 
 from lora_cli.pretrained import CONV1D_SUFFIXES, BaseModel, key_mismatch, read_state_dict
-from lora_cli.config import MUTATING_INITS, LoraConfig
+from lora_cli.config import FORMAT_CHOICES, MUTATING_INITS, TASKS, TRAIN_ON, LoraConfig
 from lora_cli.errors import AdapterError, ConfigError, first_line
 from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
 from lora_cli.models import HEAD, add_classification_head
@@ -191,7 +191,43 @@ def _load_ours(p: Path) -> Adapter:
             except json.JSONDecodeError:
                 pass
         metadata[key] = value
+    problem = damaged_settings(metadata)
+    if problem:
+        raise AdapterError(f"{p}: the adapter's settings are damaged ({problem}); train it again or use another adapter")
     return Adapter(tensors, lora, metadata, p, "lora-cli", rank_pattern, alpha_pattern)
+
+
+def damaged_settings(metadata: dict) -> str | None:
+    """What in an adapter header's task and data settings no training run writes, or None: eval, generate,
+    predict, merge and export all act on them."""
+    task = metadata.get("task") or "causal_lm"
+    if task not in TASKS:
+        return f"task {task!r} is not {' or '.join(TASKS)}"
+    data = metadata.get("data") or {}
+    if isinstance(data, str):  # an older writer stored it unparsed (inference.DataSettings reads it so)
+        try:
+            data = json.loads(data)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(data, dict):
+        return f"data {data!r} is not a mapping"
+    is_text = lambda v: v is None or isinstance(v, str)  # noqa: E731
+    max_length, columns = data.get("max_length"), data.get("columns") or {}
+    if (data.get("format") or "auto") not in FORMAT_CHOICES:
+        return f"data.format {data['format']!r} is not one of {', '.join(FORMAT_CHOICES)}"
+    if max_length is not None and (type(max_length) is not int or max_length < 2):
+        return f"data.max_length {max_length!r} is not an integer >= 2"
+    if not isinstance(data.get("mask_prompt", True), bool):
+        return f"data.mask_prompt {data['mask_prompt']!r} is not true or false"
+    if not isinstance(data.get("labels") or [], list):
+        return f"data.labels {data['labels']!r} is not a list"
+    if not isinstance(columns, dict) or not all(isinstance(v, str) for v in columns.values()):
+        return "data.columns does not map roles to column names"
+    if not (is_text(data.get("prompt_template")) and is_text(data.get("chat_template"))):
+        return "data.prompt_template or data.chat_template is not text"
+    if (data.get("train_on") or TRAIN_ON[0]) not in TRAIN_ON:
+        return f"data.train_on {data['train_on']!r} is not one of {', '.join(TRAIN_ON)}"
+    return None
 
 
 # ------------------------------------------------------------------------------------------- onto a base

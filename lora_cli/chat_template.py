@@ -28,7 +28,6 @@ from lora_cli.tokenizer import GPT2Tokenizer, Tokenizer
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # ShareGPT's `from` -> role
 TEMPLATE_FILE = "chat_template.jinja"  # transformers >= 4.50 saves the template beside tokenizer_config.json
-TRAIN_ON = ("all_assistant", "last_assistant")  # data.train_on
 
 
 # ------------------------------------------------------------------------------------------- conversations

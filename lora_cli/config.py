@@ -129,6 +129,8 @@ DATA_FORMATS: dict[str, tuple[str, ...]] = {
     "chat": ("messages",),  # a list of {role, content}; ShareGPT's `conversations` of {from, value} too
 }
 FORMAT_CHOICES = ("auto", *DATA_FORMATS)  # data.format and --format
+TASKS = ("causal_lm", "classification")  # task: a language model, or a classifier with a score head
+TRAIN_ON = ("all_assistant", "last_assistant")  # data.train_on: the assistant turns of a chat with a loss
 TRACKERS = ("tensorboard", "mlflow", "wandb")  # train.report_to: each an optional extra of the same name
 
 
@@ -153,7 +155,7 @@ class DataConfig:
     labels: list[str] | None = None  # classification: label order (default: sorted distinct labels)
     balance: Literal["none", "undersample", "class_weights"] = "none"  # classification
     chat_template: str | None = None  # chat: a built-in (chatml), a Jinja file, or null: the model's own
-    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"  # chat: the assistant turns with loss
+    train_on: Literal[TRAIN_ON] = "all_assistant"  # chat: the assistant turns with loss
     packing: bool = False  # causal LM: each micro-batch's examples back to back in rows of max_length tokens
     split: str = "train"  # the split data.train reads from a hub dataset or a save_to_disk DatasetDict
     subset: str | None = None  # a hub dataset's configuration (load_dataset's name), e.g. main
@@ -228,7 +230,7 @@ class TrainConfig:
 class RunConfig:
     model: ModelSpec
     out_dir: str = "runs/default"
-    task: Literal["causal_lm", "classification"] = "causal_lm"
+    task: Literal[TASKS] = "causal_lm"
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -359,7 +361,7 @@ def build_config(
         report("out_dir", f"must be a path, got {out_dir!r}")
         out_dir = RunConfig.out_dir
     task = raw.get("task", RunConfig.task)
-    if task not in ("causal_lm", "classification"):
+    if task not in TASKS:
         report("task", f"must be causal_lm or classification, got {task!r}")
         task = "causal_lm"
     cfg = None

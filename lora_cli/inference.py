@@ -193,7 +193,7 @@ class DataSettings:
                 data = json.loads(data)
             except json.JSONDecodeError:
                 data = {}
-        return cls(
+        return cls(  # the header was checked when the adapter was read (adapter.damaged_settings)
             format=data.get("format") or "auto",
             columns=dict(data.get("columns") or {}),
             prompt_template=data.get("prompt_template"),

@@ -57,7 +57,8 @@ def write_evil(path: Path, marker: Path) -> None:
 
 
 def save_adapter_for(model_dir: Path, path: Path, r: int = 4, fill: float | None = None, seed: int = 0,
-                     header_r: int | None = None, template: str | None = None, labels: list | None = None) -> None:
+                     header_r: int | None = None, template: str | None = None, labels: list | None = None,
+                     **meta) -> None:
     """An adapter as `lora train` writes it (metadata included) for the model in model_dir."""
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -85,6 +86,12 @@ def save_adapter_for(model_dir: Path, path: Path, r: int = 4, fill: float | None
                 "task": "classification" if labels else "causal_lm",
                 "data": {"format": "classification" if labels else "alpaca", "columns": {}, "prompt_template": template,
                          "mask_prompt": True, "max_length": 64, "labels": labels}}
+    for key, value in meta.items():  # a damaged header: task=..., or data_max_length=... for data.max_length
+        section, _, field = key.partition("_")
+        if section == "data":
+            metadata["data"][field] = value
+        else:
+            metadata[key] = value
     save_adapter(path, base.model, metadata)
     if header_r is not None:  # a header that disagrees with the tensors
         with safe_open(str(path), "pt") as f:
@@ -157,6 +164,8 @@ def ws(tmp_path_factory):
     save_adapter_for(ws / "wide", ad / "wide.safetensors")
     save_adapter_for(ws / "tiny", ad / "rank.safetensors", r=8, header_r=4)
     save_adapter_for(ws / "tiny", ad / "inf.safetensors", fill=float("inf"))
+    save_adapter_for(ws / "tiny", ad / "bad-task.safetensors", task="weird")
+    save_adapter_for(ws / "tiny", ad / "bad-max-length.safetensors", data_max_length=-5)
     save_adapter_for(ws / "tiny", ad / "overflow.safetensors", fill=3e30)  # finite, but B A overflows fp32
     # prompt templates in an adapter's header are data: no attribute access, no gigabyte-wide format specs
     save_adapter_for(ws / "tiny", ad / "template-attr.safetensors", template="{instruction.__class__.__mro__}")
@@ -523,6 +532,11 @@ ROWS = [
         ("wide.safetensors", "shape")),
     Row("eval-adapter-other-rank", "eval", argv("eval", "--adapter", "{ws}/adapters/rank.safetensors", "--data",
                                                 "{ws}/data/good.json"), 1, ("rank.safetensors", "shape")),
+    Row("eval-adapter-damaged-max-length", "eval", argv("eval", "--adapter", "{ws}/adapters/bad-max-length.safetensors",
+                                                        "--data", "{ws}/data/good.json"), 1,
+        ("bad-max-length.safetensors: the adapter's settings are damaged (data.max_length -5 is not an integer >= 2)",)),
+    Row("export-adapter-damaged-task", "export", argv("export", "{ws}/adapters/bad-task.safetensors", "{d}/peft"), 1,
+        ("bad-task.safetensors: the adapter's settings are damaged (task 'weird' is not causal_lm or classification)",)),
     Row("eval-adapter-non-finite", "eval", argv("eval", "--adapter", "{ws}/adapters/inf.safetensors", "--data",
                                                 "{ws}/data/good.json"), 1, ("inf.safetensors", "finite")),
     Row("eval-peft-ia3", "eval", argv("eval", "--adapter", "{ws}/adapters/peft-ia3", "--model", "{ws}/tiny", "--data",
