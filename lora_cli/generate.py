@@ -64,7 +64,7 @@ def fit_prompt(prompt: Sequence[int], max_new_tokens: int, n_positions: int, tru
         if not truncate:
             raise DataError(
                 f"{where} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds the model's context "
-                f"of {n_positions} tokens: shorten it, lower max_new_tokens, or truncate it (keeps its last {room} tokens)"
+                f"of {n_positions} tokens: shorten it to at most {room} tokens or lower max_new_tokens"
             )
         ids = ids[-room:]
     return ids

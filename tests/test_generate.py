@@ -286,7 +286,7 @@ def test_context_limit_error_and_truncation(lively):
         generate(model, [PROMPTS[0], long_prompt], 16)
     assert str(err.value) == (
         "prompt 2 has 120 tokens; with max_new_tokens=16 it exceeds the model's context of 128 tokens: "
-        "shorten it, lower max_new_tokens, or truncate it (keeps its last 112 tokens)"
+        "shorten it to at most 112 tokens or lower max_new_tokens"
     )
     truncated = generate(model, [long_prompt], 16, truncate=True)
     assert truncated == generate(model, [long_prompt[-112:]], 16)
