@@ -16,8 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from lora_cli.adapter import ADAPTER_FILE
+from lora_cli.config import RunConfig, dump_config
 from lora_cli.errors import TrainingError
 from lora_cli.fsutil import atomic_path, atomic_write_text
 from lora_cli.samples import SAMPLES_FILE
@@ -46,8 +48,33 @@ def trainable_named(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+# What a resumed run may set anew: how it logs, validates, saves and reports, where and in how many pieces it
+# computes. The batch's split is free too: read_checkpoint checks the global batch itself. Every other setting
+# decides what is trained, so a resume must keep it (or the run is a mix of two, its best loss over two data sets).
+RESUME_FREE = {f"train.{k}" for k in (
+    "batch_size", "grad_accum", "global_batch_size", "strategy", "eval_every", "eval_max_batches", "save_every",
+    "log_every", "early_stopping_patience", "skip_nonfinite_steps", "device", "gradient_checkpointing",
+    "share_prefix", "num_threads", "report_to", "run_name", "samples", "sample_max_new_tokens")} | {"out_dir"}
+
+
+def trained_settings(cfg: RunConfig, out_dir: Path) -> dict:
+    """The config's settings that decide what is trained, as {"data.train": value, ...}, paths relative to
+    out_dir (as its config.yaml has them, so a resume from another working directory compares equal)."""
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif prefix not in RESUME_FREE:
+            flat[prefix] = value
+
+    walk("", yaml.safe_load(dump_config(cfg, out_dir)))
+    return flat
+
+
 def save_checkpoint(out_dir: Path, model, optimizer, state: RunState, world_size: int = 1,
-                    global_batch: int | None = None) -> None:
+                    global_batch: int | None = None, cfg: RunConfig | None = None) -> None:
     """One file, written atomically: a reader finds the previous checkpoint or this one, never a mix. The data
     position counts global batches, so any process count or micro-batch size with the same global batch can
     resume it. Dropout needs no per-process RNG state: its seed is a pure function of the micro-batch
@@ -58,6 +85,7 @@ def save_checkpoint(out_dir: Path, model, optimizer, state: RunState, world_size
         "state": asdict(state),
         "world_size": world_size,  # for the record: a resume may use another count
         "global_batch": global_batch,
+        "settings": trained_settings(cfg, out_dir) if cfg is not None else None,  # what read_checkpoint holds a resume to
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -68,8 +96,10 @@ def save_checkpoint(out_dir: Path, model, optimizer, state: RunState, world_size
         torch.save(payload, tmp)
 
 
-def read_checkpoint(out_dir: Path, model, global_batch: int | None = None, one_micro_batch_per_step: bool = True) -> dict:
-    """The checkpoint's payload, checked against this run's LoRA parameters and global batch.
+def read_checkpoint(out_dir: Path, model, global_batch: int | None = None, one_micro_batch_per_step: bool = True,
+                    cfg: RunConfig | None = None) -> dict:
+    """The checkpoint's payload, checked against this run's LoRA parameters, global batch and (cfg) the settings
+    that decide what is trained.
 
     one_micro_batch_per_step: this run takes one micro-batch per optimizer step on one process (grad_accum 1), the
     layout in which a checkpoint of an older lora-cli (its position counted micro-batches) means the same thing."""
@@ -86,6 +116,15 @@ def read_checkpoint(out_dir: Path, model, global_batch: int | None = None, one_m
     saved = payload["trainable"]
     if set(saved) != set(params) or any(saved[n].shape != p.shape for n, p in params.items()):
         raise TrainingError(f"--resume: checkpoint {path} was written for other LoRA settings; keep the config of that run or use --overwrite")
+    saved_settings = payload.get("settings")  # absent from the checkpoints of older lora-cli versions
+    if cfg is not None and isinstance(saved_settings, dict):
+        now = trained_settings(cfg, out_dir)
+        changed = next((k for k in [*saved_settings, *now] if saved_settings.get(k) != now.get(k)), None)
+        if changed is not None:
+            raise TrainingError(
+                f"--resume: checkpoint {path} was written with {changed}: {saved_settings.get(changed)!r}, this run "
+                f"has {now.get(changed)!r}; a resume continues the same run: keep its settings ({out_dir / 'config.yaml'}) "
+                "or start again with --overwrite")
     saved_batch = payload.get("global_batch")
     if saved_batch is None:  # before the global batch was the unit, the position counted micro-batches
         if payload.get("world_size", 1) == 1 and one_micro_batch_per_step:

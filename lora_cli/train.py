@@ -358,7 +358,8 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
     state = RunState()
 
     def first_files():  # rank 0: the checkpoint to resume from, then the run's first files
-        payload = read_checkpoint(out_dir, s.model, s.global_batch, t.grad_accum * s.world_size == 1) if resume else None
+        payload = (read_checkpoint(out_dir, s.model, s.global_batch, t.grad_accum * s.world_size == 1, s.cfg)
+                   if resume else None)
         clear_out_dir(out_dir, resume, overwrite)
         if payload is not None:
             trim_metrics(out_dir / "metrics.jsonl", payload["state"]["step"])
@@ -550,9 +551,10 @@ def _interrupted(s: Setup, model, optimizer, state: RunState) -> TrainingInterru
     d = s.dist
     with d.gathered(model, optimizer):
         if d.is_main:
-            save_checkpoint(s.out_dir, model, optimizer, state, d.world_size, s.global_batch)
+            save_checkpoint(s.out_dir, model, optimizer, state, d.world_size, s.global_batch, s.cfg)
     d.barrier()  # the checkpoint is complete before any process exits
-    again = f"`lora train {s.cfg.source or 'CONFIG'} --resume`" if not d.enabled else "the same command and --resume"
+    # the run's own config.yaml: it holds every --set override, its paths relative to the run directory
+    again = f"`lora train {s.out_dir / 'config.yaml'} --resume`" if not d.enabled else "the same command and --resume"
     interrupted = TrainingInterrupted(
         f"interrupted at step {state.step}; checkpoint saved in {s.out_dir / 'checkpoint'}; continue with {again}"
     )
@@ -620,7 +622,7 @@ def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list
             if t.save_every and state.step % t.save_every == 0:
                 with d.gathered(model, optimizer):
                     if d.is_main:
-                        save_checkpoint(s.out_dir, model, optimizer, state, d.world_size, s.global_batch)
+                        save_checkpoint(s.out_dir, model, optimizer, state, d.world_size, s.global_batch, s.cfg)
                 log(f"checkpoint saved at step {state.step}")
             if (signalled > 0) if d.enabled else stop.received is not None:
                 bar.close()
@@ -761,7 +763,7 @@ def _finish(s: Setup, optimizer, state: RunState, history: list, log) -> dict | 
         if s.dist.is_main:  # only rank 0 writes
             if not s.data.val:
                 _save_adapter(s, state)
-            save_checkpoint(s.out_dir, s.model, optimizer, state, s.world_size, s.global_batch)
+            save_checkpoint(s.out_dir, s.model, optimizer, state, s.world_size, s.global_batch, s.cfg)
             plot_losses(history, s.out_dir / "loss.png")
     best = f", best validation loss {state.best_val:.4f} at step {state.best_step}" if state.best_val is not None else ""
     log(f"done: {state.step} steps{best}; adapter written to {s.out_dir / ADAPTER_FILE}")

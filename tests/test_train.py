@@ -157,6 +157,16 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path):
     ref_losses = [m["loss"] for m in read_metrics(ref_dir / "out") if "loss" in m]
     got_losses = [m["loss"] for m in read_metrics(tmp_path / "out") if "loss" in m]
     assert ref_losses == got_losses
+    # a resume continues the same run: what decides the training is kept (how it logs may change)
+    config_yaml = (tmp_path / "out" / "config.yaml").read_text()
+    for change, was, now in (("train.max_steps=16", 12, 16), ("data.val_split=0.25", 0.2, 0.25)):
+        again = cli("train", str(cfg), "--resume", "--quiet", "--set", change)
+        assert again.rc == 1 and again.stderr.strip().splitlines()[-1] == (
+            f"error: --resume: checkpoint {tmp_path / 'out' / 'checkpoint' / 'state.pt'} was written with "
+            f"{change.split('=')[0]}: {was}, this run has {now}; a resume continues the same run: keep its settings "
+            f"({tmp_path / 'out' / 'config.yaml'}) or start again with --overwrite")
+    assert (tmp_path / "out" / "config.yaml").read_text() == config_yaml
+    assert cli("train", str(cfg), "--resume", "--quiet", "--set", "train.log_every=3").rc == 0
 
 
 def test_sigint_saves_checkpoint_and_exits_130(tmp_path):
@@ -172,9 +182,12 @@ def test_sigint_saves_checkpoint_and_exits_130(tmp_path):
     proc.wait()
     assert proc.returncode == 130
     last = rest.strip().splitlines()[-1]
-    assert last.startswith("error: interrupted at step ") and "--resume" in last
+    assert last.startswith("error: interrupted at step ")
+    assert last.endswith(f"; continue with `lora train {tmp_path / 'out' / 'config.yaml'} --resume`")
     state = torch.load(tmp_path / "out" / "checkpoint" / "state.pt", weights_only=True)
     assert state["state"]["step"] == int(last.split("at step ")[1].split(";")[0])
+    resumed = cli("train", tmp_path / "out" / "config.yaml", "--resume", "--quiet", cwd=tmp_path.parent)
+    assert resumed.rc == 0 and f"resumed from step {last.split('at step ')[1].split(';')[0]}" in resumed.stderr
 
 
 def hf_batch(examples):
