@@ -268,6 +268,30 @@ def _yaml_lines(text: str) -> dict[str, int]:
     return lines
 
 
+def _duplicate_key(text: str) -> str | None:
+    """':7: key data appears twice (first on line 2); keep one' for the first key a YAML mapping repeats, else None.
+    YAML forbids it, but PyYAML keeps the last one silently: a config's earlier setting would vanish."""
+    def walk(node, prefix: str) -> str | None:
+        if isinstance(node, yaml.SequenceNode):
+            return next((d for child in node.value if (d := walk(child, prefix))), None)
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key, line = str(key_node.value), key_node.start_mark.line + 1
+            if key in seen and key != "<<":
+                return f":{line}: key {prefix}{key} appears twice (first on line {seen[key]}); keep one"
+            seen[key] = line
+            if (found := walk(value_node, f"{prefix}{key}.")):
+                return found
+        return None
+
+    try:
+        return walk(yaml.compose(text), "")
+    except yaml.YAMLError:
+        return None
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`train.lr=1e-4` -> (["train", "lr"], 1e-4); the value is read as YAML (so lists and null work)."""
     key, sep, raw = item.partition("=")
@@ -299,6 +323,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or first_line(exc, limit=10_000)
         raise ConfigError(f"{path}{where}: invalid YAML: {problem}; fix the syntax") from exc
+    duplicate = _duplicate_key(text)
+    if duplicate:
+        raise ConfigError(f"{path}{duplicate}")
     if raw is None:
         raise ConfigError(f"{path}: the config is empty; it needs at least model and data.train")
     if not isinstance(raw, dict):

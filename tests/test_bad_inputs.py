@@ -403,6 +403,9 @@ ROWS = [
     Row("config-unreadable", "train", argv("train", "{ws}/mem.yaml"), 2, ("{ws}/mem.yaml",)),
     Row("config-yaml-syntax", "train", train_cfg(text="model: {ws}/tiny\ndata:\n  train: [a, b\nlora: {{r: 4}}\n"),
         2, ("run.yaml:", "invalid YAML")),
+    Row("config-duplicate-key", "train", train_cfg(text="model: {ws}/tiny\ndata: {{train: a.json}}\nlora:\n  r: 4\n"
+                                                        "  alpha: 8\n  r: 0\n"), 2,
+        ("run.yaml:6: key lora.r appears twice (first on line 4); keep one",)),
     Row("config-empty", "train", train_cfg(text=""), 2, ("run.yaml", "empty")),
     Row("config-not-mapping", "train", train_cfg(text="- model: gpt2\n"), 2, ("run.yaml", "mapping")),
     Row("config-non-utf8", "train", train_cfg(text="model: {ws}/tiny  # caf\xe9\n"), 2, ("run.yaml", "UTF-8")),
