@@ -174,7 +174,8 @@ class LoraConfig:
     r: int = 8
     alpha: float = 16.0  # scaling = alpha / r (alpha / sqrt(r) with use_rslora)
     dropout: float = 0.05  # on the LoRA input path only
-    targets: list[str] = field(default_factory=lambda: ["attn.c_attn"])  # patterns, `all-linear`, attn.q/k/v
+    # patterns, `all-linear`, attn.q/k/v; None: the family's query and value projections (PEFT's default)
+    targets: list[str] | None = None
     layers: list[int] | None = None  # restrict to these block indices
     use_rslora: bool = False  # rank-stabilised scaling (Kalajdzievski 2023, arXiv:2312.03732)
     use_dora: bool = False  # weight-decomposed LoRA (Liu et al. 2024, arXiv:2402.09353)
@@ -517,7 +518,7 @@ def _check_constraints(cfg: RunConfig, report) -> None:
         report("lora.alpha", f"must be > 0, got {lo.alpha}")
     if not 0 <= lo.dropout < 1:
         report("lora.dropout", f"must be in [0, 1), got {lo.dropout}")
-    if not lo.targets:
+    if lo.targets is not None and not lo.targets:
         report("lora.targets", "must name at least one layer pattern (e.g. [attn.c_attn] or all-linear)")
     if lo.layers is not None and any(i < 0 for i in lo.layers):
         report("lora.layers", "block indices must be >= 0")

@@ -480,8 +480,10 @@ def pattern_value(patterns: dict, name: str, default):
     return default
 
 
-def resolve_targets(model: nn.Module, targets: list[str], layers: list[int] | None = None) -> list[str]:
-    """Config patterns -> the full module names (or slice names) to adapt, in model order."""
+def resolve_targets(model: nn.Module, targets: list[str] | None, layers: list[int] | None = None) -> list[str]:
+    """Config patterns -> the full module names (or slice names) to adapt, in model order. None: the model
+    family's default (its `lora_targets`: the query and value projections, as PEFT picks them)."""
+    targets = list(model.lora_targets if targets is None else targets)
     candidates = target_candidates(model)
     n_layer = len(getattr(model, "blocks", []))
     if layers is not None:
@@ -557,7 +559,7 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig, generator: torch.Generato
         raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.dropout}")
     if cfg.bias not in ("none", "lora_only", "all"):
         raise ConfigError(f"lora.bias must be none, lora_only or all, got {cfg.bias!r}")
-    targets = resolve_targets(model, list(cfg.targets), cfg.layers)
+    targets = resolve_targets(model, cfg.targets, cfg.layers)
     rank_pattern = {t: int(rank_pattern[t]) if t in rank_pattern else int(pattern_value(cfg.rank_pattern, t, cfg.r))
                     for t in targets}
     alpha_pattern = {t: float(alpha_pattern[t]) if t in alpha_pattern else
@@ -784,7 +786,7 @@ def with_classification_head(model: nn.Module, lora_cfg: LoraConfig, num_labels:
     (the reference's frozen random head with LoRA on it), the head is trained in full: it is added to
     modules_to_save."""
     add_classification_head(model, num_labels, generator)
-    if HEAD in resolve_targets(model, list(lora_cfg.targets), None) or HEAD in lora_cfg.modules_to_save:
+    if HEAD in resolve_targets(model, lora_cfg.targets, None) or HEAD in lora_cfg.modules_to_save:
         return lora_cfg
     return dataclasses.replace(lora_cfg, modules_to_save=[*lora_cfg.modules_to_save, HEAD])
 

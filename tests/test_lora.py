@@ -295,6 +295,7 @@ def test_dropout_only_on_the_lora_path_in_training():
 
 def test_target_patterns():
     model = meta_gpt2("gpt2")
+    assert resolve_targets(model, None) == [f"transformer.h.{i}.attn.c_attn" for i in range(12)]  # PEFT's default
     assert resolve_targets(model, ["h.*.mlp.c_fc"], layers=[0, 11]) == ["transformer.h.0.mlp.c_fc", "transformer.h.11.mlp.c_fc"]
     assert resolve_targets(model, [r"re:transformer\.h\.1[01]\.attn\.c_proj"]) == [
         "transformer.h.10.attn.c_proj", "transformer.h.11.attn.c_proj"]

@@ -179,6 +179,11 @@ def test_lora_layers_select_blocks_and_shorthands_name_the_family(family):
     shorts = shorthands(ours)
     assert shorts[0] == "all-linear" and all(not s.startswith(prefix) for s in shorts)
     assert len(shorts) == 1 + len({n.split(".", 3)[3] for n in ours.linear_names() if n.startswith(prefix)})
+    # no lora.targets: the modules PEFT adapts by default for this model_type
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    peft_default = PEFT_DEFAULTS[ours.config.model_type]
+    assert resolve_targets(ours, None) == [n for n in ours.linear_names() if n.rsplit(".", 1)[-1] in peft_default]
 
 
 # ------------------------------------------------------------------------------------------- loading

@@ -493,6 +493,7 @@ class CausalLM(nn.Module):
 
     config: ModelConfig
     lm_head: nn.Linear
+    lora_targets: tuple[str, ...]  # lora.targets when the config names none: the query and value projections
 
     def __init__(self) -> None:
         super().__init__()

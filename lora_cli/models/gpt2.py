@@ -122,6 +122,8 @@ class GPT2(CausalLM):
     """GPT-2 language model (GPT2LMHeadModel's names). `forward` returns hidden states [B, T, C]; `logits`
     projects them to [.., V]."""
 
+    lora_targets = ("attn.c_attn",)  # lora.targets' default: the fused query/key/value, as PEFT's for gpt2
+
     def __init__(self, config: GPT2Config):
         super().__init__()
         self.config = config

@@ -137,6 +137,8 @@ class Block(nn.Module):
 class GPTNeoX(CausalLM):
     """GPTNeoXForCausalLM, configured by a GPTNeoXConfig."""
 
+    lora_targets = ("query_key_value",)  # lora.targets' default: the fused projection, as PEFT's for gpt_neox
+
     def __init__(self, config: GPTNeoXConfig):
         super().__init__()
         self.config = config

@@ -186,6 +186,8 @@ class Block(nn.Module):
 class Llama(CausalLM):
     """LlamaForCausalLM and its relatives (MODEL_TYPES), configured by a LlamaConfig."""
 
+    lora_targets = ("q_proj", "v_proj")  # lora.targets' default, as PEFT's for these families
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
