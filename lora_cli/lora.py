@@ -415,12 +415,14 @@ def _tied_to_input(model: nn.Module, module: nn.Linear) -> bool:
 
 def target_candidates(model: nn.Module) -> list[str]:
     """Every name a LoRA target may match, in model order: each linear layer (not a head tied to the input
-    embedding), and after each fused c_attn its virtual slices attn.q, attn.k, attn.v."""
+    embedding, nor the language-model head of a classifier, whose `score` head answers instead), and after each
+    fused c_attn its virtual slices attn.q, attn.k, attn.v."""
+    unused_head = getattr(model, "lm_head", None) if getattr(model, HEAD, None) is not None else None
     names = []
     for name, module in model.named_modules():
         if isinstance(module, LoRALayer):
             raise ConfigError("the model already has LoRA layers; apply LoRA once, to a fresh base model")
-        if isinstance(module, nn.Linear) and not _tied_to_input(model, module):
+        if isinstance(module, nn.Linear) and not _tied_to_input(model, module) and module is not unused_head:
             names.append(name)
             if _is_fused_qkv(name, module):
                 names.extend(_slice_name(name, s) for s in SLICES)

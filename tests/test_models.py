@@ -17,7 +17,9 @@ from helpers import FAMILY_SIZES, make_family_checkpoint as make_checkpoint, off
 from lora_cli.pretrained import load_model
 from lora_cli.config import LoraConfig, ModelSpec
 from lora_cli.errors import CheckpointError, ConfigError
-from lora_cli.lora import adapter_state_dict, apply_lora, count_parameters, resolve_targets, shorthands
+from lora_cli.lora import (adapter_state_dict, apply_lora, count_parameters, resolve_targets, shorthands,
+                           target_candidates)
+from lora_cli.models import add_classification_head
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -184,6 +186,11 @@ def test_lora_layers_select_blocks_and_shorthands_name_the_family(family):
 
     peft_default = PEFT_DEFAULTS[ours.config.model_type]
     assert resolve_targets(ours, None) == [n for n in ours.linear_names() if n.rsplit(".", 1)[-1] in peft_default]
+    # a classifier answers through its score head: the language-model head is no target (LoRA there never trains)
+    head = "embed_out" if name.startswith("gpt_neox") else "lm_head"
+    assert (head in target_candidates(ours)) == (not ours.tied)
+    add_classification_head(ours, 2)
+    assert head not in target_candidates(ours) and "score" in target_candidates(ours)
 
 
 # ------------------------------------------------------------------------------------------- loading
