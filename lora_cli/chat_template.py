@@ -123,12 +123,29 @@ def resolve_template(value: str | None, tokenizer: Tokenizer, model_dir: str | P
     """The template a chat run uses: `value` (data.chat_template, --chat-template) if given, else the
     checkpoint's own; a model without one is a ConfigError saying what to set."""
     if value is not None:
-        return read_template(value, key)
-    found = checkpoint_template(tokenizer, model_dir)
-    if found is None:
+        template, where = read_template(value, key), f"{key} {value!r}" if not is_inline_template(value) else key
+    else:
+        template, where = checkpoint_template(tokenizer, model_dir), "the model's chat template"
+    if template is None:
         raise ConfigError(f"{key}: the model has no chat template (no chat_template in its tokenizer_config.json); "
                           f"set {key}: chatml (built in) or a .jinja file")
-    return found
+    try:
+        compile_template(template)
+    except ConversationError as exc:  # the template's fault, not the first data row's
+        raise ConfigError(f"{where}: {exc}") from None
+    return template
+
+
+def writes_assistant_content(template: str, tokens: Mapping[str, str] | None = None) -> bool:
+    """False when the template renders a user/assistant exchange without the assistant's words: training on it
+    would find no token to learn. True too when it refuses that exchange (its own rules are judged per row)."""
+    probe = "\x00reply\x00"
+    try:
+        text = render_chat(template, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}],
+                           False, tokens)
+    except ConversationError:
+        return True
+    return probe in text
 
 
 @functools.lru_cache(maxsize=16)

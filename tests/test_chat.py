@@ -21,7 +21,7 @@ from helpers import REPO, assert_one_line_error, build_tokenizer, child_env, cli
 from lora_cli.chat import stop_at
 from lora_cli.chat_template import chat_ids, conversation, encode_chat, end_of_turn, render_chat, template_tokens
 from lora_cli.config import CHATML_TEMPLATE
-from lora_cli.errors import ConversationError
+from lora_cli.errors import ConfigError, ConversationError
 from lora_cli.tokenizer import GPT2, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -408,6 +408,21 @@ def test_bad_conversation_stops_lora_train_with_one_line(tiny, tmp_path):
     line = assert_one_line_error(*cli("train", tmp_path / "run.yaml", "-q", cwd=tmp_path), expected_code=2)
     assert message in line, line
     assert tree(tmp_path) == before  # nothing written
+
+
+def test_a_template_that_is_no_jinja_or_drops_the_assistant_is_named(tmp_path):
+    from lora_cli.config import DataConfig
+    from lora_cli.data import load_file
+
+    write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATIONS[0]}])
+    (tmp_path / "bad.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor")
+    (tmp_path / "quiet.jinja").write_text("{% for m in messages %}{% if m.role != 'assistant' %}{{ m.content }}\n"
+                                          "{% endif %}{% endfor %}")
+    with pytest.raises(ConfigError, match=r"^data.chat_template '.*bad.jinja': the chat template is not valid Jinja "):
+        load_file(tmp_path / "chat.jsonl", DataConfig(chat_template=str(tmp_path / "bad.jinja")))
+    with pytest.raises(ConfigError, match=r"^data.chat_template never writes an assistant message's content, so no "
+                                          r"token could carry a loss; use a template that renders the assistant turns"):
+        load_file(tmp_path / "chat.jsonl", DataConfig(chat_template=str(tmp_path / "quiet.jinja")))
 
 
 def test_checkpoint_template_lookup(tmp_path):

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from lora_cli.chat_template import conversation, encode_chat, resolve_template
+from lora_cli.chat_template import (conversation, encode_chat, resolve_template, template_tokens,
+                                    writes_assistant_content)
 from lora_cli.config import DATA_FORMATS, DataConfig
 from lora_cli.data.formats import OPTIONAL_ROLES, RESPONSE_ROLE, detect_format, render_prompt, template_fields
 from lora_cli.data.io import Table, read_table
@@ -268,6 +269,10 @@ def encode_conversations(df: Table, column: str, data_cfg: DataConfig, path: str
     file and row (or skipped and counted with data.skip_bad_rows); one the template cannot render or split into
     spans is always an error."""
     template = resolve_template(data_cfg.chat_template, tokenizer)
+    if not writes_assistant_content(template, template_tokens(tokenizer)):
+        where = "data.chat_template" if data_cfg.chat_template is not None else "the model's chat template"
+        raise ConfigError(f"{where} never writes an assistant message's content, so no token could carry a loss; "
+                          "use a template that renders the assistant turns (e.g. chatml)")
     bad: list[tuple[int, str]] = []
     examples: list[Example] = []
     for i, value in enumerate(df[column]):
