@@ -402,6 +402,9 @@ def build_config(
         raise ConfigError(f"{label}: {count}{'; '.join(problems)}")
     assert cfg is not None
     _resolve_paths(cfg, Path(base_dir))
+    if cfg.model.tokenizer is not None and not Path(cfg.model.tokenizer).exists():  # a path, never a hub id
+        raise ConfigError(f"{source or 'config'}: model.tokenizer: {cfg.model.tokenizer} does not exist; name a "
+                          "tokenizer directory or tokenizer.json file (relative to the config)")
     return cfg
 
 

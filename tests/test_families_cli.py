@@ -167,3 +167,9 @@ def test_model_tokenizer_key_is_validated(tmp_path):
     assert spec.tokenizer == "tok/" and spec.to_yaml()["tokenizer"] == "tok/"
     with pytest.raises(ValueError, match="tokenizer must be a tokenizer directory or tokenizer.json path"):
         ModelSpec.parse({"name": "smollm2-135m", "init": "random", "tokenizer": 3})
+    # a path that is not there is said so at once (it was looked up on the hub, retries and all)
+    (tmp_path / "run.yaml").write_text("model: {name: smollm2-135m, init: random, tokenizer: nothere}\n"
+                                       "data: {train: train.json}\n")
+    line = assert_one_line_error(*cli("train", tmp_path / "run.yaml", "--dry-run", cwd=tmp_path), expected_code=2)
+    assert line == (f"error: {tmp_path / 'run.yaml'}: model.tokenizer: {tmp_path / 'nothere'} does not exist; name a "
+                    "tokenizer directory or tokenizer.json file (relative to the config)")
