@@ -503,7 +503,12 @@ def _check_constraints(cfg: RunConfig, report) -> None:
     if not 0 <= d.test_split < 1:
         report("data.test_split", f"must be in [0, 1), got {d.test_split}")
     if d.val_split + d.test_split >= 1:
-        report("data.val_split", "val_split + test_split must leave training data (sum < 1)")
+        report("data.val_split + data.test_split", f"must leave training data (sum < 1), got {d.val_split:g} + "
+                                                   f"{d.test_split:g}")
+    for key in ("train", "val", "test"):
+        value = getattr(d, key)
+        if isinstance(value, str) and value.startswith("hf://") and not value.startswith("hf://datasets/"):
+            report(f"data.{key}", f"{value!r}: a hub dataset is named hf://datasets/OWNER/NAME")
     if not d.split.strip():
         report("data.split", "must name a split, e.g. train")
     if d.max_length < 2:

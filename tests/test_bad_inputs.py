@@ -407,6 +407,10 @@ ROWS = [
                                                         "  alpha: 8\n  r: 0\n"), 2,
         ("run.yaml:6: key lora.r appears twice (first on line 4); keep one",)),
     Row("config-empty", "train", train_cfg(text=""), 2, ("run.yaml", "empty")),
+    Row("config-hub-dataset-misnamed", "train", train_cfg({"data": {"train": "hf://owner/name", "val_split": 0.5,
+                                                                    "test_split": 0.5}}), 2,
+        ("run.yaml: 2 problems: data.val_split + data.test_split: must leave training data (sum < 1), got 0.5 + 0.5; "
+         "line 4: data.train: 'hf://owner/name': a hub dataset is named hf://datasets/OWNER/NAME",)),
     Row("config-not-mapping", "train", train_cfg(text="- model: gpt2\n"), 2, ("run.yaml", "mapping")),
     Row("config-non-utf8", "train", train_cfg(text="model: {ws}/tiny  # caf\xe9\n"), 2, ("run.yaml", "UTF-8")),
     Row("config-unknown-key", "train", train_cfg({"train": {"warmup_step": 3}}), 2,

@@ -199,6 +199,7 @@ def test_prompt_completion_default_and_custom_templates(tmp_path):
     ("empty.jsonl", "", DataError, "empty.jsonl: the file is empty; it needs at least one data row"),
     ("blank.csv", "\n\n  \n", DataError, "blank.csv: the file is empty"),
     ("header.csv", "prompt,completion\n", DataError, "header.csv: no data rows (only a header); add at least"),
+    ("empty-list.json", "[]", DataError, "empty-list.json: no data rows (an empty list); add at least one row"),
     ("table.xlsx", "x", DataError, "data.train: {tmp}/table.xlsx: unsupported file type '.xlsx'; use .csv, .tsv"),
     ("noext", "x", DataError, "unsupported file type (no extension)"),
 ])

@@ -104,7 +104,8 @@ def read_table(path: str | Path, data_cfg: DataConfig, key: str = "data.train") 
             records, lines = _read_jsonl(text, path)
             table = Table(_frame(records), lines=lines)
     if len(table) == 0:
-        raise DataError(f"{path}: no data rows (only a header); add at least one row")
+        what = "an empty list" if suffix == ".json" else "only a header"
+        raise DataError(f"{path}: no data rows ({what}); add at least one row")
     table.path = str(path)
     return table
 
