@@ -49,7 +49,8 @@ class ModelSpec:
         if not isinstance(value, dict):
             raise ValueError(f"must be a string or a mapping, got {type(value).__name__}")
         allowed = ("name", "init", "revision", "seed", "tokenizer", *ARCH_OVERRIDES)
-        problems = [f"unknown key {k}{did_you_mean(k, allowed)}" for k in value if k not in allowed]
+        problems = [f"unknown key {k}{did_you_mean(str(k), allowed) or ' (the keys: ' + ', '.join(allowed) + ')'}"
+                    for k in value if k not in allowed]
         if problems:
             raise ValueError("; ".join(problems))
         name = value.get("name")

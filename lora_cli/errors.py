@@ -51,9 +51,20 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
 
 
+# Other tools' names for our keys (PEFT's LoraConfig, transformers' TrainingArguments): too far apart to spell alike.
+KNOWN_ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+                 "target_modules": "targets", "learning_rate": "lr", "num_train_epochs": "epochs",
+                 "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+                 "lr_scheduler_type": "lr_schedule", "output_dir": "out_dir"}
+
+
 def did_you_mean(key: str, choices) -> str:
-    """' (did you mean X?)' for the closest of `choices`, or '' when none is close."""
+    """' (did you mean X?)' for the closest of `choices` (or the one another tool names so), or '' when none is
+    close."""
     import difflib  # only on the error path
 
-    match = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    choices = list(choices)
+    if KNOWN_ALIASES.get(key) in choices:
+        return f" (did you mean {KNOWN_ALIASES[key]}?)"
+    match = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
     return f" (did you mean {match[0]}?)" if match else ""
