@@ -256,7 +256,8 @@ def dry_run_report(s: Setup, show: int | None = None) -> list[str]:
                  f"{processes} = global batch {s.global_batch}")
     lines.append(f"device: {s.device}, precision: {s.precision}")
     peak = estimate_memory(s)
-    lines.append(f"estimated peak memory: {peak / 2**30:.2f} GiB")
+    lines.append(f"estimated peak memory: {peak / 2**30:.2f} GiB" if peak >= 2**30 / 10 else
+                 f"estimated peak memory: {peak / 2**20:.0f} MiB")
     available = _available_memory(s.device)
     if available and peak > 0.9 * available:
         lines.append(f"warning: that is above 90% of the {available / 2**30:.1f} GiB available; lower train.batch_size "
@@ -766,5 +767,5 @@ def _finish(s: Setup, optimizer, state: RunState, history: list, log) -> dict | 
             save_checkpoint(s.out_dir, s.model, optimizer, state, s.world_size, s.global_batch, s.cfg)
             plot_losses(history, s.out_dir / "loss.png")
     best = f", best validation loss {state.best_val:.4f} at step {state.best_step}" if state.best_val is not None else ""
-    log(f"done: {state.step} steps{best}; adapter written to {s.out_dir / ADAPTER_FILE}")
+    log(f"done: {state.step} step{'s' if state.step != 1 else ''}{best}; adapter written to {s.out_dir / ADAPTER_FILE}")
     return final

@@ -207,5 +207,6 @@ def test_dry_run_without_warning_when_it_fits(tmp_path):
     cfg = write_run(tmp_path, "batch_size: 4")
     done = cli("train", str(cfg), "--dry-run", cwd=tmp_path)
     assert done.rc == 0, done.stderr
-    assert any(line.startswith("estimated peak memory: 0.0") for line in done.stdout.splitlines())
+    estimate = next(line for line in done.stdout.splitlines() if line.startswith("estimated peak memory: "))
+    assert estimate.endswith(" MiB") and 0 < int(estimate.split(": ")[1].split()[0]) < 100  # small: in MiB
     assert not any(line.startswith("warning") for line in done.stdout.splitlines())
