@@ -163,6 +163,7 @@ def _local_model(path: Path, weights: bool, dtype: torch.dtype | None = None) ->
         else:
             state = read_state_dict(weight_file)
     else:
+        _refuse_adapter_file(path)
         state = read_state_dict(path)
         config = infer_config(state, path)
     model = build_model(config, state, path, dtype)
@@ -349,6 +350,22 @@ def _canonical(state: dict[str, torch.Tensor], tied: bool = True) -> dict[str, t
             continue
         out[key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"] = value
     return out
+
+
+def _refuse_adapter_file(path: Path) -> None:
+    """A lora-cli adapter named where a model belongs: say so, rather than that it is no GPT-2 state dict."""
+    if path.suffix != ".safetensors":
+        return
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            adapter = "lora" in (f.metadata() or {})
+    except Exception:  # unreadable: read_state_dict says how
+        return
+    if adapter:
+        raise CheckpointError(f"{path} is a lora-cli adapter, not a model; name its base model here (the adapter "
+                              "goes to --adapter)")
 
 
 def infer_config(state: dict[str, torch.Tensor], path: Path) -> GPT2Config:

@@ -386,6 +386,9 @@ def keep_file(ws: Path, d: Path) -> None:
 ROWS = [
     # ------------------------------------------------------------------ info
     Row("info-missing-path", "info", argv("info", "{ws}/no-such-model"), 1, ("{ws}/no-such-model", "does not exist")),
+    Row("info-adapter-as-model", "info", argv("info", "{ws}/adapters/good.safetensors"), 1,
+        ("good.safetensors is a lora-cli adapter, not a model; name its base model here (the adapter goes to "
+         "--adapter)",)),
     Row("info-empty-dir", "info", argv("info", "{ws}/empty-dir"), 1, ("{ws}/empty-dir", "config.json")),
     Row("info-config-bad-json", "info", argv("info", "{ws}/badjson-model"), 1, ("badjson-model/config.json",)),
     Row("info-not-gpt2", "info", argv("info", "{ws}/llama-model"), 1, ("llama-model/config.json", "llama")),
