@@ -200,7 +200,7 @@ def generate(
     prompts: Optional[List[str]] = typer.Argument(None, help="Prompts (for alpaca adapters: the instruction)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help=ADAPTER_HELP),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
-    file: Optional[Path] = typer.Option(None, "--file", help="Prompts, one per line ('-': stdin); with --json one JSON object per line."),
+    file: Optional[Path] = typer.Option(None, "--file", help="Prompts, one per line ('-': stdin; blank lines are skipped: --json keeps each answer with its prompt); with --json one JSON object per line."),
     as_json: bool = typer.Option(False, "--json", help="JSONL in (--file) and out: each object plus \"generated\"."),
     no_template: bool = typer.Option(False, "--no-template", help="Feed prompts as they are, without the adapter's prompt template."),
     input_text: Optional[str] = typer.Option(None, "--input", help="Alpaca adapters: the Input block for every prompt."),
