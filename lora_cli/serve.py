@@ -51,6 +51,9 @@ from lora_cli.runtime import device_option, inference_dtype, release_openmp_thre
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 GRACEFUL_SHUTDOWN_S = 30  # on SIGTERM / Ctrl-C, how long requests in flight may take to finish
+# The largest request body read (413 beyond): far past any prompt a model's context holds, far below a body that
+# would keep the server tokenizing (a 20 MB prompt took seconds, only to be refused as too long).
+MAX_BODY_BYTES = 8 * 2**20
 
 
 # ------------------------------------------------------------------------------------------------ the models
@@ -461,6 +464,14 @@ def build_app(engine: Engine, api_key: str | None = None):
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
         return error(exc)
+
+    @app.middleware("http")
+    async def _body_limit(request: Request, call_next):
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return error(ApiError(413, f"the request body has {int(length):,} bytes, more than the {MAX_BODY_BYTES:,} "
+                                       "this server reads; send a shorter prompt", None, "request_too_large"))
+        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):

@@ -345,6 +345,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
         ({**good, "n": 3}, auth, 400, "n", None),
         ({**good, "prompt": 5}, auth, 400, "prompt", None),
         ({**good, "stop": [""]}, auth, 400, "stop", None),
+        ({**good, "prompt": "x" * (8 * 2**20)}, auth, 413, None, "request_too_large"),
         ([good], auth, 400, None, None),
         (good, {"Authorization": "Bearer wrong"}, 401, None, "invalid_api_key"),
         (good, {}, 401, None, "invalid_api_key"),
