@@ -391,7 +391,7 @@ def build_config(
         out_dir = RunConfig.out_dir
     task = raw.get("task", RunConfig.task)
     if task not in TASKS:
-        report("task", f"must be causal_lm or classification, got {task!r}")
+        report("task", f"must be {' or '.join(TASKS)}, got {task!r}")
         task = "causal_lm"
     cfg = None
     if model is not None:
