@@ -48,6 +48,7 @@ from lora_cli.lora import (
     lora_scaling,
     pattern_value,
     portable_adapter,
+    shares_weight,
     target_candidates,
 )
 from lora_cli.runtime import as_dtype
@@ -129,6 +130,9 @@ def save_adapter(path: str | os.PathLike, model: torch.nn.Module, metadata: dict
     state.update({k: v for k, v in task_head_state(model).items() if k not in state})
     tensors = {k: v.to("cpu", target or v.dtype, copy=True).contiguous() for k, v in state.items()}
     header = {"format": "pt", "format_version": str(FORMAT_VERSION), "lora": json.dumps(settings)}
+    tied = [m for m in settings["modules_to_save"] if shares_weight(model, m)]
+    if tied:  # saved whole, and tied to another module: PEFT cannot say so (export_peft refuses it)
+        metadata["tied_modules_to_save"] = tied
     metadata.setdefault("tokenizer", "gpt2")
     for key, value in metadata.items():
         if value is not None:
@@ -197,6 +201,14 @@ def _load_ours(p: Path) -> Adapter:
     return Adapter(tensors, lora, metadata, p, "lora-cli", rank_pattern, alpha_pattern)
 
 
+def _has_module(model: torch.nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 def damaged_settings(metadata: dict) -> str | None:
     """What in an adapter header's task and data settings no training run writes, or None: eval, generate,
     predict, merge and export all act on them."""
@@ -258,9 +270,18 @@ def attach_adapter(base: BaseModel | torch.nn.Module, adapter: Adapter | str | o
             f"or pass --allow-mismatch to use it anyway"
         )
     misfit = f"adapter {adapter.path} does not fit base model {base_name}"
+    if adapter.metadata.get("peft_unties"):
+        tied = next((m for m in adapter.lora.modules_to_save if _has_module(model, m) and shares_weight(model, m)), None)
+        if tied is not None:
+            raise AdapterError(f"{misfit}: PEFT saved {tied} apart from the module its base ties it to (it unties them: "
+                               "ensure_weight_tying is false), while lora-cli keeps tied weights tied; save the adapter "
+                               "with PEFT's ensure_weight_tying=True")
     head_tensors = _attach_task_head(model, adapter, misfit)
     available = set(target_candidates(model))
     absent = [t for t in adapter.lora.targets if t not in available]
+    if absent and _has_module(model, absent[0]) and shares_weight(model, absent[0]):
+        raise AdapterError(f"{misfit}: it adapts {absent[0]}, which that base ties to its input embedding; lora-cli "
+                           "adapts no tied head (a change there would change the embedding too)")
     if absent:
         raise AdapterError(f"{misfit}: it adapts {absent[0]}, which that model does not have; "
                            f"the adapter was made for a different base model")
@@ -389,7 +410,7 @@ def _load_peft(d: Path) -> Adapter:
     for k in list(tensors):
         if k.endswith(".bias") and k[: -len(".bias")] in target_set:
             tensors[k[: -len(".bias")] + ".base_layer.bias"] = tensors.pop(k)
-    # Whole saved modules: PEFT names them by suffix; resolve against the tensor names.
+    # Whole saved modules: PEFT names them by a plain suffix (`norm` is every *norm); resolve against the tensors.
     saved: list[str] = []
     for entry in raw.get("modules_to_save") or []:
         for k in tensors:
@@ -398,10 +419,16 @@ def _load_peft(d: Path) -> Adapter:
             parts = k.split(".")[:-1]
             for i in range(len(parts), 0, -1):
                 module = ".".join(parts[:i])
-                if module == entry or module.endswith("." + entry):
+                if module.endswith(entry):
                     if module not in saved:
                         saved.append(module)
                     break
+    tying = bool(raw.get("ensure_weight_tying"))
+    if tying:  # PEFT saved the tied head beside the embedding it shares: one tensor, as lora-cli keeps it
+        for head in ("lm_head.weight", "embed_out.weight"):
+            if head in tensors and not any(head.startswith(m + ".") for m in saved) and any(
+                    torch.equal(tensors[head], tensors[f"{m}.weight"]) for m in saved if f"{m}.weight" in tensors):
+                del tensors[head]
     for k in list(tensors):
         if k.endswith(CONV1D_SUFFIXES) and any(k.startswith(m + ".") for m in saved):
             tensors[k] = tensors[k].t().contiguous()  # Conv1D [in, out] -> our [out, in]
@@ -421,7 +448,7 @@ def _load_peft(d: Path) -> Adapter:
     base_model = {"source": "peft", "name": raw.get("base_model_name_or_path"), "revision": raw.get("revision"),
                   "fingerprint": None}
     metadata = {"format_version": FORMAT_VERSION, "base_model": base_model, "task": PEFT_TASKS.get(raw.get("task_type")),
-                "tokenizer": "gpt2"}
+                "tokenizer": "gpt2", "peft_unties": not tying}
     head = tensors.get(f"{HEAD}.weight")
     if metadata["task"] == "classification" and head is not None:
         # The label names: export_peft keeps them in the weights file's header (PEFT ignores it); a classifier
@@ -582,6 +609,11 @@ def export_peft(adapter: Adapter | str | os.PathLike, out_dir: str | os.PathLike
     an adapter directory."""
     if not isinstance(adapter, Adapter):
         adapter = load_adapter(adapter)
+    tied = adapter.metadata.get("tied_modules_to_save")
+    if tied:
+        raise AdapterError(f"adapter {adapter.path} saves {tied[0]} whole, a module its base ties to another; PEFT "
+                           "unties such a module when it loads it, so the export would not compute as trained; "
+                           "use the adapter with lora-cli, or train it without that lora.modules_to_save entry")
     out = Path(out_dir).expanduser()
     if out.exists():
         if not out.is_dir():

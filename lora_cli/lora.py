@@ -413,6 +413,12 @@ def _tied_to_input(model: nn.Module, module: nn.Linear) -> bool:
     return embed is not None and module.weight is embed.weight
 
 
+def shares_weight(model: nn.Module, name: str) -> bool:
+    """Whether module `name` holds a weight another module holds too (a tied lm_head and input embedding)."""
+    weight = getattr(model.get_submodule(name), "weight", None)
+    return weight is not None and sum(getattr(m, "weight", None) is weight for m in model.modules()) > 1
+
+
 def target_candidates(model: nn.Module) -> list[str]:
     """Every name a LoRA target may match, in model order: each linear layer (not a head tied to the input
     embedding, nor the language-model head of a classifier, whose `score` head answers instead), and after each

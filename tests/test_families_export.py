@@ -238,3 +238,38 @@ def test_bad_checkpoints_are_one_line_exit_1_on_the_command_line(tmp_path):
         code, out, err = cli("generate", "--model", path, "--max-new-tokens", "2", "hello")
         assert_one_line_error(code, out, err)
         assert re.search(expected[case], err), (case, err)
+
+
+def test_peft_saved_modules_by_suffix_and_tied_weights(tmp_path):
+    """PEFT names saved modules by a plain suffix (`norm`: every *norm); a head tied to the embedding is refused
+    when PEFT unties it, and read when it keeps it tied (ensure_weight_tying), as lora-cli computes it."""
+    from lora_cli.errors import AdapterError
+
+    hf = make_family_checkpoint(tmp_path / "base", "llama", vocab_size=V)  # tied embeddings
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(0))
+    for name, saved, tying in (("norm", ["norm"], False), ("tied", ["lm_head"], True), ("untied", ["lm_head"], False)):
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=saved,
+                                 init_lora_weights=False, ensure_weight_tying=tying)
+        model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"), config)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "modules_to_save" in n:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+            want = model(input_ids=ids).logits
+        model.save_pretrained(tmp_path / name)
+        base = load_model(str(tmp_path / "base"))
+        if name == "untied":
+            with pytest.raises(AdapterError, match=r"PEFT saved lm_head apart from the module its base ties it to "
+                                                   r"\(it unties them: ensure_weight_tying is false\)"):
+                attach_adapter(base, tmp_path / name)
+            continue
+        ours = attach_adapter(base, tmp_path / name).eval()
+        with torch.no_grad():
+            assert (ours.logits(ours(ids)) - want).abs().max().item() <= 1e-5, name
+    # our own adapter saving a tied head: lora-cli computes it tied, PEFT could not, so it is not exported
+    base = load_model(str(tmp_path / "base"))
+    apply_lora(base.model, LoraConfig(r=4, alpha=8, targets=["q_proj"], modules_to_save=["lm_head"]))
+    save_adapter(tmp_path / "mine.safetensors", base.model, {"base_model": base.describe()})
+    with pytest.raises(AdapterError, match=r"saves lm_head whole, a module its base ties to another; PEFT unties"):
+        export_peft(tmp_path / "mine.safetensors", tmp_path / "mine-peft")
+    assert not (tmp_path / "mine-peft").exists()
