@@ -316,7 +316,8 @@ def _beam_batch(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, 
     """Beam search over a batch of prompts, step for step the algorithm of transformers' `_beam_search`
     (GenerationMixin, v4.50+ vectorised form), so that its outputs are the same tokens:
 
-    - each step keeps the top 2*num_beams continuations of all beams by summed log-probability;
+    - each step keeps the top max(2, 1 + number of EOS ids) * num_beams continuations of all beams by summed
+      log-probability;
     - the best num_beams of them that do not end in EOS are the running beams of the next step;
     - among the top num_beams continuations, those ending in EOS (or all of them at the last step) are finished
       hypotheses scored sum_logprob / generated_len ** length_penalty, generated_len counting the new tokens
@@ -326,7 +327,9 @@ def _beam_batch(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, 
       "never" scores the running beam at max length when length_penalty > 0.
     The answer is the best finished hypothesis, without its EOS. A prompt that is done leaves the batch.
     """
-    nb, K = num_beams, 2 * num_beams  # transformers: beams_to_keep = max(2, 1 + n_eos) * num_beams
+    # transformers' beams_to_keep: with n EOS ids, up to n of a beam's best continuations may end, and num_beams
+    # running ones must remain (2 * num_beams lost every running beam when both of two EOS ids ranked high)
+    nb, K = num_beams, max(2, 1 + len(_eos_ids(eos_id))) * num_beams
     B, M, V = len(prompts), max_new_tokens, model.config.vocab_size
     was_training = model.training
     model.eval()

@@ -336,3 +336,30 @@ def test_batches_progress_and_edge_sizes(lively):
     assert generate(model, PROMPTS[:1], 5)[0] == out[0][:5]
     assert model.training
     model.eval()
+
+
+@pytest.mark.parametrize("num_beams,length_penalty", [(2, 3.0), (3, 2.0)])
+def test_beam_search_with_two_likely_eos_ids_equals_transformers(tmp_path, num_beams, length_penalty):
+    """Two EOS ids that both rank high (Llama 3 and Qwen stop on two): each step must keep
+    max(2, 1 + n_eos) * num_beams continuations, as transformers does, or every running beam can end at once."""
+    from lora_cli.generate import beam_search
+
+    eot, other = 50256, 50255
+    hf = make_hf_gpt2(tmp_path, seed=0)
+    g = torch.Generator().manual_seed(100)
+    with torch.no_grad():  # both ids point where the final norm pushes every hidden state: likely ends
+        hf.transformer.ln_f.weight.copy_(torch.randn(64, generator=g) * 3)
+        hf.transformer.ln_f.weight[0], hf.transformer.ln_f.bias[0] = 1.0, 4.0
+        for e in (eot, other):
+            hf.transformer.wte.weight[e].zero_()
+            hf.transformer.wte.weight[e, 0] = 1.0
+    hf.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path)).model.eval()
+    for prompt in ([40], [464, 2068, 7586]):
+        kw = dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping="never")
+        ours = beam_search(model, [prompt], 10, eos_id=(eot, other), **kw)[0]
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              max_new_tokens=10, do_sample=False, pad_token_id=eot, eos_token_id=[eot, other],
+                              **kw)[0, len(prompt):].tolist()
+        assert ours == out[:next((i for i, t in enumerate(out) if t in (eot, other)), len(out))], prompt
