@@ -201,6 +201,26 @@ def _load_ours(p: Path) -> Adapter:
     return Adapter(tensors, lora, metadata, p, "lora-cli", rank_pattern, alpha_pattern)
 
 
+def _peft_base_copies(model: torch.nn.Module, adapter: Adapter, expected, misfit: str) -> set[str]:
+    """The base weights PEFT saves beside the LoRA of an adapted head or embedding (save_embedding_layers): copies
+    of the base's own, so nothing to load; a changed one (a resized vocabulary) is refused."""
+    copies = set()
+    for key in adapter.tensors:
+        if key in expected or not key.endswith(".base_layer.weight"):
+            continue
+        module = key[: -len(".weight")]
+        mine = getattr(model.get_submodule(module), "weight", None) if _has_module(model, module) else None
+        if mine is None:
+            continue  # not an adapted layer of this model: reported as unexpected
+        saved = adapter.tensors[key]
+        if saved.shape != mine.shape or not torch.equal(saved.to(mine.dtype), mine.detach().cpu()):
+            raise AdapterError(f"{misfit}: PEFT saved a base weight of {module.removesuffix('.base_layer')} other than "
+                               "the base model's (a resized vocabulary?); load the adapter onto the base it was "
+                               "trained on")
+        copies.add(key)
+    return copies
+
+
 def _has_module(model: torch.nn.Module, name: str) -> bool:
     try:
         model.get_submodule(name)
@@ -290,8 +310,9 @@ def attach_adapter(base: BaseModel | torch.nn.Module, adapter: Adapter | str | o
     except ConfigError as exc:
         raise AdapterError(f"{misfit}: {exc}") from exc
     expected = adapter_state_dict(model)
+    copies = _peft_base_copies(model, adapter, expected, misfit) if adapter.kind == "peft" else set()
     mismatch = key_mismatch([k for k in expected if k not in adapter.tensors],
-                            [k for k in adapter.tensors if k not in expected and k not in head_tensors])
+                            [k for k in adapter.tensors if k not in expected and k not in head_tensors | copies])
     if mismatch:
         raise AdapterError(f"{misfit}: {mismatch}")
     for key, param in expected.items():

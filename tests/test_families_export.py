@@ -273,3 +273,20 @@ def test_peft_saved_modules_by_suffix_and_tied_weights(tmp_path):
     with pytest.raises(AdapterError, match=r"saves lm_head whole, a module its base ties to another; PEFT unties"):
         export_peft(tmp_path / "mine.safetensors", tmp_path / "mine-peft")
     assert not (tmp_path / "mine-peft").exists()
+
+
+def test_peft_lora_on_an_untied_head_with_its_saved_base_copy(tmp_path):
+    """PEFT saves an adapted head's base weight beside its LoRA (save_embedding_layers): a copy of the base's, read
+    past; the logits equal PEFT's."""
+    make_family_checkpoint(tmp_path / "base", "qwen3", vocab_size=V)  # untied
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"), config)
+    model.save_pretrained(tmp_path / "peft")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "peft" / "adapter_model.safetensors"), "pt") as f:
+        assert "base_model.model.lm_head.base_layer.weight" in f.keys()
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(0))
+    ours = attach_adapter(load_model(str(tmp_path / "base")), tmp_path / "peft").eval()
+    with torch.no_grad():
+        assert (ours.logits(ours(ids)) - model(input_ids=ids).logits).abs().max().item() <= 1e-5
