@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -59,10 +59,28 @@ PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_CHAT_TEMPLATE = "chat_template.jinja"  # a chat adapter's template, in an exported PEFT directory
 PEFT_PREFIX = "base_model.model."
+# PEFT names modules as transformers builds them: transformers 5 calls GPT-NeoX's output projection lm_head, while
+# its checkpoints (and lora-cli's module tree, which keeps the checkpoint's names) call it embed_out.
+NEOX_HEAD, NEOX_PEFT_HEAD = "embed_out", "lm_head"
+
+
+def _neox_head_as(name: str, old: str, new: str) -> str:
+    """`name` with a leading module `old` (and only that) renamed `new`."""
+    return new + name[len(old):] if name == old or name.startswith(old + ".") else name
+
+
+def _with_head_renamed(adapter: "Adapter", old: str, new: str) -> "Adapter":
+    """The adapter with its output-projection module `old` called `new` in tensors, targets and saved modules."""
+    rename = lambda n: _neox_head_as(n, old, new)  # noqa: E731
+    lora = replace(adapter.lora, targets=[rename(t) for t in adapter.lora.targets],
+                   modules_to_save=[rename(m) for m in adapter.lora.modules_to_save])
+    return replace(adapter, tensors={rename(k): v for k, v in adapter.tensors.items()}, lora=lora,
+                   rank_pattern={rename(k): v for k, v in adapter.rank_pattern.items()},
+                   alpha_pattern={rename(k): v for k, v in adapter.alpha_pattern.items()})
 RESERVED = ("format", "format_version", "lora")
 PEFT_TASKS = {"CAUSAL_LM": "causal_lm", "SEQ_CLS": "classification"}
 # A model's top-level module -> its family, as named in errors (adapter_family).
-FAMILY_TOPS = {"transformer": "gpt2", "gpt_neox": "gpt_neox", "model": "llama"}
+FAMILY_TOPS = {"transformer": "gpt2", "gpt_neox": "gpt_neox", "embed_out": "gpt_neox", "model": "llama"}
 FAMILY_WORDS = {"gpt2": "GPT-2", "gpt_neox": "GPT-NeoX", "llama": "Llama-family (llama, mistral, qwen2, qwen3)"}
 # PEFT options that change the computation in ways lora-cli does not implement: key -> values that are harmless.
 PEFT_UNSUPPORTED = {
@@ -290,6 +308,8 @@ def attach_adapter(base: BaseModel | torch.nn.Module, adapter: Adapter | str | o
             f"or pass --allow-mismatch to use it anyway"
         )
     misfit = f"adapter {adapter.path} does not fit base model {base_name}"
+    if adapter.kind == "peft" and isinstance(getattr(model, NEOX_HEAD, None), torch.nn.Module):
+        adapter = _with_head_renamed(adapter, NEOX_PEFT_HEAD, NEOX_HEAD)  # transformers 5's name -> ours
     if adapter.metadata.get("peft_unties"):
         tied = next((m for m in adapter.lora.modules_to_save if _has_module(model, m) and shares_weight(model, m)), None)
         if tied is not None:
@@ -405,6 +425,7 @@ def _load_peft(d: Path) -> Adapter:
         k = re.sub(r"\.(lora_A|lora_B)\.[^.]+\.weight$", r".\1.weight", k)
         k = re.sub(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$", ".lora_magnitude_vector", k)
         tensors[k] = t
+    modules_to_save = list(raw.get("modules_to_save") or [])
     targets = [k[: -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")]
     if not targets:
         raise AdapterError(f"{weights} holds no lora_A weights; it is not a LoRA adapter")
@@ -433,7 +454,7 @@ def _load_peft(d: Path) -> Adapter:
             tensors[k[: -len(".bias")] + ".base_layer.bias"] = tensors.pop(k)
     # Whole saved modules: PEFT names them by a plain suffix (`norm` is every *norm); resolve against the tensors.
     saved: list[str] = []
-    for entry in raw.get("modules_to_save") or []:
+    for entry in modules_to_save:
         for k in tensors:
             if ".lora_" in k or ".base_layer." in k:
                 continue
@@ -645,6 +666,8 @@ def export_peft(adapter: Adapter | str | os.PathLike, out_dir: str | os.PathLike
             raise AdapterError(f"{out} exists and holds other files ({others[0]}); choose a new or empty output directory")
         if not overwrite and any(out.iterdir()):
             raise AdapterError(f"{out} already exists; choose a new directory or pass --overwrite to replace it")
+    if adapter_family(adapter.tensors) == "gpt_neox":
+        adapter = _with_head_renamed(adapter, NEOX_HEAD, NEOX_PEFT_HEAD)
     tensors, targets, rank_pattern = peft_state_dict(adapter)
     config = peft_config(adapter, targets, rank_pattern)
     with atomic_dir(out, AdapterError) as staging:

@@ -37,7 +37,7 @@ def make_adapter(base_dir, path, task="causal_lm", seed=0, **lora):
     """An adapter on base_dir's model with random (non-zero) B, saved as `lora train` saves it."""
     base = load_model(str(base_dir))
     family = base.model.config.model_type
-    cfg = LoraConfig(r=4, alpha=8, dropout=0.0, targets=TARGETS.get(family, LLAMA_TARGETS), **lora)
+    cfg = LoraConfig(**{"r": 4, "alpha": 8, "dropout": 0.0, "targets": TARGETS.get(family, LLAMA_TARGETS), **lora})
     g = torch.Generator().manual_seed(seed)
     metadata = {"base_model": base.describe(), "task": task}
     if task == "classification":
@@ -290,3 +290,22 @@ def test_peft_lora_on_an_untied_head_with_its_saved_base_copy(tmp_path):
     ours = attach_adapter(load_model(str(tmp_path / "base")), tmp_path / "peft").eval()
     with torch.no_grad():
         assert (ours.logits(ours(ids)) - model(input_ids=ids).logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("lora", [{"targets": ["attention.query_key_value", "embed_out"]},
+                                  {"targets": ["attention.query_key_value"], "modules_to_save": ["embed_out"]}])
+def test_gpt_neox_head_is_lm_head_to_peft_and_back(tmp_path, lora):
+    """transformers 5 builds GPT-NeoX's output projection as lm_head (its checkpoint, and lora-cli, say embed_out):
+    the export names it so for PEFT, and a PEFT adapter naming it so loads back with PEFT's logits."""
+    make_family_checkpoint(tmp_path / "base", "gpt_neox", vocab_size=V)
+    adapter = make_adapter(tmp_path / "base", tmp_path / "a.safetensors", **lora)
+    export_peft(adapter, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert "lm_head" in (config["target_modules"] + (config["modules_to_save"] or []))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
+    _, ours = our_logits(tmp_path / "base", adapter)
+    _, back = our_logits(tmp_path / "base", tmp_path / "peft")
+    with torch.no_grad():
+        want = theirs(input_ids=IDS).logits
+    assert (want - ours).abs().max().item() <= 1e-5 and (back - ours).abs().max().item() <= 1e-6
