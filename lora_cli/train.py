@@ -37,7 +37,7 @@ from lora_cli.errors import LoraError, TrainingError
 from lora_cli.evaluation import evaluate_classification, evaluate_lm
 from lora_cli.fsutil import RunLock, append_line, atomic_write_text
 from lora_cli.lora import apply_lora, count_parameters, loraplus_param_groups, with_classification_head
-from lora_cli.loss import Savings, classification_loss_sum, lm_loss_sum
+from lora_cli.loss import Savings, chunk_rows_for, classification_loss_sum, lm_loss_sum
 from lora_cli.models import cast_frozen_linears_
 from lora_cli.inference import load_with_tokenizer
 from lora_cli.prompts import escape_line
@@ -63,7 +63,8 @@ class TrainingInterrupted(LoraError):
 
 def lr_at(step: int, total_steps: int, lr: float, warmup_steps: int, schedule: str, min_lr_ratio: float = 0.0) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup from lr/warmup to lr, then cosine,
-    linear or constant decay to min_lr_ratio * lr at the last step."""
+    linear or constant decay towards min_lr_ratio * lr, which step `total_steps` would reach (the last step,
+    total_steps - 1, stays one decay step above it: transformers' get_cosine_schedule_with_warmup convention)."""
     if warmup_steps > 0 and step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if schedule == "constant":
@@ -224,7 +225,8 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
 
 def estimate_memory(s: Setup) -> int:
     """Rough peak bytes of a training step: weights, optimizer state, activations of the longest batch and the
-    fp32 logits of its scored positions (activation formula after Korthikanti et al. 2022, sec. 4.1)."""
+    fp32 logits the cross-entropy holds at once: one chunk of rows and its gradient (loss.chunk_rows_for), never a
+    whole batch's (activation formula after Korthikanti et al. 2022, sec. 4.1)."""
     c = s.model.config
     bytes_per = 2 if s.precision in ("bf16", "fp16") else 4
     T = min(s.cfg.data.max_length, max((len(e) for e in s.data.train), default=1))
@@ -236,7 +238,8 @@ def estimate_memory(s: Setup) -> int:
     per_layer = B * T * c.n_embd * 34 * bytes_per // 2 + B * c.n_head * T * T * bytes_per
     if s.cfg.train.gradient_checkpointing:
         per_layer = B * T * c.n_embd * bytes_per + per_layer // c.n_layer
-    logits = B * T * c.vocab_size * 4 * 2  # logits and their gradient
+    rows = B * T  # scored positions, at most
+    logits = min(rows, chunk_rows_for(rows)) * c.vocab_size * 4 * 2 if s.cfg.task == "causal_lm" else 0
     return weights + optimizer + per_layer * c.n_layer + logits
 
 
@@ -252,7 +255,7 @@ def dry_run_report(s: Setup, show: int | None = None) -> list[str]:
     lines.append(f"trainable parameters: {s.trainable:,} of {s.total:,} ({100 * s.trainable / s.total:.4f}%)")
     processes = f" x {s.world_size} processes" if s.world_size > 1 else ""
     lines.append(f"steps: {s.total_steps} ({s.steps_per_epoch} per epoch x {t.epochs} epochs"
-                 f"{', capped by max_steps' if t.max_steps else ''}); batch {t.batch_size} x grad_accum {t.grad_accum}"
+                 f"{', capped by max_steps' if t.max_steps and s.total_steps < s.steps_per_epoch * t.epochs else ''}); batch {t.batch_size} x grad_accum {t.grad_accum}"
                  f"{processes} = global batch {s.global_batch}")
     lines.append(f"device: {s.device}, precision: {s.precision}")
     peak = estimate_memory(s)
@@ -751,7 +754,8 @@ def _finish(s: Setup, optimizer, state: RunState, history: list, log) -> dict | 
     autocast = autocast_for(s.device, s.precision)
     final = None
     if s.data.val and (not history or "val_loss" not in history[-1] or history[-1]["step"] != state.step):
-        record = {"step": state.step, "epoch": state.epoch, "tokens": state.tokens, "elapsed": state.elapsed}
+        epoch = state.epoch + state.batch_in_epoch / s.steps_per_epoch  # fractional, as the step lines have it
+        record = {"step": state.step, "epoch": epoch, "tokens": state.tokens, "elapsed": state.elapsed}
         final = _after_validation(s, state, record, autocast, log)
         if s.dist.is_main:
             append_line(s.out_dir / "metrics.jsonl", json.dumps(record))

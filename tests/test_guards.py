@@ -185,11 +185,13 @@ def test_dry_run_warns_before_an_obvious_out_of_memory(tmp_path):
 
     available = _available_memory(torch.device("cpu"))
     assert available
-    logits_per_example = 1023 * 50257 * 4 * 2  # fp32 logits and their gradient, the estimate's biggest term
-    chunks = int(2 * available / logits_per_example) + 2
+    # 16 heads: the attention scores (16 x 1023 x 1023 fp32 a layer, 2 layers) are the estimate's biggest term
+    per_example = 2 * (16 * 1023 * 1023 * 4 + 1023 * 64 * 34 * 4 // 2)
+    chunks = int(2 * available / per_example) + 2
     (tmp_path / "book.txt").write_text(" word" * (1023 * chunks))
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"model: {tiny_model(1024)}\nout_dir: out\n"
+    model = "{name: gpt2, init: random, n_layer: 2, n_head: 16, n_embd: 64, n_positions: 1024, seed: 7}"
+    cfg.write_text(f"model: {model}\nout_dir: out\n"
                    "data: {train: book.txt, val_split: 0.0, max_length: 1024}\n"
                    f"train: {{batch_size: {chunks + 10}, num_threads: 1, device: cpu}}\n")
     done = cli("train", str(cfg), "--dry-run", cwd=tmp_path)
