@@ -255,3 +255,14 @@ def test_loss_curve_matches_transformers_peft(tmp_path):
     for a, b in zip(ours, peer):
         assert abs(a - b) <= 1e-4 * abs(b)
     assert ours[-1] < ours[0]
+
+
+def test_a_run_capped_mid_epoch_says_so_and_logs_fractional_epochs(tmp_path):
+    cfg = write_config(tmp_path, "  max_steps: 3\n")  # 16 training examples, batch 4: 4 steps an epoch
+    dry = cli("train", str(cfg), "--dry-run")
+    assert "steps: 3 (4 per epoch x 1 epochs, capped by max_steps)" in dry.stdout
+    uncapped = cli("train", str(cfg), "--dry-run", "--set", "train.max_steps=100")
+    assert "steps: 4 (4 per epoch x 1 epochs); batch" in uncapped.stdout
+    assert cli("train", str(cfg), "--quiet").rc == 0
+    last_two = read_metrics(tmp_path / "out")[-2:]
+    assert [(m["step"], m["epoch"]) for m in last_two] == [(3, 0.75), (3, 0.75)] and "val_loss" in last_two[1]
