@@ -6,6 +6,7 @@ by a single bit."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 from pathlib import Path
@@ -27,13 +28,18 @@ SAMPLES, NEW_TOKENS = 2, 12
 def write_run(root: Path, base: Path, train_extra: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "train.json").write_text(json.dumps(alpaca_rows() * 2))
+    # train_extra (", key: value, ...") replaces these defaults: a YAML mapping holds each key once
+    train = {"lr": "2e-2", "batch_size": "4", "max_steps": "4", "warmup_steps": "1", "eval_every": "2", "save_every": "2",
+             "log_every": "1"}
+    for item in re.findall(r"(\w+): (\[[^\]]*\]|[^,]+)", train_extra):
+        train[item[0]] = item[1].strip()
     config = root / "run.yaml"
     config.write_text(f"""\
 model: {base}
 out_dir: out
 data: {{train: train.json, val_split: 0.25, max_length: 96}}
 lora: {{r: 4, alpha: 8, dropout: 0.1, targets: [attn.c_attn]}}
-train: {{lr: 2e-2, batch_size: 4, max_steps: 4, warmup_steps: 1, eval_every: 2, save_every: 2, log_every: 1{train_extra}}}
+train: {{{", ".join(f"{k}: {v}" for k, v in train.items())}}}
 """)
     return config
 

@@ -21,6 +21,12 @@ def write_config(tmp_path, extra_train="", lora="{r: 4, alpha: 8, dropout: 0.0}"
                 for w in ["apple", "river", "stone", "cloud", "green", "quick", "seven", "table", "music", "light",
                           "north", "paper", "glass", "horse", "bread", "chair", "dream", "flame", "grape", "heart"]]
         data.write_text(json.dumps(rows))
+    # extra_train ("  key: value" lines) replaces these defaults: a YAML mapping holds each key once
+    train = {"lr": "1e-2", "batch_size": "4", "warmup_steps": "2", "log_every": "1", "eval_every": "4", "save_every": "4"}
+    for line in extra_train.splitlines():
+        key, _, value = line.strip().partition(":")
+        train[key] = value.strip()
+    train = "".join(f"  {k}: {v}\n" for k, v in train.items())
     path = tmp_path / "run.yaml"
     path.write_text(f"""\
 model: {model}
@@ -31,13 +37,7 @@ data:
   max_length: 64
 {data_extra}lora: {lora}
 train:
-  lr: 1e-2
-  batch_size: 4
-  warmup_steps: 2
-  log_every: 1
-  eval_every: 4
-  save_every: 4
-{extra_train}""")
+{train}""")
     return path
 
 
