@@ -387,8 +387,8 @@ def infer_config(state: dict[str, torch.Tensor], path: Path) -> GPT2Config:
     )
     fc = s.get("transformer.h.0.mlp.c_fc.weight")  # Conv1D: [n_embd, n_inner]
     n_inner = fc.shape[-1] if fc is not None and fc.shape[-1] != 4 * n_embd else None
-    head = state.get("lm_head.weight")  # saved beside a tied wte as a copy, or a head of its own
-    tied = head is None or (head.shape == s["transformer.wte.weight"].shape and torch.equal(head, s["transformer.wte.weight"]))
+    head, wte = state.get("lm_head.weight"), s["transformer.wte.weight"]  # the head: a copy of wte's, or its own
+    tied = head is None or (head.shape == wte.shape and torch.equal(head, wte))
     try:
         return GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
                           n_head=n_head, n_inner=n_inner, tie_word_embeddings=tied)

@@ -74,7 +74,7 @@ def trained_settings(cfg: RunConfig, out_dir: Path) -> dict:
 
 
 def save_checkpoint(out_dir: Path, model, optimizer, state: RunState, world_size: int = 1,
-                    global_batch: int | None = None, cfg: RunConfig | None = None) -> None:
+                    global_batch: int | None = None, settings: dict | None = None) -> None:
     """One file, written atomically: a reader finds the previous checkpoint or this one, never a mix. The data
     position counts global batches, so any process count or micro-batch size with the same global batch can
     resume it. Dropout needs no per-process RNG state: its seed is a pure function of the micro-batch
@@ -85,7 +85,7 @@ def save_checkpoint(out_dir: Path, model, optimizer, state: RunState, world_size
         "state": asdict(state),
         "world_size": world_size,  # for the record: a resume may use another count
         "global_batch": global_batch,
-        "settings": trained_settings(cfg, out_dir) if cfg is not None else None,  # what read_checkpoint holds a resume to
+        "settings": settings,  # trained_settings: what read_checkpoint holds a resume to
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -97,9 +97,9 @@ def save_checkpoint(out_dir: Path, model, optimizer, state: RunState, world_size
 
 
 def read_checkpoint(out_dir: Path, model, global_batch: int | None = None, one_micro_batch_per_step: bool = True,
-                    cfg: RunConfig | None = None) -> dict:
-    """The checkpoint's payload, checked against this run's LoRA parameters, global batch and (cfg) the settings
-    that decide what is trained.
+                    settings: dict | None = None) -> dict:
+    """The checkpoint's payload, checked against this run's LoRA parameters, global batch and (`settings`, its
+    trained_settings) the settings that decide what is trained.
 
     one_micro_batch_per_step: this run takes one micro-batch per optimizer step on one process (grad_accum 1), the
     layout in which a checkpoint of an older lora-cli (its position counted micro-batches) means the same thing."""
@@ -117,8 +117,8 @@ def read_checkpoint(out_dir: Path, model, global_batch: int | None = None, one_m
     if set(saved) != set(params) or any(saved[n].shape != p.shape for n, p in params.items()):
         raise TrainingError(f"--resume: checkpoint {path} was written for other LoRA settings; keep the config of that run or use --overwrite")
     saved_settings = payload.get("settings")  # absent from the checkpoints of older lora-cli versions
-    if cfg is not None and isinstance(saved_settings, dict):
-        now = trained_settings(cfg, out_dir)
+    if settings is not None and isinstance(saved_settings, dict):
+        now = settings
         changed = next((k for k in [*saved_settings, *now] if saved_settings.get(k) != now.get(k)), None)
         if changed is not None:
             raise TrainingError(

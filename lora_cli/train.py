@@ -21,6 +21,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -43,7 +44,7 @@ from lora_cli.inference import load_with_tokenizer
 from lora_cli.prompts import escape_line
 from lora_cli.rundir import (
     RunState, apply_checkpoint, clear_out_dir, last_checkpoint_note, plot_losses, prepare_out_dir,
-    read_checkpoint, read_history, save_checkpoint, trainable_named, trim_metrics,
+    read_checkpoint, read_history, save_checkpoint, trainable_named, trained_settings, trim_metrics,
 )
 from lora_cli.runtime import DTYPES, autocast_for, resolve_device, resolve_precision
 from lora_cli.samples import SAMPLES_FILE, decode_samples
@@ -172,6 +173,11 @@ class Setup:
     tokenizer: Tokenizer = GPT2  # the base model's (inference.load_with_tokenizer)
     trackers: Trackers = field(default_factory=Trackers)  # train.report_to (rank 0; elsewhere none)
 
+    @cached_property
+    def trained_settings(self) -> dict:
+        """The settings a resume is held to (rundir.trained_settings): read once, written with every checkpoint."""
+        return trained_settings(self.cfg, self.out_dir)
+
     @property
     def global_batch(self) -> int:
         """Examples per optimizer step over all processes: batch_size x grad_accum x world size."""
@@ -255,7 +261,8 @@ def dry_run_report(s: Setup, show: int | None = None) -> list[str]:
     lines.append(f"trainable parameters: {s.trainable:,} of {s.total:,} ({100 * s.trainable / s.total:.4f}%)")
     processes = f" x {s.world_size} processes" if s.world_size > 1 else ""
     lines.append(f"steps: {s.total_steps} ({s.steps_per_epoch} per epoch x {t.epochs} epochs"
-                 f"{', capped by max_steps' if t.max_steps and s.total_steps < s.steps_per_epoch * t.epochs else ''}); batch {t.batch_size} x grad_accum {t.grad_accum}"
+                 f"{', capped by max_steps' if t.max_steps and s.total_steps < s.steps_per_epoch * t.epochs else ''}); "
+                 f"batch {t.batch_size} x grad_accum {t.grad_accum}"
                  f"{processes} = global batch {s.global_batch}")
     lines.append(f"device: {s.device}, precision: {s.precision}")
     peak = estimate_memory(s)
@@ -362,7 +369,8 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
     state = RunState()
 
     def first_files():  # rank 0: the checkpoint to resume from, then the run's first files
-        payload = (read_checkpoint(out_dir, s.model, s.global_batch, t.grad_accum * s.world_size == 1, s.cfg)
+        payload = (read_checkpoint(out_dir, s.model, s.global_batch, t.grad_accum * s.world_size == 1,
+                                   s.trained_settings)
                    if resume else None)
         clear_out_dir(out_dir, resume, overwrite)
         if payload is not None:
@@ -555,7 +563,8 @@ def _interrupted(s: Setup, model, optimizer, state: RunState) -> TrainingInterru
     d = s.dist
     with d.gathered(model, optimizer):
         if d.is_main:
-            save_checkpoint(s.out_dir, model, optimizer, state, d.world_size, s.global_batch, s.cfg)
+            save_checkpoint(s.out_dir, model, optimizer, state, d.world_size, s.global_batch,
+                            s.trained_settings)
     d.barrier()  # the checkpoint is complete before any process exits
     # the run's own config.yaml: it holds every --set override, its paths relative to the run directory
     again = f"`lora train {s.out_dir / 'config.yaml'} --resume`" if not d.enabled else "the same command and --resume"
@@ -626,7 +635,8 @@ def _loop(s: Setup, optimizer, state: RunState, stop: StopSignals, history: list
             if t.save_every and state.step % t.save_every == 0:
                 with d.gathered(model, optimizer):
                     if d.is_main:
-                        save_checkpoint(s.out_dir, model, optimizer, state, d.world_size, s.global_batch, s.cfg)
+                        save_checkpoint(s.out_dir, model, optimizer, state, d.world_size, s.global_batch,
+                            s.trained_settings)
                 log(f"checkpoint saved at step {state.step}")
             if (signalled > 0) if d.enabled else stop.received is not None:
                 bar.close()
@@ -768,7 +778,8 @@ def _finish(s: Setup, optimizer, state: RunState, history: list, log) -> dict | 
         if s.dist.is_main:  # only rank 0 writes
             if not s.data.val:
                 _save_adapter(s, state)
-            save_checkpoint(s.out_dir, s.model, optimizer, state, s.world_size, s.global_batch, s.cfg)
+            save_checkpoint(s.out_dir, s.model, optimizer, state, s.world_size, s.global_batch,
+                            s.trained_settings)
             plot_losses(history, s.out_dir / "loss.png")
     best = f", best validation loss {state.best_val:.4f} at step {state.best_step}" if state.best_val is not None else ""
     log(f"done: {state.step} step{'s' if state.step != 1 else ''}{best}; adapter written to {s.out_dir / ADAPTER_FILE}")
