@@ -422,6 +422,21 @@ def test_batch_indices_deterministic_and_complete():
     assert D.batch_indices(lengths[:5], 2, shuffle=False, group_by_length=False) == [[0, 1], [2, 3], [4]]
 
 
+def test_largest_batch_leads_each_shuffled_epoch():
+    """Length-grouped batches start with the one of most padded tokens (the longest example's; a run that does not
+    fit fails at step 1), the rest in seeded random order; without grouping the order is the shuffle's alone."""
+    lengths = [(i * 37) % 101 + 1 for i in range(1000)]
+    lengths[613] = 500  # one long example, in whichever batch the shuffle puts it
+    for epoch in range(4):
+        order = D.batch_indices(lengths, 8, seed=3, epoch=epoch)
+        assert 613 in order[0], epoch
+        padded = [len(b) * max(lengths[i] for i in b) for b in order]
+        assert padded[0] == max(padded) and padded[1:] != sorted(padded[1:], reverse=True)
+    # seed 3 leaves the 10-token example alone in the last chunk: 8 x 9 padded tokens outweigh its 1 x 10
+    assert D.batch_indices([9] * 8 + [10], 8, seed=3, epoch=0, chunk_batches=1) == [[5, 4, 2, 6, 1, 3, 0, 7], [8]]
+    assert 613 not in D.batch_indices(lengths, 8, seed=3, epoch=0, group_by_length=False)[0]
+
+
 def test_length_grouping_pads_less_than_random():
     frame = D.read_table(DATA / "instruction-data.json", DataConfig())
     examples, *_ = D.encode_records(frame, "alpaca", {"instruction": "instruction", "input": "input",
