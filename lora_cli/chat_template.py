@@ -36,7 +36,8 @@ TEMPLATE_FILE = "chat_template.jinja"  # transformers >= 4.50 saves the template
 def conversation(value: Any, need_assistant: bool = True) -> list[dict]:
     """A conversation checked and normalised: a list of messages {role, content, ...} (keys holding null dropped,
     as transformers does). Accepts a list (or its JSON text, as a CSV cell holds it), an object with `messages`,
-    and ShareGPT messages {from: human|gpt|system, value}. Raises ConversationError (without a location: callers
+    and ShareGPT messages {from: human|gpt|system, value}; a content given as OpenAI's list of text parts becomes
+    their text. Raises ConversationError (without a location: callers
     add the file and row)."""
     if isinstance(value, str):
         try:
@@ -66,6 +67,13 @@ def conversation(value: Any, need_assistant: bool = True) -> list[dict]:
         if role not in ROLES:
             raise ConversationError(f"message {j} has the unknown role {role!r}{did_you_mean(str(role), ROLES)}; "
                                     f"roles are {', '.join(ROLES)}")
+        if isinstance(message.get("content"), list):  # OpenAI's content parts: their text, joined
+            kinds = sorted({str(p.get("type")) if isinstance(p, Mapping) else type(p).__name__
+                            for p in message["content"]} - {"text"})
+            if kinds:
+                raise ConversationError(f"message {j} ({role}) has content parts of type {', '.join(kinds)}; "
+                                        'lora-cli trains on text: keep the {"type": "text", "text": ...} parts')
+            message["content"] = content_text(message["content"])
         if not isinstance(message.get("content"), str):
             raise ConversationError(f"message {j} ({role}) has no text 'content'")
         messages.append(message)
@@ -73,6 +81,17 @@ def conversation(value: Any, need_assistant: bool = True) -> list[dict]:
         raise ConversationError("the conversation has no assistant message, so nothing to learn from; add the "
                                 "assistant's reply")
     return messages
+
+
+def content_text(content: Any) -> str | None:
+    """A message's text: its content string, or the text of OpenAI's list of parts ({"type": "text", "text": ...})
+    joined as the API joins them; None for anything else (an image part, a number)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, Mapping) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- templates

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lora_cli.chat import chat_prompt_ids, chat_template_for, reply_ends
+from lora_cli.chat_template import content_text
 from lora_cli.errors import ConfigError, LoraError, first_line
 from lora_cli.generate import ContinuousBatch, Row, StopText, decode_incremental
 from lora_cli.inference import (
@@ -209,11 +210,10 @@ def messages_to_ids(served: Served, messages: list[dict]) -> ChatPrompt:
 
 def _content_text(content) -> str:
     """A message's content: a string, or OpenAI's list of parts ({"type": "text", "text": ...})."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
-    raise ApiError(400, "a message's content must be a string or a list of text parts", "messages")
+    text = content_text(content)
+    if text is None:
+        raise ApiError(400, "a message's content must be a string or a list of text parts", "messages")
+    return text
 
 
 def _is_ids(value) -> bool:

@@ -178,7 +178,16 @@ def test_conversation_checks_and_sharegpt():
     assert conversation(sharegpt) == [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
                                       {"role": "assistant", "content": "a"}]
     assert conversation(json.dumps({"messages": sharegpt[1:]})) == conversation(sharegpt)[1:]
-    bad = [([{"content": "x"}], "message 1 has no 'role'"),
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi."}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "hi"}]}]  # OpenAI's content parts
+    assert conversation(parts) == [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]
+    image = [{"type": "image_url", "image_url": {"url": "x.png"}}, {"type": "text", "text": "What is it?"}]
+    bad = [([{"role": "user", "content": image}, parts[1]],
+            "message 1 (user) has content parts of type image_url; lora-cli trains on text"),
+           ([parts[0], {"role": "assistant", "content": [{"type": "text", "text": 5}]}],
+            "message 2 (assistant) has no text 'content'"),
+           ([parts[0], {"role": "assistant", "content": 5}], "message 2 (assistant) has no text 'content'"),
+           ([{"content": "x"}], "message 1 has no 'role'"),
            ([{"role": "user", "content": "x"}, {"role": "asistant", "content": "y"}],
             "message 2 has the unknown role 'asistant' (did you mean assistant?)"),
            ([{"role": "user", "content": "x"}], "no assistant message"),
