@@ -4,6 +4,7 @@ and the datasets shipped in data/."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,11 @@ def test_prompt_completion_default_and_custom_templates(tmp_path):
         load(path, columns=cols, prompt_template="{prompt} {completion}")
     with pytest.raises(ConfigError, match="data.prompt_template: Single '}' encountered"):
         load(path, columns=cols, prompt_template="{prompt} }")
+    with pytest.raises(ConfigError, match=re.escape("data.prompt_template: names no field, so every example would "
+                                                    "get the same prompt; write {prompt}, not {{prompt}} (doubled")):
+        load(path, columns=cols, prompt_template="Q: {{prompt}}\nA:")
+    with pytest.raises(ConfigError, match=re.escape("same prompt; add one such as {prompt}")):
+        load(path, columns=cols, prompt_template="Answer:")
     assert D.render_prompt({"instruction": "I", "input": "  "}, "alpaca") == ALPACA_TEMPLATE_NO_INPUT.format(
         instruction="I")
     assert D.render_prompt({"instruction": "I", "input": "X"}, "alpaca", DataConfig()) == ALPACA_TEMPLATE.format(

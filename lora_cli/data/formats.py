@@ -8,6 +8,7 @@ their roles are listed once, in lora_cli.config (DATA_FORMATS), which defines th
 
 from __future__ import annotations
 
+import re
 import string
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -132,6 +133,12 @@ def template_fields(template: str, fmt: str, columns: Iterable[str]) -> list[str
             raise ConfigError(f"data.prompt_template: unknown field {{{name}}}; use one of: "
                               f"{', '.join(dict.fromkeys(allowed))}")
         fields.append(name)
+    if not fields:  # every example would get the same prompt; {{name}} (Jinja's habit) is a literal {name}
+        literal = "".join(text for text, *_ in parsed)
+        doubled = re.search(r"{(\w+)}", literal)
+        hint = (f"write {{{doubled[1]}}}, not {{{{{doubled[1]}}}}} (doubled braces are literal braces)" if doubled
+                else f"add one such as {{{allowed[0]}}}")
+        raise ConfigError(f"data.prompt_template: names no field, so every example would get the same prompt; {hint}")
     return fields
 
 
