@@ -202,6 +202,10 @@ def test_prompt_completion_default_and_custom_templates(tmp_path):
     ("quote.csv", 'prompt,completion\na,b\nc,"unterminated\n', DataError,
      "quote.csv: line 3: cannot parse CSV (unexpected end of data); check the quoting on that line"),
     ("dup.csv", "text,text\na,b\n", DataError, "dup.csv: duplicate column name 'text' in the header"),
+    ("tabs.csv", "prompt\tcompletion\na\tb\n", DataError, "tabs.csv: the header is one column, "
+     "'prompt\\tcompletion', with tabs in it: the file looks tab-separated; name it .tsv"),
+    ("commas.tsv", "prompt,completion\na,b\n", DataError, "commas.tsv: the header is one column, "
+     "'prompt,completion', with commas in it: the file looks comma-separated; name it .csv"),
     ("empty.jsonl", "", DataError, "empty.jsonl: the file is empty; it needs at least one data row"),
     ("blank.csv", "\n\n  \n", DataError, "blank.csv: the file is empty"),
     ("header.csv", "prompt,completion\n", DataError, "header.csv: no data rows (only a header); add at least"),

@@ -134,6 +134,11 @@ def _read_delimited(text: str, path: Path, cfg: DataConfig) -> Table:
                           "[label, text])")
     quoting = csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
     header, lines = _check_records(text, path, cfg, tsv, quoting)
+    other = "," if tsv else "\t"
+    if len(header) == 1 and other in header[0]:  # one column whose name holds the other separator: misnamed
+        kind, suffix = ("comma", ".csv") if tsv else ("tab", ".tsv")
+        raise DataError(f"{path}: the header is one column, {header[0][:60]!r}, with {kind}s in it: the file looks "
+                        f"{kind}-separated; name it {suffix}")
     names = list(cfg.column_names) if cfg.column_names else header
     names = [n.strip() or f"column_{i + 1}" for i, n in enumerate(names)]
     duplicates = sorted({n for n in names if names.count(n) > 1})
