@@ -8,6 +8,7 @@ config file's folder. Nothing here imports torch, so `lora --help` and config er
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -589,25 +590,31 @@ def _check_constraints(cfg: RunConfig, report) -> None:
         report("train.device", f"must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
 
 
-def _resolve_paths(cfg: RunConfig, base: Path) -> None:
-    def resolve(p: str | None) -> str | None:
-        if p is None or p.startswith("hf://"):  # a hub dataset's name, not a path
-            return p
-        q = Path(p).expanduser()
-        return str(q if q.is_absolute() else (base / q))
-
+def path_fields(cfg: RunConfig) -> list[tuple[Any, str]]:
+    """The config's fields that hold paths, as (section object, attribute): the data files, a chat template file,
+    out_dir, model.tokenizer and a pretrained model's name (a path, or a hub id: see _resolve_paths). The one
+    list that reading a config (_resolve_paths) and writing a run's copy (dump_config) go through."""
     d = cfg.data
-    d.train, d.val, d.test = resolve(d.train), resolve(d.val), resolve(d.test)
+    fields = [(d, "train"), (d, "val"), (d, "test"), (cfg, "out_dir"), (cfg.model, "tokenizer")]
     if d.chat_template is not None and not is_inline_template(d.chat_template) \
             and d.chat_template not in BUILTIN_CHAT_TEMPLATES:
-        d.chat_template = resolve(d.chat_template)  # a template file
-    cfg.out_dir = resolve(cfg.out_dir)
-    # A model name is a path only when it exists relative to the config; otherwise it is a hub id.
-    candidate = base / Path(cfg.model.name).expanduser()
-    if cfg.model.init == "pretrained" and not Path(cfg.model.name).is_absolute() and candidate.exists():
-        cfg.model.name = str(candidate)
-    if cfg.model.tokenizer is not None:  # always a path (a directory or tokenizer.json)
-        cfg.model.tokenizer = resolve(cfg.model.tokenizer)
+        fields.append((d, "chat_template"))  # a template file, not a built-in name or the template's text
+    if cfg.model.init == "pretrained":
+        fields.append((cfg.model, "name"))
+    return fields
+
+
+def _resolve_paths(cfg: RunConfig, base: Path) -> None:
+    for owner, attr in path_fields(cfg):
+        value = getattr(owner, attr)
+        if value is None or value.startswith("hf://"):  # a hub dataset's name, not a path
+            continue
+        path = Path(value).expanduser()
+        if path.is_absolute():
+            setattr(owner, attr, str(path))
+        elif owner is not cfg.model or attr != "name" or (base / path).exists():
+            # a model name is a path only when it exists relative to the config; otherwise it is a hub id
+            setattr(owner, attr, str(base / path))
 
 
 def is_inline_template(value: str) -> bool:
@@ -618,26 +625,12 @@ def is_inline_template(value: str) -> bool:
 def dump_config(cfg: RunConfig, folder: str | Path | None = None) -> str:
     """The config as YAML. With `folder` (where the YAML is written: a run's out_dir), its paths are made relative
     to that folder, so the saved file loads again from wherever it sits (`lora eval out_dir/config.yaml`)."""
-    out = cfg.to_dict()
     if folder is not None:
-        def rel(p: str | None) -> str | None:
-            if p is None or p.startswith("hf://") or not (p == cfg.out_dir or Path(p).expanduser().exists()):
-                return p  # a hub id, or a path the run never read
-            return os.path.relpath(Path(p).expanduser().resolve(), Path(folder).resolve())
-
-        data = out["data"]
-        for key in ("train", "val", "test"):
-            data[key] = rel(data[key])
-        if data.get("chat_template") and not is_inline_template(data["chat_template"]) \
-                and data["chat_template"] not in BUILTIN_CHAT_TEMPLATES:
-            data["chat_template"] = rel(data["chat_template"])
-        out["out_dir"] = rel(out["out_dir"])
-        model = out["model"]
-        if isinstance(model, str):  # a pretrained model's name: a hub id, or a path
-            out["model"] = rel(model)
-        else:
-            if "tokenizer" in model:
-                model["tokenizer"] = rel(model["tokenizer"])
-            if model["init"] == "pretrained":
-                model["name"] = rel(model["name"])
-    return yaml.safe_dump(out, sort_keys=False)
+        out_dir = cfg.out_dir
+        cfg = copy.deepcopy(cfg)
+        for owner, attr in path_fields(cfg):
+            p = getattr(owner, attr)
+            if p is None or p.startswith("hf://") or not (p == out_dir or Path(p).expanduser().exists()):
+                continue  # a hub id, or a path the run never read
+            setattr(owner, attr, os.path.relpath(Path(p).expanduser().resolve(), Path(folder).resolve()))
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
