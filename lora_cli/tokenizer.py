@@ -104,6 +104,10 @@ class HFTokenizer:
                 f"cannot read {path}: it is not a tokenizer.json that the tokenizers library can load "
                 f"({first_line(exc)}); pass a model directory with a valid tokenizer.json"
             ) from exc
+        # A tokenizer.json keeps the truncation and padding it was saved with; transformers ignores them unless a
+        # call asks, and so do we: examples are truncated and padded by max_length and the collator.
+        self._tok.no_truncation()
+        self._tok.no_padding()
         config = {**side.get("special_tokens_map.json", {}), **side.get("tokenizer_config.json", {})}
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._token_id(config.get("bos_token"), "bos_token")

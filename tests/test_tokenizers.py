@@ -49,6 +49,22 @@ def test_ids_equal_autotokenizer(tmp_path, bos):
         assert ours.pad_id == ids["<|endoftext|>"]
 
 
+def test_saved_truncation_and_padding_are_not_applied(tmp_path):
+    """tokenizers saves enable_truncation / enable_padding into tokenizer.json; AutoTokenizer applies neither unless
+    asked, and neither do we (they cut every example to the saved length and padded inside the trained span)."""
+    build(tmp_path, bos=False)
+    raw = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    raw.enable_truncation(max_length=4)
+    raw.enable_padding(length=16, pad_id=0, pad_token=raw.id_to_token(0))
+    raw.save(str(tmp_path / "tokenizer.json"))
+    ours = load_tokenizer(str(tmp_path))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    text = TEXTS[2] * 3
+    assert ours.encode(text) == theirs(text)["input_ids"] and len(ours.encode(text)) > 16
+    assert ours.encode("hi") == theirs("hi")["input_ids"] and len(ours.encode("hi")) < 4
+    assert ours.encode_batch([text, "hi"]) == [ours.encode(text), ours.encode("hi")]
+
+
 def test_special_tokens_in_user_text_stay_text_unless_allowed(tmp_path):
     ids = build(tmp_path, bos=True)
     ours = load_tokenizer(tmp_path / "tokenizer.json")
