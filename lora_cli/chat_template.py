@@ -291,8 +291,13 @@ def end_of_turn(template: str, tokens: Mapping[str, str] | None = None) -> str:
 
 def add_to_tokenizer_config(files: dict[str, str], template: str | None) -> None:
     """Write `template` as `chat_template` into the tokenizer_config.json text of a model directory's files (a
-    merged model is then used the way it was trained); nothing without a template."""
-    if template is None or "tokenizer_config.json" not in files:
+    merged model is then used the way it was trained), and over a chat_template.jinja carried from the base,
+    which transformers and checkpoint_template read first; nothing without a template."""
+    if template is None:
+        return
+    if TEMPLATE_FILE in files:
+        files[TEMPLATE_FILE] = template
+    if "tokenizer_config.json" not in files:
         return
     config = json.loads(files["tokenizer_config.json"])
     config["chat_template"] = template

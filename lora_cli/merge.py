@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from lora_cli.chat_template import add_to_tokenizer_config
+from lora_cli.chat_template import TEMPLATE_FILE, add_to_tokenizer_config
 from lora_cli.errors import CheckpointError, ConfigError
 from lora_cli.fsutil import RunLock
 from lora_cli.inference import load_for_inference
@@ -47,10 +47,10 @@ from lora_cli.tokenizer import EOT_ID, EOT_TOKEN, SIDE_FILES, TOKENIZER_FILE, GP
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 # A tokenizer.json checkpoint's files that a merge carries over from the base (those it has).
-CARRIED_FILES = (TOKENIZER_FILE, *SIDE_FILES, "chat_template.jinja")
+CARRIED_FILES = (TOKENIZER_FILE, *SIDE_FILES, TEMPLATE_FILE)
 # What a merged directory holds; --overwrite replaces only a directory like that (or an empty one).
 MERGED_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES, "README.md", "generation_config.json",
-                "tokenizer.json", "chat_template.jinja")
+                TOKENIZER_FILE, TEMPLATE_FILE)
 
 
 # ------------------------------------------------------------------------------------- tokenizer files

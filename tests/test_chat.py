@@ -457,3 +457,21 @@ def test_checkpoint_template_lookup(tmp_path):
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE}))
     assert checkpoint_template(GPT2) is None and checkpoint_template(GPT2, tmp_path / "gpt2") == CHATML_TEMPLATE
+
+
+def test_merge_writes_the_trained_template_over_the_bases_file(tmp_path):
+    """`lora merge` carries a base's chat_template.jinja, which transformers reads before tokenizer_config.json: the
+    template the adapter was trained with replaces it, so the merged model chats as trained."""
+    from lora_cli.chat_template import add_to_tokenizer_config, checkpoint_template
+
+    folder = tokenizer_dir(tmp_path / "tok", "qwen")
+    files = {name: (folder / name).read_text() for name in ("tokenizer.json", "tokenizer_config.json")}
+    files["chat_template.jinja"] = LLAMA3  # the base's own
+    add_to_tokenizer_config(files, CHATML_TEMPLATE)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    assert checkpoint_template(load_tokenizer(str(folder))) == CHATML_TEMPLATE
+    assert json.loads(files["tokenizer_config.json"])["chat_template"] == CHATML_TEMPLATE
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert hf.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True) \
+        == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
