@@ -225,8 +225,10 @@ def render_chat(template: str, messages: Sequence[Mapping], add_generation_promp
     try:
         return compiled.render(messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
                                tools=None, documents=None, **(tokens or {}))
-    except (jinja2.exceptions.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
-        raise ConversationError(f"the chat template failed to render the conversation ({first_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001  (the template is the user's code: whatever it raises is its fault)
+        what = first_line(exc) if isinstance(exc, jinja2.exceptions.TemplateError) else \
+            f"{type(exc).__name__}: {first_line(exc)}"
+        raise ConversationError(f"the chat template failed to render the conversation ({what})") from None
 
 
 def chat_ids(template: str, messages: Sequence[Mapping], tokenizer: Tokenizer,
@@ -253,21 +255,29 @@ def encode_chat(template: str, messages: Sequence[Mapping], tokenizer: Tokenizer
     if train_on == "last_assistant":
         turns = turns[-1:]
 
-    def boundary(prefix: str, k: int) -> int:
+    def boundary(prefix: str, k: int) -> tuple[int, int]:
+        """(tokens wholly before the edge at len(prefix), tokens up to and including the one holding it)."""
         if not text.startswith(prefix):
+            hint = ("set data.train_on: last_assistant (only the last reply, whose prefix it renders as a whole) or "
+                    "use another template") if train_on != "last_assistant" and len(turns) > 1 else \
+                "use another template"
             raise ConversationError(f"message {k + 1}: the chat template does not render the conversation prefix "
                                     "by prefix (the text up to this message differs from the whole "
-                                    "conversation's), so its assistant span cannot be found; use another template")
+                                    f"conversation's), so its assistant span cannot be found; {hint}")
         head = tokenizer.encode(prefix, allow_special=True)
-        if ids[:len(head)] != head:
-            raise ConversationError(f"message {k + 1}: the assistant span's token boundaries do not line up with the "
-                                    "template (a token spans its edge); end the template's text before the content "
-                                    "with a separator such as a newline")
-        return len(head)
+        if ids[:len(head)] == head:
+            return len(head), len(head)
+        # One token across the edge (a reply that starts with "\n" after a header's "\n": Qwen's "\n\n"): it
+        # belongs to the span, as transformers' assistant mask takes the token holding a span's first character.
+        if ids[:len(head) - 1] == head[:-1]:
+            return len(head) - 1, len(head)
+        raise ConversationError(f"message {k + 1}: the assistant span's token boundaries do not line up with the "
+                                "template (tokens span its edge); end the template's text before the content "
+                                "with a separator such as a newline")
 
     for k in turns:
-        start = boundary(render_chat(template, messages[:k], True, tokens), k)
-        end = boundary(render_chat(template, messages[:k + 1], False, tokens), k)
+        start = boundary(render_chat(template, messages[:k], True, tokens), k)[0]
+        end = boundary(render_chat(template, messages[:k + 1], False, tokens), k)[1]
         for i in range(max(start, 1), end):  # token 0 is predicted from nothing
             mask[i] = True
     return ids, mask

@@ -163,6 +163,43 @@ def test_masks_are_the_assistant_spans(tokenizer_dirs, gpt2_files, family):
         assert sum(last_mask) < sum(mask) or len(want) == 1
 
 
+def test_a_token_across_the_span_edge_is_in_the_span(tmp_path):
+    """A reply that starts with a newline, after ChatML's "assistant\n", merges with it into one "\n\n" token (as
+    in Qwen's vocabulary): the token is trained, as in transformers' assistant mask, where it was an error that
+    stopped the run."""
+    from tokenizers import Tokenizer
+
+    folder = tokenizer_dir(tmp_path / "tok", "qwen")
+    raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    raw.add_tokens(["\n\n"])
+    raw.save(str(folder / "tokenizer.json"))
+    ours, theirs = load_tokenizer(str(folder)), hf_tokenizer(folder, CHATML_GENERATION)
+    messages = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "\nGreen."},
+                {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Blue.\n"}]
+    ids, mask = encode_chat(CHATML_TEMPLATE, messages, ours)
+    out = theirs.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert ids == list(out["input_ids"]) and mask == [bool(x) for x in out["assistant_masks"]]
+    assert ours.decode([t for t, m in zip(ids, mask) if m]) == "\n\nGreen.<|im_end|>\nBlue.\n<|im_end|>\n"
+
+
+def test_templates_that_raise_or_drop_history_are_named():
+    zero = "{{ 1 // 0 }}"
+    with pytest.raises(ConversationError, match=re.escape("the chat template failed to render the conversation "
+                                                          "(ZeroDivisionError: integer division or modulo by zero)")):
+        render_chat(zero, CONVERSATIONS[0])
+    # Qwen3-like: earlier replies are rendered without their reasoning, so the prefix differs from the whole
+    drops = ("{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}{{ m.content.split('</think>')"
+             "[-1] }}{% else %}{{ m.content }}{% endif %}\n{% endfor %}")
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>x</think>b"},
+                {"role": "user", "content": "c"}, {"role": "assistant", "content": "<think>y</think>d"}]
+    with pytest.raises(ConversationError, match=re.escape("message 2: the chat template does not render the "
+                       "conversation prefix by prefix (the text up to this message differs from the whole "
+                       "conversation's), so its assistant span cannot be found; set data.train_on: last_assistant")):
+        encode_chat(drops, messages, GPT2)
+    ids, mask = encode_chat(drops, messages, GPT2, train_on="last_assistant")
+    assert GPT2.decode([t for t, m in zip(ids, mask) if m]) == "<think>y</think>d"  # trim_blocks ate the "\n"
+
+
 def test_llama3_spans_include_eot(tokenizer_dirs):
     ours = load_tokenizer(str(tokenizer_dirs["llama3"]))
     ids, mask = encode_chat(LLAMA3, CONVERSATIONS[1], ours)
