@@ -77,6 +77,11 @@ class GPT2Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [encode(text) for text in texts]
 
+    def encode_split(self, prefix: str, text: str) -> tuple[list[int], list[int]]:
+        """(ids of prefix, ids of text), each encoded on its own: GPT-2's pre-tokenizer cuts at the spaces and
+        newlines a prompt ends with, so the two match the whole's ids there (see HFTokenizer.encode_split)."""
+        return encode(prefix), encode(text)
+
     @property
     def eos_id(self) -> int:
         return self.eos_ids[0]
@@ -147,6 +152,23 @@ class HFTokenizer:
             raise CheckpointError(f"{self.path}: no eos_token in tokenizer_config.json or generation_config.json; "
                                   "name one there (examples and generation need an end-of-text token)")
         return self.eos_ids[0]
+
+    def encode_split(self, prefix: str, text: str) -> tuple[list[int], list[int]]:
+        """prefix + text encoded as one string (special tokens in them are text; the bos the model's tokenizer
+        adds, no eos), cut where `text` begins: (prefix's ids, text's ids), a token across the edge going with
+        `text`. As TRL tokenizes a prompt and its completion: encoded apart, a sentencepiece-style tokenizer
+        (Llama 2, Mistral: Metaspace) would give the text a word-start marker the whole does not have ("\\n4" as
+        "\\n", "▁4")."""
+        self._tok.encode_special_tokens = True
+        whole = self._tok.encode(prefix + text, add_special_tokens=True)
+        content = [i for i, added in enumerate(whole.special_tokens_mask) if not added]
+        # the post-processor's tokens before the text stay (a bos), those after it (an eos) are dropped
+        end = content[-1] + 1 if content else int(self._post_bos)
+        cut = next((i for i in content if whole.offsets[i][1] > len(prefix)), end)
+        head, tail = whole.ids[:cut], whole.ids[cut:end]
+        if self._post_bos != self.adds_bos:  # add_bos_token overrides the post-processor
+            head = [self.bos_id, *head] if self.adds_bos else head[1:]
+        return head, tail
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         self._tok.encode_special_tokens = True

@@ -267,6 +267,36 @@ def build_tokenizer(folder, *, bos: bool) -> dict[str, int]:
     return ids
 
 
+def build_metaspace_tokenizer(folder, *, eos_after: bool = False) -> dict[str, int]:
+    """A sentencepiece-style tokenizer.json like Mistral's and Llama 2's (Metaspace "first": a word-start marker
+    before the text; BPE with byte fallback; <s> added by a TemplateProcessing post-processor, and </s> after the
+    text as well with eos_after), with its tokenizer_config.json. Returns the special tokens' ids."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    learner.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, limit_alphabet=60))
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in sorted(learned["vocab"], key=learned["vocab"].get):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    merges = [m for m in merges if m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    single = "<s> $A </s>" if eos_after else "<s> $A"
+    tok.post_processor = processors.TemplateProcessing(single=single, pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1), ("</s>", 2)])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                              "bos_token": "<s>", "eos_token": "</s>"}))
+    return {"<unk>": 0, "<s>": 1, "</s>": 2}
+
+
 # ------------------------------------------------------------------------------------------ other families
 
 FAMILY_SIZES = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from helpers import build_tokenizer as build, offline_hub_repo, python
+from helpers import build_metaspace_tokenizer, build_tokenizer as build, offline_hub_repo, python
 from lora_cli import tokenizer as gpt2_bpe
 from lora_cli.config import ModelSpec
 from lora_cli.errors import CheckpointError
@@ -63,6 +63,29 @@ def test_saved_truncation_and_padding_are_not_applied(tmp_path):
     assert ours.encode(text) == theirs(text)["input_ids"] and len(ours.encode(text)) > 16
     assert ours.encode("hi") == theirs("hi")["input_ids"] and len(ours.encode("hi")) < 4
     assert ours.encode_batch([text, "hi"]) == [ours.encode(text), ours.encode("hi")]
+
+
+@pytest.mark.parametrize("eos_after", [False, True], ids=["mistral-style", "eos-appending"])
+def test_prompt_and_completion_are_cut_from_the_whole_texts_ids(tmp_path, eos_after):
+    """A prompt and its completion are tokenised as one text and cut where the completion begins (TRL's
+    prompt-completion tokenisation): a sentencepiece-style tokenizer encoding them apart put a word-start marker
+    before the completion ("\\n4" trained as "\\n", "▁4"), and a post-processor's eos landed after the prompt."""
+    from lora_cli.data.encode import chunk_text, encode_pair
+
+    build_metaspace_tokenizer(tmp_path, eos_after=eos_after)
+    ours = load_tokenizer(str(tmp_path))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    whole = lambda text: [i for i in theirs(text)["input_ids"] if i != 2] + [2]  # noqa: E731  (one eos, at the end)
+    for prompt, completion in [("Name a color.\n", "Green."), ("Q: 2+2=\n", " 4"), ("Say hi\n", "hi there"),
+                               ("The quick", " brown fox"), ("", "only text"), ("prompt only\n", "")]:
+        example, _ = encode_pair(prompt, completion, 512, tokenizer=ours)
+        assert example.ids == whole(prompt + completion), (prompt, completion)
+        head, tail = ours.encode_split(prompt, completion)
+        assert head == [i for i in theirs(prompt)["input_ids"] if i != 2], prompt  # the prompt as generation feeds it
+        assert example.loss_mask == [False] * len(head) + [True] * (len(tail) + 1)
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    chunks = chunk_text(text, 8, tokenizer=ours)
+    assert [t for c in chunks for t in c.ids[1:]] == whole(text)[1:] and chunks[0].ids[0] == 1
 
 
 def test_special_tokens_in_user_text_stay_text_unless_allowed(tmp_path):

@@ -85,10 +85,11 @@ class DataStats:
 
 def encode_pair(prompt: str, response: str, max_length: int, mask_prompt: bool = True,
                 tokenizer: Tokenizer = GPT2) -> tuple[Example, bool]:
-    """[bos] + prompt + response + eos, each encoded on its own, truncated to max_length tokens.
-    Returns (example, truncated). Targets: the response and eos (mask_prompt) or every token but the first."""
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=True)  # bos only at the start of an example
-    response_ids = tokenizer.encode(response) + [tokenizer.eos_id]
+    """[bos] + prompt + response + eos (the two texts cut apart as Tokenizer.encode_split cuts them), truncated to
+    max_length tokens. Returns (example, truncated). Targets: the response and eos (mask_prompt) or every token
+    but the first."""
+    prompt_ids, response_ids = tokenizer.encode_split(prompt, response)  # bos only at the start of an example
+    response_ids = response_ids + [tokenizer.eos_id]
     ids = prompt_ids + response_ids
     if mask_prompt:
         mask = [False] * len(prompt_ids) + [True] * len(response_ids)
@@ -107,7 +108,8 @@ def encode_text(text: str, max_length: int, tokenizer: Tokenizer = GPT2) -> tupl
 def chunk_text(text: str, max_length: int, tokenizer: Tokenizer = GPT2) -> list[Example]:
     """A long document (a .txt file) -> chunks of max_length tokens that overlap by one token, so every token
     after the first is a target exactly once (the chunk's first token is context only)."""
-    ids = tokenizer.encode(text, add_special_tokens=True) + [tokenizer.eos_id]
+    bos, body = tokenizer.encode_split("", text)
+    ids = bos + body + [tokenizer.eos_id]
     stride = max_length - 1
     chunks = []
     for start in range(0, max(len(ids) - 1, 1), stride):
