@@ -519,6 +519,9 @@ def _check_constraints(cfg: RunConfig, report) -> None:
         report("data.column_names", "is required when header is false (names for the columns, e.g. [label, text])")
     if cfg.task == "classification" and d.format not in ("auto", "classification"):
         report("data.format", f"task classification needs format auto or classification, got {d.format}")
+    if cfg.task == "classification" and d.prompt_template is not None:
+        report("data.prompt_template", "does not apply to task classification (the text is classified as it "
+                                       "is); remove it")
     if cfg.task == "classification" and d.packing:
         report("data.packing", "does not apply to task classification (each example is scored at its own last "
                                "token); set data.packing: false")

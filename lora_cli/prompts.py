@@ -102,7 +102,7 @@ def read_text_file(path: Path) -> str:
     if path.is_dir():
         raise DataError(f"--file {path} is a directory; pass a text file with one prompt per line")
     try:
-        return path.read_bytes().decode("utf-8")
+        return path.read_bytes().decode("utf-8-sig")  # an editor's byte-order mark is not part of the first line
     except UnicodeDecodeError as exc:
         raise DataError(f"--file {path}: not UTF-8 text (byte offset {exc.start}); re-save it as UTF-8") from None
     except OSError as exc:

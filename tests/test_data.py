@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lora_cli import data as D
 from lora_cli.config import ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, DataConfig, build_config
@@ -202,6 +203,8 @@ def test_prompt_completion_default_and_custom_templates(tmp_path):
     ("quote.csv", 'prompt,completion\na,b\nc,"unterminated\n', DataError,
      "quote.csv: line 3: cannot parse CSV (unexpected end of data); check the quoting on that line"),
     ("dup.csv", "text,text\na,b\n", DataError, "dup.csv: duplicate column name 'text' in the header"),
+    ("nbsp.csv", "prompt,completion\na,b\n\u00a0\nc,d\n", DataError,  # pandas reads it as a row: so do we
+     "nbsp.csv: row 2 (line 3) has 1 fields, expected 2 (prompt, completion)"),
     ("tabs.csv", "prompt\tcompletion\na\tb\n", DataError, "tabs.csv: the header is one column, "
      "'prompt\\tcompletion', with tabs in it: the file looks tab-separated; name it .tsv"),
     ("commas.tsv", "prompt,completion\na,b\n", DataError, "commas.tsv: the header is one column, "
@@ -351,6 +354,10 @@ def test_classification_label_errors(tmp_path):
     two = write(tmp_path, "two.csv", "text,label\na,x\nb,y\nc,z\n")
     with pytest.raises(DataError, match=r"two.csv: row 3 \(line 4\): label 'z' is not one of data.labels \(y, x\)"):
         load(two, "classification", labels=["y", "x"])
+    yes_no = write(tmp_path, "yn.csv", "text,label\na,no\nb,yes\n")  # `labels: [no, yes]` unquoted reads as bools
+    with pytest.raises(DataError, match=re.escape("label 'no' is not one of data.labels (False, True) (YAML reads "
+                                                  "unquoted yes/no/on/off as true/false: quote the labels)")):
+        load(yes_no, "classification", labels=[str(x) for x in yaml.safe_load("[no, yes]")])
     (a, b, c), stats, *_ = load(two, "classification", labels=["z", "y", "x"])
     assert (a.label, b.label, c.label) == (2, 1, 0) and stats.labels == ["z", "y", "x"]
     numeric = write(tmp_path, "n.jsonl", "\n".join(json.dumps({"text": t, "label": k})
@@ -503,3 +510,13 @@ def test_collate_classification():
     assert left.input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     with pytest.raises(ValueError, match="mixes classification and causal-LM"):
         D.collate([a, D.Example([1, 2], [False, True])])
+
+
+def test_prompt_files_drop_a_byte_order_mark(tmp_path):
+    """`lora predict --file` / `generate --file`: an editor's BOM is not part of the first prompt (data files drop
+    it too); it shifted the first text's probabilities."""
+    from lora_cli.prompts import read_text_file
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(b"\xef\xbb\xbfthe day was great\nsecond\n")
+    assert read_text_file(path) == "the day was great\nsecond\n"

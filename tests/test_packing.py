@@ -171,3 +171,6 @@ def test_a_training_run_packed_equals_the_run_unpacked(tmp_path):
 def test_packing_with_classification_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"data.packing: does not apply to task classification"):
         load_config(write_run(tmp_path, ", packing: true", task="task: classification\n"))
+    with pytest.raises(ConfigError, match=r"data.prompt_template: does not apply to task classification \(the text "
+                                          r"is classified as it is\); remove it"):  # it was accepted and ignored
+        load_config(write_run(tmp_path, ", prompt_template: 'Review: {text}'", task="task: classification\n"))

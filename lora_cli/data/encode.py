@@ -238,8 +238,11 @@ def encode_records(
         if unknown and fixed:
             i, value = unknown[0]
             source = "data.labels" if labels is None else "the training labels"
+            yaml_bools = labels is None and {"True", "False"} & set(order) \
+                and str(value).lower() in ("yes", "no", "on", "off", "y", "n")
+            hint = " (YAML reads unquoted yes/no/on/off as true/false: quote the labels)" if yaml_bools else ""
             raise DataError(f"{path}: {row_label(df, i)}: label {value!r} is not one of {source} "
-                            f"({', '.join(order)}); fix the label or add it to data.labels")
+                            f"({', '.join(order)}){hint}; fix the label or add it to data.labels")
         for i, values in records:
             ids = tokenizer.encode(values["text"], add_special_tokens=True)
             stats.truncated += len(ids) > max_length

@@ -173,7 +173,7 @@ def _check_records(text: str, path: Path, cfg: DataConfig, tsv: bool, quoting: i
     try:
         for row in reader:
             line, start = start, reader.line_num + 1
-            if not row or (len(row) == 1 and not last[0].strip()):
+            if not row or (len(row) == 1 and not last[0].strip(" \t\r\n")):  # pandas: spaces and tabs only
                 continue  # a blank or whitespace-only line, which pandas skips too
             if header is None and cfg.header:
                 header, header_line = row, line
