@@ -189,6 +189,19 @@ def chat_template(loaded: Loaded) -> str | None:
     return checkpoint_template(loaded.tokenizer, loaded.base.name if loaded.base.source == "local" else None)
 
 
+def llama_cpp_lacks(family: str, cfg) -> str | None:
+    """Why llama.cpp's architecture for this family cannot hold the checkpoint (it would refuse to load the file),
+    or None: Qwen2/Qwen3 read no rope_freqs tensor, Qwen3 no attention biases, and GPT-NeoX needs them."""
+    if family in ("qwen2", "qwen3") and getattr(cfg, "rope_scaling", None):
+        kind = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type"))
+        return f"llama.cpp's {family} architecture has no rope scaling tensor for its rope_scaling {kind!r}"
+    if family == "qwen3" and cfg.attention_bias:
+        return "llama.cpp's qwen3 architecture has no attention biases (attention_bias: true)"
+    if family == "gpt_neox" and not cfg.attention_bias:
+        return "llama.cpp's gpt_neox architecture needs attention biases (attention_bias: false here)"
+    return None
+
+
 def prompt_pieces(settings) -> list[str | None] | None:
     """The adapter's prompt template as literal text around one None slot (where the user's prompt goes), or None
     when it has none (format text). Alpaca uses its template without an Input block; other fields render empty."""
@@ -199,7 +212,10 @@ def prompt_pieces(settings) -> list[str | None] | None:
     slot = {role, settings.columns.get(role, role)}  # a custom template may name the role's column
     pieces: list[str | None] = []
     for literal, name, _, _ in string.Formatter().parse(template):
-        pieces.append(literal)
+        if pieces and pieces[-1] is not None:  # the parser cuts literal text at each escaped brace: rejoin it,
+            pieces[-1] += literal  # so the Jinja and Go escapes below see a "{{" whole
+        else:
+            pieces.append(literal)
         if name in slot:
             pieces.append(None)
     return pieces
@@ -208,7 +224,7 @@ def prompt_pieces(settings) -> list[str | None] | None:
 def jinja_from_prompt(pieces: list[str | None], eos: str) -> str:
     """A chat template (Jinja, as tokenizer.chat_template) that renders each user message with the prompt template
     and each assistant message as its text and eos, as the adapter was trained."""
-    lit = lambda s: "{{ " + json.dumps(s) + " }}" if re.search(r"{[{%#]", s) else s  # noqa: E731
+    lit = lambda s: "{{ " + json.dumps(s) + " }}" if re.search(r"{[{%#]|{$", s) else s  # noqa: E731
     user = "".join("{{ message['content'] }}" if p is None else lit(p) for p in pieces)
     return ("{% for message in messages %}{% if message['role'] == 'user' %}" + user
             + "{% elif message['role'] == 'assistant' %}{{ message['content'] }}" + lit(eos)
@@ -217,7 +233,8 @@ def jinja_from_prompt(pieces: list[str | None], eos: str) -> str:
 
 def go_literal(s: str) -> str:
     """Text as it stands in a Go template (a literal `{{` becomes an action printing it)."""
-    return s.replace("{{", '{{ "{{" }}')
+    s = s.replace("{{", '{{ "{{" }}')
+    return s[:-1] + '{{ "{" }}' if s.endswith("{") and not s.endswith('}}') else s  # "{" + "{{ .Prompt }}"
 
 
 def go_from_prompt(pieces: list[str | None]) -> str:
@@ -340,6 +357,10 @@ def export_gguf(adapter, out, fmt: str = "gguf", dtype: str = "f32", model: str 
                           "GGUF export needs a causal-LM adapter")
     net = loaded.model.float()
     family = model_type(net.config)
+    missing = llama_cpp_lacks(family, net.config)
+    if missing:
+        raise ConfigError(f"{loaded.base.name}: {missing}: llama.cpp could not load the file, so this model is not "
+                          "exported to GGUF")
     arch = gguf.MODEL_ARCH[ARCHITECTURES[family]]
     names = gguf.get_tensor_name_map(arch, len(net.blocks))  # checkpoint names -> GGUF names, llama.cpp's table
     with atomic_path(out) as tmp:

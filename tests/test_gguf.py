@@ -448,3 +448,41 @@ def test_a_sentencepiece_style_tokenizer_is_one_clear_error(tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ConfigError, match="converts byte-level BPE tokenizers .* this one is not"):
         gguf_vocab(load_tokenizer(str(tmp_path / "tokenizer.json")), 8)
+
+
+def test_prompt_templates_with_literal_braces_export_as_written():
+    """A prompt template's escaped braces ({{ and }} are literal braces) stay literal in the GGUF's Jinja chat
+    template and the Modelfile's Go template: the parser cut the text at each one, so neither escape saw them."""
+    import jinja2
+
+    from lora_cli.config import DataConfig
+    from lora_cli.gguf_export import go_from_prompt, jinja_from_prompt, prompt_pieces
+    from lora_cli.prompts import prompt_values, render
+
+    for template in ("Fill {{{{name}}}} in: {prompt}\nA:", "Use {{% raw %}}: {prompt}\nA:", "x {{{prompt}"):
+        settings = DataConfig(format="prompt_completion", prompt_template=template)
+        pieces = prompt_pieces(settings)
+        want = render(prompt_values("hi", settings), settings)
+        jinja = jinja2.Environment().from_string(jinja_from_prompt(pieces, "<eos>"))
+        assert jinja.render(messages=[{"role": "user", "content": "hi"}]) == want, template
+        go = go_from_prompt(pieces)
+        assert go.replace('{{ "{{" }}', "{{").replace('{{ "{" }}', "{").replace("{{ .Prompt }}", "hi") == want
+
+
+def test_checkpoints_llama_cpp_cannot_load_are_not_exported():
+    from lora_cli.gguf_export import llama_cpp_lacks
+    from lora_cli.models.gpt_neox import GPTNeoXConfig
+    from lora_cli.models.llama import LlamaConfig
+
+    sizes = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 64}
+    assert llama_cpp_lacks("llama", LlamaConfig(**sizes, rope_scaling=llama3, attention_bias=True)) is None
+    assert llama_cpp_lacks("qwen2", LlamaConfig(**sizes, model_type="qwen2", rope_scaling=llama3)) == (
+        "llama.cpp's qwen2 architecture has no rope scaling tensor for its rope_scaling 'llama3'")
+    assert llama_cpp_lacks("qwen3", LlamaConfig(**sizes, model_type="qwen3", attention_bias=True)) == (
+        "llama.cpp's qwen3 architecture has no attention biases (attention_bias: true)")
+    assert llama_cpp_lacks("qwen3", LlamaConfig(**sizes, model_type="qwen3")) is None
+    assert llama_cpp_lacks("gpt_neox", GPTNeoXConfig(**sizes, attention_bias=False)) == (
+        "llama.cpp's gpt_neox architecture needs attention biases (attention_bias: false here)")
+    assert llama_cpp_lacks("gpt_neox", GPTNeoXConfig(**sizes)) is None
