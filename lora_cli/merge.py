@@ -56,6 +56,17 @@ MERGED_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES, "README.md
 # ------------------------------------------------------------------------------------- tokenizer files
 
 
+def _name_pad_token(files: dict[str, str], token: str) -> None:
+    """A merged classifier's tokenizer names the pad token its config's pad_token_id points at (the eos where the
+    base has none), so transformers pads batches (`padding=True`, a batched pipeline) as the model pools them."""
+    if "tokenizer_config.json" not in files:
+        return
+    config = json.loads(files["tokenizer_config.json"])
+    if config.get("pad_token") is None:
+        config["pad_token"] = token
+        files["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+
+
 @functools.lru_cache(maxsize=1)
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (OpenAI's encoder.py): printable Latin-1 bytes map to
@@ -281,6 +292,7 @@ def _merge_into(out: Path, adapter, model, dtype: str, overwrite: bool, allow_mi
                    "id2label": {str(i): name for i, name in enumerate(names)},
                    "label2id": {name: i for i, name in enumerate(names)},
                    "problem_type": "single_label_classification", "pad_token_id": pad}
+        _name_pad_token(files, tokenizer.decode([pad]))
     elif gpt2_bpe:
         files["generation_config.json"] = json.dumps({"bos_token_id": EOT_ID, "eos_token_id": EOT_ID,
                                                       "pad_token_id": EOT_ID}, indent=2) + "\n"

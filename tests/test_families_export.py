@@ -184,6 +184,10 @@ def test_classifier_merges_and_exports_as_transformers_sequence_classifier(tmp_p
     assert config["pad_token_id"] == (tok.pad_id if tok.pad_id is not None else tok.eos_id)
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     assert type(merged).__name__ == config["architectures"][0]
+    # its tokenizer pads with the config's pad id (it had no pad token: padding=True and batched pipelines failed)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert hf_tok.pad_token_id == config["pad_token_id"]
+    assert hf_tok(["a b c", "a"], padding=True)["input_ids"][1][-1] == config["pad_token_id"]
     with torch.no_grad():
         assert (merged(input_ids=IDS).logits - ours).abs().max().item() <= 1e-4
 
