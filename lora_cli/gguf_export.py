@@ -175,6 +175,9 @@ def _tokenizer_json(path: Path, log):
         name = "default"
         log(f"warning: {path}: a pre-tokenizer llama.cpp does not know by name; written as 'default', so llama.cpp "
             "may split some texts differently")
+    if byte_level.get("add_prefix_space"):
+        log(f"warning: {path}: the tokenizer puts a space before every text (ByteLevel add_prefix_space) and "
+            "llama.cpp does not, so their ids differ at the start of a text")
     return vocab, merges, specials, added, name
 
 

@@ -450,6 +450,27 @@ def test_a_sentencepiece_style_tokenizer_is_one_clear_error(tmp_path):
         gguf_vocab(load_tokenizer(str(tmp_path / "tokenizer.json")), 8)
 
 
+def test_a_prefix_space_tokenizer_is_exported_with_a_warning(tmp_path):
+    """ByteLevel(add_prefix_space=True) puts a space before every text; llama.cpp's gpt-2 pre-tokenizer does not."""
+    from tokenizers import Tokenizer
+
+    from lora_cli.gguf_export import gguf_vocab
+    from lora_cli.tokenizer import load_tokenizer
+
+    build_tokenizer(tmp_path, bos=False)
+    raw = json.loads((tmp_path / "tokenizer.json").read_text())
+    warnings: list[str] = []
+    gguf_vocab(load_tokenizer(str(tmp_path)), 400, warnings.append)
+    assert warnings == []
+    raw["pre_tokenizer"]["add_prefix_space"] = True
+    (tmp_path / "tokenizer.json").write_text(json.dumps(raw))
+    Tokenizer.from_file(str(tmp_path / "tokenizer.json"))  # still a valid file
+    gguf_vocab(load_tokenizer(str(tmp_path)), 400, warnings.append)
+    assert warnings == [f"warning: {tmp_path / 'tokenizer.json'}: the tokenizer puts a space before every text "
+                        "(ByteLevel add_prefix_space) and llama.cpp does not, so their ids differ at the start of a "
+                        "text"]
+
+
 def test_prompt_templates_with_literal_braces_export_as_written():
     """A prompt template's escaped braces ({{ and }} are literal braces) stay literal in the GGUF's Jinja chat
     template and the Modelfile's Go template: the parser cut the text at each one, so neither escape saw them."""
