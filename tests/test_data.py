@@ -520,3 +520,16 @@ def test_prompt_files_drop_a_byte_order_mark(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_bytes(b"\xef\xbb\xbfthe day was great\nsecond\n")
     assert read_text_file(path) == "the day was great\nsecond\n"
+
+
+def test_a_class_the_split_takes_wholly_is_an_error(tmp_path):
+    """One 'rare' example and a stratified split that holds it out: the head would get a row no step trains."""
+    rows = "".join(f"t{i},{'neg' if i % 2 else 'pos'}\n" for i in range(14)) + "odd one,rare\n"
+    path = write(tmp_path, "c.csv", "text,label\n" + rows)
+    with pytest.raises(DataError) as err:
+        D.load_splits(run_config(tmp_path, task="classification", train=str(path), val_split=0.0, test_split=0.5), 1024)
+    assert str(err.value) == (f"{path}: class 'rare' has 1 example and the validation/test split took all of them, "
+                              "so training would see none; add examples of it, remove its rows, or give the held-out "
+                              "data as data.val / data.test files")
+    splits = D.load_splits(run_config(tmp_path, task="classification", train=str(path), val_split=0.0), 1024)
+    assert splits.labels == ["neg", "pos", "rare"] and {e.label for e in splits.train} == {0, 1, 2}

@@ -160,6 +160,15 @@ def load_splits(cfg: "RunConfig", context_length: int, tokenizer: Tokenizer = GP
     test_frac = 0.0 if d.test else d.test_split
     stratify = [ex.label for ex in examples] if fmt == "classification" else None
     train, val, test = split_examples(examples, val_frac, test_frac, seed, stratify)
+    if fmt == "classification":  # a class the split took wholly into val/test would be a head row never trained
+        trained = {ex.label for ex in train}
+        lost = [(k, name) for k, name in enumerate(labels) if k not in trained and stats.label_counts.get(name)]
+        if lost:
+            k, name = lost[0]
+            n = stats.label_counts[name]
+            raise DataError(f"{d.train}: class {name!r} has {n} example{'s' if n > 1 else ''} and the validation/test "
+                            "split took all of them, so training would see none; add examples of it, remove its "
+                            "rows, or give the held-out data as data.val / data.test files")
     for key in ("val", "test"):
         path = getattr(d, key)
         if path:
