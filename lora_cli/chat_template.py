@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 
 from lora_cli.config import BUILTIN_CHAT_TEMPLATES, is_inline_template
 from lora_cli.errors import ConfigError, ConversationError, did_you_mean, first_line
-from lora_cli.tokenizer import GPT2Tokenizer, Tokenizer
+from lora_cli.tokenizer import GPT2Tokenizer, Tokenizer, set_in_tokenizer_config
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # ShareGPT's `from` -> role
@@ -307,8 +307,4 @@ def add_to_tokenizer_config(files: dict[str, str], template: str | None) -> None
         return
     if TEMPLATE_FILE in files:
         files[TEMPLATE_FILE] = template
-    if "tokenizer_config.json" not in files:
-        return
-    config = json.loads(files["tokenizer_config.json"])
-    config["chat_template"] = template
-    files["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    set_in_tokenizer_config(files, "chat_template", template)

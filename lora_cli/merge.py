@@ -43,7 +43,8 @@ from lora_cli.lora import lora_layers, merge_and_unload
 from lora_cli.models import HEAD, model_type
 from lora_cli.pretrained import FAMILY_NAMES, architecture, save_pretrained
 from lora_cli.runtime import DTYPES
-from lora_cli.tokenizer import EOT_ID, EOT_TOKEN, SIDE_FILES, TOKENIZER_FILE, GPT2Tokenizer, ranks_path
+from lora_cli.tokenizer import (EOT_ID, EOT_TOKEN, SIDE_FILES, TOKENIZER_FILE, GPT2Tokenizer, ranks_path,
+                                set_in_tokenizer_config)
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 # A tokenizer.json checkpoint's files that a merge carries over from the base (those it has).
@@ -54,17 +55,6 @@ MERGED_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES, "README.md
 
 
 # ------------------------------------------------------------------------------------- tokenizer files
-
-
-def _name_pad_token(files: dict[str, str], token: str) -> None:
-    """A merged classifier's tokenizer names the pad token its config's pad_token_id points at (the eos where the
-    base has none), so transformers pads batches (`padding=True`, a batched pipeline) as the model pools them."""
-    if "tokenizer_config.json" not in files:
-        return
-    config = json.loads(files["tokenizer_config.json"])
-    if config.get("pad_token") is None:
-        config["pad_token"] = token
-        files["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
 
 
 @functools.lru_cache(maxsize=1)
@@ -292,7 +282,9 @@ def _merge_into(out: Path, adapter, model, dtype: str, overwrite: bool, allow_mi
                    "id2label": {str(i): name for i, name in enumerate(names)},
                    "label2id": {name: i for i, name in enumerate(names)},
                    "problem_type": "single_label_classification", "pad_token_id": pad}
-        _name_pad_token(files, tokenizer.decode([pad]))
+        # the tokenizer names the pad token pad_token_id points at, where the base names none, so transformers pads
+        # batches (`padding=True`, a batched pipeline) as the model pools them
+        set_in_tokenizer_config(files, "pad_token", tokenizer.decode([pad]), overwrite=False)
     elif gpt2_bpe:
         files["generation_config.json"] = json.dumps({"bos_token_id": EOT_ID, "eos_token_id": EOT_ID,
                                                       "pad_token_id": EOT_ID}, indent=2) + "\n"

@@ -61,6 +61,17 @@ TOKENIZER_FILE = "tokenizer.json"
 SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
+def set_in_tokenizer_config(files: dict[str, str], key: str, value, overwrite: bool = True) -> None:
+    """Set `key` in the tokenizer_config.json text among a model directory's files (when it has one), rewritten as
+    transformers writes it; with overwrite=False only where the key is missing or null."""
+    if "tokenizer_config.json" not in files:
+        return
+    config = json.loads(files["tokenizer_config.json"])
+    if overwrite or config.get(key) is None:
+        config[key] = value
+        files["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+
+
 class GPT2Tokenizer:
     """The bundled GPT-2 BPE behind the common interface (the module functions above, unchanged)."""
 

@@ -60,7 +60,7 @@ def batch_indices(
         batches.pop()
     if shuffle and group_by_length and batches:
         rng.shuffle(batches)
-        largest = max(range(len(batches)), key=lambda b: len(batches[b]) * max(lengths[i] for i in batches[b]))
+        largest = max(range(len(batches)), key=lambda b: padded_tokens(lengths, batches[b]))
         batches[0], batches[largest] = batches[largest], batches[0]
     return batches
 
@@ -189,6 +189,11 @@ def pack(examples: Sequence[Example], max_length: int, pad_id: int = EOT_ID) -> 
                  n_targets=int((target_ids != IGNORE_INDEX).sum()), lengths=lengths)
 
 
+def padded_tokens(lengths: Sequence[int], batch: Sequence[int]) -> int:
+    """Positions of the batch padded to its longest example (its size x that length)."""
+    return max(lengths[i] for i in batch) * len(batch)
+
+
 def padding_waste(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> int:
     """Pad tokens these batches need (sum over batches of longest x size, minus real tokens)."""
-    return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches if b)
+    return sum(padded_tokens(lengths, b) - sum(lengths[i] for i in b) for b in batches if b)
