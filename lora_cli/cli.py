@@ -134,6 +134,8 @@ def eval_(
     fmt: Optional[str] = typer.Option(None, "--format", help="Data format instead of the adapter's: auto, alpaca, prompt_completion, text."),
     columns: List[str] = typer.Option([], "--column", help="ROLE=COLUMN, e.g. --column prompt=mr (repeatable)."),
     prompt_template: Optional[str] = typer.Option(None, "--prompt-template", help="Prompt template instead of the adapter's."),
+    no_header: bool = typer.Option(False, "--no-header", help="The CSV/TSV --data file has no header row (with --column-names)."),
+    column_names: Optional[str] = typer.Option(None, "--column-names", help="NAME,NAME,...: the --data file's column names (its header's, or with --no-header its columns')."),
     no_base: bool = typer.Option(False, "--no-base", help="Skip the base model's numbers (faster)."),
     gen: bool = typer.Option(False, "--generate", help="Also generate for each distinct prompt and score BLEU, NIST, ROUGE-L, CIDEr and exact match against all its references."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="--generate: tokens to generate at most."),
@@ -161,6 +163,8 @@ def eval_(
     options = EvalOptions(
         data=data, split=split, subset=subset, adapter=adapter, model=model, config=config, overrides=tuple(overrides), batch_size=batch_size,
         max_length=max_length, fmt=fmt, columns=tuple(columns), prompt_template=prompt_template,
+        header=False if no_header else None,
+        column_names=tuple(column_names.split(",")) if column_names is not None else (),
         compare_base=not no_base, allow_mismatch=allow_mismatch, generate=gen, max_new_tokens=max_new_tokens,
         num_beams=num_beams, length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
         lowercase=lowercase, meteor=meteor, predictions=predictions, device=device,

@@ -18,7 +18,7 @@ import torch
 from lora_cli.adapter import ADAPTER_FILE, Adapter, attach_adapter
 from lora_cli.config import DataConfig, RunConfig, load_config
 from lora_cli.data import (
-    RESPONSE_ROLE, cell_value, row_label, detect_format, encode_records, load_file, load_splits, read_table, render_prompt,
+    FLAG_HINTS, RESPONSE_ROLE, cell_value, row_label, detect_format, encode_records, load_file, load_splits, read_table, render_prompt,
 )
 from lora_cli.errors import AdapterError, ConfigError, DataError
 from lora_cli.evaluation import eval_batches, evaluate_classification, evaluate_lm, generate_texts
@@ -48,7 +48,8 @@ def classification_file(path, data_cfg, labels, adapter=None, tokenizer: Tokeniz
         raise DataError(f"{path}: a classifier is evaluated on a table with text and label columns (CSV, TSV, "
                         "JSON or JSONL), not plain text")
     frame = read_table(path, data_cfg, "--data")
-    fmt, mapping = detect_format(frame.columns, replace(data_cfg, format="classification"), "classification", path)
+    fmt, mapping = detect_format(frame.columns, replace(data_cfg, format="classification"), "classification", path,
+                                 FLAG_HINTS)
     values = [cell_value(v) for v in frame[mapping["label"]]]
     known = set(labels)
     # Missing or empty labels are left to encode_records, which names those rows.
@@ -153,7 +154,7 @@ def _check_reference_column(path, data_cfg, task: str) -> None:
         raise DataError(f"{path}: --generate needs the reference column {wanted!r} (the {role} of format {fmt}) to "
                         f"score generations against; the file's columns are: {', '.join(columns)}; add it or name "
                         f"it with --column {role}=COLUMN")
-    detect_format(columns, replace(data_cfg, format=fmt), task, path)
+    detect_format(columns, replace(data_cfg, format=fmt), task, path, FLAG_HINTS)
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,8 @@ class EvalOptions:
     fmt: str | None = None
     columns: tuple[str, ...] = ()
     prompt_template: str | None = None
+    header: bool | None = None  # --no-header: False; None: the run config's data.header (else True)
+    column_names: tuple[str, ...] = ()  # --column-names: the --data file's column names
     compare_base: bool = True
     allow_mismatch: bool = False
     generate: bool = False
@@ -201,6 +204,16 @@ class EvalOptions:
         """The flags' own errors, before any file is read."""
         if self.data is None and self.config is None:
             raise ConfigError("name the data: --data FILE, or a run config (lora eval CONFIG.yaml)")
+        if self.data is None and (self.header is not None or self.column_names):
+            flag = "--no-header" if self.header is not None else "--column-names"
+            raise ConfigError(f"{flag} describes the file --data names; pass --data FILE (a run config's own files "
+                              "are read with its data.header and data.column_names)")
+        if any(not name.strip() for name in self.column_names):
+            raise ConfigError(f"--column-names: expected NAME,NAME,... with no empty name, got "
+                              f"{','.join(self.column_names)!r}")
+        if self.header is False and not self.column_names:
+            raise ConfigError("--no-header needs --column-names NAME,NAME,... (one name per column, e.g. "
+                              "--column-names label,text)")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"--batch-size must be a positive integer, got {self.batch_size!r}")
         n = self.max_new_tokens
@@ -300,6 +313,12 @@ def load_subject(options: EvalOptions) -> Subject:
         settings = replace(settings, task=cfg.task)
     if settings.task == "classification" and options.generate:
         raise ConfigError("--generate is for causal-LM adapters; this adapter is a classifier")
+    if settings.task == "classification" and options.fmt not in (None, "auto"):
+        raise ConfigError(f"--format {options.fmt}: a classifier reads a text and a label column, not another format; "
+                          "leave out --format and map the columns with --column text=COLUMN --column label=COLUMN")
+    if settings.task == "classification" and options.prompt_template is not None:
+        raise ConfigError("--prompt-template: a classifier reads its text column as it is, with no prompt; leave out "
+                          "--prompt-template")
     if options.plot is not None and settings.task != "classification":
         raise ConfigError("--plot draws a classifier's confusion matrix; this is not a classification adapter")
     want = adapter_obj.base_model.get("fingerprint") if adapter_obj is not None else None
@@ -344,6 +363,14 @@ def held_out_examples(options: EvalOptions, subject: Subject, log) -> HeldOut:
         data_cfg = replace(data_cfg, max_length=min(options.max_length or data_cfg.max_length, n_positions))
     data_cfg = replace(data_cfg, split=options.split or data_cfg.split,
                        subset=options.subset if options.subset is not None else data_cfg.subset)
+    if options.header is not None:
+        data_cfg = replace(data_cfg, header=options.header)
+    elif not data_cfg.header and _starts_with_names(data, data_cfg):
+        # The run's data has no header row, but this file starts with its column names: a split `lora train`
+        # wrote (out_dir/test.csv has a header), not a row whose label is "label".
+        data_cfg = replace(data_cfg, header=True)
+    if options.column_names:
+        data_cfg = replace(data_cfg, column_names=[name.strip() for name in options.column_names])
     if options.generate:
         _check_reference_column(data, data_cfg, settings.task)
     if settings.task == "classification":
@@ -354,6 +381,14 @@ def held_out_examples(options: EvalOptions, subject: Subject, log) -> HeldOut:
                                                          labels=settings.labels, tokenizer=subject.tokenizer)
     log(stats.describe())
     return HeldOut(examples, frame, fmt, mapping, data_cfg, str(data))
+
+
+def _starts_with_names(path, data_cfg: DataConfig) -> bool:
+    """Whether a CSV/TSV file read without a header has data.column_names as its first row."""
+    if Path(str(path)).suffix.lower() not in (".csv", ".tsv") or not data_cfg.column_names:
+        return False
+    first = read_table(path, data_cfg, "--data").row(0)
+    return [cell_value(v) for v in first] == list(data_cfg.column_names)
 
 
 def _attach(options: EvalOptions, subject: Subject) -> None:

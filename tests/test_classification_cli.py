@@ -371,7 +371,21 @@ def test_spam_config_trains_and_evaluates(tmp_path, base_dir):
                              "--no-base", "--batch-size", "32")
         assert code == 0, err
         results.append(json.loads(out))
-    a, b = results
+    # The same split as a header-less TSV (as data/sms_spam.tsv is), and through the run config, whose data has
+    # no header row while the test.csv that train wrote has one.
+    with open(run_dir / "test.csv", newline="") as f:
+        headerless = tmp_path / "test.tsv"
+        headerless.write_text("".join(f"{row['label']}\t{row['text']}\n" for row in csv.DictReader(f)))
+    for args in (("--adapter", run_dir / "adapter.safetensors", "--data", headerless, "--no-header",
+                  "--column-names", "label,text"),
+                 (ROOT / "configs" / "spam.yaml", "--set", f"model={base_dir}", "--set", f"out_dir={run_dir}",
+                  "--data", run_dir / "test.csv")):
+        code, out, err = cli("eval", *args, "--json", "--no-base", "--batch-size", "32")
+        assert code == 0, err
+        results.append(json.loads(out))
+    a, b, c, d = results
+    assert c["confusion_matrix"] == d["confusion_matrix"] == a["confusion_matrix"]
+    assert c["loss"] == d["loss"] == a["loss"]
     assert a["examples"] == 298 and a["labels"] == ["ham", "spam"]
     assert a["per_class"]["ham"]["support"] == a["per_class"]["spam"]["support"] == 149
     assert a["confusion_matrix"] == b["confusion_matrix"] and a["loss"] == b["loss"]
@@ -406,6 +420,26 @@ def test_bad_inputs_are_one_exact_line(trained, base_dir, tmp_path):
     cases.append((("eval", "--adapter", adapter, "--data", no_text), 1,
                   f"error: {no_text}: row 2 (line 3): column 'text' is empty; fill it in or set "
                   "data.skip_bad_rows: true to skip such rows"))
+    headerless = tmp_path / "headerless.tsv"
+    headerless.write_text("pos\tgood day\nneg\tbad day\n")
+    cases.append((("eval", "--adapter", adapter, "--data", headerless), 1,
+                  f"error: {headerless}: format classification needs a column for 'text' but there is no column "
+                  "'text'; the file's columns are: pos, good day; map one with --column text=<column> (a file "
+                  "without a header row: --no-header --column-names NAME,NAME,...)"))
+    cases.append((("eval", "--adapter", adapter, "--data", headerless, "--no-header"), 2,
+                  "error: --no-header needs --column-names NAME,NAME,... (one name per column, e.g. --column-names "
+                  "label,text)"))
+    cases.append((("eval", "--adapter", adapter, "--data", headerless, "--no-header", "--column-names", "label,"), 2,
+                  "error: --column-names: expected NAME,NAME,... with no empty name, got 'label,'"))
+    cases.append((("eval", root / "cls.yaml", "--no-header"), 2,
+                  "error: --no-header describes the file --data names; pass --data FILE (a run config's own files are "
+                  "read with its data.header and data.column_names)"))
+    cases.append((("eval", "--adapter", adapter, "--data", headerless, "--format", "text"), 2,
+                  "error: --format text: a classifier reads a text and a label column, not another format; leave out "
+                  "--format and map the columns with --column text=COLUMN --column label=COLUMN"))
+    cases.append((("eval", "--adapter", adapter, "--data", headerless, "--prompt-template", "Review: {text}"), 2,
+                  "error: --prompt-template: a classifier reads its text column as it is, with no prompt; leave out "
+                  "--prompt-template"))
     cases.append((("eval", "--adapter", adapter, "--data", root / "data.jsonl", "--generate"), 2,
                   "error: --generate is for causal-LM adapters; this adapter is a classifier"))
     cases.append((("predict", "--adapter", adapter, "fine", "  "), 1,

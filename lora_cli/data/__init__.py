@@ -18,8 +18,8 @@ never import this package.
 from lora_cli.data.batches import IGNORE_INDEX, Batch, batch_indices, collate, pack, padding_waste, split_batch
 from lora_cli.data.encode import (NOT_TEXT, DataStats, Example, cell_value, chunk_text, count_stats, encode_pair,
                                   encode_records, encode_text, label_order, load_file, preview, row_label)
-from lora_cli.data.formats import (OPTIONAL_ROLES, RESPONSE_ROLE, detect_format, fill_template, prompt_template,
-                                   render_prompt, template_fields)
+from lora_cli.data.formats import (FLAG_HINTS, OPTIONAL_ROLES, RESPONSE_ROLE, detect_format, fill_template,
+                                   prompt_template, render_prompt, template_fields)
 from lora_cli.data.io import SUPPORTED_SUFFIXES, TABLE_SUFFIXES, Table, read_table
 from lora_cli.data.splits import DataSplits, class_weights, load_splits, split_examples, undersample, write_split
 
@@ -27,7 +27,7 @@ __all__ = [
     "IGNORE_INDEX", "Batch", "batch_indices", "collate", "pack", "padding_waste", "split_batch",
     "NOT_TEXT", "DataStats", "Example", "cell_value", "chunk_text", "count_stats", "encode_pair", "encode_records",
     "encode_text", "label_order", "load_file", "preview", "row_label",
-    "OPTIONAL_ROLES", "RESPONSE_ROLE", "detect_format", "fill_template", "prompt_template", "render_prompt",
+    "FLAG_HINTS", "OPTIONAL_ROLES", "RESPONSE_ROLE", "detect_format", "fill_template", "prompt_template", "render_prompt",
     "template_fields",
     "SUPPORTED_SUFFIXES", "TABLE_SUFFIXES", "Table", "read_table",
     "DataSplits", "class_weights", "load_splits", "split_examples", "undersample", "write_split",

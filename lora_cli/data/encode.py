@@ -18,7 +18,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from lora_cli.chat_template import (conversation, encode_chat, resolve_template, template_tokens,
                                     writes_assistant_content)
 from lora_cli.config import DATA_FORMATS, DataConfig
-from lora_cli.data.formats import OPTIONAL_ROLES, RESPONSE_ROLE, detect_format, render_prompt, template_fields
+from lora_cli.data.formats import (OPTIONAL_ROLES, RESPONSE_ROLE, detect_format, hints_for, render_prompt,
+                                   template_fields)
 from lora_cli.data.io import Table, read_table
 from lora_cli.errors import ConfigError, ConversationError, DataError
 from lora_cli.tokenizer import GPT2, Tokenizer
@@ -344,7 +345,7 @@ def load_file(
         fmt, mapping = "text", {"text": "text"}
     else:
         cfg = data_cfg if fmt is None else replace(data_cfg, format=fmt)
-        fmt, mapping = detect_format(frame.columns, cfg, task, path)
+        fmt, mapping = detect_format(frame.columns, cfg, task, path, hints_for(key))
     examples, stats = encode_records(frame, fmt, mapping, data_cfg, path, labels, tokenizer)
     if not examples:
         why = []

@@ -24,10 +24,27 @@ _FORMAT_HELP = (
 )
 
 
+# How a message tells the user to name a role's column: in the run config, or (a file given with --data) by flag.
+CONFIG_HINTS = {"map": "map one with data.columns.{role}: <column>",
+                "detect": "set data.format, and data.columns to map roles to your columns (e.g. {{prompt: mr, "
+                          "completion: ref}})"}
+FLAG_HINTS = {"map": "map one with --column {role}=<column> (a file without a header row: --no-header "
+                     "--column-names NAME,NAME,...)",
+              "detect": "pass --format, and --column ROLE=COLUMN to map roles to your columns (a file without a "
+                        "header row: --no-header --column-names NAME,NAME,...)"}
+
+
+def hints_for(key: str) -> Mapping[str, str]:
+    """The hints for a file named by `key`: a config key (data.train) or a flag (--data)."""
+    return FLAG_HINTS if key.startswith("--") else CONFIG_HINTS
+
+
 def detect_format(
-    columns: Iterable[Any], data_cfg: DataConfig, task: str = "causal_lm", path: str | Path | None = None
+    columns: Iterable[Any], data_cfg: DataConfig, task: str = "causal_lm", path: str | Path | None = None,
+    hints: Mapping[str, str] = CONFIG_HINTS,
 ) -> tuple[str, dict[str, str]]:
-    """(format, {role: column}) for a table with these columns.
+    """(format, {role: column}) for a table with these columns. `hints`: how messages say to map a column
+    (CONFIG_HINTS, or FLAG_HINTS for a file a command-line flag named).
 
     `data.format: auto` tries alpaca, prompt_completion, chat and text in that order (restricted to the formats that
     have every role named in data.columns) and takes the first whose required columns exist; task
@@ -59,8 +76,7 @@ def detect_format(
             if not missing:
                 return candidate, mapping
         raise DataError(f"{where}cannot tell the data format from the columns ({', '.join(columns)}); expected "
-                        f"{_FORMAT_HELP}; set data.format, and data.columns to map roles to your columns "
-                        "(e.g. {prompt: mr, completion: ref})")
+                        f"{_FORMAT_HELP}; " + hints["detect"].format())
     for role in renames:
         if role not in DATA_FORMATS[fmt]:
             raise ConfigError(f"data.columns.{role}: not a role of format {fmt} (its roles: "
@@ -69,7 +85,7 @@ def detect_format(
     if missing:
         role = missing[0]
         raise DataError(f"{where}format {fmt} needs a column for {role!r} but there is no column {role!r}; the "
-                        f"file's columns are: {', '.join(columns)}; map one with data.columns.{role}: <column>")
+                        f"file's columns are: {', '.join(columns)}; " + hints["map"].format(role=role))
     return fmt, mapping
 
 
