@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from lora_cli.chat_template import chat_ids, conversation, end_of_turn, resolve_template, template_tokens
+from lora_cli.chat_template import chat_ids, conversation, reply_ends, resolve_template
 from lora_cli.errors import ConfigError, ConversationError, LoraError
 from lora_cli.generate import StopText, stream_text
 from lora_cli.inference import Loaded
@@ -39,18 +39,6 @@ def chat_prompt_ids(loaded: Loaded, messages: Sequence[Mapping[str, Any]], add_g
     and, with add_generation_prompt, the header of the assistant's turn, exactly as training tokenised it."""
     template = template if template is not None else chat_template_for(loaded)
     return chat_ids(template, conversation(messages, need_assistant=False), loaded.tokenizer, add_generation_prompt)
-
-
-def reply_ends(template: str, tokenizer) -> tuple[tuple[int, ...], str]:
-    """Where a reply ends: (the eos ids to stop at, the end-of-turn text to cut at). The template's end of turn
-    joins the eos ids when the tokenizer has it as one token (Llama 3's <|eot_id|>, ChatML's <|im_end|> in
-    Qwen's vocabulary); as text it also catches a marker the tokenizer splits (<|im_end|> on GPT-2's BPE)."""
-    eot = end_of_turn(template, template_tokens(tokenizer))
-    eos = list(tokenizer.eos_ids)
-    eot_ids = tokenizer.encode(eot, allow_special=True) if eot else []
-    if len(eot_ids) == 1:
-        eos.append(eot_ids[0])
-    return tuple(dict.fromkeys(eos)), eot
 
 
 def stop_at(pieces: Iterable[str], stop: str) -> Iterator[str]:

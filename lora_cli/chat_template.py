@@ -299,6 +299,23 @@ def end_of_turn(template: str, tokens: Mapping[str, str] | None = None) -> str:
     return full[full.index(probe) + len(probe):].strip()
 
 
+def end_of_turn_id(template: str, tokenizer: Tokenizer) -> int | None:
+    """The template's end of turn as one token of the tokenizer (Llama 3's <|eot_id|>, ChatML's <|im_end|> in
+    Qwen's vocabulary), else None (no end-of-turn text, or one the tokenizer splits: <|im_end|> on GPT-2's BPE)."""
+    eot = end_of_turn(template, template_tokens(tokenizer))
+    ids = tokenizer.encode(eot, allow_special=True) if eot else []
+    return ids[0] if len(ids) == 1 else None
+
+
+def reply_ends(template: str, tokenizer: Tokenizer) -> tuple[tuple[int, ...], str]:
+    """Where a reply ends: (the eos ids to stop at, the end-of-turn text to cut at). The template's end of turn
+    joins the eos ids when the tokenizer has it as one token (end_of_turn_id); as text it also catches a marker
+    the tokenizer splits."""
+    eot_id = end_of_turn_id(template, tokenizer)
+    eos = [*tokenizer.eos_ids, *([] if eot_id is None else [eot_id])]
+    return tuple(dict.fromkeys(eos)), end_of_turn(template, template_tokens(tokenizer))
+
+
 def add_to_tokenizer_config(files: dict[str, str], template: str | None) -> None:
     """Write `template` as `chat_template` into the tokenizer_config.json text of a model directory's files (a
     merged model is then used the way it was trained), and over a chat_template.jinja carried from the base,

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from lora_cli.chat_template import checkpoint_template, read_template
+from lora_cli.chat_template import checkpoint_template, end_of_turn_id, read_template, reply_ends
 from lora_cli.data.formats import prompt_template
 from lora_cli.errors import AdapterError, ConfigError, LoraError
 from lora_cli.fsutil import atomic_path, atomic_write_text
@@ -408,7 +408,9 @@ def _modelfile_text(loaded: Loaded, gguf_name: str, log) -> str:
     else:
         template = "{{ .Prompt }}"  # plain text: the prompt as it is
     stops = [tok.decode([i]) for i in tok.eos_ids]
-    return modelfile(gguf_name, template, stops)
+    if chat is not None:  # the template's end of turn, as `lora chat` stops there (ChatML's <|im_end|>)
+        stops.append(reply_ends(chat, tok)[1])
+    return modelfile(gguf_name, template, [s for s in dict.fromkeys(stops) if s])
 
 
 def _quantize(gguf, name: str, t: torch.Tensor, dtype: str):
@@ -468,7 +470,11 @@ def _write_model(gguf, writer, names, loaded: Loaded, net, family: str, dtype: s
             add(value)
     writer.add_add_bos_token(vocab.add_bos)
     chat, pieces = _template_info(loaded)
-    if chat is None and pieces is not None:
+    if chat is not None:
+        eot = end_of_turn_id(chat, loaded.tokenizer)
+        if eot is not None and eot != vocab.eos_id:  # llama.cpp ends a reply at eot_token_id as at eos
+            writer.add_eot_token_id(eot)
+    elif pieces is not None:
         chat = jinja_from_prompt(pieces, _token_text(loaded.tokenizer, loaded.tokenizer.eos_ids[0]))
     if chat is not None:
         writer.add_chat_template(chat)

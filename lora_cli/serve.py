@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lora_cli.chat import chat_prompt_ids, chat_template_for, reply_ends
-from lora_cli.chat_template import content_text
+from lora_cli.chat import chat_prompt_ids, chat_template_for
+from lora_cli.chat_template import content_text, reply_ends
 from lora_cli.errors import ConfigError, LoraError, first_line
 from lora_cli.generate import ContinuousBatch, Row, StopText, decode_incremental
 from lora_cli.inference import (

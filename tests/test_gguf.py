@@ -417,6 +417,40 @@ def test_llama_cpp_applies_the_gguf_lora(tmp_path, build, family):
     assert diff < (2e-3 if family in ("gpt2", "gpt_neox") else 1e-5)  # GELU: see the test above
 
 
+LLAMA3_CHAT = ("{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}"
+               "<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+               "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+def test_a_chat_templates_end_of_turn_token_ends_replies_in_llama_cpp_and_ollama(tmp_path, build):
+    """A Llama-3-style chat adapter on a base whose eos is <|end_of_text|>: the GGUF names <|eot_id|> as its
+    end-of-turn token (llama.cpp stops there, as `lora chat` does) and the Modelfile stops at it; where the end of
+    turn is the eos itself (ChatML on Qwen's <|im_end|>) no eot field is written."""
+    _, path, _, _ = build("llama")
+    from lora_cli.gguf_export import export_gguf
+
+    ids = {t["content"]: t["id"] for t in json.loads((path / "tokenizer.json").read_text())["added_tokens"]}
+    adapter = make_adapter(path, {"targets": ["q_proj"]}, {"data": {"format": "chat", "chat_template": LLAMA3_CHAT}},
+                           out=tmp_path / "chat.safetensors")
+    export_gguf(adapter, tmp_path / "c.gguf", ollama=True)
+    reader = gguf.GGUFReader(str(tmp_path / "c.gguf"))
+    assert field(reader, "tokenizer.ggml.eos_token_id") == ids["<|end_of_text|>"]
+    assert field(reader, "tokenizer.ggml.eot_token_id") == ids["<|eot_id|>"]
+    assert (tmp_path / "Modelfile").read_text().endswith(
+        'PARAMETER stop "<|end_of_text|>"\nPARAMETER stop "<|eot_id|>"\n')
+    _, qwen, qwen_adapter, qwen_gguf = build("qwen2")
+    assert "tokenizer.ggml.eot_token_id" not in gguf.GGUFReader(str(qwen_gguf)).fields  # alpaca: no template turn
+    chatml = make_adapter(qwen, {"targets": ["q_proj"]}, {"data": {"format": "chat", "chat_template": CHATML}},
+                          out=tmp_path / "chatml.safetensors")
+    export_gguf(chatml, tmp_path / "q.gguf")
+    assert "tokenizer.ggml.eot_token_id" not in gguf.GGUFReader(str(tmp_path / "q.gguf")).fields  # eos is <|im_end|>
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "c.gguf"), n_ctx=64, verbose=False, n_threads=2)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    assert llama_cpp.llama_vocab_is_eog(vocab, ids["<|eot_id|>"])
+    assert not llama_cpp.llama_vocab_is_eog(vocab, ids["<|begin_of_text|>"])
+
+
 def test_go_template_follows_a_llama3_chat_template_and_refuses_what_it_cannot():
     from lora_cli.gguf_export import go_from_chat
 
