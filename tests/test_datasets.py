@@ -141,3 +141,22 @@ def test_lora_eval_reads_hub_datasets_and_saved_splits(sources, tmp_path):
     assert figures("hf://datasets/owner/name") == parquet
     assert figures(sources / "dict", "--split", "train") == parquet
     assert figures(sources / "dict", "--split", "validation")[2] == 2  # rows 1 and 2 of the same data
+
+
+def test_class_label_columns_read_as_their_names_in_their_order(tmp_path):
+    """A datasets ClassLabel column holds ids; it is read as the class names (-1, "no label", as a missing value),
+    and the classes keep the ClassLabel's order (not sorted), as the dataset's ids number them."""
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["World", "Sports", "Business"])})
+    rows = {"text": ["match won", "markets fell", "summit held", "cup final", "shares rose", "no label here"],
+            "label": [1, 2, 0, 1, 2, -1]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "news"))
+    table = read_table(tmp_path / "news", DataConfig())
+    assert table["label"] == ["Sports", "Business", "World", "Sports", "Business", None]
+    assert table.classes == {"label": ["World", "Sports", "Business"]}
+    from lora_cli.data import encode_records
+
+    examples, stats = encode_records(table, "classification", {"text": "text", "label": "label"},
+                                     DataConfig(skip_bad_rows=True), tmp_path / "news")
+    assert [e.label for e in examples] == [1, 2, 0, 1, 2] and stats.skipped == 1 and stats.labels == [
+        "World", "Sports", "Business"]

@@ -146,9 +146,10 @@ def row_label(frame: Table, i: int) -> str:
     return f"row {i + 1} (line {lines[i]})" if lines else f"row {i + 1}"
 
 
-def label_order(values: Iterable[str], data_cfg: DataConfig) -> list[str]:
-    """Class ids: data.labels in its order if given, else the distinct labels sorted (numerically when every
-    label is an integer, so "2" < "10"). The order is stored with the adapter so ids mean the same later."""
+def label_order(values: Iterable[str], data_cfg: DataConfig, classes: Sequence[str] | None = None) -> list[str]:
+    """Class ids: data.labels in its order if given, else the distinct labels in the order of `classes` (a datasets
+    ClassLabel's names) or sorted (numerically when every label is an integer, so "2" < "10"). The order is stored
+    with the adapter so ids mean the same later."""
     if data_cfg.labels:
         labels = [str(x) for x in data_cfg.labels]
         dup = sorted({x for x in labels if labels.count(x) > 1})
@@ -156,6 +157,8 @@ def label_order(values: Iterable[str], data_cfg: DataConfig) -> list[str]:
             raise ConfigError(f"data.labels: {dup[0]!r} is listed twice; list every label once")
         return labels
     distinct = set(values)
+    if classes:
+        return [name for name in classes if name in distinct] + sorted(distinct - set(classes))
     try:
         return sorted(distinct, key=lambda x: (int(x), x))
     except ValueError:
@@ -233,7 +236,8 @@ def encode_records(
     examples: list[Example] = []
     if fmt == "classification":
         fixed = labels is not None or bool(data_cfg.labels)
-        order = list(labels) if labels is not None else label_order((v["label"] for _, v in records), data_cfg)
+        order = list(labels) if labels is not None else label_order((v["label"] for _, v in records), data_cfg,
+                                                                    df.classes.get(mapping["label"]))
         index = {name: k for k, name in enumerate(order)}
         unknown = [(i, v["label"]) for i, v in records if v["label"] not in index]
         if unknown and fixed:

@@ -38,9 +38,10 @@ def split_for(key: str, data_cfg: DataConfig) -> str:
     return KEY_SPLITS.get(key, data_cfg.split)
 
 
-def read_dataset(source: str, data_cfg: DataConfig, key: str = "data.train") -> "pd.DataFrame":
-    """One split of a hub dataset or a save_to_disk directory -> DataFrame; every failure is one DataError line
-    naming the key and the source."""
+def read_dataset(source: str, data_cfg: DataConfig, key: str = "data.train") -> tuple["pd.DataFrame", dict]:
+    """One split of a hub dataset or a save_to_disk directory -> (DataFrame, {column: class names}); every failure
+    is one DataError line naming the key and the source. A ClassLabel column holds its class names, not their
+    ids (-1, "no label", becomes a missing value), and the names come back in the ClassLabel's order."""
     try:  # optional: only these sources need it
         import datasets
     except ImportError:
@@ -54,7 +55,15 @@ def read_dataset(source: str, data_cfg: DataConfig, key: str = "data.train") -> 
         ds = _load_saved(datasets, source, split, key)
     if len(ds) == 0:
         raise DataError(f"{key}: {source}: split {split!r} has no rows; add at least one")
-    return _frame(ds.with_format("arrow")[:], f"{key}: {source}")
+    import pandas as pd  # lazily, as data.io does
+
+    frame = _frame(ds.with_format("arrow")[:], f"{key}: {source}")
+    classes = {str(name): list(feature.names) for name, feature in ds.features.items()
+               if isinstance(feature, datasets.ClassLabel)}
+    for name, names in classes.items():
+        frame[name] = pd.Series([names[v] if isinstance(v, int) and 0 <= v < len(names) else None
+                                 for v in frame[name]], index=frame.index, dtype=object)
+    return frame, classes
 
 
 def _load_hub(datasets, source: str, subset: str | None, split: str, key: str):

@@ -16,7 +16,7 @@ import csv
 import io
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -41,6 +41,7 @@ class Table:
     frame: "pd.DataFrame"
     path: str = "data"
     lines: list[int] | None = None
+    classes: dict[str, list[str]] = field(default_factory=dict)  # a datasets ClassLabel column's names, in order
 
     @property
     def columns(self) -> list[str]:
@@ -72,7 +73,8 @@ def read_table(path: str | Path, data_cfg: DataConfig, key: str = "data.train") 
     data.test, --data).
     """
     if is_hub_dataset(path) or is_saved_dataset(path):  # through the `datasets` library (data.hub)
-        return Table(read_dataset(str(path), data_cfg, key), path=str(path))
+        frame, classes = read_dataset(str(path), data_cfg, key)
+        return Table(frame, path=str(path), classes=classes)
     path = Path(path)
     suffix = path.suffix.lower()
     if not path.exists():
