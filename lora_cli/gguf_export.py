@@ -304,7 +304,7 @@ def go_from_chat(template: str, bos: str, eos: str, strip_bos: bool) -> str | No
 
 def modelfile(gguf_name: str, template: str | None, stops: list[str]) -> str:
     """An Ollama Modelfile for the GGUF file beside it."""
-    lines = [f"FROM ./{gguf_name}"]
+    lines = [_from_line(gguf_name)]
     if template is not None:
         lines.append(f'TEMPLATE """{template}"""')
     lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
@@ -327,6 +327,9 @@ def check_replaceable(out: Path, ollama: bool, overwrite: bool) -> None:
     if out.is_dir():
         raise ConfigError(f"{out} is a directory; name the .gguf file to write, e.g. {out / 'model.gguf'}")
     for path in (out, out.parent / MODELFILE) if ollama else (out,):
+        if path != out and path.is_dir():
+            raise ConfigError(f"{path} is a directory, where --ollama writes the Modelfile; move it or write the "
+                              "GGUF into another folder")
         if not path.exists():
             continue
         if not overwrite:
@@ -336,6 +339,22 @@ def check_replaceable(out: Path, ollama: bool, overwrite: bool) -> None:
                 if fh.read(4) != b"GGUF":
                     raise ConfigError(f"{out} exists and is not a GGUF file; --overwrite replaces only a GGUF file; "
                                       "choose another name")
+        elif _first_line(path) != _from_line(out.name):
+            raise ConfigError(f"{path} exists and is not the Modelfile of {out.name} (its first line is not "
+                              f"{_from_line(out.name)!r}); --overwrite replaces only that one; move it or write the "
+                              "GGUF into another folder")
+
+
+def _from_line(gguf_name: str) -> str:
+    return f"FROM ./{gguf_name}"
+
+
+def _first_line(path: Path) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.readline().rstrip("\r\n")
+    except OSError:
+        return ""
 
 
 def export_gguf(adapter, out, fmt: str = "gguf", dtype: str = "f32", model: str | None = None,

@@ -351,6 +351,22 @@ def test_export_replaces_only_an_earlier_export_and_only_with_overwrite(tmp_path
     assert line.endswith("Modelfile already exists; choose another name or pass --overwrite to replace it")
     assert cli("export", adapter, out, "--format", "gguf-lora", "--overwrite")[0] == 0
     assert out.read_bytes()[:4] == b"GGUF" and not (tmp_path / "n.gguf").exists()
+    # --overwrite --ollama replaces the Modelfile an export wrote for that GGUF, never a hand-written one or a folder
+    before = out.read_bytes()
+    line = assert_one_line_error(*cli("export", adapter, out, "--format", "gguf", "--ollama", "--overwrite"), 2)
+    assert line == (f"error: {tmp_path / 'Modelfile'} exists and is not the Modelfile of m.gguf (its first line is "
+                    "not 'FROM ./m.gguf'); --overwrite replaces only that one; move it or write the GGUF into another "
+                    "folder")
+    assert (tmp_path / "Modelfile").read_text() == "FROM mine.gguf\n" and out.read_bytes() == before
+    (tmp_path / "Modelfile").unlink()
+    assert cli("export", adapter, out, "--format", "gguf", "--ollama", "--overwrite")[0] == 0
+    assert cli("export", adapter, out, "--format", "gguf", "--ollama", "--overwrite")[0] == 0  # its own: replaced
+    (tmp_path / "Modelfile").unlink()
+    (tmp_path / "Modelfile").mkdir()
+    line = assert_one_line_error(*cli("export", adapter, tmp_path / "p.gguf", "--format", "gguf", "--ollama"), 2)
+    assert line == (f"error: {tmp_path / 'Modelfile'} is a directory, where --ollama writes the Modelfile; move it or "
+                    "write the GGUF into another folder")
+    assert not (tmp_path / "p.gguf").exists()
 
 
 def test_llama_cpp_logits_equal_ours(exported):
