@@ -110,7 +110,6 @@ class Vocab:
     bos_id: int | None
     eos_id: int | None
     pad_id: int | None
-    add_bos: bool
 
 
 def gguf_vocab(tokenizer, vocab_size: int, log=None) -> Vocab:
@@ -121,11 +120,11 @@ def gguf_vocab(tokenizer, vocab_size: int, log=None) -> Vocab:
         vocab, pairs = hf_vocab_and_merges()
         specials, added = {tokenizer.eos_id}, set()
         out = Vocab("gpt2", "gpt-2", [], [], [f"{a} {b}" for a, b in pairs], tokenizer.bos_id, tokenizer.eos_id,
-                    None, False)
+                    None)
     else:
         vocab, pairs, specials, added, pre = _tokenizer_json(tokenizer.path, log)
         out = Vocab("gpt2", pre, [], [], pairs, tokenizer.bos_id, tokenizer.eos_ids[0] if tokenizer.eos_ids else None,
-                    tokenizer.pad_id, tokenizer.adds_bos)
+                    tokenizer.pad_id)
     by_id = {i: token for token, i in vocab.items()}
     for i in range(vocab_size):
         token = by_id.get(i)
@@ -409,6 +408,13 @@ def _template_info(loaded: Loaded) -> tuple[str | None, list | None]:
     return chat, (None if chat is not None else prompt_pieces(loaded.settings))
 
 
+def adds_bos(loaded: Loaded) -> bool:
+    """Whether llama.cpp should add bos to a text (tokenizer.ggml.add_bos_token): as the tokenizer does, except for
+    an adapter trained on chat data, whose conversations were tokenised as the template wrote them (a bos only
+    where the template writes one; transformers' apply_chat_template does the same)."""
+    return loaded.tokenizer.adds_bos and not loaded.settings.chat_template
+
+
 def _token_text(tokenizer, token_id: int | None) -> str:
     return "" if token_id is None else tokenizer.decode([token_id])
 
@@ -418,7 +424,8 @@ def _modelfile_text(loaded: Loaded, gguf_name: str, log) -> str:
     chat, pieces = _template_info(loaded)
     template = None
     if chat is not None:
-        template = go_from_chat(chat, _token_text(tok, tok.bos_id), _token_text(tok, tok.eos_ids[0]), tok.adds_bos)
+        template = go_from_chat(chat, _token_text(tok, tok.bos_id), _token_text(tok, tok.eos_ids[0]),
+                                strip_bos=adds_bos(loaded))
         if template is None:
             log("warning: the chat template has a shape the Modelfile's Go template cannot follow; TEMPLATE is left "
                 "out, so Ollama uses the GGUF file's chat template")
@@ -487,7 +494,7 @@ def _write_model(gguf, writer, names, loaded: Loaded, net, family: str, dtype: s
                        (writer.add_pad_token_id, vocab.pad_id)):
         if value is not None:
             add(value)
-    writer.add_add_bos_token(vocab.add_bos)
+    writer.add_add_bos_token(adds_bos(loaded))
     chat, pieces = _template_info(loaded)
     if chat is not None:
         eot = end_of_turn_id(chat, loaded.tokenizer)

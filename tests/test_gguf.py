@@ -454,6 +454,19 @@ def test_a_chat_templates_end_of_turn_token_ends_replies_in_llama_cpp_and_ollama
     assert field(reader, "tokenizer.ggml.eot_token_id") == ids["<|eot_id|>"]
     assert (tmp_path / "Modelfile").read_text().endswith(
         'PARAMETER stop "<|end_of_text|>"\nPARAMETER stop "<|eot_id|>"\n')
+    # Chat data was tokenised as the template wrote it (its own bos, no added one): llama.cpp and Ollama add none
+    assert field(reader, "tokenizer.ggml.add_bos_token") is False
+    assert "<|begin_of_text|>" in (tmp_path / "Modelfile").read_text().split('"""')[1]  # the template writes it
+    from lora_cli.chat_template import chat_ids
+    from lora_cli.inference import load_for_inference
+
+    chatml = make_adapter(path, {"targets": ["q_proj"]}, {"data": {"format": "chat", "chat_template": CHATML}},
+                          out=tmp_path / "chatml-on-llama.safetensors")
+    conversation = [{"role": "user", "content": "hi there"}]
+    trained = chat_ids(CHATML, conversation, load_for_inference(chatml).tokenizer, add_generation_prompt=True)
+    assert trained[0] != ids["<|begin_of_text|>"]  # trained without a bos
+    export_gguf(chatml, tmp_path / "chatml-on-llama.gguf")
+    assert field(gguf.GGUFReader(str(tmp_path / "chatml-on-llama.gguf")), "tokenizer.ggml.add_bos_token") is False
     _, qwen, qwen_adapter, qwen_gguf = build("qwen2")
     assert "tokenizer.ggml.eot_token_id" not in gguf.GGUFReader(str(qwen_gguf)).fields  # alpaca: no template turn
     chatml = make_adapter(qwen, {"targets": ["q_proj"]}, {"data": {"format": "chat", "chat_template": CHATML}},
@@ -465,6 +478,12 @@ def test_a_chat_templates_end_of_turn_token_ends_replies_in_llama_cpp_and_ollama
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     assert llama_cpp.llama_vocab_is_eog(vocab, ids["<|eot_id|>"])
     assert not llama_cpp.llama_vocab_is_eog(vocab, ids["<|begin_of_text|>"])
+    # llama.cpp tokenises the rendered conversation into the ids training used
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "chatml-on-llama.gguf"), n_ctx=64, verbose=False, n_threads=2)
+    from lora_cli.chat_template import render_chat
+
+    text = render_chat(CHATML, conversation, True)
+    assert llm.tokenize(text.encode(), add_bos=llm._model.add_bos_token(), special=True) == trained
 
 
 def test_go_template_follows_a_llama3_chat_template_and_refuses_what_it_cannot():
