@@ -246,6 +246,19 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
                           "a merged model directory; choose another directory")
 
 
+def classifier_pad_id(tokenizer) -> int:
+    """A merged classifier's pad_token_id. transformers pools the last token that is not pad_token_id, lora-cli
+    the last real token: the pad must not be a token the tokenizer writes at the end of every text (the eos of a
+    post-processor "<s> $A </s>"), or transformers would pool the token before it. The tokenizer's pad, else its
+    eos, else its bos: the first that is not such a token."""
+    last = tokenizer.encode("a", add_special_tokens=True)[-1]  # "a"'s own token, or what the tokenizer appends
+    eos = tokenizer.eos_ids[0] if tokenizer.eos_ids else None
+    candidates = [i for i in (tokenizer.pad_id, eos, tokenizer.bos_id) if i is not None]
+    if not candidates:
+        return tokenizer.eos_id  # its error: name an eos token
+    return next((i for i in candidates if i != last), candidates[0])
+
+
 def merge_adapter(adapter, out_dir, model: str | None = None, dtype: str = "fp32", overwrite: bool = False,
                   allow_mismatch: bool = False, log=None) -> MergeResult:
     """Load the base (the adapter's, or `model`) and the adapter, merge in fp32, and write `out_dir`."""
@@ -277,14 +290,15 @@ def _merge_into(out: Path, adapter, model, dtype: str, overwrite: bool, allow_mi
     updates = None
     if labels:  # score.weight is in net's state dict, beside the body
         names = [str(x) for x in labels]
-        pad = EOT_ID if gpt2_bpe else tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        pad = EOT_ID if gpt2_bpe else classifier_pad_id(tokenizer)
         updates = {"num_labels": len(names),
                    "id2label": {str(i): name for i, name in enumerate(names)},
                    "label2id": {name: i for i, name in enumerate(names)},
                    "problem_type": "single_label_classification", "pad_token_id": pad}
         # the tokenizer names the pad token pad_token_id points at, where the base names none, so transformers pads
         # batches (`padding=True`, a batched pipeline) as the model pools them
-        set_in_tokenizer_config(files, "pad_token", tokenizer.decode([pad]), overwrite=False)
+        set_in_tokenizer_config(files, "pad_token", tokenizer.decode([pad]),
+                                overwrite=not gpt2_bpe and pad != tokenizer.pad_id)
     elif gpt2_bpe:
         files["generation_config.json"] = json.dumps({"bos_token_id": EOT_ID, "eos_token_id": EOT_ID,
                                                       "pad_token_id": EOT_ID}, indent=2) + "\n"

@@ -201,6 +201,34 @@ def test_classifier_merges_and_exports_as_transformers_sequence_classifier(tmp_p
         assert (theirs(input_ids=IDS).logits - ours).abs().max().item() <= 1e-5
 
 
+def test_classifier_of_an_eos_appending_tokenizer_pools_the_same_token_in_transformers(tmp_path):
+    """A tokenizer that writes </s> after every text (post-processor "<s> $A </s>") and names no pad token: the
+    merged classifier's pad_token_id is not </s> (transformers would take the appended </s> for padding and pool
+    the token before it); transformers' logits on the tokenizer's own ids equal ours, padded batches included."""
+    from helpers import build_metaspace_tokenizer
+
+    make_family_checkpoint(tmp_path / "base", "mistral", vocab_size=512)
+    special = build_metaspace_tokenizer(tmp_path / "base", eos_after=True)
+    adapter = make_adapter(tmp_path / "base", tmp_path / "cls.safetensors", task="classification")
+    merge_adapter(adapter, tmp_path / "merged")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["pad_token_id"] == special["<s>"]
+    texts = ["the cat sat down", "a dog"]
+    tok = load_tokenizer(tmp_path / "base")
+    ids = [tok.encode(t, add_special_tokens=True) for t in texts]
+    assert ids[1][-1] == special["</s>"]
+    model = attach_adapter(load_model(str(tmp_path / "base")), adapter).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "merged")
+    batch = hf_tok(texts, padding=True, return_tensors="pt")
+    assert batch["input_ids"][1].tolist()[:len(ids[1])] == ids[1]
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        ours = torch.cat([model.score(last_token_hidden(model(torch.tensor([i])), torch.ones(1, len(i))))
+                          for i in ids])
+        theirs = merged(**batch).logits
+    assert (theirs - ours).abs().max().item() <= 1e-4
+
+
 # ------------------------------------------------------------------------------------------- bad inputs
 
 
