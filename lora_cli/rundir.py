@@ -20,6 +20,7 @@ import yaml
 
 from lora_cli.adapter import ADAPTER_FILE
 from lora_cli.config import RunConfig, dump_config
+from lora_cli.data import BATCH_ORDER
 from lora_cli.errors import TrainingError
 from lora_cli.fsutil import atomic_path, atomic_write_text
 from lora_cli.samples import SAMPLES_FILE
@@ -86,6 +87,7 @@ def save_checkpoint(out_dir: Path, model, optimizer, state: RunState, world_size
         "world_size": world_size,  # for the record: a resume may use another count
         "global_batch": global_batch,
         "settings": settings,  # trained_settings: what read_checkpoint holds a resume to
+        "batch_order": BATCH_ORDER,
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -138,6 +140,17 @@ def read_checkpoint(out_dir: Path, model, global_batch: int | None = None, one_m
             f"{global_batch}; set train.global_batch_size: {saved_batch} (any process count and batch_size can "
             "resume it) or start again with --overwrite")
     return payload
+
+
+def order_changed_note(payload: dict, batches_per_epoch: int) -> str | None:
+    """A warning when the checkpoint was written mid-epoch by a lora-cli whose batch order differs from this one's
+    (data.BATCH_ORDER; 1 where the checkpoint has none): the rest of that epoch is drawn in this order."""
+    state = payload.get("state") or {}
+    if payload.get("batch_order", 1) == BATCH_ORDER or not 0 < state.get("batch_in_epoch", 0) < batches_per_epoch:
+        return None
+    return (f"warning: the checkpoint was written by an older lora-cli, whose batches came in another order; the "
+            f"rest of epoch {state.get('epoch', 0) + 1} is drawn in this version's order, so some of its examples "
+            "are seen twice and others not at all (later epochs are whole)")
 
 
 def apply_checkpoint(payload: dict, model, optimizer) -> RunState:

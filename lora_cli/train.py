@@ -43,7 +43,7 @@ from lora_cli.models import cast_frozen_linears_
 from lora_cli.inference import load_with_tokenizer
 from lora_cli.prompts import escape_line
 from lora_cli.rundir import (
-    RunState, apply_checkpoint, clear_out_dir, last_checkpoint_note, plot_losses, prepare_out_dir,
+    RunState, apply_checkpoint, clear_out_dir, last_checkpoint_note, order_changed_note, plot_losses, prepare_out_dir,
     read_checkpoint, read_history, save_checkpoint, trainable_named, trained_settings, trim_metrics,
 )
 from lora_cli.runtime import DTYPES, autocast_for, resolve_device, resolve_precision
@@ -387,6 +387,8 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
     if payload is not None:
         state = apply_checkpoint(payload, s.model, optimizer)
         log(f"resumed from step {state.step}")
+        if note := order_changed_note(payload, s.steps_per_epoch):
+            log(note)
     if wrote_test:
         log(f"test split ({len(s.data.test)} rows) written to {out_dir / 'test.csv'}")
     forward = s.model

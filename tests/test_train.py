@@ -143,9 +143,11 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path):
     old = tmp_path.parent / f"{tmp_path.name}-old-format"
     shutil.copytree(tmp_path, old)
     payload = torch.load(old / "out" / "checkpoint" / "state.pt", weights_only=True)
-    del payload["global_batch"]
+    del payload["global_batch"], payload["batch_order"]
+    assert payload["state"]["batch_in_epoch"] == 4  # at the first epoch's end: the next is drawn whole
     torch.save(payload, old / "out" / "checkpoint" / "state.pt")
-    assert cli("train", str(old / cfg.name), "--resume", "--quiet").rc == 0
+    done = cli("train", str(old / cfg.name), "--resume", "--quiet")
+    assert done.rc == 0 and "warning" not in done.stderr
     resumed = cli("train", str(cfg), "--resume", "--quiet")
     assert resumed.rc == 0, resumed.stderr
     assert "resumed from step" in resumed.stderr
@@ -167,6 +169,20 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path):
             f"({tmp_path / 'out' / 'config.yaml'}) or start again with --overwrite")
     assert (tmp_path / "out" / "config.yaml").read_text() == config_yaml
     assert cli("train", str(cfg), "--resume", "--quiet", "--set", "train.log_every=3").rc == 0
+
+
+def test_a_mid_epoch_checkpoint_of_another_batch_order_is_resumed_with_a_warning():
+    from lora_cli.data import BATCH_ORDER
+    from lora_cli.rundir import order_changed_note
+
+    mid = {"epoch": 1, "batch_in_epoch": 3}
+    assert order_changed_note({"state": mid}, 5) == (
+        "warning: the checkpoint was written by an older lora-cli, whose batches came in another order; the rest of "
+        "epoch 2 is drawn in this version's order, so some of its examples are seen twice and others not at all "
+        "(later epochs are whole)")
+    assert order_changed_note({"state": mid, "batch_order": BATCH_ORDER}, 5) is None
+    for done in (0, 5):  # at an epoch's start or end: no epoch is drawn in two orders
+        assert order_changed_note({"state": {"epoch": 1, "batch_in_epoch": done}}, 5) is None
 
 
 def test_sigint_saves_checkpoint_and_exits_130(tmp_path):

@@ -15,7 +15,7 @@ Modules import from lower steps only (batches needs none of them); lora_cli.conf
 never import this package.
 """
 
-from lora_cli.data.batches import IGNORE_INDEX, Batch, batch_indices, collate, pack, padding_waste, split_batch
+from lora_cli.data.batches import BATCH_ORDER, IGNORE_INDEX, Batch, batch_indices, collate, pack, padding_waste, split_batch
 from lora_cli.data.encode import (NOT_TEXT, DataStats, Example, cell_value, chunk_text, count_stats, encode_pair,
                                   encode_records, encode_text, label_order, load_file, preview, row_label)
 from lora_cli.data.formats import (FLAG_HINTS, OPTIONAL_ROLES, RESPONSE_ROLE, detect_format, fill_template,
@@ -24,7 +24,7 @@ from lora_cli.data.io import SUPPORTED_SUFFIXES, TABLE_SUFFIXES, Table, read_tab
 from lora_cli.data.splits import DataSplits, class_weights, load_splits, split_examples, undersample, write_split
 
 __all__ = [
-    "IGNORE_INDEX", "Batch", "batch_indices", "collate", "pack", "padding_waste", "split_batch",
+    "BATCH_ORDER", "IGNORE_INDEX", "Batch", "batch_indices", "collate", "pack", "padding_waste", "split_batch",
     "NOT_TEXT", "DataStats", "Example", "cell_value", "chunk_text", "count_stats", "encode_pair", "encode_records",
     "encode_text", "label_order", "load_file", "preview", "row_label",
     "FLAG_HINTS", "OPTIONAL_ROLES", "RESPONSE_ROLE", "detect_format", "fill_template", "prompt_template", "render_prompt",

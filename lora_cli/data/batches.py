@@ -23,6 +23,12 @@ if TYPE_CHECKING:  # torch is imported lazily so `lora --help` stays fast
 IGNORE_INDEX = -100  # targets with this value carry no loss (torch cross_entropy's default ignore_index)
 
 
+# The version of batch_indices' order, kept in checkpoints: a run resumed mid-epoch under another order would see
+# some of that epoch's examples twice and others not at all. 2: each shuffled, length-grouped epoch starts with
+# its largest batch.
+BATCH_ORDER = 2
+
+
 def batch_indices(
     lengths: Sequence[int],
     batch_size: int,
