@@ -434,6 +434,11 @@ def build_app(engine: Engine, api_key: str | None = None):
         stream_options: dict | None = None
         n: Literal[1] = 1
         logprobs: Literal[None, False] = None
+        # accepted only at their no-op values (checked in jobs()): the decoder has no penalties, biases or grammar
+        frequency_penalty: float = 0.0
+        presence_penalty: float = 0.0
+        logit_bias: dict | None = None
+        response_format: dict | None = None
 
     class CompletionRequest(Sampling):
         prompt: Any  # checked by _prompt_ids, with a clearer message than a union's
@@ -508,6 +513,13 @@ def build_app(engine: Engine, api_key: str | None = None):
              param: str, chat: ChatPrompt | None = None) -> list[tuple[Job, AsyncIterator[str]]]:
         """Check every prompt and option before any generation starts: a bad one is a 400, never a broken
         stream."""
+        for name, ignorable in (("frequency_penalty", req.frequency_penalty == 0),
+                                ("presence_penalty", req.presence_penalty == 0),
+                                ("logit_bias", not req.logit_bias),
+                                ("response_format", req.response_format in (None, {"type": "text"}))):
+            if not ignorable:
+                raise ApiError(400, f"{name} is not supported by this server (it would be ignored); leave it out",
+                               name)
         stops = [req.stop] if isinstance(req.stop, str) else req.stop or []
         if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
             raise ApiError(400, "stop must be a non-empty string or a list of them", "stop")

@@ -345,6 +345,10 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
         ({**good, "n": 3}, auth, 400, "n", None),
         ({**good, "prompt": 5}, auth, 400, "prompt", None),
         ({**good, "stop": [""]}, auth, 400, "stop", None),
+        ({**good, "frequency_penalty": 2.0}, auth, 400, "frequency_penalty", None),  # would be ignored
+        ({**good, "presence_penalty": -0.5}, auth, 400, "presence_penalty", None),
+        ({**good, "logit_bias": {"44160": -100}}, auth, 400, "logit_bias", None),
+        ({**good, "response_format": {"type": "json_object"}}, auth, 400, "response_format", None),
         ({**good, "prompt": "x" * (8 * 2**20)}, auth, 413, None, "request_too_large"),
         ([good], auth, 400, None, None),
         (good, {"Authorization": "Bearer wrong"}, 401, None, "invalid_api_key"),
@@ -360,6 +364,11 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
         assert (err["param"], err["code"]) == (param, code), r.text
         r = httpx.post(url + "/v1/completions", json=good, headers=auth)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    # their no-op values are fine, as OpenAI's clients send them
+    noop = {**good, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "response_format": {"type": "text"}}
+    r = httpx.post(url + "/v1/completions", json=noop, headers=auth)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == httpx.post(
+        url + "/v1/completions", json=good, headers=auth).json()["choices"][0]["text"]
     # the openai client sees the same errors as its exception classes
     with pytest.raises(openai.NotFoundError):
         complete(client, "nope", "Hello")
