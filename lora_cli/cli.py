@@ -238,11 +238,19 @@ def generate(
     settings = DataSettings.from_adapter(adapter_obj)
     if settings.task == "classification":
         raise ConfigError(f"adapter {adapter} is a classifier; `lora generate` needs a causal-LM adapter")
-    if chat or chat_template is not None:
+    if chat_template is not None and not chat:
+        raise ConfigError("--chat-template renders a --chat conversation: add --chat (and give the conversation as "
+                          "JSON)")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be a positive integer, got {batch_size}")
+    if chat:
         from lora_cli.chat import answer_conversations, read_conversations
 
         if num_beams != 1:
             raise ConfigError("--chat streams replies: drop --num-beams")
+        for flag, given in (("--input", input_text is not None), ("--no-template", no_template)):
+            if given:
+                raise ConfigError(f"--chat renders the conversation with the chat template: drop {flag}")
         items = read_conversations(prompts or [], file)
         replier = chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, precision, max_new_tokens,
                                options, seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)

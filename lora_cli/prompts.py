@@ -4,6 +4,7 @@ prompt template, the reference column of a held-out table, and `lora generate`'s
 from __future__ import annotations
 
 import json
+import string
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,7 @@ def collect_prompts(prompts: Sequence[str], file: Path | None, as_json: bool, se
     Each is rendered with the adapter's template unless template=False."""
     if prompts and file is not None:
         raise ConfigError("give prompts as arguments or with --file, not both")
+    check_input_flag(settings, template, input_text)
     items: list[PromptItem] = []
     if file is None:
         if not prompts:
@@ -157,6 +159,26 @@ def collect_prompts(prompts: Sequence[str], file: Path | None, as_json: bool, se
     if not items:
         raise DataError(f"--file {file} holds no prompts (it is empty or blank); write one prompt per line")
     return items
+
+
+def check_input_flag(settings: DataSettings, template: bool, input_text: str | None) -> None:
+    """--input fills the Input block of an alpaca adapter's prompt template: refused where no template reads it
+    (it would be dropped without a word)."""
+    if input_text is None:
+        return
+    if not template:
+        raise ConfigError("--input fills the adapter's prompt template, which --no-template leaves out; drop one of "
+                          "them (or write the input into the prompt)")
+    if settings.format != "alpaca":
+        what = "no alpaca prompt template applies here" if settings.format == "auto" else \
+            f"this adapter's data format is {settings.format}"
+        raise ConfigError(f"--input is the Input block of an alpaca adapter's prompt, and {what}; write the input "
+                          "into the prompt")
+    if settings.prompt_template is not None:
+        fields = {name for _, name, _, _ in string.Formatter().parse(settings.prompt_template) if name}
+        if not fields & {"input", settings.columns.get("input", "input")}:
+            raise ConfigError("--input: the adapter's prompt template has no {input} field, so the input would be "
+                              "dropped; write it into the prompt")
 
 
 def sampling_options(temperature: float | None, top_k: int | None, top_p: float | None, greedy: bool) -> dict:

@@ -117,7 +117,42 @@ def test_bad_inputs(run, tmp_path):
     line = assert_one_line_error(*gen("--adapter", adapter, "Hi", "--max-new-tokens", 500),
                                  expected_code=2)
     assert "max_new_tokens=500" in line
+    # flags that would be dropped without a word
+    base = root / "base"
+    for args, want in (
+        (("--adapter", adapter, "Hi", "--no-template", "--input", "x"),
+         "error: --input fills the adapter's prompt template, which --no-template leaves out; drop one of them (or "
+         "write the input into the prompt)"),
+        (("--model", base, "Hi", "--input", "x"),
+         "error: --input is the Input block of an alpaca adapter's prompt, and no alpaca prompt template applies "
+         "here; write the input into the prompt"),
+        (("--model", base, "Hi", "--chat-template", "chatml"),
+         "error: --chat-template renders a --chat conversation: add --chat (and give the conversation as JSON)"),
+        (("--model", base, '[{"role": "user", "content": "Hi"}]', "--chat", "--input", "x"),
+         "error: --chat renders the conversation with the chat template: drop --input"),
+        (("--model", base, '[{"role": "user", "content": "Hi"}]', "--chat", "--no-template"),
+         "error: --chat renders the conversation with the chat template: drop --no-template"),
+        (("--model", base, '[{"role": "user", "content": "Hi"}]', "--chat", "--batch-size", "0"),
+         "error: --batch-size must be a positive integer, got 0"),
+    ):
+        assert assert_one_line_error(*gen(*args), expected_code=2) == want
     make_hf_gpt2(tmp_path / "other", seed=4)
     line = assert_one_line_error(*gen("--adapter", adapter, "Hi", "--model", tmp_path / "other"))
     assert "fingerprint" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.txt", "other"]
+
+
+def test_input_flag_needs_an_alpaca_template_that_reads_it():
+    from lora_cli.errors import ConfigError
+    from lora_cli.inference import DataSettings
+    from lora_cli.prompts import check_input_flag
+
+    check_input_flag(DataSettings(format="alpaca"), True, "x")  # the built-in template's Input block
+    check_input_flag(DataSettings(format="alpaca", prompt_template="Q: {instruction}\nC: {input}\nA:"), True, "x")
+    check_input_flag(DataSettings(format="alpaca", columns={"input": "ctx"}, prompt_template="{instruction} {ctx}"),
+                     True, "x")
+    check_input_flag(DataSettings(format="prompt_completion"), True, None)
+    with pytest.raises(ConfigError, match=r"^--input: the adapter's prompt template has no \{input\} field"):
+        check_input_flag(DataSettings(format="alpaca", prompt_template="Q: {instruction}\nA:"), True, "x")
+    with pytest.raises(ConfigError, match="this adapter's data format is prompt_completion"):
+        check_input_flag(DataSettings(format="prompt_completion"), True, "x")
