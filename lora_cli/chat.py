@@ -65,6 +65,7 @@ class Replier:
     template: str
     max_new_tokens: int
     options: dict
+    fit_context: bool = False  # a reply takes at most what the context leaves after the conversation (the default)
 
     def stream(self, messages: Sequence[Mapping[str, Any]], where: str = "the conversation") -> Iterator[str]:
         """The reply's text pieces as they are decoded. Generation stops at the tokenizer's eos ids, at the
@@ -75,7 +76,14 @@ class Replier:
         except ConversationError as exc:
             raise ConversationError(f"{where}: {exc}") from None
         eos, eot = reply_ends(self.template, tokenizer)
-        pieces = stream_text(self.net, ids, self.max_new_tokens, tokenizer=tokenizer, **{**self.options, "eos_id": eos})
+        budget = self.max_new_tokens
+        if self.fit_context:  # a long history shortens the reply instead of failing the turn
+            context = self.net.config.n_positions
+            if len(ids) >= context:
+                raise ConversationError(f"{where} has {len(ids)} tokens, which fill the model's context of {context} "
+                                        "tokens; start over (/reset in lora chat) or shorten it")
+            budget = min(budget, context - len(ids))
+        pieces = stream_text(self.net, ids, budget, tokenizer=tokenizer, **{**self.options, "eos_id": eos})
         return stop_at(pieces, eot)
 
     def reply(self, messages: Sequence[Mapping[str, Any]], where: str = "the conversation") -> str:
@@ -86,10 +94,10 @@ class Replier:
 
 
 def chat_loop(replier: Replier, system: str | None = None, read: Callable[[], str] = input,
-              write: Callable[[str], Any] | None = None) -> int:
+              write: Callable[[str], Any] | None = None) -> tuple[int, int]:
     """Talk until /exit or end of input (Ctrl-D): each line is the user's message, the reply is streamed, the
     history is kept (/reset clears it, keeping --system). A turn that fails (e.g. the history outgrew the
-    context) prints one error line and leaves the history as it was. Returns the number of replies."""
+    context) prints one error line and leaves the history as it was. Returns (replies, failed turns)."""
     def default_write(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -97,19 +105,19 @@ def chat_loop(replier: Replier, system: str | None = None, read: Callable[[], st
     write = write or default_write
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
-    replies = 0
+    replies = failed = 0
     while True:
         write(PROMPT)  # on stdout: input(PROMPT) would write it to stderr when it reads a terminal
         try:
             line = read()
         except EOFError:  # Ctrl-D
             write("\n")
-            return replies
+            return replies, failed
         command = line.strip()
         if not command:
             continue
         if command == "/exit":
-            return replies
+            return replies, failed
         if command == "/reset":
             history = list(start)
             write("(history cleared)\n")
@@ -122,6 +130,7 @@ def chat_loop(replier: Replier, system: str | None = None, read: Callable[[], st
                 text += piece
         except LoraError as exc:
             write(f"{'' if not text else chr(10)}error: {exc}\n")
+            failed += 1
             continue
         write("\n")
         history = [*turn, {"role": "assistant", "content": text}]

@@ -194,6 +194,7 @@ def merge(
     typer.echo(str(result.out_dir))
 
 
+CHAT_MAX_NEW_TOKENS = 256  # `lora chat`'s reply length at most, unless --max-new-tokens says otherwise
 CHAT_HELP = ("Answer a conversation: one JSON argument ([{\"role\": \"user\", \"content\": \"...\"}] or "
              "{\"messages\": [...]}), or --file JSONL with one per line; rendered with the chat template.")
 CHAT_TEMPLATE_HELP = "Chat template instead of the adapter's or the model's: chatml (built in) or a Jinja file."
@@ -305,7 +306,7 @@ def chat(
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
     system: Optional[str] = typer.Option(None, "--system", help="A system message that starts the conversation (kept by /reset)."),
     chat_template: Optional[str] = typer.Option(None, "--chat-template", help=CHAT_TEMPLATE_HELP),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Tokens per reply at most (stops earlier at the end of the turn)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help=f"Tokens per reply at most (default: {CHAT_MAX_NEW_TOKENS}, or what the context leaves after the conversation; stops earlier at the end of the turn)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sample at this temperature (default: greedy)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample from the k most likely tokens."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample from the smallest set of tokens with this total probability."),
@@ -329,10 +330,14 @@ def chat(
     adapter_obj = open_adapter(adapter)
     if DataSettings.from_adapter(adapter_obj).task == "classification":
         raise ConfigError(f"adapter {adapter} is a classifier; `lora chat` needs a causal-LM adapter")
-    replier = chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, precision, max_new_tokens,
-                           options, seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)
+    replier = chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, precision,
+                           max_new_tokens or CHAT_MAX_NEW_TOKENS, options, seed=seed,
+                           no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)
+    replier.fit_context = max_new_tokens is None
     typer.echo(f"chatting with {adapter or model}; {HELP}", err=True)
-    chat_loop(replier, system)
+    _, failed = chat_loop(replier, system)
+    if failed:  # each failed turn printed its error line
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -450,7 +455,10 @@ def main(argv: list[str] | None = None) -> None:
         vendored = click.exceptions
     usage_errors = (click.ClickException, vendored.ClickException)
     try:
-        command.main(args=args, prog_name="lora", standalone_mode=False)
+        # Outside standalone mode click returns a command's typer.Exit code instead of raising it
+        code = command.main(args=args, prog_name="lora", standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool) and code:
+            sys.exit(code)
     except (click.exceptions.Exit, typer.Exit) as exc:
         sys.exit(exc.exit_code)
     except (click.exceptions.NoArgsIsHelpError, vendored.NoArgsIsHelpError) as exc:  # bare `lora`: the help

@@ -18,10 +18,11 @@ import pytest
 import torch
 
 from helpers import REPO, assert_one_line_error, build_tokenizer, child_env, cli, rel, tree
-from lora_cli.chat import stop_at
+from lora_cli.chat import chat_prompt_ids, stop_at
 from lora_cli.chat_template import chat_ids, conversation, encode_chat, end_of_turn, render_chat, template_tokens
 from lora_cli.config import CHATML_TEMPLATE
 from lora_cli.errors import ConfigError, ConversationError
+from lora_cli.inference import load_for_inference
 from lora_cli.tokenizer import GPT2, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -378,6 +379,27 @@ def test_chat_in_a_terminal_equals_generate_chat(chat_run):
     assert code == 0, err
     records = [json.loads(line) for line in out.splitlines()]
     assert [r["generated"] for r in records] == [first, second] and records[1]["id"] == 7
+
+
+def test_piped_chat_fits_replies_in_the_context_and_fails_with_exit_1(chat_run):
+    """By default a reply takes at most what the context (128 here) leaves after the conversation, so turns do not
+    fail once the history is long; a turn that fails (an explicit --max-new-tokens too large) makes the exit
+    status 1."""
+    root, adapter = chat_run
+    code, out, err = cli("chat", "--adapter", adapter, "--device", "cpu", stdin="Repeat apple.\nOnce more?\n",
+                         cwd=root)
+    first, second = out.split(">>> ")[1:3]
+    assert first.strip() and "error" not in first  # a reply (256 tokens would not fit: every turn failed)
+    ids = len(chat_prompt_ids(load_for_inference(adapter), [{"role": "user", "content": "Repeat apple."},
+                                                            {"role": "assistant", "content": first[:-1]},
+                                                            {"role": "user", "content": "Once more?"}]))
+    assert second == (f"error: the conversation has {ids} tokens, which fill the model's context of 128 tokens; "
+                      "start over (/reset in lora chat) or shorten it\n")  # this rambling model used the context up
+    assert code == 1  # a turn failed
+    code, out, err = cli("chat", "--adapter", adapter, "--device", "cpu", "--max-new-tokens", "200",
+                         stdin="Hi\n", cwd=root)
+    assert code == 1 and ("error: max_new_tokens=200 leaves no room for a prompt in the model's context of 128 "
+                          "tokens; lower max_new_tokens below 128") in out
 
 
 def test_chat_precision(chat_run):
