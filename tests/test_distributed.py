@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import python
+from helpers import cli, python
 from lora_cli.config import load_config
 from lora_cli.distributed import resolve_batch
 from lora_cli.errors import ConfigError, TrainingError
@@ -280,3 +280,16 @@ def test_fsdp_in_one_process_trains_unsharded(tmp_path):
     assert ("train.strategy fsdp: a single process, nothing to shard; training unsharded (start several processes "
             "with torchrun or --nproc N to shard the model)") in lines
     assert (tmp_path / "out" / "adapter.safetensors").is_file()
+
+
+def test_nproc_exits_with_its_processes_failure(tmp_path):
+    """`lora train --nproc 2` whose processes stop on an error exits 1 with their error line (it exited 0: the
+    launcher's exit code was lost on the way out of the CLI)."""
+    cfg = write_config(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    code, out, err = cli("train", cfg, "--nproc", "2", "--quiet", cwd=tmp_path)
+    assert code == 1, err
+    assert f"error: out_dir {tmp_path / 'out'} is not empty; pass --resume to continue that run or --overwrite to " \
+           "replace it" in err.splitlines()
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
