@@ -445,8 +445,9 @@ def shorthands(model: nn.Module) -> list[str]:
     return shorts
 
 
-def _short_names(names: list[str]) -> str:
-    """transformer.h.N.attn.c_attn, ... -> "attn.c_attn, ... (in transformer.h.0-11)" for error messages."""
+def _short_names(names: list[str], all_linear: bool = True) -> str:
+    """transformer.h.N.attn.c_attn, ... -> "attn.c_attn, ... (in transformer.h.0-11), or all-linear" for error
+    messages (without the last part when not all_linear)."""
     shorts: list[str] = []
     blocks: list[int] = []
     prefix = ""
@@ -459,7 +460,7 @@ def _short_names(names: list[str]) -> str:
         if short not in shorts:
             shorts.append(short)
     where = f" (in {prefix}.{min(blocks)}-{max(blocks)})" if blocks else ""
-    return f"{', '.join(shorts)}{where}, or all-linear"
+    return f"{', '.join(shorts)}{where}" + (", or all-linear" if all_linear else "")
 
 
 def _matcher(pattern: str, key: str):
@@ -486,6 +487,19 @@ def pattern_value(patterns: dict, name: str, default):
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
+
+
+def check_patterns(targets: list[str], cfg: LoraConfig) -> None:
+    """Each key of lora.rank_pattern / alpha_pattern must match a targeted layer (a typo would be ignored)."""
+    for key, patterns in (("lora.rank_pattern", cfg.rank_pattern), ("lora.alpha_pattern", cfg.alpha_pattern)):
+        for pattern in patterns or {}:
+            try:
+                hit = any(re.match(rf"(.*\.)?({pattern})$", t) for t in targets)
+            except re.error as exc:
+                raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression ({exc})") from None
+            if not hit:
+                raise ConfigError(f"{key}: {pattern!r} matches none of the targeted layers (a key matches the end "
+                                  f"of a layer's name, as in PEFT); targeted: {_short_names(targets, all_linear=False)}")
 
 
 def resolve_targets(model: nn.Module, targets: list[str] | None, layers: list[int] | None = None) -> list[str]:
@@ -568,6 +582,7 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig, generator: torch.Generato
     if cfg.bias not in ("none", "lora_only", "all"):
         raise ConfigError(f"lora.bias must be none, lora_only or all, got {cfg.bias!r}")
     targets = resolve_targets(model, cfg.targets, cfg.layers)
+    check_patterns(targets, cfg)
     rank_pattern = {t: int(rank_pattern[t]) if t in rank_pattern else int(pattern_value(cfg.rank_pattern, t, cfg.r))
                     for t in targets}
     alpha_pattern = {t: float(alpha_pattern[t]) if t in alpha_pattern else

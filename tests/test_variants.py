@@ -173,6 +173,12 @@ def test_bad_variant_settings_are_reported_at_once(tmp_path):
     with pytest.raises(ConfigError, match=r"lora.init pissa: rank 80 of transformer.h.0.attn.c_attn exceeds its "
                                           r"smaller dimension 64; lower lora.r"):
         apply_lora(make_tiny_gpt2(), LoraConfig(r=80, alpha=8, init="pissa"))
+    # a key that matches no targeted layer would be ignored ("attn": c_attn's name does not end in ".attn")
+    for key in ("rank_pattern", "alpha_pattern"):
+        with pytest.raises(ConfigError) as info:
+            apply_lora(make_tiny_gpt2(), LoraConfig(r=4, alpha=8, targets=["attn.c_attn"], **{key: {"attn": 2}}))
+        assert str(info.value) == (f"lora.{key}: 'attn' matches none of the targeted layers (a key matches the end "
+                                   "of a layer's name, as in PEFT); targeted: attn.c_attn (in transformer.h.0-1)")
 
 
 def make_tiny_gpt2():
