@@ -255,6 +255,22 @@ def test_tsv_quotes_are_text_and_column_names(tmp_path):
         D.read_table(path, DataConfig(header=False))
 
 
+
+def test_a_tsv_written_with_csv_quoting_reads_its_values(tmp_path):
+    """pandas' to_csv(sep="\t") and Python's csv module quote a field holding a quote, a tab or a line break; such
+    a file is read with that quoting (the values as written), not with the quotes as text."""
+    import pandas as pd
+
+    rows = [{"prompt": 'Say "b"', "completion": "b\t!"}, {"prompt": "two\nlines", "completion": "plain"},
+            {"prompt": 'WIN "now"', "completion": 'a "b" c'}]
+    pd.DataFrame(rows).to_csv(tmp_path / "q.tsv", sep="\t", index=False)
+    frame = D.read_table(tmp_path / "q.tsv", DataConfig())
+    assert [dict(zip(frame.columns, frame.row(i))) for i in range(len(frame))] == rows
+    assert frame.lines == [2, 3, 5]
+    # a field wrapped in quotes with nothing a quoting writer would have added stays as it is (the SMS file's way)
+    path = write(tmp_path, "plain.tsv", 'ham\t"hi there"\nspam\tWIN "now"\n')
+    assert D.read_table(path, DataConfig(**SMS))["text"] == ['"hi there"', 'WIN "now"']
+
 # ---------------------------------------------------------------------------------------------- bad rows
 
 

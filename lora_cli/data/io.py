@@ -15,6 +15,7 @@ import codecs
 import csv
 import io
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +135,7 @@ def _read_delimited(text: str, path: Path, cfg: DataConfig) -> Table:
     if not cfg.header and not cfg.column_names:
         raise ConfigError("data.column_names: is required when header is false (names for the columns, e.g. "
                           "[label, text])")
-    quoting = csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
+    quoting = csv.QUOTE_MINIMAL if not tsv or _csv_quoted(text) else csv.QUOTE_NONE
     header, lines = _check_records(text, path, cfg, tsv, quoting)
     other = "," if tsv else "\t"
     if len(header) == 1 and other in header[0]:  # one column whose name holds the other separator: misnamed
@@ -153,6 +154,18 @@ def _read_delimited(text: str, path: Path, cfg: DataConfig) -> Table:
     if len(frame) != len(lines):  # a bug, not bad data: the two readers must agree on the records
         raise AssertionError(f"{path}: pandas read {len(frame)} rows, the csv module {len(lines)}")
     return Table(frame, lines=lines)
+
+
+# A tab-separated field quoted as Python's csv module and pandas' to_csv(sep="\t") quote one: wrapped in quotes,
+# its own quotes doubled. Only a writer that quotes makes one holding a doubled quote, a tab or a line break.
+_QUOTED_FIELD = re.compile(r'(?:^|\t)"((?:[^"]|"")*)"(?=\t|\r?\n|$)', re.MULTILINE)
+
+
+def _csv_quoted(text: str) -> bool:
+    """Whether a TSV file was written with CSV quoting (then read with it, so the quotes are not kept as text).
+    Otherwise a TSV is read unquoted, as the SMS Spam Collection is written: a `"` there is part of the text."""
+    return any('""' in m.group(1) or "\t" in m.group(1) or "\n" in m.group(1)
+               for m in _QUOTED_FIELD.finditer(text))
 
 
 def _check_records(text: str, path: Path, cfg: DataConfig, tsv: bool, quoting: int) -> tuple[list[str], list[int]]:
