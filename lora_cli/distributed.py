@@ -19,6 +19,7 @@ because DDP averages the gradients over the W processes; the result is the singl
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import os
 from contextlib import contextmanager
@@ -342,6 +343,10 @@ def launch(nproc: int, train_args: list[str]) -> int:
 
     args = get_args_parser().parse_args(["--standalone", "--nproc_per_node", str(nproc), "-m", "lora_cli",
                                          "train", *train_args])
+    # The launcher's banner (OMP_NUM_THREADS) and its failure report: each process prints its own error line, and
+    # a crash is reported below, in one line
+    for name in ("torch.distributed.run", "torch.distributed.elastic"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(args)
     except SignalException:  # Ctrl-C or SIGTERM: torchrun passed it on; the processes saved and said so
