@@ -219,8 +219,19 @@ class EvalOptions:
         n = self.max_new_tokens
         if self.generate and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ConfigError(f"--max-new-tokens must be a positive integer, got {n!r}")
-        if self.meteor and not self.generate:
-            raise ConfigError("--meteor scores generated text: add --generate")
+        if not self.generate:
+            asked = [flag for flag, given in (
+                ("--meteor", self.meteor), ("--predictions", self.predictions is not None),
+                ("--num-beams", self.num_beams != 1), ("--length-penalty", self.length_penalty != 1.0),
+                ("--no-repeat-ngram-size", self.no_repeat_ngram_size != 0), ("--lowercase", self.lowercase),
+                ("--max-new-tokens", self.max_new_tokens != EvalOptions.max_new_tokens)) if given]
+            if asked:
+                what = "scores generated text" if asked[0] in ("--meteor", "--lowercase") else "is for generation"
+                raise ConfigError(f"{asked[0]} {what}: add --generate")
+        if (self.header is not None or self.column_names) and self.data is not None \
+                and Path(str(self.data)).suffix.lower() not in (".csv", ".tsv"):
+            flag = "--no-header" if self.header is not None else "--column-names"
+            raise ConfigError(f"{flag} describes a CSV or TSV file's columns; {self.data} is not one")
         if self.meteor:
             why = meteor_unavailable()
             if why:
@@ -313,6 +324,10 @@ def load_subject(options: EvalOptions) -> Subject:
         settings = replace(settings, task=cfg.task)
     if settings.task == "classification" and options.generate:
         raise ConfigError("--generate is for causal-LM adapters; this adapter is a classifier")
+    if settings.task != "classification" and options.fmt == "classification":
+        raise ConfigError("--format classification is a classifier's data (text and label columns); this adapter "
+                          "is a causal LM: name its data's format (alpaca, prompt_completion, chat, text) or leave "
+                          "out --format")
     if settings.task == "classification" and options.fmt not in (None, "auto"):
         raise ConfigError(f"--format {options.fmt}: a classifier reads a text and a label column, not another format; "
                           "leave out --format and map the columns with --column text=COLUMN --column label=COLUMN")

@@ -178,3 +178,26 @@ def test_bad_inputs_one_line_and_nothing_written(run, tmp_path):
     # a run whose adapter does not exist yet
     line = assert_one_line_error(*cli("eval", root / "run.yaml", "--set", f"out_dir={tmp_path / 'nowhere'}"))
     assert "no adapter at" in line
+
+
+def test_flags_that_would_be_ignored_are_refused(run, tmp_path):
+    root, _, adapter = run
+    data = root / "heldout.json"
+    for flags, want in (
+        (("--predictions", tmp_path / "p.jsonl"), "error: --predictions is for generation: add --generate"),
+        (("--num-beams", "4"), "error: --num-beams is for generation: add --generate"),
+        (("--lowercase",), "error: --lowercase scores generated text: add --generate"),
+        (("--max-new-tokens", "8"), "error: --max-new-tokens is for generation: add --generate"),
+        (("--no-header", "--column-names", "a,b"), f"error: --no-header describes a CSV or TSV file's columns; {data} "
+                                                   "is not one"),
+        (("--format", "classification"),
+         "error: --format classification is a classifier's data (text and label columns); this adapter is a causal "
+         "LM: name its data's format (alpaca, prompt_completion, chat, text) or leave out --format"),
+    ):
+        assert assert_one_line_error(*cli("eval", "--adapter", adapter, "--data", data, *flags),
+                                     expected_code=2) == want
+    assert not (tmp_path / "p.jsonl").exists()
+    # a --data path is read from the current folder, and the message says so
+    line = assert_one_line_error(*cli("eval", "--adapter", adapter, "--data", "missing.json", cwd=tmp_path))
+    assert line == (f"error: --data: missing.json does not exist; check the path (a relative path is read from the "
+                    f"current folder, {tmp_path})")

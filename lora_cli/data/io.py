@@ -79,8 +79,9 @@ def read_table(path: str | Path, data_cfg: DataConfig, key: str = "data.train") 
     path = Path(path)
     suffix = path.suffix.lower()
     if not path.exists():
-        raise DataError(f"{key}: {path} does not exist; check the path (relative paths are resolved against "
-                        "the config file's folder)")
+        where = (f"a relative path is read from the current folder, {Path.cwd()}" if key.startswith("--")
+                 else "relative paths are resolved against the config file's folder")
+        raise DataError(f"{key}: {path} does not exist; check the path ({where})")
     if path.is_dir():
         raise DataError(f"{key}: {path} is a directory; name a data file (.csv, .tsv, .json, .jsonl, .parquet "
                         "or .txt) or a directory written by datasets' save_to_disk")
