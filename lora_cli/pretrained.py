@@ -28,8 +28,8 @@ from lora_cli.errors import CheckpointError, LoraError, first_line
 from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
 from lora_cli.models import GPT2_PRESETS, HEAD, CausalLM, GPT2Config, build_model as new_model, config_from_dict, model_type
 
-SHARD_INDEX = "model.safetensors.index.json"
-WEIGHT_FILES = ("model.safetensors", SHARD_INDEX, "pytorch_model.bin")
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # sharded checkpoints
+WEIGHT_FILES = ("model.safetensors", SHARD_INDEXES[0], "pytorch_model.bin", SHARD_INDEXES[1])  # in transformers' order
 PRESET_DIR = Path(__file__).parent / "presets"  # <name>.json: a published config.json's architecture fields
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Buffers that older checkpoints carry next to the weights: GPT-2's and GPT-NeoX's causal masks and rotary
@@ -156,9 +156,12 @@ def _local_model(path: Path, weights: bool, dtype: torch.dtype | None = None) ->
             raise CheckpointError(f"{path} has no {' or '.join(WEIGHT_FILES)}; the directory holds no model weights")
         config = read_config(config_file)
         if not weights:
-            check_weights_file(weight_file)
+            if weight_file.name in SHARD_INDEXES:
+                read_shards(weight_file, lambda name: path / name, check_only=True)
+            else:
+                check_weights_file(weight_file)
             return BaseModel(_meta_model(config), "local", str(path), None, "")
-        if weight_file.name == SHARD_INDEX:
+        if weight_file.name in SHARD_INDEXES:
             state = read_shards(weight_file, lambda name: path / name)
         else:
             state = read_state_dict(weight_file)
@@ -194,7 +197,7 @@ def _hub_model(spec: ModelSpec, weights: bool, dtype: torch.dtype | None = None)
         for candidate in WEIGHT_FILES:
             try:
                 weight_file = fetch(candidate)
-                if candidate == SHARD_INDEX:  # every shard it names, through the same cache
+                if candidate in SHARD_INDEXES:  # every shard it names, through the same cache
                     read_shards(weight_file, fetch, only_fetch=True)
                 break
             except EntryNotFoundError:
@@ -209,7 +212,7 @@ def _hub_model(spec: ModelSpec, weights: bool, dtype: torch.dtype | None = None)
     except Exception as exc:  # huggingface_hub raises many types (network, auth, offline); all mean "not here"
         raise CheckpointError(hub_failure(spec.name, exc)) from exc
     config = read_config(config_file)
-    if weight_file.name == SHARD_INDEX:
+    if weight_file.name in SHARD_INDEXES:
         state = read_shards(weight_file, lambda name: weight_file.parent / name)
     else:
         state = read_state_dict(weight_file)
@@ -320,10 +323,11 @@ def read_state_dict(path: Path, error: type[LoraError] = CheckpointError, what: 
     return state
 
 
-def read_shards(index_file: Path, locate, only_fetch: bool = False) -> dict[str, torch.Tensor]:
-    """The tensors of a sharded checkpoint: model.safetensors.index.json's weight_map names each tensor's shard;
-    `locate(shard name)` gives its path (a local directory's file, or a hub download). only_fetch: locate every
-    shard and read nothing (a hub download before loading)."""
+def read_shards(index_file: Path, locate, only_fetch: bool = False, check_only: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a sharded checkpoint: the index's (model.safetensors.index.json, pytorch_model.bin.index.json)
+    weight_map names each tensor's shard; `locate(shard name)` gives its path (a local directory's file, or a hub
+    download). only_fetch: locate every shard and read nothing (a hub download before loading); check_only: check
+    that every shard is there and whole (check_weights_file) and read nothing (`lora info`)."""
     try:
         weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
         shards = sorted(set(weight_map.values()))
@@ -337,6 +341,9 @@ def read_shards(index_file: Path, locate, only_fetch: bool = False) -> dict[str,
             continue
         if not shard_path.is_file():
             raise CheckpointError(f"{index_file} names shard {shard}, which is missing; download the checkpoint again")
+        if check_only:
+            check_weights_file(shard_path)
+            continue
         state.update(read_state_dict(shard_path))
     return state
 

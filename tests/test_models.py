@@ -206,6 +206,38 @@ def test_sharded_checkpoint_loads_with_equal_logits(tmp_path):
         assert (ours.logits(ours(ids)) - hf(input_ids=ids).logits).abs().max().item() <= 1e-4
 
 
+def test_sharded_bin_checkpoint_loads_and_info_checks_every_shard(tmp_path):
+    """pytorch_model.bin.index.json with .bin shards (older Llama and Mistral fine-tunes) loads as the safetensors
+    shards do; `lora info` (no weights read) checks the shards of either kind, and names a missing one."""
+    from safetensors.torch import load_file
+
+    from lora_cli.errors import CheckpointError
+
+    source = tmp_path / "st"
+    hf = make_checkpoint(source, "llama", max_shard_size="40KB")
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    binned = tmp_path / "bin"
+    binned.mkdir()
+    weight_map = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        name = shard.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
+        tensors = load_file(source / shard)
+        torch.save(tensors, binned / name)
+        weight_map.update({k: name for k in tensors})
+    (binned / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (binned / "config.json").write_text((source / "config.json").read_text())
+    ids = batch()
+    for folder in (source, binned):
+        ours = load_model(str(folder)).model.eval()
+        with torch.no_grad():
+            assert (ours.logits(ours(ids)) - hf(input_ids=ids).logits).abs().max().item() <= 1e-4
+        assert load_model(str(folder), weights=False).model.num_parameters() == ours.num_parameters()
+    (binned / sorted(set(weight_map.values()))[-1]).unlink()
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin.index.json names shard pytorch_model-000\d\d-of-"
+                                              r"000\d\d.bin, which is missing; download the checkpoint again"):
+        load_model(str(binned), weights=False)
+
+
 def test_sharded_checkpoint_loads_offline_from_the_hub_cache(tmp_path):
     source = tmp_path / "source"
     make_checkpoint(source, "qwen2", max_shard_size="40KB")
