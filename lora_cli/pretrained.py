@@ -38,7 +38,7 @@ IGNORED_KEY = re.compile(r"(^|\.)(attn|attention)\.(bias|masked_bias)$|rotary_em
 # Task heads outside the GPT-2 body: GPT2ForSequenceClassification's `score` (what `lora merge` writes for a
 # classifier). A base model is its body; a new task gets a new head, so these are left out when loading.
 HEAD_KEYS = ("score.weight", "score.bias")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?(@[\w.\-/]+)?$")  # owner/name, and @revision
 
 
 @dataclass
@@ -210,7 +210,7 @@ def _hub_model(spec: ModelSpec, weights: bool, dtype: torch.dtype | None = None)
     except CheckpointError:
         raise
     except Exception as exc:  # huggingface_hub raises many types (network, auth, offline); all mean "not here"
-        raise CheckpointError(hub_failure(spec.name, exc)) from exc
+        raise CheckpointError(hub_failure(spec.name, exc, spec.revision)) from exc
     config = read_config(config_file)
     if weight_file.name in SHARD_INDEXES:
         state = read_shards(weight_file, lambda name: weight_file.parent / name)
@@ -221,15 +221,21 @@ def _hub_model(spec: ModelSpec, weights: bool, dtype: torch.dtype | None = None)
     return BaseModel(model, "hub", repo_id, resolved, fingerprint(model.state_dict()), raw_config(config_file))
 
 
-def hub_failure(name: str, exc: Exception) -> str:
+def hub_failure(name: str, exc: Exception, revision: str | None = None) -> str:
+    """The one line for a hub id that cannot be had: `name` as given (owner/name[@revision]), `revision` the
+    model spec's own (it wins over @revision)."""
+    repo_id, _, at_revision = name.partition("@")
+    revision = revision or at_revision or None
+    shown = f"{repo_id} (revision {revision})" if revision else repo_id
     kind = type(exc).__name__
     if kind in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):
-        return f"model {name} was not found on the Hugging Face hub ({kind}); check the id and revision, or log in with `hf auth login`"
+        return f"model {shown} was not found on the Hugging Face hub ({kind}); check the id and revision, or log in with `hf auth login`"
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     where = "offline mode (HF_HUB_OFFLINE=1) is on and " if offline else ""
+    command = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
     return (
-        f"model {name} could not be downloaded and is not in the Hugging Face cache ({where}{kind}); "
-        f"download it once with `hf download {name.partition('@')[0]}` where there is internet, "
+        f"model {shown} could not be downloaded and is not in the Hugging Face cache ({where}{kind}); "
+        f"download it once with `{command}` where there is internet, "
         f"or pass a local directory or weights file"
     )
 

@@ -293,5 +293,5 @@ def _hub_tokenizer(spec, read_side) -> Tokenizer:
             except Exception:  # optional files: a repository may have none of them
                 pass
     except Exception as exc:  # huggingface_hub raises many types (network, auth, offline); all mean "not here"
-        raise CheckpointError(hub_failure(spec.name, exc)) from exc
+        raise CheckpointError(hub_failure(spec.name, exc, spec.revision)) from exc
     return HFTokenizer(tokenizer_file, read_side(tokenizer_file.parent))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import FAMILY_SIZES, make_family_checkpoint as make_checkpoint, offline_hub_repo, python
+from helpers import FAMILY_SIZES, child_env, cli, make_family_checkpoint as make_checkpoint, offline_hub_repo, python
 from lora_cli.pretrained import load_model
 from lora_cli.config import LoraConfig, ModelSpec
 from lora_cli.errors import CheckpointError, ConfigError
@@ -249,6 +249,24 @@ def test_sharded_checkpoint_loads_offline_from_the_hub_cache(tmp_path):
     assert out.returncode == 0, out.stderr
     direct = load_model(str(source))
     assert out.stdout.split() == ["hub", revision, direct.fingerprint, str(direct.model.num_parameters())]
+
+
+def test_hub_id_at_revision_loads_from_the_cache_and_a_missing_revision_is_named(tmp_path):
+    """owner/name@revision (a commit or a branch such as main) loads that revision from the cache; a revision the
+    cache lacks is one line naming it and the download command that gets it."""
+    source = tmp_path / "source"
+    make_checkpoint(source, "qwen2")
+    revision = offline_hub_repo(tmp_path / "home", "test-org/tiny", source)
+    env = child_env(HF_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1")
+    for name in (f"test-org/tiny@{revision}", "test-org/tiny@main", "test-org/tiny"):
+        code, out, err = cli("info", name, "--json", env=env)
+        assert code == 0, err
+        assert (json.loads(out)["model"], json.loads(out)["revision"]) == ("test-org/tiny", revision)
+    code, out, err = cli("info", "test-org/tiny@v2", env=env)
+    assert code == 1 and err.strip() == (
+        "error: model test-org/tiny (revision v2) could not be downloaded and is not in the Hugging Face cache "
+        "(offline mode (HF_HUB_OFFLINE=1) is on and LocalEntryNotFoundError); download it once with `hf download "
+        "test-org/tiny --revision v2` where there is internet, or pass a local directory or weights file")
 
 
 # Published sizes (transformers' own count of the same config on the meta device is checked too).
