@@ -429,6 +429,20 @@ def _family_keys(model: CausalLM, state: dict[str, torch.Tensor]) -> dict[str, t
             if not IGNORED_KEY.search(k) and k not in HEAD_KEYS and not (model.tied and k == head)}
 
 
+def _check_tied_head(model: CausalLM, state: dict, given: dict, path: Path) -> None:
+    """A config that ties the output head to the embedding, over a checkpoint that stores a head of its own with
+    other values: transformers keeps that head untied (and warns); tying it would compute other logits."""
+    stored = next((state[k] for k in ("lm_head.weight", "embed_out.weight") if k in state), None)
+    embed_key = next((n for n, p in model.named_parameters() if p is model.embed_tokens.weight), None)
+    embed = given.get(embed_key) if embed_key is not None else None
+    if stored is None or embed is None:
+        return
+    if stored.shape != embed.shape or not torch.equal(stored.float(), embed.float()):
+        raise CheckpointError(f"{path}: config.json ties the output head to the input embedding (tie_word_embeddings: "
+                              "true), but the checkpoint stores an output head with other values; set "
+                              "tie_word_embeddings: false in config.json to use that head (as transformers does)")
+
+
 def build_model(config, state: dict[str, torch.Tensor], path: Path, keep: torch.dtype | None = None) -> CausalLM:
     """A model of the config's family with `state` copied in: GPT-2's Conv1D weights transposed, every name and
     shape checked; weights become fp32.
@@ -447,6 +461,8 @@ def build_model(config, state: dict[str, torch.Tensor], path: Path, keep: torch.
     if mismatch:
         family = FAMILY_NAMES[model_type(config)]
         raise CheckpointError(f"{path} does not match the {family} architecture of its config: {mismatch}")
+    if model.tied:
+        _check_tied_head(model, state, given, path)
     head = model.lm_head
     linear = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
               for p in ("weight", "bias")} if keep is not None else set()

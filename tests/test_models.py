@@ -251,6 +251,27 @@ def test_sharded_checkpoint_loads_offline_from_the_hub_cache(tmp_path):
     assert out.stdout.split() == ["hub", revision, direct.fingerprint, str(direct.model.num_parameters())]
 
 
+def test_a_tied_config_over_a_stored_head_of_other_values_is_refused(tmp_path):
+    """tie_word_embeddings true, and model.safetensors holds lm_head.weight: an equal copy loads as tied; other
+    values are one line (transformers would keep that head untied; tying it would change the logits)."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_cli.errors import CheckpointError
+
+    make_checkpoint(tmp_path, "llama")  # tied, as the llama test config has it
+    state = load_file(tmp_path / "model.safetensors")
+    embed = state["model.embed_tokens.weight"]
+    save_file({**state, "lm_head.weight": embed.clone()}, tmp_path / "model.safetensors")
+    assert load_model(str(tmp_path)).model.tied
+    save_file({**state, "lm_head.weight": embed + 1}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError) as err:
+        load_model(str(tmp_path))
+    assert str(err.value) == (
+        f"{tmp_path}: config.json ties the output head to the input embedding (tie_word_embeddings: true), but the "
+        "checkpoint stores an output head with other values; set tie_word_embeddings: false in config.json to use "
+        "that head (as transformers does)")
+
+
 def test_hub_id_at_revision_loads_from_the_cache_and_a_missing_revision_is_named(tmp_path):
     """owner/name@revision (a commit or a branch such as main) loads that revision from the cache; a revision the
     cache lacks is one line naming it and the download command that gets it."""
