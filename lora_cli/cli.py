@@ -60,6 +60,10 @@ def info(
     typer.echo("config      " + ", ".join(f"{k}={v}" for k, v in report["config"].items()))
     tied = " (lm_head tied to the input embedding, counted once)" if report["tied"] else ""
     typer.echo(f"parameters  {report['parameters']:,}{tied}")
+    if "classifier" in report:
+        c = report["classifier"]
+        typer.echo(f"classifier  {c['architecture']} with {c['num_labels']} labels: lora-cli reads its body; the score "
+                   f"head ({c['head_parameters']:,} parameters) is not counted above")
     if "lora" in report:
         lo = report["lora"]
         typer.echo(

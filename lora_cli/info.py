@@ -27,6 +27,13 @@ def describe(model: str, random_init: bool = False, lora_config: Path | None = N
         "linear_layers": net.linear_names(),
         "shorthands": shorthands(net),
     }
+    raw = base.hf_config or {}
+    classifier = next((str(a) for a in raw.get("architectures") or [] if str(a).endswith("ForSequenceClassification")),
+                      None)
+    if classifier is not None:  # a merged classifier: lora-cli reads its body (the head is left out)
+        labels = int(raw.get("num_labels") or len(raw.get("id2label") or {}) or 2)
+        report["classifier"] = {"architecture": classifier, "num_labels": labels,
+                                "head_parameters": labels * net.config.n_embd}
     if lora_config is not None:
         cfg = load_config(lora_config, overrides)
         lora_cfg = cfg.lora

@@ -160,7 +160,7 @@ def _local_model(path: Path, weights: bool, dtype: torch.dtype | None = None) ->
                 read_shards(weight_file, lambda name: path / name, check_only=True)
             else:
                 check_weights_file(weight_file)
-            return BaseModel(_meta_model(config), "local", str(path), None, "")
+            return BaseModel(_meta_model(config), "local", str(path), None, "", raw_config(config_file))
         if weight_file.name in SHARD_INDEXES:
             state = read_shards(weight_file, lambda name: path / name)
         else:
@@ -192,7 +192,7 @@ def _hub_model(spec: ModelSpec, weights: bool, dtype: torch.dtype | None = None)
         config_file = fetch("config.json")
         if not weights:
             config = read_config(config_file)
-            return BaseModel(_meta_model(config), "hub", repo_id, config_file.parent.name, "")
+            return BaseModel(_meta_model(config), "hub", repo_id, config_file.parent.name, "", raw_config(config_file))
         weight_file = None
         for candidate in WEIGHT_FILES:
             try:

@@ -300,6 +300,12 @@ def test_merge_loads_in_transformers_with_the_same_logits(run, base_dir, tmp_pat
 
         again = last_token_hidden(hidden, batch.attention_mask) @ weights["score.weight"].T
     assert (again - ours).abs().max().item() <= 1e-4
+    # `lora info` says it is a classifier and what its count leaves out: with the head, transformers' count
+    code, stdout, err = cli("info", out, "--json")
+    report = json.loads(stdout)
+    assert report["classifier"] == {"architecture": "GPT2ForSequenceClassification", "num_labels": 2,
+                                    "head_parameters": 128}
+    assert report["parameters"] + 128 == sum(p.numel() for p in hf.parameters())
 
 
 # -------------------------------------------------------------------------------------------------- PEFT export
