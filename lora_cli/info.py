@@ -6,6 +6,7 @@ from pathlib import Path
 
 from lora_cli.config import ModelSpec, load_config
 from lora_cli.data import load_file
+from lora_cli.inference import load_with_tokenizer
 from lora_cli.lora import apply_lora, count_parameters, estimate_adapter_bytes, shorthands, with_classification_head
 from lora_cli.pretrained import load_model, on_meta
 
@@ -15,7 +16,8 @@ def describe(model: str, random_init: bool = False, lora_config: Path | None = N
     """Config, exact parameter count and linear layer names of `model`; with a run config, the trainable
     parameter count and adapter size its `lora` section would give. Weights are not loaded (meta device)."""
     spec = ModelSpec(name=model, init="random" if random_init else "pretrained")
-    base = load_model(spec, weights=False)
+    # A random preset as a run builds it: its vocabulary is its tokenizer's (the bundled GPT-2 BPE's 50,257)
+    base = load_with_tokenizer(spec, weights=False)[0] if random_init else load_model(spec, weights=False)
     net = base.model
     report = {
         "model": base.name,

@@ -70,3 +70,12 @@ def test_info_refuses_an_unreadable_bin_file(tiny_hf_dir, tmp_path):
     done = cli("info", weights.parent)
     assert (done.rc, done.stdout) == (1, "")
     assert done.stderr == f"error: {weights} is not a PyTorch weights file (neither torch.save's zip nor a pickle)\n"
+
+
+def test_info_describes_a_random_preset_as_a_run_builds_it():
+    """A Llama-family preset on the bundled GPT-2 BPE: the vocabulary (and the count) `lora train` uses, 50,257
+    rows, not the published 49,152 (134,515,008 parameters, tests/test_models.py)."""
+    done = cli("info", "smollm2-135m", "--random", "--json")
+    report = json.loads(done.stdout)
+    assert report["config"]["vocab_size"] == 50257
+    assert report["parameters"] == 134_515_008 + (50257 - 49152) * 576
