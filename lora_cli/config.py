@@ -381,7 +381,8 @@ def build_config(
             report("model", str(exc))
     sections = {}
     for name, cls in SECTIONS.items():
-        value = raw.get(name) or {}
+        value = raw.get(name)
+        value = {} if value is None else value  # `lora:` with nothing under it
         if not isinstance(value, dict):
             report(name, f"must be a mapping of keys, got {type(value).__name__}")
             value = {}
@@ -394,10 +395,10 @@ def build_config(
     if task not in TASKS:
         report("task", f"must be {' or '.join(TASKS)}, got {task!r}")
         task = "causal_lm"
-    cfg = None
-    if model is not None:
-        cfg = RunConfig(model=model, out_dir=out_dir, task=task, source=source, **sections)
-        _check_constraints(cfg, report)
+    # The constraints are checked even when the model spec is bad (with a stand-in), so every problem is reported
+    checked = RunConfig(model=model or ModelSpec(name="gpt2"), out_dir=out_dir, task=task, source=source, **sections)
+    _check_constraints(checked, report)
+    cfg = checked if model is not None else None
     if problems:
         label = source or "config"
         count = f"{len(problems)} problems: " if len(problems) > 1 else ""

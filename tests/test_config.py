@@ -71,6 +71,12 @@ def test_every_problem_reported_at_once_with_lines(tmp_path):
     ("model: {name: gpt2, init: random, n_layers: 2}\ndata: {train: a.json}\n", "line 1: model: unknown key n_layers (did you mean n_layer?)"),
     ("model: gpt2\ndata: {train: a.json}\nlora: {dropout: 1.5}\n", "lora.dropout: must be in [0, 1), got 1.5"),
     ("model: gpt2\ndata: {train: a.json}\nlora: 3\n", "lora: must be a mapping of keys, got int"),
+    ("model: gpt2\ndata: {train: a.json}\nlora: false\n", "line 3: lora: must be a mapping of keys, got bool"),
+    ("model: gpt2\ndata: {train: a.json}\ntrain: 0\n", "line 3: train: must be a mapping of keys, got int"),
+    # a bad model spec does not hide the other problems
+    ("model: {name: gpt2, foo: 1}\ndata: {train: a.json}\ntrain: {lr: -1}\n",
+     "2 problems: line 1: model: unknown key foo"),
+    ("model: {name: gpt2, foo: 1}\ndata: {train: a.json}\ntrain: {lr: -1}\n", "line 3: train.lr: must be > 0, got -1"),
     # PEFT's and transformers' names for our keys
     ("model: gpt2\ndata: {train: a.json}\nlora: {rank: 8, lora_alpha: 16, target_modules: [c_attn]}\n",
      "line 3: lora.rank: unknown key (did you mean r?); line 3: lora.lora_alpha: unknown key (did you mean alpha?); "
