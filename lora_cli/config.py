@@ -304,7 +304,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc.__class__.__name__})") from exc
-    return key.strip().split("."), value
+    keys = [k.strip() for k in key.strip().split(".")]
+    if not all(keys):
+        raise ConfigError(f"--set {item!r}: the key {key.strip()!r} has an empty part; write SECTION.KEY, e.g. "
+                          "--set train.lr=1e-4")
+    return keys, value
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -338,9 +342,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     for item in overrides or []:
         keys, value = parse_override(item)
         node = raw
-        for k in keys[:-1]:
-            if not isinstance(node.get(k), dict):
+        for i, k in enumerate(keys[:-1]):
+            if node.get(k) is None:
                 node[k] = {}
+            elif not isinstance(node[k], dict):  # replacing it would drop what the config says there
+                here = ".".join(keys[:i + 1])
+                raise ConfigError(f"--set {item!r}: {here} is {node[k]!r} in {path}, not a mapping; set it whole "
+                                  f"(--set {here}=...) or write it as a mapping in the config")
             node = node[k]
         node[keys[-1]] = value
         set_keys.add(".".join(keys))

@@ -41,6 +41,13 @@ def test_overrides(tmp_path):
         load_config(write(tmp_path, BASE), ["train.batch_size=0"])
     with pytest.raises(ConfigError, match=r"expected KEY=VALUE"):
         load_config(write(tmp_path, BASE), ["train.lr"])
+    with pytest.raises(ConfigError, match=r"^--set '\.lr=1': the key '\.lr' has an empty part; write SECTION.KEY"):
+        load_config(write(tmp_path, BASE), [".lr=1"])
+    config = write(tmp_path, "model: gpt2\ndata: {train: a.json}\n")
+    with pytest.raises(ConfigError) as err:  # it replaced the model's name with {n_layer: 1}
+        load_config(config, ["model.n_layer=1"])
+    assert str(err.value) == (f"--set 'model.n_layer=1': model is 'gpt2' in {config}, not a mapping; set it whole "
+                              "(--set model=...) or write it as a mapping in the config")
 
 
 def test_every_problem_reported_at_once_with_lines(tmp_path):
