@@ -199,6 +199,7 @@ def merge(
 
 
 CHAT_MAX_NEW_TOKENS = 256  # `lora chat`'s reply length at most, unless --max-new-tokens says otherwise
+GENERATE_MAX_NEW_TOKENS = 128  # `lora generate`'s
 CHAT_HELP = ("Answer a conversation: one JSON argument ([{\"role\": \"user\", \"content\": \"...\"}] or "
              "{\"messages\": [...]}), or --file JSONL with one per line; rendered with the chat template.")
 CHAT_TEMPLATE_HELP = "Chat template instead of the adapter's or the model's: chatml (built in) or a Jinja file."
@@ -213,7 +214,7 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="JSONL in (--file) and out: each object plus \"generated\"."),
     no_template: bool = typer.Option(False, "--no-template", help="Feed prompts as they are, without the adapter's prompt template."),
     input_text: Optional[str] = typer.Option(None, "--input", help="Alpaca adapters: the Input block for every prompt."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Tokens to generate at most (stops earlier at <|endoftext|>)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help=f"Tokens to generate at most (default: {GENERATE_MAX_NEW_TOKENS}, or what the model's context leaves after the longest prompt; stops earlier at <|endoftext|>)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sample at this temperature (default: greedy)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample from the k most likely tokens."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample from the smallest set of tokens with this total probability."),
@@ -257,8 +258,10 @@ def generate(
             if given:
                 raise ConfigError(f"--chat renders the conversation with the chat template: drop {flag}")
         items = read_conversations(prompts or [], file)
-        replier = chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, precision, max_new_tokens,
-                               options, seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)
+        replier = chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, precision,
+                               max_new_tokens or GENERATE_MAX_NEW_TOKENS, options, seed=seed,
+                               no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)
+        replier.fit_context = max_new_tokens is None
         answer_conversations(replier, items, streamed=file is None and not as_json, as_json=as_json,
                              write=_write_flush)
         return
@@ -268,6 +271,10 @@ def generate(
     if decodes_many_rows(len(items), num_beams):
         pack_for_decoding(net)
     options.update(seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)
+    if max_new_tokens is None:  # the default, shortened where the longest prompt leaves less of the context
+        longest = max(len(loaded.tokenizer.encode(item.text, add_special_tokens=True)) for item in items)
+        room = net.config.n_positions - longest
+        max_new_tokens = min(GENERATE_MAX_NEW_TOKENS, room) if room >= 1 else GENERATE_MAX_NEW_TOKENS
     if len(items) == 1 and file is None and not as_json and num_beams == 1:
         from lora_cli.generate import stream_text
         tokenizer = loaded.tokenizer

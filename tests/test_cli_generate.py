@@ -156,3 +156,16 @@ def test_input_flag_needs_an_alpaca_template_that_reads_it():
         check_input_flag(DataSettings(format="alpaca", prompt_template="Q: {instruction}\nA:"), True, "x")
     with pytest.raises(ConfigError, match="this adapter's data format is prompt_completion"):
         check_input_flag(DataSettings(format="prompt_completion"), True, "x")
+
+
+def test_default_max_new_tokens_fits_the_context(run):
+    """Without --max-new-tokens, 128 tokens at most, fewer where the longest prompt leaves less of the context (128
+    here, where 128 new tokens could never fit): the output of exactly that budget."""
+    root, adapter, _ = run
+    prompt = ALPACA_TEMPLATE_NO_INPUT.format(instruction=INSTRUCTIONS[1])
+    room = 128 - len(encode(prompt))
+    code, out, err = gen("--adapter", adapter, INSTRUCTIONS[1])
+    assert code == 0, err
+    assert (out, err) == tuple(gen("--adapter", adapter, INSTRUCTIONS[1], "--max-new-tokens", room)[1:])
+    code, out, err = gen("--adapter", adapter, INSTRUCTIONS[1], "--max-new-tokens", 128)  # asked for: refused
+    assert code == 2 and "max_new_tokens=128 leaves no room" in err
