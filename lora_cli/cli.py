@@ -258,10 +258,9 @@ def generate(
             if given:
                 raise ConfigError(f"--chat renders the conversation with the chat template: drop {flag}")
         items = read_conversations(prompts or [], file)
-        replier = chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, precision,
-                               max_new_tokens or GENERATE_MAX_NEW_TOKENS, options, seed=seed,
-                               no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)
-        replier.fit_context = max_new_tokens is None
+        replier = chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, precision, max_new_tokens,
+                               options, GENERATE_MAX_NEW_TOKENS, seed=seed, no_repeat_ngram_size=no_repeat_ngram_size,
+                               use_cache=not no_cache)
         answer_conversations(replier, items, streamed=file is None and not as_json, as_json=as_json,
                              write=_write_flush)
         return
@@ -300,15 +299,17 @@ def _write_flush(text: str) -> None:
 
 
 def chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, precision, max_new_tokens, options,
-                 **more):
+                 default: int, **more):
     """The model (adapter attached, on --device, in --precision) and its chat template, ready to answer
-    conversations."""
+    conversations: replies of at most --max-new-tokens, or (None) `default` tokens or what the context leaves."""
     from lora_cli.chat import Replier, chat_template_for
     from lora_cli.inference import load_placed
 
     loaded = load_placed(adapter_obj, model, allow_mismatch, device, precision)
     template = chat_template_for(loaded, chat_template)
-    return Replier(loaded, loaded.model, template, max_new_tokens, {**options, **more})
+    return Replier(loaded, loaded.model, template, default if max_new_tokens is None else max_new_tokens,
+                   {**options, **more},
+                   fit_context=max_new_tokens is None)
 
 
 @app.command()
@@ -341,10 +342,9 @@ def chat(
     adapter_obj = open_adapter(adapter)
     if DataSettings.from_adapter(adapter_obj).task == "classification":
         raise ConfigError(f"adapter {adapter} is a classifier; `lora chat` needs a causal-LM adapter")
-    replier = chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, precision,
-                           max_new_tokens or CHAT_MAX_NEW_TOKENS, options, seed=seed,
-                           no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)
-    replier.fit_context = max_new_tokens is None
+    replier = chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, precision, max_new_tokens,
+                           options, CHAT_MAX_NEW_TOKENS, seed=seed, no_repeat_ngram_size=no_repeat_ngram_size,
+                           use_cache=not no_cache)
     typer.echo(f"chatting with {adapter or model}; {HELP}", err=True)
     _, failed = chat_loop(replier, system)
     if failed:  # each failed turn printed its error line
