@@ -480,11 +480,17 @@ def _matcher(pattern: str, key: str):
     return lambda name: name == pattern or name.endswith("." + pattern)
 
 
+def pattern_matches(key: str, name: str) -> bool:
+    """Whether a rank_pattern / alpha_pattern key matches a module name: as a regex, the end of the name
+    (`(.*[.])?(KEY)$`, peft.utils.other.get_pattern_key's rule)."""
+    return re.match(rf"(.*\.)?({key})$", name) is not None
+
+
 def pattern_value(patterns: dict, name: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key): the value of the first key
-    that matches the end of the module name as a regex (`(.*[.])?(KEY)$`), else `default`."""
+    """PEFT's rank_pattern / alpha_pattern lookup: the value of the first key that matches the module name
+    (pattern_matches), else `default`."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if pattern_matches(key, name):
             return value
     return default
 
@@ -494,7 +500,7 @@ def check_patterns(targets: list[str], cfg: LoraConfig) -> None:
     for key, patterns in (("lora.rank_pattern", cfg.rank_pattern), ("lora.alpha_pattern", cfg.alpha_pattern)):
         for pattern in patterns or {}:
             try:
-                hit = any(re.match(rf"(.*\.)?({pattern})$", t) for t in targets)
+                hit = any(pattern_matches(pattern, t) for t in targets)
             except re.error as exc:
                 raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression ({exc})") from None
             if not hit:

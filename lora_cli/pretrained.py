@@ -182,8 +182,7 @@ def _hub_model(spec: ModelSpec, weights: bool, dtype: torch.dtype | None = None)
 
     hf_logging.set_verbosity_error()  # its retry warnings would bury our one-line message
 
-    repo_id, _, at_revision = spec.name.partition("@")
-    revision = spec.revision or at_revision or None
+    repo_id, revision = hub_ref(spec.name, spec.revision)
 
     def fetch(filename: str) -> Path:
         return Path(hf_hub_download(repo_id, filename, revision=revision))
@@ -221,11 +220,16 @@ def _hub_model(spec: ModelSpec, weights: bool, dtype: torch.dtype | None = None)
     return BaseModel(model, "hub", repo_id, resolved, fingerprint(model.state_dict()), raw_config(config_file))
 
 
+def hub_ref(name: str, revision: str | None = None) -> tuple[str, str | None]:
+    """(repo id, revision) of a hub id written owner/name[@revision]; `revision`, the model spec's own, wins."""
+    repo_id, _, at_revision = name.partition("@")
+    return repo_id, revision or at_revision or None
+
+
 def hub_failure(name: str, exc: Exception, revision: str | None = None) -> str:
     """The one line for a hub id that cannot be had: `name` as given (owner/name[@revision]), `revision` the
     model spec's own (it wins over @revision)."""
-    repo_id, _, at_revision = name.partition("@")
-    revision = revision or at_revision or None
+    repo_id, revision = hub_ref(name, revision)
     shown = f"{repo_id} (revision {revision})" if revision else repo_id
     kind = type(exc).__name__
     if kind in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):

@@ -278,10 +278,9 @@ def _hub_tokenizer(spec, read_side) -> Tokenizer:
     # Here, not at the top: huggingface_hub and pretrained (torch) load only when a hub id is named.
     from huggingface_hub import hf_hub_download
 
-    from lora_cli.pretrained import hub_failure
+    from lora_cli.pretrained import hub_failure, hub_ref
 
-    repo_id, _, at_revision = spec.name.partition("@")
-    revision = spec.revision or at_revision or None
+    repo_id, revision = hub_ref(spec.name, spec.revision)
     try:
         config_file = Path(hf_hub_download(repo_id, "config.json", revision=revision))
         if _model_type(config_file) == "gpt2":
