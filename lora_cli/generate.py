@@ -15,7 +15,8 @@ Public functions:
   process_logits / choose_tokens / banned_ngram_mask: the per-step pieces, exposed for tests and callers.
 
 `use_cache=False` recomputes the whole sequence at every step (same tokens, much slower): it exists to check the
-cache and to measure what the cache buys (scripts/bench_generate.py).
+cache and to measure what the cache buys (scripts/bench_generate.py). On CUDA, greedy and sampled decoding with the
+cache replay a CUDA graph of one fixed-shape step (_StaticDecoder; `static=False` decodes eagerly).
 """
 
 from __future__ import annotations
@@ -205,6 +206,92 @@ class _Decoder:
             self.logits = self._forward(self.ids)
 
 
+class _StaticDecoder:
+    """_Decoder's interface (logits, select, append; cached only) with every step at the same shapes, so that on
+    CUDA the step is recorded once as a CUDA graph and then replayed: one launch per token instead of a few hundred
+    kernel launches issued from Python, which is what batch-1 decoding of a small model on a GPU waits on.
+
+    Fixed shapes: the prompt is prefilled into a static KVCache as _Decoder does; then each step runs all N rows
+    (a finished row stays in the batch with its outputs unread: on a GPU, rows are nearly free next to launches)
+    against the cache's whole capacity, with `keys` [N, 1, 1, capacity] hiding the padding and the columns not
+    written yet. The new token's column (KVCache.column), the positions and the ids are device tensors changed in
+    place between replays. graph=False runs the same step eagerly (how the CPU tests check it token for token)."""
+
+    def __init__(self, model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, capacity: int, graph: bool):
+        N, S = ids.shape
+        self.model = model
+        self.cache = KVCache(model.config.n_layer, capacity=capacity)
+        hidden = model(ids, None if bool(mask.all()) else mask, cache=self.cache)
+        self.out = model.logits(hidden[:, -1]).float()  # [N, V], overwritten by each step
+        for kv in self.cache.layers:  # unwritten columns are read (with weight 0): they must be finite, not garbage
+            for t in kv:
+                t[:, :, S:].zero_()
+        self.keys = torch.zeros((N, 1, 1, capacity), dtype=torch.bool, device=ids.device)
+        self.keys[:, 0, 0, :S] = mask.bool()
+        self.pos = mask.long().sum(dim=1, keepdim=True) - 1  # [N, 1] the last token's position (real tokens only)
+        self.cache.column = torch.full((1,), S - 1, dtype=torch.long, device=ids.device)
+        self.ids = torch.zeros((N, 1), dtype=torch.long, device=ids.device)
+        self.live: torch.Tensor | None = None  # the rows still decoding, as indices into the N (None: all)
+        self.graph = graph
+        self.recorded: torch.cuda.CUDAGraph | None = None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.out if self.live is None else self.out[self.live]
+
+    def select(self, index: torch.Tensor) -> None:
+        self.live = index if self.live is None else self.live[index]
+
+    def append(self, tokens: torch.Tensor) -> None:
+        if self.live is None:
+            self.ids[:, 0] = tokens
+        else:
+            self.ids[self.live, 0] = tokens
+        self.cache.column += 1
+        self.cache.size += 1
+        self.pos += 1
+        if not self.graph:
+            self._step()
+        elif self.recorded is None:
+            self.recorded = self._record()
+            self.recorded.replay()
+        else:
+            self.recorded.replay()
+
+    def _step(self) -> None:
+        self.keys.index_fill_(3, self.cache.column, True)
+        hidden = self.model.decode_step(self.ids, self.pos, self.keys, self.cache)
+        self.out.copy_(self.model.logits(hidden[:, -1]))
+
+    def _record(self) -> torch.cuda.CUDAGraph:
+        """The step, run once on a side stream (lazy initialisation, such as cuBLAS workspaces, must happen
+        outside a capture), then captured. A step is idempotent (same column, same inputs), so running it again
+        by replay gives the same cache and logits."""
+        side = torch.cuda.Stream(self.out.device)
+        side.wait_stream(torch.cuda.current_stream(self.out.device))
+        with torch.cuda.stream(side):
+            self._step()
+        torch.cuda.current_stream(self.out.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step()
+        return graph
+
+
+def _decoder(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, use_cache: bool, capacity: int,
+             static: bool | None) -> _Decoder | _StaticDecoder:
+    """The decoder for a batch: static (fixed shapes, a CUDA graph on CUDA) when asked, or by default on CUDA
+    with the cache; else _Decoder, whose rows leave the batch as they finish (what pays on a CPU)."""
+    cuda = ids.device.type == "cuda"
+    if static is None:
+        static = cuda and use_cache
+    if static and not use_cache:
+        raise ConfigError("the static decoding step needs the KV cache (use_cache)")
+    if static:
+        return _StaticDecoder(model, ids, mask, capacity, graph=cuda)
+    return _Decoder(model, ids, mask, use_cache, capacity)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Per-step token choice
 
@@ -266,8 +353,8 @@ def choose_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int | N
 @torch.inference_mode()
 def _sampling_steps(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, *, temperature: float,
                     top_k: int | None, top_p: float | None, generator: torch.Generator | None,
-                    no_repeat_ngram_size: int, eos_id: EosIds,
-                    use_cache: bool) -> Iterator[tuple[list[int], list[int]]]:
+                    no_repeat_ngram_size: int, eos_id: EosIds, use_cache: bool,
+                    static: bool | None = None) -> Iterator[tuple[list[int], list[int]]]:
     """Yields, per step, (rows, tokens): the prompts (by index) that produced a token and the tokens. A row that
     produces an `eos_id` is finished: it is left out of that step and dropped from the batch, so it stops costing."""
     eos = _eos_ids(eos_id)
@@ -277,7 +364,7 @@ def _sampling_steps(model: CausalLM, prompts: list[list[int]], max_new_tokens: i
     model.eval()
     try:
         ids, mask = _left_pad(prompts, _device(model))
-        decoder = _Decoder(model, ids, mask, use_cache, ids.shape[1] + max_new_tokens)
+        decoder = _decoder(model, ids, mask, use_cache, ids.shape[1] + max_new_tokens, static)
         rows = torch.arange(len(prompts), device=ids.device)
         history, valid = ids, mask.bool()  # for no-repeat n-grams
         vocab = model.config.vocab_size
@@ -473,6 +560,7 @@ def generate(
     use_cache: bool = True,
     batch_size: int | None = None,
     progress: Callable[[int], None] | None = None,
+    static: bool | None = None,
 ) -> list[list[int]]:
     """New token ids for each prompt (without the EOT that ended it), in the order of `prompts`.
 
@@ -483,7 +571,8 @@ def generate(
     A row stops at `eos_id` (an id or several, e.g. a tokenizer's eos_ids; None: never) or after max_new_tokens.
     A prompt that does not leave room for max_new_tokens in the context is an error, or with `truncate` loses
     its first tokens. batch_size None runs all prompts as one batch; otherwise batches of similar lengths, and
-    `progress(n)` is called after each with the number of prompts it held.
+    `progress(n)` is called after each with the number of prompts it held. static: decode with fixed-shape
+    steps, recorded once as a CUDA graph on CUDA (_StaticDecoder); None: on CUDA with the cache (not beam search).
     """
     _check_options(max_new_tokens, temperature, top_k, top_p, no_repeat_ngram_size)
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
@@ -501,7 +590,7 @@ def generate(
         out: list[list[int]] = [[] for _ in batch]
         for rows, tokens in _sampling_steps(model, batch, max_new_tokens, temperature=temperature, top_k=top_k,
                                             top_p=top_p, generator=generator, eos_id=eos_id, use_cache=use_cache,
-                                            no_repeat_ngram_size=no_repeat_ngram_size):
+                                            no_repeat_ngram_size=no_repeat_ngram_size, static=static):
             for r, t in zip(rows, tokens):
                 out[r].append(t)
         return out
@@ -564,6 +653,7 @@ def stream(
     eos_id: EosIds = EOT_ID,
     truncate: bool = False,
     use_cache: bool = True,
+    static: bool | None = None,
 ) -> Iterator[int]:
     """Token ids for one prompt, yielded as each is decoded (the EOT is not yielded). The same tokens as
     `generate(model, [prompt], ...)`. Options are checked now, before the first token is asked for."""
@@ -572,7 +662,7 @@ def stream(
     generator = _make_generator(seed, _device(model))
     steps = _sampling_steps(model, [ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             generator=generator, no_repeat_ngram_size=no_repeat_ngram_size, eos_id=eos_id,
-                            use_cache=use_cache)
+                            use_cache=use_cache, static=static)
     return (tokens[0] for _, tokens in steps if tokens)
 
 

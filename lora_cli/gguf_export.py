@@ -525,7 +525,7 @@ def _write_model(gguf, writer, names, loaded: Loaded, net, family: str, dtype: s
     scaling = getattr(cfg, "rope_scaling", None)
     if family != "gpt2" and scaling:  # Llama 3: llama.cpp divides each rotary frequency by its factor
         plain = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim))
-        writer.add_tensor("rope_freqs.weight", (plain / net.rotary.inv_freq).float().numpy())
+        writer.add_tensor("rope_freqs.weight", (plain / net.rotary.inv_freq.cpu()).float().numpy())
         count += 1
     return count
 

@@ -44,10 +44,11 @@ from lora_cli.pretrained import hf_state_dict, load_model  # noqa: E402
 PROMPT = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 
 
-def timed(model, prompt: list[int], n: int, use_cache: bool, rows: int = 1) -> tuple[list[int], float]:
+def timed(model, prompt: list[int], n: int, use_cache: bool, rows: int = 1,
+          static: bool | None = None) -> tuple[list[int], float]:
     start = time.perf_counter()
-    out = generate(model, [prompt] * rows, n, eos_id=None, use_cache=use_cache)
-    return out[0], time.perf_counter() - start
+    out = generate(model, [prompt] * rows, n, eos_id=None, use_cache=use_cache, static=static)
+    return out[0], time.perf_counter() - start  # (the tokens come back as Python ints: the device has finished)
 
 
 def cache_vs_none(model, prompt: list[int], n: int) -> None:
@@ -78,7 +79,7 @@ def transformers_model(model, name: str):
 
 
 def hf_timed(hf, prompt: list[int], n: int, rows: int) -> tuple[list[int], float]:
-    ids = torch.tensor([prompt] * rows)
+    ids = torch.tensor([prompt] * rows, device=hf.device)
     start = time.perf_counter()
     with torch.inference_mode():
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
@@ -101,30 +102,41 @@ def llama_cpp_timed(path: str, prompt: list[int], n: int, threads: int) -> tuple
     return out, time.perf_counter() - start
 
 
-def side_by_side(model, name: str, prompt: list[int], n: int, ggufs: list[str]) -> None:
+def side_by_side(model, name: str, prompt: list[int], n: int, ggufs: list[str], device: torch.device) -> None:
     hf = transformers_model(model, name)
     cpu = torch.device("cpu")
+    cuda = device.type == "cuda"
     print(f"{'':28s} {'batch 1':>12s} {'batch 8':>12s}   (tokens/s: rows x new tokens / s)")
-    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        place(model, cpu, dtype)
+    precisions = (("fp32", torch.float32), ("bf16", torch.bfloat16)) + ((("fp16", torch.float16),) if cuda else ())
+    # On CUDA, ours decodes with a CUDA graph of the fixed-shape step by default; "eager" is the same without it.
+    variants = (("", None), (" eager", False)) if cuda else (("", None),)
+    for precision, dtype in precisions:
+        place(model, device, dtype)
         if hf is not None:
-            hf.to(dtype)
+            hf.to(device=device, dtype=dtype)
         figures = {}
         for rows in (1, 8):
-            timed(model, prompt, 4, True, rows)  # warm-up
-            ours, t = timed(model, prompt, n, True, rows)
-            figures[("ours", rows)] = rows * n / t
+            for label, static in variants:
+                timed(model, prompt, 4, True, rows, static)  # warm-up
+                ours, t = timed(model, prompt, n, True, rows, static)
+                figures[(label, rows)] = rows * n / t
             if hf is not None:
                 hf_timed(hf, prompt, 4, rows)
                 theirs, t = hf_timed(hf, prompt, n, rows)
                 figures[("transformers", rows)] = rows * n / t
                 figures[("same", rows)] = ours == theirs
-        print(f"{'lora-cli ' + precision:28s} {figures['ours', 1]:12.1f} {figures['ours', 8]:12.1f}", flush=True)
+        for label, _ in variants:
+            print(f"{'lora-cli ' + precision + label:28s} {figures[label, 1]:12.1f} {figures[label, 8]:12.1f}",
+                  flush=True)
         if hf is not None:
             print(f"{'transformers ' + precision:28s} {figures['transformers', 1]:12.1f} "
                   f"{figures['transformers', 8]:12.1f}   same tokens: {figures['same', 1]} / {figures['same', 8]}",
                   flush=True)
     place(model, cpu, torch.float32)
+    if hf is not None:
+        hf.to(device=cpu, dtype=torch.float32)
+    if cuda:
+        return  # the packed layout and llama.cpp's CPU build are CPU rows
     # What `lora generate` does with several prompts or beams, `lora eval --generate` and `lora serve`: the blocks'
     # weights in oneDNN's packed layout (a single prompt stays plain: the packing would not pay for itself).
     packed = copy.deepcopy(model)
@@ -225,6 +237,8 @@ def main() -> None:
     parser.add_argument("--e2e-beam", type=int, default=0, metavar="N",
                         help="beam-10 decoding of the first N E2E test MRs, as lora eval --generate runs it")
     parser.add_argument("--batch-size", type=int, default=8, help="--e2e-beam: prompts decoded together (8)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (--side-by-side: on CUDA also fp16, and ours "
+                        "with and without its CUDA graph)")
     parser.add_argument("--plain", action="store_true",
                         help="--serve, --e2e-beam: keep the weights plain, not packed as the commands pack them (A/B)")
     args = parser.parse_args()
@@ -241,11 +255,12 @@ def main() -> None:
     if args.e2e_beam:
         e2e_beam(model, args.e2e_beam, args.new_tokens, args.batch_size, pack=not args.plain)
     elif args.serve:
+        place(base.model, torch.device(args.device))
         serve_clients(base, prompt, args.new_tokens, pack=not args.plain)
     elif args.side_by_side:
-        side_by_side(model, args.model, prompt, args.new_tokens, args.gguf)
+        side_by_side(model, args.model, prompt, args.new_tokens, args.gguf, torch.device(args.device))
     else:
-        cache_vs_none(model, prompt, args.new_tokens)
+        cache_vs_none(place(model, torch.device(args.device), torch.float32), prompt, args.new_tokens)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def reference(model, prompt: list[int], n: int, eos: int | None) -> tuple[list[i
     bf16 logits have 8 significant bits, and the paths' roundings move them by up to 2-3 ulps."""
     ids, out, clear = list(prompt), [], None
     for step in range(n):
-        logits = model.logits(model(torch.tensor([ids]))[0, -1])
+        logits = model.logits(model(torch.tensor([ids], device=model.embed_tokens.weight.device))[0, -1])
         top = logits.float().topk(2).values
         ulp = torch.finfo(logits.dtype).eps * 2.0 ** math.floor(math.log2(top[0].abs().item()))
         if clear is None and top[0] - top[1] < 4 * ulp:
@@ -97,8 +97,27 @@ def test_batched_cached_and_uncached_decoding_equal_the_sequential_reference(che
     else:
         assert sum(c for _, c in want) >= len(PROMPTS)  # clear steps to compare
     assert agree(generate(model, PROMPTS, NEW, eos_id=eos), want)  # one left-padded batch, static KV cache
+    # fixed-shape steps (what a CUDA graph records): every row to the end, over the cache's whole capacity
+    assert agree(generate(model, PROMPTS, NEW, eos_id=eos, static=True), want)
+    assert agree([list(stream(model, p, NEW, eos_id=eos, static=True)) for p in PROMPTS], want)
     assert agree(generate(model, PROMPTS, NEW, eos_id=eos, use_cache=False), want)
     assert agree(generate(model, PROMPTS, NEW, eos_id=eos, batch_size=3), want)  # batches of similar lengths
+    assert agree(beam_search(model, PROMPTS, NEW, num_beams=1, eos_id=eos), want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_graph_decoding_equals_the_sequential_reference(checkpoint, precision):
+    """On CUDA, decoding replays a CUDA graph of the fixed-shape step by default: the same tokens as the eager
+    step and the sequential, uncached reference on the same device and dtype."""
+    cuda = torch.device("cuda")
+    model = place(load_model(str(checkpoint)).model, cuda, inference_dtype(precision, cuda))
+    eos = reference(model, PROMPTS[0], NEW, None)[0][2]
+    want = [reference(model, p, NEW, eos) for p in PROMPTS]
+    assert sum(c for _, c in want) >= len(PROMPTS)
+    assert agree(generate(model, PROMPTS, NEW, eos_id=eos), want)  # graph
+    assert agree(generate(model, PROMPTS, NEW, eos_id=eos, static=False), want)  # eager, rows leave the batch
+    assert agree([list(stream(model, p, NEW, eos_id=eos)) for p in PROMPTS], want)  # batch 1, graph
     assert agree(beam_search(model, PROMPTS, NEW, num_beams=1, eos_id=eos), want)
 
 
@@ -191,7 +210,7 @@ def test_precision_flag_stores_the_weights_in_that_dtype_and_refuses_fp16_off_cu
     assert losses["bf16"] != losses["fp32"] and abs(losses["bf16"] / losses["fp32"] - 1) < 2e-2
 
     for command in (["generate", "--model", str(gpt2_dir), "hi"], ["eval", "--model", str(gpt2_dir), "--data", str(text)]):
-        code, out, err = cli(*command, "--precision", "fp16")
+        code, out, err = cli(*command, "--precision", "fp16", "--device", "cpu")
         assert_one_line_error(code, out, err, expected_code=2)
         assert "--precision fp16 needs a CUDA device (this is cpu); use bf16 or fp32 here" in err
         code, out, err = cli(*command, "--precision", "fp8")

@@ -111,6 +111,9 @@ class KVCache:
         self.capacity = capacity
         self.size = 0  # static: tokens written so far (the same in every layer after a whole forward)
         self.spare: tuple[torch.Tensor, torch.Tensor] | None = None  # static: reorder's buffer (see reorder)
+        # Fixed-shape steps (CausalLM.decode_step): [1] long on the device, the column the next token is written to.
+        # Its owner moves it (and `size`) between steps, so a recorded CUDA graph replays against new columns.
+        self.column: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -126,6 +129,10 @@ class KVCache:
             if past is None:
                 past = (k.new_empty(B, Hkv, self.capacity, D), v.new_empty(B, Hkv, self.capacity, D))
                 self.layers[layer] = past
+            if self.column is not None:  # every column comes back; the caller's mask hides those not written yet
+                past[0].index_copy_(2, self.column, k)
+                past[1].index_copy_(2, self.column, v)
+                return past
             start = self.size
             past[0][:, :, start:start + T] = k
             past[1][:, :, start:start + T] = v
@@ -411,8 +418,9 @@ class Rotary(nn.Module):
 
     def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [...] -> (cos, sin), each [..., dim], in fp32."""
-        inv_freq = self.inv_freq.to(pos.device)
-        angles = pos[..., None].float() * inv_freq  # [..., dim / 2]
+        if self.inv_freq.device != pos.device:  # moved once, not copied per call (a CUDA graph cannot copy)
+            self.inv_freq = self.inv_freq.to(pos.device)
+        angles = pos[..., None].float() * self.inv_freq  # [..., dim / 2]
         angles = torch.cat([angles, angles], dim=-1)  # [..., dim]
         return angles.cos(), angles.sin()
 
@@ -582,6 +590,18 @@ class CausalLM(nn.Module):
                 x = checkpoint(block, x, mask, None, None, None, rope, use_reentrant=False)
             else:
                 x = block(x, mask, cache, None, None, rope)
+        return self.final_norm(x)
+
+    def decode_step(self, input_ids: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor,
+                    cache: KVCache) -> torch.Tensor:
+        """One new token per row at shapes that never change, so that a CUDA graph can record it once: input_ids and
+        pos [B, 1], keys [B, 1, 1, capacity] (True = may attend: the row's real past tokens and the new one), and a
+        static cache whose `column` says where the new keys and values go. Attention reads the whole capacity;
+        the positions and the mask, not Python integers, say which columns count. -> [B, 1, C]"""
+        x = self.embed(input_ids, pos)
+        rope = self.rope(pos)
+        for block in self.blocks:
+            x = block(x, keys, cache, None, None, rope)
         return self.final_norm(x)
 
     def _forward_unpadded(self, input_ids: torch.Tensor, keep: torch.Tensor,
