@@ -515,9 +515,9 @@ def resolve_targets(model: nn.Module, targets: list[str] | None, layers: list[in
     candidates = target_candidates(model)
     n_layer = len(getattr(model, "blocks", []))
     if layers is not None:
-        bad = sorted(i for i in layers if not 0 <= i < n_layer)
-        if bad:
-            raise ConfigError(f"lora.layers: block {bad[0]} does not exist; the model has blocks 0-{n_layer - 1}")
+        problem = layers_problem(layers, n_layer)
+        if problem:
+            raise ConfigError(problem)
         keep = set(layers)
         pool = [n for n in candidates if (m := BLOCK.match(n)) and int(m.group(2)) in keep]
     else:
@@ -525,6 +525,7 @@ def resolve_targets(model: nn.Module, targets: list[str] | None, layers: list[in
     if not targets:
         raise ConfigError("lora.targets must name at least one layer pattern (e.g. [attn.c_attn] or all-linear)")
     chosen: set[str] = set()
+    unmatched: list[str] = []  # every pattern that matches nothing, reported together
     for pattern in targets:
         pattern = str(pattern).strip()
         if pattern == "all-linear":
@@ -539,15 +540,40 @@ def resolve_targets(model: nn.Module, targets: list[str] | None, layers: list[in
                 note = " (lm_head shares its weight with transformer.wte; LoRA cannot target it)"
             elif layers is not None and any(_matcher(pattern, "lora.targets")(n) for n in candidates):
                 note = f" in lora.layers {sorted(set(layers))}"
-            raise ConfigError(f"lora.targets: {pattern!r} matches no linear layer{note}; available: "
-                              f"{_short_names(candidates)}")
+            unmatched.append(f"{pattern!r}{note}")
         chosen.update(hits)
+    if unmatched:
+        what = "matches" if len(unmatched) == 1 else "match"
+        raise ConfigError(f"lora.targets: {', '.join(unmatched)} {what} no linear layer; available: "
+                          f"{_short_names(candidates)}")
     for name in [n for n in candidates if n in chosen]:
         split = _split_slice_name(name)
         if split and split[0] in chosen:
             raise ConfigError(f"lora.targets select both {split[0]} and its slice {name}; choose the fused "
                               f"attn.c_attn or the slices attn.q/attn.k/attn.v for a layer, not both")
     return [n for n in candidates if n in chosen]
+
+
+def layers_problem(layers: list[int], n_layer: int) -> str | None:
+    bad = sorted(i for i in layers if not 0 <= i < n_layer)
+    return f"lora.layers: block {bad[0]} does not exist; the model has blocks 0-{n_layer - 1}" if bad else None
+
+
+def config_problems(model: nn.Module, cfg: LoraConfig, modules_to_save: bool = True) -> list[str]:
+    """What is wrong with lora.layers, lora.targets and lora.modules_to_save for this model, all of it at once
+    (apply_lora stops at the first). modules_to_save=False skips that key (a classifier's head is added later)."""
+    problems = []
+    layers = cfg.layers
+    if layers is not None and (problem := layers_problem(layers, len(getattr(model, "blocks", [])))):
+        problems.append(problem)
+        layers = None  # the targets are still checked, against every block
+    for check in (lambda: resolve_targets(model, cfg.targets, layers),
+                  lambda: resolve_modules(model, list(cfg.modules_to_save)) if modules_to_save else None):
+        try:
+            check()
+        except ConfigError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def resolve_modules(model: nn.Module, patterns: list[str], key: str = "lora.modules_to_save") -> list[str]:

@@ -30,14 +30,15 @@ from tqdm import tqdm
 from lora_cli.adapter import ADAPTER_FILE, save_adapter
 from lora_cli.config import RunConfig, dump_config
 from lora_cli.data import batch_indices, collate, load_splits, pack, preview, split_batch, write_split
+from lora_cli.data.splits import check_max_length, missing_files
 from lora_cli.distributed import (
     DDPView, Dist, FSDPView, env_world_size, full_value, init_distributed, is_comm_failure, resolve_batch,
     shard_sizes, short_reason, with_extra_passes, wrap_ddp, wrap_fsdp,
 )
-from lora_cli.errors import LoraError, TrainingError
+from lora_cli.errors import ConfigError, DataError, LoraError, TrainingError
 from lora_cli.evaluation import evaluate_classification, evaluate_lm
 from lora_cli.fsutil import RunLock, append_line, atomic_write_text
-from lora_cli.lora import apply_lora, count_parameters, loraplus_param_groups, with_classification_head
+from lora_cli.lora import apply_lora, config_problems, count_parameters, loraplus_param_groups, with_classification_head
 from lora_cli.loss import Savings, chunk_rows_for, classification_loss_sum, lm_loss_sum
 from lora_cli.models import cast_frozen_linears_
 from lora_cli.inference import load_with_tokenizer
@@ -204,8 +205,12 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
     device = dist.device or resolve_device(t.device)
     precision = resolve_precision(t.precision, device)
     low = DTYPES[precision] if precision in ("bf16", "fp16") else None  # kept as stored: no fp32 copy
+    missing = missing_files(cfg)  # before a model download that would be wasted
+    if missing:
+        raise DataError(_all_problems(cfg, missing))
     base, tokenizer = load_with_tokenizer(cfg.model, dtype=low)
     model = base.model
+    check_against_model(cfg, model)
     data = load_splits(cfg, context_length=model.config.n_positions, tokenizer=tokenizer)
     model.set_dropout(t.model_dropout)
     # LoRA's A init (and a new head) draw from their own seeded generator: the same start on any device.
@@ -227,6 +232,26 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
         total_steps = min(total_steps, t.max_steps)
     return Setup(cfg, Path(cfg.out_dir), device, precision, base, model.to(device), targets, data,
                  trainable, total, steps_per_epoch, total_steps, world_size, dist, savings, tokenizer)
+
+
+def check_against_model(cfg: RunConfig, model) -> None:
+    """The config's checks that need the model, reported together: data.max_length against its context, and
+    lora.layers, lora.targets and lora.modules_to_save against its modules."""
+    problems = []
+    try:
+        check_max_length(cfg.data.max_length, model.config.n_positions)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    problems += config_problems(model, cfg.lora, modules_to_save=cfg.task != "classification")
+    if problems:
+        raise ConfigError(_all_problems(cfg, problems))
+
+
+def _all_problems(cfg: RunConfig, problems: list[str]) -> str:
+    """One problem as it is; several as config.load_config reports them: 'CONFIG: N problems: a; b'."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{cfg.source or 'config'}: {len(problems)} problems: {'; '.join(problems)}"
 
 
 def estimate_memory(s: Setup) -> int:

@@ -436,6 +436,18 @@ ROWS = [
         ("data.max_length", "4096", "128")),
     Row("config-target-matches-nothing", "train", train_cfg({"lora": {"targets": ["attn.c_atn"]}}), 2,
         ("lora.targets", "c_atn")),
+    # the checks that need the model, all in one line (the tiny model: 2 blocks, 128 positions)
+    Row("config-model-checks-at-once", "train", train_cfg({"data": {"max_length": 4096}, "lora": {
+        "targets": ["attn.c_atn", "mlp.fc", "attn.c_attn"], "layers": [5], "modules_to_save": ["wte2"]}}), 2,
+        ("run.yaml: 4 problems: data.max_length: 4096 is above the model's context (n_positions = 128); set "
+         "data.max_length to at most 128; lora.layers: block 5 does not exist; the model has blocks 0-1; "
+         "lora.targets: 'attn.c_atn', 'mlp.fc' match no linear layer; available: ",
+         "; lora.modules_to_save: 'wte2' matches no module; top-level modules: ")),
+    # missing data files are named before the model loads (here a model that does not exist either)
+    Row("data-missing-files-before-the-model", "train", train_cfg({
+        "model": "{ws}/no-such-model", "data": {"train": "{ws}/data/nope.json", "val": "{ws}/data/nope-val.csv"}}), 1,
+        ("run.yaml: 2 problems: data.train: {ws}/data/nope.json does not exist; check the path (relative paths are "
+         "resolved against the config file's folder); data.val: {ws}/data/nope-val.csv does not exist",)),
     Row("flag-set-without-value", "train", lambda ws, d: train_cfg()(ws, d) + ["--set", "train.lr"], 2,
         ("--set", "train.lr")),
     Row("flag-set-unknown-key", "train", lambda ws, d: train_cfg()(ws, d) + ["--set", "train.bach_size=2"], 2,

@@ -62,6 +62,15 @@ class Table:
         return self.frame.iloc[list(rows)].to_csv(index=False, lineterminator="\n")
 
 
+def missing_file(path: str | Path, key: str) -> str | None:
+    """The problem with a data source that does not exist (a hub dataset is not looked up), or None."""
+    if is_hub_dataset(path) or Path(path).exists():
+        return None
+    where = (f"a relative path is read from the current folder, {Path.cwd()}" if key.startswith("--")
+             else "relative paths are resolved against the config file's folder")
+    return f"{key}: {path} does not exist; check the path ({where})"
+
+
 def read_table(path: str | Path, data_cfg: DataConfig, key: str = "data.train") -> Table:
     """Read a data file into a Table with pandas.
 
@@ -78,10 +87,9 @@ def read_table(path: str | Path, data_cfg: DataConfig, key: str = "data.train") 
         return Table(frame, path=str(path), classes=classes)
     path = Path(path)
     suffix = path.suffix.lower()
-    if not path.exists():
-        where = (f"a relative path is read from the current folder, {Path.cwd()}" if key.startswith("--")
-                 else "relative paths are resolved against the config file's folder")
-        raise DataError(f"{key}: {path} does not exist; check the path ({where})")
+    missing = missing_file(path, key)
+    if missing:
+        raise DataError(missing)
     if path.is_dir():
         raise DataError(f"{key}: {path} is a directory; name a data file (.csv, .tsv, .json, .jsonl, .parquet "
                         "or .txt) or a directory written by datasets' save_to_disk")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from lora_cli.chat_template import checkpoint_template, resolve_template
 from lora_cli.data.encode import DataStats, Example, count_stats, load_file
-from lora_cli.data.io import Table
+from lora_cli.data.io import Table, missing_file
 from lora_cli.errors import ConfigError, DataError
 from lora_cli.fsutil import atomic_write_text
 from lora_cli.tokenizer import GPT2, Tokenizer
@@ -122,6 +122,18 @@ class DataSplits:
         return lines
 
 
+def check_max_length(max_length: int, context_length: int) -> None:
+    if max_length > context_length:
+        raise ConfigError(f"data.max_length: {max_length} is above the model's context (n_positions = "
+                          f"{context_length}); set data.max_length to at most {context_length}")
+
+
+def missing_files(cfg: "RunConfig") -> list[str]:
+    """The problems of data.train, data.val and data.test that do not exist: checked before the model loads."""
+    sources = (("data.train", cfg.data.train), ("data.val", cfg.data.val), ("data.test", cfg.data.test))
+    return [p for key, source in sources if source is not None and (p := missing_file(source, key))]
+
+
 def load_splits(cfg: "RunConfig", context_length: int, tokenizer: Tokenizer = GPT2) -> DataSplits:
     """Read data.train (and data.val / data.test), encode, balance and split, as the config says.
 
@@ -131,9 +143,7 @@ def load_splits(cfg: "RunConfig", context_length: int, tokenizer: Tokenizer = GP
     as in the reference), class weights are computed on the training split.
     """
     d = cfg.data
-    if d.max_length > context_length:
-        raise ConfigError(f"data.max_length: {d.max_length} is above the model's context (n_positions = "
-                          f"{context_length}); set data.max_length to at most {context_length}")
+    check_max_length(d.max_length, context_length)
     if d.train is None:
         raise ConfigError("data.train: is required: a CSV, TSV, JSON, JSONL, Parquet or TXT file")
     if d.chat_template is None and cfg.model.init == "pretrained":
