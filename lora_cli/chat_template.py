@@ -215,6 +215,17 @@ def template_tokens(tokenizer: Tokenizer) -> dict[str, str]:
     return {name: tokenizer.decode([i]) for name, i in ids.items() if i is not None}
 
 
+# The names a message's reasoning comes under; templates read the first (Qwen3's), gpt-oss templates `thinking`.
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _with_reasoning_aliases(message: Mapping) -> dict:
+    """The message with its reasoning, under whichever name it came, under `reasoning_content` and `thinking` too
+    (as transformers' apply_chat_template fills them), so that any template finds it."""
+    reasoning = next((message[k] for k in REASONING_FIELDS if message.get(k) is not None), None)
+    return dict(message) if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
 def render_chat(template: str, messages: Sequence[Mapping], add_generation_prompt: bool = False,
                 tokens: Mapping[str, str] | None = None) -> str:
     """The conversation's text, as tokenizer.apply_chat_template(messages, tokenize=False,
@@ -223,7 +234,8 @@ def render_chat(template: str, messages: Sequence[Mapping], add_generation_promp
 
     compiled = compile_template(template)
     try:
-        return compiled.render(messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
+        return compiled.render(messages=[_with_reasoning_aliases(m) for m in messages],
+                               add_generation_prompt=add_generation_prompt,
                                tools=None, documents=None, **(tokens or {}))
     except Exception as exc:  # noqa: BLE001  (the template is the user's code: whatever it raises is its fault)
         what = first_line(exc) if isinstance(exc, jinja2.exceptions.TemplateError) else \

@@ -183,6 +183,21 @@ def test_a_token_across_the_span_edge_is_in_the_span(tmp_path):
     assert ours.decode([t for t, m in zip(ids, mask) if m]) == "\n\nGreen.<|im_end|>\nBlue.\n<|im_end|>\n"
 
 
+def test_reasoning_under_any_of_its_names_reaches_the_template(tokenizer_dirs):
+    """A message's reasoning given as reasoning_content, thinking or reasoning is rendered by a template that reads
+    reasoning_content (Qwen3's) or thinking (gpt-oss's), as apply_chat_template renders it."""
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dirs["qwen"]))
+    reads = {"reasoning_content": "{% for m in messages %}{{ m.role }}:{{ m.reasoning_content }}|{{ m.content }}\n"
+                                  "{% endfor %}",
+             "thinking": "{% for m in messages %}{{ m.role }}:{{ m.thinking }}|{{ m.content }}\n{% endfor %}"}
+    for field in ("reasoning_content", "thinking", "reasoning"):
+        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", field: "greet"}]
+        for template in reads.values():
+            want = theirs.apply_chat_template(messages, tokenize=False, chat_template=template)
+            assert render_chat(template, messages) == want
+            assert "assistant:greet|Hello" in want
+
+
 def test_templates_that_raise_or_drop_history_are_named():
     zero = "{{ 1 // 0 }}"
     with pytest.raises(ConversationError, match=re.escape("the chat template failed to render the conversation "
