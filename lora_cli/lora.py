@@ -559,16 +559,16 @@ def layers_problem(layers: list[int], n_layer: int) -> str | None:
     return f"lora.layers: block {bad[0]} does not exist; the model has blocks 0-{n_layer - 1}" if bad else None
 
 
-def config_problems(model: nn.Module, cfg: LoraConfig, modules_to_save: bool = True) -> list[str]:
+def config_problems(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """What is wrong with lora.layers, lora.targets and lora.modules_to_save for this model, all of it at once
-    (apply_lora stops at the first). modules_to_save=False skips that key (a classifier's head is added later)."""
+    (apply_lora stops at the first)."""
     problems = []
     layers = cfg.layers
     if layers is not None and (problem := layers_problem(layers, len(getattr(model, "blocks", [])))):
         problems.append(problem)
         layers = None  # the targets are still checked, against every block
     for check in (lambda: resolve_targets(model, cfg.targets, layers),
-                  lambda: resolve_modules(model, list(cfg.modules_to_save)) if modules_to_save else None):
+                  lambda: resolve_modules(model, list(cfg.modules_to_save))):
         try:
             check()
         except ConfigError as exc:
@@ -841,7 +841,11 @@ def with_classification_head(model: nn.Module, lora_cfg: LoraConfig, num_labels:
     (the reference's frozen random head with LoRA on it), the head is trained in full: it is added to
     modules_to_save."""
     add_classification_head(model, num_labels, generator)
-    if HEAD in resolve_targets(model, lora_cfg.targets, None) or HEAD in lora_cfg.modules_to_save:
+    try:
+        targeted = HEAD in resolve_targets(model, lora_cfg.targets, None)
+    except ConfigError:  # a pattern matches nothing: the run stops on it with the other problems (config_problems)
+        targeted = False
+    if targeted or HEAD in lora_cfg.modules_to_save:
         return lora_cfg
     return dataclasses.replace(lora_cfg, modules_to_save=[*lora_cfg.modules_to_save, HEAD])
 

@@ -210,7 +210,8 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
         raise DataError(_all_problems(cfg, missing))
     base, tokenizer = load_with_tokenizer(cfg.model, dtype=low)
     model = base.model
-    check_against_model(cfg, model)
+    if cfg.task != "classification":  # a classifier's head, which lora.targets may name, comes with the data's labels
+        check_against_model(cfg, model, cfg.lora)
     data = load_splits(cfg, context_length=model.config.n_positions, tokenizer=tokenizer)
     model.set_dropout(t.model_dropout)
     # LoRA's A init (and a new head) draw from their own seeded generator: the same start on any device.
@@ -218,6 +219,7 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
     lora_cfg = cfg.lora
     if cfg.task == "classification":
         lora_cfg = with_classification_head(model, lora_cfg, len(data.labels), generator)
+        check_against_model(cfg, model, lora_cfg)
     targets = apply_lora(model, lora_cfg, generator=generator)
     trainable, total = count_parameters(model)
     model.gradient_checkpointing = t.gradient_checkpointing
@@ -234,15 +236,16 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
                  trainable, total, steps_per_epoch, total_steps, world_size, dist, savings, tokenizer)
 
 
-def check_against_model(cfg: RunConfig, model) -> None:
+def check_against_model(cfg: RunConfig, model, lora_cfg) -> None:
     """The config's checks that need the model, reported together: data.max_length against its context, and
-    lora.layers, lora.targets and lora.modules_to_save against its modules."""
+    lora.layers, lora.targets and lora.modules_to_save (lora_cfg's: a classifier's has its head) against its
+    modules."""
     problems = []
     try:
         check_max_length(cfg.data.max_length, model.config.n_positions)
     except ConfigError as exc:
         problems.append(str(exc))
-    problems += config_problems(model, cfg.lora, modules_to_save=cfg.task != "classification")
+    problems += config_problems(model, lora_cfg)
     if problems:
         raise ConfigError(_all_problems(cfg, problems))
 

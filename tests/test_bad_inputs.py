@@ -214,6 +214,7 @@ def ws(tmp_path_factory):
     (d / "long-prompts.json").write_text(json.dumps([{"instruction": long_prompt, "input": "", "output": "ok"}] * 6))
     (d / "no-label.csv").write_text("text\nhello there\nbuy now\n")
     (d / "label-gap.csv").write_text("text,label\nhello there,ham\nbuy now,\nsee you,ham\nwin cash,spam\n")
+    (d / "labeled.csv").write_text("text,label\n" + "hello there,ham\nsee you,ham\nwin cash,spam\nbuy now,spam\n" * 2)
     (d / "table.xlsx").write_bytes(b"PK\x03\x04" + os.urandom(64))
     (d / "dir.json").mkdir()
     (d / "mem.jsonl").symlink_to("/proc/self/mem")
@@ -443,6 +444,11 @@ ROWS = [
          "data.max_length to at most 128; lora.layers: block 5 does not exist; the model has blocks 0-1; "
          "lora.targets: 'attn.c_atn', 'mlp.fc' match no linear layer; available: ",
          "; lora.modules_to_save: 'wte2' matches no module; top-level modules: ")),
+    # a classifier's: its head (score) is a target like any other, once the data gave the labels
+    Row("config-classifier-model-checks-at-once", "train", train_cfg({"task": "classification", "data": {
+        "train": "{ws}/data/labeled.csv"}, "lora": {"targets": ["attn.c_atn", "score"], "layers": [5]}}), 2,
+        ("run.yaml: 2 problems: lora.layers: block 5 does not exist; the model has blocks 0-1; lora.targets: "
+         "'attn.c_atn' matches no linear layer; available: ",)),
     # missing data files are named before the model loads (here a model that does not exist either)
     Row("data-missing-files-before-the-model", "train", train_cfg({
         "model": "{ws}/no-such-model", "data": {"train": "{ws}/data/nope.json", "val": "{ws}/data/nope-val.csv"}}), 1,
