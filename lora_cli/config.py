@@ -21,7 +21,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from lora_cli.errors import ConfigError, did_you_mean, first_line
+from lora_cli.errors import ConfigError, all_problems, did_you_mean, first_line
 
 ARCH_OVERRIDES = ("n_layer", "n_head", "n_embd", "n_positions")
 
@@ -408,9 +408,7 @@ def build_config(
     _check_constraints(checked, report)
     cfg = checked if model is not None else None
     if problems:
-        label = source or "config"
-        count = f"{len(problems)} problems: " if len(problems) > 1 else ""
-        raise ConfigError(f"{label}: {count}{'; '.join(problems)}")
+        raise ConfigError(all_problems(source or "config", problems))
     assert cfg is not None
     _resolve_paths(cfg, Path(base_dir))
     if cfg.model.tokenizer is not None and not Path(cfg.model.tokenizer).exists():  # a path, never a hub id

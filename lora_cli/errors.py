@@ -45,6 +45,12 @@ class InUseError(LoraError):
     """An output directory that a live `lora train` or `lora merge` holds (fsutil.run_lock)."""
 
 
+def all_problems(label: str, problems: list[str]) -> str:
+    """Every problem of one input in one line: 'LABEL: N problems: a; b' (one: 'LABEL: a')."""
+    count = f"{len(problems)} problems: " if len(problems) > 1 else ""
+    return f"{label}: {count}{'; '.join(problems)}"
+
+
 def first_line(exc: BaseException, limit: int = 160) -> str:
     """The first line of an exception's message (its class name when it has none), for one-line error reports."""
     text = str(exc).strip()

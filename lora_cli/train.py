@@ -35,7 +35,7 @@ from lora_cli.distributed import (
     DDPView, Dist, FSDPView, env_world_size, full_value, init_distributed, is_comm_failure, resolve_batch,
     shard_sizes, short_reason, with_extra_passes, wrap_ddp, wrap_fsdp,
 )
-from lora_cli.errors import ConfigError, DataError, LoraError, TrainingError
+from lora_cli.errors import ConfigError, DataError, LoraError, TrainingError, all_problems
 from lora_cli.evaluation import evaluate_classification, evaluate_lm
 from lora_cli.fsutil import RunLock, append_line, atomic_write_text
 from lora_cli.lora import apply_lora, config_problems, count_parameters, loraplus_param_groups, with_classification_head
@@ -251,10 +251,8 @@ def check_against_model(cfg: RunConfig, model, lora_cfg) -> None:
 
 
 def _all_problems(cfg: RunConfig, problems: list[str]) -> str:
-    """One problem as it is; several as config.load_config reports them: 'CONFIG: N problems: a; b'."""
-    if len(problems) == 1:
-        return problems[0]
-    return f"{cfg.source or 'config'}: {len(problems)} problems: {'; '.join(problems)}"
+    """One problem as it is (it names its key); several as the config's own checks report them."""
+    return problems[0] if len(problems) == 1 else all_problems(cfg.source or "config", problems)
 
 
 def estimate_memory(s: Setup) -> int:
