@@ -85,6 +85,13 @@ def _check_options(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise ConfigError(f"no_repeat_ngram_size must be a non-negative integer (0 = off), got {no_repeat_ngram_size!r}")
 
 
+def _check_static(static: bool | None, use_cache: bool, num_beams: int = 1) -> None:
+    if static and not use_cache:
+        raise ConfigError("the static decoding step needs the KV cache (use_cache)")
+    if static and num_beams > 1:
+        raise ConfigError("beam search decodes with the eager step: static is for greedy and sampled decoding")
+
+
 def _make_generator(seed: int | torch.Generator | None, device: torch.device) -> torch.Generator | None:
     if seed is None or isinstance(seed, torch.Generator):
         return seed
@@ -285,8 +292,6 @@ def _decoder(model: CausalLM, ids: torch.Tensor, mask: torch.Tensor, use_cache: 
     cuda = ids.device.type == "cuda"
     if static is None:
         static = cuda and use_cache
-    if static and not use_cache:
-        raise ConfigError("the static decoding step needs the KV cache (use_cache)")
     if static:
         return _StaticDecoder(model, ids, mask, capacity, graph=cuda)
     return _Decoder(model, ids, mask, use_cache, capacity)
@@ -572,13 +577,15 @@ def generate(
     A prompt that does not leave room for max_new_tokens in the context is an error, or with `truncate` loses
     its first tokens. batch_size None runs all prompts as one batch; otherwise batches of similar lengths, and
     `progress(n)` is called after each with the number of prompts it held. static: decode with fixed-shape
-    steps, recorded once as a CUDA graph on CUDA (_StaticDecoder); None: on CUDA with the cache (not beam search).
+    steps, recorded once as a CUDA graph on CUDA (_StaticDecoder; True needs the cache and num_beams 1); None: on
+    CUDA with the cache (not beam search).
     """
     _check_options(max_new_tokens, temperature, top_k, top_p, no_repeat_ngram_size)
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise ConfigError(f"num_beams must be a positive integer, got {num_beams!r}")
     if num_beams > 1 and temperature > 0:
         raise ConfigError("beam search does not sample: set temperature to 0 or num_beams to 1")
+    _check_static(static, use_cache, num_beams)
     ids = _prepare(model, prompts, max_new_tokens, truncate)
     if num_beams > 1:
         return beam_search(model, ids, max_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
@@ -658,6 +665,7 @@ def stream(
     """Token ids for one prompt, yielded as each is decoded (the EOT is not yielded). The same tokens as
     `generate(model, [prompt], ...)`. Options are checked now, before the first token is asked for."""
     _check_options(max_new_tokens, temperature, top_k, top_p, no_repeat_ngram_size)
+    _check_static(static, use_cache)
     (ids,) = _prepare(model, [prompt], max_new_tokens, truncate)
     generator = _make_generator(seed, _device(model))
     steps = _sampling_steps(model, [ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from helpers import assert_one_line_error, cli, make_hf_gpt2
+from lora_cli.errors import ConfigError
 from lora_cli.generate import ContinuousBatch, Row, beam_search, generate, stream
 from lora_cli.inference import pack_for_decoding, place
 from lora_cli.pretrained import load_model
@@ -100,6 +101,11 @@ def test_batched_cached_and_uncached_decoding_equal_the_sequential_reference(che
     # fixed-shape steps (what a CUDA graph records): every row to the end, over the cache's whole capacity
     assert agree(generate(model, PROMPTS, NEW, eos_id=eos, static=True), want)
     assert agree([list(stream(model, p, NEW, eos_id=eos, static=True)) for p in PROMPTS], want)
+    for call in (lambda: stream(model, PROMPTS[0], NEW, static=True, use_cache=False),  # refused at the call
+                 lambda: generate(model, PROMPTS, 0, static=True, use_cache=False),
+                 lambda: generate(model, PROMPTS, NEW, static=True, num_beams=2)):
+        with pytest.raises(ConfigError, match="static"):
+            call()
     assert agree(generate(model, PROMPTS, NEW, eos_id=eos, use_cache=False), want)
     assert agree(generate(model, PROMPTS, NEW, eos_id=eos, batch_size=3), want)  # batches of similar lengths
     assert agree(beam_search(model, PROMPTS, NEW, num_beams=1, eos_id=eos), want)
