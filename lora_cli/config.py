@@ -542,6 +542,16 @@ def _check_constraints(cfg: RunConfig, report) -> None:
         report("lora.targets", "must name at least one layer pattern (e.g. [attn.c_attn] or all-linear)")
     if lo.layers is not None and any(i < 0 for i in lo.layers):
         report("lora.layers", "block indices must be >= 0")
+    if lo.layers is not None and not lo.layers:
+        report("lora.layers", "is empty, so no block would be adapted; name blocks (e.g. [0, 1]) or remove the key "
+                              "to adapt every block")
+    for key in ("targets", "modules_to_save"):  # `re:` patterns are full-match regular expressions
+        for pattern in getattr(lo, key) or []:
+            if str(pattern).strip().startswith("re:"):
+                try:
+                    re.compile(str(pattern).strip()[3:])
+                except re.error as exc:
+                    report(f"lora.{key}", f"{str(pattern).strip()!r} is not a valid regular expression ({exc})")
     for key, bad in (("rank_pattern", [k for k, v in lo.rank_pattern.items() if v <= 0]),
                      ("alpha_pattern", [k for k, v in lo.alpha_pattern.items() if v <= 0])):
         if bad:

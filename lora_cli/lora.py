@@ -495,17 +495,50 @@ def pattern_value(patterns: dict, name: str, default):
     return default
 
 
-def check_patterns(targets: list[str], cfg: LoraConfig) -> None:
+def pattern_problems(targets: list[str], cfg: LoraConfig) -> list[str]:
     """Each key of lora.rank_pattern / alpha_pattern must match a targeted layer (a typo would be ignored)."""
+    problems = []
     for key, patterns in (("lora.rank_pattern", cfg.rank_pattern), ("lora.alpha_pattern", cfg.alpha_pattern)):
+        unmatched = []
         for pattern in patterns or {}:
             try:
-                hit = any(pattern_matches(pattern, t) for t in targets)
+                if not any(pattern_matches(pattern, t) for t in targets):
+                    unmatched.append(repr(pattern))
             except re.error as exc:
-                raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression ({exc})") from None
-            if not hit:
-                raise ConfigError(f"{key}: {pattern!r} matches none of the targeted layers (a key matches the end "
-                                  f"of a layer's name, as in PEFT); targeted: {_short_names(targets, all_linear=False)}")
+                problems.append(f"{key}: {pattern!r} is not a valid regular expression ({exc})")
+        if unmatched:
+            what = "matches" if len(unmatched) == 1 else "match"
+            problems.append(f"{key}: {', '.join(unmatched)} {what} none of the targeted layers (a key matches the "
+                            f"end of a layer's name, as in PEFT); targeted: {_short_names(targets, all_linear=False)}")
+    return problems
+
+
+def combination_problems(targets: list[str], saved: list[str], cfg: LoraConfig) -> list[str]:
+    """Settings that exclude each other once the targets and the modules saved whole are known."""
+    problems = []
+    for t in targets:
+        module = (_split_slice_name(t) or (t,))[0]
+        clash = next((s for s in saved if module == s or module.startswith(s + ".") or s.startswith(module + ".")), None)
+        if clash:
+            problems.append(f"lora.modules_to_save: {clash} overlaps the LoRA target {t}; a module is either adapted "
+                            f"or saved whole, not both")
+            break
+    if cfg.init in MUTATING_INITS and cfg.use_dora:
+        problems.append(f"lora.init {cfg.init} cannot be combined with use_dora; set use_dora: false or init: default")
+    if cfg.init in MUTATING_INITS and HEAD in targets:
+        # The adapter file carries the head's base weight, which would be the residual: not the untouched base.
+        problems.append(f"lora.init {cfg.init} cannot adapt the classification head {HEAD}; leave it out of "
+                        f"lora.targets (it is then trained whole) or use init: default")
+    if cfg.use_dora and any(_split_slice_name(t) for t in targets):
+        problems.append("lora.use_dora: DoRA on attn.q/attn.k/attn.v slices is not supported; "
+                        "target the fused attn.c_attn with DoRA instead")
+    return problems
+
+
+def check_patterns(targets: list[str], cfg: LoraConfig) -> None:
+    problems = pattern_problems(targets, cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def resolve_targets(model: nn.Module, targets: list[str] | None, layers: list[int] | None = None) -> list[str]:
@@ -559,21 +592,39 @@ def layers_problem(layers: list[int], n_layer: int) -> str | None:
     return f"lora.layers: block {bad[0]} does not exist; the model has blocks 0-{n_layer - 1}" if bad else None
 
 
-def config_problems(model: nn.Module, cfg: LoraConfig) -> list[str]:
-    """What is wrong with lora.layers, lora.targets and lora.modules_to_save for this model, all of it at once
-    (apply_lora stops at the first)."""
+def config_problems(model: nn.Module, cfg: LoraConfig, resolved_only: bool = False) -> list[str]:
+    """What is wrong with the lora section for this model, all of it at once (apply_lora stops at its first
+    check that fails): lora.layers, lora.targets and lora.modules_to_save against its modules, then the
+    rank/alpha pattern keys and the settings that exclude each other. resolved_only: the first three alone."""
     problems = []
     layers = cfg.layers
     if layers is not None and (problem := layers_problem(layers, len(getattr(model, "blocks", [])))):
         problems.append(problem)
         layers = None  # the targets are still checked, against every block
-    for check in (lambda: resolve_targets(model, cfg.targets, layers),
-                  lambda: resolve_modules(model, list(cfg.modules_to_save))):
-        try:
-            check()
-        except ConfigError as exc:
-            problems.append(str(exc))
+    targets = saved = None
+    try:
+        targets = resolve_targets(model, cfg.targets, layers)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    try:
+        saved = resolve_modules(model, list(cfg.modules_to_save))
+    except ConfigError as exc:
+        problems.append(str(exc))
+    if targets is not None and not resolved_only:
+        problems += pattern_problems(targets, cfg)
+        if saved is not None:
+            problems += combination_problems(targets, saved, cfg)
     return problems
+
+
+def without_head(cfg: LoraConfig) -> LoraConfig:
+    """The settings less the target and module patterns that name a classifier's head, which is added once the
+    data has given the labels: what can be checked against the model before."""
+    def keep(patterns):
+        return [p for p in patterns if not _matcher(str(p).strip(), "lora.targets")(HEAD)]
+
+    targets = None if cfg.targets is None else keep(cfg.targets) or None
+    return dataclasses.replace(cfg, targets=targets, modules_to_save=keep(cfg.modules_to_save))
 
 
 def resolve_modules(model: nn.Module, patterns: list[str], key: str = "lora.modules_to_save") -> list[str]:
@@ -622,12 +673,9 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig, generator: torch.Generato
     for name, r in rank_pattern.items():
         check_rank(r, name)
     saved = resolve_modules(model, list(cfg.modules_to_save)) if cfg.modules_to_save else []
-    for t in targets:
-        module = (_split_slice_name(t) or (t,))[0]
-        clash = next((s for s in saved if module == s or module.startswith(s + ".") or s.startswith(module + ".")), None)
-        if clash:
-            raise ConfigError(f"lora.modules_to_save: {clash} overlaps the LoRA target {t}; a module is either "
-                              f"adapted or saved whole, not both")
+    problems = combination_problems(targets, saved, cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
     slices: dict[str, dict[str, tuple[int, float]]] = {}
     plain: list[str] = []
     for t in targets:
@@ -636,15 +684,6 @@ def apply_lora(model: nn.Module, lora_cfg: LoraConfig, generator: torch.Generato
             slices.setdefault(split[0], {})[split[1]] = (rank_pattern[t], alpha_pattern[t])
         else:
             plain.append(t)
-    if cfg.init in MUTATING_INITS and cfg.use_dora:
-        raise ConfigError(f"lora.init {cfg.init} cannot be combined with use_dora; set use_dora: false or init: default")
-    if cfg.init in MUTATING_INITS and HEAD in targets:
-        # The adapter file carries the head's base weight, which would be the residual: not the untouched base.
-        raise ConfigError(f"lora.init {cfg.init} cannot adapt the classification head {HEAD}; leave it out of "
-                          f"lora.targets (it is then trained whole) or use init: default")
-    if slices and cfg.use_dora:
-        raise ConfigError("lora.use_dora: DoRA on attn.q/attn.k/attn.v slices is not supported; "
-                          "target the fused attn.c_attn with DoRA instead")
 
     model.requires_grad_(False)
     for t in [n for n in target_candidates(model) if n in plain or n in slices]:

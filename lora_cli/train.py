@@ -30,7 +30,7 @@ from tqdm import tqdm
 from lora_cli.adapter import ADAPTER_FILE, save_adapter
 from lora_cli.config import RunConfig, dump_config
 from lora_cli.data import batch_indices, collate, load_splits, pack, preview, split_batch, write_split
-from lora_cli.data.splits import check_max_length, missing_files
+from lora_cli.data.splits import check_max_length, source_problems
 from lora_cli.distributed import (
     DDPView, Dist, FSDPView, env_world_size, full_value, init_distributed, is_comm_failure, resolve_batch,
     shard_sizes, short_reason, with_extra_passes, wrap_ddp, wrap_fsdp,
@@ -38,7 +38,9 @@ from lora_cli.distributed import (
 from lora_cli.errors import ConfigError, DataError, LoraError, TrainingError, all_problems
 from lora_cli.evaluation import evaluate_classification, evaluate_lm
 from lora_cli.fsutil import RunLock, append_line, atomic_write_text
-from lora_cli.lora import apply_lora, config_problems, count_parameters, loraplus_param_groups, with_classification_head
+from lora_cli.lora import (
+    apply_lora, config_problems, count_parameters, loraplus_param_groups, with_classification_head, without_head,
+)
 from lora_cli.loss import Savings, chunk_rows_for, classification_loss_sum, lm_loss_sum
 from lora_cli.models import cast_frozen_linears_
 from lora_cli.inference import load_with_tokenizer
@@ -205,12 +207,14 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
     device = dist.device or resolve_device(t.device)
     precision = resolve_precision(t.precision, device)
     low = DTYPES[precision] if precision in ("bf16", "fp16") else None  # kept as stored: no fp32 copy
-    missing = missing_files(cfg)  # before a model download that would be wasted
-    if missing:
-        raise DataError(_all_problems(cfg, missing))
+    unreadable = source_problems(cfg)  # before a model download that would be wasted
+    if unreadable:
+        raise DataError(_all_problems(cfg, unreadable))
     base, tokenizer = load_with_tokenizer(cfg.model, dtype=low)
     model = base.model
-    if cfg.task != "classification":  # a classifier's head, which lora.targets may name, comes with the data's labels
+    if cfg.task == "classification":  # its head, which lora.targets may name, comes with the data's labels
+        check_against_model(cfg, model, without_head(cfg.lora), resolved_only=True)
+    else:
         check_against_model(cfg, model, cfg.lora)
     data = load_splits(cfg, context_length=model.config.n_positions, tokenizer=tokenizer)
     model.set_dropout(t.model_dropout)
@@ -236,16 +240,15 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
                  trainable, total, steps_per_epoch, total_steps, world_size, dist, savings, tokenizer)
 
 
-def check_against_model(cfg: RunConfig, model, lora_cfg) -> None:
+def check_against_model(cfg: RunConfig, model, lora_cfg, resolved_only: bool = False) -> None:
     """The config's checks that need the model, reported together: data.max_length against its context, and
-    lora.layers, lora.targets and lora.modules_to_save (lora_cfg's: a classifier's has its head) against its
-    modules."""
+    lora_cfg (a classifier's has its head) against its modules (lora.config_problems)."""
     problems = []
     try:
         check_max_length(cfg.data.max_length, model.config.n_positions)
     except ConfigError as exc:
         problems.append(str(exc))
-    problems += config_problems(model, lora_cfg)
+    problems += config_problems(model, lora_cfg, resolved_only)
     if problems:
         raise ConfigError(_all_problems(cfg, problems))
 

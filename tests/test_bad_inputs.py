@@ -446,14 +446,32 @@ ROWS = [
          "; lora.modules_to_save: 'wte2' matches no module; top-level modules: ")),
     # a classifier's: its head (score) is a target like any other, once the data gave the labels
     Row("config-classifier-model-checks-at-once", "train", train_cfg({"task": "classification", "data": {
-        "train": "{ws}/data/labeled.csv"}, "lora": {"targets": ["attn.c_atn", "score"], "layers": [5]}}), 2,
-        ("run.yaml: 2 problems: lora.layers: block 5 does not exist; the model has blocks 0-1; lora.targets: "
-         "'attn.c_atn' matches no linear layer; available: ",)),
+        "train": "{ws}/data/labeled.csv", "max_length": 4096}, "lora": {"targets": ["attn.c_atn", "score"],
+                                                                       "layers": [5]}}), 2,
+        ("run.yaml: 3 problems: data.max_length: 4096 is above the model's context (n_positions = 128); set "
+         "data.max_length to at most 128; lora.layers: block 5 does not exist; the model has blocks 0-1; "
+         "lora.targets: 'attn.c_atn' matches no linear layer; available: ",)),
+    Row("config-pattern-and-overlap-checks-at-once", "train", train_cfg({"lora": {
+        "targets": ["attn.c_attn"], "rank_pattern": {"nomatch": 4, "nope": 2}, "alpha_pattern": {"zzz": 8},
+        "modules_to_save": ["transformer.h.0.attn"]}}), 2,
+        ("run.yaml: 3 problems: lora.rank_pattern: 'nomatch', 'nope' match none of the targeted layers",
+         "; lora.alpha_pattern: 'zzz' matches none of the targeted layers",
+         "; lora.modules_to_save: transformer.h.0.attn overlaps the LoRA target transformer.h.0.attn.c_attn")),
+    Row("config-bad-regex-targets-and-empty-layers", "train", train_cfg({"lora": {
+        "targets": ["re:(", "re:[a-"], "modules_to_save": ["re:)"], "layers": []}}), 2,
+        ("run.yaml: 4 problems", "lora.layers: is empty, so no block would be adapted",
+         "lora.targets: 're:(' is not a valid regular expression", "lora.targets: 're:[a-' is not a valid",
+         "lora.modules_to_save: 're:)' is not a valid regular expression")),
     # missing data files are named before the model loads (here a model that does not exist either)
     Row("data-missing-files-before-the-model", "train", train_cfg({
-        "model": "{ws}/no-such-model", "data": {"train": "{ws}/data/nope.json", "val": "{ws}/data/nope-val.csv"}}), 1,
-        ("run.yaml: 2 problems: data.train: {ws}/data/nope.json does not exist; check the path (relative paths are "
-         "resolved against the config file's folder); data.val: {ws}/data/nope-val.csv does not exist",)),
+        "model": "{ws}/no-such-model", "data": {"train": "{ws}/data/nope.json", "val": "{ws}/data/nope-val.csv",
+                                                "test": "hf://datasets/x"}}), 1,
+        ("run.yaml: 3 problems: data.train: {ws}/data/nope.json does not exist; check the path (relative paths are "
+         "resolved against the config file's folder); data.val: {ws}/data/nope-val.csv does not exist",
+         "; data.test: hf://datasets/x is not a hub dataset name; write hf://datasets/OWNER/NAME")),
+    Row("data-unsupported-type-before-the-model", "train", train_cfg({
+        "model": "{ws}/no-such-model", "data": {"train": "{ws}/tiny/model.safetensors"}}), 1,
+        ("data.train: {ws}/tiny/model.safetensors: unsupported file type '.safetensors'; use .csv",)),
     Row("flag-set-without-value", "train", lambda ws, d: train_cfg()(ws, d) + ["--set", "train.lr"], 2,
         ("--set", "train.lr")),
     Row("flag-set-unknown-key", "train", lambda ws, d: train_cfg()(ws, d) + ["--set", "train.bach_size=2"], 2,

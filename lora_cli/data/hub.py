@@ -66,10 +66,18 @@ def read_dataset(source: str, data_cfg: DataConfig, key: str = "data.train") -> 
     return frame, classes
 
 
-def _load_hub(datasets, source: str, subset: str | None, split: str, key: str):
+def hub_name_problem(source: str, key: str) -> str | None:
     repo = source[len(HUB_PREFIX):].strip("/")
     if repo.count("/") != 1 or not all(repo.split("/")):
-        raise DataError(f"{key}: {source} is not a hub dataset name; write hf://datasets/OWNER/NAME")
+        return f"{key}: {source} is not a hub dataset name; write hf://datasets/OWNER/NAME"
+    return None
+
+
+def _load_hub(datasets, source: str, subset: str | None, split: str, key: str):
+    problem = hub_name_problem(source, key)
+    if problem:
+        raise DataError(problem)
+    repo = source[len(HUB_PREFIX):].strip("/")
     try:
         return datasets.load_dataset(repo, subset, split=split)
     except Exception as exc:  # noqa: BLE001: the library raises ConnectionError, ValueError, FileNotFoundError, ...

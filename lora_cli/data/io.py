@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from lora_cli.config import DataConfig
-from lora_cli.data.hub import is_hub_dataset, is_saved_dataset, read_dataset
+from lora_cli.data.hub import hub_name_problem, is_hub_dataset, is_saved_dataset, read_dataset
 from lora_cli.errors import ConfigError, DataError, first_line
 
 if TYPE_CHECKING:  # pandas is imported when a file is read, so importing lora_cli.data stays light
@@ -62,13 +62,25 @@ class Table:
         return self.frame.iloc[list(rows)].to_csv(index=False, lineterminator="\n")
 
 
-def missing_file(path: str | Path, key: str) -> str | None:
-    """The problem with a data source that does not exist (a hub dataset is not looked up), or None."""
-    if is_hub_dataset(path) or Path(path).exists():
-        return None
-    where = (f"a relative path is read from the current folder, {Path.cwd()}" if key.startswith("--")
-             else "relative paths are resolved against the config file's folder")
-    return f"{key}: {path} does not exist; check the path ({where})"
+def source_problem(path: str | Path, key: str) -> str | None:
+    """What is wrong with a data source before it is read, or None: a malformed hub dataset name (the hub is not
+    asked), a path that does not exist, a directory that save_to_disk did not write, an unsupported file type."""
+    if is_hub_dataset(path):
+        return hub_name_problem(str(path), key)
+    path = Path(path)
+    if not path.exists():
+        where = (f"a relative path is read from the current folder, {Path.cwd()}" if key.startswith("--")
+                 else "relative paths are resolved against the config file's folder")
+        return f"{key}: {path} does not exist; check the path ({where})"
+    if path.is_dir():
+        if is_saved_dataset(path):
+            return None
+        return (f"{key}: {path} is a directory; name a data file (.csv, .tsv, .json, .jsonl, .parquet or .txt) or a "
+                "directory written by datasets' save_to_disk")
+    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        shown = repr(path.suffix.lower()) if path.suffix else "(no extension)"
+        return f"{key}: {path}: unsupported file type {shown}; use {SUFFIXES_HELP}"
+    return None
 
 
 def read_table(path: str | Path, data_cfg: DataConfig, key: str = "data.train") -> Table:
@@ -82,20 +94,14 @@ def read_table(path: str | Path, data_cfg: DataConfig, key: str = "data.train") 
     file becomes one row with a `text` column. `key` names the config key in messages (data.train, data.val,
     data.test, --data).
     """
+    problem = source_problem(path, key)
+    if problem:
+        raise DataError(problem)
     if is_hub_dataset(path) or is_saved_dataset(path):  # through the `datasets` library (data.hub)
         frame, classes = read_dataset(str(path), data_cfg, key)
         return Table(frame, path=str(path), classes=classes)
     path = Path(path)
     suffix = path.suffix.lower()
-    missing = missing_file(path, key)
-    if missing:
-        raise DataError(missing)
-    if path.is_dir():
-        raise DataError(f"{key}: {path} is a directory; name a data file (.csv, .tsv, .json, .jsonl, .parquet "
-                        "or .txt) or a directory written by datasets' save_to_disk")
-    if suffix not in SUPPORTED_SUFFIXES:
-        shown = repr(suffix) if suffix else "(no extension)"
-        raise DataError(f"{key}: {path}: unsupported file type {shown}; use {SUFFIXES_HELP}")
     # pandas is imported here, when a data file is read, not with lora_cli.data: with the pyarrow it loads it
     # costs ~1 s and ~75 MB, which `lora --help` and commands without data files should not pay.
     import pandas as pd

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from lora_cli.chat_template import checkpoint_template, resolve_template
 from lora_cli.data.encode import DataStats, Example, count_stats, load_file
-from lora_cli.data.io import Table, missing_file
+from lora_cli.data.io import Table, source_problem
 from lora_cli.errors import ConfigError, DataError
 from lora_cli.fsutil import atomic_write_text
 from lora_cli.tokenizer import GPT2, Tokenizer
@@ -128,10 +128,11 @@ def check_max_length(max_length: int, context_length: int) -> None:
                           f"{context_length}); set data.max_length to at most {context_length}")
 
 
-def missing_files(cfg: "RunConfig") -> list[str]:
-    """The problems of data.train, data.val and data.test that do not exist: checked before the model loads."""
+def source_problems(cfg: "RunConfig") -> list[str]:
+    """What is wrong with data.train, data.val and data.test before they are read (data.io.source_problem): checked
+    before the model loads."""
     sources = (("data.train", cfg.data.train), ("data.val", cfg.data.val), ("data.test", cfg.data.test))
-    return [p for key, source in sources if source is not None and (p := missing_file(source, key))]
+    return [p for key, source in sources if source is not None and (p := source_problem(source, key))]
 
 
 def load_splits(cfg: "RunConfig", context_length: int, tokenizer: Tokenizer = GPT2) -> DataSplits:
