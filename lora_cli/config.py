@@ -502,6 +502,16 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint).replace("typing.", ""))
 
 
+def regex_problem(pattern: str, regex: str) -> str | None:
+    """Why the regular expression `regex` (what `pattern`, as the config spells it, compiles to) does not compile,
+    or None."""
+    try:
+        re.compile(regex)
+    except re.error as exc:
+        return f"{pattern!r} is not a valid regular expression ({exc})"
+    return None
+
+
 def _check_constraints(cfg: RunConfig, report) -> None:
     """Cross-field and range checks; each failure names its key."""
     d, lo, t = cfg.data, cfg.lora, cfg.train
@@ -546,21 +556,16 @@ def _check_constraints(cfg: RunConfig, report) -> None:
         report("lora.layers", "is empty, so no block would be adapted; name blocks (e.g. [0, 1]) or remove the key "
                               "to adapt every block")
     for key in ("targets", "modules_to_save"):  # `re:` patterns are full-match regular expressions
-        for pattern in getattr(lo, key) or []:
-            if str(pattern).strip().startswith("re:"):
-                try:
-                    re.compile(str(pattern).strip()[3:])
-                except re.error as exc:
-                    report(f"lora.{key}", f"{str(pattern).strip()!r} is not a valid regular expression ({exc})")
+        for pattern in (str(p).strip() for p in getattr(lo, key) or []):
+            if pattern.startswith("re:") and (problem := regex_problem(pattern, pattern[3:])):
+                report(f"lora.{key}", problem)
     for key, bad in (("rank_pattern", [k for k, v in lo.rank_pattern.items() if v <= 0]),
                      ("alpha_pattern", [k for k, v in lo.alpha_pattern.items() if v <= 0])):
         if bad:
             report(f"lora.{key}", f"{bad[0]}: must be > 0, got {getattr(lo, key)[bad[0]]}")
         for pattern in getattr(lo, key):
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                report(f"lora.{key}", f"{pattern!r} is not a valid regular expression ({exc})")
+            if problem := regex_problem(pattern, pattern):
+                report(f"lora.{key}", problem)
     if lo.init in MUTATING_INITS and lo.use_dora:
         report("lora.init", f"{lo.init} cannot be combined with use_dora (its conversion to a plain LoRA adapter "
                             "on the untouched base is linear, DoRA is not); set use_dora: false or init: default")

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_cli.config import LORA_INITS, MUTATING_INITS, LoraConfig
+from lora_cli.config import LORA_INITS, MUTATING_INITS, LoraConfig, regex_problem
 from lora_cli.errors import AdapterError, ConfigError
 from lora_cli.models import HEAD, add_classification_head
 from lora_cli.runtime import as_dtype
@@ -467,10 +467,10 @@ def _matcher(pattern: str, key: str):
     """A predicate for one pattern: `re:REGEX` (full match), a glob (`h.*.mlp.c_fc`, matched against the
     name or any dotted suffix of it), or a plain name (the name itself or a dotted suffix: `attn.c_attn`)."""
     if pattern.startswith("re:"):
-        try:
-            rx = re.compile(pattern[3:])
-        except re.error as exc:
-            raise ConfigError(f"{key}: {pattern!r} is not a valid regular expression ({exc})") from exc
+        problem = regex_problem(pattern, pattern[3:])
+        if problem:
+            raise ConfigError(f"{key}: {problem}")
+        rx = re.compile(pattern[3:])
         return lambda name: rx.fullmatch(name) is not None
     if any(c in pattern for c in "*?["):
         def glob(name: str) -> bool:
@@ -480,10 +480,13 @@ def _matcher(pattern: str, key: str):
     return lambda name: name == pattern or name.endswith("." + pattern)
 
 
+# A rank_pattern / alpha_pattern key matches the end of a module name (peft.utils.other.get_pattern_key's rule)
+PATTERN_KEY = r"(.*\.)?({})$"
+
+
 def pattern_matches(key: str, name: str) -> bool:
-    """Whether a rank_pattern / alpha_pattern key matches a module name: as a regex, the end of the name
-    (`(.*[.])?(KEY)$`, peft.utils.other.get_pattern_key's rule)."""
-    return re.match(rf"(.*\.)?({key})$", name) is not None
+    """Whether a rank_pattern / alpha_pattern key matches a module name (PATTERN_KEY)."""
+    return re.match(PATTERN_KEY.format(key), name) is not None
 
 
 def pattern_value(patterns: dict, name: str, default):
@@ -501,11 +504,11 @@ def pattern_problems(targets: list[str], cfg: LoraConfig) -> list[str]:
     for key, patterns in (("lora.rank_pattern", cfg.rank_pattern), ("lora.alpha_pattern", cfg.alpha_pattern)):
         unmatched = []
         for pattern in patterns or {}:
-            try:
-                if not any(pattern_matches(pattern, t) for t in targets):
-                    unmatched.append(repr(pattern))
-            except re.error as exc:
-                problems.append(f"{key}: {pattern!r} is not a valid regular expression ({exc})")
+            problem = regex_problem(pattern, PATTERN_KEY.format(pattern))
+            if problem:
+                problems.append(f"{key}: {problem}")
+            elif not any(pattern_matches(pattern, t) for t in targets):
+                unmatched.append(repr(pattern))
         if unmatched:
             what = "matches" if len(unmatched) == 1 else "match"
             problems.append(f"{key}: {', '.join(unmatched)} {what} none of the targeted layers (a key matches the "

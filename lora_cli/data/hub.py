@@ -66,18 +66,20 @@ def read_dataset(source: str, data_cfg: DataConfig, key: str = "data.train") -> 
     return frame, classes
 
 
+def _repo(source: str) -> str:
+    return source[len(HUB_PREFIX):].strip("/")
+
+
 def hub_name_problem(source: str, key: str) -> str | None:
-    repo = source[len(HUB_PREFIX):].strip("/")
+    """A source that is not hf://datasets/OWNER/NAME: checked before anything is read (data.io.source_problem)."""
+    repo = _repo(source)
     if repo.count("/") != 1 or not all(repo.split("/")):
         return f"{key}: {source} is not a hub dataset name; write hf://datasets/OWNER/NAME"
     return None
 
 
 def _load_hub(datasets, source: str, subset: str | None, split: str, key: str):
-    problem = hub_name_problem(source, key)
-    if problem:
-        raise DataError(problem)
-    repo = source[len(HUB_PREFIX):].strip("/")
+    repo = _repo(source)  # its form was checked by read_table (hub_name_problem)
     try:
         return datasets.load_dataset(repo, subset, split=split)
     except Exception as exc:  # noqa: BLE001: the library raises ConnectionError, ValueError, FileNotFoundError, ...
