@@ -433,10 +433,11 @@ ROWS = [
         ("data.columns.respons", "unknown role")),
     Row("config-val-split-one", "train", train_cfg({"data": {"val_split": 1.0}}), 2, ("data.val_split",)),
     Row("config-data-train-missing", "train", train_cfg({"data": {"train": DELETE}}), 2, ("data.train", "required")),
+    # one problem that needs the model names the config file as several do
     Row("config-max-length-above-context", "train", train_cfg({"data": {"max_length": 4096}}), 2,
-        ("data.max_length", "4096", "128")),
+        ("run.yaml: data.max_length: 4096 is above the model's context (n_positions = 128)",)),
     Row("config-target-matches-nothing", "train", train_cfg({"lora": {"targets": ["attn.c_atn"]}}), 2,
-        ("lora.targets", "c_atn")),
+        ("run.yaml: lora.targets: 'attn.c_atn' matches no linear layer",)),
     # the checks that need the model, all in one line (the tiny model: 2 blocks, 128 positions)
     Row("config-model-checks-at-once", "train", train_cfg({"data": {"max_length": 4096}, "lora": {
         "targets": ["attn.c_atn", "mlp.fc", "attn.c_attn"], "layers": [5], "modules_to_save": ["wte2"]}}), 2,
@@ -471,7 +472,7 @@ ROWS = [
          "; data.test: hf://datasets/x is not a hub dataset name; write hf://datasets/OWNER/NAME")),
     Row("data-unsupported-type-before-the-model", "train", train_cfg({
         "model": "{ws}/no-such-model", "data": {"train": "{ws}/tiny/model.safetensors"}}), 1,
-        ("data.train: {ws}/tiny/model.safetensors: unsupported file type '.safetensors'; use .csv",)),
+        ("run.yaml: data.train: {ws}/tiny/model.safetensors: unsupported file type '.safetensors'; use .csv",)),
     Row("flag-set-without-value", "train", lambda ws, d: train_cfg()(ws, d) + ["--set", "train.lr"], 2,
         ("--set", "train.lr")),
     Row("flag-set-unknown-key", "train", lambda ws, d: train_cfg()(ws, d) + ["--set", "train.bach_size=2"], 2,
