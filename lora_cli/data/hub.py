@@ -47,7 +47,10 @@ def read_dataset(source: str, data_cfg: DataConfig, key: str = "data.train") -> 
     except ImportError:
         raise ConfigError(f"{key}: {source} is read with the `datasets` library, which is not installed; "
                           f"{INSTALL}") from None
+    from huggingface_hub.utils import logging as hf_logging  # installed with datasets
+
     datasets.logging.set_verbosity_error()  # "Using the latest cached version ..." is not for our users
+    hf_logging.set_verbosity_error()  # nor the download's retry warnings (12 lines when the hub is unreachable)
     split = split_for(key, data_cfg)
     if is_hub_dataset(source):
         ds = _load_hub(datasets, source, data_cfg.subset, split, key)
