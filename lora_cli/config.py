@@ -239,6 +239,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     source: str | None = None  # the config file this came from (not a key)
 
+    @property
+    def label(self) -> str:
+        """What messages about this config start with: its file, or 'config' for one built in code."""
+        return self.source or "config"
+
     def to_dict(self) -> dict:
         out: dict[str, Any] = {"model": self.model.to_yaml(), "out_dir": self.out_dir, "task": self.task}
         for section in SECTIONS:
@@ -408,11 +413,11 @@ def build_config(
     _check_constraints(checked, report)
     cfg = checked if model is not None else None
     if problems:
-        raise ConfigError(all_problems(source or "config", problems))
+        raise ConfigError(all_problems(checked.label, problems))
     assert cfg is not None
     _resolve_paths(cfg, Path(base_dir))
     if cfg.model.tokenizer is not None and not Path(cfg.model.tokenizer).exists():  # a path, never a hub id
-        raise ConfigError(f"{source or 'config'}: model.tokenizer: {cfg.model.tokenizer} does not exist; name a "
+        raise ConfigError(f"{cfg.label}: model.tokenizer: {cfg.model.tokenizer} does not exist; name a "
                           "tokenizer directory or tokenizer.json file (relative to the config)")
     return cfg
 

@@ -209,7 +209,7 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
     low = DTYPES[precision] if precision in ("bf16", "fp16") else None  # kept as stored: no fp32 copy
     unreadable = source_problems(cfg)  # before a model download that would be wasted
     if unreadable:
-        raise DataError(all_problems(cfg.source or "config", unreadable))
+        raise DataError(all_problems(cfg.label, unreadable))
     base, tokenizer = load_with_tokenizer(cfg.model, dtype=low)
     model = base.model
     if cfg.task == "classification":  # its head, which lora.targets may name, comes with the data's labels
@@ -250,8 +250,7 @@ def check_against_model(cfg: RunConfig, model, lora_cfg, resolved_only: bool = F
         problems.append(str(exc))
     problems += config_problems(model, lora_cfg, resolved_only)
     if problems:
-        raise ConfigError(all_problems(cfg.source or "config", problems))
-
+        raise ConfigError(all_problems(cfg.label, problems))
 
 
 def estimate_memory(s: Setup) -> int:
