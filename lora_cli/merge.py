@@ -52,6 +52,9 @@ CARRIED_FILES = (TOKENIZER_FILE, *SIDE_FILES, TEMPLATE_FILE)
 # What a merged directory holds; --overwrite replaces only a directory like that (or an empty one).
 MERGED_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES, "README.md", "generation_config.json",
                 TOKENIZER_FILE, TEMPLATE_FILE)
+# The model card's words that tell a directory `lora merge` wrote from a Hugging Face checkpoint holding the same
+# file names (config.json, model.safetensors, README.md): --overwrite replaces only the former.
+WRITTEN_BY = "written by `lora merge` (lora-cli)"
 
 
 # ------------------------------------------------------------------------------------- tokenizer files
@@ -172,8 +175,8 @@ def model_card(base, adapter, dtype: str) -> str:
         "",
         "# Merged LoRA model",
         "",
-        f"A {FAMILY_NAMES[family]} model: the LoRA adapter `{adapter.path.name}` folded into its base model, written by "
-        "`lora merge` (lora-cli). It loads without lora-cli or PEFT.",
+        f"A {FAMILY_NAMES[family]} model: the LoRA adapter `{adapter.path.name}` folded into its base model, {WRITTEN_BY}. "
+        "It loads without lora-cli or PEFT.",
         "",
         "## Made from",
         "",
@@ -240,10 +243,35 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise ConfigError(f"--out {out} is a file; choose a directory path for the merged model")
     if not overwrite:
         raise ConfigError(f"--out {out} already exists; choose a new directory or pass --overwrite to replace it")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in MERGED_FILES)
+    names = sorted(p.name for p in out.iterdir())
+    foreign = [name for name in names if name not in MERGED_FILES]
     if foreign:
         raise ConfigError(f"--out {out} holds files a merge did not write ({foreign[0]}); --overwrite replaces only "
                           "a merged model directory; choose another directory")
+    if names and not _written_by_merge(out / "README.md"):
+        raise ConfigError(f"--out {out} is a model directory that `lora merge` did not write (its README.md has no "
+                          "lora-cli model card); --overwrite replaces only a merged model directory; choose another "
+                          "directory")
+
+
+def _written_by_merge(card: Path) -> bool:
+    try:
+        return WRITTEN_BY in card.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+
+
+def check_not_base(out: Path, base) -> None:
+    """--out must not be the directory the base model is read from (or hold it): writing there replaces the
+    base that the adapter is recorded against."""
+    if base.source != "local":
+        return
+    where = Path(base.name)
+    where = where if where.is_dir() else where.parent
+    target = out.resolve()
+    if target == where or target in where.parents:
+        raise ConfigError(f"--out {out} is where the base model {base.name} is read from; choose another directory "
+                          "for the merged model")
 
 
 def classifier_pad_id(tokenizer) -> int:
@@ -273,6 +301,7 @@ def merge_adapter(adapter, out_dir, model: str | None = None, dtype: str = "fp32
 def _merge_into(out: Path, adapter, model, dtype: str, overwrite: bool, allow_mismatch: bool, log) -> MergeResult:
     check_out_dir(out, overwrite)
     loaded = load_for_inference(adapter, model, allow_mismatch)
+    check_not_base(out, loaded.base)
     net = loaded.model.float()  # the merge arithmetic is fp32 whatever the storage dtype
     labels = loaded.settings.labels if getattr(net, HEAD, None) is not None else None
     layers = len(lora_layers(net))

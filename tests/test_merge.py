@@ -143,6 +143,29 @@ def test_bf16_merge_and_existing_directory(merged, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["half", "precious"]  # no staging left behind
 
 
+def test_overwrite_never_replaces_a_checkpoint_merge_did_not_write_nor_the_base(merged, tmp_path):
+    import shutil
+
+    root, adapter, out = merged
+    # a Hugging Face checkpoint holds only file names a merge writes too; its README is not our model card
+    plain = tmp_path / "plain"
+    shutil.copytree(root / "base", plain)
+    (plain / "README.md").write_text("# my model\n")
+    before = tree(plain)
+    line = assert_one_line_error(*cli("merge", "--adapter", adapter, "--out", plain, "--overwrite"), expected_code=2)
+    assert line == (f"error: --out {plain} is a model directory that `lora merge` did not write (its README.md has "
+                    "no lora-cli model card); --overwrite replaces only a merged model directory; choose another "
+                    "directory")
+    assert tree(plain) == before
+    # a merged directory is one --overwrite may replace, but not while it is the base being read
+    before = tree(out)
+    line = assert_one_line_error(*cli("merge", "--adapter", adapter, "--model", out, "--allow-mismatch", "--out",
+                                      out, "--overwrite"), expected_code=2)
+    assert line == (f"error: --out {out} is where the base model {out} is read from; choose another directory for "
+                    "the merged model")
+    assert tree(out) == before
+
+
 def test_merge_bad_inputs(merged, tmp_path):
     root, adapter, _ = merged
     make_hf_gpt2(tmp_path / "other", seed=5)
