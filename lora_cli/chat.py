@@ -93,16 +93,21 @@ class Replier:
 # -------------------------------------------------------------------------------------------- `lora chat`
 
 
+def _to(stream) -> Callable[[str], None]:
+    def write(text: str) -> None:
+        stream.write(text)
+        stream.flush()
+    return write
+
+
 def chat_loop(replier: Replier, system: str | None = None, read: Callable[[], str] = input,
-              write: Callable[[str], Any] | None = None) -> tuple[int, int]:
+              write: Callable[[str], Any] | None = None, report: Callable[[str], Any] | None = None) -> tuple[int, int]:
     """Talk until /exit or end of input (Ctrl-D): each line is the user's message, the reply is streamed, the
     history is kept (/reset clears it, keeping --system). A turn that fails (e.g. the history outgrew the
-    context) prints one error line and leaves the history as it was. Returns (replies, failed turns)."""
-    def default_write(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    write = write or default_write
+    context) reports one error line (on stderr: stdout holds only the conversation) and leaves the history as it
+    was. Returns (replies, failed turns)."""
+    write = write or _to(sys.stdout)
+    report = report or _to(sys.stderr)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     replies = failed = 0
@@ -129,7 +134,8 @@ def chat_loop(replier: Replier, system: str | None = None, read: Callable[[], st
                 write(piece)
                 text += piece
         except LoraError as exc:
-            write(f"{'' if not text else chr(10)}error: {exc}\n")
+            write("\n" if text else "")  # a reply cut short ends its line
+            report(f"error: {exc}\n")
             failed += 1
             continue
         write("\n")

@@ -235,11 +235,12 @@ def generate(
     """Generate text with an adapter (its prompt template applied) or a base model; streams a single prompt."""
     from lora_cli.evaluation import generate_texts
     from lora_cli.inference import DataSettings, decodes_many_rows, load_placed, open_adapter, pack_for_decoding
-    from lora_cli.prompts import collect_prompts, escape_line, sampling_options
+    from lora_cli.prompts import check_lengths, collect_prompts, escape_line, sampling_options
 
     if adapter is None and model is None:
         raise ConfigError("name a model: --adapter FILE (its base and prompt template come with it) or --model MODEL")
     options = sampling_options(temperature, top_k, top_p, greedy)
+    check_lengths(max_new_tokens, no_repeat_ngram_size)
     adapter_obj = open_adapter(adapter)
     settings = DataSettings.from_adapter(adapter_obj)
     if settings.task == "classification":
@@ -306,6 +307,10 @@ def chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, prec
     from lora_cli.inference import load_placed
 
     loaded = load_placed(adapter_obj, model, allow_mismatch, device, precision)
+    context = loaded.model.config.n_positions
+    if max_new_tokens is not None and max_new_tokens >= context:  # no conversation could fit: say so before any
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} leaves no room for a conversation in the model's "
+                          f"context of {context} tokens; lower it below {context}")
     template = chat_template_for(loaded, chat_template)
     return Replier(loaded, loaded.model, template, default if max_new_tokens is None else max_new_tokens,
                    {**options, **more},
@@ -334,11 +339,12 @@ def chat(
     it, /exit or Ctrl-D ends."""
     from lora_cli.chat import HELP, chat_loop
     from lora_cli.inference import DataSettings, open_adapter
-    from lora_cli.prompts import sampling_options
+    from lora_cli.prompts import check_lengths, sampling_options
 
     if adapter is None and model is None:
         raise ConfigError("name a model: --adapter FILE (its base and chat template come with it) or --model MODEL")
     options = sampling_options(temperature, top_k, top_p, greedy)
+    check_lengths(max_new_tokens, no_repeat_ngram_size)
     adapter_obj = open_adapter(adapter)
     if DataSettings.from_adapter(adapter_obj).task == "classification":
         raise ConfigError(f"adapter {adapter} is a classifier; `lora chat` needs a causal-LM adapter")

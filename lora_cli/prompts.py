@@ -4,6 +4,7 @@ prompt template, the reference column of a held-out table, and `lora generate`'s
 from __future__ import annotations
 
 import json
+import math
 import string
 import sys
 from dataclasses import dataclass
@@ -182,7 +183,14 @@ def check_input_flag(settings: DataSettings, template: bool, input_text: str | N
 
 
 def sampling_options(temperature: float | None, top_k: int | None, top_p: float | None, greedy: bool) -> dict:
-    """Greedy unless asked to sample: --temperature T samples at T; --top-k / --top-p alone sample at 1.0."""
+    """Greedy unless asked to sample: --temperature T samples at T; --top-k / --top-p alone sample at 1.0. The
+    flags are checked here, before a model loads, so a bad one is the command's one error line."""
+    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"--top-k must be a positive integer, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {top_p}")
     if greedy:
         if (temperature or 0.0) > 0 or top_k is not None or top_p is not None:
             raise ConfigError("--greedy picks the most likely token; drop --temperature, --top-k and --top-p")
@@ -190,6 +198,14 @@ def sampling_options(temperature: float | None, top_k: int | None, top_p: float 
     if temperature is None:
         temperature = 1.0 if (top_k is not None or top_p is not None) else 0.0
     return {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+
+
+def check_lengths(max_new_tokens: int | None, no_repeat_ngram_size: int) -> None:
+    """--max-new-tokens and --no-repeat-ngram-size, checked before a model loads."""
+    if max_new_tokens is not None and max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be a non-negative integer, got {max_new_tokens}")
+    if no_repeat_ngram_size < 0:
+        raise ConfigError(f"--no-repeat-ngram-size must be a non-negative integer (0 = off), got {no_repeat_ngram_size}")
 
 
 def escape_line(text: str) -> str:

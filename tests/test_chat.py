@@ -408,13 +408,36 @@ def test_piped_chat_fits_replies_in_the_context_and_fails_with_exit_1(chat_run):
     ids = len(chat_prompt_ids(load_for_inference(adapter), [{"role": "user", "content": "Repeat apple."},
                                                             {"role": "assistant", "content": first[:-1]},
                                                             {"role": "user", "content": "Once more?"}]))
-    assert second == (f"error: the conversation has {ids} tokens, which fill the model's context of 128 tokens; "
-                      "start over (/reset in lora chat) or shorten it\n")  # this rambling model used the context up
+    assert second == ""  # the failed turn's error is on stderr: stdout holds only the conversation
+    assert err.splitlines()[-1] == (f"error: the conversation has {ids} tokens, which fill the model's context of "
+                                    "128 tokens; start over (/reset in lora chat) or shorten it")  # context used up
     assert code == 1  # a turn failed
-    code, out, err = cli("chat", "--adapter", adapter, "--device", "cpu", "--max-new-tokens", "200",
-                         stdin="Hi\n", cwd=root)
-    assert code == 1 and ("error: max_new_tokens=200 leaves no room for a prompt in the model's context of 128 "
-                          "tokens; lower max_new_tokens below 128") in out
+
+
+FLAG_ERRORS = [
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be a non-negative integer, got -1"),
+    (["--temperature", "-0.5"], "--temperature must be >= 0 (0 = greedy), got -0.5"),
+    (["--temperature", "nan"], "--temperature must be >= 0 (0 = greedy), got nan"),
+    (["--top-k", "0"], "--top-k must be a positive integer, got 0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["--no-repeat-ngram-size", "-2"], "--no-repeat-ngram-size must be a non-negative integer (0 = off), got -2"),
+]
+# lora generate fits each prompt to the budget once the prompts are read; lora chat checks it as it starts
+CHAT_ONLY = [(["--max-new-tokens", "200"], "--max-new-tokens 200 leaves no room for a conversation in the model's "
+                                           "context of 128 tokens; lower it below 128")]
+
+
+@pytest.mark.parametrize("command, flags, message", [("chat", *case) for case in FLAG_ERRORS + CHAT_ONLY]
+                         + [("generate", *case) for case in FLAG_ERRORS])
+def test_decoding_flags_are_checked_before_any_input(chat_run, command, flags, message):
+    """A bad decoding flag is one line, exit 2, before a line of input is read (as lora generate does), with or
+    without input to answer."""
+    root, adapter = chat_run
+    args = ["generate", "--file", "-"] if command == "generate" else ["chat"]
+    args += ["--adapter", adapter, "--device", "cpu", *flags]
+    for stdin in ("", "Hi\n"):
+        line = assert_one_line_error(*cli(*args, stdin=stdin, cwd=root), expected_code=2)
+        assert line == f"error: {message}"
 
 
 def test_chat_precision(chat_run):
