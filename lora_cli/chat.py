@@ -18,7 +18,7 @@ from lora_cli.chat_template import chat_ids, conversation, reply_ends, resolve_t
 from lora_cli.errors import ConfigError, ConversationError, LoraError
 from lora_cli.generate import StopText, stream_text
 from lora_cli.inference import Loaded
-from lora_cli.prompts import escape_line, numbered_lines, read_text_file
+from lora_cli.prompts import escape_line, not_utf8, numbered_lines, read_text_file
 
 PROMPT = ">>> "  # what `lora chat` shows when it waits for the user
 HELP = "/reset clears the history, /exit or Ctrl-D ends"
@@ -118,6 +118,12 @@ def chat_loop(replier: Replier, system: str | None = None, read: Callable[[], st
         except EOFError:  # Ctrl-D
             write("\n")
             return replies, failed
+        except UnicodeDecodeError:  # a strict stdin decoder met bytes that are not UTF-8
+            line = "\udcff"
+        if not_utf8(line):
+            report("error: that line is not UTF-8 text; type or send UTF-8\n")
+            failed += 1
+            continue
         command = line.strip()
         if not command:
             continue

@@ -20,7 +20,7 @@ from lora_cli.data import Example, batch_indices, collate
 from lora_cli.errors import ConfigError, DataError
 from lora_cli.inference import DataSettings, load_placed, open_adapter
 from lora_cli.loss import class_logits
-from lora_cli.prompts import numbered_lines, read_text_file
+from lora_cli.prompts import numbered_lines, read_stdin, read_text_file
 from lora_cli.runtime import DTYPES, autocast_for, resolve_precision
 
 
@@ -51,7 +51,7 @@ def read_texts(texts: Sequence[str], file: str | Path | None = None, stdin=None)
         if file is None and stdin.isatty():
             raise ConfigError('give texts to classify: lora predict --adapter FILE "TEXT" ..., --file FILE '
                               "(one text per line), or pipe them on stdin")
-        content, name = stdin.read(), "stdin"
+        content, name = read_stdin(stdin), "stdin"
     else:
         content, name = read_text_file(Path(file)), str(file)
     items = numbered_lines(content, name)

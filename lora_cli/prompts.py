@@ -95,18 +95,37 @@ class PromptItem:
     where: str
 
 
+def utf8_text(data: bytes, name: str) -> str:
+    """Bytes read from a file or stdin as UTF-8 text; anything else is one line naming where it came from."""
+    try:
+        return data.decode("utf-8-sig")  # an editor's byte-order mark is not part of the first line
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{name}: not UTF-8 text (byte offset {exc.start}); re-save it as UTF-8") from None
+
+
+def read_stdin(stream=None) -> str:
+    """All of stdin as UTF-8 text, strictly: Python's own decoding of stdin would let other bytes through as
+    escapes (under a C locale) and turn them into junk tokens."""
+    stream = sys.stdin if stream is None else stream
+    raw = getattr(stream, "buffer", None)
+    return stream.read() if raw is None else utf8_text(raw.read(), "stdin")
+
+
+def not_utf8(text: str) -> bool:
+    """A line Python decoded with escapes for bytes that are not UTF-8 (its surrogateescape error handler)."""
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
 def read_text_file(path: Path) -> str:
     """The UTF-8 text of --file PATH ('-': stdin), with one-line errors naming it."""
     if str(path) == "-":
-        return sys.stdin.read()
+        return read_stdin()
     if not path.exists():
         raise DataError(f"--file {path} does not exist")
     if path.is_dir():
         raise DataError(f"--file {path} is a directory; pass a text file with one prompt per line")
     try:
-        return path.read_bytes().decode("utf-8-sig")  # an editor's byte-order mark is not part of the first line
-    except UnicodeDecodeError as exc:
-        raise DataError(f"--file {path}: not UTF-8 text (byte offset {exc.start}); re-save it as UTF-8") from None
+        return utf8_text(path.read_bytes(), f"--file {path}")
     except OSError as exc:
         raise DataError(f"cannot read --file {path}: {exc.strerror or exc}") from exc
 

@@ -35,7 +35,7 @@ def child_env(**extra) -> dict:
     return env
 
 
-def python(*args, cwd=None, env: dict | None = None, timeout: float = TIMEOUT_S, stdin: str | None = None,
+def python(*args, cwd=None, env: dict | None = None, timeout: float = TIMEOUT_S, stdin: str | bytes | None = None,
            popen: bool = False, **kw):
     """`python ARGS` in a fresh interpreter: a CompletedProcess with text output, or the Popen with popen=True
     (stdout and stderr piped unless given in kw). env: the whole environment (default: ours), with the repo on
@@ -45,6 +45,10 @@ def python(*args, cwd=None, env: dict | None = None, timeout: float = TIMEOUT_S,
     if popen:
         kw = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kw}
         return subprocess.Popen(argv, cwd=cwd, env=env, text=True, **kw)
+    if isinstance(stdin, bytes):  # bytes that need not be text in, text out
+        done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, timeout=timeout, input=stdin, **kw)
+        return subprocess.CompletedProcess(argv, done.returncode, done.stdout.decode(errors="replace"),
+                                           done.stderr.decode(errors="replace"))
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
                           input=stdin if stdin is not None else "", **kw)
 
@@ -60,10 +64,11 @@ def warm_zygote() -> zygote.Zygote:
     return _ZYGOTE[0]
 
 
-def cli(*args, cwd=None, env: dict | None = None, stdin: str | None = None, memory_mb: int | None = None) -> Result:
+def cli(*args, cwd=None, env: dict | None = None, stdin: str | bytes | None = None,
+        memory_mb: int | None = None) -> Result:
     """Run the real `lora ARGS` command, as `python -m lora_cli` does, in a child forked from the warm zygote:
     Result(rc, stdout, stderr), which also unpacks as a tuple. cwd: the current directory; env: child_env()
-    (no LORA_/HF_ settings of the caller, offline hub); stdin: text for the child's standard input."""
+    (no LORA_/HF_ settings of the caller, offline hub); stdin: text (or bytes) for the child's standard input."""
     argv = [str(a) for a in args]
     cwd = Path(cwd or os.getcwd())
     env = child_env() if env is None else env
@@ -72,7 +77,7 @@ def cli(*args, cwd=None, env: dict | None = None, stdin: str | None = None, memo
     return warm_zygote().run(argv, cwd, env, memory_mb=memory_mb, stdin=stdin)
 
 
-def cli_fresh(*args, cwd=None, env: dict | None = None, stdin: str | None = None) -> Result:
+def cli_fresh(*args, cwd=None, env: dict | None = None, stdin: str | bytes | None = None) -> Result:
     """`python -m lora_cli ARGS` in a fresh interpreter, for what a forked child cannot show (what a command
     imports, that the zygote behaves as the real thing); otherwise use `cli`. env: child_env() by default."""
     try:

@@ -414,6 +414,21 @@ def test_piped_chat_fits_replies_in_the_context_and_fails_with_exit_1(chat_run):
     assert code == 1  # a turn failed
 
 
+def test_bytes_that_are_not_utf8_on_stdin(chat_run):
+    """Bytes that are not UTF-8 on stdin are refused as they are in a file, not decoded into junk tokens: a whole
+    stdin (generate --file -) in one line, exit 1; a chat line as a failed turn (the next line is answered)."""
+    root, adapter = chat_run
+    line = assert_one_line_error(*cli("generate", "--adapter", adapter, "--device", "cpu", "--file", "-",
+                                      stdin=b"Hello\ncaf\xe9\n", cwd=root))
+    assert line == "error: stdin: not UTF-8 text (byte offset 9); re-save it as UTF-8"
+    code, out, err = cli("chat", "--adapter", adapter, "--device", "cpu", "--max-new-tokens", "3",
+                         stdin=b"caf\xe9\nHi\n", cwd=root)
+    assert code == 1  # a turn failed: the first; the second was answered
+    assert [line for line in err.splitlines() if "error" in line] == [
+        "error: that line is not UTF-8 text; type or send UTF-8"]
+    assert out.count(">>> ") == 3 and out.split(">>> ")[1] == ""
+
+
 FLAG_ERRORS = [
     (["--max-new-tokens", "-1"], "--max-new-tokens must be a non-negative integer, got -1"),
     (["--temperature", "-0.5"], "--temperature must be >= 0 (0 = greedy), got -0.5"),

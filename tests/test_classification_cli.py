@@ -242,6 +242,10 @@ def test_predict_arguments_file_stdin_and_json(trained, base_dir, tmp_path):
         assert code == 0, err
         assert out.splitlines() == want_lines
 
+    for args in ((), ("--file", "-")):  # bytes that are not UTF-8 are refused, as in a file
+        line = assert_one_line_error(*cli("predict", "--adapter", adapter, *args, stdin=b"caf\xe9 ok\n"))
+        assert line == "error: stdin: not UTF-8 text (byte offset 3); re-save it as UTF-8"
+
     from lora_cli.predict import load_classifier, predict_texts, prediction_line
 
     preds = predict_texts(load_classifier(adapter, device="cpu"), TEXTS, batch_size=1)  # the library call

@@ -200,14 +200,14 @@ class Zygote:
         return self.scratch / f"{self.count}.out", self.scratch / f"{self.count}.err"
 
     def run(self, argv: list[str], cwd: Path, env: dict, memory_mb: int | None = None,
-            stdin: str | None = None) -> Result:
+            stdin: str | bytes | None = None) -> Result:
         """Run to the end. memory_mb: cap the child's address space at its size before the CLI runs plus this;
-        stdin: the text the child reads on its standard input (default: nothing, /dev/null)."""
+        stdin: the text (or bytes) the child reads on its standard input (default: nothing, /dev/null)."""
         out, err = self._files()
         stdin_file = None
         if stdin is not None:
             stdin_file = out.with_suffix(".in")
-            stdin_file.write_text(stdin)
+            stdin_file.write_bytes(stdin if isinstance(stdin, bytes) else stdin.encode())
         reply = self._ask({"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err),
                            "timeout": self.timeout, "memory_mb": memory_mb,
                            "stdin": str(stdin_file) if stdin_file else None})
