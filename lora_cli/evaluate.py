@@ -22,7 +22,7 @@ from lora_cli.data import (
 )
 from lora_cli.errors import AdapterError, ConfigError, DataError
 from lora_cli.evaluation import eval_batches, evaluate_classification, evaluate_lm, generate_texts
-from lora_cli.fsutil import atomic_path, atomic_write_text
+from lora_cli.fsutil import atomic_path, atomic_write_text, check_output_file
 from lora_cli.inference import (
     DataSettings, Loaded, attach_to, decodes_many_rows, load_base, load_with_tokenizer, open_adapter,
     pack_for_decoding, place,
@@ -199,6 +199,7 @@ class EvalOptions:
     precision: str = "fp32"  # --precision: the dtype the weights are stored in (runtime.inference_dtype)
     progress: bool = False
     plot: Path | None = None
+    overwrite: bool = False  # --overwrite: --predictions and --plot may replace existing files
 
     def check(self) -> None:
         """The flags' own errors, before any file is read."""
@@ -232,6 +233,9 @@ class EvalOptions:
                 and Path(str(self.data)).suffix.lower() not in (".csv", ".tsv"):
             flag = "--no-header" if self.header is not None else "--column-names"
             raise ConfigError(f"{flag} describes a CSV or TSV file's columns; {self.data} is not one")
+        for flag, path in (("--predictions", self.predictions), ("--plot", self.plot)):
+            if path is not None:  # before the evaluation, not after it
+                check_output_file(path, flag, self.overwrite)
         if self.meteor:
             why = meteor_unavailable()
             if why:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from lora_cli.errors import InUseError, LoraError
+from lora_cli.errors import ConfigError, InUseError, LoraError
 
 
 def _umask() -> int:
@@ -45,6 +45,23 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def check_output_file(path: str | os.PathLike, flag: str, overwrite: bool) -> None:
+    """An output file a command will write once its work is done, checked before the work: not a directory, not
+    an existing file unless --overwrite, in a folder that exists (or can be made) and can be written."""
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{flag} {target} is a directory; name a file to write")
+    if target.exists() and not overwrite:
+        raise ConfigError(f"{flag} {target} already exists; choose a new file or pass --overwrite to replace it")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:  # the folders atomic_path would make
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{flag} {target}: {folder} is not a directory; choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {target}: {folder} is not writable; choose a writable location")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` atomically, on failure it vanishes."""
@@ -65,6 +82,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(target.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
+        if target.is_dir():  # os.replace cannot put a file over a directory
+            raise LoraError(f"cannot write {target}: it is a directory; name a file") from exc
         raise LoraError(f"cannot write {target}: {exc.strerror or exc}; check free disk space and permissions") from exc
     except Exception as exc:
         # Writers wrap ENOSPC in their own errors (safetensors: SafetensorError, torch.save: RuntimeError

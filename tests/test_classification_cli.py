@@ -206,6 +206,23 @@ def test_eval_table_and_plot(trained, tmp_path):
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     assert [p.name for p in plot.parent.iterdir()] == ["confusion.png"]  # no temporary file left behind
 
+    # an existing file is replaced only with --overwrite; a path that cannot be written is refused before the
+    # evaluation, in one line (exit 2), with nothing written
+    data = ("--adapter", adapter, "--data", root / "out" / "test.csv")
+    before, inode = plot.read_bytes(), plot.stat().st_ino
+    (tmp_path / "file").write_text("x")
+    for target, message in (
+            (plot, f"--plot {plot} already exists; choose a new file or pass --overwrite to replace it"),
+            (plot.parent, f"--plot {plot.parent} is a directory; name a file to write"),
+            (tmp_path / "file" / "c.png", f"--plot {tmp_path / 'file' / 'c.png'}: {tmp_path / 'file'} is not a "
+                                          "directory; choose another path")):
+        line = assert_one_line_error(*cli("eval", *data, "--plot", target), expected_code=2)
+        assert line == f"error: {message}"
+    assert plot.read_bytes() == before and (tmp_path / "file").read_text() == "x"
+    code, _, err = cli("eval", *data, "--plot", plot, "--overwrite", "--no-base")
+    assert code == 0, err
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_ino != inode  # written anew
+
 
 # ---------------------------------------------------------------------------------------------- lora predict
 

@@ -155,6 +155,17 @@ def test_generate_groups_references_per_prompt(run, tmp_path):
     assert [x["prediction"] for x in lines] == [decode(t).strip() for t in expected]
     again = generation_metrics([x["prediction"] for x in lines], [x["references"] for x in lines])
     assert {k: gen[k] for k in again} == again
+    # the file now exists: replaced only with --overwrite, refused before any decoding without it
+    written = preds.read_text()
+    args = ("eval", "--model", root / "base", "--data", tmp_path / "e2e.csv", "--format", "prompt_completion",
+            "--column", "prompt=mr", "--column", "completion=ref", "--generate", "--max-new-tokens", "6",
+            "--predictions", preds)
+    line = assert_one_line_error(*cli(*args), expected_code=2)
+    assert line == f"error: --predictions {preds} already exists; choose a new file or pass --overwrite to replace it"
+    assert preds.read_text() == written
+    code, _, err = cli(*args, "--overwrite", "--batch-size", "2", "--json")
+    assert code == 0, err
+    assert preds.read_text() == written  # the same greedy outputs, written again
 
 
 def test_bad_inputs_one_line_and_nothing_written(run, tmp_path):
