@@ -156,6 +156,7 @@ def eval_(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Classifiers: write the confusion matrix as a PNG image to this file."),
     overwrite: bool = typer.Option(False, "--overwrite", help="--predictions and --plot may replace existing files."),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Skip (and count) rows with a missing or empty field instead of stopping at the first."),
 ) -> None:
     """Loss, perplexity and next-token accuracy on held-out data: base and adapter side by side. Classifiers:
     loss, accuracy, per-class precision/recall/F1, macro-F1 and the confusion matrix."""
@@ -173,7 +174,8 @@ def eval_(
         compare_base=not no_base, allow_mismatch=allow_mismatch, generate=gen, max_new_tokens=max_new_tokens,
         num_beams=num_beams, length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
         lowercase=lowercase, meteor=meteor, predictions=predictions, device=device,
-        precision=precision, progress=not quiet and sys.stderr.isatty(), plot=plot, overwrite=overwrite)
+        precision=precision, progress=not quiet and sys.stderr.isatty(), plot=plot, overwrite=overwrite,
+        skip_bad_rows=skip_bad_rows)
     result = run_eval(options, log=lambda m: typer.echo(m, err=True))
     if as_json:
         echo_json(result)

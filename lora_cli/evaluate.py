@@ -66,7 +66,7 @@ def classification_file(path, data_cfg, labels, adapter=None, tokenizer: Tokeniz
         more += f" ({shown(others)})" if others else ""
         raise DataError(f"{path}: {row_label(frame, i)}: label {value!r} is not one of adapter {adapter}'s labels "
                         f"({shown(list(labels))}){more}; fix or drop those rows")
-    examples, stats = encode_records(frame, fmt, mapping, data_cfg, path, labels, tokenizer)
+    examples, stats = encode_records(frame, fmt, mapping, data_cfg, path, labels, tokenizer, FLAG_HINTS)
     if not examples:
         raise DataError(f"{path}: no usable examples ({stats.skipped} rows skipped as bad); add data")
     return examples, stats, frame, fmt, mapping
@@ -200,6 +200,7 @@ class EvalOptions:
     progress: bool = False
     plot: Path | None = None
     overwrite: bool = False  # --overwrite: --predictions and --plot may replace existing files
+    skip_bad_rows: bool = False  # --skip-bad-rows: rows with a missing or empty field are skipped and counted
 
     def check(self) -> None:
         """The flags' own errors, before any file is read."""
@@ -354,6 +355,8 @@ def held_out_examples(options: EvalOptions, subject: Subject, log) -> HeldOut:
     was trained."""
     cfg, settings = subject.cfg, subject.settings
     n_positions = subject.base.model.config.n_positions
+    if options.skip_bad_rows and cfg is not None:
+        cfg = replace(cfg, data=replace(cfg.data, skip_bad_rows=True))
     if cfg is not None and options.data is None:
         if options.max_length is not None:
             cfg = replace(cfg, data=replace(cfg.data, max_length=options.max_length))
@@ -381,7 +384,8 @@ def held_out_examples(options: EvalOptions, subject: Subject, log) -> HeldOut:
     if cfg is not None:
         data_cfg = replace(data_cfg, max_length=min(options.max_length or data_cfg.max_length, n_positions))
     data_cfg = replace(data_cfg, split=options.split or data_cfg.split,
-                       subset=options.subset if options.subset is not None else data_cfg.subset)
+                       subset=options.subset if options.subset is not None else data_cfg.subset,
+                       skip_bad_rows=data_cfg.skip_bad_rows or options.skip_bad_rows)
     if options.header is not None:
         data_cfg = replace(data_cfg, header=options.header)
     elif not data_cfg.header and _starts_with_names(data, data_cfg):

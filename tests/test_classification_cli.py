@@ -445,8 +445,8 @@ def test_bad_inputs_are_one_exact_line(trained, base_dir, tmp_path):
     no_text = tmp_path / "no-text.csv"
     no_text.write_text("text,label\ngood day,pos\n,neg\n")
     cases.append((("eval", "--adapter", adapter, "--data", no_text), 1,
-                  f"error: {no_text}: row 2 (line 3): column 'text' is empty; fill it in or set "
-                  "data.skip_bad_rows: true to skip such rows"))
+                  f"error: {no_text}: row 2 (line 3): column 'text' is empty; fill it in or pass --skip-bad-rows to "
+                  "skip such rows"))
     headerless = tmp_path / "headerless.tsv"
     headerless.write_text("pos\tgood day\nneg\tbad day\n")
     cases.append((("eval", "--adapter", adapter, "--data", headerless), 1,
@@ -494,3 +494,7 @@ def test_bad_inputs_are_one_exact_line(trained, base_dir, tmp_path):
         code, out, err = cli(*args)
         assert assert_one_line_error(code, out, err, want_code) == want
     assert not (tmp_path / "o").exists() and not (tmp_path / "x.png").exists()
+    # what the hint says works: the empty row is skipped, the other evaluated
+    code, out, err = cli("eval", "--adapter", adapter, "--data", no_text, "--skip-bad-rows", "--json", "--no-base")
+    assert code == 0, err
+    assert json.loads(out)["examples"] == 1

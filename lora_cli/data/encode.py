@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from lora_cli.chat_template import (conversation, encode_chat, resolve_template, template_tokens,
                                     writes_assistant_content)
 from lora_cli.config import DATA_FORMATS, DataConfig
-from lora_cli.data.formats import (OPTIONAL_ROLES, RESPONSE_ROLE, detect_format, hints_for, render_prompt,
+from lora_cli.data.formats import (CONFIG_HINTS, OPTIONAL_ROLES, RESPONSE_ROLE, detect_format, hints_for, render_prompt,
                                    template_fields)
 from lora_cli.data.io import Table, read_table
 from lora_cli.errors import ConfigError, ConversationError, DataError
@@ -173,9 +173,11 @@ def encode_records(
     path: str | Path | None = None,
     labels: Sequence[str] | None = None,
     tokenizer: Tokenizer = GPT2,
+    hints: Mapping[str, str] = CONFIG_HINTS,
 ) -> tuple[list[Example], DataStats]:
     """Rows -> Examples. Rows with a missing or empty required field (or a list/object where text belongs)
-    raise one DataError naming the rows, or are skipped and counted with data.skip_bad_rows. For
+    raise one DataError naming the rows (and, from `hints`, how to skip them: data.skip_bad_rows, or a flag),
+    or are skipped and counted with data.skip_bad_rows. For
     classification, `labels` fixes the label order (e.g. the training file's, or an adapter's); otherwise it is
     `label_order`; a label outside a fixed order is a DataError."""
     path = str(path if path is not None else df.path)
@@ -186,7 +188,7 @@ def encode_records(
         return examples, count_stats(stats, examples)
 
     if fmt == "chat":
-        examples = encode_conversations(df, mapping["messages"], data_cfg, path, tokenizer, stats)
+        examples = encode_conversations(df, mapping["messages"], data_cfg, path, tokenizer, stats, hints)
         return examples, count_stats(stats, examples)
 
     required = [r for r in DATA_FORMATS[fmt] if r not in OPTIONAL_ROLES]
@@ -228,8 +230,8 @@ def encode_records(
         if len(bad) > 1:
             others = ", ".join(str(b[0] + 1) for b in bad[1:6])
             more = f" ({len(bad) - 1} more bad rows: {others}{', ...' if len(bad) > 6 else ''})"
-        raise DataError(f"{path}: {row_label(df, i)}: column {column!r} {what}{more}; fill it in or set "
-                        "data.skip_bad_rows: true to skip such rows")
+        raise DataError(f"{path}: {row_label(df, i)}: column {column!r} {what}{more}; fill it in or "
+                        f"{hints['skip']}")
     stats.skipped = len(bad)
     stats.skipped_rows = [b[0] + 1 for b in bad[:20]]
 
@@ -273,7 +275,7 @@ def encode_records(
 
 
 def encode_conversations(df: Table, column: str, data_cfg: DataConfig, path: str, tokenizer: Tokenizer,
-                         stats: DataStats) -> list[Example]:
+                         stats: DataStats, hints: Mapping[str, str] = CONFIG_HINTS) -> list[Example]:
     """Chat rows -> Examples rendered with the chat template (data.chat_template, else the model's own), loss on
     the assistant spans (chat_template.encode_chat). A malformed conversation is a ConversationError naming the
     file and row (or skipped and counted with data.skip_bad_rows); one the template cannot render or split into
@@ -304,8 +306,8 @@ def encode_conversations(df: Table, column: str, data_cfg: DataConfig, path: str
     if bad and not data_cfg.skip_bad_rows:
         i, what = bad[0]
         more = f" ({len(bad) - 1} more bad rows)" if len(bad) > 1 else ""
-        raise ConversationError(f"{path}: {row_label(df, i)}: column {column!r}: {what}{more}; fix it or set "
-                                "data.skip_bad_rows: true to skip such rows")
+        raise ConversationError(f"{path}: {row_label(df, i)}: column {column!r}: {what}{more}; fix it or "
+                                f"{hints['skip']}")
     stats.skipped = len(bad)
     stats.skipped_rows = [b[0] + 1 for b in bad[:20]]
     return examples
@@ -350,7 +352,7 @@ def load_file(
     else:
         cfg = data_cfg if fmt is None else replace(data_cfg, format=fmt)
         fmt, mapping = detect_format(frame.columns, cfg, task, path, hints_for(key))
-    examples, stats = encode_records(frame, fmt, mapping, data_cfg, path, labels, tokenizer)
+    examples, stats = encode_records(frame, fmt, mapping, data_cfg, path, labels, tokenizer, hints_for(key))
     if not examples:
         why = []
         if stats.skipped:

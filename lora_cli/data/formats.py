@@ -27,11 +27,13 @@ _FORMAT_HELP = (
 # How a message tells the user to name a role's column: in the run config, or (a file given with --data) by flag.
 CONFIG_HINTS = {"map": "map one with data.columns.{role}: <column>",
                 "detect": "set data.format, and data.columns to map roles to your columns (e.g. {{prompt: mr, "
-                          "completion: ref}})"}
+                          "completion: ref}})",
+                "skip": "set data.skip_bad_rows: true to skip such rows"}
 FLAG_HINTS = {"map": "map one with --column {role}=<column> (a file without a header row: --no-header "
                      "--column-names NAME,NAME,...)",
               "detect": "pass --format, and --column ROLE=COLUMN to map roles to your columns (a file without a "
-                        "header row: --no-header --column-names NAME,NAME,...)"}
+                        "header row: --no-header --column-names NAME,NAME,...)",
+              "skip": "pass --skip-bad-rows to skip such rows"}
 
 
 def hints_for(key: str) -> Mapping[str, str]:
