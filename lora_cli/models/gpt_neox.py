@@ -73,8 +73,10 @@ class GPTNeoXConfig(HFNames):
             raise ValueError(f"model_type {d.get('model_type')!r} needs {', '.join(missing)} in its config")
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in d.items() if k in known}
-        values.setdefault("rope_theta", d.get("rotary_emb_base", cls.rope_theta))  # transformers 4's name
-        rope = rope_from_hf(d, values["rope_theta"])
+        # The rotary base as GPTNeoXConfig (transformers 5) reads it: rope_parameters' rope_theta, else
+        # rotary_emb_base, else 10000; a top-level rope_theta it never reads.
+        base = d.get("rotary_emb_base", cls.rope_theta)
+        rope = rope_from_hf({**d, "rope_theta": base}, base)
         values["rope_theta"], values["rope_scaling"] = rope["rope_theta"], rope["rope_scaling"]
         if "partial_rotary_factor" in rope:  # transformers 5 moved rotary_pct into rope_parameters
             values["rotary_pct"] = rope["partial_rotary_factor"]

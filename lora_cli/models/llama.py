@@ -27,6 +27,27 @@ ROPE_TYPES = ("default", "llama3")
 # The sizes a config.json must state (no default size is guessed for a real checkpoint).
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
+# What a config.json leaves out takes the default of its family's config class in transformers (5.24: LlamaConfig,
+# MistralConfig, Qwen2Config, Qwen3Config), so the model is the one transformers builds; a field a family does not
+# list here takes the dataclass default below (LlamaConfig's, the same in all four). REQUIRED sizes get none.
+DEFAULTS: dict[str, dict] = {
+    "llama": {},
+    "mistral": {"num_key_value_heads": 8, "max_position_embeddings": 131072, "sliding_window": 4096},
+    "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768, "sliding_window": 4096,
+              "use_sliding_window": False},
+    "qwen3": {"num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 32768, "sliding_window": 4096,
+              "use_sliding_window": False},
+}
+# Keys the family's transformers model never reads (Mistral, Qwen2, Qwen3: no MLP biases; Mistral no attention
+# biases, Qwen2 its fixed q/k/v ones; Llama no sliding window): held at these values, whatever config.json says.
+UNREAD: dict[str, dict] = {
+    "llama": {"sliding_window": None},
+    "mistral": {"attention_bias": False, "mlp_bias": False},
+    "qwen2": {"attention_bias": False, "mlp_bias": False},
+    "qwen3": {"mlp_bias": False},
+}
+LLAMA3_FACTORS = ("factor", "low_freq_factor", "high_freq_factor")
+
 
 @dataclass
 class LlamaConfig(HFNames):
@@ -58,6 +79,8 @@ class LlamaConfig(HFNames):
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type {self.model_type!r} is not one of {', '.join(MODEL_TYPES)}")
+        for name, value in UNREAD[self.model_type].items():
+            setattr(self, name, value)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "max_position_embeddings"):
             if int(getattr(self, name)) <= 0:
@@ -79,6 +102,13 @@ class LlamaConfig(HFNames):
             raise ValueError(f"rope_scaling type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
         if rope_type == "default":
             self.rope_scaling = None
+        elif rope_type == "llama3":
+            missing = [k for k in LLAMA3_FACTORS if k not in self.rope_scaling]
+            if missing:
+                raise ValueError(f"rope_scaling type 'llama3' needs {', '.join(LLAMA3_FACTORS)}; missing: "
+                                 f"{', '.join(missing)}")
+            # transformers' _compute_llama3_parameters: the pretraining context defaults to max_position_embeddings
+            self.rope_scaling = {"original_max_position_embeddings": self.max_position_embeddings, **self.rope_scaling}
         if self.sliding_window is not None and self.sliding_window < self.max_position_embeddings \
                 and any(t == "sliding_attention" for t in self.window_layer_types()):
             raise ValueError(
@@ -103,9 +133,13 @@ class LlamaConfig(HFNames):
         if missing:  # a config.json of another architecture: refuse rather than fill in a default size
             raise ValueError(f"model_type {d.get('model_type')!r} needs {', '.join(missing)} in its config")
         known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in d.items() if k in known}
+        values = {**DEFAULTS.get(d.get("model_type", cls.model_type), {}), **{k: v for k, v in d.items() if k in known}}
         values.update(rope_from_hf(d, values.get("rope_theta", cls.rope_theta)))
         values.pop("partial_rotary_factor", None)
+        if isinstance(values["rope_scaling"], dict) and "original_max_position_embeddings" in d:
+            # a top-level original_max_position_embeddings wins (transformers' standardize_rope_params)
+            values["rope_scaling"] = {**values["rope_scaling"],
+                                      "original_max_position_embeddings": d["original_max_position_embeddings"]}
         return cls(**values)
 
 
@@ -129,7 +163,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.attn_pdrop = config.attention_dropout
         qkv_bias = config.model_type == "qwen2" or config.attention_bias
-        o_bias = config.attention_bias and config.model_type != "qwen2"
+        o_bias = config.attention_bias  # never for Qwen2 (UNREAD)
         self.q_proj = Linear(C, H * D, bias=qkv_bias)
         self.k_proj = Linear(C, Hkv * D, bias=qkv_bias)
         self.v_proj = Linear(C, Hkv * D, bias=qkv_bias)
