@@ -651,9 +651,10 @@ ROWS = [
     Row("generate-bad-temperature", "generate", argv("generate", "--model", "{ws}/tiny", "--temperature", "-1", "hi"),
         2, ("temperature",)),
     Row("generate-bad-top-p", "generate", argv("generate", "--model", "{ws}/tiny", "--top-p", "1.5", "hi"), 2,
-        ("top_p",)),
+        ("--top-p must be in (0, 1], got 1.5",)),
     Row("generate-max-new-tokens-negative", "generate", argv("generate", "--model", "{ws}/tiny", "--max-new-tokens",
-                                                             "-3", "hi"), 2, ("max_new_tokens",)),
+                                                             "-3", "hi"), 2,
+        ("--max-new-tokens must be a non-negative integer, got -3",)),
     # ------------------------------------------------------------------ export
     Row("export-out-has-other-files", "export", argv("export", "{ws}/adapters/good.safetensors", "{ws}/existing-export"),
         1, ("existing-export", "notes.txt")),
