@@ -25,6 +25,7 @@ PEFT's alpha / r scaling reproduces ours exactly.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -128,6 +129,96 @@ def _settings_dict(lora: LoraConfig, rank_pattern: dict, alpha_pattern: dict) ->
     }
 
 
+# ------------------------------------------------------------------------------------ typed adapter settings
+
+_REQUIRED = object()  # a field with no default: its absence is an error
+BIASES = ("none", "lora_only", "all")
+OURS_FIX = "the file is damaged: train the adapter again or use another adapter"
+# kind -> (test, what a good value is, what to do, whether a quoted value deserves "without quotes")
+_KINDS = {
+    "rank": (lambda v: type(v) is int and v > 0, "a whole number above 0", "write a whole number such as 8", True),
+    "alpha": (lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0, "a finite number above 0",
+              "write a number above 0 such as 16", True),
+    "dropout": (lambda v: type(v) in (int, float) and 0 <= v < 1, "a probability from 0 up to (not including) 1",
+                "write a number such as 0.05", True),
+    "flag": (lambda v: type(v) is bool, "true or false", "write true or false", True),
+    "names": (lambda v: type(v) is list and all(type(x) is str for x in v), "a list of module names",
+              'write a JSON list such as ["lm_head"], or null', False),
+    "text": (lambda v: type(v) is str, "text", "write the base model's hub id or directory, or null", False),
+    "mapping": (lambda v: type(v) is dict, "a mapping", "write a JSON object", False),
+}
+
+
+def _shown(value, limit: int = 60) -> str:
+    """A value as its JSON spelling (NaN, Infinity, "text"), shortened for a one-line message."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass
+class _Fields:
+    """Typed reads of one adapter's settings, shared by the PEFT reader (adapter_config.json) and ours (the
+    header's `lora` entry, prefix "lora.", and its metadata). Every bad value is one AdapterError line
+    '<file>: <field>: <what is wrong>; <what to do>'. `fix`: what to do about any field (our header, which no one
+    edits by hand); None: each kind's own advice (a JSON file the user can correct). Never coerces: "false" is
+    not false, 4.5 is not 4."""
+
+    raw: dict
+    file: Path
+    prefix: str = ""
+    fix: str | None = None
+
+    def fail(self, field: str, problem: str, advice: str) -> AdapterError:
+        return AdapterError(f"{self.file}: {self.prefix}{field}: {problem}; {self.fix or advice}")
+
+    def check(self, field: str, value, kind: str, what: str | None = None, advice: str | None = None):
+        test, good, default_advice, scalar = _KINDS[kind]
+        if test(value):
+            return value
+        advice = advice or default_advice
+        if scalar and isinstance(value, str):
+            advice += ", without quotes"
+        raise self.fail(field, f"{_shown(value)} is not {what or good}", advice)
+
+    def get(self, key: str, kind: str, default=None, **words):
+        """raw[key] checked as `kind`; absent or null gives `default` (_REQUIRED: absent is an error)."""
+        if key not in self.raw and default is _REQUIRED:
+            raise self.fail(key, "missing", words.get("advice") or _KINDS[kind][2])
+        value = self.raw.get(key)
+        if value is None and default is not _REQUIRED:
+            return default
+        return self.check(key, value, kind, **words)
+
+    def choice(self, key: str, choices, default):
+        value = self.raw.get(key, default)
+        if type(value) is not str or value not in choices:
+            raise self.fail(key, f"{_shown(value)} is not one of {', '.join(choices)}",
+                            f"write one of {', '.join(choices)}")
+        return value
+
+    def names(self, key: str, default=None, regex: bool = False):
+        """A list of module names; regex: a str is good too (PEFT's target_modules as one regular expression)."""
+        if regex and type(self.raw.get(key)) is str:
+            return self.raw[key]
+        words = dict(what="a list of module names or a regular expression",
+                     advice='write a JSON list of module names such as ["c_attn"]') if regex else {}
+        value = self.get(key, "names", default, **words)
+        return list(value) if isinstance(value, list) else value
+
+    def pattern(self, key: str, kind: str) -> dict:
+        """PEFT's rank_pattern / alpha_pattern: module name (or regex) -> rank or alpha; absent or null: {}."""
+        value = self.raw.get(key)
+        if value is None:
+            return {}
+        noun, example = ("ranks", 8) if kind == "rank" else ("alphas", 16)
+        self.check(key, value, "mapping", f"a mapping of module names to {noun}",
+                   f'write a JSON object such as {{"c_attn": {example}}}')
+        return {k: self.check(f"{key}[{json.dumps(k)}]", v, kind) for k, v in value.items()}
+
+
 # ---------------------------------------------------------------------------------------------- our format
 
 
@@ -193,13 +284,19 @@ def _load_ours(p: Path) -> Adapter:
     try:
         version = int(header.get("format_version", "1"))
         s = json.loads(header["lora"])
-        lora = LoraConfig(r=int(s["r"]), alpha=float(s["alpha"]), dropout=float(s["dropout"]),
-                          targets=list(s["targets"]), layers=None, use_rslora=bool(s["use_rslora"]),
-                          use_dora=bool(s["use_dora"]), bias=s["bias"], modules_to_save=list(s["modules_to_save"]))
-        rank_pattern = {k: int(v) for k, v in s.get("rank_pattern", {}).items()}
-        alpha_pattern = {k: float(v) for k, v in s.get("alpha_pattern", {}).items()}
+        if not isinstance(s, dict):
+            raise TypeError(f"lora is {type(s).__name__}, not a mapping")
     except (ValueError, KeyError, TypeError) as exc:
         raise AdapterError(f"{p}: the adapter's LoRA settings are damaged ({first_line(exc)})") from exc
+    fields = _Fields(s, p, "lora.", OURS_FIX)
+    lora = LoraConfig(r=fields.get("r", "rank", _REQUIRED), alpha=float(fields.get("alpha", "alpha", _REQUIRED)),
+                      dropout=float(fields.get("dropout", "dropout", _REQUIRED)),
+                      targets=fields.names("targets", _REQUIRED), layers=None,
+                      use_rslora=fields.get("use_rslora", "flag", _REQUIRED),
+                      use_dora=fields.get("use_dora", "flag", _REQUIRED), bias=fields.choice("bias", BIASES, None),
+                      modules_to_save=fields.names("modules_to_save", _REQUIRED))
+    rank_pattern = fields.pattern("rank_pattern", "rank")
+    alpha_pattern = {k: float(v) for k, v in fields.pattern("alpha_pattern", "alpha").items()}
     if version > FORMAT_VERSION:
         raise AdapterError(f"{p} has adapter format version {version}; this lora-cli reads up to "
                            f"{FORMAT_VERSION}: upgrade lora-cli")
@@ -213,6 +310,11 @@ def _load_ours(p: Path) -> Adapter:
             except json.JSONDecodeError:
                 pass
         metadata[key] = value
+    base_model = _Fields(metadata, p, "", OURS_FIX).get("base_model", "mapping")
+    if base_model is not None:  # pretrained.BaseModel.describe(): where to load the base from, and its fingerprint
+        described = _Fields(base_model, p, "base_model.", OURS_FIX)
+        for key in ("source", "name", "revision", "fingerprint"):
+            described.get(key, "text")
     problem = damaged_settings(metadata)
     if problem:
         raise AdapterError(f"{p}: the adapter's settings are damaged ({problem}); train it again or use another adapter")
@@ -399,15 +501,26 @@ def _load_peft(d: Path) -> Adapter:
         if raw.get(key) not in harmless:
             raise AdapterError(f"{cfg_path}: {key} = {raw.get(key)!r} is not supported by lora-cli; "
                                f"export the adapter without it")
+    # The types peft's LoraConfig gives its fields, and nothing else (no "false" for false, no 4.5 for a rank).
+    fields = _Fields(raw, cfg_path)
+    r, alpha = fields.get("r", "rank", _REQUIRED), float(fields.get("lora_alpha", "alpha", _REQUIRED))
+    rank_cfg, alpha_cfg = fields.pattern("rank_pattern", "rank"), fields.pattern("alpha_pattern", "alpha")
+    dropout = float(fields.get("lora_dropout", "dropout", 0.0))
+    use_rslora, use_dora = fields.get("use_rslora", "flag", False), fields.get("use_dora", "flag", False)
+    tying = fields.get("ensure_weight_tying", "flag", False)
+    fields.names("target_modules", regex=True)  # unused (the weights name the targets), but a bad value is damage
+    modules_to_save = fields.names("modules_to_save", [])
+    base_name = fields.get("base_model_name_or_path", "text")
+    revision = fields.get("revision", "text", advice="write the base model's revision (branch, tag or commit), or null")
+    task_type = raw.get("task_type")
+    if task_type is not None and (type(task_type) is not str or task_type not in PEFT_TASKS):
+        raise fields.fail("task_type", f"{_shown(task_type)} is not supported by lora-cli",
+                          f"use a {' or '.join(PEFT_TASKS)} adapter (task_type "
+                          f"{', '.join(json.dumps(t) for t in PEFT_TASKS)} or null)")
     weights = next((d / f for f in PEFT_WEIGHTS if (d / f).is_file()), None)
     if weights is None:
         raise AdapterError(f"{d} has {PEFT_CONFIG} but no {PEFT_WEIGHTS[0]} or {PEFT_WEIGHTS[1]}")
     state = read_state_dict(weights, AdapterError, "adapter ")
-    try:
-        r, alpha = int(raw["r"]), float(raw["lora_alpha"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise AdapterError(f"{cfg_path}: r and lora_alpha must be numbers ({first_line(exc)})") from exc
-    rank_cfg, alpha_cfg = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
     for name, patterns in (("rank_pattern", rank_cfg), ("alpha_pattern", alpha_cfg)):
         for key in patterns:
             try:
@@ -425,11 +538,9 @@ def _load_peft(d: Path) -> Adapter:
         k = re.sub(r"\.(lora_A|lora_B)\.[^.]+\.weight$", r".\1.weight", k)
         k = re.sub(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$", ".lora_magnitude_vector", k)
         tensors[k] = t
-    modules_to_save = list(raw.get("modules_to_save") or [])
     targets = [k[: -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")]
     if not targets:
         raise AdapterError(f"{weights} holds no lora_A weights; it is not a LoRA adapter")
-    use_rslora, use_dora = bool(raw.get("use_rslora", False)), bool(raw.get("use_dora", False))
     rank_pattern, alpha_pattern = {}, {}
     for t in targets:
         if f"{t}.lora_B.weight" not in tensors:
@@ -437,7 +548,7 @@ def _load_peft(d: Path) -> Adapter:
         if use_dora and f"{t}.lora_magnitude_vector" not in tensors:
             raise AdapterError(f"{weights}: use_dora is true but {t} has no lora_magnitude_vector")
         rank = tensors[f"{t}.lora_A.weight"].shape[0]
-        want = int(pattern_value(rank_cfg, t, r))
+        want = pattern_value(rank_cfg, t, r)
         if rank != want:
             raise AdapterError(f"{weights}: {t}.lora_A has rank {rank} but {PEFT_CONFIG} gives r={want}; "
                                f"the two files do not belong together")
@@ -465,7 +576,6 @@ def _load_peft(d: Path) -> Adapter:
                     if module not in saved:
                         saved.append(module)
                     break
-    tying = bool(raw.get("ensure_weight_tying"))
     if tying:  # PEFT saved the tied head beside the embedding it shares: one tensor, as lora-cli keeps it
         for head in ("lm_head.weight", "embed_out.weight"):
             if head in tensors and not any(head.startswith(m + ".") for m in saved) and any(
@@ -481,15 +591,12 @@ def _load_peft(d: Path) -> Adapter:
     if init not in (True, False, None, "gaussian", *MUTATING_INITS):
         raise AdapterError(f"{cfg_path}: init_lora_weights {init!r} is not supported by lora-cli; save the adapter "
                            f"with PEFT's path_initial_model_for_weight_conversion (a plain LoRA of the untouched base)")
-    bias = raw.get("bias", "none")
-    if bias not in ("none", "lora_only", "all"):
-        raise AdapterError(f"{cfg_path}: bias {bias!r} is not one of none, lora_only, all")
-    lora = LoraConfig(r=r, alpha=alpha, dropout=float(raw.get("lora_dropout") or 0.0), targets=targets, layers=None,
+    bias = fields.choice("bias", BIASES, "none")
+    lora = LoraConfig(r=r, alpha=alpha, dropout=dropout, targets=targets, layers=None,
                       use_rslora=use_rslora, use_dora=use_dora, bias=bias, modules_to_save=saved,
                       init=init if init in MUTATING_INITS else "default")
-    base_model = {"source": "peft", "name": raw.get("base_model_name_or_path"), "revision": raw.get("revision"),
-                  "fingerprint": None}
-    metadata = {"format_version": FORMAT_VERSION, "base_model": base_model, "task": PEFT_TASKS.get(raw.get("task_type")),
+    base_model = {"source": "peft", "name": base_name, "revision": revision, "fingerprint": None}
+    metadata = {"format_version": FORMAT_VERSION, "base_model": base_model, "task": PEFT_TASKS.get(task_type),
                 "tokenizer": "gpt2", "peft_unties": not tying}
     head = tensors.get(f"{HEAD}.weight")
     if metadata["task"] == "classification" and head is not None:
