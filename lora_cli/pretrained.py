@@ -157,10 +157,13 @@ def _local_model(path: Path, weights: bool, dtype: torch.dtype | None = None) ->
         config = read_config(config_file)
         if not weights:
             if weight_file.name in SHARD_INDEXES:
-                read_shards(weight_file, lambda name: path / name, check_only=True)
+                headers = read_shards(weight_file, lambda name: path / name, check_only=True)
             else:
-                check_weights_file(weight_file)
-            return BaseModel(_meta_model(config), "local", str(path), None, "", raw_config(config_file))
+                headers = header_tensors(check_weights_file(weight_file))
+            model = _meta_model(config)
+            if headers:  # safetensors headers name every tensor's shape and dtype: check them as loading would
+                checked_tensors(model, headers, path)
+            return BaseModel(model, "local", str(path), None, "", raw_config(config_file))
         if weight_file.name in SHARD_INDEXES:
             state = read_shards(weight_file, lambda name: path / name)
         else:
@@ -274,11 +277,11 @@ def read_config(path: Path):
         raise CheckpointError(f"{path}: {exc}") from exc
 
 
-def check_weights_file(path: Path) -> None:
+def check_weights_file(path: Path) -> dict:
     """Cheap checks of one weights file that `lora info` does not load: a .safetensors file must be as long as
     its header says (8-byte little-endian header length, JSON header, then the tensors' data_offsets), which
     catches a truncated download; a .bin/.pt file must be readable and a zip archive with its end record (what
-    torch.save writes) or a legacy pickle."""
+    torch.save writes) or a legacy pickle. Returns a safetensors file's header ({} for a .bin/.pt file)."""
     again = "download or copy it again"
     try:
         size = path.stat().st_size
@@ -289,7 +292,7 @@ def check_weights_file(path: Path) -> None:
                     raise CheckpointError(f"{path} is truncated or corrupt (its zip archive has no end record); {again}")
                 if not head.startswith((b"PK", b"\x80")):
                     raise CheckpointError(f"{path} is not a PyTorch weights file (neither torch.save's zip nor a pickle)")
-                return
+                return {}
             if len(head) < 8:
                 raise CheckpointError(f"{path} is not a safetensors file ({size} bytes, shorter than its header); {again}")
             (header_len,) = struct.unpack("<Q", head)
@@ -308,6 +311,15 @@ def check_weights_file(path: Path) -> None:
     if 8 + header_len + data_end > size:
         raise CheckpointError(f"{path} is truncated: its header describes {8 + header_len + data_end:,} bytes but "
                               f"the file has {size:,}; {again}")
+    return header
+
+
+def header_tensors(header: dict) -> dict[str, torch.Tensor]:
+    """A safetensors header as meta tensors of its shapes, floating point where the file's dtype is (F16, BF16,
+    F32, F8_*, ...) and int64 otherwise: what checked_tensors needs to check names, shapes and kinds, unread."""
+    return {key: torch.empty(entry["shape"], device="meta",
+                             dtype=torch.float32 if str(entry.get("dtype", "")).startswith(("F", "BF")) else torch.int64)
+            for key, entry in header.items() if key != "__metadata__"}
 
 
 def read_state_dict(path: Path, error: type[LoraError] = CheckpointError, what: str = "") -> dict[str, torch.Tensor]:
@@ -337,7 +349,8 @@ def read_shards(index_file: Path, locate, only_fetch: bool = False, check_only: 
     """The tensors of a sharded checkpoint: the index's (model.safetensors.index.json, pytorch_model.bin.index.json)
     weight_map names each tensor's shard; `locate(shard name)` gives its path (a local directory's file, or a hub
     download). only_fetch: locate every shard and read nothing (a hub download before loading); check_only: check
-    that every shard is there and whole (check_weights_file) and read nothing (`lora info`)."""
+    that every shard is there and whole (check_weights_file) and read only the headers (`lora info`): meta
+    tensors (header_tensors) come back, none for .bin shards."""
     try:
         weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
         shards = sorted(set(weight_map.values()))
@@ -352,7 +365,7 @@ def read_shards(index_file: Path, locate, only_fetch: bool = False, check_only: 
         if not shard_path.is_file():
             raise CheckpointError(f"{index_file} names shard {shard}, which is missing; download the checkpoint again")
         if check_only:
-            check_weights_file(shard_path)
+            state.update(header_tensors(check_weights_file(shard_path)))
             continue
         state.update(read_state_dict(shard_path))
     return state
@@ -439,12 +452,40 @@ def _check_tied_head(model: CausalLM, state: dict, given: dict, path: Path) -> N
     stored = next((state[k] for k in ("lm_head.weight", "embed_out.weight") if k in state), None)
     embed_key = next((n for n, p in model.named_parameters() if p is model.embed_tokens.weight), None)
     embed = given.get(embed_key) if embed_key is not None else None
-    if stored is None or embed is None:
+    if stored is None or embed is None or stored.is_meta:  # a header's shapes have no values to compare
         return
     if stored.shape != embed.shape or not torch.equal(stored.float(), embed.float()):
         raise CheckpointError(f"{path}: config.json ties the output head to the input embedding (tie_word_embeddings: "
                               "true), but the checkpoint stores an output head with other values; set "
                               "tie_word_embeddings: false in config.json to use that head (as transformers does)")
+
+
+def checked_tensors(model: CausalLM, state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under the (meta) model's names, in its layout (GPT-2's Conv1D weights
+    transposed): every name, shape and floating-point dtype checked, a mismatch one CheckpointError naming it."""
+    gpt2 = model_type(model.config) == "gpt2"
+    tied_head = {"lm_head.weight", "embed_out.weight"} if model.tied else set()
+    expected = {k: v for k, v in model.state_dict().items() if k not in tied_head}
+    given = _canonical(state, model.tied) if gpt2 else _family_keys(model, state)
+    mismatch = key_mismatch(sorted(set(expected) - set(given)), sorted(set(given) - set(expected)))
+    if mismatch:
+        family = FAMILY_NAMES[model_type(model.config)]
+        raise CheckpointError(f"{path} does not match the {family} architecture of its config: {mismatch}")
+    if model.tied:
+        _check_tied_head(model, state, given, path)
+    checked = {}
+    for key, target in expected.items():
+        tensor = given[key]
+        if gpt2 and key.endswith(CONV1D_SUFFIXES):
+            tensor = tensor.t()
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{path}: tensor {key} has shape {list(tensor.shape)}, the model expects {list(target.shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {key} has dtype {tensor.dtype}, expected floating point")
+        checked[key] = tensor
+    return checked
 
 
 def build_model(config, state: dict[str, torch.Tensor], path: Path, keep: torch.dtype | None = None) -> CausalLM:
@@ -457,30 +498,11 @@ def build_model(config, state: dict[str, torch.Tensor], path: Path, keep: torch.
     train stores in that dtype anyway (models.cast_frozen_linears_, which turns a trained one back to fp32), and
     the bf16 -> fp32 -> bf16 round trip is exact, so the run computes the same."""
     model = _meta_model(config)
-    gpt2 = model_type(config) == "gpt2"
-    tied_head = {"lm_head.weight", "embed_out.weight"} if model.tied else set()
-    expected = {k: v for k, v in model.state_dict().items() if k not in tied_head}
-    given = _canonical(state, model.tied) if gpt2 else _family_keys(model, state)
-    mismatch = key_mismatch(sorted(set(expected) - set(given)), sorted(set(given) - set(expected)))
-    if mismatch:
-        family = FAMILY_NAMES[model_type(config)]
-        raise CheckpointError(f"{path} does not match the {family} architecture of its config: {mismatch}")
-    if model.tied:
-        _check_tied_head(model, state, given, path)
     head = model.lm_head
     linear = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
               for p in ("weight", "bias")} if keep is not None else set()
     converted = {}
-    for key, target in expected.items():
-        tensor = given[key]
-        if gpt2 and key.endswith(CONV1D_SUFFIXES):
-            tensor = tensor.t()
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise CheckpointError(
-                f"{path}: tensor {key} has shape {list(tensor.shape)}, the model expects {list(target.shape)}"
-            )
-        if not tensor.is_floating_point():
-            raise CheckpointError(f"{path}: tensor {key} has dtype {tensor.dtype}, expected floating point")
+    for key, tensor in checked_tensors(model, state, path).items():
         kept = key in linear and tensor.dtype == keep
         converted[key] = (tensor if kept else tensor.to(torch.float32)).contiguous()
     tied = model.tied

@@ -72,6 +72,35 @@ def test_info_refuses_an_unreadable_bin_file(tiny_hf_dir, tmp_path):
     assert done.stderr == f"error: {weights} is not a PyTorch weights file (neither torch.save's zip nor a pickle)\n"
 
 
+@pytest.mark.parametrize("damage, words", [
+    ("drop-a-layer", "does not match the GPT-2 architecture of its config: missing transformer.h.1."),
+    ("wrong-shape", "tensor transformer.wte.weight has shape"),
+    ("int-weights", "tensor transformer.h.0.mlp.c_fc.weight has dtype torch.int64, expected floating point"),
+])
+def test_info_refuses_weights_that_disagree_with_config_json(tiny_hf_dir, tmp_path, damage, words):
+    """The safetensors header (read, not the weights) must agree with config.json as loading checks it: info
+    refuses exactly what `lora generate --model` refuses, with the same line, instead of describing config.json."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tiny_hf_dir / "model.safetensors"))
+    if damage == "drop-a-layer":
+        state = {k: v for k, v in state.items() if ".h.1." not in k}
+    elif damage == "wrong-shape":
+        state["transformer.wte.weight"] = state["transformer.wte.weight"][:, :-1].contiguous()
+    else:
+        state["transformer.h.0.mlp.c_fc.weight"] = state["transformer.h.0.mlp.c_fc.weight"].long()
+    folder = tmp_path / damage
+    folder.mkdir()
+    shutil.copy(tiny_hf_dir / "config.json", folder / "config.json")
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    done = cli("info", folder)
+    assert (done.rc, done.stdout) == (1, "")
+    line = done.stderr.strip()
+    assert line.startswith(f"error: {folder}") and words in line and len(done.stderr.splitlines()) == 1
+    loading = cli("generate", "--model", folder, "hi", "--max-new-tokens", "1")
+    assert (loading.rc, loading.stderr.strip()) == (1, line)
+
+
 def test_info_describes_a_random_preset_as_a_run_builds_it():
     """A Llama-family preset on the bundled GPT-2 BPE: the vocabulary (and the count) `lora train` uses, 50,257
     rows, not the published 49,152 (134,515,008 parameters, tests/test_models.py)."""
