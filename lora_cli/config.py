@@ -316,7 +316,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return keys, value
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None, whole_run: bool = True) -> RunConfig:
+    """The run config at `path`, with --set overrides, validated (every problem in one ConfigError).
+    whole_run=False: a config that describes LoRA settings only (`lora info --lora-config`): model and
+    data.train may be left out."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
@@ -339,7 +342,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if duplicate:
         raise ConfigError(f"{path}{duplicate}")
     if raw is None:
-        raise ConfigError(f"{path}: the config is empty; it needs at least model and data.train")
+        needs = "model and data.train" if whole_run else "a lora section"
+        raise ConfigError(f"{path}: the config is empty; it needs at least {needs}")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a mapping of keys (model, data, lora, train, out_dir)")
     lines = _yaml_lines(text)
@@ -357,7 +361,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             node = node[k]
         node[keys[-1]] = value
         set_keys.add(".".join(keys))
-    return build_config(raw, base_dir=path.parent, source=str(path), lines=lines, set_keys=set_keys)
+    return build_config(raw, base_dir=path.parent, source=str(path), lines=lines, set_keys=set_keys,
+                        whole_run=whole_run)
 
 
 def build_config(
@@ -366,8 +371,10 @@ def build_config(
     source: str | None = None,
     lines: dict[str, int] | None = None,
     set_keys: set[str] | None = None,
+    whole_run: bool = True,
 ) -> RunConfig:
-    """Validate a raw mapping into a RunConfig; every problem is collected and raised as one ConfigError."""
+    """Validate a raw mapping into a RunConfig; every problem is collected and raised as one ConfigError.
+    whole_run=False: model and data.train are not required (load_config)."""
     lines = lines or {}
     set_keys = set_keys or set()
     problems: list[str] = []
@@ -385,7 +392,9 @@ def build_config(
         if key not in TOP_KEYS:
             report(str(key), f"unknown key{did_you_mean(str(key), TOP_KEYS)}")
     model = None
-    if "model" not in raw:
+    if "model" not in raw and not whole_run:
+        model = ModelSpec(name="gpt2")  # a stand-in: the caller names the model
+    elif "model" not in raw:
         report("model", "is required (a hub id such as gpt2, a local path, or {name: gpt2, init: random})")
     else:
         try:
@@ -410,7 +419,7 @@ def build_config(
         task = "causal_lm"
     # The constraints are checked even when the model spec is bad (with a stand-in), so every problem is reported
     checked = RunConfig(model=model or ModelSpec(name="gpt2"), out_dir=out_dir, task=task, source=source, **sections)
-    _check_constraints(checked, report)
+    _check_constraints(checked, report, whole_run)
     cfg = checked if model is not None else None
     if problems:
         raise ConfigError(all_problems(checked.label, problems))
@@ -517,10 +526,10 @@ def regex_problem(pattern: str, regex: str) -> str | None:
     return None
 
 
-def _check_constraints(cfg: RunConfig, report) -> None:
+def _check_constraints(cfg: RunConfig, report, whole_run: bool = True) -> None:
     """Cross-field and range checks; each failure names its key."""
     d, lo, t = cfg.data, cfg.lora, cfg.train
-    if d.train is None or not str(d.train).strip():
+    if (whole_run or d.train is not None) and (d.train is None or not str(d.train).strip()):
         report("data.train", "is required: a CSV, TSV, JSON, JSONL, Parquet or TXT file")
     if not 0 <= d.val_split < 1:
         report("data.val_split", f"must be in [0, 1), got {d.val_split}")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from lora_cli.config import ModelSpec, load_config
 from lora_cli.data import load_file
+from lora_cli.errors import ConfigError
 from lora_cli.inference import load_with_tokenizer
 from lora_cli.lora import apply_lora, count_parameters, estimate_adapter_bytes, shorthands, with_classification_head
 from lora_cli.pretrained import load_model, on_meta
@@ -37,7 +38,7 @@ def describe(model: str, random_init: bool = False, lora_config: Path | None = N
         report["classifier"] = {"architecture": classifier, "num_labels": labels,
                                 "head_parameters": labels * net.config.n_embd}
     if lora_config is not None:
-        cfg = load_config(lora_config, overrides)
+        cfg = load_config(lora_config, overrides, whole_run=False)  # its lora section (and task) is what counts
         lora_cfg = cfg.lora
         if cfg.task == "classification":
             with on_meta():
@@ -62,5 +63,8 @@ def _num_labels(cfg) -> int:
     """Classes of a classification config: data.labels, else the distinct labels of the training file."""
     if cfg.data.labels:
         return len(cfg.data.labels)
+    if cfg.data.train is None:
+        raise ConfigError(f"{cfg.label}: task: classification needs the number of classes: set data.labels (or "
+                          "data.train, whose labels are counted)")
     _, stats, _, _, _ = load_file(cfg.data.train, cfg.data, cfg.task, "data.train")
     return len(stats.labels)

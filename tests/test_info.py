@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import cli
+from helpers import assert_one_line_error, cli
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -27,6 +27,27 @@ def test_info_lora_config_counts(model, config, sets, trainable):
     assert lora["trainable"] == trainable
     # fp32 tensors plus a small header
     assert trainable * 4 <= lora["adapter_bytes"] <= trainable * 4 + 64 * 1024
+
+
+def test_info_lora_config_of_lora_settings_alone(tmp_path):
+    """A config with only a lora section (no model, no data.train) is enough to count: the same numbers as the
+    whole run config; a classifier's head needs its class count (data.labels) and says so in one line."""
+    (tmp_path / "lora.yaml").write_text("lora:\n  r: 8\n  targets: [attn.c_attn]\n")
+    alone = json.loads(cli("info", "gpt2", "--random", "--json", "--lora-config", tmp_path / "lora.yaml").stdout)
+    whole = json.loads(cli("info", "gpt2", "--random", "--json", "--lora-config", CONFIGS / "quickstart.yaml").stdout)
+    assert alone["lora"] == whole["lora"] and alone["lora"]["trainable"] == 294_912
+    (tmp_path / "cls.yaml").write_text("task: classification\nlora:\n  r: 8\n  targets: [attn.c_attn]\n")
+    line = assert_one_line_error(*cli("info", "gpt2", "--random", "--lora-config", tmp_path / "cls.yaml"),
+                                 expected_code=2)
+    assert line == (f"error: {tmp_path / 'cls.yaml'}: task: classification needs the number of classes: set "
+                    "data.labels (or data.train, whose labels are counted)")
+    done = cli("info", "gpt2", "--random", "--json", "--lora-config", tmp_path / "cls.yaml",
+               "--set", "data.labels=[neg, pos]")
+    assert json.loads(done.stdout)["lora"]["trainable"] == 294_912 + 2 * 768  # the score head, [2, 768]
+    (tmp_path / "empty.yaml").write_text("")
+    line = assert_one_line_error(*cli("info", "gpt2", "--random", "--lora-config", tmp_path / "empty.yaml"),
+                                 expected_code=2)
+    assert line == f"error: {tmp_path / 'empty.yaml'}: the config is empty; it needs at least a lora section"
 
 
 # ------------------------------------------------------------------------------------ damaged weights files
