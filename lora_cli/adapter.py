@@ -766,13 +766,13 @@ def export_peft(adapter: Adapter | str | os.PathLike, out_dir: str | os.PathLike
     out = Path(out_dir).expanduser()
     if out.exists():
         if not out.is_dir():
-            raise AdapterError(f"{out} exists and is a file; choose a new output directory")
+            raise ConfigError(f"{out} exists and is a file; choose a new output directory")
         others = [p.name for p in out.iterdir() if p.name not in (PEFT_CONFIG, *PEFT_WEIGHTS, "README.md",
                                                                    PEFT_CHAT_TEMPLATE)]
         if others:
-            raise AdapterError(f"{out} exists and holds other files ({others[0]}); choose a new or empty output directory")
+            raise ConfigError(f"{out} exists and holds other files ({others[0]}); choose a new or empty output directory")
         if not overwrite and any(out.iterdir()):
-            raise AdapterError(f"{out} already exists; choose a new directory or pass --overwrite to replace it")
+            raise ConfigError(f"{out} already exists; choose a new directory or pass --overwrite to replace it")
     if adapter_family(adapter.tensors) == "gpt_neox":
         adapter = _with_head_renamed(adapter, NEOX_HEAD, NEOX_PEFT_HEAD)
     tensors, targets, rank_pattern = peft_state_dict(adapter)

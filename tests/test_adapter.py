@@ -10,7 +10,7 @@ import torch
 from lora_cli.adapter import attach_adapter, export_peft, load_adapter, save_adapter
 from lora_cli.pretrained import load_model
 from lora_cli.config import LoraConfig
-from lora_cli.errors import AdapterError
+from lora_cli.errors import AdapterError, ConfigError
 from lora_cli.lora import adapter_state_dict, apply_lora, count_parameters, estimate_adapter_bytes
 from lora_cli.models import GPT2, GPT2_PRESETS
 
@@ -262,11 +262,12 @@ def test_other_bad_paths(tiny, tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
-    with pytest.raises(AdapterError, match="exists and holds other files \\(notes.txt\\)"):
+    # an output path that cannot be used is a flag problem (exit 2), as for merge and GGUF exports
+    with pytest.raises(ConfigError, match="exists and holds other files \\(notes.txt\\)"):
         export_peft(file, busy)
     assert (busy / "notes.txt").read_text() == "mine"
     out = export_peft(file, tmp_path / "peft")
-    with pytest.raises(AdapterError, match="peft already exists; choose a new directory or pass --overwrite to "
+    with pytest.raises(ConfigError, match="peft already exists; choose a new directory or pass --overwrite to "
                                            "replace it$"):
         export_peft(file, out)
     assert export_peft(file, out, overwrite=True) == out  # a previous export is replaced

@@ -657,7 +657,7 @@ ROWS = [
         ("--max-new-tokens must be a non-negative integer, got -3",)),
     # ------------------------------------------------------------------ export
     Row("export-out-has-other-files", "export", argv("export", "{ws}/adapters/good.safetensors", "{ws}/existing-export"),
-        1, ("existing-export", "notes.txt")),
+        2, ("existing-export", "notes.txt")),
     Row("export-adapter-truncated", "export", argv("export", "{ws}/adapters/trunc.safetensors", "{d}/peft"), 1,
         ("trunc.safetensors",)),
     Row("export-peft-loha", "export", argv("export", "{ws}/adapters/peft-loha", "{d}/peft"), 1, ("peft-loha", "LOHA")),
