@@ -15,6 +15,7 @@ from typing import List, Optional
 
 import typer
 
+from lora_cli.config import CHAT_MAX_NEW_TOKENS, GENERATE_MAX_NEW_TOKENS
 from lora_cli.errors import ConfigError, LoraError
 
 app = typer.Typer(
@@ -201,8 +202,6 @@ def merge(
     typer.echo(str(result.out_dir))
 
 
-CHAT_MAX_NEW_TOKENS = 256  # `lora chat`'s reply length at most, unless --max-new-tokens says otherwise
-GENERATE_MAX_NEW_TOKENS = 128  # `lora generate`'s
 CHAT_HELP = ("Answer a conversation: one JSON argument ([{\"role\": \"user\", \"content\": \"...\"}] or "
              "{\"messages\": [...]}), or --file JSONL with one per line; rendered with the chat template.")
 CHAT_TEMPLATE_HELP = "Chat template instead of the adapter's or the model's: chatml (built in) or a Jinja file."
@@ -236,88 +235,20 @@ def generate(
     chat_template: Optional[str] = typer.Option(None, "--chat-template", help=CHAT_TEMPLATE_HELP),
 ) -> None:
     """Generate text with an adapter (its prompt template applied) or a base model; streams a single prompt."""
-    from lora_cli.evaluation import generate_texts
-    from lora_cli.inference import DataSettings, decodes_many_rows, load_placed, open_adapter, pack_for_decoding
-    from lora_cli.prompts import check_lengths, collect_prompts, escape_line, sampling_options
+    from lora_cli.answer import Decoding, GenerateOptions, Source, run_generate
 
-    if adapter is None and model is None:
-        raise ConfigError("name a model: --adapter FILE (its base and prompt template come with it) or --model MODEL")
-    options = sampling_options(temperature, top_k, top_p, greedy)
-    check_lengths(max_new_tokens, no_repeat_ngram_size)
-    adapter_obj = open_adapter(adapter)
-    settings = DataSettings.from_adapter(adapter_obj)
-    if settings.task == "classification":
-        raise ConfigError(f"adapter {adapter} is a classifier; `lora generate` needs a causal-LM adapter")
-    if chat_template is not None and not chat:
-        raise ConfigError("--chat-template renders a --chat conversation: add --chat (and give the conversation as "
-                          "JSON)")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be a positive integer, got {batch_size}")
-    if chat:
-        from lora_cli.chat import answer_conversations, read_conversations
-
-        if num_beams != 1:
-            raise ConfigError("--chat streams replies: drop --num-beams")
-        for flag, given in (("--input", input_text is not None), ("--no-template", no_template)):
-            if given:
-                raise ConfigError(f"--chat renders the conversation with the chat template: drop {flag}")
-        items = read_conversations(prompts or [], file)
-        replier = chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, precision, max_new_tokens,
-                               options, GENERATE_MAX_NEW_TOKENS, seed=seed, no_repeat_ngram_size=no_repeat_ngram_size,
-                               use_cache=not no_cache)
-        answer_conversations(replier, items, streamed=file is None and not as_json, as_json=as_json,
-                             write=_write_flush)
-        return
-    items = collect_prompts(prompts or [], file, as_json, settings, template=not no_template, input_text=input_text)
-    loaded = load_placed(adapter_obj, model, allow_mismatch, device, precision)
-    net = loaded.model
-    if decodes_many_rows(len(items), num_beams):
-        pack_for_decoding(net)
-    options.update(seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)
-    if max_new_tokens is None:  # the default, shortened where the longest prompt leaves less of the context
-        longest = max(len(loaded.tokenizer.encode(item.text, add_special_tokens=True)) for item in items)
-        room = net.config.n_positions - longest
-        max_new_tokens = min(GENERATE_MAX_NEW_TOKENS, room) if room >= 1 else GENERATE_MAX_NEW_TOKENS
-    if len(items) == 1 and file is None and not as_json and num_beams == 1:
-        from lora_cli.generate import stream_text
-        tokenizer = loaded.tokenizer
-        prompt = tokenizer.encode(items[0].text, add_special_tokens=True)
-        for piece in stream_text(net, prompt, max_new_tokens, tokenizer=tokenizer, **options):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        return
-    texts = generate_texts(net, [item.text for item in items], max_new_tokens, tokenizer=loaded.tokenizer, where=[item.where for item in items],
-                           batch_size=batch_size, num_beams=num_beams, length_penalty=length_penalty,
-                           progress=not quiet and sys.stderr.isatty(), **options)
-    for item, text in zip(items, texts):
-        if as_json:
-            typer.echo(json.dumps({**item.record, "generated": text}, ensure_ascii=False))
-        else:
-            typer.echo(escape_line(text))
+    decoding = Decoding(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        greedy=greedy, seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)
+    run_generate(GenerateOptions(
+        Source(adapter, model, allow_mismatch, device, precision), decoding, prompts=prompts or [], file=file,
+        as_json=as_json, template=not no_template, input_text=input_text, num_beams=num_beams,
+        length_penalty=length_penalty, batch_size=batch_size, progress=not quiet and sys.stderr.isatty(), chat=chat,
+        chat_template=chat_template), write=_write_flush)
 
 
 def _write_flush(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
-
-
-def chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, precision, max_new_tokens, options,
-                 default: int, **more):
-    """The model (adapter attached, on --device, in --precision) and its chat template, ready to answer
-    conversations: replies of at most --max-new-tokens, or (None) `default` tokens or what the context leaves."""
-    from lora_cli.chat import Replier, chat_template_for
-    from lora_cli.inference import load_placed
-
-    loaded = load_placed(adapter_obj, model, allow_mismatch, device, precision)
-    context = loaded.model.config.n_positions
-    if max_new_tokens is not None and max_new_tokens >= context:  # no conversation could fit: say so before any
-        raise ConfigError(f"--max-new-tokens {max_new_tokens} leaves no room for a conversation in the model's "
-                          f"context of {context} tokens; lower it below {context}")
-    template = chat_template_for(loaded, chat_template)
-    return Replier(loaded, loaded.model, template, default if max_new_tokens is None else max_new_tokens,
-                   {**options, **more},
-                   fit_context=max_new_tokens is None)
 
 
 @app.command()
@@ -340,22 +271,12 @@ def chat(
 ) -> None:
     """Talk with a chat adapter (or model) in the terminal: replies stream, the history is kept; /reset clears
     it, /exit or Ctrl-D ends."""
-    from lora_cli.chat import HELP, chat_loop
-    from lora_cli.inference import DataSettings, open_adapter
-    from lora_cli.prompts import check_lengths, sampling_options
+    from lora_cli.answer import Decoding, Source, run_chat
 
-    if adapter is None and model is None:
-        raise ConfigError("name a model: --adapter FILE (its base and chat template come with it) or --model MODEL")
-    options = sampling_options(temperature, top_k, top_p, greedy)
-    check_lengths(max_new_tokens, no_repeat_ngram_size)
-    adapter_obj = open_adapter(adapter)
-    if DataSettings.from_adapter(adapter_obj).task == "classification":
-        raise ConfigError(f"adapter {adapter} is a classifier; `lora chat` needs a causal-LM adapter")
-    replier = chat_replier(adapter_obj, model, chat_template, allow_mismatch, device, precision, max_new_tokens,
-                           options, CHAT_MAX_NEW_TOKENS, seed=seed, no_repeat_ngram_size=no_repeat_ngram_size,
-                           use_cache=not no_cache)
-    typer.echo(f"chatting with {adapter or model}; {HELP}", err=True)
-    _, failed = chat_loop(replier, system)
+    decoding = Decoding(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        greedy=greedy, seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)
+    failed = run_chat(Source(adapter, model, allow_mismatch, device, precision), decoding, system, chat_template,
+                      log=lambda m: typer.echo(m, err=True))
     if failed:  # each failed turn printed its error line
         raise typer.Exit(1)
 

@@ -131,6 +131,10 @@ DATA_FORMATS: dict[str, tuple[str, ...]] = {
     "chat": ("messages",),  # a list of {role, content}; ShareGPT's `conversations` of {from, value} too
 }
 FORMAT_CHOICES = ("auto", *DATA_FORMATS)  # data.format and --format
+# Tokens `lora generate` and `lora chat` decode at most unless --max-new-tokens says otherwise (each also no more
+# than what the model's context leaves after the prompt or conversation).
+GENERATE_MAX_NEW_TOKENS = 128
+CHAT_MAX_NEW_TOKENS = 256
 TASKS = ("causal_lm", "classification")  # task: a language model, or a classifier with a score head
 TRAIN_ON = ("all_assistant", "last_assistant")  # data.train_on: the assistant turns of a chat with a loss
 TRACKERS = ("tensorboard", "mlflow", "wandb")  # train.report_to: each an optional extra of the same name

@@ -20,7 +20,7 @@ LAYERS = {
     "data": ["data", "prompts"],
     "evaluation": ["loss", "generate", "metrics", "evaluation", "samples"],
     "training": ["train", "rundir", "distributed", "optim", "trackers"],
-    "commands": ["evaluate", "merge", "predict", "info", "chat", "serve", "gguf_export"],
+    "commands": ["evaluate", "merge", "predict", "info", "chat", "answer", "serve", "gguf_export"],
     "cli": ["cli", "__main__", "__init__"],
 }
 LEVEL = {name: i for i, names in enumerate(LAYERS.values()) for name in names}
