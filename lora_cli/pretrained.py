@@ -14,6 +14,7 @@ import json
 import os
 import re
 import struct
+import warnings
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -331,17 +332,20 @@ def read_state_dict(path: Path, error: type[LoraError] = CheckpointError, what: 
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+            with warnings.catch_warnings():  # the unpickler warns of odd pickles (protocol 0) before refusing them
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except OSError as exc:
         raise error(f"cannot read {what}{path}: {exc.strerror or exc}") from exc
     except Exception as exc:  # safetensors and the unpickler raise their own types for damaged or unsafe files
-        raise error(
-            f"cannot load {what}{path}: it is truncated, corrupt, or not a plain tensor file ({first_line(exc)})"
-        ) from exc
+        # (their texts run to many lines about miniz or weights_only; --debug shows them)
+        raise error(f"cannot load {what}{path}: it is truncated, corrupt, or not a plain tensor file; "
+                    "download or copy it again") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise error(f"{path} does not hold a state dict of tensors")
+        raise error(f"{path} does not hold a state dict of tensors (names to tensors); download or copy it again, "
+                    "or save the model's state_dict() alone")
     return state
 
 

@@ -27,7 +27,7 @@ FAMILIES: dict[str, tuple[type, type[CausalLM]]] = {
 def config_from_dict(d: dict):
     """A config.json's dict -> the family's config; ValueError naming what is supported."""
     model_type = d.get("model_type", "gpt2")
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise ValueError(f"model_type {model_type!r} is not supported; supported: {', '.join(FAMILIES)}")
     return FAMILIES[model_type][0].from_dict(d)
 

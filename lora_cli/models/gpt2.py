@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_cli.models.common import CausalLM, KVCache, Linear, Unpadded, attend, tie_or_build_head
+from lora_cli.models.common import (
+    CausalLM, KVCache, Linear, Unpadded, attend, check_config_fields, check_config_value, tie_or_build_head,
+)
 
 
 @dataclass
@@ -58,8 +60,9 @@ class GPT2Config:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in d.items() if k in known}
         if "n_positions" not in values and "n_ctx" in d:
+            check_config_value("n_ctx", d["n_ctx"], "int", cls.n_positions)
             values["n_positions"] = d["n_ctx"]
-        return cls(**values)
+        return cls(**check_config_fields(cls, values))
 
 
 # Parameter-free sizes of the published checkpoints: the one table of presets (pretrained.py and `init: random`).

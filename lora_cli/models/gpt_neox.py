@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_cli.models.common import (
-    CausalLM, HFNames, KVCache, Linear, Rotary, Unpadded, apply_rotary, attend, tie_or_build_head,
+    CausalLM, HFNames, KVCache, Linear, Rotary, Unpadded, apply_rotary, attend, check_config_fields, check_config_value,
+    tie_or_build_head,
 )
 from lora_cli.models.llama import REQUIRED, rope_from_hf
 
@@ -76,11 +77,12 @@ class GPTNeoXConfig(HFNames):
         # The rotary base as GPTNeoXConfig (transformers 5) reads it: rope_parameters' rope_theta, else
         # rotary_emb_base, else 10000; a top-level rope_theta it never reads.
         base = d.get("rotary_emb_base", cls.rope_theta)
+        check_config_value("rotary_emb_base", base, "float", 10000)
         rope = rope_from_hf({**d, "rope_theta": base}, base)
         values["rope_theta"], values["rope_scaling"] = rope["rope_theta"], rope["rope_scaling"]
         if "partial_rotary_factor" in rope:  # transformers 5 moved rotary_pct into rope_parameters
             values["rotary_pct"] = rope["partial_rotary_factor"]
-        return cls(**values)
+        return cls(**check_config_fields(cls, values))
 
 
 class Attention(nn.Module):

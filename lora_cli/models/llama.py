@@ -12,13 +12,14 @@ Shapes: C hidden_size, H num_attention_heads, Hkv num_key_value_heads, D head_di
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
 
 from lora_cli.models.common import (
-    CausalLM, HFNames, KVCache, Linear, RMSNorm, Rotary, Unpadded, apply_rotary, attend, swiglu, tie_or_build_head,
+    CausalLM, HFNames, KVCache, Linear, RMSNorm, Rotary, Unpadded, apply_rotary, attend, check_config_fields,
+    check_config_value, swiglu, tie_or_build_head,
 )
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -67,13 +68,14 @@ class LlamaConfig(HFNames):
     rope_scaling: dict | None = None  # None or {"rope_type": "llama3", "factor", ...}
     attention_bias: bool = False
     mlp_bias: bool = False
-    attention_dropout: float = 0.0
+    attention_dropout: float | None = 0.0  # None (LlamaConfig allows it): 0.0
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
     initializer_range: float = 0.02
     sliding_window: int | None = None
     use_sliding_window: bool | None = None  # Qwen2/Qwen3 only; Mistral's window is on whenever it is set
-    max_window_layers: int = 28  # Qwen2/Qwen3: layers below this index attend fully (transformers' default)
+    # Qwen2/Qwen3: layers below this index attend fully (transformers' default); a count, so 0 is good
+    max_window_layers: int = field(default=28, metadata={"kind": "count"})
     layer_types: list[str] | None = None  # per layer "full_attention" / "sliding_attention", when config.json says
 
     def __post_init__(self) -> None:
@@ -87,6 +89,8 @@ class LlamaConfig(HFNames):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.attention_dropout is None:
+            self.attention_dropout = 0.0
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -140,7 +144,7 @@ class LlamaConfig(HFNames):
             # a top-level original_max_position_embeddings wins (transformers' standardize_rope_params)
             values["rope_scaling"] = {**values["rope_scaling"],
                                       "original_max_position_embeddings": d["original_max_position_embeddings"]}
-        return cls(**values)
+        return cls(**check_config_fields(cls, values))
 
 
 def rope_from_hf(d: dict, theta: float) -> dict:
@@ -149,6 +153,9 @@ def rope_from_hf(d: dict, theta: float) -> dict:
     params = d.get("rope_parameters")
     if not isinstance(params, dict):
         return {"rope_theta": d.get("rope_theta", theta), "rope_scaling": d.get("rope_scaling")}
+    for key, example in (("rope_theta", 10000.0), ("partial_rotary_factor", 0.25)):  # under config.json's names
+        if key in params:
+            check_config_value(f"rope_parameters.{key}", params[key], "float", example)
     out = {"rope_theta": params.get("rope_theta", theta), "rope_scaling": params}
     if "partial_rotary_factor" in params:
         out["partial_rotary_factor"] = params["partial_rotary_factor"]
