@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lora_cli"
 # Bottom to top; a module may import its own layer and the ones below. A package (e.g. lora_cli.data) places
 # every module inside it.
 LAYERS = {
-    "foundation": ["errors", "fsutil", "runtime", "config"],
+    "foundation": ["errors", "jsonvalues", "fsutil", "runtime", "config"],
     "models": ["models", "tokenizer", "chat_template", "pretrained"],
     "lora": ["lora"],
     "adapters": ["adapter", "inference"],

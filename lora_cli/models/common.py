@@ -11,7 +11,6 @@ the unpadded path, logits and the counts live here once.
 
 from __future__ import annotations
 
-import json
 import math
 from contextlib import nullcontext
 from dataclasses import MISSING, asdict, fields
@@ -22,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
+
+from lora_cli.jsonvalues import complaint
 
 
 # Linear layers with few rows (decoding: one token per row) read the whole weight to do little arithmetic, so
@@ -493,49 +494,28 @@ class HFNames:
         return asdict(self)
 
 
-# A config field's kind (its annotation less "| None", or metadata["kind"]) -> (test, what a good value is, how to
-# write one). Never coerced: "64" is not 64, 2.0 is not 2, "true" is not true; a JSON int is a good float.
-CONFIG_KINDS = {
-    "int": (lambda v: type(v) is int and v > 0, "a whole number above 0", "a whole number"),  # a size
-    "count": (lambda v: type(v) is int and v >= 0, "a whole number (0 or more)", "a whole number"),
-    "float": (lambda v: type(v) in (int, float) and math.isfinite(v), "a finite number", "a number"),
-    "bool": (lambda v: type(v) is bool, "true or false", "true or false"),
-    "str": (lambda v: type(v) is str, "text", "text"),
-    "dict": (lambda v: type(v) is dict, "a JSON object", "a JSON object"),
-    "list[str]": (lambda v: type(v) is list and all(type(x) is str for x in v), "a list of names",
-                  "a JSON list of names"),
-}
+# A config field's annotation (less "| None") -> its jsonvalues kind; a field's metadata["kind"] overrides it.
+FIELD_KINDS = {"int": "size", "float": "number", "bool": "bool", "str": "text", "dict": "object", "list[str]": "names"}
 
 
 def check_config_value(name: str, value, kind: str, example=None, nullable: bool = False) -> None:
     """ValueError '<name>: <value> is not <what>; write <how>' unless `value` (config.json's, as JSON spells it)
-    is of `kind` (CONFIG_KINDS), or null where `nullable`. example: a good value to show (the field's default)."""
-    test, what, how = CONFIG_KINDS[kind]
-    if test(value) or (value is None and nullable):
-        return
-    try:
-        unquoted = isinstance(value, str) and kind != "str" and test(json.loads(value))
-    except ValueError:
-        unquoted = False
-    if unquoted:  # "64" for 64, "true" for true
-        advice = f"write {value} without quotes"
-    else:
-        advice = f"write {how}" + (f" such as {json.dumps(example)}" if example is not None and kind != "bool" else "")
-        advice += ", or null" if nullable else ""
-    shown = json.dumps(value)
-    shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    raise ValueError(f"{name}: {shown} is not {what}; {advice}")
+    is of `kind` (jsonvalues.KINDS), or null where `nullable`. example: a good value to show (the default)."""
+    problem = complaint(value, kind, example, nullable)
+    if problem is not None:
+        raise ValueError(f"{name}: {problem[0]}; {problem[1]}")
 
 
 def check_config_fields(cls, values: dict) -> dict:
     """`values` (config.json's, under the field names of the config dataclass `cls`) checked against the fields'
     annotations (check_config_value: `X | None` also takes null; int is a size above 0 unless the field's
-    metadata says kind "count"); returns them. The families' from_dict call it before building the config."""
+    metadata names another kind, such as "count"); returns them. The families' from_dict call it before building the config."""
     for f in fields(cls):
         if f.name in values:
             kinds = f.type.split(" | ")
             example = None if f.default is MISSING else f.default
-            check_config_value(f.name, values[f.name], f.metadata.get("kind", kinds[0]), example, "None" in kinds)
+            kind = f.metadata.get("kind", FIELD_KINDS[kinds[0]])
+            check_config_value(f.name, values[f.name], kind, example, "None" in kinds)
     return values
 
 

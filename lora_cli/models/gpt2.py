@@ -60,7 +60,7 @@ class GPT2Config:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in d.items() if k in known}
         if "n_positions" not in values and "n_ctx" in d:
-            check_config_value("n_ctx", d["n_ctx"], "int", cls.n_positions)
+            check_config_value("n_ctx", d["n_ctx"], "size", cls.n_positions)
             values["n_positions"] = d["n_ctx"]
         return cls(**check_config_fields(cls, values))
 

@@ -77,7 +77,7 @@ class GPTNeoXConfig(HFNames):
         # The rotary base as GPTNeoXConfig (transformers 5) reads it: rope_parameters' rope_theta, else
         # rotary_emb_base, else 10000; a top-level rope_theta it never reads.
         base = d.get("rotary_emb_base", cls.rope_theta)
-        check_config_value("rotary_emb_base", base, "float", 10000)
+        check_config_value("rotary_emb_base", base, "number", 10000)
         rope = rope_from_hf({**d, "rope_theta": base}, base)
         values["rope_theta"], values["rope_scaling"] = rope["rope_theta"], rope["rope_scaling"]
         if "partial_rotary_factor" in rope:  # transformers 5 moved rotary_pct into rope_parameters

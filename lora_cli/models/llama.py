@@ -155,7 +155,7 @@ def rope_from_hf(d: dict, theta: float) -> dict:
         return {"rope_theta": d.get("rope_theta", theta), "rope_scaling": d.get("rope_scaling")}
     for key, example in (("rope_theta", 10000.0), ("partial_rotary_factor", 0.25)):  # under config.json's names
         if key in params:
-            check_config_value(f"rope_parameters.{key}", params[key], "float", example)
+            check_config_value(f"rope_parameters.{key}", params[key], "number", example)
     out = {"rope_theta": params.get("rope_theta", theta), "rope_scaling": params}
     if "partial_rotary_factor" in params:
         out["partial_rotary_factor"] = params["partial_rotary_factor"]
