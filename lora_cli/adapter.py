@@ -25,7 +25,6 @@ PEFT's alpha / r scaling reproduces ours exactly.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -36,9 +35,12 @@ import safetensors.torch
 from safetensors import safe_open
 
 from lora_cli.pretrained import CONV1D_SUFFIXES, BaseModel, key_mismatch, read_state_dict
-from lora_cli.config import FORMAT_CHOICES, MUTATING_INITS, TASKS, TRAIN_ON, LoraConfig
-from lora_cli.errors import AdapterError, ConfigError, first_line
+from lora_cli.chat_template import FIX_TEMPLATE, compile_template
+from lora_cli.config import (BUILTIN_CHAT_TEMPLATES, DATA_FORMATS, FORMAT_CHOICES, MUTATING_INITS, RESPONSE_ROLE,
+                             TASKS, TRAIN_ON, LoraConfig, is_inline_template, parse_template)
+from lora_cli.errors import AdapterError, ConfigError, ConversationError, first_line
 from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
+from lora_cli.jsonvalues import complaint, shown
 from lora_cli.models import HEAD, add_classification_head
 from lora_cli.lora import (
     SLICES,
@@ -134,37 +136,15 @@ def _settings_dict(lora: LoraConfig, rank_pattern: dict, alpha_pattern: dict) ->
 _REQUIRED = object()  # a field with no default: its absence is an error
 BIASES = ("none", "lora_only", "all")
 OURS_FIX = "the file is damaged: train the adapter again or use another adapter"
-# kind -> (test, what a good value is, what to do, whether a quoted value deserves "without quotes")
-_KINDS = {
-    "rank": (lambda v: type(v) is int and v > 0, "a whole number above 0", "write a whole number such as 8", True),
-    "alpha": (lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0, "a finite number above 0",
-              "write a number above 0 such as 16", True),
-    "dropout": (lambda v: type(v) in (int, float) and 0 <= v < 1, "a probability from 0 up to (not including) 1",
-                "write a number such as 0.05", True),
-    "flag": (lambda v: type(v) is bool, "true or false", "write true or false", True),
-    "names": (lambda v: type(v) is list and all(type(x) is str for x in v), "a list of module names",
-              'write a JSON list such as ["lm_head"], or null', False),
-    "text": (lambda v: type(v) is str, "text", "write the base model's hub id or directory, or null", False),
-    "mapping": (lambda v: type(v) is dict, "a mapping", "write a JSON object", False),
-}
-
-
-def _shown(value, limit: int = 60) -> str:
-    """A value as its JSON spelling (NaN, Infinity, "text"), shortened for a one-line message."""
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+RANK, ALPHA, DROPOUT = ("size", 8), ("positive", 16), ("probability", 0.05)  # jsonvalues kinds, good examples
 
 
 @dataclass
 class _Fields:
-    """Typed reads of one adapter's settings, shared by the PEFT reader (adapter_config.json) and ours (the
-    header's `lora` entry, prefix "lora.", and its metadata). Every bad value is one AdapterError line
+    """Typed reads (jsonvalues) of one adapter's settings, shared by the PEFT reader (adapter_config.json) and
+    ours (the header's `lora` entry, prefix "lora.", and its metadata). Every bad value is one AdapterError line
     '<file>: <field>: <what is wrong>; <what to do>'. `fix`: what to do about any field (our header, which no one
-    edits by hand); None: each kind's own advice (a JSON file the user can correct). Never coerces: "false" is
-    not false, 4.5 is not 4."""
+    edits by hand); None: the value's own advice (a JSON file the user can correct)."""
 
     raw: dict
     file: Path
@@ -174,28 +154,26 @@ class _Fields:
     def fail(self, field: str, problem: str, advice: str) -> AdapterError:
         return AdapterError(f"{self.file}: {self.prefix}{field}: {problem}; {self.fix or advice}")
 
-    def check(self, field: str, value, kind: str, what: str | None = None, advice: str | None = None):
-        test, good, default_advice, scalar = _KINDS[kind]
-        if test(value):
-            return value
-        advice = advice or default_advice
-        if scalar and isinstance(value, str):
-            advice += ", without quotes"
-        raise self.fail(field, f"{_shown(value)} is not {what or good}", advice)
+    def check(self, field: str, value, kind: str, example=None, **words):
+        """`value` if it is of the jsonvalues `kind`; words: what / how / nullable, as jsonvalues.complaint."""
+        problem = complaint(value, kind, example, **words)
+        if problem is not None:
+            raise self.fail(field, *problem)
+        return value
 
-    def get(self, key: str, kind: str, default=None, **words):
+    def get(self, key: str, kind: str, default=None, example=None, **words):
         """raw[key] checked as `kind`; absent or null gives `default` (_REQUIRED: absent is an error)."""
         if key not in self.raw and default is _REQUIRED:
-            raise self.fail(key, "missing", words.get("advice") or _KINDS[kind][2])
+            raise self.fail(key, "missing", complaint(None, kind, example, **words)[1])
         value = self.raw.get(key)
         if value is None and default is not _REQUIRED:
             return default
-        return self.check(key, value, kind, **words)
+        return self.check(key, value, kind, example, **words)
 
     def choice(self, key: str, choices, default):
         value = self.raw.get(key, default)
         if type(value) is not str or value not in choices:
-            raise self.fail(key, f"{_shown(value)} is not one of {', '.join(choices)}",
+            raise self.fail(key, f"{shown(value)} is not one of {', '.join(choices)}",
                             f"write one of {', '.join(choices)}")
         return value
 
@@ -203,20 +181,20 @@ class _Fields:
         """A list of module names; regex: a str is good too (PEFT's target_modules as one regular expression)."""
         if regex and type(self.raw.get(key)) is str:
             return self.raw[key]
-        words = dict(what="a list of module names or a regular expression",
-                     advice='write a JSON list of module names such as ["c_attn"]') if regex else {}
-        value = self.get(key, "names", default, **words)
+        words = (dict(what="a list of module names or a regular expression", how="a JSON list of module names")
+                 if regex else dict(what="a list of module names", how="a JSON list", nullable=True))
+        value = self.get(key, "names", default, ["c_attn"] if regex else ["lm_head"], **words)
         return list(value) if isinstance(value, list) else value
 
-    def pattern(self, key: str, kind: str) -> dict:
-        """PEFT's rank_pattern / alpha_pattern: module name (or regex) -> rank or alpha; absent or null: {}."""
+    def pattern(self, key: str, kind: tuple[str, float]) -> dict:
+        """PEFT's rank_pattern / alpha_pattern: module name (or regex) -> rank or alpha (kind: RANK or ALPHA);
+        absent or null: {}."""
         value = self.raw.get(key)
         if value is None:
             return {}
-        noun, example = ("ranks", 8) if kind == "rank" else ("alphas", 16)
-        self.check(key, value, "mapping", f"a mapping of module names to {noun}",
-                   f'write a JSON object such as {{"c_attn": {example}}}')
-        return {k: self.check(f"{key}[{json.dumps(k)}]", v, kind) for k, v in value.items()}
+        self.check(key, value, "object", {"c_attn": kind[1]},
+                   what=f"a mapping of module names to {'ranks' if kind is RANK else 'alphas'}")
+        return {k: self.check(f"{key}[{json.dumps(k)}]", v, *kind) for k, v in value.items()}
 
 
 # ---------------------------------------------------------------------------------------------- our format
@@ -289,14 +267,15 @@ def _load_ours(p: Path) -> Adapter:
     except (ValueError, KeyError, TypeError) as exc:
         raise AdapterError(f"{p}: the adapter's LoRA settings are damaged ({first_line(exc)})") from exc
     fields = _Fields(s, p, "lora.", OURS_FIX)
-    lora = LoraConfig(r=fields.get("r", "rank", _REQUIRED), alpha=float(fields.get("alpha", "alpha", _REQUIRED)),
-                      dropout=float(fields.get("dropout", "dropout", _REQUIRED)),
+    lora = LoraConfig(r=fields.get("r", RANK[0], _REQUIRED, RANK[1]),
+                      alpha=float(fields.get("alpha", ALPHA[0], _REQUIRED, ALPHA[1])),
+                      dropout=float(fields.get("dropout", DROPOUT[0], _REQUIRED, DROPOUT[1])),
                       targets=fields.names("targets", _REQUIRED), layers=None,
-                      use_rslora=fields.get("use_rslora", "flag", _REQUIRED),
-                      use_dora=fields.get("use_dora", "flag", _REQUIRED), bias=fields.choice("bias", BIASES, None),
+                      use_rslora=fields.get("use_rslora", "bool", _REQUIRED),
+                      use_dora=fields.get("use_dora", "bool", _REQUIRED), bias=fields.choice("bias", BIASES, None),
                       modules_to_save=fields.names("modules_to_save", _REQUIRED))
-    rank_pattern = fields.pattern("rank_pattern", "rank")
-    alpha_pattern = {k: float(v) for k, v in fields.pattern("alpha_pattern", "alpha").items()}
+    rank_pattern = fields.pattern("rank_pattern", RANK)
+    alpha_pattern = {k: float(v) for k, v in fields.pattern("alpha_pattern", ALPHA).items()}
     if version > FORMAT_VERSION:
         raise AdapterError(f"{p} has adapter format version {version}; this lora-cli reads up to "
                            f"{FORMAT_VERSION}: upgrade lora-cli")
@@ -310,11 +289,11 @@ def _load_ours(p: Path) -> Adapter:
             except json.JSONDecodeError:
                 pass
         metadata[key] = value
-    base_model = _Fields(metadata, p, "", OURS_FIX).get("base_model", "mapping")
+    base_model = _Fields(metadata, p, "", OURS_FIX).get("base_model", "object")
     if base_model is not None:  # pretrained.BaseModel.describe(): where to load the base from, and its fingerprint
         described = _Fields(base_model, p, "base_model.", OURS_FIX)
         for key in ("source", "name", "revision", "fingerprint"):
-            described.get(key, "text")
+            described.get(key, "text", nullable=True)
     problem = damaged_settings(metadata)
     if problem:
         raise AdapterError(f"{p}: the adapter's settings are damaged ({problem}); train it again or use another adapter")
@@ -351,7 +330,9 @@ def _has_module(model: torch.nn.Module, name: str) -> bool:
 
 def damaged_settings(metadata: dict) -> str | None:
     """What in an adapter header's task and data settings no training run writes, or None: eval, generate,
-    predict, merge and export all act on them."""
+    predict, merge and export all act on them. A stored prompt template must be one training takes and rendering
+    renders; a stored chat template must compile; the labels must be distinct names (text or numbers, which
+    predict shows as text)."""
     task = metadata.get("task") or "causal_lm"
     if task not in TASKS:
         return f"task {task!r} is not {' or '.join(TASKS)}"
@@ -371,14 +352,46 @@ def damaged_settings(metadata: dict) -> str | None:
         return f"data.max_length {max_length!r} is not an integer >= 2"
     if not isinstance(data.get("mask_prompt", True), bool):
         return f"data.mask_prompt {data['mask_prompt']!r} is not true or false"
-    if not isinstance(data.get("labels") or [], list):
-        return f"data.labels {data['labels']!r} is not a list"
+    labels = data.get("labels")
+    if labels is not None:
+        if not isinstance(labels, list) or not all(type(x) in (str, int, float) for x in labels):
+            return f"data.labels {shown(labels)} is not a list of label names (text or numbers)"
+        names = [str(x) for x in labels]  # as predict, merge and export name them
+        twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+        if twice is not None:
+            return f"data.labels {shown(labels)} lists {twice!r} twice"
     if not isinstance(columns, dict) or not all(isinstance(v, str) for v in columns.values()):
         return "data.columns does not map roles to column names"
     if not (is_text(data.get("prompt_template")) and is_text(data.get("chat_template"))):
         return "data.prompt_template or data.chat_template is not text"
     if (data.get("train_on") or TRAIN_ON[0]) not in TRAIN_ON:
         return f"data.train_on {data['train_on']!r} is not one of {', '.join(TRAIN_ON)}"
+    one_line = lambda text: text.replace("\n", "\\n").replace("\r", "\\r")  # noqa: E731
+    template, fmt = data.get("prompt_template"), data.get("format") or "auto"
+    response = RESPONSE_ROLE.get(fmt)
+    if template is not None:  # what rendering takes (config.parse_template) and training wrote
+        bad = f"data.prompt_template {shown(template)}:"
+        try:
+            fields = [name for _, name in parse_template(template) if name is not None]
+        except ValueError as exc:
+            return one_line(f"{bad} {exc.args[0]}")
+        if response in fields:
+            return f"{bad} {{{response}}} is the response and cannot be in the prompt"
+        # Training took a field that is a role or a column of its file; the header lists the roles' columns only,
+        # so another column is taken beside one of those, but not alone: every prompt's text would be left out.
+        if response is not None and not fields:
+            return f"{bad} names no field, so every example would get the same prompt"
+        if response is not None and not {*DATA_FORMATS.get(fmt, ()), *columns.values()} & set(fields):
+            return one_line(f"{bad} unknown field {{{fields[0]}}}")
+    chat = data.get("chat_template")
+    if chat is not None:
+        if chat not in BUILTIN_CHAT_TEMPLATES and not is_inline_template(chat):  # training stores the text
+            return f"data.chat_template {shown(chat)} is not a chat template's Jinja text"
+        try:
+            compile_template(BUILTIN_CHAT_TEMPLATES.get(chat, chat))
+        except ConversationError as exc:
+            return one_line("data.chat_template " + str(exc).removeprefix("the chat template ")
+                            .removesuffix(f"; {FIX_TEMPLATE}"))
     return None
 
 
@@ -503,18 +516,18 @@ def _load_peft(d: Path) -> Adapter:
                                f"export the adapter without it")
     # The types peft's LoraConfig gives its fields, and nothing else (no "false" for false, no 4.5 for a rank).
     fields = _Fields(raw, cfg_path)
-    r, alpha = fields.get("r", "rank", _REQUIRED), float(fields.get("lora_alpha", "alpha", _REQUIRED))
-    rank_cfg, alpha_cfg = fields.pattern("rank_pattern", "rank"), fields.pattern("alpha_pattern", "alpha")
-    dropout = float(fields.get("lora_dropout", "dropout", 0.0))
-    use_rslora, use_dora = fields.get("use_rslora", "flag", False), fields.get("use_dora", "flag", False)
-    tying = fields.get("ensure_weight_tying", "flag", False)
+    r, alpha = fields.get("r", RANK[0], _REQUIRED, RANK[1]), float(fields.get("lora_alpha", ALPHA[0], _REQUIRED, ALPHA[1]))
+    rank_cfg, alpha_cfg = fields.pattern("rank_pattern", RANK), fields.pattern("alpha_pattern", ALPHA)
+    dropout = float(fields.get("lora_dropout", DROPOUT[0], 0.0, DROPOUT[1]))
+    use_rslora, use_dora = fields.get("use_rslora", "bool", False), fields.get("use_dora", "bool", False)
+    tying = fields.get("ensure_weight_tying", "bool", False)
     fields.names("target_modules", regex=True)  # unused (the weights name the targets), but a bad value is damage
     modules_to_save = fields.names("modules_to_save", [])
-    base_name = fields.get("base_model_name_or_path", "text")
-    revision = fields.get("revision", "text", advice="write the base model's revision (branch, tag or commit), or null")
+    base_name = fields.get("base_model_name_or_path", "text", how="the base model's hub id or directory", nullable=True)
+    revision = fields.get("revision", "text", how="the base model's revision (branch, tag or commit)", nullable=True)
     task_type = raw.get("task_type")
     if task_type is not None and (type(task_type) is not str or task_type not in PEFT_TASKS):
-        raise fields.fail("task_type", f"{_shown(task_type)} is not supported by lora-cli",
+        raise fields.fail("task_type", f"{shown(task_type)} is not supported by lora-cli",
                           f"use a {' or '.join(PEFT_TASKS)} adapter (task_type "
                           f"{', '.join(json.dumps(t) for t in PEFT_TASKS)} or null)")
     weights = next((d / f for f in PEFT_WEIGHTS if (d / f).is_file()), None)

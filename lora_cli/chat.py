@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+from lora_cli.adapter import OURS_FIX
 from lora_cli.chat_template import chat_ids, conversation, reply_ends, resolve_template
 from lora_cli.errors import ConfigError, ConversationError, LoraError
 from lora_cli.generate import StopText, stream_text
@@ -26,10 +27,14 @@ HELP = "/reset clears the history, /exit or Ctrl-D ends"
 
 def chat_template_for(loaded: Loaded, override: str | None = None) -> str:
     """The template to talk with: --chat-template if given, else the adapter's (the one it was trained with),
-    else the base checkpoint's own; none at all is a ConfigError that says to pass --chat-template."""
-    value = override if override is not None else loaded.settings.chat_template
+    else the base checkpoint's own; none at all is a ConfigError that says to pass --chat-template. A template
+    that is not valid Jinja is named by where it came from: the flag, the adapter file, or the model's file."""
     model_dir = loaded.base.name if loaded.base.source == "local" else None
-    return resolve_template(value, loaded.tokenizer, model_dir, key="--chat-template")
+    stored = loaded.settings.chat_template
+    if override is None and stored is not None:
+        where = f"{loaded.adapter.path}: data.chat_template" if loaded.adapter is not None else "data.chat_template"
+        return resolve_template(stored, loaded.tokenizer, model_dir, key=where, fix=OURS_FIX)
+    return resolve_template(override, loaded.tokenizer, model_dir, key="--chat-template")
 
 
 def chat_prompt_ids(loaded: Loaded, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,

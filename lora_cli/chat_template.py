@@ -28,6 +28,7 @@ from lora_cli.tokenizer import GPT2Tokenizer, Tokenizer, set_in_tokenizer_config
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # ShareGPT's `from` -> role
 TEMPLATE_FILE = "chat_template.jinja"  # transformers >= 4.50 saves the template beside tokenizer_config.json
+FIX_TEMPLATE = "fix the template"  # what a template that is not valid Jinja asks of whoever wrote it
 
 
 # ------------------------------------------------------------------------------------------- conversations
@@ -118,6 +119,13 @@ def checkpoint_template(tokenizer: Tokenizer, model_dir: str | Path | None = Non
     """A checkpoint's own chat template: chat_template.jinja, else tokenizer_config.json's `chat_template` (a
     string, or a list of {name, template} whose `default` is taken), looked up beside the tokenizer.json and in
     the model directory. None when there is none (GPT-2, base checkpoints)."""
+    found = checkpoint_template_source(tokenizer, model_dir)
+    return None if found is None else found[0]
+
+
+def checkpoint_template_source(tokenizer: Tokenizer, model_dir: str | Path | None = None) -> tuple[str, str] | None:
+    """(checkpoint_template's text, where it was found, as errors name it: ".../chat_template.jinja" or
+    ".../tokenizer_config.json: chat_template"), or None."""
     folders = []
     if not isinstance(tokenizer, GPT2Tokenizer):
         folders.append(Path(tokenizer.path).parent)
@@ -125,7 +133,7 @@ def checkpoint_template(tokenizer: Tokenizer, model_dir: str | Path | None = Non
         folders.append(Path(model_dir))
     for folder in folders:
         if (folder / TEMPLATE_FILE).is_file():
-            return (folder / TEMPLATE_FILE).read_text(encoding="utf-8")
+            return (folder / TEMPLATE_FILE).read_text(encoding="utf-8"), str(folder / TEMPLATE_FILE)
         try:
             found = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
@@ -133,25 +141,32 @@ def checkpoint_template(tokenizer: Tokenizer, model_dir: str | Path | None = Non
         if isinstance(found, list):
             found = {t.get("name"): t.get("template") for t in found if isinstance(t, dict)}.get("default")
         if isinstance(found, str) and found.strip():
-            return found
+            return found, f"{folder / 'tokenizer_config.json'}: chat_template"
     return None
 
 
 def resolve_template(value: str | None, tokenizer: Tokenizer, model_dir: str | Path | None = None,
-                     key: str = "data.chat_template") -> str:
-    """The template a chat run uses: `value` (data.chat_template, --chat-template) if given, else the
-    checkpoint's own; a model without one is a ConfigError saying what to set."""
+                     key: str = "data.chat_template", fix: str = FIX_TEMPLATE) -> str:
+    """The template a chat run uses: `value` (data.chat_template, --chat-template, an adapter's stored template)
+    if given, else the checkpoint's own; a model without one is a ConfigError saying what to set. `key` names
+    where `value` came from in errors (an adapter's: "FILE: data.chat_template"), and a template that is not
+    valid Jinja is named by where it came from: `key`, or the checkpoint's file; `fix`: what to do about a bad
+    `value`."""
     if value is not None:
         template, where = read_template(value, key), f"{key} {value!r}" if not is_inline_template(value) else key
+        what = "the chat template"
     else:
-        template, where = checkpoint_template(tokenizer, model_dir), "the model's chat template"
-    if template is None:
-        raise ConfigError(f"{key}: the model has no chat template (no chat_template in its tokenizer_config.json); "
-                          f"set {key}: chatml (built in) or a .jinja file")
+        found = checkpoint_template_source(tokenizer, model_dir)
+        if found is None:
+            raise ConfigError(f"{key}: the model has no chat template (no chat_template in its tokenizer_config.json); "
+                              f"set {key}: chatml (built in) or a .jinja file")
+        (template, where), what = found, "the model's chat template"
+        fix = f"fix it, or {'pass' if key.startswith('--') else 'set'} {key} (chatml or a .jinja file) to use another"
     try:
         compile_template(template)
     except ConversationError as exc:  # the template's fault, not the first data row's
-        raise ConfigError(f"{where}: {exc}") from None
+        problem = str(exc).removeprefix("the chat template ").removesuffix(f"; {FIX_TEMPLATE}")
+        raise ConfigError(f"{where}: {what} {problem}; {fix}") from None
     return template
 
 
@@ -204,7 +219,7 @@ def compile_template(source: str):
     try:
         return env.from_string(source)
     except jinja2.exceptions.TemplateError as exc:
-        raise ConversationError(f"the chat template is not valid Jinja ({first_line(exc)}); fix the template") from None
+        raise ConversationError(f"the chat template is not valid Jinja ({first_line(exc)}); {FIX_TEMPLATE}") from None
 
 
 def template_tokens(tokenizer: Tokenizer) -> dict[str, str]:

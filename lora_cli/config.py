@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import re
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -131,6 +132,7 @@ DATA_FORMATS: dict[str, tuple[str, ...]] = {
     "chat": ("messages",),  # a list of {role, content}; ShareGPT's `conversations` of {from, value} too
 }
 FORMAT_CHOICES = ("auto", *DATA_FORMATS)  # data.format and --format
+RESPONSE_ROLE = {"alpaca": "output", "prompt_completion": "completion"}  # the formats with a prompt to template
 # Tokens `lora generate` and `lora chat` decode at most unless --max-new-tokens says otherwise (each also no more
 # than what the model's context leaves after the prompt or conversation).
 GENERATE_MAX_NEW_TOKENS = 128
@@ -658,6 +660,25 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
         elif owner is not cfg.model or attr != "name" or (base / path).exists():
             # a model name is a path only when it exists relative to the config; otherwise it is a hub id
             setattr(owner, attr, str(base / path))
+
+
+def parse_template(template: str) -> list[tuple[str, str | None]]:
+    """A prompt template as (literal text, field name or None) pieces: str.format's syntax restricted to plain
+    {name} fields ({{ and }} are literal braces). A template can come from an adapter file, which is data:
+    attribute or index access ({x.__class__}, {x[0]}), conversions and format specs ({x:>99999999999} would
+    allocate gigabytes) are refused: ValueError(what is wrong, what to write instead)."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(str(exc), "write a literal brace as {{ or }}") from None
+    pieces = []
+    for literal, name, spec, conversion in parsed:
+        if name is not None and (not name or name.isdigit() or "." in name or "[" in name or spec or conversion):
+            shown = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise ValueError(f"field {{{shown}}} is not a plain {{name}} field",
+                             "use fields such as {instruction} or {prompt}")
+        pieces.append((literal, name))
+    return pieces
 
 
 def is_inline_template(value: str) -> bool:

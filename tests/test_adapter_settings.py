@@ -25,10 +25,9 @@ TASKS = 'use a CAUSAL_LM or SEQ_CLS adapter (task_type "CAUSAL_LM", "SEQ_CLS" or
 DELETE = object()
 PEFT_CASES = [
     ("rank-pattern-str-value", "rank_pattern", {"c_attn": "4"},
-     'rank_pattern["c_attn"]: "4" is not a whole number above 0; write a whole number such as 8, without quotes'),
+     'rank_pattern["c_attn"]: "4" is not a whole number above 0; write 4 without quotes'),
     ("alpha-pattern-str-value", "alpha_pattern", {"c_attn": "8"},
-     'alpha_pattern["c_attn"]: "8" is not a finite number above 0; write a number above 0 such as 16, '
-     'without quotes'),
+     'alpha_pattern["c_attn"]: "8" is not a finite number above 0; write 8 without quotes'),
     ("rank-pattern-list", "rank_pattern", ["c_attn"],
      'rank_pattern: ["c_attn"] is not a mapping of module names to ranks; write a JSON object such as '
      '{"c_attn": 8}'),
@@ -36,8 +35,7 @@ PEFT_CASES = [
      'alpha_pattern: ["c_attn"] is not a mapping of module names to alphas; write a JSON object such as '
      '{"c_attn": 16}'),
     ("dropout-str", "lora_dropout", "x",
-     'lora_dropout: "x" is not a probability from 0 up to (not including) 1; write a number such as 0.05, '
-     'without quotes'),
+     'lora_dropout: "x" is not a probability from 0 up to (not including) 1; write a number such as 0.05'),
     ("alpha-nan", "lora_alpha", float("nan"),
      "lora_alpha: NaN is not a finite number above 0; write a number above 0 such as 16"),
     ("alpha-inf", "lora_alpha", float("inf"),
@@ -48,13 +46,13 @@ PEFT_CASES = [
     ("alpha-missing", "lora_alpha", DELETE, "lora_alpha: missing; write a number above 0 such as 16"),
     ("r-zero", "r", 0, "r: 0 is not a whole number above 0; write a whole number such as 8"),
     ("r-fraction", "r", 4.5, "r: 4.5 is not a whole number above 0; write a whole number such as 8"),
-    ("r-str", "r", "4", 'r: "4" is not a whole number above 0; write a whole number such as 8, without quotes'),
+    ("r-str", "r", "4", 'r: "4" is not a whole number above 0; write 4 without quotes'),
     ("r-bool", "r", True, "r: true is not a whole number above 0; write a whole number such as 8"),
     ("rslora-str", "use_rslora", "false",
-     'use_rslora: "false" is not true or false; write true or false, without quotes'),
-    ("dora-str", "use_dora", "yes", 'use_dora: "yes" is not true or false; write true or false, without quotes'),
+     'use_rslora: "false" is not true or false; write false without quotes'),
+    ("dora-str", "use_dora", "yes", 'use_dora: "yes" is not true or false; write true or false'),
     ("weight-tying-str", "ensure_weight_tying", "false",
-     'ensure_weight_tying: "false" is not true or false; write true or false, without quotes'),
+     'ensure_weight_tying: "false" is not true or false; write false without quotes'),
     ("target-modules-int", "target_modules", 5,
      'target_modules: 5 is not a list of module names or a regular expression; write a JSON list of module '
      'names such as ["c_attn"]'),
@@ -93,7 +91,7 @@ OURS_CASES = [
      'lora.rank_pattern["transformer.h.0.attn.c_attn"]: "4" is not a whole number above 0'),
     ("alpha-pattern-str-value", "lora.alpha_pattern", {"transformer.h.0.attn.c_attn": "8"},
      'lora.alpha_pattern["transformer.h.0.attn.c_attn"]: "8" is not a finite number above 0'),
-    ("base-model-list", "base_model", ["gpt2"], 'base_model: ["gpt2"] is not a mapping'),
+    ("base-model-list", "base_model", ["gpt2"], 'base_model: ["gpt2"] is not a JSON object'),
     ("base-model-name-list", "base_model.name", ["gpt2"], 'base_model.name: ["gpt2"] is not text'),
 ]
 

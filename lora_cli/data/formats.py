@@ -9,16 +9,14 @@ their roles are listed once, in lora_cli.config (DATA_FORMATS), which defines th
 from __future__ import annotations
 
 import re
-import string
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from lora_cli.config import (ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, DATA_FORMATS, PROMPT_COMPLETION_TEMPLATE,
-                             DataConfig)
+                             RESPONSE_ROLE, DataConfig, parse_template)
 from lora_cli.errors import ConfigError, DataError, did_you_mean
 
 OPTIONAL_ROLES = {"input"}
-RESPONSE_ROLE = {"alpaca": "output", "prompt_completion": "completion"}
 _FORMAT_HELP = (
     "alpaca (instruction, output, optional input), prompt_completion (prompt, completion), text (text)"
 )
@@ -135,16 +133,13 @@ def template_fields(template: str, fmt: str, columns: Iterable[str]) -> list[str
     column of the file. Raises ConfigError naming data.prompt_template."""
     allowed = [r for r in DATA_FORMATS[fmt] if r != RESPONSE_ROLE.get(fmt)] + [str(c) for c in columns]
     try:
-        parsed = list(string.Formatter().parse(template))
+        parsed = parse_template(template)
     except ValueError as exc:
-        raise ConfigError(f"data.prompt_template: {exc}; write a literal brace as {{{{ or }}}}") from None
+        raise ConfigError("data.prompt_template: {}; {}".format(*exc.args)) from None
     fields = []
-    for _, name, _, _ in parsed:
+    for _, name in parsed:
         if name is None:
             continue
-        if name == "" or name.isdigit() or any(ch in name for ch in ".["):
-            raise ConfigError(f"data.prompt_template: field {{{name}}} is not supported; name a role or a column, "
-                              f"e.g. {{{allowed[0]}}}")
         if name == RESPONSE_ROLE.get(fmt):
             raise ConfigError(f"data.prompt_template: {{{name}}} is the response and cannot be in the prompt")
         if name not in allowed:
@@ -152,7 +147,7 @@ def template_fields(template: str, fmt: str, columns: Iterable[str]) -> list[str
                               f"{', '.join(dict.fromkeys(allowed))}")
         fields.append(name)
     if not fields:  # every example would get the same prompt; {{name}} (Jinja's habit) is a literal {name}
-        literal = "".join(text for text, *_ in parsed)
+        literal = "".join(text for text, _ in parsed)
         doubled = re.search(r"{(\w+)}", literal)
         hint = (f"write {{{doubled[1]}}}, not {{{{{doubled[1]}}}}} (doubled braces are literal braces)" if doubled
                 else f"add one such as {{{allowed[0]}}}")
@@ -172,22 +167,15 @@ def render_prompt(values: Mapping[str, str], fmt: str, template: DataConfig | st
 
 
 def fill_template(template: str, values: Mapping[str, Any]) -> str:
-    """str.format_map restricted to plain {name} fields ({{ and }} are literal braces; an absent name renders
-    as ""). A template can come from an adapter file, which is data: attribute or index access ({x.__class__},
-    {x[0]}), conversions and format specs ({x:>99999999999} would allocate gigabytes) are refused."""
+    """str.format_map restricted to plain {name} fields (config.parse_template; an absent name renders as "")."""
     out = []
     try:
-        parsed = list(string.Formatter().parse(template))
+        parsed = parse_template(template)
     except ValueError as exc:
-        raise ConfigError(f"prompt template {template[:60]!r}: {exc}; write a literal brace as {{{{ or }}}}") from None
-    for literal, name, spec, conversion in parsed:
+        raise ConfigError("prompt template {!r}: {}; {}".format(template[:60], *exc.args)) from None
+    for literal, name in parsed:
         out.append(literal)
-        if name is None:
-            continue
-        if not name or name.isdigit() or "." in name or "[" in name or spec or conversion:
-            shown = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
-            raise ConfigError(f"prompt template {template[:60]!r}: field {{{shown}}} is not a plain {{name}} field; "
-                              "use fields such as {instruction} or {prompt}")
-        value = values.get(name)
-        out.append("" if value is None else str(value))
+        if name is not None:
+            value = values.get(name)
+            out.append("" if value is None else str(value))
     return "".join(out)
