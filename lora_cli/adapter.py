@@ -614,9 +614,9 @@ def _load_peft(d: Path) -> Adapter:
     head = tensors.get(f"{HEAD}.weight")
     if metadata["task"] == "classification" and head is not None:
         # The label names: export_peft keeps them in the weights file's header (PEFT ignores it); a classifier
-        # exported elsewhere gets the class ids as names.
+        # exported elsewhere (or names that do not fit the head, or repeat) gets the class ids as names.
         labels = _peft_labels(weights)
-        if labels is None or len(labels) != head.shape[0]:
+        if labels is None or len(labels) != head.shape[0] or len(set(labels)) != len(labels):
             labels = [str(i) for i in range(head.shape[0])]
         metadata["data"] = {"format": "classification", "labels": labels}
     return Adapter(tensors, lora, metadata, d, "peft", rank_pattern, alpha_pattern)

@@ -377,6 +377,12 @@ def test_peft_export_keeps_the_head(run, base_dir, tmp_path):
     assert code == 0, err
     for line, want in zip(out.splitlines(), torch.softmax(ours, dim=-1)):
         assert json.loads(line)["probabilities"] == pytest.approx(dict(zip(["neg", "pos"], want.tolist())), abs=1e-5)
+    # names in the header that repeat cannot name the classes: the class ids do, as for a PEFT export from elsewhere
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    save_file(load_file(str(weights)), str(weights), metadata={"format": "pt", "lora_cli_labels": '["pos", "pos"]'})
+    assert load_adapter(tmp_path / "peft").metadata["data"]["labels"] == ["0", "1"]
 
 
 # ---------------------------------------------------------------------------------------- the spam config e2e
