@@ -159,6 +159,16 @@ def test_llama3_without_its_factors_is_one_line(tmp_path):
         load_model(path)
 
 
+def test_llama3_factors_of_the_wrong_type_are_one_line(tmp_path):
+    path = checkpoint(tmp_path, "llama", sizes=dict(rope_scaling=LLAMA3))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["rope_parameters"]["factor"] = "8"
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(CheckpointError, match=r'config.json: rope_scaling.factor: "8" is not a finite number above 0; '
+                                              r"write 8 without quotes$"):
+        load_model(path)
+
+
 GPT_NEOX_ROPE = {  # case: config.json's rotary keys, rope_parameters removed (transformers 4's layout)
     "top-level-rope_theta-alone": dict(rope_theta=500.0, rotary_pct=0.5),
     "rotary_emb_base-over-rope_theta": dict(rotary_emb_base=700.0, rope_theta=500.0, rotary_pct=0.5),

@@ -111,8 +111,12 @@ class LlamaConfig(HFNames):
             if missing:
                 raise ValueError(f"rope_scaling type 'llama3' needs {', '.join(LLAMA3_FACTORS)}; missing: "
                                  f"{', '.join(missing)}")
+            for key in LLAMA3_FACTORS:
+                check_config_value(f"rope_scaling.{key}", self.rope_scaling[key], "positive", 8.0)
             # transformers' _compute_llama3_parameters: the pretraining context defaults to max_position_embeddings
             self.rope_scaling = {"original_max_position_embeddings": self.max_position_embeddings, **self.rope_scaling}
+            check_config_value("rope_scaling.original_max_position_embeddings",
+                               self.rope_scaling["original_max_position_embeddings"], "size", 8192)
         if self.sliding_window is not None and self.sliding_window < self.max_position_embeddings \
                 and any(t == "sliding_attention" for t in self.window_layer_types()):
             raise ValueError(
