@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 from lora_cli.adapter import Adapter
 from lora_cli.chat import HELP, Replier, answer_conversations, chat_loop, chat_template_for, read_conversations
-from lora_cli.config import CHAT_MAX_NEW_TOKENS, GENERATE_MAX_NEW_TOKENS
+from lora_cli.config import CHAT_MAX_NEW_TOKENS, GENERATE_MAX_NEW_TOKENS, SEEDS, SEEDS_TEXT
 from lora_cli.errors import ConfigError
 from lora_cli.evaluation import generate_texts
 from lora_cli.generate import stream_text
@@ -64,6 +64,8 @@ class Decoding:
         """generate.generate's keyword options; the flags are checked here, before anything loads."""
         options = sampling_options(self.temperature, self.top_k, self.top_p, self.greedy)
         check_lengths(self.max_new_tokens, self.no_repeat_ngram_size)
+        if self.seed is not None and self.seed not in SEEDS:
+            raise ConfigError(f"--seed must be {SEEDS_TEXT}, got {self.seed}")
         return {**options, "seed": self.seed, "no_repeat_ngram_size": self.no_repeat_ngram_size,
                 "use_cache": self.use_cache}
 

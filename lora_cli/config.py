@@ -25,6 +25,9 @@ import yaml
 from lora_cli.errors import ConfigError, all_problems, did_you_mean, first_line
 
 ARCH_OVERRIDES = ("n_layer", "n_head", "n_embd", "n_positions")
+SEEDS = range(-2**63, 2**64)  # the seeds torch.Generator.manual_seed takes
+SEEDS_TEXT = f"an integer from {SEEDS.start} to {SEEDS.stop - 1}"
+DEVICE = re.compile(r"auto|(cpu|cuda|mps)(:\d+)?")  # train.device and --device: auto, cpu, cuda, cuda:1, mps
 
 
 @dataclass
@@ -71,8 +74,8 @@ class ModelSpec:
         if overrides and init != "random":
             raise ValueError("architecture overrides (n_layer, ...) need init: random")
         seed = value.get("seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed not in SEEDS:
+            raise ValueError(f"seed must be {SEEDS_TEXT}, got {seed!r}")
         revision = value.get("revision")
         tokenizer = value.get("tokenizer")
         if tokenizer is not None and (not isinstance(tokenizer, str) or not tokenizer.strip()):
@@ -631,8 +634,12 @@ def _check_constraints(cfg: RunConfig, report, whole_run: bool = True) -> None:
         report("train.samples", "a classifier generates no text; set train.samples: 0")
     if t.sample_max_new_tokens < 1:
         report("train.sample_max_new_tokens", f"must be >= 1, got {t.sample_max_new_tokens}")
-    if t.device != "auto" and t.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+    if not DEVICE.fullmatch(t.device):
         report("train.device", f"must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}")
+    if t.seed not in SEEDS:
+        report("train.seed", f"must be {SEEDS_TEXT}, got {t.seed}")
+    if t.momentum < 0:
+        report("train.momentum", f"must be >= 0, got {t.momentum}")
 
 
 def path_fields(cfg: RunConfig) -> list[tuple[Any, str]]:

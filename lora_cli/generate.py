@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from lora_cli.config import SEEDS, SEEDS_TEXT
 from lora_cli.errors import ConfigError, DataError
 from lora_cli.models import CausalLM, KVCache
 from lora_cli.tokenizer import EOT_ID, GPT2, GPT2Tokenizer, Tokenizer, get_encoding
@@ -95,8 +96,8 @@ def _check_static(static: bool | None, use_cache: bool, num_beams: int = 1) -> N
 def _make_generator(seed: int | torch.Generator | None, device: torch.device) -> torch.Generator | None:
     if seed is None or isinstance(seed, torch.Generator):
         return seed
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed not in SEEDS:
+        raise ConfigError(f"seed must be {SEEDS_TEXT}, got {seed!r}")
     return torch.Generator(device=device).manual_seed(seed)
 
 
@@ -323,12 +324,17 @@ def banned_ngram_mask(seqs: torch.Tensor, n: int, vocab_size: int,
     return banned[:, :vocab_size]
 
 
+MIN_TEMPERATURE = 1e-30
+
+
 def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                    top_p: float | None = None) -> torch.Tensor:
     """Temperature, then top-k (Fan et al. 2018), then nucleus top-p (Holtzman et al. 2020, arXiv:1904.09751),
     the order of transformers' sampling warpers. Removed tokens get -inf. `logits` [N, V]."""
     if temperature != 1.0:
-        logits = logits / temperature
+        # a temperature so small that logits / temperature would overflow (to inf, then NaN probabilities) is as
+        # good as MIN_TEMPERATURE: both put all the probability on the top logits (in fp32, whose range it keeps)
+        logits = logits.float() / max(temperature, MIN_TEMPERATURE)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

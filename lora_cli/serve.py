@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 from lora_cli.chat import chat_prompt_ids, chat_template_for
 from lora_cli.chat_template import content_text, reply_ends
+from lora_cli.config import SEEDS
 from lora_cli.errors import ConfigError, LoraError, first_line
 from lora_cli.generate import ContinuousBatch, Row, StopText, decode_incremental
 from lora_cli.inference import (
@@ -157,6 +158,11 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    @classmethod
+    def internal(cls, exc: BaseException) -> "ApiError":
+        """A bug's 500: its type and first line, for the bug report."""
+        return cls(500, f"internal error ({type(exc).__name__}: {first_line(exc)})", kind="server_error")
 
 
 @dataclass
@@ -420,6 +426,10 @@ def build_app(engine: Engine, api_key: str | None = None):
     from pydantic import BaseModel, ConfigDict, Field
     from starlette.exceptions import HTTPException
 
+    class StreamOptions(BaseModel):
+        model_config = ConfigDict(extra="ignore", strict=True)
+        include_usage: bool = False
+
     class Sampling(BaseModel):
         # strict: "max_tokens": true or "5" is a 400, not 1 or 5; no inf/nan (JSON's 1e309) for a number
         model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
@@ -428,10 +438,10 @@ def build_app(engine: Engine, api_key: str | None = None):
         temperature: float = Field(1.0, ge=0)  # OpenAI's default: sampling at 1
         top_p: float = Field(1.0, gt=0, le=1)
         top_k: int | None = Field(None, ge=1)  # not OpenAI's, but common (vLLM, llama.cpp)
-        seed: int | None = None
+        seed: int | None = Field(None, ge=SEEDS.start, lt=SEEDS.stop)
         stop: Any = None  # a string or a list of them: checked in jobs(), with a clearer message than a union's
         stream: bool = False
-        stream_options: dict | None = None
+        stream_options: StreamOptions | None = None
         n: Literal[1] = 1
         logprobs: Literal[None, False] = None
         # accepted only at their no-op values (checked in jobs()): the decoder has no penalties, biases or grammar
@@ -496,7 +506,7 @@ def build_app(engine: Engine, api_key: str | None = None):
 
     @app.exception_handler(Exception)
     async def _bug(request, exc: Exception):
-        return error(ApiError(500, f"internal error ({type(exc).__name__}: {first_line(exc)})", kind="server_error"))
+        return error(ApiError.internal(exc))
 
     @app.get("/health")
     async def health():
@@ -577,9 +587,12 @@ def build_app(engine: Engine, api_key: str | None = None):
                     async for piece in pieces:
                         yield event({**chunk_head, "choices": [choice(i, piece, None, delta=True)]})
                     yield event({**chunk_head, "choices": [choice(i, None, job.finish_reason, delta=True)]})
+                except Exception as exc:  # generation failed after the 200 went out: the stream says so and ends
+                    yield event(ApiError.internal(exc).body())
+                    return
                 finally:
                     await pieces.aclose()  # a client gone mid-stream: its generation stops now
-            if (req.stream_options or {}).get("include_usage"):
+            if req.stream_options is not None and req.stream_options.include_usage:
                 yield event({**chunk_head, "choices": [], "usage": usage([j for j, _ in work])})
             yield "data: [DONE]\n\n"
 

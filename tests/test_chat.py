@@ -436,6 +436,8 @@ FLAG_ERRORS = [
     (["--top-k", "0"], "--top-k must be a positive integer, got 0"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
     (["--no-repeat-ngram-size", "-2"], "--no-repeat-ngram-size must be a non-negative integer (0 = off), got -2"),
+    (["--seed", str(2**64)], "--seed must be an integer from -9223372036854775808 to 18446744073709551615, got "
+                             "18446744073709551616"),
 ]
 # lora generate fits each prompt to the budget once the prompts are read; lora chat checks it as it starts
 CHAT_ONLY = [(["--max-new-tokens", "200"], "--max-new-tokens 200 leaves no room for a conversation in the model's "

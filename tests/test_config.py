@@ -90,6 +90,17 @@ def test_every_problem_reported_at_once_with_lines(tmp_path):
      "line 3: lora.target_modules: unknown key (did you mean targets?)"),
     ("model: {name: gpt2, bogus: 1}\ndata: {train: a.json}\n", "line 1: model: unknown key bogus (the keys: name, "
      "init, revision, seed, tokenizer, n_layer, n_head, n_embd, n_positions)"),
+    # values torch would refuse only once the run started
+    ("model: gpt2\ndata: {train: a.json}\ntrain: {seed: 18446744073709551616}\n",
+     "line 3: train.seed: must be an integer from -9223372036854775808 to 18446744073709551615, got "
+     "18446744073709551616"),
+    ("model: {name: gpt2, init: random, seed: -9223372036854775809}\ndata: {train: a.json}\n",
+     "line 1: model: seed must be an integer from -9223372036854775808 to 18446744073709551615, got "
+     "-9223372036854775809"),
+    ("model: gpt2\ndata: {train: a.json}\ntrain: {optimizer: sgd, momentum: -1}\n",
+     "line 3: train.momentum: must be >= 0, got -1"),
+    ("model: gpt2\ndata: {train: a.json}\ntrain: {device: 'cpu:abc'}\n",
+     "line 3: train.device: must be auto, cpu, cuda, cuda:N or mps, got 'cpu:abc'"),
 ])
 def test_bad_configs(tmp_path, text, message):
     with pytest.raises(ConfigError) as err:

@@ -209,6 +209,11 @@ def test_process_logits_matches_transformers_warpers():
     kept = process_logits(torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log(), top_p=0.7).isfinite()
     assert kept.tolist() == [[True, True, False, False]]
     assert torch.allclose(process_logits(logits, temperature=2.0), logits / 2)
+    # a temperature whose division would overflow: finite logits, all the probability on the top one
+    for tiny in (1e-45, 1e-300):
+        probs = process_logits(logits * 1000, temperature=tiny).softmax(dim=-1)
+        assert probs.isfinite().all() and torch.equal(probs.argmax(dim=-1), logits.argmax(dim=-1))
+        assert torch.allclose(probs.max(dim=-1).values, torch.ones(len(logits)))
 
 
 # ---------------------------------------------------------------------------------------------- n-grams

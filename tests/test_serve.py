@@ -343,6 +343,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
         ({**good, "max_tokens": True}, auth, 400, "max_tokens", None),
         ({**good, "max_tokens": "5"}, auth, 400, "max_tokens", None),
         ({**good, "n": 3}, auth, 400, "n", None),
+        ({**good, "seed": 2**64}, auth, 400, "seed", None),  # beyond what torch's generators take
+        ({**good, "stream": True, "stream_options": {"include_usage": "yes"}}, auth, 400, "stream_options", None),
         ({**good, "prompt": 5}, auth, 400, "prompt", None),
         ({**good, "stop": [""]}, auth, 400, "stop", None),
         ({**good, "frequency_penalty": 2.0}, auth, 400, "frequency_penalty", None),  # would be ignored
@@ -377,6 +379,14 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
     with pytest.raises(openai.BadRequestError, match="context"):
         client.chat.completions.create(model="inst", messages=[{"role": "user", "content": long_prompt}])
     assert httpx.get(url + "/health").json()["active"] == 0
+
+
+def test_a_tiny_temperature_samples_the_top_token(client):
+    """logits / 1e-45 would overflow to inf and NaN probabilities: the answer is the greedy one, streamed or not,
+    and the request (decoded in the same batch as others) breaks nothing."""
+    greedy = complete(client, "inst", "Hello").choices[0].text
+    assert complete(client, "inst", "Hello", temperature=1e-45, seed=1).choices[0].text == greedy
+    assert streamed(client, "inst", "Hello", temperature=1e-300, seed=1)[0] == greedy
 
 
 def test_a_client_gone_mid_stream_frees_the_model(server, client):
