@@ -100,8 +100,19 @@ def test_parquet_non_string_columns_read_as_csv_shows_them(tmp_path):
 
     nested = tmp_path / "nested.parquet"
     pq.write_table(pa.table({"text": pa.array([["a", "b"], ["c"]]), "label": ["x", "y"]}), nested)
-    with pytest.raises(DataError, match=r"nested.parquet: row 1: column 'text' holds a list or object, not text"):
+    with pytest.raises(DataError, match=r"nested.parquet: row 1: column 'text' holds a list, an object or bytes that "
+                                         r"are not UTF-8, not text"):
         D.load_file(nested, DataConfig(), "classification")
+    # a binary column is text when its bytes are UTF-8 (as a string column is), else the row is named
+    binary = tmp_path / "binary.parquet"
+    pq.write_table(pa.table({"text": pa.array([b"caf\xc3\xa9", b"ok"], pa.binary()), "label": ["x", "y"]}), binary)
+    examples, *_ = D.load_file(binary, DataConfig(), "classification")
+    text = tmp_path / "text.parquet"
+    pq.write_table(pa.table({"text": ["café", "ok"], "label": ["x", "y"]}), text)
+    assert same_examples(examples, D.load_file(text, DataConfig(), "classification")[0])
+    pq.write_table(pa.table({"text": pa.array([b"ok", b"\xff"], pa.binary()), "label": ["x", "y"]}), binary)
+    with pytest.raises(DataError, match=r"binary.parquet: row 2: column 'text' holds a list, an object or bytes"):
+        D.load_file(binary, DataConfig(), "classification")
 
 
 def test_bad_parquet_files_are_one_line(tmp_path):

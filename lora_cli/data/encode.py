@@ -123,16 +123,22 @@ def chunk_text(text: str, max_length: int, tokenizer: Tokenizer = GPT2) -> list[
 
 # ------------------------------------------------------------------------------------------------- encoding
 
-NOT_TEXT = object()  # cell_value's answer for a list or object where text belongs
+NOT_TEXT = object()  # cell_value's answer for a list, an object, or bytes that are not UTF-8, where text belongs
 
 
 def cell_value(value: Any) -> Any:
-    """A table value as text: strings as they are, numbers and booleans as str() writes them (as a CSV shows
-    them), None for missing (None, NaN), NOT_TEXT for lists and objects."""
+    """A table value as text: strings as they are, bytes (a Parquet binary column) decoded as UTF-8, numbers and
+    booleans as str() writes them (as a CSV shows them), None for missing (None, NaN), NOT_TEXT for lists,
+    objects and bytes that are not UTF-8."""
     if value is None:
         return None
     if isinstance(value, str):
         return value
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return NOT_TEXT
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, (dict, list, tuple)):
@@ -209,7 +215,7 @@ def encode_records(
                 continue
             value = cell_value(role_values[role][i])
             if value is NOT_TEXT:
-                problem = problem or (mapping[role], "holds a list or object, not text")
+                problem = problem or (mapping[role], "holds a list, an object or bytes that are not UTF-8, not text")
                 continue
             if role in required and value is None:
                 problem = problem or (mapping[role], "is missing")
