@@ -559,9 +559,17 @@ def _check_constraints(cfg: RunConfig, report, whole_run: bool = True) -> None:
         report("data.column_names", "is required when header is false (names for the columns, e.g. [label, text])")
     if cfg.task == "classification" and d.format not in ("auto", "classification"):
         report("data.format", f"task classification needs format auto or classification, got {d.format}")
+    twice = next((n for i, n in enumerate(d.column_names or []) if n in d.column_names[:i]), None)
+    if twice is not None:
+        report("data.column_names", f"names {twice!r} twice; give each column its own name")
     if cfg.task == "classification" and d.prompt_template is not None:
         report("data.prompt_template", "does not apply to task classification (the text is classified as it "
                                        "is); remove it")
+    elif d.prompt_template is not None:  # its syntax now; its fields once the data's columns are known
+        try:
+            parse_template(d.prompt_template)
+        except ValueError as exc:
+            report("data.prompt_template", "{}; {}".format(*exc.args))
     if cfg.task == "classification" and d.packing:
         report("data.packing", "does not apply to task classification (each example is scored at its own last "
                                "token); set data.packing: false")

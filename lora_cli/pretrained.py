@@ -25,7 +25,7 @@ import safetensors.torch
 from torch.overrides import TorchFunctionMode
 
 from lora_cli.config import ModelSpec
-from lora_cli.errors import CheckpointError, LoraError, first_line
+from lora_cli.errors import CheckpointError, ConfigError, LoraError, first_line
 from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
 from lora_cli.models import GPT2_PRESETS, HEAD, CausalLM, GPT2Config, build_model as new_model, config_from_dict, model_type
 
@@ -125,10 +125,8 @@ HF_OVERRIDE_NAMES = {"n_layer": "num_hidden_layers", "n_head": "num_attention_he
 
 def _random_model(spec: ModelSpec, weights: bool) -> BaseModel:
     preset = spec.name.split("/")[-1]
-    if preset not in preset_names():
-        raise CheckpointError(
-            f"model: init: random needs a preset name ({', '.join(preset_names())}), got {spec.name!r}"
-        )
+    if preset not in preset_names():  # the model spec's fault: a config (or flag) problem, as the next one
+        raise ConfigError(f"model: init: random needs a preset name ({', '.join(preset_names())}), got {spec.name!r}")
     raw = None  # GPT-2: save_pretrained writes its config from GPT2Config
     try:
         if preset in GPT2_PRESETS:
@@ -139,7 +137,7 @@ def _random_model(spec: ModelSpec, weights: bool) -> BaseModel:
                    **{HF_OVERRIDE_NAMES[k]: v for k, v in spec.overrides.items()}}
             config = config_from_dict(raw)
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"model: bad architecture override: {exc}") from exc
+        raise ConfigError(f"model: bad architecture override: {exc}") from exc
     if not weights:
         return BaseModel(_meta_model(config), "random", preset, None, "")
     model = new_model(config)

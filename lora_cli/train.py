@@ -210,7 +210,10 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
     unreadable = source_problems(cfg)  # before a model download that would be wasted
     if unreadable:
         raise DataError(all_problems(cfg.label, unreadable))
-    base, tokenizer = load_with_tokenizer(cfg.model, dtype=low)
+    try:
+        base, tokenizer = load_with_tokenizer(cfg.model, dtype=low)
+    except ConfigError as exc:  # the model section's own fault (a random preset's name or sizes): name the file
+        raise ConfigError(all_problems(cfg.label, [str(exc)])) from None
     model = base.model
     if cfg.task == "classification":  # its head, which lora.targets may name, comes with the data's labels
         check_against_model(cfg, model, without_head(cfg.lora), resolved_only=True)

@@ -438,6 +438,11 @@ ROWS = [
         ("run.yaml: data.max_length: 4096 is above the model's context (n_positions = 128)",)),
     Row("config-target-matches-nothing", "train", train_cfg({"lora": {"targets": ["attn.c_atn"]}}), 2,
         ("run.yaml: lora.targets: 'attn.c_atn' matches no linear layer",)),
+    Row("config-random-preset-unknown", "train", train_cfg({"model": {"name": "gpt5", "init": "random"}}), 2,
+        ("run.yaml: model: init: random needs a preset name (gpt2,", "got 'gpt5'")),
+    Row("config-random-sizes-misfit", "train", train_cfg({"model": {"name": "gpt2", "init": "random", "n_layer": 1,
+                                                                     "n_head": 3, "n_embd": 32}}), 2,
+        ("run.yaml: model: bad architecture override: n_embd (32) must be divisible by n_head (3)",)),
     # the checks that need the model, all in one line (the tiny model: 2 blocks, 128 positions)
     Row("config-model-checks-at-once", "train", train_cfg({"data": {"max_length": 4096}, "lora": {
         "targets": ["attn.c_atn", "mlp.fc", "attn.c_attn"], "layers": [5], "modules_to_save": ["wte2"]}}), 2,

@@ -90,6 +90,13 @@ def test_every_problem_reported_at_once_with_lines(tmp_path):
      "line 3: lora.target_modules: unknown key (did you mean targets?)"),
     ("model: {name: gpt2, bogus: 1}\ndata: {train: a.json}\n", "line 1: model: unknown key bogus (the keys: name, "
      "init, revision, seed, tokenizer, n_layer, n_head, n_embd, n_positions)"),
+    ("model: gpt2\ndata: {train: a.csv, header: false, column_names: [text, text]}\n",
+     "line 2: data.column_names: names 'text' twice; give each column its own name"),
+    ("model: gpt2\ndata: {train: a.json, prompt_template: 'Q: {instruction:>5}'}\n",
+     "line 2: data.prompt_template: field {instruction:>5} is not a plain {name} field; use fields such as "
+     "{instruction} or {prompt}"),
+    ("model: gpt2\ndata: {train: a.json, prompt_template: 'Q: {'}\n",
+     "line 2: data.prompt_template: Single '{' encountered in format string; write a literal brace as {{ or }}"),
     # values torch would refuse only once the run started
     ("model: gpt2\ndata: {train: a.json}\ntrain: {seed: 18446744073709551616}\n",
      "line 3: train.seed: must be an integer from -9223372036854775808 to 18446744073709551615, got "
