@@ -434,6 +434,11 @@ def build_config(
         raise ConfigError(all_problems(checked.label, problems))
     assert cfg is not None
     _resolve_paths(cfg, Path(base_dir))
+    template = cfg.data.chat_template
+    if template is not None and template not in BUILTIN_CHAT_TEMPLATES and not is_inline_template(template) \
+            and not Path(template).expanduser().is_file():
+        raise ConfigError(f"{cfg.label}: data.chat_template: {template} is not a file; name a .jinja file (relative "
+                          "to the config), or chatml")
     if cfg.model.tokenizer is not None and not Path(cfg.model.tokenizer).exists():  # a path, never a hub id
         raise ConfigError(f"{cfg.label}: model.tokenizer: {cfg.model.tokenizer} does not exist; name a "
                           "tokenizer directory or tokenizer.json file (relative to the config)")
@@ -570,6 +575,18 @@ def _check_constraints(cfg: RunConfig, report, whole_run: bool = True) -> None:
             parse_template(d.prompt_template)
         except ValueError as exc:
             report("data.prompt_template", "{}; {}".format(*exc.args))
+    if cfg.task != "classification":
+        for key, given in (("data.labels", d.labels is not None), ("data.balance", d.balance != "none")):
+            if given:
+                report(key, "applies to task classification only; remove it, or set task: classification")
+    elif d.labels is not None and len(set(map(str, d.labels))) < len(d.labels):
+        report("data.labels", "names a label twice; list each label once, in the order of its class id")
+    if d.labels is not None and not d.labels:
+        report("data.labels", "is empty; list the labels in the order of their class ids, or remove it")
+    if d.val is None and d.val_split == 0:  # no validation data: what needs it would never run
+        for key, given in (("train.samples", t.samples), ("train.early_stopping_patience", t.early_stopping_patience)):
+            if given:
+                report(key, "needs validation data, and there is none; set data.val or data.val_split > 0")
     if cfg.task == "classification" and d.packing:
         report("data.packing", "does not apply to task classification (each example is scored at its own last "
                                "token); set data.packing: false")

@@ -393,7 +393,7 @@ ROWS = [
     Row("info-empty-dir", "info", argv("info", "{ws}/empty-dir"), 1, ("{ws}/empty-dir", "config.json")),
     Row("info-config-bad-json", "info", argv("info", "{ws}/badjson-model"), 1, ("badjson-model/config.json",)),
     Row("info-not-gpt2", "info", argv("info", "{ws}/llama-model"), 1, ("llama-model/config.json", "llama")),
-    Row("info-unknown-preset", "info", argv("info", "--random", "gpt5"), 1, ("gpt5",)),
+    Row("info-unknown-preset", "info", argv("info", "--random", "gpt5"), 2, ("gpt5",)),
     Row("info-lora-config-yaml-error", "info",
         with_file("c.yaml", "lora: {r: 4\n", "info", "--random", "gpt2", "--lora-config", "{d}/c.yaml"),
         2, ("c.yaml", "invalid YAML")),
@@ -544,7 +544,6 @@ ROWS = [
     Row("model-malicious-pickle-file", "train", train_cfg({"model": "{ws}/evil.bin"}), 1, ("evil.bin",), tags=("pickle",)),
     Row("model-shape-mismatch", "train", train_cfg({"model": "{ws}/shape-model"}), 1, ("shape-model", "shape")),
     Row("model-not-gpt2", "train", train_cfg({"model": "{ws}/llama-model"}), 1, ("llama-model/config.json",)),
-    Row("model-random-unknown-preset", "train", train_cfg({"model": {"name": "gpt5", "init": "random"}}), 1, ("gpt5",)),
     # ------------------------------------------------------------------ train: the run directory
     Row("out-dir-under-a-file", "train", train_cfg({"out_dir": "{ws}/afile.txt/run"}), 1, ("afile.txt/run",)),
     # (root may write anywhere, so /proc is found out at the first write, after the run has loaded and logged)
