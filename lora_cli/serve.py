@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lora_cli.chat import chat_prompt_ids, chat_template_for
-from lora_cli.chat_template import content_text, reply_ends
+from lora_cli.chat_template import content_text, conversation, reply_ends
 from lora_cli.config import SEEDS
-from lora_cli.errors import ConfigError, LoraError, first_line
+from lora_cli.errors import ConfigError, ConversationError, LoraError, first_line
 from lora_cli.generate import ContinuousBatch, Row, StopText, decode_incremental
 from lora_cli.inference import (
     DataSettings, Loaded, attach_to, base_spec, load_base, open_adapter, pack_for_decoding, place,
@@ -193,7 +193,12 @@ def messages_to_ids(served: Served, messages: list[dict]) -> ChatPrompt:
     prompt_completion): its prompt template on the last user message, exactly what `lora generate` feeds for that
     text. Anything else: the checkpoint's own chat template; a model with none cannot chat."""
     loaded, settings = served.loaded, served.loaded.settings
+    messages = [{**m, "content": _content_text(m.get("content"))} if "content" in m else m for m in messages]
     if settings.chat_template is None and uses_template(settings):
+        try:  # read as a chat adapter's are, though only the last user message is rendered
+            conversation(messages, need_assistant=False)
+        except ConversationError as exc:
+            raise ApiError(400, first_line(exc), "messages") from None
         users = [m for m in messages if m.get("role") == "user"]
         if not users:
             raise ApiError(400, "messages holds no message with role 'user'; add one", "messages")
@@ -205,7 +210,6 @@ def messages_to_ids(served: Served, messages: list[dict]) -> ChatPrompt:
     except ConfigError:
         raise ApiError(400, f"model {served.name!r} has no chat template; use /v1/completions with a raw prompt, "
                             "or serve a chat or instruction adapter", "messages", "model_not_supported") from None
-    messages = [{**m, "content": _content_text(m.get("content"))} if "content" in m else m for m in messages]
     try:
         ids = chat_prompt_ids(loaded, messages, template=template)
     except LoraError as exc:

@@ -247,6 +247,10 @@ def test_chat_uses_the_adapters_prompt_template(client, runs):
                                                  stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
     assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens == N
+    # its messages are read as a chat adapter's are: an unknown role is a 400, not left out
+    with pytest.raises(openai.BadRequestError, match="unknown role 'bot'"):
+        client.chat.completions.create(model="inst", messages=[{"role": "user", "content": INSTRUCTION},
+                                                               {"role": "bot", "content": "hi"}])
     # a model without a prompt template (the base, or a `text` adapter) cannot chat: a 400 that says so
     with pytest.raises(openai.BadRequestError, match="has no chat template"):
         client.chat.completions.create(model=base_name(runs), messages=[{"role": "user", "content": "hi"}])
