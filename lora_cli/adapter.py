@@ -35,10 +35,10 @@ import safetensors.torch
 from safetensors import safe_open
 
 from lora_cli.pretrained import CONV1D_SUFFIXES, BaseModel, key_mismatch, read_state_dict
-from lora_cli.chat_template import FIX_TEMPLATE, compile_template
+from lora_cli.chat_template import template_problem
 from lora_cli.config import (BUILTIN_CHAT_TEMPLATES, DATA_FORMATS, FORMAT_CHOICES, MUTATING_INITS, RESPONSE_ROLE,
                              TASKS, TRAIN_ON, LoraConfig, is_inline_template, parse_template)
-from lora_cli.errors import AdapterError, ConfigError, ConversationError, first_line
+from lora_cli.errors import AdapterError, ConfigError, first_line
 from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
 from lora_cli.jsonvalues import complaint, shown
 from lora_cli.models import HEAD, add_classification_head
@@ -387,11 +387,9 @@ def damaged_settings(metadata: dict) -> str | None:
     if chat is not None:
         if chat not in BUILTIN_CHAT_TEMPLATES and not is_inline_template(chat):  # training stores the text
             return f"data.chat_template {shown(chat)} is not a chat template's Jinja text"
-        try:
-            compile_template(BUILTIN_CHAT_TEMPLATES.get(chat, chat))
-        except ConversationError as exc:
-            return one_line("data.chat_template " + str(exc).removeprefix("the chat template ")
-                            .removesuffix(f"; {FIX_TEMPLATE}"))
+        problem = template_problem(BUILTIN_CHAT_TEMPLATES.get(chat, chat))
+        if problem is not None:
+            return one_line(f"data.chat_template {problem}")
     return None
 
 

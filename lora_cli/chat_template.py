@@ -28,7 +28,6 @@ from lora_cli.tokenizer import GPT2Tokenizer, Tokenizer, set_in_tokenizer_config
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # ShareGPT's `from` -> role
 TEMPLATE_FILE = "chat_template.jinja"  # transformers >= 4.50 saves the template beside tokenizer_config.json
-FIX_TEMPLATE = "fix the template"  # what a template that is not valid Jinja asks of whoever wrote it
 
 
 # ------------------------------------------------------------------------------------------- conversations
@@ -146,7 +145,7 @@ def checkpoint_template_source(tokenizer: Tokenizer, model_dir: str | Path | Non
 
 
 def resolve_template(value: str | None, tokenizer: Tokenizer, model_dir: str | Path | None = None,
-                     key: str = "data.chat_template", fix: str = FIX_TEMPLATE) -> str:
+                     key: str = "data.chat_template", fix: str = "fix the template") -> str:
     """The template a chat run uses: `value` (data.chat_template, --chat-template, an adapter's stored template)
     if given, else the checkpoint's own; a model without one is a ConfigError saying what to set. `key` names
     where `value` came from in errors (an adapter's: "FILE: data.chat_template"), and a template that is not
@@ -162,11 +161,9 @@ def resolve_template(value: str | None, tokenizer: Tokenizer, model_dir: str | P
                               f"set {key}: chatml (built in) or a .jinja file")
         (template, where), what = found, "the model's chat template"
         fix = f"fix it, or {'pass' if key.startswith('--') else 'set'} {key} (chatml or a .jinja file) to use another"
-    try:
-        compile_template(template)
-    except ConversationError as exc:  # the template's fault, not the first data row's
-        problem = str(exc).removeprefix("the chat template ").removesuffix(f"; {FIX_TEMPLATE}")
-        raise ConfigError(f"{where}: {what} {problem}; {fix}") from None
+    problem = template_problem(template)
+    if problem is not None:  # the template's fault, not the first data row's
+        raise ConfigError(f"{where}: {what} {problem}; {fix}")
     return template
 
 
@@ -219,7 +216,18 @@ def compile_template(source: str):
     try:
         return env.from_string(source)
     except jinja2.exceptions.TemplateError as exc:
-        raise ConversationError(f"the chat template is not valid Jinja ({first_line(exc)}); {FIX_TEMPLATE}") from None
+        error = ConversationError(f"the chat template is not valid Jinja ({first_line(exc)}); fix the template")
+        error.problem = f"is not valid Jinja ({first_line(exc)})"  # for messages that name where the text came from
+        raise error from None
+
+
+def template_problem(source: str) -> str | None:
+    """Why `source` is no chat template ("is not valid Jinja (...)"), or None when it compiles."""
+    try:
+        compile_template(source)
+    except ConversationError as exc:
+        return exc.problem
+    return None
 
 
 def template_tokens(tokenizer: Tokenizer) -> dict[str, str]:
