@@ -609,27 +609,55 @@ def _load_peft(d: Path) -> Adapter:
     base_model = {"source": "peft", "name": base_name, "revision": revision, "fingerprint": None}
     metadata = {"format_version": FORMAT_VERSION, "base_model": base_model, "task": PEFT_TASKS.get(task_type),
                 "tokenizer": "gpt2", "peft_unties": not tying}
+    # How the adapter's data was encoded (format, columns, templates, max_length, ...): export_peft keeps lora-cli's
+    # settings in the weights file's header (PEFT ignores it), and a chat adapter's template beside it, as
+    # transformers saves one; an adapter from elsewhere has neither, and is read with the defaults.
+    header = _peft_header(weights)
+    data = _header_json(header, "lora_cli_data")
+    data = dict(data) if isinstance(data, dict) else {}
+    if data.get("chat_template") is None and (d / PEFT_CHAT_TEMPLATE).is_file():
+        data["chat_template"] = _read_text(d / PEFT_CHAT_TEMPLATE)
     head = tensors.get(f"{HEAD}.weight")
     if metadata["task"] == "classification" and head is not None:
-        # The label names: export_peft keeps them in the weights file's header (PEFT ignores it); a classifier
-        # exported elsewhere (or names that do not fit the head, or repeat) gets the class ids as names.
-        labels = _peft_labels(weights)
+        # The label names (lora_cli_labels, as older exports wrote them too); a classifier exported elsewhere (or
+        # names that do not fit the head, or repeat) gets the class ids as names.
+        labels = _header_json(header, "lora_cli_labels")
+        labels = [str(x) for x in labels] if isinstance(labels, list) else None
         if labels is None or len(labels) != head.shape[0] or len(set(labels)) != len(labels):
             labels = [str(i) for i in range(head.shape[0])]
-        metadata["data"] = {"format": "classification", "labels": labels}
+        data.update(format="classification", labels=labels)
+    if data:
+        metadata["data"] = data
+        problem = damaged_settings(metadata)
+        if problem:
+            raise AdapterError(f"{weights}: the adapter's settings are damaged ({problem}); export it again")
     return Adapter(tensors, lora, metadata, d, "peft", rank_pattern, alpha_pattern)
 
 
-def _peft_labels(weights: Path) -> list[str] | None:
-    """The `lora_cli_labels` entry of a PEFT weights file's safetensors header (export_peft writes it)."""
+def _peft_header(weights: Path) -> dict[str, str]:
+    """The string metadata of a PEFT weights file's safetensors header ({} for a .bin file)."""
     if weights.suffix != ".safetensors":
-        return None
+        return {}
     try:
         with safe_open(str(weights), framework="pt") as f:
-            labels = json.loads((f.metadata() or {}).get("lora_cli_labels", "null"))
-    except Exception:  # an unreadable header was reported by read_state_dict already; names are optional
+            return dict(f.metadata() or {})
+    except Exception:  # an unreadable header was reported by read_state_dict already; lora-cli's entries are optional
+        return {}
+
+
+def _header_json(header: dict[str, str], key: str):
+    """One of export_peft's JSON entries in a weights file's header, or None (absent or not JSON)."""
+    try:
+        return json.loads(header.get(key, "null"))
+    except (TypeError, ValueError):
         return None
-    return [str(x) for x in labels] if isinstance(labels, list) else None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"cannot read {path}: {first_line(exc)}; export the adapter again") from exc
 
 
 # ------------------------------------------------------------------------------------------------ PEFT export
@@ -791,10 +819,12 @@ def export_peft(adapter: Adapter | str | os.PathLike, out_dir: str | os.PathLike
     with atomic_dir(out, AdapterError) as staging:
         atomic_write_text(staging / PEFT_CONFIG, json.dumps(config, indent=2) + "\n")
         with atomic_path(staging / PEFT_WEIGHTS[0]) as tmp:
-            header = {"format": "pt"}
-            labels = (adapter.metadata.get("data") or {}).get("labels")
+            # lora-cli's own import reads back how the data was encoded (PEFT ignores these entries)
+            data = adapter.metadata.get("data") or {}
+            header = {"format": "pt", "lora_cli_data": json.dumps(data)}
+            labels = data.get("labels")
             if adapter.metadata.get("task") == "classification" and labels:
-                header["lora_cli_labels"] = json.dumps([str(x) for x in labels])  # for lora-cli's own import
+                header["lora_cli_labels"] = json.dumps([str(x) for x in labels])
             safetensors.torch.save_file(tensors, str(tmp), metadata=header)
         template = (adapter.metadata.get("data") or {}).get("chat_template")
         if template:  # a chat adapter: its template beside it, as transformers saves one (chat_template.jinja)

@@ -193,6 +193,32 @@ def saved(tiny, tmp_path, cfg=None):
     return save_adapter(tmp_path / "a.safetensors", base.model, {"base_model": base.describe()})
 
 
+def test_a_peft_export_keeps_how_the_data_was_encoded(tiny, tmp_path):
+    """Format, columns, prompt template, mask_prompt and max_length ride in the export's weights header (PEFT
+    ignores it): lora-cli reads the export back with the settings it was trained with, not the defaults."""
+    from lora_cli.inference import DataSettings
+
+    path, _ = tiny
+    base = trained(path, dict(r=8, targets=["attn.c_attn"]))
+    data = {"format": "prompt_completion", "columns": {"prompt": "q", "completion": "a"},
+            "prompt_template": "Q: {q} => ", "mask_prompt": False, "max_length": 48}
+    file = save_adapter(tmp_path / "a.safetensors", base.model, {"base_model": base.describe(), "data": data})
+    back = load_adapter(export_peft(file, tmp_path / "peft"))
+    assert DataSettings.from_adapter(back) == DataSettings.from_adapter(load_adapter(file))
+    assert DataSettings.from_adapter(back).prompt_template == "Q: {q} => "
+    # settings a training run could not have written are refused as they are in our own files
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(weights), metadata={"format": "pt", "lora_cli_data": json.dumps(
+        {**data, "prompt_template": "{a.__class__}"})})
+    with pytest.raises(AdapterError, match=r"adapter_model.safetensors: the adapter's settings are damaged "
+                                           r"\(data.prompt_template \"\{a.__class__\}\": field \{a.__class__\} is not a "
+                                           r"plain \{name\} field\); export it again$"):
+        load_adapter(tmp_path / "peft")
+
+
 def test_truncated_adapter_file(tiny, tmp_path):
     file = saved(tiny, tmp_path)
     data = file.read_bytes()

@@ -334,6 +334,15 @@ def test_train_eval_merge_match_transformers(chat_run, tiny, gpt2_files, tmp_pat
     code, out, err = cli("export", adapter, tmp_path / "peft", cwd=root)
     assert code == 0, err
     assert (tmp_path / "peft" / "chat_template.jinja").read_text() == CHATML_TEMPLATE
+    # which lora-cli reads back (with the rest of the data settings): the export evaluates and answers as trained
+    code, out, err = cli("eval", "--adapter", tmp_path / "peft", "--data", root / "train.jsonl", "--json", "-q",
+                         "--no-base", cwd=root)
+    assert code == 0, err
+    exported = json.loads(out)
+    assert exported["tokens"] == result["tokens"] and exported["loss"] == pytest.approx(result["loss"], rel=1e-6)
+    replies.append(cli("generate", "--adapter", tmp_path / "peft", "--model", tiny[0], "--chat", conversation_json,
+                       "--max-new-tokens", "8", cwd=root))
+    assert replies[2][:2] == replies[0][:2], replies
 
 
 def read_until(fd, marker: bytes, timeout: float = 120.0) -> bytes:
