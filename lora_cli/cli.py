@@ -63,7 +63,8 @@ def info(
     typer.echo(f"parameters  {report['parameters']:,}{tied}")
     if "classifier" in report:
         c = report["classifier"]
-        typer.echo(f"classifier  {c['architecture']} with {c['num_labels']} labels: lora-cli reads its body; the score "
+        typer.echo(f"classifier  {c['architecture']} with {c['num_labels']} labels ({', '.join(c['labels'])}): lora-cli "
+                   "reads its body; the score "
                    f"head ({c['head_parameters']:,} parameters) is not counted above")
     if "lora" in report:
         lo = report["lora"]
@@ -136,7 +137,7 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     batch_size: int = typer.Option(8, "--batch-size", help="Examples (and prompts, with --generate) per batch."),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="Tokens per example (default: the adapter's data.max_length)."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="Data format instead of the adapter's: auto, alpaca, prompt_completion, text."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Data format instead of the adapter's: auto, alpaca, prompt_completion, text, chat."),
     columns: List[str] = typer.Option([], "--column", help="ROLE=COLUMN, e.g. --column prompt=mr (repeatable)."),
     prompt_template: Optional[str] = typer.Option(None, "--prompt-template", help="Prompt template instead of the adapter's."),
     no_header: bool = typer.Option(False, "--no-header", help="The CSV/TSV --data file has no header row (with --column-names)."),

@@ -34,8 +34,10 @@ def describe(model: str, random_init: bool = False, lora_config: Path | None = N
     classifier = next((str(a) for a in raw.get("architectures") or [] if str(a).endswith("ForSequenceClassification")),
                       None)
     if classifier is not None:  # a merged classifier: lora-cli reads its body (the head is left out)
-        labels = int(raw.get("num_labels") or len(raw.get("id2label") or {}) or 2)
-        report["classifier"] = {"architecture": classifier, "num_labels": labels,
+        id2label = raw.get("id2label") if isinstance(raw.get("id2label"), dict) else {}
+        labels = int(raw.get("num_labels") or len(id2label) or 2)
+        names = [str(id2label.get(str(i), i)) for i in range(labels)]  # the class id where none is named
+        report["classifier"] = {"architecture": classifier, "num_labels": labels, "labels": names,
                                 "head_parameters": labels * net.config.n_embd}
     if lora_config is not None:
         cfg = load_config(lora_config, overrides, whole_run=False)  # its lora section (and task) is what counts

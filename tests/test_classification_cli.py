@@ -325,7 +325,7 @@ def test_merge_loads_in_transformers_with_the_same_logits(run, base_dir, tmp_pat
     code, stdout, err = cli("info", out, "--json")
     report = json.loads(stdout)
     assert report["classifier"] == {"architecture": "GPT2ForSequenceClassification", "num_labels": 2,
-                                    "head_parameters": 128}
+                                    "labels": ["neg", "pos"], "head_parameters": 128}
     assert report["parameters"] + 128 == sum(p.numel() for p in hf.parameters())
 
 
