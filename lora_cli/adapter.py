@@ -163,8 +163,8 @@ class _Fields:
 
     def get(self, key: str, kind: str, default=None, example=None, **words):
         """raw[key] checked as `kind`; absent or null gives `default` (_REQUIRED: absent is an error)."""
-        if key not in self.raw and default is _REQUIRED:
-            raise self.fail(key, "missing", complaint(None, kind, example, **words)[1])
+        if key not in self.raw and default is _REQUIRED:  # the advice a bad value gets (null is no good value here)
+            raise self.fail(key, "missing", complaint(None, kind, example, **{**words, "nullable": False})[1])
         value = self.raw.get(key)
         if value is None and default is not _REQUIRED:
             return default

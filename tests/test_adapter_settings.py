@@ -77,6 +77,8 @@ OURS_CASES = [
     ("r-str", "lora.r", "4", 'lora.r: "4" is not a whole number above 0'),
     ("r-negative", "lora.r", -4, "lora.r: -4 is not a whole number above 0"),
     ("r-missing", "lora.r", DELETE, "lora.r: missing"),
+    ("targets-missing", "lora.targets", DELETE, "lora.targets: missing"),
+    ("modules-to-save-missing", "lora.modules_to_save", DELETE, "lora.modules_to_save: missing"),
     ("dropout-str", "lora.dropout", "x", 'lora.dropout: "x" is not a probability from 0 up to (not including) 1'),
     ("rslora-str", "lora.use_rslora", "false", 'lora.use_rslora: "false" is not true or false'),
     ("dora-str", "lora.use_dora", "yes", 'lora.use_dora: "yes" is not true or false'),
