@@ -38,7 +38,7 @@ from lora_cli.pretrained import CONV1D_SUFFIXES, BaseModel, key_mismatch, read_s
 from lora_cli.chat_template import template_problem
 from lora_cli.config import (BUILTIN_CHAT_TEMPLATES, DATA_FORMATS, FORMAT_CHOICES, MUTATING_INITS, RESPONSE_ROLE,
                              TASKS, TRAIN_ON, LoraConfig, is_inline_template, parse_template)
-from lora_cli.errors import AdapterError, ConfigError, first_line
+from lora_cli.errors import AdapterError, ConfigError, first_line, first_repeat
 from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
 from lora_cli.jsonvalues import complaint, shown
 from lora_cli.models import HEAD, add_classification_head
@@ -356,8 +356,7 @@ def damaged_settings(metadata: dict) -> str | None:
     if labels is not None:
         if not isinstance(labels, list) or not all(type(x) in (str, int, float) for x in labels):
             return f"data.labels {shown(labels)} is not a list of label names (text or numbers)"
-        names = [str(x) for x in labels]  # as predict, merge and export name them
-        twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+        twice = first_repeat(str(x) for x in labels)  # as predict, merge and export name them
         if twice is not None:
             return f"data.labels {shown(labels)} lists {twice!r} twice"
     if not isinstance(columns, dict) or not all(isinstance(v, str) for v in columns.values()):
@@ -623,7 +622,7 @@ def _load_peft(d: Path) -> Adapter:
         # names that do not fit the head, or repeat) gets the class ids as names.
         labels = _header_json(header, "lora_cli_labels")
         labels = [str(x) for x in labels] if isinstance(labels, list) else None
-        if labels is None or len(labels) != head.shape[0] or len(set(labels)) != len(labels):
+        if labels is None or len(labels) != head.shape[0] or first_repeat(labels) is not None:
             labels = [str(i) for i in range(head.shape[0])]
         data.update(format="classification", labels=labels)
     if data:

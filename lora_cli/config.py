@@ -22,7 +22,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from lora_cli.errors import ConfigError, all_problems, did_you_mean, first_line
+from lora_cli.errors import ConfigError, all_problems, did_you_mean, first_line, first_repeat
 
 ARCH_OVERRIDES = ("n_layer", "n_head", "n_embd", "n_positions")
 SEEDS = range(-2**63, 2**64)  # the seeds torch.Generator.manual_seed takes
@@ -564,7 +564,7 @@ def _check_constraints(cfg: RunConfig, report, whole_run: bool = True) -> None:
         report("data.column_names", "is required when header is false (names for the columns, e.g. [label, text])")
     if cfg.task == "classification" and d.format not in ("auto", "classification"):
         report("data.format", f"task classification needs format auto or classification, got {d.format}")
-    twice = next((n for i, n in enumerate(d.column_names or []) if n in d.column_names[:i]), None)
+    twice = first_repeat(d.column_names or [])
     if twice is not None:
         report("data.column_names", f"names {twice!r} twice; give each column its own name")
     if cfg.task == "classification" and d.prompt_template is not None:
@@ -579,7 +579,7 @@ def _check_constraints(cfg: RunConfig, report, whole_run: bool = True) -> None:
         for key, given in (("data.labels", d.labels is not None), ("data.balance", d.balance != "none")):
             if given:
                 report(key, "applies to task classification only; remove it, or set task: classification")
-    elif d.labels is not None and len(set(map(str, d.labels))) < len(d.labels):
+    elif d.labels is not None and first_repeat(map(str, d.labels)) is not None:
         report("data.labels", "names a label twice; list each label once, in the order of its class id")
     if d.labels is not None and not d.labels:
         report("data.labels", "is empty; list the labels in the order of their class ids, or remove it")

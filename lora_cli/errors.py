@@ -64,6 +64,16 @@ KNOWN_ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropou
                  "lr_scheduler_type": "lr_schedule", "output_dir": "out_dir"}
 
 
+def first_repeat(items):
+    """The first item that an earlier one equals (for a message naming it), or None when all are distinct."""
+    seen = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
+
+
 def did_you_mean(key: str, choices) -> str:
     """' (did you mean X?)' for the closest of `choices` (or the one another tool names so), or '' when none is
     close."""
