@@ -16,7 +16,7 @@ from lora_cli.config import CHAT_MAX_NEW_TOKENS, GENERATE_MAX_NEW_TOKENS, SEEDS,
 from lora_cli.errors import ConfigError
 from lora_cli.evaluation import generate_texts
 from lora_cli.generate import stream_text
-from lora_cli.inference import DataSettings, decodes_many_rows, load_placed, open_adapter, pack_for_decoding
+from lora_cli.inference import DataSettings, load_placed, open_adapter, pack_for_decoding, packing_pays
 from lora_cli.prompts import check_lengths, collect_prompts, escape_line, sampling_options
 
 @dataclass
@@ -75,6 +75,8 @@ def chat_replier(source: Source, adapter: Adapter | None, decoding: Decoding, op
     """The model (adapter attached, on its device, in its precision) and its chat template, ready to answer
     conversations: replies of at most --max-new-tokens, or (None) `default` tokens or what the context leaves."""
     loaded = source.load(adapter)
+    if packing_pays(loaded.model, 1, 1):  # one conversation at a time
+        pack_for_decoding(loaded.model)
     context = loaded.model.config.n_positions
     budget = decoding.max_new_tokens
     if budget is not None and budget >= context:  # no conversation could fit: say so before any
@@ -136,7 +138,7 @@ def run_generate(opts: GenerateOptions, write: Callable[[str], Any]) -> None:
                             input_text=opts.input_text)
     loaded = opts.source.load(adapter)
     net, tokenizer = loaded.model, loaded.tokenizer
-    if decodes_many_rows(len(items), opts.num_beams):
+    if packing_pays(net, len(items), opts.num_beams):
         pack_for_decoding(net)
     budget = opts.decoding.max_new_tokens
     if budget is None:  # the default, shortened where the longest prompt leaves less of the context

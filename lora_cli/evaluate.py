@@ -24,8 +24,8 @@ from lora_cli.errors import AdapterError, ConfigError, DataError
 from lora_cli.evaluation import eval_batches, evaluate_classification, evaluate_lm, generate_texts
 from lora_cli.fsutil import atomic_path, atomic_write_text, check_output_file
 from lora_cli.inference import (
-    DataSettings, Loaded, attach_to, decodes_many_rows, load_base, load_with_tokenizer, open_adapter,
-    pack_for_decoding, place,
+    DataSettings, Loaded, attach_to, load_base, load_with_tokenizer, open_adapter,
+    pack_for_decoding, packing_pays, place,
 )
 from lora_cli.lora import lora_disabled, lora_layers
 from lora_cli.metrics import generation_metrics, meteor_unavailable
@@ -475,7 +475,7 @@ def generation_eval(options: EvalOptions, subject: Subject, held: HeldOut) -> di
     room = model.config.n_positions - n
     tokenizer = subject.tokenizer
     truncated = sum(len(tokenizer.encode(p, add_special_tokens=True)) > room for p in prompts)  # prompts that lose their first tokens to fit
-    if decodes_many_rows(len(prompts), options.num_beams):
+    if packing_pays(model, len(prompts), options.num_beams):
         pack_for_decoding(model)
     outputs = generate_texts(model, prompts, n, tokenizer=tokenizer, batch_size=options.batch_size, progress=options.progress,
                              num_beams=options.num_beams, length_penalty=options.length_penalty,

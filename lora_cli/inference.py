@@ -21,11 +21,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 from lora_cli.adapter import Adapter, attach_adapter, load_adapter
 from lora_cli.config import FORMAT_CHOICES, DataConfig, ModelSpec
 from lora_cli.errors import AdapterError, CheckpointError, ConfigError
 from lora_cli.lora import LoRALinear
-from lora_cli.models import model_type, pack_linears_
+from lora_cli.models import PACKED_DTYPES, model_type, pack_copy_, pack_linears_
 from lora_cli.pretrained import BaseModel, load_model
 from lora_cli.runtime import device_option, inference_dtype
 from lora_cli.tokenizer import GPT2, Tokenizer, check_fits, model_tokenizer
@@ -140,23 +142,34 @@ def place(model, device, dtype=None):
     return model.to(device=device, dtype=dtype).eval()
 
 
-def decodes_many_rows(prompts: int, num_beams: int) -> bool:
-    """Whether a generation decodes several rows per step, so that pack_for_decoding pays for itself."""
-    return prompts > 1 or num_beams > 1
+def packing_pays(model, prompts: int, num_beams: int) -> bool:
+    """Whether pack_for_decoding pays for itself before a generation. fp32: when several rows decode per step
+    (batches of prompts, beams); at one row the gain is within the noise, and packing costs about 0.5 s per
+    340 MB of weights. bf16 on a CPU whose oneDNN packs it (models.common.PACKED_DTYPES): one row too, where the
+    packed kernel runs the layers in less than half the time of PyTorch's."""
+    many = prompts > 1 or num_beams > 1
+    return many or (model.lm_head.weight.dtype != torch.float32 and model.lm_head.weight.dtype in PACKED_DTYPES)
 
 
 def pack_for_decoding(*models) -> int:
-    """Before decoding many rows (batches of prompts, beams, a server's concurrent requests): the linear layers
-    of every block take oneDNN's packed fp32 weights (models.common.pack_linears_; on the CPU, 20-30% more tokens/s
-    at 4 and 8 rows; at 1 row the gain is within the noise and packing costs about a copy of the weights, so
-    single-prompt commands skip it: decodes_many_rows). Models that share base weights (`lora serve`'s adapters) share the packed
-    copies. The output head stays plain (a tied head is the input embedding), and so do DoRA's base layers, whose
-    forward reads the weight. Call it last: the models are then for inference only. Returns the weights packed."""
-    layers = []
+    """Before decoding (see packing_pays): the linear layers of every block take oneDNN's packed weights
+    (models.common.pack_linears_; on the CPU, fp32: 20-30% more tokens/s at 4 and 8 rows; bf16: twice the tokens/s
+    at one row). Models that share base weights (`lora serve`'s adapters) share the packed copies. DoRA's base
+    layers stay plain: their forward reads the weight. The output head is packed in bf16 only: in fp32 its plain
+    weight already runs oneDNN (models.common.Linear), and a tied head (the input embedding) keeps its plain
+    weight beside a packed copy (models.common.pack_copy_: the head's size again, 74 MB for GPT-2 in bf16). Call it
+    last: the models are then for inference only. Returns the weights packed or copied."""
+    layers, copies = [], 0
     for model in models:
         dora = {id(m.base_layer) for m in model.modules() if isinstance(m, LoRALinear) and m.use_dora}
         layers += [m for block in model.blocks for m in block.modules() if id(m) not in dora]
-    return pack_linears_(layers)
+        head = model.lm_head
+        if head.weight.dtype != torch.float32:
+            if model.tied:
+                copies += pack_copy_(head)
+            else:
+                layers.append(head)
+    return pack_linears_(layers) + copies
 
 
 def attach_to(loaded: Loaded, allow_mismatch: bool = False) -> None:

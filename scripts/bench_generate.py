@@ -7,12 +7,14 @@
     python scripts/bench_generate.py --side-by-side --gguf m-f32.gguf m-f16.gguf  # ... and llama.cpp on each GGUF
     python scripts/bench_generate.py --serve --new-tokens 64   # lora serve: total tokens/s, 1, 4, 8 clients
     python scripts/bench_generate.py --e2e-beam 16 --model gpt2-medium   # E2E test MRs, beam 10, as lora eval
+    python scripts/bench_generate.py --e2e-beam 16 --model gpt2-medium --precision bf16   # ... --precision bf16
 
 Greedy decoding with no EOT stop, so every run produces exactly --new-tokens tokens per row; the cache and
 no-cache runs must give the same tokens. Without the cache every step recomputes the whole sequence (prompt +
 tokens so far); only the last position is projected to the vocabulary in both modes, so the difference is the
 cache alone. Side by side: batch 1 and batch 8 (eight copies of the prompt), tokens/s = rows x new tokens / s,
-for ours in fp32 and bf16 (`--precision`), transformers `generate` on the same weights (GPT2LMHeadModel built from
+for ours in fp32 and bf16 (`--precision`; bf16 with its weights packed where the commands pack them: a CPU with
+AVX-512 BF16 or AMX, see inference.packing_pays), transformers `generate` on the same weights (GPT2LMHeadModel built from
 our state dict) in fp32 and bf16, and llama.cpp (`llama_cpp`, when importable and --gguf names a GGUF of the
 same weights; batch 1 only: its Python API decodes one sequence). A last row of ours runs fp32 with the blocks'
 weights packed (inference.pack_for_decoding), as the commands that decode many rows at once run it.
@@ -38,7 +40,7 @@ from lora_cli import tokenizer  # noqa: E402  (lora_cli first: it sets torch's a
 import torch  # noqa: E402
 from lora_cli.config import ModelSpec  # noqa: E402
 from lora_cli.generate import generate  # noqa: E402
-from lora_cli.inference import pack_for_decoding, place  # noqa: E402
+from lora_cli.inference import pack_for_decoding, packing_pays, place  # noqa: E402
 from lora_cli.pretrained import hf_state_dict, load_model  # noqa: E402
 
 PROMPT = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -112,19 +114,25 @@ def side_by_side(model, name: str, prompt: list[int], n: int, ggufs: list[str], 
     variants = (("", None), (" eager", False)) if cuda else (("", None),)
     for precision, dtype in precisions:
         place(model, device, dtype)
+        # as the commands decode: bf16 weights packed where oneDNN runs them natively (inference.packing_pays)
+        subject = model
+        if precision != "fp32" and packing_pays(model, 1, 1):
+            subject = copy.deepcopy(model)
+            pack_for_decoding(subject)
         if hf is not None:
             hf.to(device=device, dtype=dtype)
         figures = {}
         for rows in (1, 8):
             for label, static in variants:
-                timed(model, prompt, 4, True, rows, static)  # warm-up
-                ours, t = timed(model, prompt, n, True, rows, static)
+                timed(subject, prompt, 4, True, rows, static)  # warm-up
+                ours, t = timed(subject, prompt, n, True, rows, static)
                 figures[(label, rows)] = rows * n / t
             if hf is not None:
                 hf_timed(hf, prompt, 4, rows)
                 theirs, t = hf_timed(hf, prompt, n, rows)
                 figures[("transformers", rows)] = rows * n / t
                 figures[("same", rows)] = ours == theirs
+        del subject
         for label, _ in variants:
             print(f"{'lora-cli ' + precision + label:28s} {figures[label, 1]:12.1f} {figures[label, 8]:12.1f}",
                   flush=True)
@@ -239,6 +247,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="--e2e-beam: prompts decoded together (8)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (--side-by-side: on CUDA also fp16, and ours "
                         "with and without its CUDA graph)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="--serve, --e2e-beam: the weights' dtype, as the commands' --precision (default fp32)")
     parser.add_argument("--plain", action="store_true",
                         help="--serve, --e2e-beam: keep the weights plain, not packed as the commands pack them (A/B)")
     args = parser.parse_args()
@@ -252,10 +262,12 @@ def main() -> None:
     print(f"model {args.model} (random init, {model.num_parameters() / 1e6:.1f}M parameters, n_layer={cfg.n_layer}, "
           f"n_embd={cfg.n_embd}), prompt {len(prompt)} tokens, {args.new_tokens} new tokens, "
           f"{torch.get_num_threads()} threads")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
     if args.e2e_beam:
+        place(model, torch.device(args.device), dtype)
         e2e_beam(model, args.e2e_beam, args.new_tokens, args.batch_size, pack=not args.plain)
     elif args.serve:
-        place(base.model, torch.device(args.device))
+        place(base.model, torch.device(args.device), dtype)
         serve_clients(base, prompt, args.new_tokens, pack=not args.plain)
     elif args.side_by_side:
         side_by_side(model, args.model, prompt, args.new_tokens, args.gguf, torch.device(args.device))

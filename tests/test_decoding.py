@@ -13,7 +13,8 @@ import torch
 from helpers import assert_one_line_error, cli, make_hf_gpt2
 from lora_cli.errors import ConfigError
 from lora_cli.generate import ContinuousBatch, Row, beam_search, generate, stream
-from lora_cli.inference import pack_for_decoding, place
+from lora_cli.inference import pack_for_decoding, packing_pays, place
+from lora_cli.models import PACKED_DTYPES
 from lora_cli.pretrained import load_model
 from lora_cli.prompts import escape_line
 from lora_cli.runtime import inference_dtype
@@ -135,22 +136,40 @@ def test_batched_beam_search_equals_one_prompt_at_a_time_uncached(checkpoint):
     assert beam_search(model, PROMPTS, NEW, num_beams=3, eos_id=eos, batch_size=2) == want
 
 
-def test_packed_weights_decode_the_reference_tokens(checkpoint):
-    """pack_for_decoding (what `lora serve`, `lora generate` with several prompts or beams and `lora eval --generate`
-    do): every block's linear layers take oneDNN's packed weights, the head stays plain, and batched, beam and
-    continuous decoding give the tokens of the plain model."""
-    model = load_model(str(checkpoint)).model.eval()
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_packed_weights_decode_the_reference_tokens(checkpoint, precision):
+    """pack_for_decoding (what `lora serve`, `lora generate` with several prompts or beams, `lora eval --generate`,
+    and in bf16 every decoding command do): every block's linear layers take oneDNN's packed weights where it packs
+    their dtype (models.common.PACKED_DTYPES: bf16 only on a CPU with bf16 instructions), the head stays plain in
+    fp32 and is packed in bf16 (a tied head: a packed copy beside the embedding's weight), and batched, beam and
+    continuous decoding give the tokens of the plain model (bf16: over the reference's clear steps)."""
+    dtype = inference_dtype(precision, torch.device("cpu"))
+    model = place(load_model(str(checkpoint)).model, torch.device("cpu"), dtype)
     eos = reference(model, PROMPTS[0], NEW, None)[0][2]
     want = [reference(model, p, NEW, eos) for p in PROMPTS]
     beams = beam_search(model, PROMPTS, NEW, num_beams=3, eos_id=eos)
     blocks = [m for m in model.blocks.modules() if isinstance(m, torch.nn.Linear)]
-    assert pack_for_decoding(model) == len(blocks) > 0
-    assert all(m.weight.is_mkldnn for m in blocks) and not model.lm_head.weight.is_mkldnn
+    packs = dtype in PACKED_DTYPES
+    head = model.lm_head
+    assert packing_pays(model, 1, 1) == (packs and precision == "bf16")
+    assert packing_pays(model, 2, 1) and packing_pays(model, 1, 3)
+    assert pack_for_decoding(model) == (len(blocks) + (precision == "bf16") if packs else 0) and blocks
+    assert all(m.weight.is_mkldnn == packs for m in blocks)
+    if precision == "fp32":
+        assert not head.weight.is_mkldnn and head.packed is None
+    elif model.tied:  # the embedding still looks rows up in the plain weight
+        assert not head.weight.is_mkldnn and (head.packed is not None) == packs
+        assert head.weight is model.embed_tokens.weight
+    else:
+        assert head.weight.is_mkldnn == packs and head.packed is None
     assert pack_for_decoding(model) == 0  # packed once
-    assert agree(generate(model, PROMPTS, NEW, eos_id=eos), want) and all(c == len(w) for w, c in want)
-    assert beam_search(model, PROMPTS, NEW, num_beams=3, eos_id=eos) == beams
+    assert agree(generate(model, PROMPTS, NEW, eos_id=eos), want)
+    if precision == "fp32":
+        assert all(c == len(w) for w, c in want)
+        assert beam_search(model, PROMPTS, NEW, num_beams=3, eos_id=eos) == beams
     got = run_continuous(ContinuousBatch(model), [Row(model, p, NEW, eos_id=eos) for p in PROMPTS], [0, 1, 3, 4])
     assert agree(got, want)
+    assert agree([list(stream(model, p, NEW, eos_id=eos)) for p in PROMPTS], want)
 
 
 def run_continuous(batch: ContinuousBatch, rows: list[Row], joins: list[int]) -> list[list[int]]:

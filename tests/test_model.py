@@ -134,16 +134,18 @@ def test_linear_decoding_kernel_equals_f_linear(shape, bias):
 @pytest.mark.parametrize("bias", [True, False])
 def test_packed_linear_equals_f_linear(shape, bias):
     """pack_linears_: the weight becomes oneDNN's packed copy (the same values, as to_dense shows), layers sharing a
-    weight share the copy, other modules and non-fp32 weights are passed over; a packed layer computes F.linear's
-    values without gradients (any number of rows), and exactly F.linear's with gradients or under autocast."""
-    from lora_cli.models.common import Linear, pack_linears_
+    weight share the copy, other modules and weights of dtypes outside PACKED_DTYPES (fp16; bf16 on a CPU without
+    bf16 instructions) are passed over; a packed layer computes F.linear's values without gradients (any number of
+    rows), and exactly F.linear's with gradients or under autocast."""
+    from lora_cli.models.common import PACKED_DTYPES, Linear, pack_linears_
 
     torch.manual_seed(0)
-    layer, twin, half = Linear(48, 40, bias=bias), Linear(48, 40, bias=bias), Linear(48, 40).to(torch.bfloat16)
+    layer, twin, half = Linear(48, 40, bias=bias), Linear(48, 40, bias=bias), Linear(48, 40).to(torch.float16)
     twin.weight = layer.weight
     plain = layer.weight.detach().clone()
     assert pack_linears_([layer, twin, half, torch.nn.ReLU(), torch.nn.Linear(48, 40)]) == 1
     assert layer.weight.is_mkldnn and twin.weight is layer.weight and not half.weight.is_mkldnn
+    assert torch.float16 not in PACKED_DTYPES
     assert not layer.weight.requires_grad and torch.equal(layer.weight.to_dense(), plain)
     x = torch.randn(shape)
     reference = torch.nn.functional.linear(x, plain, layer.bias)
@@ -158,6 +160,38 @@ def test_packed_linear_equals_f_linear(shape, bias):
     torch.testing.assert_close(x.grad, plain.sum(0).expand_as(x), rtol=1e-5, atol=1e-5)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(layer(x), torch.nn.functional.linear(x, plain, layer.bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pack_copy_keeps_a_shared_weight_plain_beside_its_packed_copy(dtype):
+    """pack_copy_ (a tied head, whose weight the input embedding reads): the weight stays the embedding's plain
+    tensor, the packed copy (where PACKED_DTYPES has the dtype) holds the same values and serves forwards without
+    gradients, and the state dict is unchanged. pack_linears_ packs a bf16 weight exactly where PACKED_DTYPES
+    says oneDNN runs bf16 natively."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lora_cli.models.common import PACKED_DTYPES, Linear, pack_copy_, pack_linears_
+
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(40, 48).to(dtype)
+    head = Linear(48, 40, bias=False).to(dtype)
+    head.weight = embedding.weight
+    made = pack_copy_(head)
+    assert made == (dtype in PACKED_DTYPES) and not pack_copy_(head)  # one copy
+    assert head.weight is embedding.weight and not head.weight.is_mkldnn and list(head.state_dict()) == ["weight"]
+    if made:
+        assert head.packed.is_mkldnn and torch.equal(head.packed.to_dense(), embedding.weight.detach())
+    x = torch.randn(5, 48).to(dtype)
+    exact = torch.nn.functional.linear(x.double(), embedding.weight.detach().double())
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fast = head(x)
+    assert any(e.name == "mkldnn::_linear_pointwise" for e in prof.events()) == (made or dtype == torch.float32)
+    tolerance = 1e-5 if dtype == torch.float32 else 2 ** -7  # bf16: the output's own rounding, 8 bits
+    torch.testing.assert_close(fast.double(), exact, rtol=tolerance, atol=tolerance)
+    x.requires_grad_(True)
+    assert torch.equal(head(x), torch.nn.functional.linear(x, embedding.weight))  # gradients: the plain weight
+    other = Linear(48, 40).to(dtype)
+    assert pack_linears_([other]) == (dtype in PACKED_DTYPES) and other.weight.is_mkldnn == (dtype in PACKED_DTYPES)
 
 
 def test_pack_for_decoding_leaves_dora_bases_plain():

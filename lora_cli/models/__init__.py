@@ -9,8 +9,8 @@ family; what they share is in common.py).
 from __future__ import annotations
 
 from lora_cli.models.common import (
-    HEAD, CausalLM, KVCache, Unpadded, add_classification_head, cast_frozen_linears_, last_token_hidden,
-    pack_linears_, shared_prefix_length,
+    HEAD, PACKED_DTYPES, CausalLM, KVCache, Unpadded, add_classification_head, cast_frozen_linears_,
+    last_token_hidden, pack_copy_, pack_linears_, shared_prefix_length,
 )
 from lora_cli.models.gpt2 import GPT2, GPT2_PRESETS, GPT2Config
 from lora_cli.models.gpt_neox import GPTNeoX, GPTNeoXConfig
@@ -44,5 +44,6 @@ def build_model(config) -> CausalLM:
 __all__ = [
     "FAMILIES", "HEAD", "CausalLM", "GPT2", "GPT2Config", "GPT2_PRESETS", "GPTNeoX", "GPTNeoXConfig", "KVCache",
     "Llama", "LlamaConfig", "Unpadded", "add_classification_head", "build_model", "cast_frozen_linears_",
-    "config_from_dict", "last_token_hidden", "model_type", "shared_prefix_length",
+    "PACKED_DTYPES", "config_from_dict", "last_token_hidden", "model_type", "pack_copy_", "pack_linears_",
+    "shared_prefix_length",
 ]

@@ -56,48 +56,81 @@ _ONEDNN_LINEAR = _onednn_op("_linear_pointwise")
 _ONEDNN_PACK = _onednn_op("_reorder_linear_weight")
 
 
-def _plain_fp32_cpu(weight: torch.Tensor) -> bool:
-    """A weight oneDNN can take as it is, or pack: fp32 on the CPU, dense, and not a tensor subclass (FSDP's
-    DTensor)."""
-    return (weight.dtype == torch.float32 and weight.device.type == "cpu" and not weight.is_mkldnn
+def _native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX-512 BF16 or AMX), which oneDNN's bf16 kernels run
+    on. (torch.cpu's probes are private: a torch without them counts as a CPU without.)"""
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(probe is not None and probe() for probe in probes)
+
+
+# The dtypes whose weights pack_linears_ stores in oneDNN's layout. fp32 everywhere oneDNN is. bf16 only where the
+# CPU multiplies bf16 natively: there oneDNN's packed bf16 inner product reads the weights at the memory bandwidth,
+# and PyTorch's own bf16 kernel does not (the 48 linear layers of GPT-2 124M and its head, one row, 2 threads, on
+# an AMD EPYC with AVX-512 BF16: F.linear 8.6 + 2.7 ms, packed 3.4 + 1.6 ms). Elsewhere oneDNN's bf16 would emulate
+# the products, and PyTorch's kernel stays.
+PACKED_DTYPES = (torch.float32,) + ((torch.bfloat16,) if _ONEDNN_PACK is not None and _native_bf16() else ())
+
+
+def _plain_cpu(weight: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """A weight oneDNN can take as it is, or pack: one of `dtypes`, on the CPU, dense, and not a tensor subclass
+    (FSDP's DTensor)."""
+    return (weight.dtype in dtypes and weight.device.type == "cpu" and not weight.is_mkldnn
             and type(weight) in (nn.Parameter, torch.Tensor))
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, names and state dict) whose fp32 forward without gradients on the CPU, the shape
-    of decoding, runs oneDNN's inner product instead of F.linear (MKL): with a plain weight for at most
-    ONEDNN_MAX_ROWS rows, with a packed one (pack_linears_) for any number of rows."""
+    """nn.Linear (same parameters, names and state dict) whose forward without gradients on the CPU, the shape of
+    decoding, runs oneDNN's inner product instead of F.linear (MKL): fp32 with a plain weight for at most
+    ONEDNN_MAX_ROWS rows; with a packed one (pack_linears_, pack_copy_) for any number of rows."""
+
+    # pack_copy_'s packed copy of a weight that another module reads plain (a tied head's: the input embedding)
+    packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if (not torch.is_grad_enabled() and _ONEDNN_LINEAR is not None  # training decides at the first test
-                and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() > 0
-                and not torch.is_autocast_enabled("cpu")  # autocast casts F.linear's inputs; this op it would not
-                and (weight.is_mkldnn
-                     or (_plain_fp32_cpu(weight) and x.numel() <= ONEDNN_MAX_ROWS * self.in_features))):
-            return _ONEDNN_LINEAR(x, weight, self.bias, "none", [], "")
+                and x.device.type == "cpu" and x.numel() > 0
+                and not torch.is_autocast_enabled("cpu")):  # autocast casts F.linear's inputs; this op it would not
+            packed = weight if weight.is_mkldnn else self.packed
+            if packed is not None and packed.dtype == x.dtype:
+                return _ONEDNN_LINEAR(x, packed, self.bias, "none", [], "")
+            if (x.dtype == torch.float32 and _plain_cpu(weight, (torch.float32,))
+                    and x.numel() <= ONEDNN_MAX_ROWS * self.in_features):
+                return _ONEDNN_LINEAR(x, weight, self.bias, "none", [], "")
         if weight.is_mkldnn:  # packed, but this call needs the plain weight (gradients, autocast): rebuilt for it
             weight = weight.to_dense()
         return F.linear(x, weight, self.bias)
 
 
 def pack_linears_(layers: Iterable[nn.Module]) -> int:
-    """Give each fp32 CPU `Linear` among `layers` (other modules are passed over) its weight in oneDNN's packed
-    layout (see PACK_ROWS) in place of the plain one: an opaque tensor of the same size, so memory stays the same
-    once the plain weight is freed. Layers that share a weight share its packed copy. For decoding only: a packed
-    layer's forward without gradients runs oneDNN; anything else rebuilds the plain weight per call, and a packed
-    model is not meant to be trained, merged, cast or saved. Returns how many weights were packed."""
+    """Give each CPU `Linear` among `layers` (other modules are passed over) whose weight has a PACKED_DTYPES dtype
+    its weight in oneDNN's packed layout (see PACK_ROWS) in place of the plain one: an opaque tensor of the same
+    size, so memory stays the same once the plain weight is freed. Layers that share a weight share its packed
+    copy. For decoding only: a packed layer's forward without gradients runs oneDNN; anything else rebuilds the
+    plain weight per call, and a packed model is not meant to be trained, merged, cast or saved. Returns how many
+    weights were packed."""
     if _ONEDNN_PACK is None or _ONEDNN_LINEAR is None:
         return 0
     owners: dict[int, list[Linear]] = {}  # one entry per distinct weight (modules may share one)
     for layer in layers:
-        if isinstance(layer, Linear) and _plain_fp32_cpu(layer.weight):
+        if isinstance(layer, Linear) and _plain_cpu(layer.weight, PACKED_DTYPES):
             owners.setdefault(id(layer.weight), []).append(layer)
     for group in owners.values():
         packed = nn.Parameter(_ONEDNN_PACK(group[0].weight.detach(), PACK_ROWS), requires_grad=False)
         for layer in group:  # the plain weight goes with its last owner, before the next one is packed
             layer.weight = packed
     return len(owners)
+
+
+def pack_copy_(layer: nn.Module) -> bool:
+    """pack_linears_ for a `Linear` whose weight another module also reads as it is (a tied output head: the input
+    embedding looks rows up in it): the packed weight is kept beside the plain one, in `layer.packed`, at the cost
+    of a second copy of the weight. Returns whether a copy was made."""
+    if (_ONEDNN_PACK is None or _ONEDNN_LINEAR is None or not isinstance(layer, Linear) or layer.packed is not None
+            or not _plain_cpu(layer.weight, PACKED_DTYPES)):
+        return False
+    layer.packed = _ONEDNN_PACK(layer.weight.detach(), PACK_ROWS)
+    return True
 
 
 class KVCache:
