@@ -14,7 +14,7 @@ from helpers import assert_one_line_error, cli, make_hf_gpt2
 from lora_cli.errors import ConfigError
 from lora_cli.generate import ContinuousBatch, Row, beam_search, generate, stream
 from lora_cli.inference import pack_for_decoding, packing_pays, place
-from lora_cli.models import PACKED_DTYPES
+from lora_cli.models import PACKED_DTYPES, KVCache
 from lora_cli.pretrained import load_model
 from lora_cli.prompts import escape_line
 from lora_cli.runtime import inference_dtype
@@ -134,6 +134,23 @@ def test_batched_beam_search_equals_one_prompt_at_a_time_uncached(checkpoint):
     want = [beam_search(model, [p], NEW, num_beams=3, eos_id=eos, use_cache=False)[0] for p in PROMPTS]
     assert beam_search(model, PROMPTS, NEW, num_beams=3, eos_id=eos) == want
     assert beam_search(model, PROMPTS, NEW, num_beams=3, eos_id=eos, batch_size=2) == want
+
+
+def test_bf16_decoding_on_the_cpu_attends_over_an_fp32_cache(checkpoint):
+    """A bf16 model with a KV cache on the CPU keeps keys and values in fp32 (SDPA's fp32 kernel is the fast one for
+    one query); its outputs stay bf16 and match the uncached forward up to bf16 rounding. Without a cache, or with
+    gradients, nothing changes dtype."""
+    model = place(load_model(str(checkpoint)).model, torch.device("cpu"), torch.bfloat16)
+    ids = torch.tensor([PROMPTS[0]])
+    cache = KVCache(len(model.blocks))
+    with torch.inference_mode():
+        prefilled = model(ids[:, :-1], cache=cache)
+        last = model(ids[:, -1:], cache=cache)
+        whole = model(ids)
+    assert {t.dtype for kv in cache.layers for t in kv} == {torch.float32} and cache.length == ids.shape[1]
+    assert prefilled.dtype == last.dtype == whole.dtype == torch.bfloat16
+    cached = torch.cat([prefilled, last], dim=1).float()
+    torch.testing.assert_close(cached, whole.float(), rtol=0.05, atol=0.05 * whole.float().abs().max().item())
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
