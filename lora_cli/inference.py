@@ -142,13 +142,18 @@ def place(model, device, dtype=None):
     return model.to(device=device, dtype=dtype).eval()
 
 
+def weights_dtype(model) -> torch.dtype:
+    """The dtype the model computes in (place stores every weight in it): its blocks' first weight's."""
+    return next(p.dtype for p in model.blocks.parameters() if p.is_floating_point())
+
+
 def packing_pays(model, prompts: int, num_beams: int) -> bool:
     """Whether pack_for_decoding pays for itself before a generation. fp32: when several rows decode per step
-    (batches of prompts, beams); at one row the gain is within the noise, and packing costs about 0.5 s per
-    340 MB of weights. bf16 on a CPU whose oneDNN packs it (models.common.PACKED_DTYPES): one row too, where the
-    packed kernel runs the layers in less than half the time of PyTorch's."""
-    many = prompts > 1 or num_beams > 1
-    return many or (model.lm_head.weight.dtype != torch.float32 and model.lm_head.weight.dtype in PACKED_DTYPES)
+    (batches of prompts, beams); at one row the gain (0-15% on the CPUs measured) takes about 100 tokens to repay
+    the packing (0.3 s for GPT-2 124M). bf16 on a CPU whose oneDNN packs it (models.common.PACKED_DTYPES): one row
+    too, where the packed kernel runs the layers in less than half the time of PyTorch's."""
+    dtype = weights_dtype(model)
+    return prompts > 1 or num_beams > 1 or (dtype != torch.float32 and dtype in PACKED_DTYPES)
 
 
 def pack_for_decoding(*models) -> int:
@@ -157,18 +162,19 @@ def pack_for_decoding(*models) -> int:
     at one row). Models that share base weights (`lora serve`'s adapters) share the packed copies. DoRA's base
     layers stay plain: their forward reads the weight. The output head is packed in bf16 only: in fp32 its plain
     weight already runs oneDNN (models.common.Linear), and a tied head (the input embedding) keeps its plain
-    weight beside a packed copy (models.common.pack_copy_: the head's size again, 74 MB for GPT-2 in bf16). Call it
-    last: the models are then for inference only. Returns the weights packed or copied."""
+    weight beside a packed copy (models.common.pack_copy_: the head's size again, 74 MB for GPT-2 in bf16); a head
+    with LoRA on it has its base layer packed. Call it last: the models are then for inference only. Returns the
+    weights packed or copied."""
     layers, copies = [], 0
     for model in models:
         dora = {id(m.base_layer) for m in model.modules() if isinstance(m, LoRALinear) and m.use_dora}
-        layers += [m for block in model.blocks for m in block.modules() if id(m) not in dora]
-        head = model.lm_head
-        if head.weight.dtype != torch.float32:
+        parts = list(model.blocks)
+        if weights_dtype(model) != torch.float32:
             if model.tied:
-                copies += pack_copy_(head)
+                copies += pack_copy_(model.lm_head)
             else:
-                layers.append(head)
+                parts.append(model.lm_head)
+        layers += [m for part in parts for m in part.modules() if id(m) not in dora]
     return pack_linears_(layers) + copies
 
 

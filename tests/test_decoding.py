@@ -10,10 +10,12 @@ import math
 import pytest
 import torch
 
-from helpers import assert_one_line_error, cli, make_hf_gpt2
+from helpers import assert_one_line_error, cli, make_family_checkpoint, make_hf_gpt2
 from lora_cli.errors import ConfigError
 from lora_cli.generate import ContinuousBatch, Row, beam_search, generate, stream
-from lora_cli.inference import pack_for_decoding, packing_pays, place
+from lora_cli.config import LoraConfig
+from lora_cli.inference import pack_for_decoding, packing_pays, place, weights_dtype
+from lora_cli.lora import apply_lora
 from lora_cli.models import PACKED_DTYPES, KVCache
 from lora_cli.pretrained import load_model
 from lora_cli.prompts import escape_line
@@ -187,6 +189,27 @@ def test_packed_weights_decode_the_reference_tokens(checkpoint, precision):
     got = run_continuous(ContinuousBatch(model), [Row(model, p, NEW, eos_id=eos) for p in PROMPTS], [0, 1, 3, 4])
     assert agree(got, want)
     assert agree([list(stream(model, p, NEW, eos_id=eos)) for p in PROMPTS], want)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_packing_a_model_with_lora_on_its_untied_head(tmp_path, precision, use_dora):
+    """A head with LoRA on it (an untied head: Qwen3's) has no weight of its own: packing_pays and pack_for_decoding
+    read the model's dtype from its blocks, pack the head's base layer in bf16 (not a DoRA base, whose forward reads
+    its weight) and leave it plain in fp32; the tokens stay those of the unpacked model."""
+    make_family_checkpoint(tmp_path / "base", "qwen3", vocab_size=V)
+    base = load_model(str(tmp_path / "base"))
+    apply_lora(base.model, LoraConfig(r=4, alpha=8, targets=["q_proj", "lm_head"], use_dora=use_dora))
+    model = place(base.model, torch.device("cpu"), inference_dtype(precision, torch.device("cpu")))
+    assert not model.tied and not hasattr(model.lm_head, "weight")
+    eos = reference(model, PROMPTS[0], NEW, None)[0][2]
+    want = [reference(model, p, NEW, eos) for p in PROMPTS]
+    packs = weights_dtype(model) in PACKED_DTYPES
+    assert packing_pays(model, 1, 1) == (packs and precision == "bf16")
+    packed = pack_for_decoding(model)
+    head_packed = packs and precision == "bf16" and not use_dora
+    assert model.lm_head.base_layer.weight.is_mkldnn == head_packed and (packed > 0) == packs
+    assert agree(generate(model, PROMPTS, NEW, eos_id=eos), want)
 
 
 def run_continuous(batch: ContinuousBatch, rows: list[Row], joins: list[int]) -> list[list[int]]:

@@ -603,7 +603,9 @@ class CausalLM(nn.Module):
     # ---- shared
     @property
     def tied(self) -> bool:
-        return self.lm_head.weight is self.embed_tokens.weight
+        """Whether the output head reads the input embedding's weight. A head with LoRA on it has no weight of its
+        own (its base layer does) and is never tied: LoRA cannot target a tied head."""
+        return getattr(self.lm_head, "weight", None) is self.embed_tokens.weight
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """N(0, initializer_range) for linear and embedding weights (transformers' _init_weights); biases zero,
