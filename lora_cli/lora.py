@@ -221,7 +221,7 @@ class LoRALinear(LoRALayer):
             x = self.lora_dropout(x)
             base_result = F.linear(x, weight)
         norm = self.weight_norm(weight).to(x.dtype)  # detached: a constant, as in the DoRA paper (sec. 4.3)
-        scale = (self.lora_magnitude_vector / norm).view(1, -1)
+        scale = self.lora_magnitude_vector / norm  # [out]: broadcasts over any leading dims (an unbatched row too)
         lora_result = self.lora_B(self.lora_A(x))
         result = result + (scale - 1) * base_result + scale * lora_result * self.scaling
         return result.to(out_dtype)

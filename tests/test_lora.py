@@ -358,3 +358,17 @@ def test_lora_dropout_keeps_a_one_byte_mask_for_the_backward():
     assert abs(zero.float().mean().item() - 0.25) < 0.02
     layer.eval()
     assert torch.equal(layer.lora_dropout(x), x)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_lora_linear_takes_an_unbatched_row(use_dora):
+    """A LoRA layer keeps its input's leading dims, as nn.Linear does: one row [in] gives [out], the same values as
+    that row in a batch (DoRA's magnitude scale used to add a leading dim: [1, out])."""
+    torch.manual_seed(0)
+    layer = LoRALinear.from_base(torch.nn.Linear(12, 10), r=4, alpha=8, use_dora=use_dora)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        row, batch = layer(x[1]), layer(x)
+    assert row.shape == (10,) and torch.allclose(row, batch[1], rtol=1e-6, atol=1e-6)
