@@ -152,8 +152,10 @@ def packing_pays(model, prompts: int, num_beams: int) -> bool:
     (batches of prompts, beams); at one row the gain (0-15% on the CPUs measured) takes about 100 tokens to repay
     the packing (0.3 s for GPT-2 124M). bf16 on a CPU whose oneDNN packs it (models.common.PACKED_DTYPES): one row
     too, where the packed kernel runs the layers in less than half the time of PyTorch's."""
-    dtype = weights_dtype(model)
-    return prompts > 1 or num_beams > 1 or (dtype != torch.float32 and dtype in PACKED_DTYPES)
+    weight = next(p for p in model.blocks.parameters() if p.is_floating_point())
+    if weight.device.type != "cpu":  # oneDNN's packed layout is a CPU one: nothing to pack
+        return False
+    return prompts > 1 or num_beams > 1 or (weight.dtype != torch.float32 and weight.dtype in PACKED_DTYPES)
 
 
 def pack_for_decoding(*models) -> int:
