@@ -75,13 +75,13 @@ def chat_replier(source: Source, adapter: Adapter | None, decoding: Decoding, op
     """The model (adapter attached, on its device, in its precision) and its chat template, ready to answer
     conversations: replies of at most --max-new-tokens, or (None) `default` tokens or what the context leaves."""
     loaded = source.load(adapter)
-    if packing_pays(loaded.model, 1, 1):  # one conversation at a time
-        pack_for_decoding(loaded.model)
     context = loaded.model.config.n_positions
     budget = decoding.max_new_tokens
     if budget is not None and budget >= context:  # no conversation could fit: say so before any
         raise ConfigError(f"--max-new-tokens {budget} leaves no room for a conversation in the model's "
                           f"context of {context} tokens; lower it below {context}")
+    if packing_pays(loaded.model, 1, 1):  # one conversation at a time
+        pack_for_decoding(loaded.model)
     template = chat_template_for(loaded, chat_template)
     return Replier(loaded, loaded.model, template, default if budget is None else budget, options,
                    fit_context=budget is None)

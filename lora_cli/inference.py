@@ -27,7 +27,7 @@ from lora_cli.adapter import Adapter, attach_adapter, load_adapter
 from lora_cli.config import FORMAT_CHOICES, DataConfig, ModelSpec
 from lora_cli.errors import AdapterError, CheckpointError, ConfigError
 from lora_cli.lora import LoRALinear
-from lora_cli.models import PACKED_DTYPES, model_type, pack_copy_, pack_linears_
+from lora_cli.models import PACKED_DTYPES, model_type, pack_copies_, pack_linears_
 from lora_cli.pretrained import BaseModel, load_model
 from lora_cli.runtime import device_option, inference_dtype
 from lora_cli.tokenizer import GPT2, Tokenizer, check_fits, model_tokenizer
@@ -142,18 +142,23 @@ def place(model, device, dtype=None):
     return model.to(device=device, dtype=dtype).eval()
 
 
+def _first_weight(model) -> torch.Tensor:
+    return next(p for p in model.blocks.parameters() if p.is_floating_point())
+
+
 def weights_dtype(model) -> torch.dtype:
     """The dtype the model computes in (place stores every weight in it): its blocks' first weight's."""
-    return next(p.dtype for p in model.blocks.parameters() if p.is_floating_point())
+    return _first_weight(model).dtype
 
 
 def packing_pays(model, prompts: int, num_beams: int) -> bool:
     """Whether pack_for_decoding pays for itself before a generation. fp32: when several rows decode per step
     (batches of prompts, beams); at one row the gain (0-15% on the CPUs measured) takes about 100 tokens to repay
     the packing (0.3 s for GPT-2 124M). bf16 on a CPU whose oneDNN packs it (models.common.PACKED_DTYPES): one row
-    too, where the packed kernel runs the layers in less than half the time of PyTorch's."""
-    weight = next(p for p in model.blocks.parameters() if p.is_floating_point())
-    if weight.device.type != "cpu":  # oneDNN's packed layout is a CPU one: nothing to pack
+    too, where the packed kernel runs the layers in less than half the time of PyTorch's. Off the CPU: never
+    (oneDNN's packed layout is a CPU one)."""
+    weight = _first_weight(model)
+    if weight.device.type != "cpu":
         return False
     return prompts > 1 or num_beams > 1 or (weight.dtype != torch.float32 and weight.dtype in PACKED_DTYPES)
 
@@ -161,23 +166,24 @@ def packing_pays(model, prompts: int, num_beams: int) -> bool:
 def pack_for_decoding(*models) -> int:
     """Before decoding (see packing_pays): the linear layers of every block take oneDNN's packed weights
     (models.common.pack_linears_; on the CPU, fp32: 20-30% more tokens/s at 4 and 8 rows; bf16: twice the tokens/s
-    at one row). Models that share base weights (`lora serve`'s adapters) share the packed copies. DoRA's base
-    layers stay plain: their forward reads the weight. The output head is packed in bf16 only: in fp32 its plain
-    weight already runs oneDNN (models.common.Linear), and a tied head (the input embedding) keeps its plain
-    weight beside a packed copy (models.common.pack_copy_: the head's size again, 74 MB for GPT-2 in bf16); a head
-    with LoRA on it has its base layer packed. Call it last: the models are then for inference only. Returns the
-    weights packed or copied."""
-    layers, copies = [], 0
+    at one row). Models that share base weights (`lora serve`'s adapters) share the packed weights. DoRA's base
+    layers stay plain: their forward reads the weight (where such a layer shares its weight with another model's
+    packed layer, both the plain and the packed tensor stay alive). The output head is packed in bf16 only: in fp32
+    its plain weight already runs oneDNN (models.common.Linear); a tied head (the input embedding) keeps its plain
+    weight beside a packed copy (models.common.pack_copies_: the head's size again, one copy for all the models
+    sharing it); a head with LoRA on it has its base layer packed. Call it last: the models are then for inference
+    only. Returns the weights packed or copied."""
+    layers, tied_heads = [], []
     for model in models:
         dora = {id(m.base_layer) for m in model.modules() if isinstance(m, LoRALinear) and m.use_dora}
         parts = list(model.blocks)
         if weights_dtype(model) != torch.float32:
             if model.tied:
-                copies += pack_copy_(model.lm_head)
+                tied_heads.append(model.lm_head)
             else:
                 parts.append(model.lm_head)
         layers += [m for part in parts for m in part.modules() if id(m) not in dora]
-    return pack_linears_(layers) + copies
+    return pack_linears_(layers) + pack_copies_(tied_heads)
 
 
 def attach_to(loaded: Loaded, allow_mismatch: bool = False) -> None:

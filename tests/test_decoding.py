@@ -140,8 +140,8 @@ def test_batched_beam_search_equals_one_prompt_at_a_time_uncached(checkpoint):
 
 def test_bf16_decoding_on_the_cpu_attends_over_an_fp32_cache(checkpoint):
     """A bf16 model with a KV cache on the CPU keeps keys and values in fp32 (SDPA's fp32 kernel is the fast one for
-    one query); its outputs stay bf16 and match the uncached forward up to bf16 rounding. Without a cache, or with
-    gradients, nothing changes dtype."""
+    one query); its outputs stay bf16 and match the uncached forward up to bf16 rounding. With gradients the cache
+    stays bf16."""
     model = place(load_model(str(checkpoint)).model, torch.device("cpu"), torch.bfloat16)
     ids = torch.tensor([PROMPTS[0]])
     cache = KVCache(len(model.blocks))
@@ -151,6 +151,10 @@ def test_bf16_decoding_on_the_cpu_attends_over_an_fp32_cache(checkpoint):
         whole = model(ids)
     assert {t.dtype for kv in cache.layers for t in kv} == {torch.float32} and cache.length == ids.shape[1]
     assert prefilled.dtype == last.dtype == whole.dtype == torch.bfloat16
+    taped = KVCache(len(model.blocks))
+    with torch.enable_grad():
+        model(ids, cache=taped)
+    assert {t.dtype for kv in taped.layers for t in kv} == {torch.bfloat16}
     cached = torch.cat([prefilled, last], dim=1).float()
     torch.testing.assert_close(cached, whole.float(), rtol=0.05, atol=0.05 * whole.float().abs().max().item())
 

@@ -163,22 +163,23 @@ def test_packed_linear_equals_f_linear(shape, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pack_copy_keeps_a_shared_weight_plain_beside_its_packed_copy(dtype):
-    """pack_copy_ (a tied head, whose weight the input embedding reads): the weight stays the embedding's plain
-    tensor, the packed copy (where PACKED_DTYPES has the dtype) holds the same values and serves forwards without
-    gradients, and the state dict is unchanged. pack_linears_ packs a bf16 weight exactly where PACKED_DTYPES
-    says oneDNN runs bf16 natively."""
+def test_pack_copies_keep_a_shared_weight_plain_beside_one_packed_copy(dtype):
+    """pack_copies_ (tied heads, whose weight the input embedding reads; `lora serve`'s adapters each have their own
+    head over it): the weight stays the embedding's plain tensor, one packed copy (where PACKED_DTYPES has the dtype)
+    holds the same values for every head sharing it and serves forwards without gradients, and the state dict is
+    unchanged. pack_linears_ packs a bf16 weight exactly where PACKED_DTYPES says oneDNN runs bf16 natively."""
     from torch.profiler import ProfilerActivity, profile
 
-    from lora_cli.models.common import PACKED_DTYPES, Linear, pack_copy_, pack_linears_
+    from lora_cli.models.common import PACKED_DTYPES, Linear, pack_copies_, pack_linears_
 
     torch.manual_seed(0)
     embedding = torch.nn.Embedding(40, 48).to(dtype)
-    head = Linear(48, 40, bias=False).to(dtype)
-    head.weight = embedding.weight
-    made = pack_copy_(head)
-    assert made == (dtype in PACKED_DTYPES) and not pack_copy_(head)  # one copy
+    head, twin = Linear(48, 40, bias=False).to(dtype), Linear(48, 40, bias=False).to(dtype)
+    head.weight = twin.weight = embedding.weight
+    made = pack_copies_([head, twin, torch.nn.ReLU()])
+    assert made == (dtype in PACKED_DTYPES) and pack_copies_([head, twin]) == 0  # one copy, made once
     assert head.weight is embedding.weight and not head.weight.is_mkldnn and list(head.state_dict()) == ["weight"]
+    assert twin.packed is head.packed
     if made:
         assert head.packed.is_mkldnn and torch.equal(head.packed.to_dense(), embedding.weight.detach())
     x = torch.randn(5, 48).to(dtype)

@@ -413,6 +413,20 @@ def test_bf16_checkpoint_keeps_its_linear_weights_for_a_bf16_run(tmp_path):
     assert a["model.layers.0.self_attn.k_proj.weight"].dtype == torch.bfloat16
 
 
+def test_cast_frozen_linears_keeps_a_lora_head_base_in_fp32(tmp_path):
+    """With LoRA on an untied head (Qwen3's lm_head), a bf16 run's cast keeps the head's frozen base layer in fp32
+    (its logits feed the fp32 loss) and casts the blocks' frozen layers; before, the LoRA-wrapped head (no weight of
+    its own) stopped the cast with an AttributeError."""
+    from lora_cli.models import cast_frozen_linears_
+
+    make_checkpoint(tmp_path / "base", "qwen3")
+    model = load_model(str(tmp_path / "base")).model
+    apply_lora(model, LoraConfig(r=4, alpha=8, targets=["q_proj", "lm_head"]), generator=torch.Generator().manual_seed(0))
+    assert cast_frozen_linears_(model, torch.bfloat16) > 0
+    assert model.lm_head.base_layer.weight.dtype == model.lm_head.lora_A.weight.dtype == torch.float32
+    assert model.model.layers[0].self_attn.k_proj.weight.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu_equals_autograd_bit_for_bit_and_keeps_two_tensors(dtype):
     """common.swiglu (the Llama MLP's silu(gate) * up) gives autograd's values and gradients exactly, and keeps only

@@ -147,6 +147,21 @@ def test_adapters_share_the_base_tensors_and_compute_as_attached_alone(runs):
         torch.testing.assert_close(bare(ids), load_model(str(base)).model.eval()(ids), rtol=0, atol=0)
 
 
+def test_bf16_models_share_one_packed_head(runs):
+    """In bf16 the tied head is packed too (inference.pack_for_decoding, where oneDNN runs bf16 natively): the base
+    and every adapter over it have their own head module over the one embedding weight, and they share one packed
+    copy of it, not one each."""
+    from lora_cli.models import PACKED_DTYPES
+
+    base, inst, other = runs
+    models = load_models([f"inst={inst}", str(other)], device=torch.device("cpu"), dtype=torch.bfloat16)
+    heads = [served.loaded.model.lm_head for served in models.values()]
+    assert len(heads) == 3 and len({id(h) for h in heads}) == 3
+    assert all(h.weight is heads[0].weight and h.weight.dtype == torch.bfloat16 for h in heads)
+    assert all(h.packed is heads[0].packed for h in heads)
+    assert (heads[0].packed is not None) == (torch.bfloat16 in PACKED_DTYPES)
+
+
 def test_the_engine_thread_can_have_the_only_openmp_team():
     """Engine releases the caller's OpenMP workers before its thread decodes (runtime.release_openmp_threads): torch's
     Linux build exposes OpenMP 5.0's omp_pause_resource_all, and torch computes as before after the release."""

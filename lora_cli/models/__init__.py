@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from lora_cli.models.common import (
     HEAD, PACKED_DTYPES, CausalLM, KVCache, Unpadded, add_classification_head, cast_frozen_linears_,
-    last_token_hidden, pack_copy_, pack_linears_, shared_prefix_length,
+    last_token_hidden, pack_copies_, pack_linears_, shared_prefix_length,
 )
 from lora_cli.models.gpt2 import GPT2, GPT2_PRESETS, GPT2Config
 from lora_cli.models.gpt_neox import GPTNeoX, GPTNeoXConfig
@@ -44,6 +44,6 @@ def build_model(config) -> CausalLM:
 __all__ = [
     "FAMILIES", "HEAD", "CausalLM", "GPT2", "GPT2Config", "GPT2_PRESETS", "GPTNeoX", "GPTNeoXConfig", "KVCache",
     "Llama", "LlamaConfig", "Unpadded", "add_classification_head", "build_model", "cast_frozen_linears_",
-    "PACKED_DTYPES", "config_from_dict", "last_token_hidden", "model_type", "pack_copy_", "pack_linears_",
+    "PACKED_DTYPES", "config_from_dict", "last_token_hidden", "model_type", "pack_copies_", "pack_linears_",
     "shared_prefix_length",
 ]

@@ -81,9 +81,9 @@ def _plain_cpu(weight: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
 class Linear(nn.Linear):
     """nn.Linear (same parameters, names and state dict) whose forward without gradients on the CPU, the shape of
     decoding, runs oneDNN's inner product instead of F.linear (MKL): fp32 with a plain weight for at most
-    ONEDNN_MAX_ROWS rows; with a packed one (pack_linears_, pack_copy_) for any number of rows."""
+    ONEDNN_MAX_ROWS rows; with a packed one (pack_linears_, pack_copies_) for any number of rows."""
 
-    # pack_copy_'s packed copy of a weight that another module reads plain (a tied head's: the input embedding)
+    # pack_copies_' packed copy of a weight that another module reads plain (a tied head's: the input embedding)
     packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,15 +122,22 @@ def pack_linears_(layers: Iterable[nn.Module]) -> int:
     return len(owners)
 
 
-def pack_copy_(layer: nn.Module) -> bool:
-    """pack_linears_ for a `Linear` whose weight another module also reads as it is (a tied output head: the input
+def pack_copies_(layers: Iterable[nn.Module]) -> int:
+    """pack_linears_ for `Linear`s whose weight another module also reads as it is (a tied output head: the input
     embedding looks rows up in it): the packed weight is kept beside the plain one, in `layer.packed`, at the cost
-    of a second copy of the weight. Returns whether a copy was made."""
-    if (_ONEDNN_PACK is None or _ONEDNN_LINEAR is None or not isinstance(layer, Linear) or layer.packed is not None
-            or not _plain_cpu(layer.weight, PACKED_DTYPES)):
-        return False
-    layer.packed = _ONEDNN_PACK(layer.weight.detach(), PACK_ROWS)
-    return True
+    of a second copy of the weight; layers sharing a weight (the heads of `lora serve`'s adapters over one base)
+    share one copy. The copy is made once and not updated: a model packed this way is for decoding only, as with
+    pack_linears_. Returns how many copies were made."""
+    if _ONEDNN_PACK is None or _ONEDNN_LINEAR is None:
+        return 0
+    copies: dict[int, torch.Tensor] = {}
+    for layer in layers:
+        if isinstance(layer, Linear) and layer.packed is None and _plain_cpu(layer.weight, PACKED_DTYPES):
+            key = id(layer.weight)
+            if key not in copies:
+                copies[key] = _ONEDNN_PACK(layer.weight.detach(), PACK_ROWS)
+            layer.packed = copies[key]
+    return len(copies)
 
 
 class KVCache:
@@ -245,9 +252,11 @@ def _attend(qkv: torch.Tensor, heads: tuple[int, int, int], mask: torch.Tensor |
     k, v = (t.view(B, T, Hkv, D).transpose(1, 2) for t in (k, v))  # [B, Hkv, T, D]
     # A bf16 model decoding on the CPU keeps its KV cache in fp32 and attends in fp32 (its projections stay bf16).
     # SDPA's bf16 kernel takes several times as long as its fp32 one for one query over a cache (GPT-2 124M, 12
-    # heads, 146 keys: 90 vs 12 us a layer); the cache is small next to the weights a step reads (GPT-2 124M: 72 KB
-    # a token in fp32, against 250 MB of bf16 weights); and fp32 scores do not round where bf16 ones would. Greedy,
-    # 2 threads, interleaved runs, tokens/s: 128 new tokens 113-120 (bf16 cache) vs 120-123; 512: 101-105 vs 108-115.
+    # heads, 146 keys: 90 vs 12 us a layer), and fp32 scores do not round where bf16 ones would. The price is a
+    # cache twice as large: for one row small next to the weights a step reads (GPT-2 124M: 72 KB a token, against
+    # 250 MB of bf16 weights), but many rows multiply it (beam 10 over 8 E2E prompts on gpt2-medium: about 1.5 GB,
+    # against 0.75 GB in bf16). Greedy, 2 threads, interleaved runs, tokens/s: 128 new tokens 113-120 (bf16 cache) vs
+    # 120-123; 512: 101-105 vs 108-115. Beam 10 over 16 E2E prompts, gpt2-medium: 32.2 vs 29.1 s.
     wide = cache is not None and q.dtype == torch.bfloat16 and q.device.type == "cpu" and not torch.is_grad_enabled()
     if wide:
         q, k, v = q.float(), k.float(), v.float()
@@ -770,7 +779,9 @@ def cast_frozen_linears_(model: nn.Module, dtype: torch.dtype) -> int:
     projection whose logits feed the fp32 loss), norms, the base layer of a DoRA adapter (its weight norm is taken
     in fp32) and a task head (model.score: the adapter file carries it, frozen or not, and must keep its fp32
     values)."""
-    skip = {id(model.lm_head)} if hasattr(model, "lm_head") else set()
+    head = getattr(model, "lm_head", None)
+    # the head, and with LoRA on it (an untied head) its frozen base layer
+    skip = set() if head is None else {id(m) for m in head.modules()}
     for name, module in model.named_modules():
         if getattr(module, "use_dora", False) and hasattr(module, "base_layer"):
             skip.add(id(module.base_layer))
@@ -786,7 +797,7 @@ def cast_frozen_linears_(model: nn.Module, dtype: torch.dtype) -> int:
             if any(p.dtype != torch.float32 for p in params):
                 module.float()
             continue
-        if module.weight is getattr(model, "lm_head", module).weight:
+        if head is not None and module.weight is getattr(head, "weight", None):  # a layer sharing the head's weight
             continue
         module.to(dtype)
         count += sum(p.numel() for p in params)
