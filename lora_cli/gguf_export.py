@@ -507,7 +507,7 @@ def _write_model(gguf, writer, names, loaded: Loaded, net, family: str, dtype: s
 
     log(f"merging {len(lora_layers(net))} LoRA layers into {loaded.base.name}")
     merge_and_unload(net)  # W += scaling * B A in fp32
-    tied = net.lm_head.weight is net.embed_tokens.weight
+    tied = net.tied
     state = net.state_dict()
     count = 0
     for key, tensor in state.items():
