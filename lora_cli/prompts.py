@@ -51,25 +51,31 @@ def prompt_values(text: str, settings: DataSettings, input_text: str | None = No
     return values
 
 
-def record_values(record: Mapping[str, Any], settings: DataSettings, where: str) -> dict[str, str]:
+def record_values(record: Mapping[str, Any], settings: DataSettings, where: str,
+                  template: bool = True) -> dict[str, str]:
     """Template fields for a JSON prompt record: its keys are roles (prompt / instruction, input) or the
-    training file's column names."""
+    training file's column names. template=False (--no-template): the text fed as is (raw_prompt)."""
     values = {str(k): ("" if v is None else str(v)) for k, v in record.items()}
     for role, column in settings.columns.items():
         if column in values and role not in values:
             values[role] = values[column]
         elif role in values and column not in values:
             values[column] = values[role]
-    if uses_template(settings):
+    if template and uses_template(settings):
         needed = "instruction" if settings.format == "alpaca" else "prompt"
         if not values.get(needed, "").strip() and settings.prompt_template is None:
             column = settings.columns.get(needed)
             also = f" (or {column!r})" if column and column != needed else ""
             raise DataError(f"{where}: the object has no {needed!r}{also} field; write e.g. "
                             f'{{"{needed}": "..."}}')
-    elif not str(values.get("prompt", values.get("text", ""))).strip():
+    elif not raw_prompt(values).strip():
         raise DataError(f'{where}: the object has no "prompt" field; write e.g. {{"prompt": "..."}}')
     return values
+
+
+def raw_prompt(values: Mapping[str, str]) -> str:
+    """The text of a prompt fed without a template: its "prompt", else "text", else "instruction" field."""
+    return str(values.get("prompt", values.get("text", values.get("instruction", ""))))
 
 
 def uses_template(settings: DataSettings) -> bool:
@@ -79,7 +85,7 @@ def uses_template(settings: DataSettings) -> bool:
 def render(values: Mapping[str, str], settings: DataSettings, template: bool = True) -> str:
     """The text the model sees: the adapter's prompt template applied (as in training), or the raw prompt."""
     if not template or not uses_template(settings):
-        return str(values.get("prompt", values.get("text", values.get("instruction", ""))))
+        return raw_prompt(values)
     return render_prompt(values, settings.format, settings.prompt_template)
 
 
@@ -169,7 +175,7 @@ def collect_prompts(prompts: Sequence[str], file: Path | None, as_json: bool, se
                                 'per line, e.g. {"prompt": "..."}') from None
             if not isinstance(record, dict):
                 raise DataError(f'{where} is not a JSON object; write one object per line, e.g. {{"prompt": "..."}}')
-            values = record_values(record, settings, where)
+            values = record_values(record, settings, where, template)
             if input_text is not None and "input" not in record:
                 values["input"] = input_text
         else:

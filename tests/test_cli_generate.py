@@ -51,6 +51,23 @@ def test_single_prompt_streams_with_the_template(run):
     assert out == expected(model, [INSTRUCTIONS[0]])[0] + "\n"
 
 
+def test_no_template_json_takes_a_prompt_field_for_an_alpaca_adapter(run, tmp_path):
+    """--no-template --json feeds each object's text as it is: its "prompt" (else "text", else "instruction")
+    field, whatever the adapter's format; before, an alpaca adapter demanded an "instruction" field."""
+    root, adapter, model = run
+    rows = [{"prompt": INSTRUCTIONS[0]}, {"text": INSTRUCTIONS[1]}, {"instruction": INSTRUCTIONS[2]}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = gen("--adapter", adapter, "--file", tmp_path / "p.jsonl", "--json", "--no-template",
+                         "--max-new-tokens", N)
+    assert code == 0, err
+    got = [json.loads(line)["generated"] for line in out.splitlines()]
+    assert got == expected(model, INSTRUCTIONS[:3])
+    (tmp_path / "bad.jsonl").write_text('{"input": "x"}\n')
+    code, out, err = gen("--adapter", adapter, "--file", tmp_path / "bad.jsonl", "--json", "--no-template")
+    assert code == 1 and err == f'error: {tmp_path / "bad.jsonl"} line 1: the object has no "prompt" field; write ' \
+        'e.g. {"prompt": "..."}\n'
+
+
 def test_cache_recompute_and_transformers_on_the_merge_agree(run, tmp_path):
     """KV-cached greedy == recomputing the whole sequence each step == transformers' generate(do_sample=False) on
     the merged model, token for token (compared as ids: decode(encode(x)) round trips for these outputs)."""
