@@ -413,6 +413,18 @@ def _tied_to_input(model: nn.Module, module: nn.Linear) -> bool:
     return embed is not None and module.weight is embed.weight
 
 
+def _tied_names(model: nn.Module) -> tuple[str, str] | None:
+    """(the output head's name, the input embedding's name) when the head shares the embedding's weight (GPT-2's
+    lm_head and transformer.wte; Llama's lm_head and model.embed_tokens; GPT-NeoX's embed_out and
+    gpt_neox.embed_in), else None."""
+    embed = getattr(model, "embed_tokens", None)
+    if embed is None:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    head = next((m for m in model.modules() if isinstance(m, nn.Linear) and m.weight is embed.weight), None)
+    return None if head is None else (names[id(head)], names[id(embed)])
+
+
 def shares_weight(model: nn.Module, name: str) -> bool:
     """Whether module `name` holds a weight another module holds too (a tied lm_head and input embedding)."""
     weight = getattr(model.get_submodule(name), "weight", None)
@@ -562,6 +574,7 @@ def resolve_targets(model: nn.Module, targets: list[str] | None, layers: list[in
         raise ConfigError("lora.targets must name at least one layer pattern (e.g. [attn.c_attn] or all-linear)")
     chosen: set[str] = set()
     unmatched: list[str] = []  # every pattern that matches nothing, reported together
+    tied = _tied_names(model)  # (head, input embedding) names when the head shares the embedding's weight
     for pattern in targets:
         pattern = str(pattern).strip()
         if pattern == "all-linear":
@@ -572,8 +585,8 @@ def resolve_targets(model: nn.Module, targets: list[str] | None, layers: list[in
             hits = [n for n in pool if match(n)]
         if not hits:
             note = ""
-            if pattern in ("lm_head", "transformer.wte") or pattern.endswith(".lm_head"):
-                note = " (lm_head shares its weight with transformer.wte; LoRA cannot target it)"
+            if tied and (pattern in tied or pattern.endswith("." + tied[0].rsplit(".", 1)[-1])):
+                note = f" ({tied[0]} shares its weight with {tied[1]}; LoRA cannot target it)"
             elif layers is not None and any(_matcher(pattern, "lora.targets")(n) for n in candidates):
                 note = f" in lora.layers {sorted(set(layers))}"
             unmatched.append(f"{pattern!r}{note}")

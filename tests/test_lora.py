@@ -372,3 +372,26 @@ def test_lora_linear_takes_an_unbatched_row(use_dora):
     with torch.no_grad():
         row, batch = layer(x[1]), layer(x)
     assert row.shape == (10,) and torch.allclose(row, batch[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family,head,embedding", [("llama", "lm_head", "model.embed_tokens"),
+                                                    ("gpt_neox", "embed_out", "gpt_neox.embed_in")])
+def test_a_tied_head_target_names_the_familys_own_modules(tmp_path, family, head, embedding):
+    """LoRA on a head tied to the input embedding is refused naming that family's head and embedding (it named
+    GPT-2's transformer.wte on every family)."""
+    import transformers
+
+    from helpers import make_family_checkpoint
+
+    if family == "gpt_neox":  # tied: GPT-NeoX checkpoints are untied by default
+        config = transformers.GPTNeoXConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                            num_attention_heads=4, tie_word_embeddings=True)
+        transformers.GPTNeoXForCausalLM(config).save_pretrained(tmp_path / "base")
+    else:
+        make_family_checkpoint(tmp_path / "base", family, vocab_size=64)
+    model = load_model(str(tmp_path / "base")).model
+    assert model.tied
+    for pattern in (head, embedding):
+        with pytest.raises(ConfigError) as err:
+            apply_lora(model, LoraConfig(targets=["q_proj" if family == "llama" else "query_key_value", pattern]))
+        assert f"'{pattern}' ({head} shares its weight with {embedding}; LoRA cannot target it)" in str(err.value)
