@@ -537,7 +537,9 @@ def _write_lora(gguf, writer, names, loaded: Loaded, net, family: str, dtype: st
     if lora.use_dora:
         raise AdapterError(f"{where} uses DoRA, which llama.cpp LoRA adapters cannot express; export the merged "
                            "model with --format gguf")
-    if lora.modules_to_save or lora.bias != "none":
+    # What the file holds decides, not lora.bias: `bias: lora_only` on a model without biases trains none.
+    carried = [k for k in loaded.adapter.tensors if not re.search(r"\.lora_[AB]\.", k)]
+    if lora.modules_to_save or carried:
         raise AdapterError(f"{where} also trains whole modules or biases, which a llama.cpp LoRA adapter cannot "
                            "carry; export the merged model with --format gguf")
     writer.add_type(gguf.GGUFType.ADAPTER)

@@ -290,6 +290,24 @@ def test_gguf_lora_tensors_are_the_adapters(tmp_path, build, family):
         assert torch.allclose(b, lora[module + ".lora_B.weight"] * fold, atol=1e-7), module
 
 
+def test_gguf_lora_goes_by_the_tensors_an_adapter_holds(tmp_path, build):
+    """`bias: lora_only` on a model without biases (Mistral) trains no bias: the file holds LoRA pairs only and
+    exports as a llama.cpp LoRA; on a model with biases (this Llama) it carries them and is refused in one line."""
+    from lora_cli.gguf_export import export_gguf
+
+    _, mistral, _, _ = build("mistral")
+    adapter = make_adapter(mistral, {"targets": ["q_proj", "v_proj"], "bias": "lora_only"},
+                           out=tmp_path / "no-bias.safetensors")
+    export_gguf(adapter, tmp_path / "lora.gguf", fmt="gguf-lora")
+    assert len(gguf.GGUFReader(str(tmp_path / "lora.gguf")).tensors) == 2 * 2 * 2  # 2 layers x q, v x A, B
+    _, llama, _, _ = build("llama")
+    adapter = make_adapter(llama, {"targets": ["q_proj", "v_proj"], "bias": "lora_only"},
+                           out=tmp_path / "bias.safetensors")
+    line = assert_one_line_error(*cli("export", adapter, tmp_path / "b.gguf", "--format", "gguf-lora"), 1)
+    assert "also trains whole modules or biases, which a llama.cpp LoRA adapter cannot carry" in line
+    assert not (tmp_path / "b.gguf").exists()
+
+
 def test_modelfile_for_an_alpaca_adapter_is_exact(tmp_path, build):
     _, path, adapter, _ = build("gpt2")
     from lora_cli.gguf_export import export_gguf
