@@ -62,12 +62,24 @@ def check_output_file(path: str | os.PathLike, flag: str, overwrite: bool) -> No
         raise ConfigError(f"{flag} {target}: {folder} is not writable; choose a writable location")
 
 
+def _make_parent(target: Path, error: type[LoraError] = LoraError) -> None:
+    """The folders above `target`, made where missing; a file in their place is named (mkdir says only "File
+    exists")."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = next((p for p in (target.parent, *target.parent.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise error(f"cannot write {target}: {blocker} is not a directory; choose another path") from exc
+        raise error(f"cannot write {target}: {exc.strerror or exc}; choose a writable location") from exc
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` atomically, on failure it vanishes."""
     target = Path(path)
+    _make_parent(target)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as exc:
         raise LoraError(f"cannot write {target}: {exc.strerror or exc}; choose a writable location") from exc
@@ -114,8 +126,8 @@ def atomic_dir(path: str | os.PathLike, error: type[LoraError] = LoraError) -> I
     removed only after the new one is in place), when it fails the folder vanishes. Failures are one `error`
     naming `path`, never the hidden staging folder."""
     out = Path(path)
+    _make_parent(out, error)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         os.chmod(staging, default_mode(directory=True))
     except OSError as exc:

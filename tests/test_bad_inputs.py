@@ -666,7 +666,7 @@ ROWS = [
         ("trunc.safetensors",)),
     Row("export-peft-loha", "export", argv("export", "{ws}/adapters/peft-loha", "{d}/peft"), 1, ("peft-loha", "LOHA")),
     Row("export-out-under-a-file", "export", argv("export", "{ws}/adapters/good.safetensors", "{ws}/afile.txt/peft"), 1,
-        ("afile.txt/peft",)),
+        ("afile.txt/peft", "afile.txt is not a directory; choose another path")),
     Row("export-bad-format", "export", argv("export", "{ws}/adapters/good.safetensors", "{d}/peft", "--format", "onnx"),
         2, ("--format", "onnx")),
     # ------------------------------------------------------------------ predict (classification inference)
