@@ -469,7 +469,16 @@ def checked_tensors(model: CausalLM, state: dict[str, torch.Tensor], path: Path)
     tied_head = {"lm_head.weight", "embed_out.weight"} if model.tied else set()
     expected = {k: v for k, v in model.state_dict().items() if k not in tied_head}
     given = _canonical(state, model.tied) if gpt2 else _family_keys(model, state)
-    mismatch = key_mismatch(sorted(set(expected) - set(given)), sorted(set(given) - set(expected)))
+    missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+    head = "embed_out" if hasattr(model, "embed_out") else "lm_head"
+    if missing == [f"{head}.weight"] and not extra and any(k in state for k in HEAD_KEYS):
+        # `lora merge` of a classifier writes the body and its score head, no output head (transformers'
+        # *ForSequenceClassification has none): a tied head is the embedding, an untied one is gone
+        raise CheckpointError(f"{path} is a merged classifier without the {head} its base has: lora-cli reads a "
+                              "merged classifier as a base model only when the output head is tied to the input "
+                              "embedding; load it with transformers' AutoModelForSequenceClassification, or use "
+                              "its adapter (lora predict --adapter FILE)")
+    mismatch = key_mismatch(missing, extra)
     if mismatch:
         family = FAMILY_NAMES[model_type(model.config)]
         raise CheckpointError(f"{path} does not match the {family} architecture of its config: {mismatch}")

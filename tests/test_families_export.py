@@ -16,6 +16,7 @@ import torch
 from helpers import alpaca_rows, assert_one_line_error, build_tokenizer, cli, make_family_checkpoint, make_hf_gpt2, rel
 from lora_cli.adapter import attach_adapter, export_peft, save_adapter
 from lora_cli.config import LoraConfig
+from lora_cli.errors import CheckpointError
 from lora_cli.lora import apply_lora, with_classification_head
 from lora_cli.merge import merge_adapter
 from lora_cli.models import last_token_hidden
@@ -190,6 +191,16 @@ def test_classifier_merges_and_exports_as_transformers_sequence_classifier(tmp_p
     assert hf_tok(["a b c", "a"], padding=True)["input_ids"][1][-1] == config["pad_token_id"]
     with torch.no_grad():
         assert (merged(input_ids=IDS).logits - ours).abs().max().item() <= 1e-4
+    # lora-cli reads the merged directory back as a base (its body) where the head is the tied embedding; an untied
+    # head is not in it: one line saying so, loading and for `lora info` (weights=False) alike
+    if model.tied:
+        assert load_model(str(tmp_path / "merged")).model.tied
+    else:
+        head = "embed_out" if name == "gpt_neox" else "lm_head"
+        for weights in (True, False):
+            with pytest.raises(CheckpointError, match=f"is a merged classifier without the {head} its base has: "
+                                                      "lora-cli reads a merged classifier as a base model only when"):
+                load_model(str(tmp_path / "merged"), weights=weights)
 
     export_peft(adapter, tmp_path / "peft")
     peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
