@@ -778,9 +778,15 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared tensors (the tied lm_head) counted once, LoRA included."""
+    """(trainable, total) parameter counts; shared tensors (the tied lm_head) counted once, LoRA included. A
+    classifier's untied language-model head, which its score head replaces, is not counted: PEFT counts
+    transformers' *ForSequenceClassification, which has none."""
+    unused_head = getattr(model, "lm_head", None) if getattr(model, HEAD, None) is not None else None
+    skip = set() if unused_head is None or getattr(model, "tied", False) else {id(p) for p in unused_head.parameters()}
     trainable = total = 0
     for p in model.parameters():  # parameters() yields a shared tensor once
+        if id(p) in skip:
+            continue
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()

@@ -352,3 +352,23 @@ def test_gpt_neox_head_is_lm_head_to_peft_and_back(tmp_path, lora):
     with torch.no_grad():
         want = theirs(input_ids=IDS).logits
     assert (want - ours).abs().max().item() <= 1e-5 and (back - ours).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gpt_neox", "llama"])
+def test_classifier_parameter_counts_equal_peft(tmp_path, name):
+    """A classifier's counts (lora info, lora train) equal PEFT's on transformers' *ForSequenceClassification: the
+    same trainable parameters, and the same total less the copy of the score head PEFT keeps for modules_to_save.
+    An untied base's language-model head, which the classifier never uses, is not counted (it was)."""
+    from lora_cli.lora import count_parameters
+
+    make_family_checkpoint(tmp_path / "base", name, vocab_size=V)
+    net = load_model(str(tmp_path / "base")).model
+    cfg = LoraConfig(r=4, alpha=8, targets=["all-linear"])
+    apply_lora(net, with_classification_head(net, cfg, 3, torch.Generator().manual_seed(0)))
+    trainable, total = count_parameters(net)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3)
+    model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                    task_type="SEQ_CLS"))
+    peft_trainable, peft_total = model.get_nb_trainable_parameters()
+    copy = sum(p.numel() for n, p in model.named_parameters() if "score.original_module" in n)
+    assert copy == 3 * net.config.n_embd and (trainable, total) == (peft_trainable, peft_total - copy)
