@@ -53,13 +53,19 @@ def check_output_file(path: str | os.PathLike, flag: str, overwrite: bool) -> No
         raise ConfigError(f"{flag} {target} is a directory; name a file to write")
     if target.exists() and not overwrite:
         raise ConfigError(f"{flag} {target} already exists; choose a new file or pass --overwrite to replace it")
-    folder = target.parent
-    while not folder.exists() and folder != folder.parent:  # the folders atomic_path would make
-        folder = folder.parent
+    folder = _existing_ancestor(target)  # the folders below it, atomic_path would make
     if not folder.is_dir():
         raise ConfigError(f"{flag} {target}: {folder} is not a directory; choose another path")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {target}: {folder} is not writable; choose a writable location")
+
+
+def _existing_ancestor(target: Path) -> Path:
+    """The nearest folder above `target` that exists (or a file in a folder's place)."""
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
 
 
 def _make_parent(target: Path, error: type[LoraError] = LoraError) -> None:
@@ -68,8 +74,8 @@ def _make_parent(target: Path, error: type[LoraError] = LoraError) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        blocker = next((p for p in (target.parent, *target.parent.parents) if p.exists() and not p.is_dir()), None)
-        if blocker is not None:
+        blocker = _existing_ancestor(target)
+        if not blocker.is_dir():
             raise error(f"cannot write {target}: {blocker} is not a directory; choose another path") from exc
         raise error(f"cannot write {target}: {exc.strerror or exc}; choose a writable location") from exc
 

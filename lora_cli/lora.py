@@ -414,15 +414,18 @@ def _tied_to_input(model: nn.Module, module: nn.Linear) -> bool:
 
 
 def _tied_names(model: nn.Module) -> tuple[str, str] | None:
-    """(the output head's name, the input embedding's name) when the head shares the embedding's weight (GPT-2's
-    lm_head and transformer.wte; Llama's lm_head and model.embed_tokens; GPT-NeoX's embed_out and
-    gpt_neox.embed_in), else None."""
-    embed = getattr(model, "embed_tokens", None)
-    if embed is None:
+    """(the output head's name, the input embedding's name) when the head shares the embedding's weight
+    (CausalLM.tied: GPT-2's lm_head and transformer.wte; Llama's lm_head and model.embed_tokens; GPT-NeoX's
+    embed_out and gpt_neox.embed_in), else None."""
+    if not getattr(model, "tied", False):
         return None
     names = {id(m): n for n, m in model.named_modules()}
-    head = next((m for m in model.modules() if isinstance(m, nn.Linear) and m.weight is embed.weight), None)
-    return None if head is None else (names[id(head)], names[id(embed)])
+    return names[id(model.lm_head)], names[id(model.embed_tokens)]
+
+
+def _classifier_lm_head(model: nn.Module) -> nn.Module | None:
+    """A classifier's language-model head, which its `score` head answers instead (None for a causal LM)."""
+    return getattr(model, "lm_head", None) if getattr(model, HEAD, None) is not None else None
 
 
 def shares_weight(model: nn.Module, name: str) -> bool:
@@ -435,7 +438,7 @@ def target_candidates(model: nn.Module) -> list[str]:
     """Every name a LoRA target may match, in model order: each linear layer (not a head tied to the input
     embedding, nor the language-model head of a classifier, whose `score` head answers instead), and after each
     fused c_attn its virtual slices attn.q, attn.k, attn.v."""
-    unused_head = getattr(model, "lm_head", None) if getattr(model, HEAD, None) is not None else None
+    unused_head = _classifier_lm_head(model)
     names = []
     for name, module in model.named_modules():
         if isinstance(module, LoRALayer):
@@ -781,7 +784,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared tensors (the tied lm_head) counted once, LoRA included. A
     classifier's untied language-model head, which its score head replaces, is not counted: PEFT counts
     transformers' *ForSequenceClassification, which has none."""
-    unused_head = getattr(model, "lm_head", None) if getattr(model, HEAD, None) is not None else None
+    unused_head = _classifier_lm_head(model)
     skip = set() if unused_head is None or getattr(model, "tied", False) else {id(p) for p in unused_head.parameters()}
     trainable = total = 0
     for p in model.parameters():  # parameters() yields a shared tensor once

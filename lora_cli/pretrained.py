@@ -441,9 +441,14 @@ FAMILY_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "mistral": "Mistral", "qwen2"
                 "gpt_neox": "GPT-NeoX"}
 
 
+def _head_name(model: CausalLM) -> str:
+    """The output head's name in the checkpoint (and our module tree): GPT-NeoX's embed_out, else lm_head."""
+    return "embed_out" if hasattr(model, "embed_out") else "lm_head"
+
+
 def _family_keys(model: CausalLM, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A non-GPT-2 checkpoint's keys are already ours: drop buffers, a tied head's copy and a task head."""
-    head = "embed_out.weight" if hasattr(model, "embed_out") else "lm_head.weight"
+    head = f"{_head_name(model)}.weight"
     return {k: v for k, v in state.items()
             if not IGNORED_KEY.search(k) and k not in HEAD_KEYS and not (model.tied and k == head)}
 
@@ -470,7 +475,7 @@ def checked_tensors(model: CausalLM, state: dict[str, torch.Tensor], path: Path)
     expected = {k: v for k, v in model.state_dict().items() if k not in tied_head}
     given = _canonical(state, model.tied) if gpt2 else _family_keys(model, state)
     missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
-    head = "embed_out" if hasattr(model, "embed_out") else "lm_head"
+    head = _head_name(model)
     if missing == [f"{head}.weight"] and not extra and any(k in state for k in HEAD_KEYS):
         # `lora merge` of a classifier writes the body and its score head, no output head (transformers'
         # *ForSequenceClassification has none): a tied head is the embedding, an untied one is gone
