@@ -424,11 +424,25 @@ class Engine:
 
 def build_app(engine: Engine, api_key: str | None = None):
     """The FastAPI application serving `engine`'s models."""
+    import anyio  # fastapi's own dependency
     from fastapi import APIRouter, Depends, FastAPI, Request  # the `serve` extra: only `lora serve` needs it
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field
     from starlette.exceptions import HTTPException
+
+    class ClosingStreamingResponse(StreamingResponse):
+        """A stream that closes its body generator however the response ends. A client gone mid-stream cancels the
+        task iterating the body, which leaves the generator suspended at a `yield`, its `finally` (which stops the
+        generation) unrun until the garbage collector finds it: in 4 of 25 abandoned streams here, after the whole
+        generation had run."""
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                with anyio.CancelScope(shield=True):  # the cancelled task may still close it
+                    await self.body_iterator.aclose()
 
     class StreamOptions(BaseModel):
         model_config = ConfigDict(extra="ignore", strict=True)
@@ -600,7 +614,7 @@ def build_app(engine: Engine, api_key: str | None = None):
                 yield event({**chunk_head, "choices": [], "usage": usage([j for j, _ in work])})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return ClosingStreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @v1.post("/completions")
     async def completions(req: CompletionRequest):

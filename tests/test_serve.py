@@ -409,20 +409,26 @@ def test_a_tiny_temperature_samples_the_top_token(client):
 
 
 def test_a_client_gone_mid_stream_frees_the_model(server, client):
+    """Five streams abandoned one after another: before the stream response closed its body generator itself, 3 in
+    25 ran their whole generation (the generator, left suspended at a yield, waited for the garbage collector)."""
     url = server[0]
-    before = httpx.get(url + "/health").json()
     body = {"model": "out", "prompt": "Once", "max_tokens": CONTEXT - 4, "temperature": 0, "stream": True}
-    with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
-        first = next(r.iter_lines())
-        assert first.startswith("data: {")
-    # The abandoned generation notices at its next token and leaves its batch. Poll /health until no request is
-    # active: the generation either saw the disconnect (counted before it stops being active) or, wrongly, ran to
-    # its end; the bound is the generation's length, not a number of polls that a loaded machine could outlast.
-    for _ in range(1_000_000):
-        after = httpx.get(url + "/health").json()
-        if after["active"] == 0:
-            break
-    assert after["disconnected"] == before["disconnected"] + 1 and after["completed"] == before["completed"]
+    for attempt in range(5):
+        before = httpx.get(url + "/health").json()
+        with httpx.stream("POST", url + "/v1/completions", json=body,
+                          headers={"Authorization": f"Bearer {KEY}"}) as r:
+            first = next(r.iter_lines())
+            assert first.startswith("data: {")
+        # The abandoned generation notices at its next token and leaves its batch. Poll /health until no request is
+        # active: the generation either saw the disconnect (counted before it stops being active) or, wrongly, ran
+        # to its end; the bound is the generation's length, not a number of polls that a loaded machine could
+        # outlast.
+        for _ in range(1_000_000):
+            after = httpx.get(url + "/health").json()
+            if after["active"] == 0:
+                break
+        assert (after["disconnected"], after["completed"]) == (before["disconnected"] + 1, before["completed"]), \
+            (attempt, before, after)
     assert complete(client, "inst", "Hello", max_tokens=2).usage.completion_tokens == 2  # and the next is served
 
 
