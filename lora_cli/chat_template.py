@@ -157,8 +157,9 @@ def resolve_template(value: str | None, tokenizer: Tokenizer, model_dir: str | P
     else:
         found = checkpoint_template_source(tokenizer, model_dir)
         if found is None:
+            how = f"pass {key} chatml" if key.startswith("--") else f"set {key}: chatml"
             raise ConfigError(f"{key}: the model has no chat template (no chat_template in its tokenizer_config.json); "
-                              f"set {key}: chatml (built in) or a .jinja file")
+                              f"{how} (built in) or a .jinja file")
         (template, where), what = found, "the model's chat template"
         fix = f"fix it, or {'pass' if key.startswith('--') else 'set'} {key} (chatml or a .jinja file) to use another"
     problem = template_problem(template)

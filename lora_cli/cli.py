@@ -122,6 +122,7 @@ def train(
 
 ADAPTER_HELP = "An adapter: .safetensors from `lora train`, a run directory, or a PEFT adapter directory."
 MODEL_HELP = "Base model (hub id, local directory or weights file); default: the adapter's own base."
+CHAT_TEMPLATE_HELP = "Chat template instead of the adapter's or the model's: chatml (built in) or a Jinja file."
 PRECISION_HELP = "Weights stored and computed in fp32, bf16 or fp16 (fp16: CUDA only); bf16 halves the bytes read per token."
 MISMATCH_HELP = "Use the adapter even if the base model's fingerprint differs from the one it was trained on."
 
@@ -140,6 +141,7 @@ def eval_(
     fmt: Optional[str] = typer.Option(None, "--format", help="Data format instead of the adapter's: auto, alpaca, prompt_completion, text, chat."),
     columns: List[str] = typer.Option([], "--column", help="ROLE=COLUMN, e.g. --column prompt=mr (repeatable)."),
     prompt_template: Optional[str] = typer.Option(None, "--prompt-template", help="Prompt template instead of the adapter's."),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Chat data: c" + CHAT_TEMPLATE_HELP[1:]),
     no_header: bool = typer.Option(False, "--no-header", help="The CSV/TSV --data file has no header row (with --column-names)."),
     column_names: Optional[str] = typer.Option(None, "--column-names", help="NAME,NAME,...: the --data file's column names (its header's, or with --no-header its columns')."),
     no_base: bool = typer.Option(False, "--no-base", help="Skip the base model's numbers (faster)."),
@@ -171,7 +173,7 @@ def eval_(
     options = EvalOptions(
         data=data, split=split, subset=subset, adapter=adapter, model=model, config=config, overrides=tuple(overrides), batch_size=batch_size,
         max_length=max_length, fmt=fmt, columns=tuple(columns), prompt_template=prompt_template,
-        header=False if no_header else None,
+        chat_template=chat_template, header=False if no_header else None,
         column_names=tuple(column_names.split(",")) if column_names is not None else (),
         compare_base=not no_base, allow_mismatch=allow_mismatch, generate=gen, max_new_tokens=max_new_tokens,
         num_beams=num_beams, length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
@@ -205,7 +207,6 @@ def merge(
 
 CHAT_HELP = ("Answer a conversation: one JSON argument ([{\"role\": \"user\", \"content\": \"...\"}] or "
              "{\"messages\": [...]}), or --file JSONL with one per line; rendered with the chat template.")
-CHAT_TEMPLATE_HELP = "Chat template instead of the adapter's or the model's: chatml (built in) or a Jinja file."
 
 
 @app.command()

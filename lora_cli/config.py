@@ -136,6 +136,13 @@ DATA_FORMATS: dict[str, tuple[str, ...]] = {
 }
 FORMAT_CHOICES = ("auto", *DATA_FORMATS)  # data.format and --format
 RESPONSE_ROLE = {"alpaca": "output", "prompt_completion": "completion"}  # the formats with a prompt to template
+SHAREGPT_COLUMN = "conversations"  # ShareGPT's list of {from, value} turns: the chat format's messages
+
+
+def found_by_detection(role: str, column: str) -> bool:
+    """Whether format detection maps this role to this column by itself (the same name in any case, or ShareGPT's
+    conversations for chat messages), so the mapping is no rename: another file may spell the role otherwise."""
+    return column.lower() == role.lower() or (role == "messages" and column == SHAREGPT_COLUMN)
 # Tokens `lora generate` and `lora chat` decode at most unless --max-new-tokens says otherwise (each also no more
 # than what the model's context leaves after the prompt or conversation).
 GENERATE_MAX_NEW_TOKENS = 128

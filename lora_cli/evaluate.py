@@ -183,6 +183,7 @@ class EvalOptions:
     fmt: str | None = None
     columns: tuple[str, ...] = ()
     prompt_template: str | None = None
+    chat_template: str | None = None  # chat data: this template instead of the adapter's or the model's
     header: bool | None = None  # --no-header: False; None: the run config's data.header (else True)
     column_names: tuple[str, ...] = ()  # --column-names: the --data file's column names
     compare_base: bool = True
@@ -216,6 +217,15 @@ class EvalOptions:
         if self.header is False and not self.column_names:
             raise ConfigError("--no-header needs --column-names NAME,NAME,... (one name per column, e.g. "
                               "--column-names label,text)")
+        if self.config is not None:  # the config's data keys encode its data, and --data's too
+            given = [(flag, key) for flag, key, value in (
+                ("--format", "format", self.fmt), ("--column", "columns", self.columns),
+                ("--prompt-template", "prompt_template", self.prompt_template),
+                ("--chat-template", "chat_template", self.chat_template)) if value]
+            if given:
+                flag, key = given[0]
+                raise ConfigError(f"{flag}: a run config's data is read with its own data.{key}; change it with "
+                                  f"--set data.{key}=... or leave out {flag}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"--batch-size must be a positive integer, got {self.batch_size!r}")
         n = self.max_new_tokens
@@ -324,7 +334,7 @@ def load_subject(options: EvalOptions) -> Subject:
     else:
         base, tokenizer = load_base(adapter_obj, options.model)
     settings = DataSettings.from_adapter(adapter_obj).override(options.fmt, options.columns, options.prompt_template,
-                                                               options.max_length)
+                                                               options.max_length, options.chat_template)
     if cfg is not None:
         settings = replace(settings, task=cfg.task)
     if settings.task == "classification" and options.generate:
@@ -402,6 +412,12 @@ def held_out_examples(options: EvalOptions, subject: Subject, log) -> HeldOut:
     else:
         examples, stats, frame, fmt, mapping = load_file(data, data_cfg, settings.task, "--data",
                                                          labels=settings.labels, tokenizer=subject.tokenizer)
+    if fmt == "chat" and options.prompt_template is not None:
+        raise ConfigError(f"--prompt-template: {data} is chat data, which a chat template renders (the adapter's, "
+                          "the model's or --chat-template); leave out --prompt-template")
+    if fmt != "chat" and options.chat_template is not None:
+        raise ConfigError(f"--chat-template renders chat data (a messages or conversations column); {data} is {fmt} "
+                          "data: leave out --chat-template")
     log(stats.describe())
     return HeldOut(examples, frame, fmt, mapping, data_cfg, str(data))
 

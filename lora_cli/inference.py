@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from lora_cli.adapter import Adapter, attach_adapter, load_adapter
-from lora_cli.config import FORMAT_CHOICES, DataConfig, ModelSpec
+from lora_cli.config import FORMAT_CHOICES, DataConfig, ModelSpec, found_by_detection
 from lora_cli.errors import AdapterError, CheckpointError, ConfigError
 from lora_cli.lora import LoRALinear
 from lora_cli.models import PACKED_DTYPES, model_type, pack_copies_, pack_linears_
@@ -233,8 +233,8 @@ class DataSettings:
         )
 
     def override(self, fmt: str | None = None, columns: Sequence[str] = (), prompt_template: str | None = None,
-                 max_length: int | None = None) -> "DataSettings":
-        """Apply --format, --column ROLE=COLUMN (repeatable), --prompt-template, --max-length."""
+                 max_length: int | None = None, chat_template: str | None = None) -> "DataSettings":
+        """Apply --format, --column ROLE=COLUMN (repeatable), --prompt-template, --max-length, --chat-template."""
         if fmt is not None:
             if fmt not in FORMAT_CHOICES:
                 raise ConfigError(f"--format must be one of {', '.join(FORMAT_CHOICES)}, got {fmt!r}")
@@ -246,6 +246,8 @@ class DataSettings:
             self.columns[role.strip()] = column.strip()
         if prompt_template is not None:
             self.prompt_template = prompt_template
+        if chat_template is not None:
+            self.chat_template = chat_template
         if max_length is not None:
             if max_length < 2:
                 raise ConfigError(f"--max-length must be at least 2, got {max_length}")
@@ -254,8 +256,9 @@ class DataSettings:
 
     def data_config(self, n_positions: int) -> DataConfig:
         """A DataConfig that encodes rows the way training did. Only renamed roles are kept as column
-        mappings, so a held-out file may spell a column in another case or lack the optional `input`."""
-        renames = {role: col for role, col in self.columns.items() if col != role}
+        mappings, so a held-out file may spell a column in another case, lack the optional `input`, or hold chat
+        as `messages` where training read ShareGPT's `conversations` (and the other way round)."""
+        renames = {role: col for role, col in self.columns.items() if not found_by_detection(role, col)}
         fmt = self.format if self.format != "classification" or self.task == "classification" else "auto"
         max_length = min(self.max_length or DataConfig.max_length, n_positions)
         return DataConfig(format=fmt, columns=renames, prompt_template=self.prompt_template, max_length=max_length,

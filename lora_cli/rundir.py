@@ -194,7 +194,7 @@ def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
 def clear_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     """--overwrite: remove the earlier run's files, once the new run has loaded its model and data."""
     if overwrite and not resume:
-        for name in (CHECKPOINT_FILE, ADAPTER_FILE, "metrics.jsonl", "loss.png", "config.yaml", "test.csv",
+        for name in (CHECKPOINT_FILE, ADAPTER_FILE, "metrics.jsonl", "loss.png", "config.yaml", "test.csv", "test.jsonl",
                      SAMPLES_FILE, RUNS_FILE):
             (out_dir / name).unlink(missing_ok=True)
         shutil.rmtree(out_dir / TENSORBOARD_DIR, ignore_errors=True)  # else the old run's events mix with the new

@@ -404,10 +404,9 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
             trim_metrics(out_dir / "metrics.jsonl", payload["state"]["step"])
             trim_metrics(out_dir / SAMPLES_FILE, payload["state"]["step"])
         atomic_write_text(out_dir / "config.yaml", dump_config(s.cfg, out_dir))
-        wrote_test = False
+        wrote_test = None
         if s.data.test and not cfg.data.test and all(e.row >= 0 for e in s.data.test):
-            write_split(out_dir / "test.csv", s.data.test, s.data.frame)
-            wrote_test = True
+            wrote_test = write_split(out_dir, "test", s.data.test, s.data.frame)
         return payload, read_history(out_dir / "metrics.jsonl"), wrote_test
 
     payload, history, wrote_test = dist.on_main(first_files)
@@ -417,7 +416,7 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
         if note := order_changed_note(payload, s.steps_per_epoch):
             log(note)
     if wrote_test:
-        log(f"test split ({len(s.data.test)} rows) written to {out_dir / 'test.csv'}")
+        log(f"test split ({len(s.data.test)} rows) written to {wrote_test}")
     forward = s.model
     if dist.enabled and t.strategy == "fsdp":
         forward = wrap_fsdp(s.model, optimizer, dist)

@@ -345,6 +345,92 @@ def test_train_eval_merge_match_transformers(chat_run, tiny, gpt2_files, tmp_pat
     assert replies[2][:2] == replies[0][:2], replies
 
 
+def test_a_chat_runs_test_split_is_jsonl_that_lora_eval_reads_back(tiny, tmp_path):
+    """Chat rows hold lists, which a CSV keeps only as Python text: the run writes its test split as test.jsonl,
+    and `lora eval --data out/test.jsonl` gives what `lora eval CONFIG` gives on the split training built."""
+    write_jsonl(tmp_path / "train.jsonl", [{"messages": m} for m in ROWS])
+    (tmp_path / "run.yaml").write_text(RUN.format(model=tiny[0]).replace("val_split: 0.0", "test_split: 0.34"))
+    code, out, err = cli("train", tmp_path / "run.yaml", "-q", cwd=tmp_path)
+    assert code == 0, err
+    assert not (tmp_path / "out" / "test.csv").exists()
+    written = [json.loads(line) for line in (tmp_path / "out" / "test.jsonl").read_text().splitlines()]
+    assert len(written) == 2 and all(row["messages"] in ROWS for row in written)
+    by_config = cli("eval", tmp_path / "run.yaml", "--json", "-q", cwd=tmp_path)
+    by_file = cli("eval", "--adapter", tmp_path / "out", "--data", tmp_path / "out" / "test.jsonl", "--json", "-q",
+                  cwd=tmp_path)
+    assert by_config.rc == by_file.rc == 0, (by_config, by_file)
+    a, b = json.loads(by_config.stdout), json.loads(by_file.stdout)
+    assert (a["tokens"], a["loss"], a["base"]["loss"]) == (b["tokens"], b["loss"], b["base"]["loss"])
+
+
+def test_a_sharegpt_adapter_evaluates_messages_data_and_back(chat_run, tmp_path):
+    """Detection maps chat to ShareGPT's conversations column by itself: an adapter trained on either spelling
+    reads the other (its stored column is no rename the user asked for)."""
+    root, adapter = chat_run
+    sender = {"user": "human", "assistant": "gpt"}
+    write_jsonl(tmp_path / "share.jsonl", [{"conversations": [{"from": sender[m["role"]], "value": m["content"]}
+                                                              for m in row]} for row in ROWS])
+    results = {}
+    for name in ("share.jsonl", "train.jsonl"):
+        code, out, err = cli("eval", "--adapter", adapter, "--data", (tmp_path if name == "share.jsonl" else root) / name,
+                             "--json", "-q", "--no-base", cwd=root)
+        assert code == 0, err
+        results[name] = json.loads(out)
+    assert results["share.jsonl"]["tokens"] == results["train.jsonl"]["tokens"]
+    assert results["share.jsonl"]["loss"] == results["train.jsonl"]["loss"]
+    line = assert_one_line_error(*cli("eval", "--adapter", adapter, "--data", root / "train.jsonl", "--column",
+                                      "messages=turns", cwd=root))
+    assert line == (f"error: {root / 'train.jsonl'}: column 'turns' for role messages (--column, or the column the "
+                    "adapter was trained on) is not in the file; its columns are: messages; map one with --column "
+                    "messages=<column> (a file without a header row: --no-header --column-names NAME,NAME,...)")
+
+
+def test_settings_the_data_format_would_ignore_are_refused(tiny, tmp_path):
+    """A prompt template on chat data, a chat template or train_on on alpaca data: one line, exit 1, no out_dir;
+    and eval's flags likewise, with its missing template named by its flag."""
+    write_jsonl(tmp_path / "train.jsonl", [{"messages": m} for m in ROWS])
+    (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": f"Say {w}.", "output": w} for w in "abcdef"]))
+    chat_run = RUN.format(model=tiny[0])
+    configs = {
+        "chat data, prompt_template": (chat_run.replace("chat_template: chatml", "chat_template: chatml, "
+                                                        "prompt_template: 'Q: {prompt}'"),
+                                       "train.jsonl is chat data: data.prompt_template does not apply (its chat template "
+                                       "renders the conversations); remove data.prompt_template"),
+        "alpaca data, chat keys": (chat_run.replace("train.jsonl", "alpaca.json").replace(
+                                       "chat_template: chatml", "chat_template: chatml, train_on: last_assistant"),
+                                   "alpaca.json is alpaca data: data.chat_template applies to chat data only; "
+                                   "data.train_on applies to chat data only; remove data.chat_template and "
+                                   "data.train_on"),
+    }
+    for text, message in configs.values():  # ConfigError: exit 2, as any bad setting
+        (tmp_path / "run.yaml").write_text(text)
+        before = tree(tmp_path)
+        line = assert_one_line_error(*cli("train", tmp_path / "run.yaml", "-q", cwd=tmp_path), expected_code=2)
+        assert line == f"error: {tmp_path}/{message}"
+        assert tree(tmp_path) == before
+    eval_cases = [
+        (["--data", "train.jsonl"], "error: --chat-template: the model has no chat template (no chat_template in its "
+                                    "tokenizer_config.json); pass --chat-template chatml (built in) or a .jinja file"),
+        (["--data", "train.jsonl", "--chat-template", "chatml", "--prompt-template", "Q: {prompt}"],
+         "error: --prompt-template: train.jsonl is chat data, which a chat template renders (the adapter's, the "
+         "model's or --chat-template); leave out --prompt-template"),
+        (["--data", "alpaca.json", "--chat-template", "chatml"],
+         "error: --chat-template renders chat data (a messages or conversations column); alpaca.json is alpaca data: "
+         "leave out --chat-template"),
+    ]
+    for flags, message in eval_cases:
+        assert assert_one_line_error(*cli("eval", "--model", tiny[0], *flags, cwd=tmp_path), expected_code=2) == message
+    code, out, err = cli("eval", "--model", tiny[0], "--data", "train.jsonl", "--chat-template", "chatml", "--json",
+                         "-q", cwd=tmp_path)
+    assert code == 0 and json.loads(out)["examples"] == len(ROWS), err
+    (tmp_path / "run.yaml").write_text(chat_run)
+    for flag, key, value in (("--chat-template", "chat_template", "chatml"), ("--format", "format", "chat"),
+                             ("--prompt-template", "prompt_template", "{prompt}"), ("--column", "columns", "a=b")):
+        line = assert_one_line_error(*cli("eval", "run.yaml", flag, value, cwd=tmp_path), expected_code=2)
+        assert line == (f"error: {flag}: a run config's data is read with its own data.{key}; change it with --set "
+                        f"data.{key}=... or leave out {flag}")
+
+
 def read_until(fd, marker: bytes, timeout: float = 120.0) -> bytes:
     """Bytes from a pty master until `marker` has arrived (select, no sleeps); a child that stops talking first
     fails the test."""

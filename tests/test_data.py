@@ -135,7 +135,7 @@ def test_detect_format_errors():
     with pytest.raises(DataError) as err:
         D.detect_format(["mr", "ref"], DataConfig(columns={"prompt": "mr", "completion": "reference"}), path="e.csv")
     assert str(err.value) == ("e.csv: column 'reference' named by data.columns.completion is not in the file; "
-                              "its columns are: mr, ref")
+                              "its columns are: mr, ref; map one with data.columns.completion: <column>")
     with pytest.raises(ConfigError, match=r"data.columns.promt: unknown role \(did you mean prompt\?\)"):
         D.detect_format(["mr", "ref"], DataConfig(columns={"promt": "mr"}))
     with pytest.raises(ConfigError, match="data.columns.label: not a role of format alpaca"):
@@ -355,8 +355,8 @@ def test_sms_stratified_splits_and_written_test_split(tmp_path):
     assert (count(splits.train, 0), count(splits.train, 1)) == (4827 - 483 - 965, 747 - 75 - 149)
     n, ham, spam = len(splits.train), 3379, 523
     assert splits.class_weights == pytest.approx([n / (2 * ham), n / (2 * spam)])
-    out = tmp_path / "sms_test.csv"
-    D.write_split(out, splits.test, splits.frame)
+    out = D.write_split(tmp_path, "sms_test", splits.test, splits.frame)
+    assert out == tmp_path / "sms_test.csv"
     back, _, _, fmt, _ = D.load_file(out, DataConfig(), "classification", labels=splits.labels)
     assert fmt == "classification" and [(e.ids, e.label) for e in back] == [(e.ids, e.label) for e in splits.test]
 

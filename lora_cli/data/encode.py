@@ -286,9 +286,10 @@ def encode_conversations(df: Table, column: str, data_cfg: DataConfig, path: str
     the assistant spans (chat_template.encode_chat). A malformed conversation is a ConversationError naming the
     file and row (or skipped and counted with data.skip_bad_rows); one the template cannot render or split into
     spans is always an error."""
-    template = resolve_template(data_cfg.chat_template, tokenizer)
+    key = hints["chat_template"]
+    template = resolve_template(data_cfg.chat_template, tokenizer, key=key)
     if not writes_assistant_content(template, template_tokens(tokenizer)):
-        where = "data.chat_template" if data_cfg.chat_template is not None else "the model's chat template"
+        where = key if data_cfg.chat_template is not None else "the model's chat template"
         raise ConfigError(f"{where} never writes an assistant message's content, so no token could carry a loss; "
                           "use a template that renders the assistant turns (e.g. chatml)")
     bad: list[tuple[int, str]] = []

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from lora_cli.config import (ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, DATA_FORMATS, PROMPT_COMPLETION_TEMPLATE,
-                             RESPONSE_ROLE, DataConfig, parse_template)
+                             RESPONSE_ROLE, SHAREGPT_COLUMN, DataConfig, parse_template)
 from lora_cli.errors import ConfigError, DataError, did_you_mean
 
 OPTIONAL_ROLES = {"input"}
@@ -26,12 +26,16 @@ _FORMAT_HELP = (
 CONFIG_HINTS = {"map": "map one with data.columns.{role}: <column>",
                 "detect": "set data.format, and data.columns to map roles to your columns (e.g. {{prompt: mr, "
                           "completion: ref}})",
-                "skip": "set data.skip_bad_rows: true to skip such rows"}
+                "skip": "set data.skip_bad_rows: true to skip such rows",
+                "named": "named by data.columns.{role}",
+                "chat_template": "data.chat_template"}
 FLAG_HINTS = {"map": "map one with --column {role}=<column> (a file without a header row: --no-header "
                      "--column-names NAME,NAME,...)",
               "detect": "pass --format, and --column ROLE=COLUMN to map roles to your columns (a file without a "
                         "header row: --no-header --column-names NAME,NAME,...)",
-              "skip": "pass --skip-bad-rows to skip such rows"}
+              "skip": "pass --skip-bad-rows to skip such rows",
+              "named": "for role {role} (--column, or the column the adapter was trained on)",
+              "chat_template": "--chat-template"}
 
 
 def hints_for(key: str) -> Mapping[str, str]:
@@ -61,8 +65,8 @@ def detect_format(
                               "instruction, input, output (alpaca), prompt, completion (prompt_completion), "
                               "messages (chat), text (text) and text, label (classification)")
         if column not in columns:
-            raise DataError(f"{where}column {column!r} named by data.columns.{role} is not in the file; its "
-                            f"columns are: {', '.join(columns)}")
+            raise DataError(f"{where}column {column!r} {hints['named'].format(role=role)} is not in the file; its "
+                            f"columns are: {', '.join(columns)}; " + hints["map"].format(role=role))
     fmt = data_cfg.format
     if task == "classification":
         fmt = "classification"
@@ -102,8 +106,8 @@ def _map_roles(fmt: str, renames: Mapping[str, str], columns: list[str]) -> tupl
             mapping[role] = role
         elif len(lower.get(role, [])) == 1:
             mapping[role] = lower[role][0]  # e.g. E2E's test file spells its column "MR"
-        elif fmt == "chat" and "conversations" in columns:
-            mapping[role] = "conversations"  # ShareGPT
+        elif fmt == "chat" and SHAREGPT_COLUMN in columns:
+            mapping[role] = SHAREGPT_COLUMN
         elif role not in OPTIONAL_ROLES:
             missing.append(role)
     return mapping, missing

@@ -61,6 +61,33 @@ class Table:
         """These rows as CSV text under a header line, missing values as empty fields."""
         return self.frame.iloc[list(rows)].to_csv(index=False, lineterminator="\n")
 
+    def nested(self, rows: Sequence[int]) -> bool:
+        """Whether any of these rows holds a list or an object (chat messages), which CSV can only hold as text."""
+        return any(isinstance(v, (list, dict)) or getattr(v, "ndim", 0) > 0  # Parquet's lists are numpy arrays
+                   for r in rows for v in self.frame.iloc[r].tolist())
+
+    def to_jsonl(self, rows: Sequence[int]) -> str:
+        """These rows as JSON lines, one object per row: nested values (chat messages) as JSON, missing keys left
+        out."""
+        lines = []
+        for r in rows:
+            record = {c: _plain(v) for c, v in zip(self.columns, self.frame.iloc[r].tolist())}
+            lines.append(json.dumps({c: v for c, v in record.items() if v is not None}, ensure_ascii=False))
+        return "".join(line + "\n" for line in lines)
+
+
+def _plain(value: Any) -> Any:
+    """A frame's value as JSON holds it: Parquet's numpy arrays and scalars as lists and numbers, NaN as None."""
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        value = value.tolist()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
 
 def source_problem(path: str | Path, key: str) -> str | None:
     """What is wrong with a data source before it is read, or None: a malformed hub dataset name (the hub is not

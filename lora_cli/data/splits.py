@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from lora_cli.chat_template import checkpoint_template, resolve_template
+from lora_cli.config import DataConfig
 from lora_cli.data.encode import DataStats, Example, count_stats, load_file
 from lora_cli.data.io import Table, source_problem
 from lora_cli.errors import ConfigError, DataError
@@ -154,6 +155,7 @@ def load_splits(cfg: "RunConfig", context_length: int, tokenizer: Tokenizer = GP
     seed = cfg.train.seed
     task = cfg.task
     examples, stats, frame, fmt, mapping = load_file(d.train, d, task, "data.train", tokenizer=tokenizer)
+    check_format_settings(cfg.data, fmt)
     all_stats = {"train": stats}
     labels = stats.labels
     if fmt == "classification":
@@ -195,10 +197,32 @@ def load_splits(cfg: "RunConfig", context_length: int, tokenizer: Tokenizer = GP
     return DataSplits(train, val, test, all_stats, labels, weights, fmt, mapping, frame, chat_template)
 
 
-def write_split(path: str | Path, examples: Sequence[Example], frame: Table) -> None:
-    """Write the source rows of these examples as a CSV (with a header), atomically; e.g. the classification
-    test split for `lora eval --data`."""
+def check_format_settings(d: DataConfig, fmt: str) -> None:
+    """Data settings that the detected format would ignore are errors, not silent no-ops: a prompt template for
+    chat or plain text, a chat template or train_on for anything but chat."""
+    problems = []
+    if d.prompt_template is not None and fmt in ("chat", "text"):
+        renders = "its chat template renders the conversations" if fmt == "chat" else "text has no prompt"
+        problems.append(f"data.prompt_template does not apply ({renders})")
+    if fmt != "chat":
+        problems += [f"data.{key} applies to chat data only" for key in ("chat_template", "train_on")
+                     if getattr(d, key) != getattr(DataConfig, key)]
+    if problems:
+        raise ConfigError(f"{d.train} is {fmt} data: {'; '.join(problems)}; remove "
+                          f"{' and '.join(p.split()[0] for p in problems)}")
+
+
+def write_split(out_dir: str | Path, name: str, examples: Sequence[Example], frame: Table) -> Path:
+    """Write the source rows of these examples atomically to out_dir/NAME.csv (with a header), or NAME.jsonl where
+    a row holds nested values (chat messages), which CSV would keep only as text; e.g. the test split for
+    `lora eval --data`. Returns the path written."""
     rows = [ex.row for ex in examples]
     if any(r < 0 for r in rows):
         raise DataError("cannot write a split of a .txt file (its examples are chunks, not rows)")
-    atomic_write_text(path, frame.to_csv(rows))
+    if frame.nested(rows):
+        path = Path(out_dir) / f"{name}.jsonl"
+        atomic_write_text(path, frame.to_jsonl(rows))
+    else:
+        path = Path(out_dir) / f"{name}.csv"
+        atomic_write_text(path, frame.to_csv(rows))
+    return path
