@@ -174,6 +174,16 @@ class _Decoder:
         else:
             self.ids = self.ids[index]
 
+    def expand_beams(self, num_beams: int) -> None:
+        """Each prompt's row becomes `num_beams` rows (row b * num_beams + j: beam j of prompt b). A static cache
+        keeps the prompts' keys and values once per prompt (KVCache.share_prefix)."""
+        index = torch.arange(self.full_mask.shape[0], device=self.full_mask.device).repeat_interleave(num_beams)
+        if self.cache is None or self.cache.capacity is None:
+            return self.select(index)
+        self.full_mask = self.full_mask[index]
+        self.logits = self.logits[index]
+        self.cache.share_prefix(num_beams)
+
     def join(self, other: _Decoder, capacity: int) -> None:
         """Take in `other`'s rows (prompts prefilled on their own) between two steps: continuous batching. Each side
         is right-aligned at the longer one's length (the shorter one left-padded, as `_left_pad` pads prompts; a
@@ -435,7 +445,7 @@ def _beam_batch(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, 
         ids, mask = _left_pad(prompts, _device(model))
         dev = ids.device
         decoder = _Decoder(model, ids, mask, use_cache, ids.shape[1] + M)
-        decoder.select(torch.arange(B, device=dev).repeat_interleave(nb))  # row b*nb + j is beam j of prompt b
+        decoder.expand_beams(nb)  # row b*nb + j is beam j of prompt b
         prompt_ids, prompt_valid = ids.repeat_interleave(nb, 0), mask.bool().repeat_interleave(nb, 0)
 
         entries = torch.arange(B, device=dev)  # which prompt each live batch entry is

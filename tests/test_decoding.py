@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from helpers import assert_one_line_error, cli, make_family_checkpoint, make_hf_gpt2
 from lora_cli.errors import ConfigError
@@ -17,6 +18,7 @@ from lora_cli.config import LoraConfig
 from lora_cli.inference import pack_for_decoding, packing_pays, place, weights_dtype
 from lora_cli.lora import apply_lora
 from lora_cli.models import PACKED_DTYPES, KVCache
+from lora_cli.models.common import attend_shared_prefix
 from lora_cli.pretrained import load_model
 from lora_cli.prompts import escape_line
 from lora_cli.runtime import inference_dtype
@@ -285,3 +287,50 @@ def test_precision_flag_stores_the_weights_in_that_dtype_and_refuses_fp16_off_cu
         code, out, err = cli(*command, "--precision", "fp8")
         assert_one_line_error(code, out, err, expected_code=2)
         assert "--precision must be one of fp32, bf16, fp16, got 'fp8'" in err
+
+
+@pytest.mark.parametrize("T", [1, 2])
+def test_beams_sharing_a_prompt_attend_as_over_whole_rows(T):
+    """attend_shared_prefix (prompt keys once per prompt, grouped-query heads) equals SDPA over every row's own copy
+    of the prompt's keys followed by its later ones, with a padding mask."""
+    g = torch.Generator().manual_seed(0)
+    G, group, H, Hkv, D, P, S = 3, 4, 6, 2, 8, 5, 3
+    N = G * group
+    q = torch.randn(N, H, T, D, generator=g)
+    k_prefix, v_prefix = (torch.randn(G, Hkv, P, D, generator=g) for _ in range(2))
+    k, v = (torch.randn(N, Hkv, S, D, generator=g) for _ in range(2))
+    mask = torch.rand(N, 1, T, P + S, generator=g) > 0.3
+    mask[..., -1] = True  # every query sees a key
+    whole = [torch.cat([pre.repeat_interleave(group, 0), own], dim=2) for pre, own in ((k_prefix, k), (v_prefix, v))]
+    for m in (mask, None):
+        want = F.scaled_dot_product_attention(q, *whole, attn_mask=m, enable_gqa=True)
+        torch.testing.assert_close(attend_shared_prefix(q, k_prefix, v_prefix, k, v, m, group), want,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_a_shared_prefix_cache_reorders_as_a_plain_one():
+    """Beams reordered within their prompts and a prompt dropped: the prompt columns (kept once per prompt) and
+    the later ones (one row per beam) hold what a plain static cache holds; a row moved to another prompt is an
+    error."""
+    g = torch.Generator().manual_seed(1)
+    G, group, Hkv, P, D, capacity = 3, 2, 2, 4, 5, 9
+    plain, shared = KVCache(1, capacity=capacity), KVCache(1, capacity=capacity)
+    prompt = [torch.randn(G, Hkv, P, D, generator=g) for _ in range(2)]
+    for cache in (plain, shared):
+        cache.update(0, *prompt)
+    plain.reorder(torch.arange(G).repeat_interleave(group))
+    shared.share_prefix(group)
+    steps = [torch.tensor([1, 0, 2, 2, 5, 4]), torch.tensor([0, 0, 5, 4]), torch.tensor([1, 1, 3, 2])]
+    rows = G * group
+    for index in steps:  # the second drops prompt 1 (rows 2 and 3)
+        new = [torch.randn(rows, Hkv, 1, D, generator=g) for _ in range(2)]
+        rows = index.numel()
+        for cache in (plain, shared):
+            cache.update(0, *new)
+            cache.reorder(index)
+        got = [torch.cat([pre.repeat_interleave(group, 0), own[:, :, :shared.size - P]], dim=2)
+               for pre, own in zip(shared.prefix[0], shared.layers[0])]
+        assert shared.size == plain.size and shared.length == plain.length
+        assert all(torch.equal(a, b[:, :, :plain.size]) for a, b in zip(got, plain.layers[0]))
+    with pytest.raises(ValueError, match="keep each row with its prompt"):
+        shared.reorder(torch.tensor([0, 2, 1, 3]))

@@ -156,6 +156,10 @@ class KVCache:
         # Fixed-shape steps (CausalLM.decode_step): [1] long on the device, the column the next token is written to.
         # Its owner moves it (and `size`) between steps, so a recorded CUDA graph replays against new columns.
         self.column: torch.Tensor | None = None
+        # Beams of one prompt (share_prefix): each layer's prompt columns once per prompt, [G, Hkv, P, D]; `layers`
+        # then holds the columns after them, [G * group, Hkv, capacity - P, D], one row per beam.
+        self.prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.group = 1
 
     @property
     def length(self) -> int:
@@ -164,8 +168,31 @@ class KVCache:
         first = self.layers[0]
         return 0 if first is None else first[0].shape[2]
 
+    @property
+    def prefix_length(self) -> int:
+        return 0 if self.prefix is None else self.prefix[0][0].shape[2]
+
+    def share_prefix(self, group: int) -> None:
+        """Turn a static cache of G prefilled prompts into G * `group` rows (row g * group + j: beam j of prompt g)
+        whose prompt columns are kept once per prompt: reorder then moves only the columns written after them,
+        and attention reads a prompt's keys and values once for all its beams (attend_shared_prefix). Beam 10 over
+        E2E prompts (~30 tokens, 64 new) gathered every cached column of every beam at each step: 23% of the time."""
+        P = self.size
+        self.prefix = [(k[:, :, :P].contiguous(), v[:, :, :P].contiguous()) for k, v in self.layers]
+        self.layers = [tuple(t.new_empty((t.shape[0] * group, t.shape[1], self.capacity - P, t.shape[3]))
+                             for t in kv) for kv in self.layers]
+        self.group, self.spare = group, None
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         past = self.layers[layer]
+        if self.prefix is not None:  # beams sharing prompts: the new columns go after the prompt's
+            start = self.size - self.prefix_length
+            T = k.shape[2]
+            past[0][:, :, start:start + T] = k
+            past[1][:, :, start:start + T] = v
+            if layer == len(self.layers) - 1:
+                self.size += T
+            return past[0][:, :, :start + T], past[1][:, :, :start + T]
         if self.capacity is not None:
             B, Hkv, T, D = k.shape
             if past is None:
@@ -198,7 +225,15 @@ class KVCache:
         if self.capacity is None:
             self.layers = [None if kv is None else (kv[0][index], kv[1][index]) for kv in self.layers]
             return
-        n, S = index.numel(), self.size
+        if self.prefix is not None:  # rows stay with their prompt: a dropped prompt's rows leave together
+            groups = index.view(-1, self.group) // self.group  # [G', group]: the prompt of each new row
+            if not bool((groups == groups[:, :1]).all()):
+                raise ValueError("a reorder of beams sharing prompts must keep each row with its prompt")
+            groups = groups[:, 0]
+            if groups.numel() != self.prefix[0][0].shape[0] or bool((groups != torch.arange(
+                    groups.numel(), device=groups.device)).any()):
+                self.prefix = [(k[groups], v[groups]) for k, v in self.prefix]
+        n, S = index.numel(), self.size - self.prefix_length
         spare = self.spare
         for i, kv in enumerate(self.layers):
             if kv is None:
@@ -212,6 +247,8 @@ class KVCache:
 
     def replace(self, layers: list[tuple[torch.Tensor, torch.Tensor]], capacity: int, size: int) -> None:
         """New static buffers (generate._Decoder.join builds them): the spare of the old shape goes."""
+        if self.prefix is not None:
+            raise ValueError("a cache of beams sharing prompts cannot take other rows")
         self.layers, self.capacity, self.size, self.spare = layers, capacity, size, None
 
 
@@ -262,6 +299,11 @@ def _attend(qkv: torch.Tensor, heads: tuple[int, int, int], mask: torch.Tensor |
         q, k, v = q.float(), k.float(), v.float()
     if cache is not None:
         k, v = cache.update(layer_idx, k, v)  # [B, Hkv, S, D]: the cache keeps the shared heads once
+    if cache is not None and cache.prefix is not None:
+        y = attend_shared_prefix(q, *cache.prefix[layer_idx], k, v, mask, cache.group)
+        if wide:
+            y = y.to(qkv.dtype)
+        return y.transpose(1, 2).reshape(B, T, H * D)
     short_bf16 = cache is None and T <= MATH_BF16_ATTENTION_MAX and q.dtype == torch.bfloat16 \
         and q.device.type == "cpu" and not (torch.is_grad_enabled() and q.requires_grad)
     with sdpa_kernel(SDPBackend.MATH) if short_bf16 else nullcontext():  # see MATH_BF16_ATTENTION_MAX
@@ -279,6 +321,32 @@ def _attend(qkv: torch.Tensor, heads: tuple[int, int, int], mask: torch.Tensor |
     if wide:
         y = y.to(qkv.dtype)
     return y.transpose(1, 2).reshape(B, T, H * D)
+
+
+def attend_shared_prefix(q: torch.Tensor, k_prefix: torch.Tensor, v_prefix: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor, mask: torch.Tensor | None, group: int) -> torch.Tensor:
+    """Attention of beams over their prompt's keys and values, kept once per prompt, and their own later ones.
+
+    q [G * group, H, T, D]; k_prefix, v_prefix [G, Hkv, P, D]; k, v [G * group, Hkv, S', D]; mask [G * group, 1, T,
+    P + S'] (True = may attend) or None. The scores of both parts go through one softmax, as over the concatenated
+    keys. Grouped-query heads are matched by reshaping q, not by copying k and v. -> [G * group, H, T, D]"""
+    N, H, T, D = q.shape
+    G, Hkv, P, _ = k_prefix.shape
+    rep = H // Hkv
+    scale = D ** -0.5
+    # prefix: the beams of a prompt and the query heads of a key/value head become the rows of one matmul
+    qg = q.view(G, group, Hkv, rep, T, D).permute(0, 2, 1, 3, 4, 5).reshape(G, Hkv, group * rep * T, D)
+    pre = (qg @ k_prefix.transpose(-1, -2)).view(G, Hkv, group, rep, T, P)
+    pre = pre.permute(0, 2, 1, 3, 4, 5).reshape(N, H, T, P)
+    own = (q.view(N, Hkv, rep * T, D) @ k.transpose(-1, -2)).view(N, H, T, -1)  # [N, H, T, S']
+    scores = torch.cat([pre, own], dim=-1) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    p_pre, p_own = probs.split([P, own.shape[-1]], dim=-1)
+    p_pre = p_pre.reshape(G, group, Hkv, rep * T, P).permute(0, 2, 1, 3, 4).reshape(G, Hkv, group * rep * T, P)
+    y = (p_pre @ v_prefix).view(G, Hkv, group, rep * T, D).permute(0, 2, 1, 3, 4).reshape(N, H, T, D)
+    return y + (p_own.reshape(N, Hkv, rep * T, -1) @ v).view(N, H, T, D)
 
 
 class Unpadded:
