@@ -470,8 +470,8 @@ def _beam_batch(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, 
                 valid = torch.cat([prompt_valid, torch.ones_like(seqs[:, ids.shape[1]:], dtype=torch.bool)], dim=1)
                 banned = banned_ngram_mask(seqs, no_repeat_ngram_size, V, valid)
                 if banned is not None:
-                    log_probs = log_probs.masked_fill(banned, float("-inf"))
-            log_probs = log_probs.view(n_live, nb, V) + run_score[:, :, None]
+                    log_probs.masked_fill_(banned, float("-inf"))  # log_softmax made it: no copy
+            log_probs = log_probs.view(n_live, nb, V).add_(run_score[:, :, None])
             top_scores, top_index = torch.topk(log_probs.view(n_live, nb * V), K)  # [n_live, K], best first
             source, token = top_index // V, top_index % V
             cand_gen = torch.cat([torch.gather(run_gen, 1, source[:, :, None].expand(-1, -1, step)),
