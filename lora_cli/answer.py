@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 from lora_cli.adapter import Adapter
 from lora_cli.chat import HELP, Replier, answer_conversations, chat_loop, chat_template_for, read_conversations
 from lora_cli.config import CHAT_MAX_NEW_TOKENS, GENERATE_MAX_NEW_TOKENS, SEEDS, SEEDS_TEXT
-from lora_cli.errors import ConfigError
+from lora_cli.errors import ConfigError, DataError
 from lora_cli.evaluation import generate_texts
 from lora_cli.generate import stream_text
 from lora_cli.inference import DataSettings, load_placed, open_adapter, pack_for_decoding, packing_pays
@@ -142,8 +142,12 @@ def run_generate(opts: GenerateOptions, write: Callable[[str], Any]) -> None:
         pack_for_decoding(net)
     budget = opts.decoding.max_new_tokens
     if budget is None:  # the default, shortened where the longest prompt leaves less of the context
-        room = net.config.n_positions - max(len(tokenizer.encode(item.text, add_special_tokens=True)) for item in items)
-        budget = min(GENERATE_MAX_NEW_TOKENS, room) if room >= 1 else GENERATE_MAX_NEW_TOKENS
+        context = net.config.n_positions
+        length, where = max((len(tokenizer.encode(item.text, add_special_tokens=True)), item.where) for item in items)
+        if length >= context:  # no --max-new-tokens to blame: the prompt alone fills the context
+            raise DataError(f"{where} has {length:,} tokens and leaves none of the model's context of {context:,} to "
+                            f"generate in; shorten it to at most {context - 1:,} tokens")
+        budget = min(GENERATE_MAX_NEW_TOKENS, context - length)
     if len(items) == 1 and opts.file is None and not opts.as_json and opts.num_beams == 1:
         prompt = tokenizer.encode(items[0].text, add_special_tokens=True)
         for piece in stream_text(net, prompt, budget, tokenizer=tokenizer, **options):

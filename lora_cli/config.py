@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import decimal
 import math
 import os
 import re
@@ -496,11 +497,11 @@ def coerce(value: Any, hint: Any) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                number = math.nan
-            if number.is_integer():
+            try:  # exact ("9007199254740993" through a float became ...992), and "1e3" too
+                number = decimal.Decimal(value.strip())
+            except decimal.InvalidOperation:
+                number = decimal.Decimal("nan")
+            if number.is_finite() and number.adjusted() < 64 and number == number.to_integral_value():
                 return int(number)
         raise ValueError(f"must be an integer, got {value!r}")
     if hint is float:
@@ -672,6 +673,11 @@ def _check_constraints(cfg: RunConfig, report, whole_run: bool = True) -> None:
         report("train.seed", f"must be {SEEDS_TEXT}, got {t.seed}")
     if t.momentum < 0:
         report("train.momentum", f"must be >= 0, got {t.momentum}")
+    defaults = type(t)()
+    for key, optimizer in (("momentum", "sgd"), ("betas", "adamw"), ("eps", "adamw")):
+        if t.optimizer != optimizer and getattr(t, key) != getattr(defaults, key):  # set, and it would be ignored
+            report(f"train.{key}", f"applies to train.optimizer: {optimizer} only (this run uses {t.optimizer}); set "
+                                   f"train.optimizer: {optimizer} or remove train.{key}")
 
 
 def path_fields(cfg: RunConfig) -> list[tuple[Any, str]]:

@@ -45,6 +45,14 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def local_path(value: str | None) -> str | None:
+    """`value` as an absolute path where it names an existing file or folder (so it still does from another
+    folder), else as given (None, a hub id)."""
+    if value is None or not Path(value).expanduser().exists():
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
 def check_output_file(path: str | os.PathLike, flag: str, overwrite: bool) -> None:
     """An output file a command will write once its work is done, checked before the work: not a directory, not
     an existing file unless --overwrite, in a folder that exists (or can be made) and can be written."""

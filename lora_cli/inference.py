@@ -60,19 +60,24 @@ def base_spec(adapter) -> ModelSpec:
 
     A local base is loaded from the absolute path recorded at training time, a hub base at the resolved
     revision (a commit hash: it loads offline from the cache), a random-init base from the config's model spec
-    (preset, seed and size overrides rebuild the same weights)."""
+    (preset, seed and size overrides rebuild the same weights). The run's `model.tokenizer`, if it named one, comes
+    with each."""
     base = adapter.base_model
     source, name = base.get("source"), base.get("name")
     spec = adapter.metadata.get("model_spec")
-    if source == "local" and name:
-        return ModelSpec(name=str(name))
-    if source == "hub" and name:
-        return ModelSpec(name=str(name), revision=base.get("revision") or None)
+    parsed = None
     if spec is not None:
         try:
-            return ModelSpec.parse(spec)
+            parsed = ModelSpec.parse(spec)
         except ValueError as exc:
             raise AdapterError(f"adapter {adapter.path}: its model_spec metadata is damaged ({exc}); pass --model") from exc
+    tokenizer = parsed.tokenizer if parsed is not None else None
+    if source == "local" and name:
+        return ModelSpec(name=str(name), tokenizer=tokenizer)
+    if source == "hub" and name:
+        return ModelSpec(name=str(name), revision=base.get("revision") or None, tokenizer=tokenizer)
+    if parsed is not None:
+        return parsed
     if name:  # a PEFT adapter: base_model_name_or_path
         return ModelSpec(name=str(name), revision=base.get("revision") or None)
     raise AdapterError(f"adapter {adapter.path} does not name its base model; pass --model (a hub id or a local "

@@ -170,9 +170,10 @@ def _local_model(path: Path, weights: bool, dtype: torch.dtype | None = None) ->
     else:
         _refuse_adapter_file(path)
         state = read_state_dict(path)
-        config = infer_config(state, path)
+        config_file = path.parent / "config.json"  # a weights file inside its model's folder: the folder's config
+        config = read_config(config_file) if config_file.is_file() else infer_config(state, path)
     model = build_model(config, state, path, dtype)
-    raw = raw_config(path / "config.json") if path.is_dir() else None
+    raw = raw_config(config_file) if config_file.is_file() else None
     return BaseModel(model, "local", str(path), None, fingerprint(model.state_dict()), raw)
 
 
@@ -401,8 +402,9 @@ def _refuse_adapter_file(path: Path) -> None:
 
 
 def infer_config(state: dict[str, torch.Tensor], path: Path) -> GPT2Config:
-    """Architecture of a bare weights file from its shapes. The head count is not visible in shapes: take the
-    published size with this depth and width, else GPT-2's head size of 64."""
+    """Architecture of a bare GPT-2 weights file from its shapes. The head count is not visible in shapes: it is
+    the published size's with this depth and width; any other size needs its config.json beside the file (a guess
+    of GPT-2's head size of 64 gave logits 4e-3 away from transformers' for a 2-head model)."""
     s = _canonical(state)
     try:
         vocab_size, n_embd = s["transformer.wte.weight"].shape
@@ -413,10 +415,11 @@ def infer_config(state: dict[str, torch.Tensor], path: Path) -> GPT2Config:
     n_layer = len(layers)
     if n_layer == 0:
         raise CheckpointError(f"{path} is not a GPT-2 state dict (no transformer.h.N blocks)")
-    n_head = next(
-        (p.n_head for p in GPT2_PRESETS.values() if (p.n_layer, p.n_embd) == (n_layer, n_embd)),
-        max(1, n_embd // 64),
-    )
+    n_head = next((p.n_head for p in GPT2_PRESETS.values() if (p.n_layer, p.n_embd) == (n_layer, n_embd)), None)
+    if n_head is None:
+        raise CheckpointError(f"{path}: {n_layer} layers of width {n_embd} is no published GPT-2 size, and a bare "
+                              "weights file does not say its number of attention heads; put its config.json beside "
+                              "it (or pass its Hugging Face directory)")
     fc = s.get("transformer.h.0.mlp.c_fc.weight")  # Conv1D: [n_embd, n_inner]
     n_inner = fc.shape[-1] if fc is not None and fc.shape[-1] != 4 * n_embd else None
     head, wte = state.get("lm_head.weight"), s["transformer.wte.weight"]  # the head: a copy of wte's, or its own

@@ -37,7 +37,7 @@ from lora_cli.distributed import (
 )
 from lora_cli.errors import ConfigError, DataError, LoraError, TrainingError, all_problems
 from lora_cli.evaluation import evaluate_classification, evaluate_lm
-from lora_cli.fsutil import RunLock, append_line, atomic_write_text
+from lora_cli.fsutil import RunLock, append_line, atomic_write_text, local_path
 from lora_cli.lora import (
     apply_lora, config_problems, count_parameters, loraplus_param_groups, with_classification_head, without_head,
 )
@@ -775,9 +775,10 @@ def _save_adapter(s: Setup, state: RunState) -> None:
     cfg = s.cfg
     metadata = {
         "base_model": s.base.describe(),
-        "model_spec": cfg.model.to_yaml(),
+        # a tokenizer path as an absolute one: the adapter is used from other folders than the run's
+        "model_spec": replace(cfg.model, tokenizer=local_path(cfg.model.tokenizer)).to_yaml(),
         "task": cfg.task,
-        "tokenizer": s.tokenizer.name,
+        "tokenizer": local_path(s.tokenizer.name),
         "data": {"format": s.data.fmt, "columns": s.data.mapping, "prompt_template": cfg.data.prompt_template,
                  "mask_prompt": cfg.data.mask_prompt, "max_length": cfg.data.max_length, "labels": s.data.labels,
                  "chat_template": s.data.chat_template, "train_on": cfg.data.train_on},

@@ -186,3 +186,8 @@ def test_default_max_new_tokens_fits_the_context(run):
     assert (out, err) == tuple(gen("--adapter", adapter, INSTRUCTIONS[1], "--max-new-tokens", room)[1:])
     code, out, err = gen("--adapter", adapter, INSTRUCTIONS[1], "--max-new-tokens", 128)  # asked for: refused
     assert code == 2 and "max_new_tokens=128 leaves no room" in err
+    # a prompt that fills the context alone: no --max-new-tokens to blame
+    long = " apple" * 130
+    line = assert_one_line_error(*gen("--adapter", adapter, long, "--no-template"))
+    assert line == (f"error: prompt 1 has {len(encode(long))} tokens and leaves none of the model's context of 128 "
+                    "to generate in; shorten it to at most 127 tokens")

@@ -32,6 +32,16 @@ def test_defaults_coercion_and_relative_paths(tmp_path):
     assert cfg.model.name == "gpt2" and cfg.model.init == "pretrained"
 
 
+def test_quoted_integers_are_exact(tmp_path):
+    """A quoted integer beyond 2**53 keeps every digit (through a float, 9007199254740993 became ...992)."""
+    cfg = load_config(write(tmp_path, BASE + '  seed: "9007199254740993"\n'))
+    assert cfg.train.seed == 9007199254740993
+    cfg = load_config(write(tmp_path, BASE), ['train.seed="9007199254740993"', "train.max_steps='1e3'"])
+    assert (cfg.train.seed, cfg.train.max_steps) == (9007199254740993, 1000)
+    with pytest.raises(ConfigError, match="train.max_steps: must be an integer, got '1e999999999'"):
+        load_config(write(tmp_path, BASE), ["train.max_steps='1e999999999'"])
+
+
 def test_overrides(tmp_path):
     cfg = load_config(write(tmp_path, BASE), ["train.lr=1e-4", "lora.r=16", "lora.targets=[attn.q, attn.v]",
                                               "model={name: gpt2, init: random, n_layer: 2}"])
@@ -119,6 +129,13 @@ def test_every_problem_reported_at_once_with_lines(tmp_path):
      "-9223372036854775809"),
     ("model: gpt2\ndata: {train: a.json}\ntrain: {optimizer: sgd, momentum: -1}\n",
      "line 3: train.momentum: must be >= 0, got -1"),
+    # an optimizer's setting under the other optimizer would be ignored
+    ("model: gpt2\ndata: {train: a.json}\ntrain: {momentum: 0.9}\n",
+     "line 3: train.momentum: applies to train.optimizer: sgd only (this run uses adamw); set train.optimizer: sgd "
+     "or remove train.momentum"),
+    ("model: gpt2\ndata: {train: a.json}\ntrain: {optimizer: sgd, betas: [0.8, 0.99], eps: 1e-6}\n",
+     "2 problems: line 3: train.betas: applies to train.optimizer: adamw only (this run uses sgd); set "
+     "train.optimizer: adamw or remove train.betas; line 3: train.eps: applies to train.optimizer: adamw only"),
     ("model: gpt2\ndata: {train: a.json}\ntrain: {device: 'cpu:abc'}\n",
      "line 3: train.device: must be auto, cpu, cuda, cuda:N or mps, got 'cpu:abc'"),
 ])

@@ -4,6 +4,7 @@ and the datasets shipped in data/."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -349,11 +350,12 @@ def test_sms_stratified_splits_and_written_test_split(tmp_path):
                      test_split=0.2, balance="class_weights", **SMS)
     splits = D.load_splits(cfg, context_length=1024)
     count = lambda xs, k: sum(ex.label == k for ex in xs)  # noqa: E731
-    # ham 4827: val round(482.7)=483, test round(965.4)=965; spam 747: val 75, test 149
-    assert (count(splits.val, 0), count(splits.val, 1)) == (483, 75)
+    # ham 4827: val round(482.7)=483, test round(965.4)=965; spam 747: val 75 -> 74 (483 + 75 is more than
+    # round(5574 * 0.1) = 557: the class rounded up the most gives one back), test 149
+    assert (count(splits.val, 0), count(splits.val, 1)) == (483, 74)
     assert (count(splits.test, 0), count(splits.test, 1)) == (965, 149)
-    assert (count(splits.train, 0), count(splits.train, 1)) == (4827 - 483 - 965, 747 - 75 - 149)
-    n, ham, spam = len(splits.train), 3379, 523
+    assert (count(splits.train, 0), count(splits.train, 1)) == (4827 - 483 - 965, 747 - 74 - 149)
+    n, ham, spam = len(splits.train), 3379, 524
     assert splits.class_weights == pytest.approx([n / (2 * ham), n / (2 * spam)])
     out = D.write_split(tmp_path, "sms_test", splits.test, splits.frame)
     assert out == tmp_path / "sms_test.csv"
@@ -549,3 +551,31 @@ def test_a_class_the_split_takes_wholly_is_an_error(tmp_path):
                               "data as data.val / data.test files")
     splits = D.load_splits(run_config(tmp_path, task="classification", train=str(path), val_split=0.0), 1024)
     assert splits.labels == ["neg", "pos", "rare"] and {e.label for e in splits.train} == {0, 1, 2}
+
+
+@pytest.mark.parametrize("classes, per_class, frac, held", [(10, 5, 0.1, 5), (20, 2, 0.25, 10), (4, 3, 0.3, 4)])
+def test_stratified_splits_hold_out_no_more_than_asked(classes, per_class, frac, held):
+    """Each class rounded on its own held out 10 of 50 for a 10% split of 10 classes of 5 (0.5 each, rounded up),
+    and all 40 of 20 classes of 2 for 25% + 25%: the totals are round(n * frac), still stratified."""
+    examples = [object() for _ in range(classes * per_class)]
+    labels = [i % classes for i in range(len(examples))]
+    train, val, test = D.split_examples(examples, frac, frac, seed=0, stratify=labels)
+    assert len(val) == len(test) == held and len(train) == len(examples) - 2 * held
+    for split in (val, test):  # no class gives more than its rounded share
+        taken = [labels[examples.index(e)] for e in split]
+        assert max(taken.count(c) for c in range(classes)) <= math.floor(per_class * frac + 0.5)
+
+
+def test_two_roles_never_read_one_column():
+    """A model trained to copy its prompt: data.columns naming one column for two roles, or a rename onto a column
+    another role reads by default, is a ConfigError naming both roles."""
+    for columns, message in (
+            ({"prompt": "instruction", "completion": "instruction"},
+             "roles prompt and completion both read column 'instruction' (named by data.columns.completion); give "
+             "each role its own column"),
+            ({"instruction": "output"},
+             "roles instruction and output both read column 'output' (named by data.columns.instruction); give each "
+             "role its own column")):
+        with pytest.raises(ConfigError) as err:
+            D.detect_format(["instruction", "output"], DataConfig(columns=columns))
+        assert str(err.value) == message

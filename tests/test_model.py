@@ -47,14 +47,16 @@ def test_logits_match_transformers(tmp_path, shape):
 
 def test_untied_head_and_n_inner_load_count_and_save_as_transformers_does(tmp_path):
     """A GPT-2 with its own lm_head and an MLP width other than 4 * n_embd: from its directory and from a bare
-    weights file (the config read off the shapes), counted as transformers counts it, saved back whole."""
+    weights file (with the config.json beside it), counted as transformers counts it, saved back whole."""
     import safetensors.torch
     from transformers import GPT2LMHeadModel
     from lora_cli.pretrained import save_pretrained
 
-    # one head of 64: a bare file does not say its head count, and infer_config takes GPT-2's head size of 64
+    # a bare file does not say its head count (nor does it the n_inner and untied head of the shapes): the config.json
+    # beside it does
     hf = make_hf_gpt2(tmp_path / "hf", seed=3, n_head=1, n_inner=96, tie_word_embeddings=False)
     safetensors.torch.save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(tmp_path / "bare.safetensors"))
+    (tmp_path / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
     ids = torch.tensor([tokenizer.encode(TEXTS[1])])
     with torch.no_grad():
         ref = hf(input_ids=ids).logits

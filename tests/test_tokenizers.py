@@ -155,3 +155,35 @@ def test_unknown_special_token_is_one_line(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     with pytest.raises(CheckpointError, match=r"eos_token '</s>' of tokenizer_config.json is not in the vocabulary"):
         load_tokenizer(str(tmp_path))
+
+
+def test_a_runs_model_tokenizer_goes_with_its_adapter(tmp_path):
+    """`model.tokenizer` on a pretrained base (here Qwen3's byte-level BPE without bos over a Llama whose own adds
+    bos): every command that reads the adapter encodes with it, from any folder (the adapter stores it as an
+    absolute path although the config named it relative to a relative config path), and a merge carries its files."""
+    from helpers import alpaca_rows, cli, make_family_checkpoint
+
+    for family, bos in (("llama", True), ("qwen3", False)):
+        make_family_checkpoint(tmp_path / family, family, vocab_size=400)
+        build(tmp_path / family, bos=bos)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "train.json").write_text(json.dumps(alpaca_rows()))
+    (tmp_path / "runs" / "run.yaml").write_text(
+        "model: {name: ../llama, tokenizer: ../qwen3}\nout_dir: out\n"
+        "data: {train: ../train.json, val_split: 0.0, max_length: 64}\nlora: {r: 2, alpha: 4, dropout: 0.0}\n"
+        "train: {batch_size: 4, max_steps: 1, warmup_steps: 0, eval_every: 0, save_every: 0}\n")
+    code, out, err = cli("train", "runs/run.yaml", "-q", cwd=tmp_path)
+    assert code == 0, err
+    adapter = tmp_path / "runs" / "out" / "adapter.safetensors"
+    counts = {}
+    for name, args, cwd in (("config", ["runs/run.yaml", "--data", tmp_path / "train.json"], tmp_path),
+                            ("adapter", ["--adapter", adapter, "--data", tmp_path / "train.json"], tmp_path.parent),
+                            ("bare llama", ["--model", tmp_path / "llama", "--data", tmp_path / "train.json"],
+                             tmp_path)):
+        code, out, err = cli("eval", *args, "--json", "-q", cwd=cwd)
+        assert code == 0, (name, err)
+        counts[name] = json.loads(out)["tokens"]
+    assert counts["adapter"] == counts["config"] != counts["bare llama"], counts
+    code, out, err = cli("merge", "--adapter", adapter, "--out", tmp_path / "merged", cwd=tmp_path.parent)
+    assert code == 0, err
+    assert (tmp_path / "merged" / "tokenizer.json").read_text() == (tmp_path / "qwen3" / "tokenizer.json").read_text()

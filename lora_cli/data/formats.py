@@ -78,7 +78,7 @@ def detect_format(
                 continue
             mapping, missing = _map_roles(candidate, renames, columns)
             if not missing:
-                return candidate, mapping
+                return candidate, _one_column_each(mapping, renames, hints)
         raise DataError(f"{where}cannot tell the data format from the columns ({', '.join(columns)}); expected "
                         f"{_FORMAT_HELP}; " + hints["detect"].format())
     for role in renames:
@@ -90,7 +90,20 @@ def detect_format(
         role = missing[0]
         raise DataError(f"{where}format {fmt} needs a column for {role!r} but there is no column {role!r}; the "
                         f"file's columns are: {', '.join(columns)}; " + hints["map"].format(role=role))
-    return fmt, mapping
+    return fmt, _one_column_each(mapping, renames, hints)
+
+
+def _one_column_each(mapping: dict[str, str], renames: Mapping[str, str], hints: Mapping[str, str]) -> dict[str, str]:
+    """The mapping, unless two roles read one column (a model trained to copy its prompt): a ConfigError."""
+    readers: dict[str, str] = {}
+    for role, column in mapping.items():
+        if column in readers:
+            first = readers[column]
+            named = role if role in renames else first
+            raise ConfigError(f"roles {first} and {role} both read column {column!r} ({hints['named'].format(role=named)}"
+                              "); give each role its own column")
+        readers[column] = role
+    return mapping
 
 
 def _map_roles(fmt: str, renames: Mapping[str, str], columns: list[str]) -> tuple[dict[str, str], list[str]]:

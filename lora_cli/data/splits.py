@@ -53,6 +53,19 @@ def _round(x: float) -> int:
     return int(math.floor(x + 0.5))  # half up; Python's round() rounds half to even
 
 
+def _class_sizes(counts: Sequence[int], frac: float) -> list[int]:
+    """How many of each class's examples a split takes: round(count * frac) each, but never more in all than
+    round(sum * frac). Per-class rounding alone held out 10 of 50 examples for a 10% split of 10 classes of 5
+    (each 0.5 rounded up): the classes rounded up the most (ties: the first) give one back until the total fits."""
+    sizes = [_round(c * frac) for c in counts]
+    excess = sum(sizes) - _round(sum(counts) * frac)
+    if excess > 0:
+        generous = sorted(range(len(counts)), key=lambda k: (counts[k] * frac - sizes[k], k))
+        for k in generous[:excess]:
+            sizes[k] -= 1
+    return sizes
+
+
 def split_examples(
     examples: Sequence[Example],
     val_frac: float,
@@ -62,7 +75,7 @@ def split_examples(
 ) -> tuple[list[Example], list[Example], list[Example]]:
     """Seeded (train, val, test). Sizes are round(n * frac), at least 1 when frac > 0. With `stratify` (one
     label per example) each class is split on its own, so the splits keep the class proportions (sizes rounded
-    per class). Each split keeps the input order."""
+    per class, never more in all than round(n * frac): see _class_sizes). Each split keeps the input order."""
     n = len(examples)
     rng = random.Random(f"split:{seed}")
     groups: dict[Any, list[int]] = {}
@@ -75,11 +88,11 @@ def split_examples(
             groups.setdefault(label, []).append(i)
     val: list[int] = []
     test: list[int] = []
-    for key in sorted(groups, key=repr):  # any fixed order will do; the rng makes the choice
+    keys = sorted(groups, key=repr)  # any fixed order will do; the rng makes the choice
+    test_sizes, val_sizes = (_class_sizes([len(groups[k]) for k in keys], frac) for frac in (test_frac, val_frac))
+    for key, n_test, n_val in zip(keys, test_sizes, val_sizes):
         members = groups[key]
         rng.shuffle(members)
-        n_test = _round(len(members) * test_frac)
-        n_val = _round(len(members) * val_frac)
         test.extend(members[:n_test])
         val.extend(members[n_test:n_test + n_val])
     # A requested split never comes out empty: take one more example from the largest class.
