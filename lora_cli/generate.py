@@ -153,7 +153,23 @@ class _Decoder:
         self.padded = not bool(mask.all())
         self.cache = KVCache(model.config.n_layer, capacity=capacity) if use_cache else None
         self.ids = None if use_cache else ids
+        self._rows: torch.Tensor | None = None  # rows of _logits that select() kept, gathered when read
         self.logits = self._forward(ids)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """[N, V] fp32: each row's next-token logits. select() gathers them only if they are read before the next
+        append() replaces them (beam 10 over 8 E2E prompts: 16 MB a step, 7% of the decoding)."""
+        if self._rows is not None:
+            self._logits, self._rows = self._logits[self._rows], None
+        return self._logits
+
+    @logits.setter
+    def logits(self, value: torch.Tensor) -> None:
+        self._logits, self._rows = value, None
+
+    def _keep_logits(self, index: torch.Tensor) -> None:
+        self._rows = index if self._rows is None else self._rows[index]
 
     @property
     def mask(self) -> torch.Tensor:
@@ -168,7 +184,7 @@ class _Decoder:
     def select(self, index: torch.Tensor) -> None:
         self.full_mask = self.full_mask[index]
         self.padded = not bool(self.mask.all())
-        self.logits = self.logits[index]
+        self._keep_logits(index)
         if self.cache is not None:
             self.cache.reorder(index)
         else:
@@ -181,7 +197,7 @@ class _Decoder:
         if self.cache is None or self.cache.capacity is None:
             return self.select(index)
         self.full_mask = self.full_mask[index]
-        self.logits = self.logits[index]
+        self._keep_logits(index)
         self.cache.share_prefix(num_beams)
 
     def join(self, other: _Decoder, capacity: int) -> None:
