@@ -22,6 +22,7 @@ from lora_cli.data import (
 )
 from lora_cli.errors import AdapterError, ConfigError, DataError
 from lora_cli.evaluation import eval_batches, evaluate_classification, evaluate_lm, generate_texts
+from lora_cli.generate import check_room
 from lora_cli.fsutil import atomic_path, atomic_write_text, check_output_file
 from lora_cli.inference import (
     DataSettings, Loaded, attach_to, load_base, load_with_tokenizer, open_adapter,
@@ -299,6 +300,8 @@ def run_eval(options: EvalOptions, log=None) -> dict:
     log = log or (lambda message: None)
     options.check()
     subject = load_subject(options)
+    if options.generate:  # before the data is read and described
+        check_room(options.max_new_tokens, subject.base.model.config.n_positions)
     held = held_out_examples(options, subject, log)
     result: dict = {"model": subject.base.name,
                     "adapter": str(subject.adapter_path) if subject.adapter_path is not None else None,

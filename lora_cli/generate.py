@@ -42,6 +42,17 @@ _NEG = -1.0e9
 # Checking inputs
 
 
+def check_room(max_new_tokens: int, n_positions: int) -> int:
+    """The tokens a prompt may have beside max_new_tokens new ones; none is a ConfigError."""
+    room = n_positions - max_new_tokens
+    if room < 1:
+        raise ConfigError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of "
+            f"{n_positions} tokens; lower max_new_tokens below {n_positions}"
+        )
+    return room
+
+
 def fit_prompt(prompt: Sequence[int], max_new_tokens: int, n_positions: int, truncate: bool = False,
                where: str = "prompt", vocab_size: int | None = None) -> list[int]:
     """The prompt as a list of ids, checked to leave room for `max_new_tokens` in the model's context.
@@ -56,12 +67,7 @@ def fit_prompt(prompt: Sequence[int], max_new_tokens: int, n_positions: int, tru
         bad = next((t for t in ids if not 0 <= t < vocab_size), None)
         if bad is not None:
             raise DataError(f"{where} holds token id {bad}, outside the model's vocabulary of {vocab_size}")
-    room = n_positions - max_new_tokens
-    if room < 1:
-        raise ConfigError(
-            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of "
-            f"{n_positions} tokens; lower max_new_tokens below {n_positions}"
-        )
+    room = check_room(max_new_tokens, n_positions)
     if len(ids) > room:
         if not truncate:
             raise DataError(

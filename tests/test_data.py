@@ -579,3 +579,12 @@ def test_two_roles_never_read_one_column():
         with pytest.raises(ConfigError) as err:
             D.detect_format(["instruction", "output"], DataConfig(columns=columns))
         assert str(err.value) == message
+
+
+def test_duplicate_names_given_for_a_headerless_file_are_named_as_given(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("spam,hello\nham,hi\n")
+    with pytest.raises(DataError) as err:
+        D.read_table(path, DataConfig(header=False, column_names=["label", "label"]))
+    assert str(err.value) == (f"{path}: duplicate column name 'label' in the column names given (data.column_names "
+                              "or --column-names); give every column a distinct name")

@@ -184,6 +184,12 @@ def test_bad_inputs_one_line_and_nothing_written(run, tmp_path):
                     "of format prompt_completion) to score generations against; the file's columns are: mr; add it or "
                     "name it with --column completion=COLUMN")
     assert not preds.exists()
+    # --max-new-tokens that leave no room for a prompt: refused before the data is read (and described)
+    n_positions = json.loads((root / "base" / "config.json").read_text())["n_positions"]
+    line = assert_one_line_error(*cli("eval", "--adapter", adapter, "--data", root / "heldout.json", "--generate",
+                                      "--max-new-tokens", n_positions, "-q"), expected_code=2)
+    assert line == (f"error: max_new_tokens={n_positions} leaves no room for a prompt in the model's context of "
+                    f"{n_positions} tokens; lower max_new_tokens below {n_positions}")
     # nothing to evaluate
     assert_one_line_error(*cli("eval", "--data", root / "heldout.json"), expected_code=2)
     # a run whose adapter does not exist yet

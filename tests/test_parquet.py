@@ -131,6 +131,11 @@ def test_bad_parquet_files_are_one_line(tmp_path):
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), no_rows)
     with pytest.raises(DataError, match=r"no-rows.parquet: no data rows \(only a header\); add at least one row"):
         D.read_table(no_rows, DataConfig())
+    dup = tmp_path / "dup.parquet"  # pandas' reader fails on it with Arrow's "Multiple matches for FieldRef"
+    pq.write_table(pa.table([["a"], ["b"], ["c"]], names=["instruction", "output", "output"]), dup)
+    with pytest.raises(DataError) as err:
+        D.read_table(dup, DataConfig())
+    assert str(err.value) == f"{dup}: duplicate column name 'output'; give every column a distinct name"
     xlsx = tmp_path / "table.xlsx"
     xlsx.write_text("x")
     with pytest.raises(DataError) as err:

@@ -188,8 +188,9 @@ def _read_delimited(text: str, path: Path, cfg: DataConfig) -> Table:
     names = [n.strip() or f"column_{i + 1}" for i, n in enumerate(names)]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise DataError(f"{path}: duplicate column name {duplicates[0]!r} in the header; give every column a "
-                        "distinct name")
+        where = "the column names given (data.column_names or --column-names)" if cfg.column_names else "the header"
+        raise DataError(f"{path}: duplicate column name {duplicates[0]!r} in {where}; give every column a distinct "
+                        "name")
     frame = pd.read_csv(io.StringIO(text, newline=""), sep="\t" if tsv else ",", quoting=quoting,
                         header=0 if cfg.header else None, names=names, dtype=str, keep_default_na=False,
                         na_filter=False, skip_blank_lines=True, engine="c")
@@ -322,15 +323,19 @@ def _read_parquet(path: Path) -> "pd.DataFrame":
 
     if path.stat().st_size == 0:
         raise DataError(f"{path}: the file is empty; it needs at least one data row")
+    import pyarrow.parquet as pq
+
     try:
+        schema_names = [str(n) for n in pq.read_schema(path).names]
+        # (pandas' reader fails on a repeated name with Arrow's "Multiple matches for FieldRef": say it plainly)
+        duplicates = sorted({n for n in schema_names if schema_names.count(n) > 1})
+        if duplicates:
+            raise DataError(f"{path}: duplicate column name {duplicates[0]!r}; give every column a distinct name")
         # Arrow types, not numpy's: an int column with a null stays ints (numpy would make it float, 1 -> 1.0).
         frame = pd.read_parquet(path, dtype_backend="pyarrow")
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise DataError(f"{path}: cannot read Parquet ({first_line(exc)}); check that it is a Parquet file "
                         "(e.g. written by pandas' to_parquet)") from None
     names = [str(c) for c in frame.columns]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise DataError(f"{path}: duplicate column name {duplicates[0]!r}; give every column a distinct name")
     values = {name: pa.array(frame[c].array).to_pylist() for name, c in zip(names, frame.columns)}
     return pd.DataFrame(values, columns=names, dtype=object)
