@@ -557,6 +557,10 @@ def _check_constraints(cfg: RunConfig, report, whole_run: bool = True) -> None:
         report("data.val_split", f"must be in [0, 1), got {d.val_split}")
     if not 0 <= d.test_split < 1:
         report("data.test_split", f"must be in [0, 1), got {d.test_split}")
+    for file_key, split_key in (("val", "val_split"), ("test", "test_split")):
+        if getattr(d, file_key) and getattr(d, split_key) not in (0, getattr(DataConfig, split_key)):
+            report(f"data.{split_key}", f"does not apply: data.{file_key} names the {file_key} data; remove one of "
+                                        "them")
     if d.val_split + d.test_split >= 1:
         report("data.val_split + data.test_split", f"must leave training data (sum < 1), got {d.val_split:g} + "
                                                    f"{d.test_split:g}")
@@ -646,7 +650,8 @@ def _check_constraints(cfg: RunConfig, report, whole_run: bool = True) -> None:
     if t.weight_decay < 0:
         report("train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
-        report("train.betas", f"must be two numbers in [0, 1), got {t.betas}")
+        got = t.betas[0] if len(t.betas) == 1 else t.betas  # a lone number was made a one-item list
+        report("train.betas", f"must be two numbers in [0, 1) such as [0.9, 0.999], got {got}")
     if t.eps <= 0:
         report("train.eps", f"must be > 0, got {t.eps}")
     if t.max_grad_norm is not None and t.max_grad_norm <= 0:

@@ -129,6 +129,11 @@ def test_every_problem_reported_at_once_with_lines(tmp_path):
      "-9223372036854775809"),
     ("model: gpt2\ndata: {train: a.json}\ntrain: {optimizer: sgd, momentum: -1}\n",
      "line 3: train.momentum: must be >= 0, got -1"),
+    ("model: gpt2\ndata: {train: a.json}\ntrain: {betas: 0.9}\n",
+     "line 3: train.betas: must be two numbers in [0, 1) such as [0.9, 0.999], got 0.9"),
+    ("model: gpt2\ndata: {train: a.json, val: b.json, val_split: 0.2, test: c.json, test_split: 0.1}\n",
+     "2 problems: line 2: data.val_split: does not apply: data.val names the val data; remove one of them; line 2: "
+     "data.test_split: does not apply: data.test names the test data"),
     # an optimizer's setting under the other optimizer would be ignored
     ("model: gpt2\ndata: {train: a.json}\ntrain: {momentum: 0.9}\n",
      "line 3: train.momentum: applies to train.optimizer: sgd only (this run uses adamw); set train.optimizer: sgd "
