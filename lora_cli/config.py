@@ -136,6 +136,7 @@ DATA_FORMATS: dict[str, tuple[str, ...]] = {
     "chat": ("messages",),  # a list of {role, content}; ShareGPT's `conversations` of {from, value} too
 }
 FORMAT_CHOICES = ("auto", *DATA_FORMATS)  # data.format and --format
+ROLES = tuple(dict.fromkeys(r for roles in DATA_FORMATS.values() for r in roles))  # what data.columns maps
 RESPONSE_ROLE = {"alpaca": "output", "prompt_completion": "completion"}  # the formats with a prompt to template
 SHAREGPT_COLUMN = "conversations"  # ShareGPT's list of {from, value} turns: the chat format's messages
 
@@ -557,6 +558,10 @@ def _check_constraints(cfg: RunConfig, report, whole_run: bool = True) -> None:
         report("data.val_split", f"must be in [0, 1), got {d.val_split}")
     if not 0 <= d.test_split < 1:
         report("data.test_split", f"must be in [0, 1), got {d.test_split}")
+    for role in d.columns:  # here, with the config's line, not once the data is read
+        if role not in ROLES:
+            report(f"data.columns.{role}", f"unknown role{did_you_mean(role, ROLES)}; the roles are "
+                                           f"{', '.join(ROLES)}")
     for file_key, split_key in (("val", "val_split"), ("test", "test_split")):
         if getattr(d, file_key) and getattr(d, split_key) not in (0, getattr(DataConfig, split_key)):
             report(f"data.{split_key}", f"does not apply: data.{file_key} names the {file_key} data; remove one of "

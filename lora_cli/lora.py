@@ -463,19 +463,21 @@ def shorthands(model: nn.Module) -> list[str]:
 def _short_names(names: list[str], all_linear: bool = True) -> str:
     """transformer.h.N.attn.c_attn, ... -> "attn.c_attn, ... (in transformer.h.0-11), or all-linear" for error
     messages (without the last part when not all_linear)."""
-    shorts: list[str] = []
+    shorts: list[str] = []  # the blocks' layers, by their names inside a block
+    outside: list[str] = []  # layers outside the blocks (an untied lm_head, a classifier's score)
     blocks: list[int] = []
     prefix = ""
     for name in names:
         m = BLOCK.match(name)
-        short = name[m.end():] if m else name
         if m:
             prefix = m.group(1)
             blocks.append(int(m.group(2)))
-        if short not in shorts:
-            shorts.append(short)
+        into, short = (shorts, name[m.end():]) if m else (outside, name)
+        if short not in into:
+            into.append(short)
     where = f" (in {prefix}.{min(blocks)}-{max(blocks)})" if blocks else ""
-    return f"{', '.join(shorts)}{where}" + (", or all-linear" if all_linear else "")
+    parts = ([f"{', '.join(shorts)}{where}"] if shorts else []) + outside
+    return ", ".join(parts) + (", or all-linear" if all_linear else "")
 
 
 def _matcher(pattern: str, key: str):

@@ -134,6 +134,9 @@ def test_every_problem_reported_at_once_with_lines(tmp_path):
     ("model: gpt2\ndata: {train: a.json, val: b.json, val_split: 0.2, test: c.json, test_split: 0.1}\n",
      "2 problems: line 2: data.val_split: does not apply: data.val names the val data; remove one of them; line 2: "
      "data.test_split: does not apply: data.test names the test data"),
+    ("model: gpt2\ndata: {train: a.json, columns: {promt: question}}\n",
+     "line 2: data.columns.promt: unknown role (did you mean prompt?); the roles are instruction, input, output, "
+     "prompt, completion, text, label, messages"),
     # an optimizer's setting under the other optimizer would be ignored
     ("model: gpt2\ndata: {train: a.json}\ntrain: {momentum: 0.9}\n",
      "line 3: train.momentum: applies to train.optimizer: sgd only (this run uses adamw); set train.optimizer: sgd "

@@ -588,3 +588,13 @@ def test_duplicate_names_given_for_a_headerless_file_are_named_as_given(tmp_path
         D.read_table(path, DataConfig(header=False, column_names=["label", "label"]))
     assert str(err.value) == (f"{path}: duplicate column name 'label' in the column names given (data.column_names "
                               "or --column-names); give every column a distinct name")
+
+
+def test_too_few_examples_names_the_file(tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps([{"instruction": "a", "output": "b"}]))
+    cfg = run_config(tmp_path, train=str(path))
+    with pytest.raises(DataError) as err:
+        D.load_splits(cfg, context_length=1024)
+    assert str(err.value) == (f"{path}: too few examples (1) to hold out data.val_split=0.1 and data.test_split=0.0; "
+                              "add data or lower the fractions")

@@ -395,3 +395,12 @@ def test_a_tied_head_target_names_the_familys_own_modules(tmp_path, family, head
         with pytest.raises(ConfigError) as err:
             apply_lora(model, LoraConfig(targets=["q_proj" if family == "llama" else "query_key_value", pattern]))
         assert f"'{pattern}' ({head} shares its weight with {embedding}; LoRA cannot target it)" in str(err.value)
+
+
+def test_layers_outside_the_blocks_are_listed_apart():
+    """An untied head (or a classifier's score) is no layer of model.layers.0-1: the list says so."""
+    from lora_cli.lora import _short_names
+
+    names = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")] + ["lm_head"]
+    assert _short_names(names) == "self_attn.q_proj, self_attn.v_proj (in model.layers.0-1), lm_head, or all-linear"
+    assert _short_names(["score"], all_linear=False) == "score"

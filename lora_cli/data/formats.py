@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from lora_cli.config import (ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, DATA_FORMATS, PROMPT_COMPLETION_TEMPLATE,
-                             RESPONSE_ROLE, SHAREGPT_COLUMN, DataConfig, parse_template)
+                             RESPONSE_ROLE, ROLES, SHAREGPT_COLUMN, DataConfig, parse_template)
 from lora_cli.errors import ConfigError, DataError, did_you_mean
 
 OPTIONAL_ROLES = {"input"}
@@ -58,10 +58,9 @@ def detect_format(
     columns = [str(c) for c in columns]
     where = f"{path}: " if path is not None else ""
     renames = dict(data_cfg.columns)
-    all_roles = list(dict.fromkeys(r for roles in DATA_FORMATS.values() for r in roles))
     for role, column in renames.items():
-        if role not in all_roles:
-            raise ConfigError(f"data.columns.{role}: unknown role{did_you_mean(role, all_roles)}; the roles are "
+        if role not in ROLES:
+            raise ConfigError(f"data.columns.{role}: unknown role{did_you_mean(role, ROLES)}; the roles are "
                               "instruction, input, output (alpaca), prompt, completion (prompt_completion), "
                               "messages (chat), text (text) and text, label (classification)")
         if column not in columns:

@@ -72,6 +72,7 @@ def split_examples(
     test_frac: float,
     seed: int,
     stratify: Sequence[int] | None = None,
+    where: str = "",
 ) -> tuple[list[Example], list[Example], list[Example]]:
     """Seeded (train, val, test). Sizes are round(n * frac), at least 1 when frac > 0. With `stratify` (one
     label per example) each class is split on its own, so the splits keep the class proportions (sizes rounded
@@ -106,7 +107,7 @@ def split_examples(
     held = set(val) | set(test)
     train = [i for i in range(n) if i not in held]
     if not train:
-        raise DataError(f"too few examples ({n}) to hold out data.val_split={val_frac} and data.test_split="
+        raise DataError(f"{where}too few examples ({n}) to hold out data.val_split={val_frac} and data.test_split="
                         f"{test_frac}; add data or lower the fractions")
     pick = lambda idx: [examples[i] for i in sorted(idx)]  # noqa: E731
     return pick(train), pick(val), pick(test)
@@ -185,7 +186,7 @@ def load_splits(cfg: "RunConfig", context_length: int, tokenizer: Tokenizer = GP
     val_frac = 0.0 if d.val else d.val_split
     test_frac = 0.0 if d.test else d.test_split
     stratify = [ex.label for ex in examples] if fmt == "classification" else None
-    train, val, test = split_examples(examples, val_frac, test_frac, seed, stratify)
+    train, val, test = split_examples(examples, val_frac, test_frac, seed, stratify, where=f"{d.train}: ")
     if fmt == "classification":  # a class the split took wholly into val/test would be a head row never trained
         trained = {ex.label for ex in train}
         lost = [(k, name) for k, name in enumerate(labels) if k not in trained and stats.label_counts.get(name)]
