@@ -471,7 +471,7 @@ ROWS = [
     # missing data files are named before the model loads (here a model that does not exist either)
     Row("data-missing-files-before-the-model", "train", train_cfg({
         "model": "{ws}/no-such-model", "data": {"train": "{ws}/data/nope.json", "val": "{ws}/data/nope-val.csv",
-                                                "test": "hf://datasets/x"}}), 1,
+                                                "val_split": DELETE, "test": "hf://datasets/x"}}), 1,
         ("run.yaml: 3 problems: data.train: {ws}/data/nope.json does not exist; check the path (relative paths are "
          "resolved against the config file's folder); data.val: {ws}/data/nope-val.csv does not exist",
          "; data.test: hf://datasets/x is not a hub dataset name; write hf://datasets/OWNER/NAME")),
@@ -530,7 +530,7 @@ ROWS = [
         ("list-line.jsonl", "line 2", "list")),
     Row("data-unsupported-type", "train", train_cfg({"data": {"train": "{ws}/data/table.xlsx"}}), 1,
         ("table.xlsx", ".xlsx")),
-    Row("data-val-broken", "train", train_cfg({"data": {"val": "{ws}/data/broken.jsonl"}}), 1,
+    Row("data-val-broken", "train", train_cfg({"data": {"val": "{ws}/data/broken.jsonl", "val_split": DELETE}}), 1,
         ("broken.jsonl", "line 3")),
     # ------------------------------------------------------------------ train: the model (exit 1)
     Row("model-missing-path", "train", train_cfg({"model": "{ws}/no-such-model"}), 1, ("no-such-model",)),
