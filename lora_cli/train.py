@@ -384,11 +384,6 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
     random.seed(cfg.train.seed)
     s = build(cfg, dist=dist, savings=savings)
     t = s.cfg.train
-    for line in s.data.describe():
-        log(line)
-    log(f"trainable parameters: {s.trainable:,} of {s.total:,}; {s.total_steps} steps on {s.device} ({s.precision})")
-    log(f"global batch {s.global_batch} = batch_size {t.batch_size} x grad_accum {t.grad_accum} x "
-        f"{s.world_size} process{'es' if s.world_size > 1 else ''}" + (f" ({dist.backend})" if dist.enabled else ""))
     params = list(trainable_named(s.model).values())
     if s.cfg.lora.loraplus_lr_ratio is not None:  # LoRA+: B's group learns at ratio x lr
         params = loraplus_param_groups(s.model, s.cfg.lora.loraplus_lr_ratio, t.weight_decay)
@@ -410,6 +405,12 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
         return payload, read_history(out_dir / "metrics.jsonl"), wrote_test
 
     payload, history, wrote_test = dist.on_main(first_files)
+    # what the run is, once a resume has passed its checks: a refused one is the error's line alone
+    for line in s.data.describe():
+        log(line)
+    log(f"trainable parameters: {s.trainable:,} of {s.total:,}; {s.total_steps} steps on {s.device} ({s.precision})")
+    log(f"global batch {s.global_batch} = batch_size {t.batch_size} x grad_accum {t.grad_accum} x "
+        f"{s.world_size} process{'es' if s.world_size > 1 else ''}" + (f" ({dist.backend})" if dist.enabled else ""))
     if payload is not None:
         state = apply_checkpoint(payload, s.model, optimizer)
         log(f"resumed from step {state.step}")

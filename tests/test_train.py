@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import cli, python
+from helpers import assert_one_line_error, cli, python
 from lora_cli.config import load_config
 from lora_cli.train import build, lr_at, train, _epoch_batches
 
@@ -163,7 +163,7 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path):
     config_yaml = (tmp_path / "out" / "config.yaml").read_text()
     for change, was, now in (("train.max_steps=16", 12, 16), ("data.val_split=0.25", 0.2, 0.25)):
         again = cli("train", str(cfg), "--resume", "--quiet", "--set", change)
-        assert again.rc == 1 and again.stderr.strip().splitlines()[-1] == (
+        assert again.rc == 1 and assert_one_line_error(*again) == (
             f"error: --resume: checkpoint {tmp_path / 'out' / 'checkpoint' / 'state.pt'} was written with "
             f"{change.split('=')[0]}: {was}, this run has {now}; a resume continues the same run: keep its settings "
             f"({tmp_path / 'out' / 'config.yaml'}) or start again with --overwrite")
