@@ -87,6 +87,31 @@ class MaskDropout(nn.Dropout):
         return torch.native_dropout(x, self.p, True)[0]
 
 
+class _DroppedDown(torch.autograd.Function):
+    """lora_A(dropout(x)), keeping x and the 1-byte mask for the backward instead of the dropped-out copy of x. The
+    LoRA layers reading one input (q_proj and v_proj; gate_proj and up_proj) each kept their own copy; now they
+    keep x once. The backward rebuilds the copy with native_dropout_backward, which gives the forward's values
+    bit for bit, and runs the products autograd runs for F.linear."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
+        dropped, mask = torch.native_dropout(x, p, True)
+        ctx.scale = 1.0 / (1.0 - p)
+        ctx.save_for_backward(x, mask, weight)
+        return F.linear(dropped, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, mask, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.native_dropout_backward(grad.matmul(weight), mask, ctx.scale)
+        if ctx.needs_input_grad[1]:
+            dropped = torch.ops.aten.native_dropout_backward(x, mask, ctx.scale)
+            grad_weight = grad.reshape(-1, grad.shape[-1]).t().mm(dropped.reshape(-1, dropped.shape[-1]))
+        return grad_x, grad_weight, None
+
+
 class LoRALayer(nn.Module):
     """What LoRALinear and LoRASlicedLinear share: a frozen `base_layer`, merge/unmerge, an off switch."""
 
@@ -196,6 +221,13 @@ class LoRALinear(LoRALayer):
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
 
+    def _drops_in_autograd(self, x: torch.Tensor) -> bool:
+        """Whether dropout and lora_A run as _DroppedDown: training with dropout and gradients, without autocast
+        (whose casts a custom Function's backward would not repeat) and with x in the adapter's dtype."""
+        return (self.training and isinstance(self.lora_dropout, MaskDropout) and self.lora_dropout.p > 0
+                and torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+                and x.dtype == self.lora_A.weight.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.merged or self.disabled:
@@ -203,7 +235,10 @@ class LoRALinear(LoRALayer):
         out_dtype = result.dtype
         x = x.to(self.lora_A.weight.dtype)
         if not self.use_dora:
-            a = self.lora_A(self.lora_dropout(x))  # [..., r]
+            if self._drops_in_autograd(x):
+                a = _DroppedDown.apply(x, self.lora_A.weight, self.lora_dropout.p)  # [..., r]
+            else:
+                a = self.lora_A(self.lora_dropout(x))  # [..., r]
             if a.dtype != result.dtype:  # e.g. a bf16 base without autocast: add in the LoRA dtype
                 return (result + self.lora_B(a) * self.scaling).to(out_dtype)
             # result + scaling * a B^T as one addmm: the product, its scaled copy and the sum were three

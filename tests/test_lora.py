@@ -404,3 +404,41 @@ def test_layers_outside_the_blocks_are_listed_apart():
     names = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")] + ["lm_head"]
     assert _short_names(names) == "self_attn.q_proj, self_attn.v_proj (in model.layers.0-1), lm_head, or all-linear"
     assert _short_names(["score"], all_linear=False) == "score"
+
+
+def test_dropout_and_lora_a_keep_the_shared_input_once():
+    """Two LoRA layers with dropout on one input (q_proj and v_proj): the backward keeps that input once and a
+    1-byte mask per layer (each layer kept its own fp32 dropped-out copy), with the plain path's values and
+    gradients bit for bit."""
+    import copy
+
+    from lora_cli.lora import LoRALinear
+
+    torch.manual_seed(0)
+    layers = [LoRALinear.from_base(torch.nn.Linear(16, 24), r=4, alpha=8, dropout=0.1) for _ in range(2)]
+    for layer in layers:
+        torch.nn.init.normal_(layer.lora_B.weight)
+    plain = copy.deepcopy(layers)
+    for layer in plain:
+        layer._drops_in_autograd = lambda x: False
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    results = []
+    for stack in (layers, plain):
+        inp = x.detach().clone().requires_grad_()
+        kept = {}
+
+        def pack(t):
+            if t.numel() == inp.numel():  # x, a dropped-out copy (as F.linear's [15, 16] view) or a mask
+                kept[t.untyped_storage().data_ptr()] = t.dtype
+            return t
+
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = sum(layer(inp).square().sum() for layer in stack)
+        out.backward()
+        results.append((out, inp.grad, [(l.lora_A.weight.grad, l.lora_B.weight.grad) for l in stack], kept))
+    (out, grad, weights, kept), (out_p, grad_p, weights_p, kept_p) = results
+    assert sorted(kept.values(), key=str) == [torch.bool, torch.bool, torch.float32]  # x once, two masks
+    assert sorted(kept_p.values(), key=str) == [torch.bool, torch.bool, torch.float32, torch.float32]
+    assert torch.equal(out, out_p) and torch.equal(grad, grad_p)
+    assert all(torch.equal(a, b) for pair, pair_p in zip(weights, weights_p) for a, b in zip(pair, pair_p))
