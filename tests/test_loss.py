@@ -260,7 +260,7 @@ def test_shared_prefix_attention_saves_distinct_rows_only():
 
 
 def test_chunk_rows_for():
-    assert [loss_mod.chunk_rows_for(n) for n in (1, 200, 300, 1024, 2048, 10**6)] == [64, 64, 75, 256, 256, 256]
+    assert [loss_mod.chunk_rows_for(n) for n in (1, 100, 200, 300, 1024, 2048, 10**6)] == [32, 32, 50, 75, 256, 256, 256]
 
 
 def test_shared_prefix_under_bf16_autocast_matches_the_unshared_step():
