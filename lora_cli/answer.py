@@ -66,6 +66,9 @@ class Decoding:
         check_lengths(self.max_new_tokens, self.no_repeat_ngram_size)
         if self.seed is not None and self.seed not in SEEDS:
             raise ConfigError(f"--seed must be {SEEDS_TEXT}, got {self.seed}")
+        if self.seed is not None and options["temperature"] == 0:  # greedy: nothing is drawn
+            raise ConfigError("--seed seeds sampling, and this decoding is greedy: add --temperature T (T > 0), "
+                              "--top-k or --top-p, or drop --seed")
         return {**options, "seed": self.seed, "no_repeat_ngram_size": self.no_repeat_ngram_size,
                 "use_cache": self.use_cache}
 
@@ -111,6 +114,16 @@ class GenerateOptions:
                               "as JSON)")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be a positive integer, got {self.batch_size}")
+        if self.length_penalty != 1.0 and self.num_beams == 1:
+            raise ConfigError("--length-penalty scores beam search's hypotheses: add --num-beams N (N > 1) or drop "
+                              "--length-penalty")
+        d = self.decoding
+        if self.num_beams > 1:  # beam search keeps the most likely continuations: it draws nothing
+            sampling = [flag for flag, given in (("--temperature", (d.temperature or 0) > 0), ("--top-k", d.top_k),
+                                                 ("--top-p", d.top_p), ("--seed", d.seed is not None)) if given]
+            if sampling:
+                raise ConfigError(f"{sampling[0]} is for sampling, and beam search does not sample: drop "
+                                  f"{sampling[0]} or --num-beams")
         if not self.chat:
             return
         if self.num_beams != 1:
@@ -124,9 +137,9 @@ def run_generate(opts: GenerateOptions, write: Callable[[str], Any]) -> None:
     """Answer the prompts (or conversations): a single prompt streams, the rest are decoded in batches and written
     one line each (or one JSON object each)."""
     opts.source.require("prompt template")
+    opts.check()  # the flags that go together, before their values
     options = opts.decoding.options()
     adapter, settings = opts.source.open("lora generate")
-    opts.check()
     if opts.chat:
         items = read_conversations(list(opts.prompts), opts.file)
         replier = chat_replier(opts.source, adapter, opts.decoding, options, opts.chat_template,

@@ -82,12 +82,16 @@ class Replier:
             raise ConversationError(f"{where}: {exc}") from None
         eos, eot = reply_ends(self.template, tokenizer)
         budget = self.max_new_tokens
+        context = self.net.config.n_positions
         if self.fit_context:  # a long history shortens the reply instead of failing the turn
-            context = self.net.config.n_positions
             if len(ids) >= context:
                 raise ConversationError(f"{where} has {len(ids)} tokens, which fill the model's context of {context} "
                                         "tokens; start over (/reset in lora chat) or shorten it")
             budget = min(budget, context - len(ids))
+        elif len(ids) + budget > context:  # --max-new-tokens: the reply's full budget must fit beside it
+            raise ConversationError(f"{where} has {len(ids)} tokens, and with --max-new-tokens {budget} it exceeds the "
+                                    f"model's context of {context} tokens; start over (/reset in lora chat), shorten "
+                                    f"it to at most {context - budget} tokens or lower --max-new-tokens")
         pieces = stream_text(self.net, ids, budget, tokenizer=tokenizer, **{**self.options, "eos_id": eos})
         return stop_at(pieces, eot)
 

@@ -269,6 +269,28 @@ def _check_context(served: Served, prompt: list[int], max_tokens: int | None, pa
 _END = object()
 
 
+class Generation:
+    """The text pieces of one request's generation, an async iterator. Its row joins the batch as soon as it is made,
+    so aclose() takes the row out whether or not the pieces were ever read (closing an async generator that never
+    started runs none of its code: a request of several prompts whose client left during the first kept decoding
+    the others to their end)."""
+
+    def __init__(self, pieces: AsyncIterator[str], leave: Callable[[], None]):
+        self._pieces, self._leave = pieces, leave
+
+    def __aiter__(self) -> "Generation":
+        return self
+
+    async def __anext__(self) -> str:
+        return await self._pieces.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._pieces.aclose()
+        finally:
+            self._leave()
+
+
 class Engine:
     """The served models, one ContinuousBatch each, the thread that decodes them, and counters for /health.
 
@@ -280,7 +302,7 @@ class Engine:
     def __init__(self, models: dict[str, Served]):
         self.models = models
         self.lock = threading.Lock()  # around stats
-        self.stats = {"active": 0, "completed": 0, "disconnected": 0}
+        self.stats = {"active": 0, "completed": 0, "disconnected": 0, "tokens": 0}  # tokens: generated, in all
         self.batches = {name: ContinuousBatch(s.loaded.model) for name, s in models.items()}
         self.wake = threading.Condition()  # around inbox, gone and sinks
         self.inbox: list[tuple[str, Row]] = []  # rows to add, by model name
@@ -301,7 +323,7 @@ class Engine:
         return {"batched_steps": sum(b.batched_steps for b in self.batches.values()),
                 "max_batch": max((b.max_rows for b in self.batches.values()), default=0)}
 
-    def run_generation(self, served: Served, job: Job) -> AsyncIterator[str]:
+    def run_generation(self, served: Served, job: Job) -> Generation:
         """The one path from a request to text: checks the options now (LoraError), then returns an async
         iterator of text pieces (stop strings applied; job.completion_tokens and job.finish_reason filled in at
         its end). Closing the iterator early (a client gone) takes the request out of the batch at the next step."""
@@ -314,6 +336,11 @@ class Engine:
             self.inbox.append((served.name, row))
             self.wake.notify()
 
+        def leave() -> None:  # ended early (or not: then this is a no-op)
+            with self.wake:
+                self.gone.append((served.name, row))
+                self.wake.notify()
+
         def counted() -> Iterator[int]:
             try:
                 while (t := sink.get()) is not None:
@@ -321,12 +348,10 @@ class Engine:
                         raise t
                     job.completion_tokens += 1
                     yield t
-            finally:  # ended early (or not: then this is a no-op)
-                with self.wake:
-                    self.gone.append((served.name, row))
-                    self.wake.notify()
+            finally:
+                leave()
 
-        return self._pieces(decode_incremental(counted(), tokenizer), job)
+        return Generation(self._pieces(decode_incremental(counted(), tokenizer), job), leave)
 
     def _loop(self) -> None:
         while True:
@@ -336,8 +361,10 @@ class Engine:
                 for name, row in self.inbox:
                     self.batches[name].add(row)
                 for name, row in self.gone:
-                    if self.sinks.pop(row, None) is not None:  # still running
+                    sink = self.sinks.pop(row, None)
+                    if sink is not None:  # still running
                         self.batches[name].remove(row)
+                        sink.put(None)  # a reader waiting for its next token ends (its request is gone)
                 self.inbox, self.gone = [], []
             for name, batch in self.batches.items():
                 if batch:
@@ -354,6 +381,7 @@ class Engine:
                         sink.put(exc)
             self.batches[name] = ContinuousBatch(batch.model)
             return
+        generated = 0
         with self.wake:
             for row, token in out:
                 sink = self.sinks.get(row)
@@ -361,9 +389,11 @@ class Engine:
                     continue
                 if token is not None:
                     sink.put(token)
+                    generated += 1
                 if row.finished:
                     sink.put(None)
                     del self.sinks[row]
+        self._count("tokens", generated)
 
     def _count(self, key: str, n: int) -> None:
         with self.lock:
@@ -388,15 +418,18 @@ class Engine:
                     hit = False
                     for piece in text:
                         if cancel.is_set():
-                            self._count("disconnected", 1)
-                            return
+                            break
                         out, hit = stop.feed(piece)
                         if out:
                             put(out)
                         if hit:
                             break
                     else:  # no stop string: it ran to max_tokens ("length") or ended at an EOS ("stop")
-                        put(stop.flush())
+                        if not cancel.is_set():
+                            put(stop.flush())
+                    if cancel.is_set():  # the client left: at a token, or its row was taken out between two
+                        self._count("disconnected", 1)
+                        return
                     hit_limit = not hit and job.completion_tokens >= job.max_tokens
                     job.finish_reason = "length" if hit_limit else "stop"
                     self._count("completed", 1)
@@ -427,7 +460,7 @@ def build_app(engine: Engine, api_key: str | None = None):
     import anyio  # fastapi's own dependency
     from fastapi import APIRouter, Depends, FastAPI, Request  # the `serve` extra: only `lora serve` needs it
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field
     from starlette.exceptions import HTTPException
 
@@ -528,7 +561,8 @@ def build_app(engine: Engine, api_key: str | None = None):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": sorted(engine.models), **engine.stats, **engine.batching()}
+        return {"status": "ok", "models": sorted(engine.models), **engine.stats, "running": len(engine.sinks),
+                **engine.batching()}
 
     @v1.get("/models")
     async def models():
@@ -538,7 +572,7 @@ def build_app(engine: Engine, api_key: str | None = None):
              **({"parent": s.parent} if s.parent else {})} for s in engine.models.values()]}
 
     def jobs(served: Served, req: Sampling, prompts: list[list[int]], max_tokens: int | None,
-             param: str, chat: ChatPrompt | None = None) -> list[tuple[Job, AsyncIterator[str]]]:
+             param: str, chat: ChatPrompt | None = None) -> list[tuple[Job, Generation]]:
         """Check every prompt and option before any generation starts: a bad one is a 400, never a broken
         stream."""
         for name, ignorable in (("frequency_penalty", req.frequency_penalty == 0),
@@ -569,7 +603,27 @@ def build_app(engine: Engine, api_key: str | None = None):
         completion = sum(j.completion_tokens for j in done)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def respond(req: Sampling, kind: str, work: list[tuple[Job, AsyncIterator[str]]]):
+    async def unless_gone(request: Request, answer):
+        """`answer` awaited, or None if the client leaves first: then it is cancelled (and its caller closes the
+        request's generations, which leave the batch at their next step, as an abandoned stream's do)."""
+        task = asyncio.ensure_future(answer)
+
+        async def gone() -> None:  # the request's body was read: the next message is the disconnect
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        watcher = asyncio.ensure_future(gone())
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return None
+
+    def respond(req: Sampling, kind: str, work: list[tuple[Job, Generation]], request: Request):
         """The JSON answer, or with stream=true the SSE stream of chunks (OpenAI's formats for `kind`:
         "text_completion" or "chat.completion")."""
         rid = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + uuid.uuid4().hex
@@ -582,13 +636,24 @@ def build_app(engine: Engine, api_key: str | None = None):
                 return {"index": i, "delta": {} if text is None else {"content": text}, "finish_reason": finish}
             return {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
 
+        async def close_all() -> None:  # a client gone: every generation of the request stops now
+            for _, pieces in work:
+                await pieces.aclose()
+
         if not req.stream:
-            async def whole():
+            async def collect() -> dict:
                 choices = []
                 for i, (job, pieces) in enumerate(work):
                     text = "".join([p async for p in pieces])
                     choices.append(choice(i, text, job.finish_reason))
                 return {**head, "choices": choices, "usage": usage([j for j, _ in work])}
+
+            async def whole():
+                try:
+                    answer = await unless_gone(request, collect())
+                    return Response(status_code=499) if answer is None else answer  # 499: nobody reads it
+                finally:
+                    await close_all()  # also when the client left before collect() began
             return whole()
 
         chunk_head = {**head, "object": kind + ".chunk"} if kind != "text_completion" else head
@@ -597,39 +662,41 @@ def build_app(engine: Engine, api_key: str | None = None):
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
         async def events():
-            for i, (job, pieces) in enumerate(work):
-                try:
-                    if kind != "text_completion":
-                        yield event({**chunk_head, "choices": [
-                            {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
-                    async for piece in pieces:
-                        yield event({**chunk_head, "choices": [choice(i, piece, None, delta=True)]})
-                    yield event({**chunk_head, "choices": [choice(i, None, job.finish_reason, delta=True)]})
-                except Exception as exc:  # generation failed after the 200 went out: the stream says so and ends
-                    yield event(ApiError.internal(exc).body())
-                    return
-                finally:
-                    await pieces.aclose()  # a client gone mid-stream: its generation stops now
-            if req.stream_options is not None and req.stream_options.include_usage:
-                yield event({**chunk_head, "choices": [], "usage": usage([j for j, _ in work])})
-            yield "data: [DONE]\n\n"
+            try:
+                for i, (job, pieces) in enumerate(work):
+                    try:
+                        if kind != "text_completion":
+                            yield event({**chunk_head, "choices": [
+                                {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+                        async for piece in pieces:
+                            yield event({**chunk_head, "choices": [choice(i, piece, None, delta=True)]})
+                        yield event({**chunk_head, "choices": [choice(i, None, job.finish_reason, delta=True)]})
+                    except Exception as exc:  # generation failed after the 200 went out: the stream says so, ends
+                        yield event(ApiError.internal(exc).body())
+                        return
+                if req.stream_options is not None and req.stream_options.include_usage:
+                    yield event({**chunk_head, "choices": [], "usage": usage([j for j, _ in work])})
+                yield "data: [DONE]\n\n"
+            finally:
+                await close_all()
 
         return ClosingStreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @v1.post("/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         served = engine.model(req.model)
         prompts = _prompt_ids(req.prompt, served.loaded.tokenizer)
         max_tokens = COMPLETION_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-        out = respond(req, "text_completion", jobs(served, req, prompts, max_tokens, "prompt"))
+        out = respond(req, "text_completion", jobs(served, req, prompts, max_tokens, "prompt"), request)
         return out if req.stream else await out
 
     @v1.post("/chat/completions")
-    async def chat(req: ChatRequest):
+    async def chat(req: ChatRequest, request: Request):
         served = engine.model(req.model)
         chat_prompt = messages_to_ids(served, req.messages)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        out = respond(req, "chat.completion", jobs(served, req, [chat_prompt.ids], max_tokens, "messages", chat_prompt))
+        out = respond(req, "chat.completion", jobs(served, req, [chat_prompt.ids], max_tokens, "messages", chat_prompt),
+                      request)
         return out if req.stream else await out
 
     app.include_router(v1)
@@ -678,6 +745,7 @@ def serve(adapters: Sequence[str], model: str | None, host: str, port: int, api_
     sock.listen(2048)  # uvicorn's default backlog
     bound = sock.getsockname()[1]
     config = uvicorn.Config(build_app(engine, api_key), log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-    log(f"serving http://{host}:{bound} (models: {', '.join(engine.models)}"
+    shown = f"[{host}]" if ":" in host else host  # an IPv6 address goes in brackets in a URL (RFC 3986)
+    log(f"serving http://{shown}:{bound} (models: {', '.join(engine.models)}"
         f"{'; API key required' if api_key else ''})")
     uvicorn.Server(config).run(sockets=[sock])

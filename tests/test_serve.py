@@ -432,6 +432,42 @@ def test_a_client_gone_mid_stream_frees_the_model(server, client):
     assert complete(client, "inst", "Hello", max_tokens=2).usage.completion_tokens == 2  # and the next is served
 
 
+def _until_idle(poll) -> dict:
+    """/health once no generation runs; bounded by the generations' length, not by a count of polls."""
+    for _ in range(1_000_000):
+        now = poll()
+        if now["running"] == 0 and now["active"] == 0:
+            return now
+    raise AssertionError("generations never ended")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_gone_takes_every_generation_of_its_request_out(server, client, stream):
+    """A request of two prompts whose client leaves once the first is decoding: neither runs to its end, streamed
+    or not (a non-streaming request decoded both to the end; a stream, the prompt it had not reached)."""
+    import socket
+
+    url = server[0]
+    host, port = url.removeprefix("http://").split(":")
+    max_tokens = CONTEXT - 4
+    with httpx.Client(base_url=url) as health:
+        poll = lambda: health.get("/health").json()  # noqa: E731
+        before = _until_idle(poll)
+        body = json.dumps({"model": "out", "prompt": ["Once", "Twice"], "max_tokens": max_tokens,
+                           "temperature": 0, "stream": stream}).encode()
+        request = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(request)
+            for _ in range(1_000_000):  # the first prompt decodes (a 508-token answer takes about a second)
+                if poll()["tokens"] > before["tokens"]:
+                    break
+        after = _until_idle(poll)
+    assert after["tokens"] - before["tokens"] < max_tokens, (before, after)  # "Once" alone runs 508
+    assert after["completed"] == before["completed"]
+    assert complete(client, "inst", "Hello", max_tokens=2).usage.completion_tokens == 2
+
+
 def test_sigterm_stops_the_server_cleanly(server):
     url, proc, log = server
     proc.send_signal(signal.SIGTERM)
