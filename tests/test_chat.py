@@ -684,3 +684,15 @@ def test_merge_writes_the_trained_template_over_the_bases_file(tmp_path):
     hf = transformers.AutoTokenizer.from_pretrained(str(folder))
     assert hf.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True) \
         == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_a_conversation_that_does_not_fit_beside_max_new_tokens_is_named(chat_run):
+    """--max-new-tokens given: a conversation too long to leave room for it is named as the conversation, not as
+    a numbered prompt (the message generate's prompt files get)."""
+    root, adapter = chat_run
+    conversation_json = json.dumps([{"role": "user", "content": "apple " * 40}])
+    line = assert_one_line_error(*cli("generate", "--adapter", adapter, "--chat", conversation_json,
+                                      "--max-new-tokens", "100", cwd=root), expected_code=2)
+    assert re.fullmatch(r"error: --chat has \d+ tokens, and with --max-new-tokens 100 it exceeds the model's context "
+                        r"of 128 tokens; start over \(/reset in lora chat\), shorten it to at most 28 tokens or "
+                        r"lower --max-new-tokens", line), line
