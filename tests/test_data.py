@@ -598,3 +598,19 @@ def test_too_few_examples_names_the_file(tmp_path):
         D.load_splits(cfg, context_length=1024)
     assert str(err.value) == (f"{path}: too few examples (1) to hold out data.val_split=0.1 and data.test_split=0.0; "
                               "add data or lower the fractions")
+
+
+def test_a_json_key_named_twice_is_refused(tmp_path):
+    """json keeps the last of two values without a word: a record that names a key twice is one line."""
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d", "output": "e"}\n')
+    with pytest.raises(DataError) as err:
+        D.read_table(jsonl, DataConfig())
+    assert str(err.value) == (f"{jsonl}: line 2 names the key 'output' twice, and only one value can be read; remove "
+                              "or rename one of them")
+    array = tmp_path / "rows.json"
+    array.write_text('[{"messages": [{"role": "user", "role": "assistant", "content": "x"}]}]')
+    with pytest.raises(DataError) as err:
+        D.read_table(array, DataConfig())
+    assert str(err.value) == (f"{array}: an object names the key 'role' twice, and only one value can be read; "
+                              "remove or rename one of them")

@@ -257,9 +257,25 @@ def _check_records(text: str, path: Path, cfg: DataConfig, tsv: bool, quoting: i
     return header or [], lines
 
 
+class _RepeatedKey(Exception):
+    """A JSON object naming one key twice (json keeps the last value without a word)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    record: dict = {}
+    for key, value in pairs:
+        if key in record:
+            raise _RepeatedKey(key)
+        record[key] = value
+    return record
+
+
 def _read_json(text: str, path: Path) -> list[dict]:
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys)
+    except _RepeatedKey as exc:
+        raise DataError(f"{path}: an object names the key {exc.args[0]!r} twice, and only one value can be read; "
+                        "remove or rename one of them") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}; fix the "
                         "syntax (a .json file holds one list of objects; use .jsonl for one object per line)") from None
@@ -285,7 +301,10 @@ def _read_jsonl(text: str, path: Path) -> tuple[list[dict], list[int]]:
         if not line:
             continue
         try:
-            item = json.loads(line)
+            item = json.loads(line, object_pairs_hook=_unique_keys)
+        except _RepeatedKey as exc:
+            raise DataError(f"{path}: line {number} names the key {exc.args[0]!r} twice, and only one value can be "
+                            "read; remove or rename one of them") from None
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: line {number} is not valid JSON ({exc.msg} at column {exc.colno}); fix or "
                             "remove that line") from None
