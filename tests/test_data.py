@@ -194,6 +194,13 @@ def test_prompt_completion_default_and_custom_templates(tmp_path):
      "broken.jsonl: line 3 is not valid JSON (Expecting ',' delimiter at column 13); fix or remove that line"),
     ("list.jsonl", '{"text": "a"}\n[1, 2]\n', DataError,
      "list.jsonl: line 2 is a list, not a JSON object"),
+    # json keeps the last of two values of a key without a word
+    ("twice.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d", "output": "e"}\n',
+     DataError, "twice.jsonl: line 2 names the key 'output' twice, and only one value can be read; remove or rename "
+                "one of them"),
+    ("twice.json", '[{"messages": [{"role": "user", "role": "assistant", "content": "x"}]}]', DataError,
+     "twice.json: an object names the key 'role' twice, and only one value can be read; remove or rename one of "
+     "them"),
     ("long.csv", "prompt,completion\na,b\nc,d,e\nf,g\nh,i,j\n", DataError,
      "long.csv: row 2 (line 3) has 3 fields, expected 2 (prompt, completion) (1 more rows like it); quote fields "
      "that contain commas"),
@@ -599,18 +606,3 @@ def test_too_few_examples_names_the_file(tmp_path):
     assert str(err.value) == (f"{path}: too few examples (1) to hold out data.val_split=0.1 and data.test_split=0.0; "
                               "add data or lower the fractions")
 
-
-def test_a_json_key_named_twice_is_refused(tmp_path):
-    """json keeps the last of two values without a word: a record that names a key twice is one line."""
-    jsonl = tmp_path / "rows.jsonl"
-    jsonl.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d", "output": "e"}\n')
-    with pytest.raises(DataError) as err:
-        D.read_table(jsonl, DataConfig())
-    assert str(err.value) == (f"{jsonl}: line 2 names the key 'output' twice, and only one value can be read; remove "
-                              "or rename one of them")
-    array = tmp_path / "rows.json"
-    array.write_text('[{"messages": [{"role": "user", "role": "assistant", "content": "x"}]}]')
-    with pytest.raises(DataError) as err:
-        D.read_table(array, DataConfig())
-    assert str(err.value) == (f"{array}: an object names the key 'role' twice, and only one value can be read; "
-                              "remove or rename one of them")
