@@ -83,7 +83,7 @@ def chat_replier(source: Source, adapter: Adapter | None, decoding: Decoding, op
     if budget is not None and budget >= context:  # no conversation could fit: say so before any
         raise ConfigError(f"--max-new-tokens {budget} leaves no room for a conversation in the model's "
                           f"context of {context} tokens; lower it below {context}")
-    if packing_pays(loaded.model, 1, 1):  # one conversation at a time
+    if packing_pays(loaded.model, 1, 1, default if budget is None else budget):  # one conversation at a time
         pack_for_decoding(loaded.model)
     template = chat_template_for(loaded, chat_template)
     return Replier(loaded, loaded.model, template, default if budget is None else budget, options,
@@ -151,8 +151,6 @@ def run_generate(opts: GenerateOptions, write: Callable[[str], Any]) -> None:
                             input_text=opts.input_text)
     loaded = opts.source.load(adapter)
     net, tokenizer = loaded.model, loaded.tokenizer
-    if packing_pays(net, len(items), opts.num_beams):
-        pack_for_decoding(net)
     budget = opts.decoding.max_new_tokens
     if budget is None:  # the default, shortened where the longest prompt leaves less of the context
         context = net.config.n_positions
@@ -161,6 +159,8 @@ def run_generate(opts: GenerateOptions, write: Callable[[str], Any]) -> None:
             raise DataError(f"{where} has {length:,} tokens and leaves none of the model's context of {context:,} to "
                             f"generate in; shorten it to at most {context - 1:,} tokens")
         budget = min(GENERATE_MAX_NEW_TOKENS, context - length)
+    if packing_pays(net, len(items), opts.num_beams, budget):
+        pack_for_decoding(net)
     if len(items) == 1 and opts.file is None and not opts.as_json and opts.num_beams == 1:
         prompt = tokenizer.encode(items[0].text, add_special_tokens=True)
         for piece in stream_text(net, prompt, budget, tokenizer=tokenizer, **options):

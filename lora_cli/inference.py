@@ -156,37 +156,45 @@ def weights_dtype(model) -> torch.dtype:
     return _first_weight(model).dtype
 
 
-def packing_pays(model, prompts: int, num_beams: int) -> bool:
-    """Whether pack_for_decoding pays for itself before a generation. fp32: when several rows decode per step
-    (batches of prompts, beams); at one row the gain (0-15% on the CPUs measured) takes about 100 tokens to repay
-    the packing (0.3 s for GPT-2 124M). bf16 on a CPU whose oneDNN packs it (models.common.PACKED_DTYPES): one row
-    too, where the packed kernel runs the layers in less than half the time of PyTorch's. Off the CPU: never
-    (oneDNN's packed layout is a CPU one)."""
+# One fp32 row decodes faster on packed weights too, but the packing (about 0.3 s for GPT-2 124M) must be repaid
+# first: on the AVX-512 machine 16.4 -> 9.6 ms a token (GPT-2 124M, its head packed too: repaid after about 40
+# tokens); on the earlier AVX2 ones the blocks gained 0-15% (about 100 tokens). So one fp32 row packs when its budget
+# is at least this many tokens (`lora generate`'s default of 128 and `lora chat`'s 256 are).
+FP32_ONE_ROW_PACKING_TOKENS = 64
+
+
+def packing_pays(model, prompts: int, num_beams: int, new_tokens: int) -> bool:
+    """Whether pack_for_decoding pays for itself before generating up to `new_tokens` per row. fp32: when several
+    rows decode per step (batches of prompts, beams), or one row for at least FP32_ONE_ROW_PACKING_TOKENS. bf16 on
+    a CPU whose oneDNN packs it (models.common.PACKED_DTYPES): always, where the packed kernel runs the layers in
+    less than half the time of PyTorch's. Off the CPU: never (oneDNN's packed layout is a CPU one)."""
     weight = _first_weight(model)
     if weight.device.type != "cpu":
         return False
-    return prompts > 1 or num_beams > 1 or (weight.dtype != torch.float32 and weight.dtype in PACKED_DTYPES)
+    if weight.dtype != torch.float32:
+        return weight.dtype in PACKED_DTYPES
+    return prompts > 1 or num_beams > 1 or new_tokens >= FP32_ONE_ROW_PACKING_TOKENS
 
 
 def pack_for_decoding(*models) -> int:
-    """Before decoding (see packing_pays): the linear layers of every block take oneDNN's packed weights
-    (models.common.pack_linears_; on the CPU, fp32: 20-30% more tokens/s at 4 and 8 rows; bf16: twice the tokens/s
-    at one row). Models that share base weights (`lora serve`'s adapters) share the packed weights. DoRA's base
-    layers stay plain: their forward reads the weight (where such a layer shares its weight with another model's
-    packed layer, both the plain and the packed tensor stay alive). The output head is packed in bf16 only: in fp32
-    its plain weight already runs oneDNN (models.common.Linear); a tied head (the input embedding) keeps its plain
-    weight beside a packed copy (models.common.pack_copies_: the head's size again, one copy for all the models
-    sharing it); a head with LoRA on it has its base layer packed. Call it last: the models are then for inference
-    only. Returns the weights packed or copied."""
+    """Before decoding (see packing_pays): the linear layers of every block and the output head take oneDNN's
+    packed weights (models.common.pack_linears_; on the CPU, fp32: 20-30% more tokens/s at 4 and 8 rows, about 70%
+    at one row on the AVX-512 machine; bf16: twice the tokens/s at one row). Models that share base weights
+    (`lora serve`'s adapters) share the packed weights. DoRA's base layers stay plain: their forward reads the weight
+    (where such a layer shares its weight with another model's packed layer, both the plain and the packed tensor
+    stay alive). A tied head (the input embedding) keeps its plain weight beside a packed copy
+    (models.common.pack_copies_: the head's size again, 154 MB for GPT-2 124M in fp32, one copy for all the models
+    sharing it): one fp32 row of GPT-2 124M decoded 102-105 instead of 93 tokens/s with it. A head with LoRA on it
+    has its base layer packed. Call it last: the models are then for inference only. Returns the weights packed or
+    copied."""
     layers, tied_heads = [], []
     for model in models:
         dora = {id(m.base_layer) for m in model.modules() if isinstance(m, LoRALinear) and m.use_dora}
         parts = list(model.blocks)
-        if weights_dtype(model) != torch.float32:
-            if model.tied:
-                tied_heads.append(model.lm_head)
-            else:
-                parts.append(model.lm_head)
+        if model.tied:
+            tied_heads.append(model.lm_head)
+        else:
+            parts.append(model.lm_head)
         layers += [m for part in parts for m in part.modules() if id(m) not in dora]
     return pack_linears_(layers) + pack_copies_(tied_heads)
 

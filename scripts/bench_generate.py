@@ -13,11 +13,11 @@ Greedy decoding with no EOT stop, so every run produces exactly --new-tokens tok
 no-cache runs must give the same tokens. Without the cache every step recomputes the whole sequence (prompt +
 tokens so far); only the last position is projected to the vocabulary in both modes, so the difference is the
 cache alone. Side by side: batch 1 and batch 8 (eight copies of the prompt), tokens/s = rows x new tokens / s,
-for ours in fp32 and bf16 (`--precision`; bf16 with its weights packed where the commands pack them: a CPU with
-AVX-512 BF16 or AMX, see inference.packing_pays), transformers `generate` on the same weights (GPT2LMHeadModel built from
-our state dict) in fp32 and bf16, and llama.cpp (`llama_cpp`, when importable and --gguf names a GGUF of the
-same weights; batch 1 only: its Python API decodes one sequence). A last row of ours runs fp32 with the blocks'
-weights packed (inference.pack_for_decoding), as the commands that decode many rows at once run it.
+for ours in fp32 and bf16 (`--precision`; weights packed where the commands pack them, see
+inference.packing_pays: fp32 at 8 rows, or one row with at least 64 new tokens; bf16 on a CPU with AVX-512 BF16 or
+AMX), transformers `generate` on the same weights (GPT2LMHeadModel built from our state dict) in fp32 and bf16, and llama.cpp (`llama_cpp`, when importable and --gguf names a GGUF of the
+same weights; batch 1 only: its Python API decodes one sequence). A last row of ours runs fp32 with plain weights
+(what the commands run when packing would not pay: one row with a short budget).
 
 --serve: `lora serve`'s app (Engine + FastAPI on uvicorn, in this process, 127.0.0.1 on a free port) over the
 model; 1, 4 and 8 concurrent clients each ask /v1/completions for --new-tokens greedy tokens (each its own
@@ -114,25 +114,25 @@ def side_by_side(model, name: str, prompt: list[int], n: int, ggufs: list[str], 
     variants = (("", None), (" eager", False)) if cuda else (("", None),)
     for precision, dtype in precisions:
         place(model, device, dtype)
-        # as the commands decode: bf16 weights packed where oneDNN runs them natively (inference.packing_pays)
-        subject = model
-        if precision != "fp32" and packing_pays(model, 1, 1):
-            subject = copy.deepcopy(model)
-            pack_for_decoding(subject)
         if hf is not None:
             hf.to(device=device, dtype=dtype)
         figures = {}
         for rows in (1, 8):
+            # as the commands decode: weights packed where inference.packing_pays says so
+            subject = model
+            if packing_pays(model, rows, 1, n):
+                subject = copy.deepcopy(model)
+                pack_for_decoding(subject)
             for label, static in variants:
                 timed(subject, prompt, 4, True, rows, static)  # warm-up
                 ours, t = timed(subject, prompt, n, True, rows, static)
                 figures[(label, rows)] = rows * n / t
+            del subject
             if hf is not None:
                 hf_timed(hf, prompt, 4, rows)
                 theirs, t = hf_timed(hf, prompt, n, rows)
                 figures[("transformers", rows)] = rows * n / t
                 figures[("same", rows)] = ours == theirs
-        del subject
         for label, _ in variants:
             print(f"{'lora-cli ' + precision + label:28s} {figures[label, 1]:12.1f} {figures[label, 8]:12.1f}",
                   flush=True)
@@ -145,16 +145,12 @@ def side_by_side(model, name: str, prompt: list[int], n: int, ggufs: list[str], 
         hf.to(device=cpu, dtype=torch.float32)
     if cuda:
         return  # the packed layout and llama.cpp's CPU build are CPU rows
-    # What `lora generate` does with several prompts or beams, `lora eval --generate` and `lora serve`: the blocks'
-    # weights in oneDNN's packed layout (a single prompt stays plain: the packing would not pay for itself).
-    packed = copy.deepcopy(model)
-    pack_for_decoding(packed)
+    # fp32 with plain weights (A/B: what the commands run when packing would not pay, a short budget at one row)
     figures = {}
     for rows in (1, 8):
-        timed(packed, prompt, 4, True, rows)
-        figures[rows] = rows * n / timed(packed, prompt, n, True, rows)[1]
-    print(f"{'lora-cli fp32, packed':28s} {figures[1]:12.1f} {figures[8]:12.1f}", flush=True)
-    del packed
+        timed(model, prompt, 4, True, rows)
+        figures[rows] = rows * n / timed(model, prompt, n, True, rows)[1]
+    print(f"{'lora-cli fp32, plain':28s} {figures[1]:12.1f} {figures[8]:12.1f}", flush=True)
     for gguf in ggufs:
         result = llama_cpp_timed(gguf, prompt, n, torch.get_num_threads())
         if result is None:

@@ -15,7 +15,7 @@ from helpers import assert_one_line_error, cli, make_family_checkpoint, make_hf_
 from lora_cli.errors import ConfigError
 from lora_cli.generate import ContinuousBatch, Row, beam_search, generate, stream
 from lora_cli.config import LoraConfig
-from lora_cli.inference import pack_for_decoding, packing_pays, place, weights_dtype
+from lora_cli.inference import FP32_ONE_ROW_PACKING_TOKENS, pack_for_decoding, packing_pays, place, weights_dtype
 from lora_cli.lora import apply_lora
 from lora_cli.models import PACKED_DTYPES, KVCache
 from lora_cli.models.common import attend_shared_prefix
@@ -164,10 +164,11 @@ def test_bf16_decoding_on_the_cpu_attends_over_an_fp32_cache(checkpoint):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_packed_weights_decode_the_reference_tokens(checkpoint, precision):
     """pack_for_decoding (what `lora serve`, `lora generate` with several prompts or beams, `lora eval --generate`,
-    and in bf16 every decoding command do): every block's linear layers take oneDNN's packed weights where it packs
-    their dtype (models.common.PACKED_DTYPES: bf16 only on a CPU with bf16 instructions), the head stays plain in
-    fp32 and is packed in bf16 (a tied head: a packed copy beside the embedding's weight), and batched, beam and
-    continuous decoding give the tokens of the plain model (bf16: over the reference's clear steps)."""
+    one fp32 row with a budget of FP32_ONE_ROW_PACKING_TOKENS or more, and in bf16 every decoding command do): every
+    block's linear layers and the head take oneDNN's packed weights where it packs their dtype
+    (models.common.PACKED_DTYPES: bf16 only on a CPU with bf16 instructions; a tied head: a packed copy beside the
+    embedding's weight), and batched, beam and continuous decoding give the tokens of the plain model (bf16: over the
+    reference's clear steps)."""
     dtype = inference_dtype(precision, torch.device("cpu"))
     model = place(load_model(str(checkpoint)).model, torch.device("cpu"), dtype)
     eos = reference(model, PROMPTS[0], NEW, None)[0][2]
@@ -176,13 +177,13 @@ def test_packed_weights_decode_the_reference_tokens(checkpoint, precision):
     blocks = [m for m in model.blocks.modules() if isinstance(m, torch.nn.Linear)]
     packs = dtype in PACKED_DTYPES
     head = model.lm_head
-    assert packing_pays(model, 1, 1) == (packs and precision == "bf16")
-    assert packing_pays(model, 2, 1) and packing_pays(model, 1, 3)
-    assert pack_for_decoding(model) == (len(blocks) + (precision == "bf16") if packs else 0) and blocks
+    short = FP32_ONE_ROW_PACKING_TOKENS - 1
+    assert packing_pays(model, 1, 1, short) == (packs and precision == "bf16")
+    assert packing_pays(model, 1, 1, short + 1) == packs
+    assert packing_pays(model, 2, 1, 1) == packing_pays(model, 1, 3, 1) == packs
+    assert pack_for_decoding(model) == (len(blocks) + 1 if packs else 0) and blocks
     assert all(m.weight.is_mkldnn == packs for m in blocks)
-    if precision == "fp32":
-        assert not head.weight.is_mkldnn and head.packed is None
-    elif model.tied:  # the embedding still looks rows up in the plain weight
+    if model.tied:  # the embedding still looks rows up in the plain weight
         assert not head.weight.is_mkldnn and (head.packed is not None) == packs
         assert head.weight is model.embed_tokens.weight
     else:
@@ -201,8 +202,8 @@ def test_packed_weights_decode_the_reference_tokens(checkpoint, precision):
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_packing_a_model_with_lora_on_its_untied_head(tmp_path, precision, use_dora):
     """A head with LoRA on it (an untied head: Qwen3's) has no weight of its own: packing_pays and pack_for_decoding
-    read the model's dtype from its blocks, pack the head's base layer in bf16 (not a DoRA base, whose forward reads
-    its weight) and leave it plain in fp32; the tokens stay those of the unpacked model."""
+    read the model's dtype from its blocks and pack the head's base layer (not a DoRA base, whose forward reads its
+    weight); the tokens stay those of the unpacked model."""
     make_family_checkpoint(tmp_path / "base", "qwen3", vocab_size=V)
     base = load_model(str(tmp_path / "base"))
     apply_lora(base.model, LoraConfig(r=4, alpha=8, targets=["q_proj", "lm_head"], use_dora=use_dora))
@@ -211,9 +212,9 @@ def test_packing_a_model_with_lora_on_its_untied_head(tmp_path, precision, use_d
     eos = reference(model, PROMPTS[0], NEW, None)[0][2]
     want = [reference(model, p, NEW, eos) for p in PROMPTS]
     packs = weights_dtype(model) in PACKED_DTYPES
-    assert packing_pays(model, 1, 1) == (packs and precision == "bf16")
+    assert packing_pays(model, 1, 1, FP32_ONE_ROW_PACKING_TOKENS) == packs
     packed = pack_for_decoding(model)
-    head_packed = packs and precision == "bf16" and not use_dora
+    head_packed = packs and not use_dora
     assert model.lm_head.base_layer.weight.is_mkldnn == head_packed and (packed > 0) == packs
     assert agree(generate(model, PROMPTS, NEW, eos_id=eos), want)
 

@@ -198,8 +198,8 @@ def test_pack_copies_keep_a_shared_weight_plain_beside_one_packed_copy(dtype):
 
 
 def test_pack_for_decoding_leaves_dora_bases_plain():
-    """DoRA's forward reads its base weight: pack_for_decoding packs the other block linears only, and the model's
-    outputs stay those of the plain model."""
+    """DoRA's forward reads its base weight: pack_for_decoding packs the other block linears (and the tied head's
+    copy) only, and the model's outputs stay those of the plain model."""
     from lora_cli.inference import pack_for_decoding
     from lora_cli.lora import LoRALinear
 
@@ -208,7 +208,8 @@ def test_pack_for_decoding_leaves_dora_bases_plain():
     with torch.no_grad():
         before = model.logits(model(ids))
     dora = [m.base_layer for m in model.modules() if isinstance(m, LoRALinear)]
-    assert dora and pack_for_decoding(model) == 3 * len(model.blocks)  # attn.c_proj, mlp.c_fc and mlp.c_proj
+    # attn.c_proj, mlp.c_fc and mlp.c_proj, and the head's packed copy
+    assert dora and pack_for_decoding(model) == 3 * len(model.blocks) + 1
     assert not any(m.weight.is_mkldnn for m in dora)
     with torch.no_grad():
         torch.testing.assert_close(model.logits(model(ids)), before, rtol=1e-5, atol=1e-5)

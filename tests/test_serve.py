@@ -131,8 +131,9 @@ def test_adapters_share_the_base_tensors_and_compute_as_attached_alone(runs):
     assert adapted.transformer.wte.weight is bare.transformer.wte.weight  # one copy of the base weights
     assert adapted.transformer.h[0].attn.c_attn.base_layer.weight is bare.transformer.h[0].attn.c_attn.weight
     # the blocks' weights are packed for decoding (inference.pack_for_decoding) once, shared by every copy; the
-    # head (tied to the input embedding) stays plain
+    # head (tied to the input embedding) keeps its plain weight, with one packed copy beside it for all
     assert bare.transformer.h[1].mlp.c_fc.weight.is_mkldnn and not bare.lm_head.weight.is_mkldnn
+    assert bare.lm_head.packed is not None and models["inst"].loaded.model.lm_head.packed is bare.lm_head.packed
     assert models["out"].loaded.model.transformer.h[1].mlp.c_fc.weight is bare.transformer.h[1].mlp.c_fc.weight
     # an adapter that trains base tensors (here the biases of the layers it adapts) gets its own copies of them
     other_bias = models["out"].loaded.model.transformer.h[0].attn.c_attn.base_layer.bias
@@ -150,7 +151,7 @@ def test_adapters_share_the_base_tensors_and_compute_as_attached_alone(runs):
 def test_bf16_models_share_one_packed_head(runs):
     """In bf16 the tied head is packed too (inference.pack_for_decoding, where oneDNN runs bf16 natively): the base
     and every adapter over it have their own head module over the one embedding weight, and they share one packed
-    copy of it, not one each."""
+    copy of it, not one each (fp32: test_models_share_base_weights)."""
     from lora_cli.models import PACKED_DTYPES
 
     base, inst, other = runs
