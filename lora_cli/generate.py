@@ -393,13 +393,24 @@ def choose_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int | N
 # Greedy and sampling
 
 
+def _choose_per_row(logits: torch.Tensor, rows: torch.Tensor, temperature: float, top_k: int | None,
+                    top_p: float | None, generators: list[torch.Generator]) -> torch.Tensor:
+    """choose_tokens for each row of logits [N, V] with the generator of its prompt (rows [N]: prompt indices)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.cat([choose_tokens(logits[i:i + 1], temperature, top_k, top_p, generators[r])
+                      for i, r in enumerate(rows.tolist())])
+
+
 @torch.inference_mode()
 def _sampling_steps(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, *, temperature: float,
-                    top_k: int | None, top_p: float | None, generator: torch.Generator | None,
+                    top_k: int | None, top_p: float | None,
+                    generator: torch.Generator | list[torch.Generator] | None,
                     no_repeat_ngram_size: int, eos_id: EosIds, use_cache: bool,
                     static: bool | None = None) -> Iterator[tuple[list[int], list[int]]]:
     """Yields, per step, (rows, tokens): the prompts (by index) that produced a token and the tokens. A row that
-    produces an `eos_id` is finished: it is left out of that step and dropped from the batch, so it stops costing."""
+    produces an `eos_id` is finished: it is left out of that step and dropped from the batch, so it stops costing.
+    generator: one for the whole batch, or a list with one per prompt (each row draws from its prompt's)."""
     eos = _eos_ids(eos_id)
     if max_new_tokens == 0 or not prompts:
         return
@@ -417,7 +428,10 @@ def _sampling_steps(model: CausalLM, prompts: list[list[int]], max_new_tokens: i
                 banned = banned_ngram_mask(history, no_repeat_ngram_size, vocab, valid)
                 if banned is not None:
                     logits = logits.masked_fill(banned, float("-inf"))
-            tokens = choose_tokens(logits, temperature, top_k, top_p, generator)
+            if isinstance(generator, list):
+                tokens = _choose_per_row(logits, rows, temperature, top_k, top_p, generator)
+            else:
+                tokens = choose_tokens(logits, temperature, top_k, top_p, generator)
             going = ~_is_eos(tokens, eos) if eos else torch.ones_like(tokens, dtype=torch.bool)
             keep = going.nonzero().squeeze(1)
             yield rows[keep].tolist(), tokens[keep].tolist()
@@ -608,8 +622,9 @@ def generate(
     """New token ids for each prompt (without the EOT that ended it), in the order of `prompts`.
 
     temperature 0 is greedy decoding (top_k/top_p/seed are then unused); > 0 samples from
-    softmax(logits / temperature) restricted by top_k/top_p, drawing from `seed` (an int, or a torch.Generator to
-    continue a stream of draws; None: torch's global generator). no_repeat_ngram_size > 0 forbids any token that
+    softmax(logits / temperature) restricted by top_k/top_p, drawing from `seed`: an int seeds a generator of each
+    prompt's own, so a prompt gets the draws it would get alone, whatever the other prompts and batch_size; a
+    torch.Generator continues one stream of draws for the batch; None: torch's global generator. no_repeat_ngram_size > 0 forbids any token that
     would repeat an n-gram of prompt + output. num_beams > 1 is beam search (deterministic; see `beam_search`).
     A row stops at `eos_id` (an id or several, e.g. a tokenizer's eos_ids; None: never) or after max_new_tokens.
     A prompt that does not leave room for max_new_tokens in the context is an error, or with `truncate` loses
@@ -630,11 +645,14 @@ def generate(
                            early_stopping=early_stopping, no_repeat_ngram_size=no_repeat_ngram_size, eos_id=eos_id,
                            truncate=truncate, use_cache=use_cache, batch_size=batch_size, progress=progress)
     generator = _make_generator(seed, _device(model))
+    per_prompt = temperature > 0 and generator is not None and not isinstance(seed, torch.Generator)
 
     def run(batch: list[list[int]]) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in batch]
+        # with an int seed every prompt draws from a generator of its own, seeded alike (as `stream` for one prompt)
+        draws = [_make_generator(seed, _device(model)) for _ in batch] if per_prompt else generator
         for rows, tokens in _sampling_steps(model, batch, max_new_tokens, temperature=temperature, top_k=top_k,
-                                            top_p=top_p, generator=generator, eos_id=eos_id, use_cache=use_cache,
+                                            top_p=top_p, generator=draws, eos_id=eos_id, use_cache=use_cache,
                                             no_repeat_ngram_size=no_repeat_ngram_size, static=static):
             for r, t in zip(rows, tokens):
                 out[r].append(t)

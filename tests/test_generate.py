@@ -181,11 +181,28 @@ def test_sampling_is_reproducible_and_seeded(lively):
     opts = dict(temperature=0.9, top_k=50, top_p=0.95, eos_id=None)
     first = generate(model, PROMPTS, N_NEW, seed=123, **opts)
     assert first == generate(model, PROMPTS, N_NEW, seed=123, **opts)
-    assert first == generate(model, PROMPTS, N_NEW, seed=torch.Generator().manual_seed(123), **opts)
+    # a torch.Generator is one stream of draws for the batch: the same as an int seed for a single prompt
+    shared = generate(model, PROMPTS, N_NEW, seed=torch.Generator().manual_seed(123), **opts)
+    assert shared == generate(model, PROMPTS, N_NEW, seed=torch.Generator().manual_seed(123), **opts)
+    assert generate(model, PROMPTS[:1], N_NEW, seed=torch.Generator().manual_seed(123), **opts) == first[:1]
     assert first != generate(model, PROMPTS, N_NEW, seed=124, **opts)
     assert first != generate(model, PROMPTS, N_NEW, **{**opts, "temperature": 0.0})
     # The cache does not change the draws.
     assert first == generate(model, PROMPTS, N_NEW, seed=123, use_cache=False, **opts)
+
+
+def test_an_int_seed_gives_each_prompt_the_draws_it_gets_alone(lively):
+    """With an int seed each prompt samples from a generator of its own: its text does not depend on the other
+    prompts, on batch_size, or on rows that finish before it (here prompt 0 ends at its first token)."""
+    _, model = lively
+    opts = dict(temperature=1.0, top_k=50, seed=7)
+    together = generate(model, PROMPTS, N_NEW, eos_id=None, **opts)
+    eos = together[0][0]
+    together = generate(model, PROMPTS, N_NEW, eos_id=eos, **opts)
+    assert together[0] == [] and any(len(t) > 1 for t in together[1:])
+    assert generate(model, PROMPTS, N_NEW, eos_id=eos, batch_size=1, **opts) == together
+    assert generate(model, PROMPTS[::-1], N_NEW, eos_id=eos, batch_size=2, **opts) == together[::-1]
+    assert [list(stream(model, p, N_NEW, eos_id=eos, **opts)) for p in PROMPTS] == together
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy(lively):
