@@ -126,6 +126,9 @@ CHATML_TEMPLATE = (
 BUILTIN_CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE}
 
 
+# data.labels naming one label twice (the config's check, and encode.label_order's for a DataConfig built in code)
+LABELS_TWICE = "names {!r} twice; list each label once, in the order of its class id"
+
 # The data formats and their roles, in the order they are rendered (`input` is the only optional role): the one
 # list that data.format, lora_cli.data and `--format` read.
 DATA_FORMATS: dict[str, tuple[str, ...]] = {
@@ -597,7 +600,7 @@ def _check_constraints(cfg: RunConfig, report, whole_run: bool = True) -> None:
             if given:
                 report(key, "applies to task classification only; remove it, or set task: classification")
     elif d.labels is not None and first_repeat(map(str, d.labels)) is not None:
-        report("data.labels", "names a label twice; list each label once, in the order of its class id")
+        report("data.labels", LABELS_TWICE.format(first_repeat(map(str, d.labels))))
     if d.labels is not None and not d.labels:
         report("data.labels", "is empty; list the labels in the order of their class ids, or remove it")
     if d.val is None and d.val_split == 0:  # no validation data: what needs it would never run

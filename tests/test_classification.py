@@ -88,3 +88,17 @@ train: {epochs: 12, batch_size: 16, lr: 2e-2, warmup_steps: 2, eval_every: 0, lo
     assert torch.equal(a, b)
     accuracy = (a.argmax(-1) == batch.labels).float().mean().item()
     assert accuracy == pytest.approx(final["val_accuracy"])
+
+
+def test_label_order_refuses_a_label_listed_twice_in_a_config_built_in_code():
+    """load_config refuses data.labels naming a label twice (test_config); a DataConfig built in code reaches
+    data.encode.label_order unchecked, which says the same in one line."""
+    from lora_cli.config import DataConfig
+    from lora_cli.data.encode import label_order
+    from lora_cli.errors import ConfigError
+
+    assert label_order(["b", "a"], DataConfig(labels=["b", 10, "a"])) == ["b", "10", "a"]
+    assert label_order(["10", "2", "10"], DataConfig()) == ["2", "10"]  # integers in numeric order
+    with pytest.raises(ConfigError) as err:
+        label_order(["a", "b"], DataConfig(labels=["a", "b", "a"]))
+    assert str(err.value) == "data.labels names 'a' twice; list each label once, in the order of its class id"

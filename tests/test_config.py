@@ -112,7 +112,7 @@ def test_every_problem_reported_at_once_with_lines(tmp_path):
      "2 problems: line 2: data.labels: applies to task classification only; remove it, or set task: classification; "
      "line 2: data.balance: applies to task classification only"),
     ("model: gpt2\ntask: classification\ndata: {train: a.csv, labels: [a, b, a]}\n",
-     "line 3: data.labels: names a label twice; list each label once, in the order of its class id"),
+     "line 3: data.labels: names 'a' twice; list each label once, in the order of its class id"),
     ("model: gpt2\ntask: classification\ndata: {train: a.csv, labels: []}\n",
      "line 3: data.labels: is empty; list the labels in the order of their class ids, or remove it"),
     ("model: gpt2\ndata: {train: a.json, val_split: 0}\ntrain: {samples: 2, early_stopping_patience: 3}\n",

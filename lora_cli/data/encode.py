@@ -17,11 +17,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from lora_cli.chat_template import (conversation, encode_chat, resolve_template, template_tokens,
                                     writes_assistant_content)
-from lora_cli.config import DATA_FORMATS, DataConfig
+from lora_cli.config import DATA_FORMATS, LABELS_TWICE, DataConfig
 from lora_cli.data.formats import (CONFIG_HINTS, OPTIONAL_ROLES, RESPONSE_ROLE, detect_format, hints_for, render_prompt,
                                    template_fields)
 from lora_cli.data.io import Table, read_table
-from lora_cli.errors import ConfigError, ConversationError, DataError
+from lora_cli.errors import ConfigError, ConversationError, DataError, first_repeat
 from lora_cli.tokenizer import GPT2, Tokenizer
 
 
@@ -158,9 +158,9 @@ def label_order(values: Iterable[str], data_cfg: DataConfig, classes: Sequence[s
     with the adapter so ids mean the same later."""
     if data_cfg.labels:
         labels = [str(x) for x in data_cfg.labels]
-        dup = sorted({x for x in labels if labels.count(x) > 1})
-        if dup:
-            raise ConfigError(f"data.labels: {dup[0]!r} is listed twice; list every label once")
+        twice = first_repeat(labels)
+        if twice is not None:
+            raise ConfigError("data.labels " + LABELS_TWICE.format(twice))
         return labels
     distinct = set(values)
     if classes:
