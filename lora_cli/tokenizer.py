@@ -129,7 +129,9 @@ class HFTokenizer:
         self.bos_id = self._token_id(config.get("bos_token"), "bos_token")
         eos_id = self._token_id(config.get("eos_token"), "eos_token")
         self.pad_id = self._token_id(config.get("pad_token"), "pad_token")
-        generation_eos = side.get("generation_config.json", {}).get("eos_token_id")
+        # the ids that end a reply: generation_config.json's, or without one config.json's (as transformers)
+        generation = side.get("generation_config.json", side.get("config.json", {}))
+        generation_eos = generation.get("eos_token_id")
         extra = generation_eos if isinstance(generation_eos, list) else [generation_eos]
         self.eos_ids = tuple(dict.fromkeys(i for i in [eos_id, *extra] if isinstance(i, int)))
         probe = self._tok.encode("a", add_special_tokens=True).ids
@@ -230,28 +232,53 @@ def load_tokenizer(source) -> Tokenizer:
     name = spec.name if spec is not None else str(source)
     path = Path(name).expanduser()
 
-    def read_side(folder: Path) -> dict[str, dict]:
-        side = {}
-        for f in SIDE_FILES:
-            if (folder / f).is_file():
-                try:
-                    side[f] = json.loads((folder / f).read_text(encoding="utf-8"))
-                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                    raise CheckpointError(f"{folder / f} is not readable JSON: {first_line(exc)}") from exc
-        return side
-
-    if path.is_file() and path.suffix in (".safetensors", ".bin", ".pt", ".pth"):
-        return GPT2  # a single weights file: a GPT-2 checkpoint (pretrained.infer_config)
+    if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
+        # a single weights file: the tokenizer of its folder, whose config.json describes it (pretrained.infer_config)
+        return _folder_tokenizer(path.parent, f"{path}'s folder", bare_is_gpt2=True)
     if path.is_file():
-        return HFTokenizer(path, read_side(path.parent))
+        return HFTokenizer(path, _read_side(path.parent))
     if path.is_dir():
-        if (path / TOKENIZER_FILE).is_file():
-            return HFTokenizer(path / TOKENIZER_FILE, read_side(path))
-        if _model_type(path / "config.json") == "gpt2" or _has_gpt2_bpe_files(path):
-            return GPT2
-        raise CheckpointError(f"{path} has no {TOKENIZER_FILE}; pass a model directory with its tokenizer files, "
-                              f"or a tokenizer.json file")
-    return _hub_tokenizer(spec or ModelSpec(name=name), read_side)
+        return _folder_tokenizer(path, str(path))
+    return _hub_tokenizer(spec or ModelSpec(name=name))
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _folder_tokenizer(folder: Path, named: str, bare_is_gpt2: bool = False) -> Tokenizer:
+    """A model folder's tokenizer.json (with its side files); a GPT-2 folder without one: the bundled BPE (and with
+    bare_is_gpt2, a folder without a config.json: a bare weights file is a GPT-2 checkpoint)."""
+    if (folder / TOKENIZER_FILE).is_file():
+        return HFTokenizer(folder / TOKENIZER_FILE, _read_side(folder))
+    model_type = _model_type(folder / "config.json")
+    if model_type == "gpt2" or (bare_is_gpt2 and model_type is None) or _has_gpt2_bpe_files(folder):
+        return GPT2
+    raise CheckpointError(f"{named} has no {TOKENIZER_FILE}; pass a model directory with its tokenizer files, "
+                          f"or a tokenizer.json file")
+
+
+def _read_side(folder: Path) -> dict[str, dict]:
+    """The side files (SIDE_FILES) in `folder`, each a JSON object; and its config.json where it is one, whose
+    eos_token_id ends replies when there is no generation_config.json (as transformers' GenerationConfig
+    .from_model_config). A damaged config.json is the model loader's to report."""
+    side = {}
+    for f in SIDE_FILES:
+        if (folder / f).is_file():
+            try:
+                value = json.loads((folder / f).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise CheckpointError(f"{folder / f} is not readable JSON: {first_line(exc)}") from exc
+            if not isinstance(value, dict):
+                raise CheckpointError(f"{folder / f} must hold a JSON object ({{...}}), not {type(value).__name__} "
+                                      f"{json.dumps(value)[:40]}; restore the file from the checkpoint")
+            side[f] = value
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = None
+    if isinstance(config, dict):
+        side["config.json"] = config
+    return side
 
 
 def _has_gpt2_bpe_files(folder: Path) -> bool:
@@ -274,7 +301,7 @@ def _model_type(config_file: Path) -> str | None:
         return None
 
 
-def _hub_tokenizer(spec, read_side) -> Tokenizer:
+def _hub_tokenizer(spec) -> Tokenizer:
     # Here, not at the top: huggingface_hub and pretrained (torch) load only when a hub id is named.
     from huggingface_hub import hf_hub_download
 
@@ -293,4 +320,4 @@ def _hub_tokenizer(spec, read_side) -> Tokenizer:
                 pass
     except Exception as exc:  # huggingface_hub raises many types (network, auth, offline); all mean "not here"
         raise CheckpointError(hub_failure(spec.name, exc, spec.revision)) from exc
-    return HFTokenizer(tokenizer_file, read_side(tokenizer_file.parent))
+    return HFTokenizer(tokenizer_file, _read_side(tokenizer_file.parent))

@@ -187,3 +187,46 @@ def test_a_runs_model_tokenizer_goes_with_its_adapter(tmp_path):
     code, out, err = cli("merge", "--adapter", adapter, "--out", tmp_path / "merged", cwd=tmp_path.parent)
     assert code == 0, err
     assert (tmp_path / "merged" / "tokenizer.json").read_text() == (tmp_path / "qwen3" / "tokenizer.json").read_text()
+
+
+def test_a_weights_file_takes_the_tokenizer_of_its_folder(tmp_path):
+    """A single weights file of another family reads the tokenizer.json beside it, as its folder would (it once
+    got the bundled GPT-2 BPE); a folder with a config.json of another family and no tokenizer.json is one line."""
+    build(tmp_path, bos=True)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    alone, folder = load_tokenizer(str(tmp_path / "model.safetensors")), load_tokenizer(str(tmp_path))
+    assert isinstance(alone, HFTokenizer) and alone.encode("Hello there") == folder.encode("Hello there")
+    assert alone.eos_ids == folder.eos_ids and alone.bos_id == folder.bos_id
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "model.safetensors").write_bytes(b"")
+    assert isinstance(load_tokenizer(str(bare / "model.safetensors")), GPT2Tokenizer)  # no config.json: GPT-2
+    (bare / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    with pytest.raises(CheckpointError) as err:
+        load_tokenizer(str(bare / "model.safetensors"))
+    assert str(err.value) == (f"{bare / 'model.safetensors'}'s folder has no tokenizer.json; pass a model directory "
+                              f"with its tokenizer files, or a tokenizer.json file")
+
+
+def test_without_a_generation_config_the_eos_ids_of_config_json_end_replies(tmp_path):
+    """transformers builds the generation config from config.json when there is no generation_config.json; its
+    eos_token_id (an id or a list) then ends replies here too."""
+    ids = build(tmp_path, bos=True)
+    (tmp_path / "generation_config.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "eos_token_id": [ids["<|eot_id|>"], 7]}))
+    assert load_tokenizer(str(tmp_path)).eos_ids == (ids["<|end_of_text|>"], ids["<|eot_id|>"], 7)
+    theirs = transformers.GenerationConfig.from_model_config(transformers.AutoConfig.from_pretrained(str(tmp_path)))
+    assert theirs.eos_token_id == [ids["<|eot_id|>"], 7]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 5}))  # it wins where it exists
+    assert load_tokenizer(str(tmp_path)).eos_ids == (ids["<|end_of_text|>"], 5)
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "special_tokens_map.json", "generation_config.json"])
+def test_a_side_file_that_is_no_json_object_is_one_line(tmp_path, name):
+    build(tmp_path, bos=False)
+    (tmp_path / name).write_text("[1, 2]")
+    with pytest.raises(CheckpointError) as err:
+        load_tokenizer(str(tmp_path))
+    assert str(err.value) == (f"{tmp_path / name} must hold a JSON object ({{...}}), not list [1, 2]; restore the "
+                              f"file from the checkpoint")
