@@ -82,6 +82,12 @@ CONFIG_CASES = [
      'use_parallel_residual: "true" is not true or false; write true without quotes'),
     ("gpt_neox", TRANSFORMERS_4_ROPE, {"rotary_emb_base": "x"},
      'rotary_emb_base: "x" is not a finite number; write a number such as 10000'),
+    ("gpt_neox", TRANSFORMERS_4_ROPE, {"rotary_pct": 1.5},
+     "rotary_pct (partial_rotary_factor) 1.5 rotates 24 of each head's 16 features; it must be above 0 and at most 1, "
+     "rotating an even number"),
+    ("gpt_neox", (), {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.1}},
+     "rotary_pct (partial_rotary_factor) 0.1 rotates 1 of each head's 16 features; it must be above 0 and at most 1, "
+     "rotating an even number"),
 ]
 
 

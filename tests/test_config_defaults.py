@@ -151,6 +151,21 @@ def test_llama3_top_level_original_max_position_embeddings_wins_as_in_transforme
                                    original_max_position_embeddings=64), T=40)
 
 
+def test_rope_scaling_beside_rope_parameters_wins_as_in_transformers(tmp_path):
+    """transformers 5 takes a non-empty rope_scaling whole over rope_parameters (convert_rope_params_to_dict):
+    a config.json with llama3 rope_parameters and a default rope_scaling builds a default rotary; a yarn
+    rope_scaling is refused, whatever rope_parameters says."""
+    path = checkpoint(tmp_path / "default", "llama", sizes=dict(rope_scaling=LLAMA3),
+                      rope_scaling={"rope_type": "default"})
+    assert transformers.AutoConfig.from_pretrained(path).rope_parameters["rope_type"] == "default"
+    assert load_model(path, weights=False).model.config.rope_scaling is None
+    assert_logits_match(path, T=40)
+    path = checkpoint(tmp_path / "yarn", "llama", sizes=dict(rope_scaling=LLAMA3),
+                      rope_scaling={"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(CheckpointError, match=r"rope_scaling type 'yarn' is not supported; supported: "):
+        load_model(path, weights=False)
+
+
 def test_llama3_without_its_factors_is_one_line(tmp_path):
     path = checkpoint(tmp_path, "llama", sizes=dict(rope_scaling=LLAMA3),
                       rope_drop=("low_freq_factor", "high_freq_factor"))

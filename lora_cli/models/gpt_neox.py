@@ -58,6 +58,10 @@ class GPTNeoXConfig(HFNames):
                              f"({self.num_attention_heads})")
         if self.hidden_act != "gelu":
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; supported: gelu")
+        rotary = int(self.head_dim * self.rotary_pct)  # the features of each head that rotate
+        if not 0 < self.rotary_pct <= 1 or rotary < 2 or rotary % 2:
+            raise ValueError(f"rotary_pct (partial_rotary_factor) {self.rotary_pct} rotates {rotary} of each head's "
+                             f"{self.head_dim} features; it must be above 0 and at most 1, rotating an even number")
         rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
         if rope_type != "default":
             raise ValueError(f"rope_scaling type {rope_type!r} is not supported for gpt_neox; supported: default")

@@ -153,8 +153,10 @@ class LlamaConfig(HFNames):
 
 def rope_from_hf(d: dict, theta: float) -> dict:
     """rope_theta, rope_scaling (and partial_rotary_factor, when given) from a config.json written by transformers
-    4 (`rope_theta`, `rope_scaling`) or 5 (`rope_parameters`)."""
-    params = d.get("rope_parameters")
+    4 (`rope_theta`, `rope_scaling`) or 5 (`rope_parameters`). A non-empty rope_scaling replaces rope_parameters
+    whole, as transformers 5 reads a config.json that has both (RotaryEmbeddingConfigMixin.convert_rope_params_to_dict:
+    `rope_scaling or rope_parameters`; rope_theta then comes from the top level)."""
+    params = d.get("rope_scaling") or d.get("rope_parameters")
     if not isinstance(params, dict):
         return {"rope_theta": d.get("rope_theta", theta), "rope_scaling": d.get("rope_scaling")}
     for key, example in (("rope_theta", 10000.0), ("partial_rotary_factor", 0.25)):  # under config.json's names
