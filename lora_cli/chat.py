@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from lora_cli.adapter import OURS_FIX
 from lora_cli.chat_template import chat_ids, conversation, reply_ends, resolve_template
+from lora_cli.data import RepeatedKey, loads_unique
 from lora_cli.errors import ConfigError, ConversationError, LoraError
 from lora_cli.generate import StopText, stream_text
 from lora_cli.inference import Loaded
@@ -172,7 +173,10 @@ class ChatItem:
 
 def _parse(text: str, where: str) -> ChatItem:
     try:
-        value = json.loads(text)
+        value = loads_unique(text)
+    except RepeatedKey as exc:
+        raise ConversationError(f"{where}: an object names the key {exc.args[0]!r} twice, and only one value can be "
+                                "read; remove or rename one of them") from None
     except json.JSONDecodeError as exc:
         raise ConversationError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); give a conversation "
                                 'such as [{"role": "user", "content": "Hi"}]') from None

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from lora_cli.data import RESPONSE_ROLE, render_prompt
+from lora_cli.data import NOT_TEXT, RESPONSE_ROLE, RepeatedKey, cell_value, loads_unique, render_prompt
 from lora_cli.errors import ConfigError, DataError
 from lora_cli.inference import DataSettings
 
@@ -55,7 +55,16 @@ def record_values(record: Mapping[str, Any], settings: DataSettings, where: str,
                   template: bool = True) -> dict[str, str]:
     """Template fields for a JSON prompt record: its keys are roles (prompt / instruction, input) or the
     training file's column names. template=False (--no-template): the text fed as is (raw_prompt)."""
-    values = {str(k): ("" if v is None else str(v)) for k, v in record.items()}
+    read = {"prompt", "text", "instruction", "input", *settings.columns.values()}  # the fields a prompt reads
+    if settings.prompt_template is not None:
+        read |= {name for _, name, _, _ in string.Formatter().parse(settings.prompt_template) if name}
+    values = {}
+    for key, value in record.items():
+        text = cell_value(value)
+        if text is NOT_TEXT and str(key) in read:
+            kind = "list" if isinstance(value, list) else "object"
+            raise DataError(f"{where}: the field {str(key)!r} holds a JSON {kind}, not text; write its text")
+        values[str(key)] = "" if text is None or text is NOT_TEXT else text
     for role, column in settings.columns.items():
         if column in values and role not in values:
             values[role] = values[column]
@@ -169,7 +178,10 @@ def collect_prompts(prompts: Sequence[str], file: Path | None, as_json: bool, se
     for line, where in numbered_lines(read_text_file(file), str(file)):
         if as_json:
             try:
-                record = json.loads(line)
+                record = loads_unique(line)
+            except RepeatedKey as exc:
+                raise DataError(f"{where} names the key {exc.args[0]!r} twice, and only one value can be read; "
+                                "remove or rename one of them") from None
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where} is not valid JSON ({exc.msg} at column {exc.colno}); write one object "
                                 'per line, e.g. {"prompt": "..."}') from None

@@ -127,6 +127,19 @@ def test_bad_inputs(run, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"instruction": "ok"}\n{"instruction": \n')
     line = assert_one_line_error(*gen("--adapter", adapter, "--file", tmp_path / "bad.jsonl", "--json"))
     assert f"{tmp_path / 'bad.jsonl'} line 2 is not valid JSON" in line
+    # a key named twice (json would keep the last value), a field that is no text (it was fed as Python's repr)
+    (tmp_path / "twice.jsonl").write_text('{"instruction": "a", "instruction": "b"}\n')
+    line = assert_one_line_error(*gen("--adapter", adapter, "--file", tmp_path / "twice.jsonl", "--json"))
+    assert line == (f"error: {tmp_path / 'twice.jsonl'} line 1 names the key 'instruction' twice, and only one "
+                    f"value can be read; remove or rename one of them")
+    (tmp_path / "nested.jsonl").write_text('{"instruction": {"a": 1}, "meta": {"kept": true}}\n')
+    line = assert_one_line_error(*gen("--adapter", adapter, "--file", tmp_path / "nested.jsonl", "--json"))
+    assert line == (f"error: {tmp_path / 'nested.jsonl'} line 1: the field 'instruction' holds a JSON object, not "
+                    f"text; write its text")
+    twice = '[{"role": "user", "content": "a", "content": "b"}]'
+    line = assert_one_line_error(*gen("--adapter", adapter, "--chat", twice), expected_code=2)
+    assert line == ("error: --chat: an object names the key 'content' twice, and only one value can be read; remove "
+                    "or rename one of them")
     assert_one_line_error(*gen("--adapter", adapter), expected_code=2)  # no prompt
     assert_one_line_error(*gen("Hi"), expected_code=2)  # no model
     assert_one_line_error(*gen("--adapter", adapter, "Hi", "--greedy", "--temperature", 0.5),
@@ -165,7 +178,8 @@ def test_bad_inputs(run, tmp_path):
     make_hf_gpt2(tmp_path / "other", seed=4)
     line = assert_one_line_error(*gen("--adapter", adapter, "Hi", "--model", tmp_path / "other"))
     assert "fingerprint" in line
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.txt", "other"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.txt", "nested.jsonl", "other",
+                                                          "twice.jsonl"]
 
 
 def test_input_flag_needs_an_alpaca_template_that_reads_it():

@@ -257,23 +257,28 @@ def _check_records(text: str, path: Path, cfg: DataConfig, tsv: bool, quoting: i
     return header or [], lines
 
 
-class _RepeatedKey(Exception):
-    """A JSON object naming one key twice (json keeps the last value without a word)."""
+class RepeatedKey(Exception):
+    """A JSON object naming one key twice (json keeps the last value without a word); args[0]: the key."""
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     record: dict = {}
     for key, value in pairs:
         if key in record:
-            raise _RepeatedKey(key)
+            raise RepeatedKey(key)
         record[key] = value
     return record
 
 
+def loads_unique(text: str) -> Any:
+    """json.loads, raising RepeatedKey for an object that names a key twice (data files, prompt and chat input)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 def _read_json(text: str, path: Path) -> list[dict]:
     try:
-        data = json.loads(text, object_pairs_hook=_unique_keys)
-    except _RepeatedKey as exc:
+        data = loads_unique(text)
+    except RepeatedKey as exc:
         raise DataError(f"{path}: an object names the key {exc.args[0]!r} twice, and only one value can be read; "
                         "remove or rename one of them") from None
     except json.JSONDecodeError as exc:
@@ -301,8 +306,8 @@ def _read_jsonl(text: str, path: Path) -> tuple[list[dict], list[int]]:
         if not line:
             continue
         try:
-            item = json.loads(line, object_pairs_hook=_unique_keys)
-        except _RepeatedKey as exc:
+            item = loads_unique(line)
+        except RepeatedKey as exc:
             raise DataError(f"{path}: line {number} names the key {exc.args[0]!r} twice, and only one value can be "
                             "read; remove or rename one of them") from None
         except json.JSONDecodeError as exc:
