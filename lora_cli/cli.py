@@ -53,6 +53,8 @@ def info(
     """Architecture, exact parameter counts, and every linear layer LoRA can target."""
     from lora_cli.info import describe
 
+    if overrides and lora_config is None:  # nothing would read them
+        raise ConfigError("--set overrides keys of the --lora-config file: add --lora-config CONFIG, or drop --set")
     report = describe(model, random_init=random_init, lora_config=lora_config, overrides=overrides)
     if as_json:
         echo_json(report)
@@ -76,6 +78,9 @@ def info(
     typer.echo(f"linear layers ({len(report['linear_layers'])}; shorthands: {', '.join(report['shorthands'])}):")
     for name in report["linear_layers"]:
         typer.echo(f"  {name}")
+    if "tied_head" in report:
+        t = report["tied_head"]
+        typer.echo(f"  ({t['head']} shares {t['embedding']}'s weight: not a LoRA target)")
 
 
 # --------------------------------------------------------------------------------------------------- train

@@ -8,18 +8,20 @@ from lora_cli.config import ModelSpec, load_config
 from lora_cli.data import load_file
 from lora_cli.errors import ConfigError
 from lora_cli.inference import load_with_tokenizer
-from lora_cli.lora import apply_lora, count_parameters, estimate_adapter_bytes, shorthands, with_classification_head
+from lora_cli.lora import (apply_lora, count_parameters, estimate_adapter_bytes, shorthands, tied_names,
+                           with_classification_head)
 from lora_cli.pretrained import load_model, on_meta
 
 
 def describe(model: str, random_init: bool = False, lora_config: Path | None = None,
              overrides: list[str] | None = None) -> dict:
-    """Config, exact parameter count and linear layer names of `model`; with a run config, the trainable
+    """Config, exact parameter count and the names of the linear layers LoRA can target in `model`; with a run config, the trainable
     parameter count and adapter size its `lora` section would give. Weights are not loaded (meta device)."""
     spec = ModelSpec(name=model, init="random" if random_init else "pretrained")
     # A random preset as a run builds it: its vocabulary is its tokenizer's (the bundled GPT-2 BPE's 50,257)
     base = load_with_tokenizer(spec, weights=False)[0] if random_init else load_model(spec, weights=False)
     net = base.model
+    tied = tied_names(net)
     report = {
         "model": base.name,
         "source": base.source,
@@ -27,7 +29,9 @@ def describe(model: str, random_init: bool = False, lora_config: Path | None = N
         "config": net.config.to_dict(),
         "parameters": net.num_parameters(),
         "tied": net.tied,
-        "linear_layers": net.linear_names(),
+        # the layers LoRA can target: not a head that shares the input embedding's weight (named in "tied_head")
+        "linear_layers": [n for n in net.linear_names() if tied is None or n != tied[0]],
+        **({"tied_head": {"head": tied[0], "embedding": tied[1]}} if tied is not None else {}),
         "shorthands": shorthands(net),
     }
     raw = base.hf_config or {}

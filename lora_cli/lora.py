@@ -448,7 +448,7 @@ def _tied_to_input(model: nn.Module, module: nn.Linear) -> bool:
     return embed is not None and module.weight is embed.weight
 
 
-def _tied_names(model: nn.Module) -> tuple[str, str] | None:
+def tied_names(model: nn.Module) -> tuple[str, str] | None:
     """(the output head's name, the input embedding's name) when the head shares the embedding's weight
     (CausalLM.tied: GPT-2's lm_head and transformer.wte; Llama's lm_head and model.embed_tokens; GPT-NeoX's
     embed_out and gpt_neox.embed_in), else None."""
@@ -614,7 +614,7 @@ def resolve_targets(model: nn.Module, targets: list[str] | None, layers: list[in
         raise ConfigError("lora.targets must name at least one layer pattern (e.g. [attn.c_attn] or all-linear)")
     chosen: set[str] = set()
     unmatched: list[str] = []  # every pattern that matches nothing, reported together
-    tied = _tied_names(model)  # (head, input embedding) names when the head shares the embedding's weight
+    tied = tied_names(model)  # (head, input embedding) names when the head shares the embedding's weight
     for pattern in targets:
         pattern = str(pattern).strip()
         if pattern == "all-linear":

@@ -48,6 +48,8 @@ def test_info_lora_config_of_lora_settings_alone(tmp_path):
     line = assert_one_line_error(*cli("info", "gpt2", "--random", "--lora-config", tmp_path / "empty.yaml"),
                                  expected_code=2)
     assert line == f"error: {tmp_path / 'empty.yaml'}: the config is empty; it needs at least a lora section"
+    line = assert_one_line_error(*cli("info", "gpt2", "--random", "--set", "lora.r=4"), expected_code=2)
+    assert line == "error: --set overrides keys of the --lora-config file: add --lora-config CONFIG, or drop --set"
 
 
 # ------------------------------------------------------------------------------------ damaged weights files
@@ -129,3 +131,15 @@ def test_info_describes_a_random_preset_as_a_run_builds_it():
     report = json.loads(done.stdout)
     assert report["config"]["vocab_size"] == 50257
     assert report["parameters"] == 134_515_008 + (50257 - 49152) * 576
+    # the tied head is no LoRA target: named apart from the linear layers, which are the 7 of each of 30 blocks
+    assert "model.layers.0.self_attn.q_proj" in report["linear_layers"] and len(report["linear_layers"]) == 7 * 30
+    assert "lm_head" not in report["linear_layers"]
+    assert report["tied_head"] == {"head": "lm_head", "embedding": "model.embed_tokens"}
+    text = cli("info", "smollm2-135m", "--random").stdout
+    assert text.endswith("  model.layers.29.mlp.down_proj\n  (lm_head shares model.embed_tokens's weight: not a LoRA "
+                         "target)\n")
+
+
+def test_info_lists_an_untied_head_as_a_target():
+    report = json.loads(cli("info", "pythia-160m", "--random", "--json").stdout)  # GPT-NeoX: its own embed_out
+    assert report["linear_layers"][-1] == "embed_out" and "tied_head" not in report and not report["tied"]

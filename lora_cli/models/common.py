@@ -797,7 +797,7 @@ class CausalLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def linear_names(self) -> list[str]:
-        """Full names of every linear layer LoRA can target, in model order."""
+        """Full names of every linear layer, in model order (a tied head too, which LoRA cannot target)."""
         return [n for n, m in self.named_modules() if isinstance(m, nn.Linear)]
 
 
