@@ -169,12 +169,23 @@ def _local_model(path: Path, weights: bool, dtype: torch.dtype | None = None) ->
             state = read_state_dict(weight_file)
     else:
         _refuse_adapter_file(path)
+        _refuse_other_files(path)
         state = read_state_dict(path)
         config_file = path.parent / "config.json"  # a weights file inside its model's folder: the folder's config
         config = read_config(config_file) if config_file.is_file() else infer_config(state, path)
     model = build_model(config, state, path, dtype)
     raw = raw_config(config_file) if config_file.is_file() else None
     return BaseModel(model, "local", str(path), None, fingerprint(model.state_dict()), raw)
+
+
+def _refuse_other_files(path: Path) -> None:
+    """A file of a checkpoint that is not its weights (a shard index, config.json), or a GGUF export: one line."""
+    if path.name in SHARD_INDEXES or path.name == "config.json":
+        raise CheckpointError(f"{path} is the {'shard index' if path.name != 'config.json' else 'config'} of a "
+                              f"checkpoint, not its weights; pass the directory that holds it ({path.parent})")
+    if path.suffix.lower() == ".gguf":
+        raise CheckpointError(f"{path} is a GGUF file (llama.cpp's format), which lora-cli does not read; pass the "
+                              "Hugging Face checkpoint it came from (a directory, hub id or .safetensors file)")
 
 
 def _hub_model(spec: ModelSpec, weights: bool, dtype: torch.dtype | None = None) -> BaseModel:
@@ -357,7 +368,11 @@ def read_shards(index_file: Path, locate, only_fetch: bool = False, check_only: 
     try:
         weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
         shards = sorted(set(weight_map.values()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        odd = next((f for f in shards if not isinstance(f, str) or not f or Path(f).name != f), None)
+        if odd is not None:  # a shard is a file name beside the index
+            raise ValueError(f"weight_map names the shard {json.dumps(odd)}, not a file name")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError,
+            ValueError) as exc:
         raise CheckpointError(f"{index_file} is not a readable shard index (a JSON object with a weight_map): "
                               f"{first_line(exc)}") from exc
     state: dict[str, torch.Tensor] = {}

@@ -206,6 +206,30 @@ def test_sharded_checkpoint_loads_with_equal_logits(tmp_path):
         assert (ours.logits(ours(ids)) - hf(input_ids=ids).logits).abs().max().item() <= 1e-4
 
 
+def test_a_checkpoints_other_files_named_as_the_model_are_one_line(tmp_path):
+    """The shard index or config.json of a checkpoint, or a GGUF export, named where the weights belong: what the
+    file is, and what to pass instead (they were called truncated or corrupt); a weight_map naming no file name."""
+    from lora_cli.errors import CheckpointError
+
+    make_checkpoint(tmp_path, "llama", max_shard_size="40KB")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    for name, what in (("model.safetensors.index.json", "shard index"), ("config.json", "config")):
+        with pytest.raises(CheckpointError) as err:
+            load_model(str(tmp_path / name), weights=False)
+        assert str(err.value) == (f"{tmp_path / name} is the {what} of a checkpoint, not its weights; pass the "
+                                  f"directory that holds it ({tmp_path})")
+    with pytest.raises(CheckpointError, match=r"m.gguf is a GGUF file \(llama.cpp's format\), which lora-cli does not "
+                                              r"read; pass the Hugging Face checkpoint it came from"):
+        load_model(str(tmp_path / "m.gguf"))
+    index = tmp_path / "model.safetensors.index.json"
+    for shard in (3, "../model.safetensors", ""):
+        index.write_text(json.dumps({"weight_map": {"lm_head.weight": shard}}))
+        with pytest.raises(CheckpointError) as err:
+            load_model(str(tmp_path), weights=False)
+        assert str(err.value) == (f"{index} is not a readable shard index (a JSON object with a weight_map): "
+                                  f"weight_map names the shard {json.dumps(shard)}, not a file name")
+
+
 def test_sharded_bin_checkpoint_loads_and_info_checks_every_shard(tmp_path):
     """pytorch_model.bin.index.json with .bin shards (older Llama and Mistral fine-tunes) loads as the safetensors
     shards do; `lora info` (no weights read) checks the shards of either kind, and names a missing one."""
