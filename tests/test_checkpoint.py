@@ -120,7 +120,7 @@ def test_info_gpt2_exact_count():
     assert report["parameters"] == 124_439_808
     assert report["linear_layers"][:4] == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
                                            "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
-    assert len(report["linear_layers"]) == 49 and report["linear_layers"][-1] == "lm_head"
+    assert len(report["linear_layers"]) == 48 and report["tied_head"] == {"head": "lm_head", "embedding": "transformer.wte"}
     medium = json.loads(cli("info", "gpt2-medium", "--random", "--json").stdout)
     assert medium["parameters"] == 354_823_168
 
