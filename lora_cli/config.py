@@ -23,7 +23,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from lora_cli.errors import ConfigError, all_problems, did_you_mean, first_line, first_repeat
+from lora_cli.errors import ConfigError, LoraError, all_problems, did_you_mean, first_line, first_repeat
 
 ARCH_OVERRIDES = ("n_layer", "n_head", "n_embd", "n_positions")
 SEEDS = range(-2**63, 2**64)  # the seeds torch.Generator.manual_seed takes
@@ -705,6 +705,30 @@ def path_fields(cfg: RunConfig) -> list[tuple[Any, str]]:
     if cfg.model.init == "pretrained":
         fields.append((cfg.model, "name"))
     return fields
+
+
+def run_inputs(cfg: RunConfig) -> list[tuple[str, Path]]:
+    """The local files and folders a run reads, as (what, path): the config file (unless a run wrote it: a run
+    started again, perhaps with --set, from the config.yaml an earlier run saved) and the paths of path_fields
+    that exist, but for out_dir. rundir.prepare_out_dir keeps --overwrite off them."""
+    found = []
+    if cfg.source is not None and Path(cfg.source).is_file() and not _written_by_a_run(Path(cfg.source)):
+        found.append(("its config", Path(cfg.source)))
+    for owner, attr in path_fields(cfg):
+        value = getattr(owner, attr)
+        if attr == "out_dir" or value is None or value.startswith("hf://") or not Path(value).expanduser().exists():
+            continue
+        section = "model" if owner is cfg.model else "data"
+        found.append((f"{section}.{attr}", Path(value).expanduser()))
+    return found
+
+
+def _written_by_a_run(path: Path) -> bool:
+    """Whether the config file at `path` is a run's saved config.yaml: exactly what dump_config writes for it."""
+    try:
+        return path.read_text(encoding="utf-8") == dump_config(load_config(path), path.parent)
+    except (LoraError, OSError, UnicodeDecodeError):
+        return False
 
 
 def _resolve_paths(cfg: RunConfig, base: Path) -> None:

@@ -14,6 +14,7 @@ import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import yaml
@@ -169,10 +170,17 @@ def apply_checkpoint(payload: dict, model, optimizer) -> RunState:
     return RunState(**payload["state"])
 
 
-def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+# What a run writes into out_dir and --overwrite removes first (with TENSORBOARD_DIR, removed whole)
+RUN_FILES = (CHECKPOINT_FILE, ADAPTER_FILE, "metrics.jsonl", "loss.png", "config.yaml", "test.csv", "test.jsonl",
+             SAMPLES_FILE, RUNS_FILE)
+
+
+def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool,
+                    inputs: Sequence[tuple[str, Path]] = ()) -> None:
     """Check out_dir before anything is loaded. Nothing is created or deleted here: clear_out_dir and the first
     atomic write do that once the model and data have loaded, so a run that fails to start (bad data, a typo
-    in the model path) leaves out_dir, and an earlier run in it, as they were."""
+    in the model path) leaves out_dir, and an earlier run in it, as they were. inputs: (what, path) of the files
+    the run reads (run_inputs), none of which --overwrite may remove or replace."""
     if out_dir.exists() and not out_dir.is_dir():
         raise TrainingError(f"out_dir {out_dir} is a file; choose a directory path")
     if not out_dir.exists():
@@ -189,13 +197,20 @@ def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
         return
     if busy and not overwrite:
         raise TrainingError(f"out_dir {out_dir} is not empty; pass --resume to continue that run or --overwrite to replace it")
+    if busy:
+        replaced = {(out_dir / name).resolve() for name in RUN_FILES}
+        board = (out_dir / TENSORBOARD_DIR).resolve()
+        for what, path in inputs:
+            target = path.resolve()
+            if target in replaced or board in target.parents:
+                raise TrainingError(f"--overwrite would delete or replace {path}, which this run reads as {what}; "
+                                    f"move it out of out_dir {out_dir}, or choose another out_dir")
 
 
 def clear_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     """--overwrite: remove the earlier run's files, once the new run has loaded its model and data."""
     if overwrite and not resume:
-        for name in (CHECKPOINT_FILE, ADAPTER_FILE, "metrics.jsonl", "loss.png", "config.yaml", "test.csv", "test.jsonl",
-                     SAMPLES_FILE, RUNS_FILE):
+        for name in RUN_FILES:
             (out_dir / name).unlink(missing_ok=True)
         shutil.rmtree(out_dir / TENSORBOARD_DIR, ignore_errors=True)  # else the old run's events mix with the new
 

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from lora_cli.adapter import ADAPTER_FILE, save_adapter
-from lora_cli.config import RunConfig, dump_config
+from lora_cli.config import RunConfig, dump_config, run_inputs
 from lora_cli.data import batch_indices, collate, load_splits, pack, preview, split_batch, write_split
 from lora_cli.data.splits import check_max_length, source_problems
 from lora_cli.distributed import (
@@ -379,7 +379,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
 def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progress: bool,
            savings: Savings) -> TrainResult:
     out_dir = Path(cfg.out_dir)
-    dist.on_main(lambda: prepare_out_dir(out_dir, resume, overwrite))
+    dist.on_main(lambda: prepare_out_dir(out_dir, resume, overwrite, run_inputs(cfg)))
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     s = build(cfg, dist=dist, savings=savings)

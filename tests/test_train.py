@@ -282,3 +282,28 @@ def test_a_run_capped_mid_epoch_says_so_and_logs_fractional_epochs(tmp_path):
     assert cli("train", str(cfg), "--quiet").rc == 0
     last_two = read_metrics(tmp_path / "out")[-2:]
     assert [(m["step"], m["epoch"]) for m in last_two] == [(3, 0.75), (3, 0.75)] and "val_loss" in last_two[1]
+
+
+def test_overwrite_never_deletes_or_replaces_the_runs_own_inputs(tmp_path):
+    """--overwrite removes the earlier run's files (rundir.RUN_FILES): refused, before anything is written, where
+    one of them is what this run reads (a data.test named test.jsonl, a hand-written config.yaml in out_dir); a run
+    started again from the config.yaml a run saved is no such input, with --set changes too."""
+    cfg = write_config(tmp_path, "  max_steps: 2\n")
+    out = tmp_path / "out"
+    assert cli("train", str(cfg), "--quiet").rc == 0
+    (out / "test.jsonl").write_text('{"instruction": "Repeat the word sun.", "input": "", "output": "sun sun sun"}\n')
+    before = sorted(p.name for p in out.iterdir())
+    done = cli("train", str(cfg), "--quiet", "--overwrite", "--set", "data.test=out/test.jsonl")
+    assert assert_one_line_error(*done) == (f"error: --overwrite would delete or replace {out / 'test.jsonl'}, which "
+                                            f"this run reads as data.test; move it out of out_dir {out}, or choose "
+                                            f"another out_dir")
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert cli("train", str(out / "config.yaml"), "--quiet", "--overwrite", "--set", "train.max_steps=3").rc == 0
+    assert "max_steps: 3" in (out / "config.yaml").read_text()
+    mine = out / "config.yaml"
+    mine.write_text("# mine\n" + mine.read_text())
+    done = cli("train", str(mine), "--quiet", "--overwrite")
+    assert assert_one_line_error(*done) == (f"error: --overwrite would delete or replace {mine}, which this run "
+                                            f"reads as its config; move it out of out_dir {out}, or choose another "
+                                            f"out_dir")
+    assert mine.read_text().startswith("# mine\n")
