@@ -8,10 +8,12 @@ one that never stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+from array import array
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -57,6 +59,22 @@ RESUME_FREE = {f"train.{k}" for k in (
     "batch_size", "grad_accum", "global_batch_size", "strategy", "eval_every", "eval_max_batches", "save_every",
     "log_every", "early_stopping_patience", "skip_nonfinite_steps", "device", "gradient_checkpointing",
     "share_prefix", "num_threads", "report_to", "run_name", "samples", "sample_max_new_tokens")} | {"out_dir"}
+
+
+# The key of trained_settings' digest of the encoded examples: a data file edited under the same path changes it
+DATA_DIGEST = "data (the encoded train and validation examples)"
+
+
+def examples_digest(splits) -> str:
+    """A digest of the encoded train and validation examples (ids, loss mask, class) of a data.DataSplits."""
+    digest = hashlib.sha256()
+    for name, examples in (("train", splits.train), ("val", splits.val)):
+        digest.update(f"{name} {len(examples)}\n".encode())
+        for e in examples:
+            digest.update(array("q", e.ids).tobytes())
+            digest.update(bytes(e.loss_mask))
+            digest.update(f"|{e.label}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def trained_settings(cfg: RunConfig, out_dir: Path) -> dict:
@@ -122,7 +140,13 @@ def read_checkpoint(out_dir: Path, model, global_batch: int | None = None, one_m
     saved_settings = payload.get("settings")  # absent from the checkpoints of older lora-cli versions
     if settings is not None and isinstance(saved_settings, dict):
         now = settings
-        changed = next((k for k in [*saved_settings, *now] if saved_settings.get(k) != now.get(k)), None)
+        changed = next((k for k in [*saved_settings, *now] if saved_settings.get(k) != now.get(k)
+                        and (k != DATA_DIGEST or k in saved_settings)), None)  # older checkpoints have no digest
+        if changed == DATA_DIGEST:
+            raise TrainingError(
+                f"--resume: the training data differs from what checkpoint {path} was trained on (a data file "
+                "changed under the same path, or the tokenizer did); a resume continues the same run: restore the "
+                "data, or start again with --overwrite")
         if changed is not None:
             raise TrainingError(
                 f"--resume: checkpoint {path} was written with {changed}: {saved_settings.get(changed)!r}, this run "

@@ -47,7 +47,8 @@ from lora_cli.inference import load_with_tokenizer
 from lora_cli.prompts import escape_line
 from lora_cli.rundir import (
     RunState, apply_checkpoint, clear_out_dir, last_checkpoint_note, order_changed_note, plot_losses, prepare_out_dir,
-    read_checkpoint, read_history, save_checkpoint, trainable_named, trained_settings, trim_metrics,
+    DATA_DIGEST, examples_digest, read_checkpoint, read_history, save_checkpoint, trainable_named,
+    trained_settings, trim_metrics,
 )
 from lora_cli.runtime import DTYPES, autocast_for, resolve_device, resolve_precision
 from lora_cli.samples import SAMPLES_FILE, decode_samples
@@ -178,8 +179,9 @@ class Setup:
 
     @cached_property
     def trained_settings(self) -> dict:
-        """The settings a resume is held to (rundir.trained_settings): read once, written with every checkpoint."""
-        return trained_settings(self.cfg, self.out_dir)
+        """The settings a resume is held to (rundir.trained_settings) and a digest of the examples they gave
+        (rundir.examples_digest: an edited data file keeps its path): made once, written with every checkpoint."""
+        return {**trained_settings(self.cfg, self.out_dir), DATA_DIGEST: examples_digest(self.data)}
 
     @property
     def global_batch(self) -> int:

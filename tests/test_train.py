@@ -9,6 +9,7 @@ import torch
 
 from helpers import assert_one_line_error, cli, python
 from lora_cli.config import load_config
+from lora_cli.rundir import DATA_DIGEST
 from lora_cli.train import build, lr_at, train, _epoch_batches
 
 TINY_MODEL = "{name: gpt2, init: random, n_layer: 2, n_head: 2, n_embd: 64, n_positions: 256, seed: 7}"
@@ -143,7 +144,7 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path):
     old = tmp_path.parent / f"{tmp_path.name}-old-format"
     shutil.copytree(tmp_path, old)
     payload = torch.load(old / "out" / "checkpoint" / "state.pt", weights_only=True)
-    del payload["global_batch"], payload["batch_order"]
+    del payload["global_batch"], payload["batch_order"], payload["settings"][DATA_DIGEST]  # nor the data digest
     assert payload["state"]["batch_in_epoch"] == 4  # at the first epoch's end: the next is drawn whole
     torch.save(payload, old / "out" / "checkpoint" / "state.pt")
     done = cli("train", str(old / cfg.name), "--resume", "--quiet")
@@ -167,6 +168,16 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path):
             f"error: --resume: checkpoint {tmp_path / 'out' / 'checkpoint' / 'state.pt'} was written with "
             f"{change.split('=')[0]}: {was}, this run has {now}; a resume continues the same run: keep its settings "
             f"({tmp_path / 'out' / 'config.yaml'}) or start again with --overwrite")
+    # the data too: a file edited under the same path (one target word here) is another run's data
+    data = tmp_path / "train.json"
+    original = data.read_text()
+    data.write_text(original.replace('"apple apple apple"', '"apple apple pear"'))
+    again = cli("train", str(cfg), "--resume", "--quiet")
+    assert again.rc == 1 and assert_one_line_error(*again) == (
+        f"error: --resume: the training data differs from what checkpoint {tmp_path / 'out' / 'checkpoint' / 'state.pt'} "
+        "was trained on (a data file changed under the same path, or the tokenizer did); a resume continues the same "
+        "run: restore the data, or start again with --overwrite")
+    data.write_text(original)
     assert (tmp_path / "out" / "config.yaml").read_text() == config_yaml
     assert cli("train", str(cfg), "--resume", "--quiet", "--set", "train.log_every=3").rc == 0
 
