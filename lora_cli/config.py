@@ -297,6 +297,49 @@ def _yaml_lines(text: str) -> dict[str, int]:
     return lines
 
 
+# The most values a config's YAML may hold once its aliases are expanded: a run config has a few dozen, and
+# aliases of aliases ("billion laughs") expand exponentially; every later step (validation, messages) walks them.
+YAML_VALUES_MAX = 10_000
+
+
+def _alias_problem(text: str) -> str | None:
+    """':3: ...' where a YAML alias refers to a value that holds it (a loop), or ': ...' where aliases expand the
+    config past YAML_VALUES_MAX values; else None. (_yaml_lines and _duplicate_key walk aliases: they need this
+    first.)"""
+    try:
+        root = yaml.compose(text)
+    except (yaml.YAMLError, RecursionError):
+        return None
+    sizes: dict[int, int] = {}  # values under each node, its aliases expanded (a node aliased twice is one object)
+    ancestors: set[int] = set()
+
+    def size(node) -> int:
+        if id(node) in ancestors:
+            raise _AliasLoop(node.start_mark.line + 1)
+        if id(node) not in sizes:
+            children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                        else node.value if isinstance(node, yaml.SequenceNode) else [])
+            ancestors.add(id(node))
+            sizes[id(node)] = 1 + sum(size(child) for child in children)
+            ancestors.discard(id(node))
+        return sizes[id(node)]
+
+    try:
+        total = 0 if root is None else size(root)
+    except _AliasLoop as loop:
+        return f":{loop.args[0]}: a YAML alias refers to a value that holds it (a loop); write the value out"
+    except RecursionError:
+        return ": the YAML is nested too deeply; write the values out"
+    if total > YAML_VALUES_MAX:
+        return (f": its YAML aliases expand it to {total:,} values (at most {YAML_VALUES_MAX:,}); write the values "
+                "out")
+    return None
+
+
+class _AliasLoop(Exception):
+    """A YAML node reached again below itself; args[0]: its line."""
+
+
 def _duplicate_key(text: str) -> str | None:
     """':7: key data appears twice (first on line 2); keep one' for the first key a YAML mapping repeats, else None.
     YAML forbids it, but PyYAML keeps the last one silently: a config's earlier setting would vanish."""
@@ -359,7 +402,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, whole_run:
         where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or first_line(exc, limit=10_000)
         raise ConfigError(f"{path}{where}: invalid YAML: {problem}; fix the syntax") from exc
-    duplicate = _duplicate_key(text)
+    duplicate = _alias_problem(text) or _duplicate_key(text)
     if duplicate:
         raise ConfigError(f"{path}{duplicate}")
     if raw is None:

@@ -78,6 +78,12 @@ def test_every_problem_reported_at_once_with_lines(tmp_path):
 @pytest.mark.parametrize("text,message", [
     ("model: gpt2\ndata: {train: a.json\n", "invalid YAML"),
     ("", "the config is empty"),
+    # YAML aliases: a loop, and aliases of aliases ("billion laughs": 9 levels of 9) are one line, not a hang
+    ("model: gpt2\ndata: {train: a.json}\nlora: {targets: &a [attn.c_attn, *a]}\n",
+     "{tmp}/c.yaml:3: a YAML alias refers to a value that holds it (a loop); write the value out"),
+    ("model: gpt2\ndata: {train: a.json}\na0: &a0 [x, x, x, x, x, x, x, x, x]\n"
+     + "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10)),
+     "{tmp}/c.yaml: its YAML aliases expand it to 4,412,961,522 values (at most 10,000); write the values out"),
     ("- a\n- b\n", "must be a mapping of keys"),
     ("data: {train: a.json}\n", "model: is required"),
     ("model: gpt2\nmodle: x\ndata: {train: a.json}\n", "line 2: modle: unknown key (did you mean model?)"),
