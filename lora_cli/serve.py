@@ -461,7 +461,7 @@ def build_app(engine: Engine, api_key: str | None = None):
     from fastapi import APIRouter, Depends, FastAPI, Request  # the `serve` extra: only `lora serve` needs it
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from pydantic import BaseModel, ConfigDict, Field
+    from pydantic import BaseModel, ConfigDict, Field, field_validator
     from starlette.exceptions import HTTPException
 
     class ClosingStreamingResponse(StreamingResponse):
@@ -501,11 +501,31 @@ def build_app(engine: Engine, api_key: str | None = None):
         logit_bias: dict | None = None
         response_format: dict | None = None
 
+        @field_validator("temperature", "top_p", "stream", "n", "frequency_penalty", "presence_penalty",
+                         mode="before")
+        @classmethod
+        def _null_is_the_default(cls, value, info):  # OpenAI's API takes null for "the default", as clients send
+            return cls.model_fields[info.field_name].default if value is None else value
+
+        @field_validator("logprobs", mode="before")
+        @classmethod
+        def _no_logprobs(cls, value):  # 0 == False would pass the Literal, and OpenAI's logprobs: 0 asks for them
+            if value is not None and value is not False:
+                raise ValueError("this server returns no log-probabilities; leave logprobs out, or false")
+            return value
+
     class CompletionRequest(Sampling):
         prompt: Any  # checked by _prompt_ids, with a clearer message than a union's
         echo: Literal[False] = False
         best_of: Literal[None, 1] = None
         suffix: Literal[None] = None
+
+        @field_validator("echo", mode="before")
+        @classmethod
+        def _no_echo(cls, value):  # 0 == False would pass the Literal
+            if value is not None and value is not False:
+                raise ValueError("this server does not echo the prompt; leave echo out, or false")
+            return False
 
     class ChatRequest(Sampling):
         messages: list[dict] = Field(min_length=1)
@@ -531,13 +551,51 @@ def build_app(engine: Engine, api_key: str | None = None):
     async def _api_error(request, exc: ApiError):
         return error(exc)
 
-    @app.middleware("http")
-    async def _body_limit(request: Request, call_next):
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return error(ApiError(413, f"the request body has {int(length):,} bytes, more than the {MAX_BODY_BYTES:,} "
-                                       "this server reads; send a shorter prompt", None, "request_too_large"))
-        return await call_next(request)
+    def too_large(size: int | None) -> ApiError:
+        """413 for a body of `size` bytes (its Content-Length), or None: one that passed the limit as it arrived."""
+        what = (f"has {size:,} bytes, more than the {MAX_BODY_BYTES:,}" if size is not None
+                else f"passed the {MAX_BODY_BYTES:,} bytes")
+        return ApiError(413, f"the request body {what} this server reads; send a shorter prompt", None,
+                        "request_too_large")
+
+    class BodyLimit:
+        """ASGI middleware: a request body over MAX_BODY_BYTES gets its 413 before the app sees it, by its
+        Content-Length, or, sent without one (chunked), as soon as that many bytes have arrived. Below the limit
+        the body is read here and handed on whole (the app reads all of it anyway), and what the client sends
+        after it (a disconnect) reaches the app as it comes."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.inner(scope, receive, send)
+            length = dict(scope.get("headers") or []).get(b"content-length", b"").decode("latin-1")
+            if length.isdigit() and int(length) > MAX_BODY_BYTES:
+                return await error(too_large(int(length)))(scope, receive, send)
+            chunks, size, more = [], 0, True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":  # the client left before its body was whole
+                    return
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if size > MAX_BODY_BYTES:
+                    return await error(too_large(None))(scope, receive, send)
+                more = message.get("more_body", False)
+            whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            handed = False
+
+            async def replay():
+                nonlocal handed
+                if not handed:
+                    handed = True
+                    return whole
+                return await receive()
+
+            await self.inner(scope, replay, send)
+
+    app.add_middleware(BodyLimit)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):

@@ -372,6 +372,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
         ({**good, "logit_bias": {"44160": -100}}, auth, 400, "logit_bias", None),
         ({**good, "response_format": {"type": "json_object"}}, auth, 400, "response_format", None),
         ({**good, "prompt": "x" * (8 * 2**20)}, auth, 413, None, "request_too_large"),
+        ({**good, "logprobs": 0}, auth, 400, "logprobs", None),  # 0 == False, but OpenAI's 0 asks for them
+        ({**good, "echo": 0}, auth, 400, "echo", None),
         ([good], auth, 400, None, None),
         (good, {"Authorization": "Bearer wrong"}, 401, None, "invalid_api_key"),
         (good, {}, 401, None, "invalid_api_key"),
@@ -386,6 +388,25 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
         assert (err["param"], err["code"]) == (param, code), r.text
         r = httpx.post(url + "/v1/completions", json=good, headers=auth)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    # a body without a Content-Length (chunked) is counted as it arrives: refused once past the limit
+    def chunks():
+        yield b'{"model": "inst", "prompt": "'
+        for _ in range(9):
+            yield b"x" * 2**20
+        yield b'"}'
+    r = httpx.post(url + "/v1/completions", content=chunks(), headers={**auth, "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"] == {
+        "message": "the request body passed the 8,388,608 bytes this server reads; send a shorter prompt",
+        "type": "invalid_request_error", "param": None, "code": "request_too_large"}, r.text
+    small = iter([json.dumps(good).encode()])
+    r = httpx.post(url + "/v1/completions", content=small, headers={**auth, "Content-Type": "application/json"})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    # null is the default for every optional field, as OpenAI's API takes it
+    nulls = {**good, "temperature": None, "top_p": None, "n": None, "stream": None, "stop": None, "seed": None,
+             "frequency_penalty": None, "presence_penalty": None, "logprobs": None, "echo": None}
+    r = httpx.post(url + "/v1/completions", json={**nulls, "temperature": 0}, headers=auth)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == httpx.post(
+        url + "/v1/completions", json=good, headers=auth).json()["choices"][0]["text"]
     # their no-op values are fine, as OpenAI's clients send them
     noop = {**good, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {}, "response_format": {"type": "text"}}
     r = httpx.post(url + "/v1/completions", json=noop, headers=auth)
