@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from lora_cli.adapter import ADAPTER_FILE, Adapter, attach_adapter
+from lora_cli.adapter import ADAPTER_FILE, PEFT_CHAT_TEMPLATE, PEFT_CONFIG, PEFT_WEIGHTS, Adapter, attach_adapter
 from lora_cli.config import DataConfig, RunConfig, load_config
 from lora_cli.data import (
     FLAG_HINTS, RESPONSE_ROLE, cell_value, row_label, detect_format, encode_records, load_file, load_splits, read_table, render_prompt,
@@ -204,6 +204,19 @@ class EvalOptions:
     overwrite: bool = False  # --overwrite: --predictions and --plot may replace existing files
     skip_bad_rows: bool = False  # --skip-bad-rows: rows with a missing or empty field are skipped and counted
 
+    def inputs(self) -> list[tuple[str, Path]]:
+        """(what, path) of the local files the evaluation reads by its flags: --predictions and --plot may not
+        replace them, not even with --overwrite. An adapter directory: the files an adapter is read from."""
+        found = [(what, Path(str(p)).expanduser()) for what, p in (
+            ("the --data file", self.data), ("the run config", self.config), ("the --model", self.model))
+            if p is not None and Path(str(p)).expanduser().is_file()]
+        if self.adapter is not None:
+            adapter = Path(self.adapter).expanduser()
+            names = (ADAPTER_FILE, "config.yaml", PEFT_CONFIG, *PEFT_WEIGHTS, PEFT_CHAT_TEMPLATE)
+            found += [("the adapter", adapter)] if adapter.is_file() else \
+                [("a file of the adapter", adapter / name) for name in names if (adapter / name).is_file()]
+        return found
+
     def check(self) -> None:
         """The flags' own errors, before any file is read."""
         if self.data is None and self.config is None:
@@ -248,6 +261,9 @@ class EvalOptions:
         for flag, path in (("--predictions", self.predictions), ("--plot", self.plot)):
             if path is not None:  # before the evaluation, not after it
                 check_output_file(path, flag, self.overwrite)
+                read = next((what for what, file in self.inputs() if file.resolve() == Path(path).resolve()), None)
+                if read is not None:
+                    raise ConfigError(f"{flag} {path} is {read}, which this evaluation reads; choose another file")
         if self.meteor:
             why = meteor_unavailable()
             if why:

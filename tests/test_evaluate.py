@@ -166,6 +166,18 @@ def test_generate_groups_references_per_prompt(run, tmp_path):
     code, _, err = cli(*args, "--overwrite", "--batch-size", "2", "--json")
     assert code == 0, err
     assert preds.read_text() == written  # the same greedy outputs, written again
+    # never over a file the evaluation reads, even with --overwrite: the data, the adapter (file or directory)
+    data = (tmp_path / "e2e.csv").read_bytes()
+    line = assert_one_line_error(*cli(*args[:-1], tmp_path / "e2e.csv", "--overwrite"), expected_code=2)
+    assert line == (f"error: --predictions {tmp_path / 'e2e.csv'} is the --data file, which this evaluation reads; "
+                    "choose another file")
+    assert (tmp_path / "e2e.csv").read_bytes() == data
+    adapter = root / "out" / "adapter.safetensors"
+    for given in (adapter, adapter.parent):
+        line = assert_one_line_error(*cli("eval", "--adapter", given, "--data", root / "heldout.json", "--generate",
+                                          "--predictions", adapter, "--overwrite"), expected_code=2)
+        what = "the adapter" if given == adapter else "a file of the adapter"
+        assert line == f"error: --predictions {adapter} is {what}, which this evaluation reads; choose another file"
 
 
 def test_bad_inputs_one_line_and_nothing_written(run, tmp_path):
