@@ -201,6 +201,12 @@ def test_prompt_completion_default_and_custom_templates(tmp_path):
     ("twice.json", '[{"messages": [{"role": "user", "role": "assistant", "content": "x"}]}]', DataError,
      "twice.json: an object names the key 'role' twice, and only one value can be read; remove or rename one of "
      "them"),
+    # json reads 1e400 and Infinity as inf (a label 1e400 became the class "inf"); NaN stays a missing value
+    ("inf.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 1e400}\n', DataError,
+     "inf.jsonl: line 2 holds the number 1e400, which is no finite number; write a finite number, or quote it to "
+     "keep it as text"),
+    ("inf.json", '[{"text": "a", "label": -Infinity}]', DataError,
+     "inf.json: a value holds the number -Infinity, which is no finite number"),
     ("long.csv", "prompt,completion\na,b\nc,d,e\nf,g\nh,i,j\n", DataError,
      "long.csv: row 2 (line 3) has 3 fields, expected 2 (prompt, completion) (1 more rows like it); quote fields "
      "that contain commas"),

@@ -15,6 +15,7 @@ import codecs
 import csv
 import io
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -275,12 +276,40 @@ def loads_unique(text: str) -> Any:
     return json.loads(text, object_pairs_hook=_unique_keys)
 
 
+class NotFinite(Exception):
+    """A JSON number no float holds (1e400) or a NaN / Infinity literal; args[0]: it as written."""
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise NotFinite(text)
+    return value
+
+
+def _nan_only(text: str) -> float:
+    if text != "NaN":  # Python's json.dumps writes NaN for a missing float: read as missing (encode.cell_value)
+        raise NotFinite(text)
+    return math.nan
+
+
+def _load_record(text: str) -> Any:
+    """A data file's JSON: loads_unique, and NotFinite where json would read an infinity (a number past the
+    float range, 1e400, or an Infinity literal: a label 1e400 became the class "inf")."""
+    return json.loads(text, object_pairs_hook=_unique_keys, parse_float=_finite, parse_constant=_nan_only)
+
+
+NOT_FINITE = "holds the number {}, which is no finite number; write a finite number, or quote it to keep it as text"
+
+
 def _read_json(text: str, path: Path) -> list[dict]:
     try:
-        data = loads_unique(text)
+        data = _load_record(text)
     except RepeatedKey as exc:
         raise DataError(f"{path}: an object names the key {exc.args[0]!r} twice, and only one value can be read; "
                         "remove or rename one of them") from None
+    except NotFinite as exc:
+        raise DataError(f"{path}: a value {NOT_FINITE.format(exc.args[0])}") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}; fix the "
                         "syntax (a .json file holds one list of objects; use .jsonl for one object per line)") from None
@@ -306,10 +335,12 @@ def _read_jsonl(text: str, path: Path) -> tuple[list[dict], list[int]]:
         if not line:
             continue
         try:
-            item = loads_unique(line)
+            item = _load_record(line)
         except RepeatedKey as exc:
             raise DataError(f"{path}: line {number} names the key {exc.args[0]!r} twice, and only one value can be "
                             "read; remove or rename one of them") from None
+        except NotFinite as exc:
+            raise DataError(f"{path}: line {number} {NOT_FINITE.format(exc.args[0])}") from None
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: line {number} is not valid JSON ({exc.msg} at column {exc.colno}); fix or "
                             "remove that line") from None
