@@ -34,7 +34,7 @@ import torch
 import safetensors.torch
 from safetensors import safe_open
 
-from lora_cli.pretrained import CONV1D_SUFFIXES, BaseModel, key_mismatch, read_state_dict
+from lora_cli.pretrained import CONV1D_SUFFIXES, BaseModel, key_mismatch, meta_model, read_state_dict
 from lora_cli.chat_template import template_problem
 from lora_cli.config import (BUILTIN_CHAT_TEMPLATES, DATA_FORMATS, FORMAT_CHOICES, MUTATING_INITS, RESPONSE_ROLE,
                              TASKS, TRAIN_ON, LoraConfig, is_inline_template, parse_template)
@@ -95,6 +95,11 @@ PEFT_UNSUPPORTED = {
     "use_qalora": (False, None),
     "use_bdlora": (None, False, {}),
     "megatron_config": (None, {}),
+    # LoRA variants with weights or a forward of their own (PEFT's is_lora_variant fields; DoRA is read as use_dora)
+    "velora_config": (None, {}),
+    "kasa_config": (None, {}),
+    "monteclora_config": (None, {}),
+    "arrow_config": (None, {}),
 }
 
 
@@ -458,6 +463,13 @@ def attach_adapter(base: BaseModel | torch.nn.Module, adapter: Adapter | str | o
         for key, param in expected.items():
             param.copy_(adapter.tensors[key])
     return model
+
+
+def check_fits(base: BaseModel, adapter: Adapter, allow_mismatch: bool = False) -> None:
+    """attach_adapter's checks (family, fingerprint, targets, tensor names and shapes) on a meta copy of the base's
+    architecture, the base left bare: a command that measures the bare base first refuses a misfit before its
+    work and its output begin."""
+    attach_adapter(replace(base, model=meta_model(base.model.config)), adapter, allow_mismatch)
 
 
 def task_head_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

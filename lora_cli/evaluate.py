@@ -15,7 +15,8 @@ from typing import Callable
 
 import torch
 
-from lora_cli.adapter import ADAPTER_FILE, PEFT_CHAT_TEMPLATE, PEFT_CONFIG, PEFT_WEIGHTS, Adapter, attach_adapter
+from lora_cli.adapter import (ADAPTER_FILE, PEFT_CHAT_TEMPLATE, PEFT_CONFIG, PEFT_WEIGHTS, Adapter,
+                              check_fits)
 from lora_cli.config import DataConfig, RunConfig, load_config
 from lora_cli.data import (
     FLAG_HINTS, RESPONSE_ROLE, cell_value, row_label, detect_format, encode_records, load_file, load_splits, read_table, render_prompt,
@@ -370,9 +371,8 @@ def load_subject(options: EvalOptions) -> Subject:
                           "--prompt-template")
     if options.plot is not None and settings.task != "classification":
         raise ConfigError("--plot draws a classifier's confusion matrix; this is not a classification adapter")
-    want = adapter_obj.base_model.get("fingerprint") if adapter_obj is not None else None
-    if want and base.fingerprint and want != base.fingerprint and not options.allow_mismatch:
-        attach_adapter(base, adapter_obj)  # it checks the fingerprint before it touches the model: its message, now
+    if adapter_obj is not None:  # the bare base is measured first: a misfit is its message now, before the data's
+        check_fits(base, adapter_obj, options.allow_mismatch)
     place(base.model, device, inference_dtype(options.precision, device))
     # fp32 weights keep the default autocast (bf16 on CUDA); bf16/fp16 weights compute in their own dtype
     autocast = autocast_for(device, resolve_precision("auto", device) if options.precision == "fp32" else options.precision)

@@ -105,7 +105,8 @@ def on_meta():
         yield
 
 
-def _meta_model(config) -> CausalLM:
+def meta_model(config) -> CausalLM:
+    """The architecture of `config` on the meta device: shapes only."""
     with on_meta():
         return new_model(config)
 
@@ -139,7 +140,7 @@ def _random_model(spec: ModelSpec, weights: bool) -> BaseModel:
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model: bad architecture override: {exc}") from exc
     if not weights:
-        return BaseModel(_meta_model(config), "random", preset, None, "")
+        return BaseModel(meta_model(config), "random", preset, None, "")
     model = new_model(config)
     model.init_weights(torch.Generator().manual_seed(spec.seed))
     return BaseModel(model, "random", preset, None, fingerprint(model.state_dict()), raw)
@@ -159,7 +160,7 @@ def _local_model(path: Path, weights: bool, dtype: torch.dtype | None = None) ->
                 headers = read_shards(weight_file, lambda name: path / name, check_only=True)
             else:
                 headers = header_tensors(check_weights_file(weight_file))
-            model = _meta_model(config)
+            model = meta_model(config)
             if headers:  # safetensors headers name every tensor's shape and dtype: check them as loading would
                 checked_tensors(model, headers, path)
             return BaseModel(model, "local", str(path), None, "", raw_config(config_file))
@@ -205,7 +206,7 @@ def _hub_model(spec: ModelSpec, weights: bool, dtype: torch.dtype | None = None)
         config_file = fetch("config.json")
         if not weights:
             config = read_config(config_file)
-            return BaseModel(_meta_model(config), "hub", repo_id, config_file.parent.name, "", raw_config(config_file))
+            return BaseModel(meta_model(config), "hub", repo_id, config_file.parent.name, "", raw_config(config_file))
         weight_file = None
         for candidate in WEIGHT_FILES:
             try:
@@ -531,7 +532,7 @@ def build_model(config, state: dict[str, torch.Tensor], path: Path, keep: torch.
     loads without an fp32 copy of its linear layers (peak memory about its size, not 3x). These are the weights
     train stores in that dtype anyway (models.cast_frozen_linears_, which turns a trained one back to fp32), and
     the bf16 -> fp32 -> bf16 round trip is exact, so the run computes the same."""
-    model = _meta_model(config)
+    model = meta_model(config)
     head = model.lm_head
     linear = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
               for p in ("weight", "bias")} if keep is not None else set()

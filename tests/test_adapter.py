@@ -277,6 +277,14 @@ def test_peft_dir_problems(tiny, tmp_path):
     (out / "adapter_config.json").write_text(json.dumps({**config, "layer_replication": [[0, 1]]}))
     with pytest.raises(AdapterError, match="layer_replication = \\[\\[0, 1\\]\\] is not supported"):
         load_adapter(out)
+    # LoRA variants with tensors or a forward of their own: named, not reported as a base that does not fit
+    for key, value in (("velora_config", {"rank": 1}), ("kasa_config", {"enabled": True}),
+                       ("monteclora_config", {"n": 2}), ("arrow_config", {"top_k": 2})):
+        (out / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(AdapterError) as err:
+            load_adapter(out)
+        assert str(err.value) == (f"{out / 'adapter_config.json'}: {key} = {value!r} is not supported by lora-cli; "
+                                  "export the adapter without it")
 
 
 def test_other_bad_paths(tiny, tmp_path):

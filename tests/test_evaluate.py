@@ -14,7 +14,7 @@ from lora_cli.config import ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT
 from lora_cli.metrics import generation_metrics
 from lora_cli.tokenizer import EOT_ID, decode, encode
 
-from helpers import alpaca_rows, assert_one_line_error, cli, make_hf_gpt2, train_run
+from helpers import TINY, alpaca_rows, assert_one_line_error, cli, make_hf_gpt2, train_run
 
 peft = pytest.importorskip("peft")
 
@@ -182,6 +182,12 @@ def test_generate_groups_references_per_prompt(run, tmp_path):
 
 def test_bad_inputs_one_line_and_nothing_written(run, tmp_path):
     root, _, adapter = run
+    # an adapter whose shapes do not fit the base (--allow-mismatch passes the fingerprint): the misfit alone, before
+    # the data is read and described (it was a second line after the data's)
+    make_hf_gpt2(tmp_path / "wide", seed=0, n_embd=2 * TINY["n_embd"])
+    line = assert_one_line_error(*cli("eval", "--adapter", adapter, "--model", tmp_path / "wide", "--data",
+                                      root / "heldout.json", "--allow-mismatch"))
+    assert line.startswith(f"error: adapter {adapter} does not fit base model {tmp_path / 'wide'}: ")
     # an adapter for another base (fingerprint mismatch)
     line = assert_one_line_error(*cli("eval", "--adapter", adapter, "--model", root / "other", "--data",
                                       root / "heldout.json"))
