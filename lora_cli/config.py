@@ -755,7 +755,7 @@ def run_inputs(cfg: RunConfig) -> list[tuple[str, Path]]:
     started again, perhaps with --set, from the config.yaml an earlier run saved) and the paths of path_fields
     that exist, but for out_dir. rundir.prepare_out_dir keeps --overwrite off them."""
     found = []
-    if cfg.source is not None and Path(cfg.source).is_file() and not _written_by_a_run(Path(cfg.source)):
+    if cfg.source is not None and Path(cfg.source).is_file() and not written_by_a_run(Path(cfg.source)):
         found.append(("its config", Path(cfg.source)))
     for owner, attr in path_fields(cfg):
         value = getattr(owner, attr)
@@ -766,7 +766,7 @@ def run_inputs(cfg: RunConfig) -> list[tuple[str, Path]]:
     return found
 
 
-def _written_by_a_run(path: Path) -> bool:
+def written_by_a_run(path: Path) -> bool:
     """Whether the config file at `path` is a run's saved config.yaml: exactly what dump_config writes for it."""
     try:
         return path.read_text(encoding="utf-8") == dump_config(load_config(path), path.parent)

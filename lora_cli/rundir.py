@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from lora_cli.adapter import ADAPTER_FILE
-from lora_cli.config import RunConfig, dump_config
+from lora_cli.config import RunConfig, dump_config, written_by_a_run
 from lora_cli.data import BATCH_ORDER
 from lora_cli.errors import TrainingError
 from lora_cli.fsutil import atomic_path, atomic_write_text
@@ -219,6 +219,11 @@ def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool,
             raise TrainingError(f"--resume: no checkpoint at {out_dir / CHECKPOINT_FILE}; start without --resume "
                                 "(add --overwrite to replace the run)")
         return
+    if busy and not _holds_a_run(out_dir):
+        found = sorted(p.name for p in out_dir.iterdir())
+        names = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise TrainingError(f"out_dir {out_dir} holds files no lora-cli run wrote ({names}); a run (and --overwrite, "
+                            "which replaces an earlier run) needs an empty or new out_dir")
     if busy and not overwrite:
         raise TrainingError(f"out_dir {out_dir} is not empty; pass --resume to continue that run or --overwrite to replace it")
     if busy:
@@ -229,6 +234,12 @@ def prepare_out_dir(out_dir: Path, resume: bool, overwrite: bool,
             if target in replaced or board in target.parents:
                 raise TrainingError(f"--overwrite would delete or replace {path}, which this run reads as {what}; "
                                     f"move it out of out_dir {out_dir}, or choose another out_dir")
+
+
+def _holds_a_run(out_dir: Path) -> bool:
+    """Whether out_dir holds an earlier run: its checkpoint, its adapter, or a config.yaml a run wrote."""
+    return ((out_dir / CHECKPOINT_FILE).is_file() or (out_dir / ADAPTER_FILE).is_file()
+            or ((out_dir / "config.yaml").is_file() and written_by_a_run(out_dir / "config.yaml")))
 
 
 def clear_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:

@@ -548,7 +548,8 @@ ROWS = [
     Row("out-dir-under-a-file", "train", train_cfg({"out_dir": "{ws}/afile.txt/run"}), 1, ("afile.txt/run",)),
     # (root may write anywhere, so /proc is found out at the first write, after the run has loaded and logged)
     Row("out-dir-in-proc", "train", train_cfg({"out_dir": "/proc/lora-run"}), 1, ("/proc/lora-run",), logs=True),
-    Row("out-dir-not-empty", "train", train_cfg(), 1, ("{d}/out", "not empty", "--resume"), setup=keep_file),
+    Row("out-dir-not-a-run", "train", train_cfg(), 1, ("{d}/out", "holds files no lora-cli run wrote (keep.txt)"),
+        setup=keep_file),
     Row("resume-without-checkpoint", "train", train_cfg(args=("--resume",)), 1, ("--resume", "checkpoint"),
         setup=keep_file),
     # (the checkpoint is read once the model is built, so the run's first log lines come before the error)

@@ -290,6 +290,6 @@ def test_nproc_exits_with_its_processes_failure(tmp_path):
     (tmp_path / "out" / "keep.txt").write_text("mine")
     code, out, err = cli("train", cfg, "--nproc", "2", "--quiet", cwd=tmp_path)
     assert assert_one_line_error(code, out, err) == (  # the launcher's own banner and report are left out
-        f"error: out_dir {tmp_path / 'out'} is not empty; pass --resume to continue that run or --overwrite to "
-        "replace it")
+        f"error: out_dir {tmp_path / 'out'} holds files no lora-cli run wrote (keep.txt); a run (and --overwrite, "
+        "which replaces an earlier run) needs an empty or new out_dir")
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"

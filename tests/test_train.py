@@ -105,9 +105,16 @@ def test_refuses_existing_out_dir(tmp_path):
     (tmp_path / "out" / "keep.txt").write_text("mine")
     done = cli("train", str(cfg_path), "--quiet")
     assert done.rc == 1
-    assert done.stderr.strip() == (f"error: out_dir {tmp_path / 'out'} is not empty; pass --resume to continue "
-                                   "that run or --overwrite to replace it")
+    assert done.stderr.strip() == (f"error: out_dir {tmp_path / 'out'} holds files no lora-cli run wrote (keep.txt); a "
+                                   "run (and --overwrite, which replaces an earlier run) needs an empty or new out_dir")
+    assert cli("train", str(cfg_path), "--quiet", "--overwrite").stderr == done.stderr  # nor does --overwrite delete it
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    (tmp_path / "out" / "keep.txt").unlink()
+    assert cli("train", str(cfg_path), "--quiet").rc == 0  # an earlier run: refused, and replaced with --overwrite
+    done = cli("train", str(cfg_path), "--quiet")
+    assert done.rc == 1 and done.stderr.strip() == (f"error: out_dir {tmp_path / 'out'} is not empty; pass --resume "
+                                                    "to continue that run or --overwrite to replace it")
+    assert cli("train", str(cfg_path), "--quiet", "--overwrite").rc == 0
 
 
 def adapter_tensors(path):
