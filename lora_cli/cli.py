@@ -35,6 +35,13 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
         os.environ["LORA_DEBUG"] = "1"
 
 
+def user_path(path):
+    """A path flag as the shell would give it unquoted: `~` expanded (not `-`, stdin, nor an hf:// dataset)."""
+    if path is None or str(path) == "-" or str(path).startswith("hf://"):
+        return path
+    return type(path)(os.path.expanduser(str(path)))
+
+
 def echo_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=None, default=str))
 
@@ -175,6 +182,7 @@ def eval_(
         raise ConfigError(f"{config}: `lora eval` takes a run config (.yaml); pass data with --data FILE")
     if config is None and adapter is None and model is None:
         raise ConfigError("name what to evaluate: --adapter FILE, --model MODEL, or a run config")
+    data, predictions, plot = user_path(data), user_path(predictions), user_path(plot)
     options = EvalOptions(
         data=data, split=split, subset=subset, adapter=adapter, model=model, config=config, overrides=tuple(overrides), batch_size=batch_size,
         max_length=max_length, fmt=fmt, columns=tuple(columns), prompt_template=prompt_template,
@@ -247,7 +255,7 @@ def generate(
     decoding = Decoding(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         greedy=greedy, seed=seed, no_repeat_ngram_size=no_repeat_ngram_size, use_cache=not no_cache)
     run_generate(GenerateOptions(
-        Source(adapter, model, allow_mismatch, device, precision), decoding, prompts=prompts or [], file=file,
+        Source(adapter, model, allow_mismatch, device, precision), decoding, prompts=prompts or [], file=user_path(file),
         as_json=as_json, template=not no_template, input_text=input_text, num_beams=num_beams,
         length_penalty=length_penalty, batch_size=batch_size, progress=not quiet and sys.stderr.isatty(), chat=chat,
         chat_template=chat_template), write=_write_flush)
@@ -307,7 +315,7 @@ def predict(
 
     adapter_obj = open_adapter(adapter)
     check_classifier(adapter_obj)  # before reading stdin or loading the base
-    items = read_texts(texts or [], file)
+    items = read_texts(texts or [], user_path(file))
     loaded = load_classifier(adapter_obj, model, allow_mismatch, device, precision)
     from tqdm import tqdm
 
@@ -331,6 +339,9 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export (a PEFT adapter directory, a GGUF file, the Modelfile); other files are never replaced."),
 ) -> None:
     """Convert an adapter: a Hugging Face PEFT adapter directory, or GGUF for llama.cpp and Ollama."""
+    from lora_cli.fsutil import output_path
+
+    out = output_path(out, "OUT")
     if fmt in ("gguf", "gguf-lora"):
         from lora_cli.gguf_export import export_gguf
 

@@ -24,7 +24,7 @@ from lora_cli.data import (
 from lora_cli.errors import AdapterError, ConfigError, DataError
 from lora_cli.evaluation import eval_batches, evaluate_classification, evaluate_lm, generate_texts
 from lora_cli.generate import check_room
-from lora_cli.fsutil import atomic_path, atomic_write_text, check_output_file
+from lora_cli.fsutil import atomic_path, atomic_write_text, check_output_file, output_path
 from lora_cli.inference import (
     DataSettings, Loaded, attach_to, load_base, load_with_tokenizer, open_adapter,
     pack_for_decoding, packing_pays, place,
@@ -261,6 +261,7 @@ class EvalOptions:
             raise ConfigError(f"{flag} describes a CSV or TSV file's columns; {self.data} is not one")
         for flag, path in (("--predictions", self.predictions), ("--plot", self.plot)):
             if path is not None:  # before the evaluation, not after it
+                output_path(path, flag)
                 check_output_file(path, flag, self.overwrite)
                 read = next((what for what, file in self.inputs() if file.resolve() == Path(path).resolve()), None)
                 if read is not None:

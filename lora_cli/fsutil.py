@@ -53,6 +53,17 @@ def local_path(value: str | None) -> str | None:
     return str(Path(value).expanduser().resolve())
 
 
+def output_path(path: str | os.PathLike, flag: str) -> Path:
+    """An output path as given, `~` expanded; `.` or `..` (no name of their own) as the absolute folder they
+    name, since the output is written beside it under its name; a path through a symlink loop is one line."""
+    target = Path(path).expanduser()
+    try:
+        target.resolve()
+    except (RuntimeError, OSError) as exc:  # Python 3.11 raises RuntimeError("Symlink loop ..."), later ones OSError
+        raise ConfigError(f"{flag} {path} runs through a symlink loop; name another path") from exc
+    return Path(os.path.abspath(target)) if target.name in ("", ".", "..") else target
+
+
 def check_output_file(path: str | os.PathLike, flag: str, overwrite: bool) -> None:
     """An output file a command will write once its work is done, checked before the work: not a directory, not
     an existing file unless --overwrite, in a folder that exists (or can be made) and can be written."""
@@ -192,7 +203,10 @@ def lock_path(directory: str | os.PathLike) -> Path:
     output directory whole (atomic_dir) and a run directory may not exist yet; not `.NAME.*`, the pattern of
     atomic_dir's leftovers that SECURITY.md calls safe to delete. The path is resolved, so every spelling of one
     directory (relative, trailing slash, through a symlink) shares one lock."""
-    resolved = Path(directory).expanduser().resolve()
+    try:
+        resolved = Path(directory).expanduser().resolve()
+    except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError on Python 3.11)
+        raise LoraError(f"{directory} runs through a symlink loop; name another path") from exc
     return resolved.parent / f".lock.{resolved.name}"
 
 
@@ -355,6 +369,10 @@ class RunLock:
                 folder.mkdir()
             except FileExistsError:
                 continue
+            except PermissionError as exc:  # a retry cannot help: say so (the lock's loop would call it churn)
+                self._remove_created()
+                raise LoraError(f"cannot lock {self.name} {self.directory}: cannot create {folder} "
+                                f"({exc.strerror or exc}); put {self.name} in a writable folder") from exc
             except OSError:
                 break  # os.open then names the problem
             self._created.append(folder)

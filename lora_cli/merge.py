@@ -37,7 +37,7 @@ import torch
 
 from lora_cli.chat_template import TEMPLATE_FILE, add_to_tokenizer_config
 from lora_cli.errors import CheckpointError, ConfigError
-from lora_cli.fsutil import RunLock
+from lora_cli.fsutil import RunLock, output_path
 from lora_cli.inference import load_for_inference
 from lora_cli.lora import lora_layers, merge_and_unload
 from lora_cli.models import HEAD, model_type
@@ -293,7 +293,7 @@ def merge_adapter(adapter, out_dir, model: str | None = None, dtype: str = "fp32
     log = log or (lambda message: None)
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    out = Path(out_dir).expanduser()
+    out = output_path(out_dir, "--out")
     with RunLock(out, "lora merge", "--out"):  # no other train or merge writes `out` meanwhile
         return _merge_into(out, adapter, model, dtype, overwrite, allow_mismatch, log)
 

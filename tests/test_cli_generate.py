@@ -13,7 +13,7 @@ from lora_cli.generate import generate
 from lora_cli.prompts import escape_line
 from lora_cli.tokenizer import EOT_ID, decode, encode
 
-from helpers import assert_one_line_error, cli, make_hf_gpt2, make_lively, train_run
+from helpers import assert_one_line_error, child_env, cli, make_hf_gpt2, make_lively, train_run
 
 INSTRUCTIONS = ["Repeat the word orange.", "Name a color.", "Write one short sentence about rivers and stones."]
 N = 24
@@ -110,6 +110,18 @@ def test_jsonl_in_and_out_and_beam_search(run, tmp_path):
                ALPACA_TEMPLATE.format(instruction=INSTRUCTIONS[2], input="twice")]
     beams = expected(model, prompts, 12, num_beams=3, no_repeat_ngram_size=2)
     assert lines == [{**r, "generated": g} for r, g in zip(records, beams)]
+
+
+def test_a_file_flag_expands_the_home_folder(run, tmp_path):
+    """`--file "~/prompts.txt"` (quoted, so the shell leaves the ~) reads from the home folder, as --adapter and
+    --model do (it was "does not exist")."""
+    root, adapter, _ = run
+    (tmp_path / "prompts.txt").write_text("Say something.\n")
+    env = {**child_env(), "HOME": str(tmp_path)}
+    args = ("generate", "--adapter", adapter, "--max-new-tokens", 4, "-q")
+    home = cli(*args, "--file", "~/prompts.txt", env=env)
+    assert home.rc == 0, home.stderr
+    assert home.stdout == cli(*args, "--file", tmp_path / "prompts.txt", env=env).stdout != ""
 
 
 def test_sampling_is_seeded(run):

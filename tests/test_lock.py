@@ -222,3 +222,27 @@ def test_merge_and_overwrite_into_a_held_directory_are_refused(tmp_path):
             child.stdin.close()  # the holder releases and ends
             child.wait()
         assert snapshot(tmp_path) == before
+
+
+def test_a_folder_the_lock_cannot_make_and_a_symlink_loop_are_one_line(tmp_path, monkeypatch):
+    """A missing folder under one that cannot be written: named as not writable (the lock's retry loop once said the
+    lock "keeps changing; try again"); an output through a symlink loop: one line (an internal RuntimeError)."""
+    from lora_cli.errors import LoraError
+    from lora_cli.fsutil import output_path
+
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    with pytest.raises(LoraError, match=r"loop1/sub runs through a symlink loop; name another path$"):
+        lock_path(tmp_path / "loop1" / "sub")
+    with pytest.raises(LoraError, match=r"^--out .*loop1 runs through a symlink loop; name another path$"):
+        output_path(tmp_path / "loop1", "--out")
+    assert output_path(".", "OUT") == Path.cwd() and output_path("a/b", "OUT") == Path("a/b")
+
+    def refused(self, *args, **kwargs):  # what mkdir does under a folder without write permission (not for root)
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    with pytest.raises(LoraError) as err:
+        RunLock(tmp_path / "new" / "run", "lora train", "out_dir").acquire()
+    assert str(err.value) == (f"cannot lock out_dir {tmp_path / 'new' / 'run'}: cannot create {tmp_path / 'new'} "
+                              "(Permission denied); put out_dir in a writable folder")
