@@ -477,6 +477,7 @@ def classifier_eval(options: EvalOptions, subject: Subject, held: HeldOut) -> di
     if options.plot is not None:
         title = (f"{Path(str(subject.adapter_path)).name} on {Path(held.source).name}: "
                  f"accuracy {metrics['accuracy']:.4f}")
+        check_output_file(options.plot, "--plot", options.overwrite)  # again: another command may have written it
         plot_confusion(metrics["confusion_matrix"], labels, options.plot, title)
         result["plot"] = str(options.plot)
     return result
@@ -524,6 +525,7 @@ def generation_eval(options: EvalOptions, subject: Subject, held: HeldOut) -> di
     if options.predictions is not None:
         lines = [json.dumps({"prompt": p, "prediction": h, "references": refs}, ensure_ascii=False)
                  for (p, refs), h in zip(items, hyps)]
+        check_output_file(options.predictions, "--predictions", options.overwrite)  # again: written meanwhile?
         atomic_write_text(options.predictions, "".join(line + "\n" for line in lines))
         result["predictions"] = str(options.predictions)
     return result

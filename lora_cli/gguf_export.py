@@ -395,6 +395,7 @@ def export_gguf(adapter, out, fmt: str = "gguf", dtype: str = "f32", model: str 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        check_replaceable(out, ollama, overwrite)  # again: another command may have written `out` meanwhile
     result = GGUFResult(out, count)
     if ollama:
         result.modelfile = out.parent / MODELFILE

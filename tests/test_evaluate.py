@@ -236,3 +236,24 @@ def test_flags_that_would_be_ignored_are_refused(run, tmp_path):
     line = assert_one_line_error(*cli("eval", "--adapter", adapter, "--data", "missing.json", cwd=tmp_path))
     assert line == (f"error: --data: missing.json does not exist; check the path (a relative path is read from the "
                     f"current folder, {tmp_path})")
+
+
+def test_predictions_written_meanwhile_by_another_command_are_kept(run, tmp_path):
+    """--predictions is checked before the evaluation and again before it is written: a file another command wrote
+    there in the meantime is not replaced without --overwrite (the data's summary line, logged after the first
+    check, stands in for that other command here)."""
+    from lora_cli.errors import ConfigError
+    from lora_cli.evaluate import EvalOptions, run_eval
+
+    root, _, adapter = run
+    preds = tmp_path / "preds.jsonl"
+
+    def other_command(message):
+        preds.write_text("theirs\n")
+
+    options = EvalOptions(adapter=adapter, data=str(root / "heldout.json"), generate=True, max_new_tokens=2,
+                          predictions=preds, compare_base=False, device="cpu")
+    with pytest.raises(ConfigError) as err:
+        run_eval(options, log=other_command)
+    assert str(err.value) == f"--predictions {preds} already exists; choose a new file or pass --overwrite to replace it"
+    assert preds.read_text() == "theirs\n"
