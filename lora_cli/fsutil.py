@@ -70,7 +70,7 @@ def check_output_file(path: str | os.PathLike, flag: str, overwrite: bool) -> No
     target = Path(path)
     if target.is_dir():
         raise ConfigError(f"{flag} {target} is a directory; name a file to write")
-    if target.exists() and not overwrite:
+    if (target.exists() or target.is_symlink()) and not overwrite:  # a dangling link too: it would be replaced
         raise ConfigError(f"{flag} {target} already exists; choose a new file or pass --overwrite to replace it")
     folder = _existing_ancestor(target)  # the folders below it, atomic_path would make
     if not folder.is_dir():
@@ -151,6 +151,8 @@ def atomic_dir(path: str | os.PathLike, error: type[LoraError] = LoraError) -> I
     removed only after the new one is in place), when it fails the folder vanishes. Failures are one `error`
     naming `path`, never the hidden staging folder."""
     out = Path(path)
+    if out.is_symlink():  # write through the link, as a run's out_dir is (replacing it left the link's target as it was)
+        out = Path(os.path.realpath(out))
     _make_parent(out, error)
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -168,3 +168,23 @@ def test_sigkill_during_merge_keeps_the_previous_merged_model(reference, tmp_pat
     status, lines = run_until(tmp_path, [], None, command=[*command, "--overwrite"])
     assert status == 0, lines
     assert {p.name: p.read_bytes() for p in merged.iterdir()} == before  # the same merge, the same bytes
+
+
+def test_a_directory_output_named_through_a_symlink_is_written_through_it(tmp_path):
+    """atomic_dir (lora merge --out, lora export OUT) given a symlink replaces the folder it points to and keeps the
+    link (it replaced the link with a folder, left the target as it was and a `.NAME.old-PID` link behind); a
+    dangling link is an existing output for check_output_file."""
+    from lora_cli.errors import ConfigError
+    from lora_cli.fsutil import atomic_dir, check_output_file
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "old.txt").write_text("old")
+    (tmp_path / "link").symlink_to("real")
+    with atomic_dir(tmp_path / "link") as staging:
+        (staging / "new.txt").write_text("new")
+    assert (tmp_path / "link").is_symlink() and os.readlink(tmp_path / "link") == "real"
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    (tmp_path / "dangling").symlink_to("nowhere")
+    with pytest.raises(ConfigError, match="dangling already exists; choose a new file or pass --overwrite"):
+        check_output_file(tmp_path / "dangling", "--predictions", overwrite=False)
