@@ -337,6 +337,8 @@ def header_tensors(header: dict) -> dict[str, torch.Tensor]:
 def read_state_dict(path: Path, error: type[LoraError] = CheckpointError, what: str = "") -> dict[str, torch.Tensor]:
     """Tensors from a .safetensors file, or a .bin/.pt file read with weights_only=True (never unpickles code).
     error / what: the error to raise and the word naming the file in it (adapters: AdapterError, "adapter ")."""
+    if path.is_file() and not os.access(path, os.R_OK):  # safetensors reports it as "No such file or directory"
+        raise error(f"cannot read {what}{path}: Permission denied; make it readable (chmod +r)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -471,3 +471,17 @@ def test_swiglu_equals_autograd_bit_for_bit_and_keeps_two_tensors(dtype):
     (out, d_gate, d_up, n_autograd), (out2, d_gate2, d_up2, n_ours) = results
     assert torch.equal(out, out2) and torch.equal(d_gate, d_gate2) and torch.equal(d_up, d_up2)
     assert (n_autograd, n_ours) == (3, 2)
+
+
+def test_unreadable_weights_are_named_as_unreadable(tmp_path, monkeypatch):
+    """safetensors reports a file it may not read as "No such file or directory": the permission is named instead
+    (os.access answers as a user without read permission would; root reads anything)."""
+    from lora_cli.errors import CheckpointError
+
+    make_checkpoint(tmp_path, "llama")
+    weights = tmp_path / "model.safetensors"
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(weights) else real(p, mode, **kw))
+    with pytest.raises(CheckpointError) as err:
+        load_model(str(tmp_path))
+    assert str(err.value) == f"cannot read {weights}: Permission denied; make it readable (chmod +r)"
