@@ -56,7 +56,7 @@ def conversation(value: Any, need_assistant: bool = True) -> list[dict]:
         message = {str(k): v for k, v in message.items() if v is not None}
         if "role" not in message and "from" in message:  # ShareGPT
             sender = message.pop("from")
-            if sender not in SHAREGPT_ROLES:
+            if not isinstance(sender, str) or sender not in SHAREGPT_ROLES:  # (a list is no dict key)
                 raise ConversationError(f"message {j} is from the unknown sender {sender!r}; ShareGPT senders are "
                                         "human, gpt and system")
             message = {"role": SHAREGPT_ROLES[sender], "content": message.pop("value", None), **message}
@@ -74,6 +74,8 @@ def conversation(value: Any, need_assistant: bool = True) -> list[dict]:
                 raise ConversationError(f"message {j} ({role}) has content parts of type {', '.join(kinds)}; "
                                         'lora-cli trains on text: keep the {"type": "text", "text": ...} parts')
             message["content"] = content_text(message["content"])
+        if role == "assistant" and "content" not in message and message.get("tool_calls"):
+            message["content"] = ""  # OpenAI's tool-call turn: content null, the calls in tool_calls for the template
         if not isinstance(message.get("content"), str):
             raise ConversationError(f"message {j} ({role}) has no text 'content'")
         messages.append(message)

@@ -245,10 +245,18 @@ def test_conversation_checks_and_sharegpt():
             "message 2 has the unknown role 'asistant' (did you mean assistant?)"),
            ([{"role": "user", "content": "x"}], "no assistant message"),
            ([{"from": "bot", "value": "x"}], "unknown sender 'bot'"),
+           ([{"from": ["human"], "value": "x"}], "unknown sender ['human']"),  # was an internal TypeError
+           ([{"from": {"a": 1}, "value": "x"}], "unknown sender {'a': 1}"),
+           ([parts[0], {"role": "assistant", "content": None}], "message 2 (assistant) has no text 'content'"),
            ([], "non-empty list")]
     for value, message in bad:
         with pytest.raises(ConversationError, match=re.escape(message)):
             conversation(value)
+    # OpenAI's tool-call turn: content null, the calls in tool_calls (rendered by the template)
+    calls = [{"type": "function", "function": {"name": "f", "arguments": {}}}]
+    turn = conversation([parts[0], {"role": "assistant", "content": None, "tool_calls": calls},
+                         {"role": "tool", "content": "42"}, {"role": "assistant", "content": "It is 42."}])
+    assert turn[1] == {"role": "assistant", "content": "", "tool_calls": calls}
 
 
 def test_stop_at_holds_back_a_partial_marker():
