@@ -234,11 +234,9 @@ def template_problem(source: str) -> str | None:
 
 
 def template_tokens(tokenizer: Tokenizer) -> dict[str, str]:
-    """The special tokens a template can name, as apply_chat_template passes them (bos_token, eos_token,
-    pad_token: their text)."""
-    ids = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_ids[0] if tokenizer.eos_ids else None,
-           "pad_token": tokenizer.pad_id}
-    return {name: tokenizer.decode([i]) for name, i in ids.items() if i is not None}
+    """The special tokens a template can name, as apply_chat_template passes them: those the tokenizer's files
+    name (bos_token, eos_token, unk_token, sep_token, pad_token, cls_token, mask_token: their text)."""
+    return dict(tokenizer.named_tokens)
 
 
 # The names a message's reasoning comes under; templates read the first (Qwen3's), gpt-oss templates `thinking`.

@@ -57,6 +57,8 @@ def decode(ids: list[int]) -> str:
 # generation_config.json.
 
 TOKENIZER_FILE = "tokenizer.json"
+# The special tokens transformers passes a chat template by name (apply_chat_template's special_tokens_map)
+TEMPLATE_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # The files next to tokenizer.json that name special tokens; generation_config.json adds the ids that end a reply.
 SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -80,6 +82,11 @@ class GPT2Tokenizer:
     bos_id: int | None = EOT_ID
     eos_ids: tuple[int, ...] = (EOT_ID,)
     pad_id: int | None = None
+
+    @property
+    def named_tokens(self) -> dict[str, str]:
+        """What a chat template sees by name: GPT-2's tokenizer_config.json names <|endoftext|> three times."""
+        return {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}
     adds_bos = False  # GPT-2's tokenizer adds no special token to a text
 
     def encode(self, text: str, allow_special: bool = False, add_special_tokens: bool = False) -> list[int]:
@@ -125,6 +132,12 @@ class HFTokenizer:
         self._tok.no_truncation()
         self._tok.no_padding()
         config = {**side.get("special_tokens_map.json", {}), **side.get("tokenizer_config.json", {})}
+        # what a chat template sees as bos_token, eos_token, ...: the tokens these files name, and only those (as
+        # transformers' apply_chat_template; generation_config.json's eos ids end replies but name no eos_token)
+        named = {key: config.get(key) for key in TEMPLATE_TOKEN_KEYS}
+        self.named_tokens = {key: token.get("content") if isinstance(token, dict) else token
+                             for key, token in named.items()
+                             if isinstance(token.get("content") if isinstance(token, dict) else token, str)}
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._token_id(config.get("bos_token"), "bos_token")
         eos_id = self._token_id(config.get("eos_token"), "eos_token")

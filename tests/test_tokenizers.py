@@ -230,3 +230,23 @@ def test_a_side_file_that_is_no_json_object_is_one_line(tmp_path, name):
         load_tokenizer(str(tmp_path))
     assert str(err.value) == (f"{tmp_path / name} must hold a JSON object ({{...}}), not list [1, 2]; restore the "
                               f"file from the checkpoint")
+
+
+def test_a_chat_template_sees_the_special_tokens_transformers_passes(tmp_path):
+    """apply_chat_template passes every special token tokenizer_config.json names (unk_token, sep_token, ... too)
+    and only those: an eos id that only generation_config.json gives names no eos_token."""
+    from lora_cli.chat_template import render_chat, template_tokens
+
+    template = "{% for m in messages %}{{ m.role }}:{{ m.content }}{{ eos_token }}|{{ unk_token }}|{{ sep_token }}" \
+               "{% endfor %}"
+    messages = [{"role": "user", "content": "hi"}]
+    for name, extra in (("named", {"unk_token": "<|endoftext|>", "sep_token": "<|im_start|>"}),
+                        ("no-eos", {"eos_token": None})):
+        folder = tmp_path / name
+        build(folder, bos=False)
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, **extra, "chat_template": template}))
+        theirs = transformers.AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(messages, tokenize=False)
+        ours = render_chat(template, messages, False, template_tokens(load_tokenizer(str(folder))))
+        assert ours == theirs, name
+    assert ours == "user:hi||"  # no eos_token: generation_config.json's <|im_end|> is not one
