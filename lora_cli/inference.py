@@ -184,7 +184,7 @@ def pack_for_decoding(*models) -> int:
     (where such a layer shares its weight with another model's packed layer, both the plain and the packed tensor
     stay alive). A tied head (the input embedding) keeps its plain weight beside a packed copy
     (models.common.pack_copies_: the head's size again, 154 MB for GPT-2 124M in fp32, one copy for all the models
-    sharing it): one fp32 row of GPT-2 124M decoded 102-105 instead of 93 tokens/s with it. A head with LoRA on it
+    sharing it): one fp32 row of GPT-2 124M decoded 97-105 instead of 70-93 tokens/s with it. A head with LoRA on it
     has its base layer packed. Call it last: the models are then for inference only. Returns the weights packed or
     copied."""
     layers, tied_heads = [], []
