@@ -175,8 +175,7 @@ def _parse(text: str, where: str) -> ChatItem:
     try:
         value = loads_unique(text)
     except RepeatedKey as exc:
-        raise ConversationError(f"{where}: an object names the key {exc.args[0]!r} twice, and only one value can be "
-                                "read; remove or rename one of them") from None
+        raise ConversationError(f"{where}: {exc.subject} {exc}") from None
     except json.JSONDecodeError as exc:
         raise ConversationError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); give a conversation "
                                 'such as [{"role": "user", "content": "Hi"}]') from None

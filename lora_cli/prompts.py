@@ -180,8 +180,7 @@ def collect_prompts(prompts: Sequence[str], file: Path | None, as_json: bool, se
             try:
                 record = loads_unique(line)
             except RepeatedKey as exc:
-                raise DataError(f"{where} names the key {exc.args[0]!r} twice, and only one value can be read; "
-                                "remove or rename one of them") from None
+                raise DataError(f"{where} {exc}") from None
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where} is not valid JSON ({exc.msg} at column {exc.colno}); write one object "
                                 'per line, e.g. {"prompt": "..."}') from None

@@ -258,8 +258,20 @@ def _check_records(text: str, path: Path, cfg: DataConfig, tsv: bool, quoting: i
     return header or [], lines
 
 
-class RepeatedKey(Exception):
+class JsonValueError(Exception):
+    """A JSON text json reads without a word, but wrongly. str(): what is wrong, to follow where it is (a line) or
+    `subject` (in a whole file: "an object names ...")."""
+
+    subject = "a value"
+
+
+class RepeatedKey(JsonValueError):
     """A JSON object naming one key twice (json keeps the last value without a word); args[0]: the key."""
+
+    subject = "an object"
+
+    def __str__(self) -> str:
+        return f"names the key {self.args[0]!r} twice, and only one value can be read; remove or rename one of them"
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
@@ -276,8 +288,12 @@ def loads_unique(text: str) -> Any:
     return json.loads(text, object_pairs_hook=_unique_keys)
 
 
-class NotFinite(Exception):
-    """A JSON number no float holds (1e400) or a NaN / Infinity literal; args[0]: it as written."""
+class NotFinite(JsonValueError):
+    """A JSON number no float holds (1e400) or an Infinity literal; args[0]: it as written."""
+
+    def __str__(self) -> str:
+        return (f"holds the number {self.args[0]}, which is no finite number; write a finite number, or quote it to "
+                "keep it as text")
 
 
 def _finite(text: str) -> float:
@@ -299,17 +315,12 @@ def _load_record(text: str) -> Any:
     return json.loads(text, object_pairs_hook=_unique_keys, parse_float=_finite, parse_constant=_nan_only)
 
 
-NOT_FINITE = "holds the number {}, which is no finite number; write a finite number, or quote it to keep it as text"
-
 
 def _read_json(text: str, path: Path) -> list[dict]:
     try:
         data = _load_record(text)
-    except RepeatedKey as exc:
-        raise DataError(f"{path}: an object names the key {exc.args[0]!r} twice, and only one value can be read; "
-                        "remove or rename one of them") from None
-    except NotFinite as exc:
-        raise DataError(f"{path}: a value {NOT_FINITE.format(exc.args[0])}") from None
+    except JsonValueError as exc:
+        raise DataError(f"{path}: {exc.subject} {exc}") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}; fix the "
                         "syntax (a .json file holds one list of objects; use .jsonl for one object per line)") from None
@@ -336,11 +347,8 @@ def _read_jsonl(text: str, path: Path) -> tuple[list[dict], list[int]]:
             continue
         try:
             item = _load_record(line)
-        except RepeatedKey as exc:
-            raise DataError(f"{path}: line {number} names the key {exc.args[0]!r} twice, and only one value can be "
-                            "read; remove or rename one of them") from None
-        except NotFinite as exc:
-            raise DataError(f"{path}: line {number} {NOT_FINITE.format(exc.args[0])}") from None
+        except JsonValueError as exc:
+            raise DataError(f"{path}: line {number} {exc}") from None
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: line {number} is not valid JSON ({exc.msg} at column {exc.colno}); fix or "
                             "remove that line") from None
