@@ -26,6 +26,7 @@ import yaml
 from lora_cli.errors import ConfigError, LoraError, all_problems, did_you_mean, first_line, first_repeat
 
 ARCH_OVERRIDES = ("n_layer", "n_head", "n_embd", "n_positions")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # a model named as a single weights file
 SEEDS = range(-2**63, 2**64)  # the seeds torch.Generator.manual_seed takes
 SEEDS_TEXT = f"an integer from {SEEDS.start} to {SEEDS.stop - 1}"
 DEVICE = re.compile(r"auto|(cpu|cuda|mps)(:\d+)?")  # train.device and --device: auto, cpu, cuda, cuda:1, mps
@@ -642,8 +643,8 @@ def _check_constraints(cfg: RunConfig, report, whole_run: bool = True) -> None:
         for key, given in (("data.labels", d.labels is not None), ("data.balance", d.balance != "none")):
             if given:
                 report(key, "applies to task classification only; remove it, or set task: classification")
-    elif d.labels is not None and first_repeat(map(str, d.labels)) is not None:
-        report("data.labels", LABELS_TWICE.format(first_repeat(map(str, d.labels))))
+    elif d.labels is not None and (twice := first_repeat(map(str, d.labels))) is not None:
+        report("data.labels", LABELS_TWICE.format(twice))
     if d.labels is not None and not d.labels:
         report("data.labels", "is empty; list the labels in the order of their class ids, or remove it")
     if d.val is None and d.val_split == 0:  # no validation data: what needs it would never run

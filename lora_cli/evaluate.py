@@ -259,13 +259,17 @@ class EvalOptions:
                 and Path(str(self.data)).suffix.lower() not in (".csv", ".tsv"):
             flag = "--no-header" if self.header is not None else "--column-names"
             raise ConfigError(f"{flag} describes a CSV or TSV file's columns; {self.data} is not one")
-        for flag, path in (("--predictions", self.predictions), ("--plot", self.plot)):
-            if path is not None:  # before the evaluation, not after it
-                output_path(path, flag)
-                check_output_file(path, flag, self.overwrite)
-                read = next((what for what, file in self.inputs() if file.resolve() == Path(path).resolve()), None)
-                if read is not None:
-                    raise ConfigError(f"{flag} {path} is {read}, which this evaluation reads; choose another file")
+        outputs = [(flag, path) for flag, path in (("--predictions", self.predictions), ("--plot", self.plot))
+                   if path is not None]
+        read_files: dict[Path, str] = {}
+        for what, file in self.inputs() if outputs else ():
+            read_files.setdefault(file.resolve(), what)
+        for flag, path in outputs:  # before the evaluation, not after it
+            target = output_path(path, flag)
+            check_output_file(path, flag, self.overwrite)
+            read = read_files.get(target.resolve())
+            if read is not None:
+                raise ConfigError(f"{flag} {path} is {read}, which this evaluation reads; choose another file")
         if self.meteor:
             why = meteor_unavailable()
             if why:

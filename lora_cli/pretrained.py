@@ -24,7 +24,7 @@ import torch
 import safetensors.torch
 from torch.overrides import TorchFunctionMode
 
-from lora_cli.config import ModelSpec
+from lora_cli.config import WEIGHT_SUFFIXES, ModelSpec
 from lora_cli.errors import CheckpointError, ConfigError, LoraError, first_line
 from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
 from lora_cli.models import GPT2_PRESETS, HEAD, CausalLM, GPT2Config, build_model as new_model, config_from_dict, model_type
@@ -112,7 +112,7 @@ def meta_model(config) -> CausalLM:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.endswith((".safetensors", ".bin", ".pt", ".pth")) or os.sep + os.sep in name
+    return name.startswith((".", "/", "~")) or name.endswith(WEIGHT_SUFFIXES) or os.sep + os.sep in name
 
 
 def preset_names() -> list[str]:

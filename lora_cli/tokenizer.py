@@ -8,7 +8,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from lora_cli.config import ModelSpec
+from lora_cli.config import WEIGHT_SUFFIXES, ModelSpec
 from lora_cli.errors import CheckpointError, first_line
 
 EOT_TOKEN = "<|endoftext|>"
@@ -56,6 +56,11 @@ def decode(ids: list[int]) -> str:
 # transformers' AutoTokenizer wraps), with bos/eos/pad from tokenizer_config.json, special_tokens_map.json and
 # generation_config.json.
 
+def _token_text(token):
+    """A special token as tokenizer_config.json names it: its text, also from {"content": "<s>", ...} (older files)."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
 TOKENIZER_FILE = "tokenizer.json"
 # The special tokens transformers passes a chat template by name (apply_chat_template's special_tokens_map)
 TEMPLATE_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -82,12 +87,12 @@ class GPT2Tokenizer:
     bos_id: int | None = EOT_ID
     eos_ids: tuple[int, ...] = (EOT_ID,)
     pad_id: int | None = None
+    adds_bos = False  # GPT-2's tokenizer adds no special token to a text
 
     @property
     def named_tokens(self) -> dict[str, str]:
         """What a chat template sees by name: GPT-2's tokenizer_config.json names <|endoftext|> three times."""
         return {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}
-    adds_bos = False  # GPT-2's tokenizer adds no special token to a text
 
     def encode(self, text: str, allow_special: bool = False, add_special_tokens: bool = False) -> list[int]:
         return encode(text, allow_special)
@@ -134,10 +139,8 @@ class HFTokenizer:
         config = {**side.get("special_tokens_map.json", {}), **side.get("tokenizer_config.json", {})}
         # what a chat template sees as bos_token, eos_token, ...: the tokens these files name, and only those (as
         # transformers' apply_chat_template; generation_config.json's eos ids end replies but name no eos_token)
-        named = {key: config.get(key) for key in TEMPLATE_TOKEN_KEYS}
-        self.named_tokens = {key: token.get("content") if isinstance(token, dict) else token
-                             for key, token in named.items()
-                             if isinstance(token.get("content") if isinstance(token, dict) else token, str)}
+        named = {key: _token_text(config.get(key)) for key in TEMPLATE_TOKEN_KEYS}
+        self.named_tokens = {key: token for key, token in named.items() if isinstance(token, str)}
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._token_id(config.get("bos_token"), "bos_token")
         eos_id = self._token_id(config.get("eos_token"), "eos_token")
@@ -153,8 +156,7 @@ class HFTokenizer:
         self._post_bos = post_bos
 
     def _token_id(self, token, key: str) -> int | None:
-        if isinstance(token, dict):  # {"content": "<s>", ...} in older files
-            token = token.get("content")
+        token = _token_text(token)
         if token is None:
             return None
         token_id = self._tok.token_to_id(str(token))
@@ -254,8 +256,6 @@ def load_tokenizer(source) -> Tokenizer:
         return _folder_tokenizer(path, str(path))
     return _hub_tokenizer(spec or ModelSpec(name=name))
 
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def _folder_tokenizer(folder: Path, named: str, bare_is_gpt2: bool = False) -> Tokenizer:

@@ -381,7 +381,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
 def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progress: bool,
            savings: Savings) -> TrainResult:
     out_dir = Path(cfg.out_dir)
-    dist.on_main(lambda: prepare_out_dir(out_dir, resume, overwrite, run_inputs(cfg)))
+    # the files the run reads matter to --overwrite alone: listing them reads and parses the config again
+    inputs = run_inputs(cfg) if overwrite and not resume else ()
+    dist.on_main(lambda: prepare_out_dir(out_dir, resume, overwrite, inputs))
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     s = build(cfg, dist=dist, savings=savings)
