@@ -270,10 +270,45 @@ class EvalOptions:
             read = read_files.get(target.resolve())
             if read is not None:
                 raise ConfigError(f"{flag} {path} is {read}, which this evaluation reads; choose another file")
+            check_output(path, flag, self.overwrite)
         if self.meteor:
             why = meteor_unavailable()
             if why:
                 raise ConfigError(f"--meteor: {why}; leave out --meteor to score BLEU, NIST, ROUGE-L and CIDEr only")
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PREDICTION_KEYS = ("prompt", "prediction", "references")  # one line of --predictions (generation_eval writes it)
+
+
+def _earlier_output(flag: str, path: Path) -> bool:
+    """Whether an existing file is one that `flag` writes: a PNG for --plot; for --predictions an empty file or
+    one whose first line is a prediction. An unreadable file is not."""
+    try:
+        with open(path, "rb") as fh:
+            if flag == "--plot":
+                return fh.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+            first = fh.readline().strip()
+    except OSError:
+        return False
+    if not first:
+        return True
+    try:
+        line = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(line, dict) and set(line) == set(PREDICTION_KEYS)
+
+
+def check_output(path: Path, flag: str, overwrite: bool) -> None:
+    """check_output_file, and --overwrite replaces only an earlier output of the same flag (as export's replaces
+    only a GGUF file): never a checkpoint, a data file or anything else a user keeps there."""
+    check_output_file(path, flag, overwrite)
+    target = Path(path)
+    if overwrite and target.is_file() and not _earlier_output(flag, target):
+        what = "PNG image" if flag == "--plot" else "predictions file (a JSONL of " + ", ".join(PREDICTION_KEYS) + ")"
+        raise ConfigError(f"{flag} {target} exists and is not a {what}; --overwrite replaces only that; "
+                          "choose another file")
 
 
 @dataclass
@@ -481,7 +516,7 @@ def classifier_eval(options: EvalOptions, subject: Subject, held: HeldOut) -> di
     if options.plot is not None:
         title = (f"{Path(str(subject.adapter_path)).name} on {Path(held.source).name}: "
                  f"accuracy {metrics['accuracy']:.4f}")
-        check_output_file(options.plot, "--plot", options.overwrite)  # again: another command may have written it
+        check_output(options.plot, "--plot", options.overwrite)  # again: another command may have written it
         plot_confusion(metrics["confusion_matrix"], labels, options.plot, title)
         result["plot"] = str(options.plot)
     return result
@@ -527,9 +562,9 @@ def generation_eval(options: EvalOptions, subject: Subject, held: HeldOut) -> di
                 "no_repeat_ngram_size": options.no_repeat_ngram_size, "truncated_prompts": truncated})
     result = {"generation": gen}
     if options.predictions is not None:
-        lines = [json.dumps({"prompt": p, "prediction": h, "references": refs}, ensure_ascii=False)
+        lines = [json.dumps(dict(zip(PREDICTION_KEYS, (p, h, refs))), ensure_ascii=False)
                  for (p, refs), h in zip(items, hyps)]
-        check_output_file(options.predictions, "--predictions", options.overwrite)  # again: written meanwhile?
+        check_output(options.predictions, "--predictions", options.overwrite)  # again: written meanwhile?
         atomic_write_text(options.predictions, "".join(line + "\n" for line in lines))
         result["predictions"] = str(options.predictions)
     return result

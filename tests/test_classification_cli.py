@@ -222,6 +222,16 @@ def test_eval_table_and_plot(trained, tmp_path):
     code, _, err = cli("eval", *data, "--plot", plot, "--overwrite", "--no-base")
     assert code == 0, err
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_ino != inode  # written anew
+    # --overwrite replaces an earlier plot only: never the run's checkpoint or its test data
+    for kept in (root / "out" / "checkpoint" / "state.pt", root / "out" / "test.csv"):
+        before = kept.read_bytes()
+        line = assert_one_line_error(*cli("eval", *data, "--plot", kept, "--overwrite"), expected_code=2)
+        if kept.name == "test.csv":
+            assert line == f"error: --plot {kept} is the --data file, which this evaluation reads; choose another file"
+        else:
+            assert line == (f"error: --plot {kept} exists and is not a PNG image; --overwrite replaces only that; "
+                            "choose another file")
+        assert kept.read_bytes() == before
 
 
 # ---------------------------------------------------------------------------------------------- lora predict

@@ -166,6 +166,19 @@ def test_generate_groups_references_per_prompt(run, tmp_path):
     code, _, err = cli(*args, "--overwrite", "--batch-size", "2", "--json")
     assert code == 0, err
     assert preds.read_text() == written  # the same greedy outputs, written again
+    # --overwrite replaces earlier predictions only (or an empty file), not another file kept there
+    notes = tmp_path / "notes.jsonl"
+    for text, replaced in (('{"prompt": "p", "label": 1}\n', False), ("plain text\n", False), ("", True)):
+        notes.write_text(text)
+        code, _, err = cli(*args[:-1], notes, "--overwrite", "--batch-size", "2")
+        if replaced:
+            assert code == 0, err
+            assert notes.read_text() == written
+        else:
+            assert (code, err.strip()) == (2, f"error: --predictions {notes} exists and is not a predictions file (a "
+                                              "JSONL of prompt, prediction, references); --overwrite replaces only "
+                                              "that; choose another file")
+            assert notes.read_text() == text
     # never over a file the evaluation reads, even with --overwrite: the data, the adapter (file or directory)
     data = (tmp_path / "e2e.csv").read_bytes()
     line = assert_one_line_error(*cli(*args[:-1], tmp_path / "e2e.csv", "--overwrite"), expected_code=2)
