@@ -42,6 +42,16 @@ def user_path(path):
     return type(path)(os.path.expanduser(str(path)))
 
 
+def file_to_write(value: str | None, flag: str) -> Path | None:
+    """A flag naming a file to write, `~` expanded. A trailing slash names a folder: refused here, since
+    pathlib drops it (`out/` would have become a file named `out`)."""
+    if value is None:
+        return None
+    if value.endswith(("/", os.sep)):
+        raise ConfigError(f"{flag} {value} ends with a slash, so it names a directory; name a file to write")
+    return Path(user_path(value))
+
+
 def echo_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=None, default=str))
 
@@ -164,13 +174,13 @@ def eval_(
     no_repeat_ngram_size: int = typer.Option(0, "--no-repeat-ngram-size", help="--generate: never repeat an n-gram of this size (0: off)."),
     lowercase: bool = typer.Option(False, "--lowercase", help="--generate: BLEU and NIST ignore case, as the E2E challenge's scoring script does."),
     meteor: bool = typer.Option(False, "--meteor", help="--generate: also METEOR 1.5 (needs `pip install pycocoevalcap` and Java)."),
-    predictions: Optional[Path] = typer.Option(None, "--predictions", help="--generate: write each prompt, its output and references as JSONL."),
+    predictions: Optional[str] = typer.Option(None, "--predictions", help="--generate: write each prompt, its output and references as JSONL."),
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help=MISMATCH_HELP),
     device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps."),
     precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
     overrides: List[str] = typer.Option([], "--set", help=SET_HELP + " (with CONFIG)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Classifiers: write the confusion matrix as a PNG image to this file."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Classifiers: write the confusion matrix as a PNG image to this file."),
     overwrite: bool = typer.Option(False, "--overwrite", help="--predictions and --plot may replace existing files."),
     skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Skip (and count) rows with a missing or empty field instead of stopping at the first."),
 ) -> None:
@@ -182,7 +192,8 @@ def eval_(
         raise ConfigError(f"{config}: `lora eval` takes a run config (.yaml); pass data with --data FILE")
     if config is None and adapter is None and model is None:
         raise ConfigError("name what to evaluate: --adapter FILE, --model MODEL, or a run config")
-    data, predictions, plot = user_path(data), user_path(predictions), user_path(plot)
+    data = user_path(data)
+    predictions, plot = file_to_write(predictions, "--predictions"), file_to_write(plot, "--plot")
     options = EvalOptions(
         data=data, split=split, subset=subset, adapter=adapter, model=model, config=config, overrides=tuple(overrides), batch_size=batch_size,
         max_length=max_length, fmt=fmt, columns=tuple(columns), prompt_template=prompt_template,
@@ -330,7 +341,7 @@ def predict(
 @app.command()
 def export(
     adapter: Path = typer.Argument(..., help=ADAPTER_HELP),
-    out: Path = typer.Argument(..., help="peft: the adapter directory to write; gguf, gguf-lora: the .gguf file to write."),
+    out: str = typer.Argument(..., help="peft: the adapter directory to write; gguf, gguf-lora: the .gguf file to write."),
     fmt: str = typer.Option("peft", "--format", help="peft (adapter_config.json + adapter_model.safetensors), gguf (the merged model for llama.cpp / Ollama) or gguf-lora (the adapter alone, for llama-cli --lora)."),
     dtype: str = typer.Option("f32", "--dtype", help="gguf, gguf-lora: stored weights, f32, f16, bf16 or q8_0 (1-D tensors stay f32)."),
     ollama: bool = typer.Option(False, "--ollama", help="gguf: also write an Ollama Modelfile (FROM, TEMPLATE, stop tokens) beside the file."),
@@ -341,6 +352,8 @@ def export(
     """Convert an adapter: a Hugging Face PEFT adapter directory, or GGUF for llama.cpp and Ollama."""
     from lora_cli.fsutil import output_path
 
+    if fmt in ("gguf", "gguf-lora"):
+        out = file_to_write(out, "OUT")
     out = output_path(out, "OUT")
     if fmt in ("gguf", "gguf-lora"):
         from lora_cli.gguf_export import export_gguf

@@ -214,6 +214,8 @@ def test_eval_table_and_plot(trained, tmp_path):
     for target, message in (
             (plot, f"--plot {plot} already exists; choose a new file or pass --overwrite to replace it"),
             (plot.parent, f"--plot {plot.parent} is a directory; name a file to write"),
+            (f"{tmp_path / 'plots'}/", f"--plot {tmp_path / 'plots'}/ ends with a slash, so it names a directory; "
+                                       "name a file to write"),
             (tmp_path / "file" / "c.png", f"--plot {tmp_path / 'file' / 'c.png'}: {tmp_path / 'file'} is not a "
                                           "directory; choose another path")):
         line = assert_one_line_error(*cli("eval", *data, "--plot", target), expected_code=2)

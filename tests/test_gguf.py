@@ -346,6 +346,9 @@ def test_bad_export_requests_are_one_line(tmp_path, build):
     assert "--dtype must be one of f32, f16, bf16, q8_0" in line
     line = assert_one_line_error(*cli("export", adapter, tmp_path, "--format", "gguf"), 2)
     assert "is a directory" in line
+    # a trailing slash names a folder to be: not a file named like it (pathlib would drop the slash)
+    line = assert_one_line_error(*cli("export", adapter, f"{tmp_path / 'gg'}/", "--format", "gguf"), 2)
+    assert line == f"error: OUT {tmp_path / 'gg'}/ ends with a slash, so it names a directory; name a file to write"
     assert not list(tmp_path.iterdir())
 
 
