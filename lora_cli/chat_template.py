@@ -130,6 +130,8 @@ def checkpoint_template_source(tokenizer: Tokenizer, model_dir: str | Path | Non
     folders = []
     if not isinstance(tokenizer, GPT2Tokenizer):
         folders.append(Path(tokenizer.path).parent)
+    elif tokenizer.folder is not None:  # a local GPT-2 checkpoint (a merged one keeps its template there)
+        folders.append(tokenizer.folder)
     if model_dir is not None and Path(model_dir).is_dir():
         folders.append(Path(model_dir))
     for folder in folders:

@@ -89,6 +89,10 @@ class GPT2Tokenizer:
     pad_id: int | None = None
     adds_bos = False  # GPT-2's tokenizer adds no special token to a text
 
+    def __init__(self, folder: Path | None = None):
+        # the local checkpoint folder it serves, where its side files (a merged model's chat template) are read
+        self.folder = folder
+
     @property
     def named_tokens(self) -> dict[str, str]:
         """What a chat template sees by name: GPT-2's tokenizer_config.json names <|endoftext|> three times."""
@@ -215,8 +219,12 @@ def model_tokenizer(spec: ModelSpec, model_type: str) -> Tokenizer:
     random-init presets (their real tokenizers cannot be had offline), else the checkpoint's own tokenizer.json."""
     if spec.tokenizer is not None:
         return load_tokenizer(spec.tokenizer)
-    if model_type == "gpt2" or spec.init == "random":
+    if spec.init == "random":
         return GPT2
+    if model_type == "gpt2":
+        local = Path(spec.name).expanduser()
+        folder = local if local.is_dir() else local.parent if local.is_file() else None
+        return GPT2 if folder is None else GPT2Tokenizer(folder)
     return load_tokenizer(spec)
 
 
@@ -265,7 +273,7 @@ def _folder_tokenizer(folder: Path, named: str, bare_is_gpt2: bool = False) -> T
         return HFTokenizer(folder / TOKENIZER_FILE, _read_side(folder))
     model_type = _model_type(folder / "config.json")
     if model_type == "gpt2" or (bare_is_gpt2 and model_type is None) or _has_gpt2_bpe_files(folder):
-        return GPT2
+        return GPT2Tokenizer(folder)
     raise CheckpointError(f"{named} has no {TOKENIZER_FILE}; pass a model directory with its tokenizer files, "
                           f"or a tokenizer.json file")
 

@@ -351,6 +351,17 @@ def test_train_eval_merge_match_transformers(chat_run, tiny, gpt2_files, tmp_pat
     replies.append(cli("generate", "--adapter", tmp_path / "peft", "--model", tiny[0], "--chat", conversation_json,
                        "--max-new-tokens", "8", cwd=root))
     assert replies[2][:2] == replies[0][:2], replies
+    # training on the merged directory's own template; a broken one is named by its file, not as data.chat_template
+    (tmp_path / "run.yaml").write_text(RUN.format(model=tmp_path / "merged").replace(", chat_template: chatml", "")
+                                       .replace("train: train.jsonl", f"train: {root / 'train.jsonl'}")
+                                       .replace("out_dir: out", f"out_dir: {tmp_path / 'again'}"))
+    code, out, err = cli("train", tmp_path / "run.yaml", "-q", cwd=root)
+    assert code == 0, err
+    config = tmp_path / "merged" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": "{% for m in messages %}"}))
+    line = assert_one_line_error(*cli("train", tmp_path / "run.yaml", "-q", "--overwrite", cwd=root), expected_code=2)
+    assert line.startswith(f"error: {config}: chat_template: the model's chat template is not valid Jinja"), line
+    assert line.endswith("; fix it, or set data.chat_template (chatml or a .jinja file) to use another"), line
 
 
 def test_a_chat_runs_test_split_is_jsonl_that_lora_eval_reads_back(tiny, tmp_path):

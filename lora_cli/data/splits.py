@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from lora_cli.chat_template import checkpoint_template, resolve_template
+from lora_cli.chat_template import resolve_template
 from lora_cli.config import DataConfig
 from lora_cli.data.encode import DataStats, Example, count_stats, load_file
 from lora_cli.data.io import Table, source_problem
@@ -162,10 +162,6 @@ def load_splits(cfg: "RunConfig", context_length: int, tokenizer: Tokenizer = GP
     check_max_length(d.max_length, context_length)
     if d.train is None:
         raise ConfigError("data.train: is required: a CSV, TSV, JSON, JSONL, Parquet or TXT file")
-    if d.chat_template is None and cfg.model.init == "pretrained":
-        # a merged GPT-2 directory keeps its template in tokenizer_config.json, beside no tokenizer.json
-        found = checkpoint_template(tokenizer, cfg.model.name)
-        d = replace(d, chat_template=found) if found is not None else d
     seed = cfg.train.seed
     task = cfg.task
     examples, stats, frame, fmt, mapping = load_file(d.train, d, task, "data.train", tokenizer=tokenizer)
