@@ -154,7 +154,7 @@ def run_generate(opts: GenerateOptions, write: Callable[[str], Any]) -> None:
     budget = opts.decoding.max_new_tokens
     if budget is None:  # the default, shortened where the longest prompt leaves less of the context
         context = net.config.n_positions
-        length, where = max((len(tokenizer.encode(item.text, add_special_tokens=True)), item.where) for item in items)
+        length, where = max((len(tokenizer.encode_prompt(item.text)), item.where) for item in items)
         if length >= context:  # no --max-new-tokens to blame: the prompt alone fills the context
             raise DataError(f"{where} has {length:,} tokens and leaves none of the model's context of {context:,} to "
                             f"generate in; shorten it to at most {context - 1:,} tokens")
@@ -162,7 +162,7 @@ def run_generate(opts: GenerateOptions, write: Callable[[str], Any]) -> None:
     if packing_pays(net, len(items), opts.num_beams, budget):
         pack_for_decoding(net)
     if len(items) == 1 and opts.file is None and not opts.as_json and opts.num_beams == 1:
-        prompt = tokenizer.encode(items[0].text, add_special_tokens=True)
+        prompt = tokenizer.encode_prompt(items[0].text)
         for piece in stream_text(net, prompt, budget, tokenizer=tokenizer, **options):
             write(piece)
         write("\n")

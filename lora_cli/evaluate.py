@@ -550,7 +550,7 @@ def generation_eval(options: EvalOptions, subject: Subject, held: HeldOut) -> di
     prompts = [p for p, _ in items]
     room = model.config.n_positions - n
     tokenizer = subject.tokenizer
-    truncated = sum(len(tokenizer.encode(p, add_special_tokens=True)) > room for p in prompts)  # prompts that lose their first tokens to fit
+    truncated = sum(len(tokenizer.encode_prompt(p)) > room for p in prompts)  # prompts that lose their first tokens to fit
     if packing_pays(model, len(prompts), options.num_beams, n):
         pack_for_decoding(model)
     outputs = generate_texts(model, prompts, n, tokenizer=tokenizer, batch_size=options.batch_size, progress=options.progress,

@@ -132,7 +132,7 @@ def generate_texts(model, prompts: Sequence[str], max_new_tokens: int, *, tokeni
     """Decoded generations (stopped at any of the tokenizer's eos ids) for each prompt text, in order; options as
     generate.generate (truncate=True cuts prompts too long for the context from the left). where: how each
     prompt is named in messages ("prompts.txt line 3"; default "prompt N")."""
-    ids = [tokenizer.encode(text, add_special_tokens=True) for text in prompts]  # as training encoded prompts
+    ids = [tokenizer.encode_prompt(text) for text in prompts]  # as training encoded prompts
     for i, x in enumerate(ids):
         name = where[i] if where is not None else f"prompt {i + 1}"
         if not x:

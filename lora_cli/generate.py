@@ -867,7 +867,8 @@ def decode_incremental(token_ids: Iterable[int], tokenizer: Tokenizer = GPT2) ->
     """Text pieces for a stream of token ids. A byte-level BPE token can hold part of a UTF-8 character
     (an emoji is often 2-3 tokens), so only whole characters are yielded; the pieces join to
     `tokenizer.decode(ids)`. GPT-2: bytes through an incremental UTF-8 decoder; other tokenizers: the decoded
-    text of all ids so far, yielded past what was yielded once it no longer ends in a partial character."""
+    text of all ids so far, yielded past what was yielded once it no longer ends in a partial character or a run
+    of byte-fallback pieces (a "-" piece followed by a byte that is not UTF-8 decodes as two U+FFFD)."""
     if not isinstance(tokenizer, GPT2Tokenizer):
         yield from _decode_by_prefix(token_ids, tokenizer)
         return
@@ -887,6 +888,8 @@ def _decode_by_prefix(token_ids: Iterable[int], tokenizer: Tokenizer) -> Iterato
     done = ""
     for t in token_ids:
         ids.append(t)
+        if t in tokenizer.byte_pieces:
+            continue
         text = tokenizer.decode(ids)
         if not text.endswith("\ufffd") and text.startswith(done):  # a whole character more (U+FFFD: a partial one)
             yield text[len(done):]

@@ -203,8 +203,7 @@ def messages_to_ids(served: Served, messages: list[dict]) -> ChatPrompt:
         if not users:
             raise ApiError(400, "messages holds no message with role 'user'; add one", "messages")
         text = _content_text(users[-1].get("content"))
-        return ChatPrompt(loaded.tokenizer.encode(render(prompt_values(text, settings), settings),
-                                                  add_special_tokens=True))
+        return ChatPrompt(loaded.tokenizer.encode_prompt(render(prompt_values(text, settings), settings)))
     try:
         template = chat_template_for(loaded)
     except ConfigError:
@@ -238,7 +237,7 @@ def _prompt_ids(prompt, tokenizer) -> list[list[int]]:
     out = []
     for p in many:
         if isinstance(p, str):
-            out.append(tokenizer.encode(p, add_special_tokens=True))
+            out.append(tokenizer.encode_prompt(p))
         elif _is_ids(p):
             out.append(list(p))
         else:

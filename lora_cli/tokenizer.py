@@ -104,6 +104,9 @@ class GPT2Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [encode(text) for text in texts]
 
+    def encode_prompt(self, text: str) -> list[int]:
+        return encode(text)
+
     def encode_split(self, prefix: str, text: str) -> tuple[list[int], list[int]]:
         """(ids of prefix, ids of text), each encoded on its own: GPT-2's pre-tokenizer cuts at the spaces and
         newlines a prompt ends with, so the two match the whole's ids there (see HFTokenizer.encode_split)."""
@@ -155,9 +158,12 @@ class HFTokenizer:
         extra = generation_eos if isinstance(generation_eos, list) else [generation_eos]
         self.eos_ids = tuple(dict.fromkeys(i for i in [eos_id, *extra] if isinstance(i, int)))
         probe = self._tok.encode("a", add_special_tokens=True).ids
-        post_bos = self.bos_id is not None and probe[:1] == [self.bos_id]
-        self.adds_bos = bool(config.get("add_bos_token", post_bos)) and self.bos_id is not None
-        self._post_bos = post_bos
+        # The post-processor alone decides, as AutoTokenizer does (transformers 5 reads no add_bos_token)
+        self.adds_bos = self.bos_id is not None and probe[:1] == [self.bos_id]
+        # byte-fallback pieces (sentencepiece-style "<0x2D>"): a run of them is decoded together, as UTF-8 or one
+        # U+FFFD per byte, so a text's end can change until a run ends (generate.decode_incremental waits)
+        self.byte_pieces = frozenset(i for i in (self._tok.token_to_id(f"<0x{b:02X}>") for b in range(256))
+                                     if i is not None)
 
     def _token_id(self, token, key: str) -> int | None:
         token = _token_text(token)
@@ -172,10 +178,7 @@ class HFTokenizer:
         """Token ids; special tokens written in `text` are special only when `allow_special` (else plain text,
         so user data can never inject one)."""
         self._tok.encode_special_tokens = not allow_special
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-        if add_special_tokens and self._post_bos != self.adds_bos:  # add_bos_token overrides the post-processor
-            ids = [self.bos_id, *ids] if self.adds_bos else ids[1:]
-        return ids
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     @property
     def eos_id(self) -> int:
@@ -184,6 +187,12 @@ class HFTokenizer:
             raise CheckpointError(f"{self.path}: no eos_token in tokenizer_config.json or generation_config.json; "
                                   "name one there (examples and generation need an end-of-text token)")
         return self.eos_ids[0]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt as generation feeds it: the ids a training example's prompt has (encode_split's prefix), so
+        the bos the model's tokenizer adds and never the eos a post-processor appends to a whole text ("<s> $A
+        </s>": an adapter trained on "<s> prompt response </s>" would be asked to go on after an end of text)."""
+        return self.encode_split(text, "")[0]
 
     def encode_split(self, prefix: str, text: str) -> tuple[list[int], list[int]]:
         """prefix + text encoded as one string (special tokens in them are text; the bos the model's tokenizer
@@ -195,12 +204,9 @@ class HFTokenizer:
         whole = self._tok.encode(prefix + text, add_special_tokens=True)
         content = [i for i, added in enumerate(whole.special_tokens_mask) if not added]
         # the post-processor's tokens before the text stay (a bos), those after it (an eos) are dropped
-        end = content[-1] + 1 if content else int(self._post_bos)
+        end = content[-1] + 1 if content else int(self.adds_bos)
         cut = next((i for i in content if whole.offsets[i][1] > len(prefix)), end)
-        head, tail = whole.ids[:cut], whole.ids[cut:end]
-        if self._post_bos != self.adds_bos:  # add_bos_token overrides the post-processor
-            head = [self.bos_id, *head] if self.adds_bos else head[1:]
-        return head, tail
+        return whole.ids[:cut], whole.ids[cut:end]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         self._tok.encode_special_tokens = True

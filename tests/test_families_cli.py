@@ -173,3 +173,27 @@ def test_model_tokenizer_key_is_validated(tmp_path):
     line = assert_one_line_error(*cli("train", tmp_path / "run.yaml", "--dry-run", cwd=tmp_path), expected_code=2)
     assert line == (f"error: {tmp_path / 'run.yaml'}: model.tokenizer: {tmp_path / 'nothere'} does not exist; name a "
                     "tokenizer directory or tokenizer.json file (relative to the config)")
+
+
+def test_generation_feeds_a_prompt_without_the_eos_its_tokenizer_appends(tmp_path):
+    """A tokenizer whose post-processor writes "<s> $A </s>" (Llama 2 with add_eos_token): training's prompts end
+    before the response, with no </s>, and `lora generate` feeds the prompt that way (it fed "<s> prompt </s>",
+    asking the model to go on after an end of text). Greedy output equals transformers' generate on those ids."""
+    from helpers import FAMILY_SIZES, build_metaspace_tokenizer
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**FAMILY_SIZES, "vocab_size": 512})
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    hf.save_pretrained(tmp_path)
+    special = build_metaspace_tokenizer(tmp_path, eos_after=True)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    text = "The quick"
+    whole = tok(text)["input_ids"]
+    assert whole[0] == special["<s>"] and whole[-1] == special["</s>"]
+    prompt = whole[:-1]
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                           max_new_tokens=6, do_sample=False, eos_token_id=None)[0, len(prompt):].tolist()
+    code, out, err = cli("generate", "--model", tmp_path, "--no-template", "--max-new-tokens", "6", "-q", text)
+    assert code == 0, err
+    assert out == tok.decode(want, skip_special_tokens=False) + "\n"

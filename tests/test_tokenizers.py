@@ -81,7 +81,8 @@ def test_prompt_and_completion_are_cut_from_the_whole_texts_ids(tmp_path, eos_af
         example, _ = encode_pair(prompt, completion, 512, tokenizer=ours)
         assert example.ids == whole(prompt + completion), (prompt, completion)
         head, tail = ours.encode_split(prompt, completion)
-        assert head == [i for i in theirs(prompt)["input_ids"] if i != 2], prompt  # the prompt as generation feeds it
+        assert head == [i for i in theirs(prompt)["input_ids"] if i != 2], prompt
+        assert ours.encode_prompt(prompt) == head, prompt  # the prompt as generation feeds it: no eos after it
         assert example.loss_mask == [False] * len(head) + [True] * (len(tail) + 1)
     text = "The quick brown fox jumps over the lazy dog. " * 3
     chunks = chunk_text(text, 8, tokenizer=ours)
@@ -98,13 +99,22 @@ def test_special_tokens_in_user_text_stay_text_unless_allowed(tmp_path):
     assert ours.encode_batch([text, "x"]) == [plain, ours.encode("x")]
 
 
-def test_add_bos_token_in_tokenizer_config_overrides_the_post_processor(tmp_path):
-    ids = build(tmp_path, bos=True)
+@pytest.mark.parametrize("post_bos", [True, False], ids=["post-processor-adds-bos", "none"])
+def test_the_post_processor_decides_the_bos_whatever_add_bos_token_says(tmp_path, post_bos):
+    """AutoTokenizer (transformers 5) adds what the tokenizer.json's post-processor adds and reads no
+    add_bos_token from tokenizer_config.json: ids equal its where the two disagree."""
+    ids = build(tmp_path, bos=post_bos)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    config["add_bos_token"] = not post_bos
+    if not post_bos:
+        config["bos_token"] = "<|endoftext|>"  # a bos named, never added
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     ours = load_tokenizer(str(tmp_path))
-    assert not ours.adds_bos and ours.encode("hi", add_special_tokens=True) == ours.encode("hi")
-    assert ids["<|begin_of_text|>"] == ours.bos_id
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in TEXTS + ["", "hi"]:
+        assert ours.encode(text, allow_special=True, add_special_tokens=True) == theirs(text)["input_ids"], text
+    assert ours.adds_bos == post_bos
+    assert ours.bos_id == ids["<|begin_of_text|>" if post_bos else "<|endoftext|>"]
 
 
 def test_gpt2_keeps_the_bundled_bpe(tmp_path, tiny_hf_dir):
@@ -250,3 +260,20 @@ def test_a_chat_template_sees_the_special_tokens_transformers_passes(tmp_path):
         ours = render_chat(template, messages, False, template_tokens(load_tokenizer(str(folder))))
         assert ours == theirs, name
     assert ours == "user:hi||"  # no eos_token: generation_config.json's <|im_end|> is not one
+
+
+def test_streamed_pieces_join_to_the_decoded_text_across_byte_fallback_runs(tmp_path):
+    """A run of byte-fallback pieces decodes together: "-" (<0x2D>) then a byte that is not UTF-8 becomes two
+    U+FFFD, so text streamed at the "-" would change afterwards (it was printed twice). The pieces join to the
+    whole decode, for broken and for whole multi-byte characters."""
+    from lora_cli.generate import decode_incremental
+
+    build_metaspace_tokenizer(tmp_path)
+    ours = load_tokenizer(str(tmp_path))
+    byte = {b: ours._tok.token_to_id(f"<0x{b:02X}>") for b in range(256)}
+    word, more = ours.encode("The quick"), ours.encode(" brown fox")
+    for run in ([0x2D, 0x8D], [0xF0, 0x9F, 0xA4, 0x96], [0x2D], [0xE6, 0x9D]):
+        ids = word + [byte[b] for b in run] + more + [byte[0x2D]]
+        pieces = list(decode_incremental(ids, ours))
+        assert "".join(pieces) == ours.decode(ids), run
+    assert "".join(decode_incremental(word + [byte[0x2D], byte[0x8D]], ours)) == ours.decode(word) + "\ufffd\ufffd"
