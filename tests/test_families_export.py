@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from helpers import alpaca_rows, assert_one_line_error, build_tokenizer, cli, make_family_checkpoint, make_hf_gpt2, rel
-from lora_cli.adapter import attach_adapter, export_peft, save_adapter
+from lora_cli.adapter import attach_adapter, check_fits, export_peft, load_adapter, save_adapter
 from lora_cli.config import LoraConfig
 from lora_cli.errors import CheckpointError
 from lora_cli.lora import apply_lora, with_classification_head
@@ -330,6 +330,7 @@ def test_peft_lora_on_an_untied_head_with_its_saved_base_copy(tmp_path):
     with safe_open(str(tmp_path / "peft" / "adapter_model.safetensors"), "pt") as f:
         assert "base_model.model.lm_head.base_layer.weight" in f.keys()
     ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(0))
+    check_fits(load_model(str(tmp_path / "base")), load_adapter(tmp_path / "peft"))  # lora eval's check, on a meta copy
     ours = attach_adapter(load_model(str(tmp_path / "base")), tmp_path / "peft").eval()
     with torch.no_grad():
         assert (ours.logits(ours(ids)) - model(input_ids=ids).logits).abs().max().item() <= 1e-5
