@@ -177,6 +177,12 @@ def _tokenizer_json(path: Path, log):
     if byte_level.get("add_prefix_space"):
         log(f"warning: {path}: the tokenizer puts a space before every text (ByteLevel add_prefix_space) and "
             "llama.cpp does not, so their ids differ at the start of a text")
+    norm = data.get("normalizer") or {}
+    norms = [n.get("type") for n in (norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm])]
+    # NFC alone (Qwen2's) changes only texts written in decomposed Unicode: not worth a warning on every export
+    if [n for n in norms if n not in (None, "NFC")]:
+        log(f"warning: {path}: the tokenizer normalizes text first ({', '.join(map(str, norms))}) and llama.cpp "
+            "does not, so their ids differ on texts the normalizer changes")
     return vocab, merges, specials, added, name
 
 

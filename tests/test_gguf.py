@@ -597,3 +597,21 @@ def test_checkpoints_llama_cpp_cannot_load_are_not_exported():
     assert llama_cpp_lacks("gpt_neox", GPTNeoXConfig(**sizes, attention_bias=False)) == (
         "llama.cpp's gpt_neox architecture needs attention biases (attention_bias: false here)")
     assert llama_cpp_lacks("gpt_neox", GPTNeoXConfig(**sizes)) is None
+
+
+def test_a_normalizing_tokenizer_is_exported_with_a_warning(tmp_path):
+    """llama.cpp applies no tokenizer.json normalizer: a Lowercase one changes ids of any text with capitals, so
+    the export says so; NFC alone (Qwen2's) changes only decomposed Unicode and passes without a word."""
+    from lora_cli.gguf_export import gguf_vocab
+    from lora_cli.tokenizer import load_tokenizer
+
+    build_tokenizer(tmp_path, bos=False)
+    raw = json.loads((tmp_path / "tokenizer.json").read_text())
+    for normalizer, warned in (({"type": "NFC"}, False),
+                               ({"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Lowercase"}]}, True)):
+        (tmp_path / "tokenizer.json").write_text(json.dumps({**raw, "normalizer": normalizer}))
+        warnings: list[str] = []
+        gguf_vocab(load_tokenizer(str(tmp_path)), 400, warnings.append)
+        assert warnings == ([f"warning: {tmp_path / 'tokenizer.json'}: the tokenizer normalizes text first (NFC, "
+                             "Lowercase) and llama.cpp does not, so their ids differ on texts the normalizer changes"]
+                            if warned else [])
