@@ -17,6 +17,7 @@ import typer
 
 from lora_cli.config import CHAT_MAX_NEW_TOKENS, GENERATE_MAX_NEW_TOKENS
 from lora_cli.errors import ConfigError, LoraError
+from lora_cli.jsonvalues import finite_or_null
 
 app = typer.Typer(
     add_completion=False,
@@ -53,7 +54,7 @@ def file_to_write(value: str | None, flag: str) -> Path | None:
 
 
 def echo_json(obj) -> None:
-    typer.echo(json.dumps(obj, indent=None, default=str))
+    typer.echo(json.dumps(finite_or_null(obj), indent=None, default=str))
 
 
 # ---------------------------------------------------------------------------------------------------- info
@@ -335,7 +336,7 @@ def predict(
               leave=False) as bar:
         predictions = predict_texts(loaded, [text for text, _ in items], batch_size=batch_size, progress=bar.update)
     for p in predictions:
-        typer.echo(json.dumps(p.to_dict(), ensure_ascii=False) if as_json else prediction_line(p))
+        typer.echo(json.dumps(finite_or_null(p.to_dict()), ensure_ascii=False) if as_json else prediction_line(p))
 
 
 @app.command()

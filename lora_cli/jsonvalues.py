@@ -57,3 +57,15 @@ def complaint(value: Any, kind: str, example: Any = None, nullable: bool = False
         if nullable:
             advice += ", or null"
     return f"{shown(value)} is not {what or good}", advice
+
+
+def finite_or_null(value: Any) -> Any:
+    """`value` with every NaN or infinite float as None, so that json.dumps writes JSON that other tools read
+    (Python writes NaN and Infinity, which JSON has not): a model that gives non-finite numbers reports null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value

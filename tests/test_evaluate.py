@@ -270,3 +270,25 @@ def test_predictions_written_meanwhile_by_another_command_are_kept(run, tmp_path
         run_eval(options, log=other_command)
     assert str(err.value) == f"--predictions {preds} already exists; choose a new file or pass --overwrite to replace it"
     assert preds.read_text() == "theirs\n"
+
+
+def test_json_output_stays_json_when_the_model_gives_nan(run, tmp_path):
+    """A checkpoint with a NaN weight evaluates to a NaN loss: --json writes null for it (Python's NaN and
+    Infinity are not JSON, and other tools refuse them), the table writes nan."""
+    from safetensors.torch import load_file, save_file
+
+    root, _, _ = run
+    model = make_hf_gpt2(tmp_path / "nan")
+    weights = load_file(str(tmp_path / "nan" / "model.safetensors"))
+    weights["transformer.ln_f.weight"][0] = float("nan")
+    save_file(weights, str(tmp_path / "nan" / "model.safetensors"), metadata={"format": "pt"})
+    code, out, err = cli("eval", "--model", tmp_path / "nan", "--data", root / "heldout.json", "--json", "-q")
+    assert code == 0, err
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    result = json.loads(out, parse_constant=refuse)
+    assert result["loss"] is None and result["perplexity"] is None
+    code, out, err = cli("eval", "--model", tmp_path / "nan", "--data", root / "heldout.json", "-q")
+    assert code == 0 and "nan" in out, err
