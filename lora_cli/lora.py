@@ -50,7 +50,7 @@ from torch import nn
 from lora_cli.config import LORA_INITS, MUTATING_INITS, LoraConfig, regex_problem
 from lora_cli.errors import AdapterError, ConfigError
 from lora_cli.models import HEAD, add_classification_head
-from lora_cli.runtime import as_dtype
+from lora_cli.runtime import SAFETENSORS_DTYPES, as_dtype
 
 SLICES = ("q", "k", "v")  # thirds of GPT-2's fused c_attn output, in order
 # A block's prefix in each family's module tree: GPT-2, the Llama family, GPT-NeoX.
@@ -953,7 +953,7 @@ def with_classification_head(model: nn.Module, lora_cfg: LoraConfig, num_labels:
 
 # ------------------------------------------------------------------------------------------------ adapter size
 
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_ST_DTYPES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def estimate_adapter_bytes(model: nn.Module, dtype: torch.dtype | str = torch.float32) -> int:

@@ -28,6 +28,7 @@ from lora_cli.config import WEIGHT_SUFFIXES, ModelSpec
 from lora_cli.errors import CheckpointError, ConfigError, LoraError, first_line
 from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
 from lora_cli.models import GPT2_PRESETS, HEAD, CausalLM, GPT2Config, build_model as new_model, config_from_dict, model_type
+from lora_cli.runtime import SAFETENSORS_DTYPES
 
 SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # sharded checkpoints
 WEIGHT_FILES = ("model.safetensors", SHARD_INDEXES[0], "pytorch_model.bin", SHARD_INDEXES[1])  # in transformers' order
@@ -327,10 +328,12 @@ def check_weights_file(path: Path) -> dict:
 
 
 def header_tensors(header: dict) -> dict[str, torch.Tensor]:
-    """A safetensors header as meta tensors of its shapes, floating point where the file's dtype is (F16, BF16,
-    F32, F8_*, ...) and int64 otherwise: what checked_tensors needs to check names, shapes and kinds, unread."""
-    return {key: torch.empty(entry["shape"], device="meta",
-                             dtype=torch.float32 if str(entry.get("dtype", "")).startswith(("F", "BF")) else torch.int64)
+    """A safetensors header as meta tensors of its shapes and dtypes (a float dtype this torch lacks as float32,
+    any other as int64): what checked_tensors needs to check names, shapes and kinds, unread."""
+    def dtype(name: str) -> torch.dtype:
+        return SAFETENSORS_DTYPES.get(name, torch.float32 if name.startswith(("F", "BF")) else torch.int64)
+
+    return {key: torch.empty(entry["shape"], device="meta", dtype=dtype(str(entry.get("dtype", ""))))
             for key, entry in header.items() if key != "__metadata__"}
 
 

@@ -17,6 +17,12 @@ from lora_cli.errors import ConfigError, TrainingError
 # Precision names (config `train.precision`, `lora merge --dtype`, adapter dtypes) -> torch dtypes.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+# A safetensors header's dtype names -> torch dtypes (the float8 ones where this torch has them)
+SAFETENSORS_DTYPES = {name: dtype for name, dtype in (
+    ("F64", torch.float64), ("F32", torch.float32), ("F16", torch.float16), ("BF16", torch.bfloat16),
+    ("I64", torch.int64), ("I32", torch.int32), ("I16", torch.int16), ("I8", torch.int8), ("U8", torch.uint8),
+    ("BOOL", torch.bool), ("F8_E4M3", getattr(torch, "float8_e4m3fn", None)),
+    ("F8_E5M2", getattr(torch, "float8_e5m2", None))) if dtype is not None}
 
 
 def as_dtype(dtype: torch.dtype | str | None, default: torch.dtype = torch.float32) -> torch.dtype:

@@ -99,6 +99,7 @@ def test_info_refuses_an_unreadable_bin_file(tiny_hf_dir, tmp_path):
     ("drop-a-layer", "does not match the GPT-2 architecture of its config: missing transformer.h.1."),
     ("wrong-shape", "tensor transformer.wte.weight has shape"),
     ("int-weights", "tensor transformer.h.0.mlp.c_fc.weight has dtype torch.int64, expected floating point"),
+    ("int32-weights", "tensor transformer.h.0.mlp.c_fc.weight has dtype torch.int32, expected floating point"),
 ])
 def test_info_refuses_weights_that_disagree_with_config_json(tiny_hf_dir, tmp_path, damage, words):
     """The safetensors header (read, not the weights) must agree with config.json as loading checks it: info
@@ -110,8 +111,9 @@ def test_info_refuses_weights_that_disagree_with_config_json(tiny_hf_dir, tmp_pa
         state = {k: v for k, v in state.items() if ".h.1." not in k}
     elif damage == "wrong-shape":
         state["transformer.wte.weight"] = state["transformer.wte.weight"][:, :-1].contiguous()
-    else:
-        state["transformer.h.0.mlp.c_fc.weight"] = state["transformer.h.0.mlp.c_fc.weight"].long()
+    else:  # info names the file's own dtype, as loading does
+        kind = torch.int64 if damage == "int-weights" else torch.int32
+        state["transformer.h.0.mlp.c_fc.weight"] = state["transformer.h.0.mlp.c_fc.weight"].to(kind)
     folder = tmp_path / damage
     folder.mkdir()
     shutil.copy(tiny_hf_dir / "config.json", folder / "config.json")
