@@ -29,7 +29,10 @@ ARCH_OVERRIDES = ("n_layer", "n_head", "n_embd", "n_positions")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # a model named as a single weights file
 SEEDS = range(-2**63, 2**64)  # the seeds torch.Generator.manual_seed takes
 SEEDS_TEXT = f"an integer from {SEEDS.start} to {SEEDS.stop - 1}"
-DEVICE = re.compile(r"auto|(cpu|cuda|mps)(:\d+)?")  # train.device and --device: auto, cpu, cuda, cuda:1, mps
+MAX_THREADS = 1024  # train.num_threads: more threads than this no CPU has, and their stacks exhaust memory
+
+# train.device and --device: auto, cpu, cuda, cuda:1, mps (an index as torch writes it: no leading zero)
+DEVICE = re.compile(r"auto|(cpu|cuda|mps)(:(0|[1-9]\d{0,3}))?")
 
 
 @dataclass
@@ -716,8 +719,8 @@ def _check_constraints(cfg: RunConfig, report, whole_run: bool = True) -> None:
         report("train.early_stopping_patience", f"must be >= 1 or null, got {t.early_stopping_patience}")
     if t.eval_max_batches is not None and t.eval_max_batches < 1:
         report("train.eval_max_batches", f"must be >= 1 or null, got {t.eval_max_batches}")
-    if t.num_threads is not None and t.num_threads < 1:
-        report("train.num_threads", f"must be >= 1 or null, got {t.num_threads}")
+    if t.num_threads is not None and not 1 <= t.num_threads <= MAX_THREADS:
+        report("train.num_threads", f"must be from 1 to {MAX_THREADS} or null, got {t.num_threads}")
     if t.samples < 0:
         report("train.samples", f"must be >= 0, got {t.samples}")
     elif t.samples and cfg.task == "classification":

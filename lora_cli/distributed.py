@@ -312,8 +312,10 @@ def resolve_batch(batch_size: int, grad_accum: int, global_batch_size: int | Non
         raise ConfigError(f"train.global_batch_size {global_batch_size} cannot be split evenly over {world_size} "
                           f"processes; use a multiple of {world_size} (e.g. {hint}) or another process count")
     share = global_batch_size // world_size
-    accum = next(a for a in range(1, share + 1) if share % a == 0 and share // a <= batch_size)
-    return share // accum, accum
+    # the largest micro-batch within batch_size that divides the share: at most batch_size trials, however
+    # large the share (counting accumulation steps up from 1 took share trials for a prime share)
+    micro = next(m for m in range(min(batch_size, share), 0, -1) if share % m == 0)
+    return micro, share // micro
 
 
 def short_reason(exc: BaseException) -> str:

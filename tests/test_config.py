@@ -152,6 +152,14 @@ def test_every_problem_reported_at_once_with_lines(tmp_path):
      "train.optimizer: adamw or remove train.betas; line 3: train.eps: applies to train.optimizer: adamw only"),
     ("model: gpt2\ndata: {train: a.json}\ntrain: {device: 'cpu:abc'}\n",
      "line 3: train.device: must be auto, cpu, cuda, cuda:N or mps, got 'cpu:abc'"),
+    # torch.device refuses an index with a leading zero, and one past 64 bits, when the run starts
+    ("model: gpt2\ndata: {train: a.json}\ntrain: {device: 'cuda:01'}\n",
+     "line 3: train.device: must be auto, cpu, cuda, cuda:N or mps, got 'cuda:01'"),
+    ("model: gpt2\ndata: {train: a.json}\ntrain: {device: 'cuda:99999999999999999999'}\n",
+     "line 3: train.device: must be auto, cpu, cuda, cuda:N or mps, got 'cuda:99999999999999999999'"),
+    # that many threads crashed the process (their stacks alone exhaust memory)
+    ("model: gpt2\ndata: {train: a.json}\ntrain: {num_threads: 100000}\n",
+     "line 3: train.num_threads: must be from 1 to 1024 or null, got 100000"),
 ])
 def test_bad_configs(tmp_path, text, message):
     with pytest.raises(ConfigError) as err:

@@ -76,6 +76,8 @@ def test_global_batch_follows_world_size():
     assert resolve_batch(2, 1, 8, 2) == (2, 2)
     assert resolve_batch(8, 3, 24, 2) == (6, 2)  # 12 per process: batch_size 8 does not divide it, 6 x 2 does
     assert resolve_batch(8, 1, 8, 8) == (1, 1)
+    assert resolve_batch(4, 1, 2**61 - 1, 1) == (1, 2**61 - 1)  # a prime share: at most batch_size trials (it hung)
+    assert resolve_batch(6, 1, 2**40 * 3, 1) == (6, 2**39)
     with pytest.raises(ConfigError) as err:
         resolve_batch(4, 1, 10, 4)
     assert str(err.value) == ("train.global_batch_size 10 cannot be split evenly over 4 processes; use a multiple "
