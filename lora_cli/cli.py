@@ -16,7 +16,7 @@ from typing import List, Optional
 import typer
 
 from lora_cli.config import CHAT_MAX_NEW_TOKENS, GENERATE_MAX_NEW_TOKENS
-from lora_cli.errors import ConfigError, LoraError
+from lora_cli.errors import ConfigError, LoraError, is_out_of_memory, out_of_memory_line
 from lora_cli.jsonvalues import finite_or_null
 
 app = typer.Typer(
@@ -457,6 +457,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # a bug, not bad input: still one line, and the traceback on request
         if debug:
             raise
+        if is_out_of_memory(exc):  # sizes this machine cannot hold: the input's fault, not a bug
+            typer.echo(f"{_rank_prefix()}error: {out_of_memory_line(exc)}", err=True)
+            sys.exit(1)
         typer.echo(f"{_rank_prefix()}error: internal error ({type(exc).__name__}: {exc}); rerun with --debug and report it", err=True)
         sys.exit(1)
 

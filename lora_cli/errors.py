@@ -4,6 +4,8 @@ The CLI turns any LoraError into one line on stderr and its exit code; anything 
 traceback. Messages name the file, key or row at fault and say what to do.
 """
 
+import re
+
 
 class LoraError(Exception):
     """A user-facing failure carrying a one-line message."""
@@ -55,6 +57,23 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
     """The first line of an exception's message (its class name when it has none), for one-line error reports."""
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA/MPS out-of-memory errors, and the CPU allocator's ("can't allocate memory") or Python's MemoryError."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def out_of_memory_line(exc: BaseException) -> str:
+    """One line for running out of memory outside a training step (building a model of huge sizes or rank,
+    loading one too large for this machine): how much was asked for, when the allocator says, and what to do."""
+    asked = re.search(r"allocate (\d+) bytes", str(exc))
+    size = f" (an allocation of {int(asked.group(1)) / 2**30:,.1f} GiB)" if asked else ""
+    return (f"out of memory{size}; choose a smaller model (or model sizes), a lower lora.r, or fewer and shorter "
+            "inputs")
 
 
 # Other tools' names for our keys (PEFT's LoraConfig, transformers' TrainingArguments): too far apart to spell alike.

@@ -35,7 +35,7 @@ from lora_cli.distributed import (
     DDPView, Dist, FSDPView, env_world_size, full_value, init_distributed, is_comm_failure, resolve_batch,
     shard_sizes, short_reason, with_extra_passes, wrap_ddp, wrap_fsdp,
 )
-from lora_cli.errors import ConfigError, DataError, LoraError, TrainingError, all_problems
+from lora_cli.errors import ConfigError, DataError, LoraError, TrainingError, all_problems, is_out_of_memory
 from lora_cli.evaluation import evaluate_classification, evaluate_lm
 from lora_cli.fsutil import RunLock, append_line, atomic_write_text, local_path
 from lora_cli.lora import (
@@ -712,14 +712,6 @@ def grad_total_norm(params: list[torch.nn.Parameter], max_norm: float | None) ->
         return float(full_value(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)))
     grads = [p.grad for p in params if p.grad is not None]
     return float(full_value(torch.nn.utils.get_total_norm(grads, foreach=False))) if grads else 0.0
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA/MPS out-of-memory errors, and the CPU allocator's ("can't allocate memory") or Python's MemoryError."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def out_of_memory_message(s: Setup, state: RunState) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import child_env, cli, warm_zygote
+from helpers import alpaca_rows, assert_one_line_error, child_env, cli, warm_zygote
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "quick", "seven", "table", "music", "light", "north",
          "paper", "glass", "horse", "bread", "chair"]
@@ -174,7 +174,7 @@ def test_out_of_memory_is_one_line_with_the_batch_shape_and_the_checkpoint_is_ke
     (ValueError("out of memory"), False),
 ])
 def test_is_out_of_memory(exc, oom):
-    from lora_cli.train import is_out_of_memory
+    from lora_cli.errors import is_out_of_memory
 
     assert is_out_of_memory(exc) is oom
 
@@ -212,3 +212,14 @@ def test_dry_run_without_warning_when_it_fits(tmp_path):
     estimate = next(line for line in done.stdout.splitlines() if line.startswith("estimated peak memory: "))
     assert estimate.endswith(" MiB") and 0 < int(estimate.split(": ")[1].split()[0]) < 100  # small: in MiB
     assert not any(line.startswith("warning") for line in done.stdout.splitlines())
+
+
+def test_sizes_this_machine_cannot_hold_are_one_line(tmp_path):
+    """A LoRA rank (or model size) whose weights the machine cannot allocate is the input's fault: one line
+    saying so and what to change, exit 1 (it was reported as an internal error)."""
+    (tmp_path / "train.json").write_text(json.dumps(alpaca_rows()))
+    (tmp_path / "run.yaml").write_text("model: {name: gpt2, init: random, n_layer: 1, n_embd: 64, n_head: 2, "
+                                       "n_positions: 64}\ndata: {train: train.json, max_length: 64}\n")
+    line = assert_one_line_error(*cli("train", tmp_path / "run.yaml", "--dry-run", "--set", "lora.r=1e12"))
+    assert line == ("error: out of memory (an allocation of 238,418.6 GiB); choose a smaller model (or model sizes), a "
+                    "lower lora.r, or fewer and shorter inputs")
