@@ -373,10 +373,18 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=1e-4")
+    text = raw.strip()
+    # YAML reads `#` (first, or after a space) as a comment: `data.prompt_template=### {instruction}` became null,
+    # the default. On the command line such a value is its text (quote it, or write a list, for YAML's reading).
+    commented = "#" in text and text[0] not in "'\"[{"
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.safe_load(raw) if text else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc.__class__.__name__})") from exc
+        if not commented:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc.__class__.__name__})") from exc
+        value = text
+    if commented and (value is None or isinstance(value, str)):
+        value = text
     keys = [k.strip() for k in key.strip().split(".")]
     if not all(keys):
         raise ConfigError(f"--set {item!r}: the key {key.strip()!r} has an empty part; write SECTION.KEY, e.g. "

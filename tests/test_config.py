@@ -47,6 +47,13 @@ def test_overrides(tmp_path):
                                               "model={name: gpt2, init: random, n_layer: 2}"])
     assert cfg.train.lr == 1e-4 and cfg.lora.r == 16 and cfg.lora.targets == ["attn.q", "attn.v"]
     assert cfg.model.init == "random" and cfg.model.overrides == {"n_layer": 2}
+    # a `#` is text on the command line, not a YAML comment (the template below became null, the default)
+    for raw, want in (("### {instruction}\n### Response:\n", "### {instruction}\n### Response:"),
+                      ("Question {instruction} #1\nAnswer", "Question {instruction} #1\nAnswer"),
+                      ("'# quoted'", "# quoted")):
+        cfg = load_config(write(tmp_path, BASE), [f"data.prompt_template={raw}"])
+        assert cfg.data.prompt_template == want, raw
+    assert load_config(write(tmp_path, BASE), ["lora.r=4 # four"]).lora.r == 4
     with pytest.raises(ConfigError, match=r"--set train.batch_size: must be >= 1, got 0"):
         load_config(write(tmp_path, BASE), ["train.batch_size=0"])
     with pytest.raises(ConfigError, match=r"expected KEY=VALUE"):
