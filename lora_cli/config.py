@@ -23,7 +23,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from lora_cli.errors import ConfigError, LoraError, all_problems, did_you_mean, first_line, first_repeat
+from lora_cli.errors import (KNOWN_ALIASES, ConfigError, LoraError, all_problems, did_you_mean, first_line,
+                             first_repeat)
 
 ARCH_OVERRIDES = ("n_layer", "n_head", "n_embd", "n_positions")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # a model named as a single weights file
@@ -466,7 +467,7 @@ def build_config(
 
     for key in raw:
         if key not in TOP_KEYS:
-            report(str(key), f"unknown key{did_you_mean(str(key), TOP_KEYS)}")
+            report(str(key), f"unknown key{_in_a_section(str(key), None) or did_you_mean(str(key), TOP_KEYS)}")
     model = None
     if "model" not in raw and not whole_run:
         model = ModelSpec(name="gpt2")  # a stand-in: the caller names the model
@@ -512,13 +513,25 @@ def build_config(
     return cfg
 
 
+def _in_a_section(key: str, section: str | None) -> str:
+    """' (did you mean train.lr?)' when `key` (or another tool's name for it) is a key of another section than
+    `section` (None: the top level), or ''."""
+    for name, cls in SECTIONS.items():
+        fields = {f.name for f in dataclasses.fields(cls)}
+        found = next((k for k in (key, KNOWN_ALIASES.get(key)) if k in fields), None)
+        if name != section and found is not None:
+            return f" (did you mean {name}.{found}?)"
+    top = next((k for k in (key, KNOWN_ALIASES.get(key)) if k in TOP_KEYS and k not in SECTIONS), None)
+    return f" (did you mean {top}, a top-level key?)" if section is not None and top is not None else ""
+
+
 def _build_section(cls, values: dict, section: str, report) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            report(f"{section}.{key}", f"unknown key{did_you_mean(str(key), names)}")
+            report(f"{section}.{key}", f"unknown key{_in_a_section(str(key), section) or did_you_mean(str(key), names)}")
             continue
         try:
             kwargs[key] = coerce(value, hints[key])

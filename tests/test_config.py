@@ -94,6 +94,14 @@ def test_every_problem_reported_at_once_with_lines(tmp_path):
     ("- a\n- b\n", "must be a mapping of keys"),
     ("data: {train: a.json}\n", "model: is required"),
     ("model: gpt2\nmodle: x\ndata: {train: a.json}\n", "line 2: modle: unknown key (did you mean model?)"),
+    # a key of another section is named there, not matched to a near name of this one (lora.lr: "did you mean r?")
+    ("model: gpt2\ndata: {train: a.json}\nlora: {lr: 0.1}\ntrain: {r: 4, max_length: 64}\nlr: 1\n",
+     "4 problems: line 5: lr: unknown key (did you mean train.lr?); line 3: lora.lr: unknown key (did you mean "
+     "train.lr?); line 4: train.r: unknown key (did you mean lora.r?); line 4: train.max_length: unknown key (did you "
+     "mean data.max_length?)"),
+    ("model: gpt2\ndata: {train: a.json, output_dir: x}\ntrain: {learning_rate: 0.1}\n",
+     "line 2: data.output_dir: unknown key (did you mean out_dir, a top-level key?); line 3: train.learning_rate: "
+     "unknown key (did you mean lr?)"),
     ("model: gpt2\ndata: {train: a.json}\ntrain: {epochs: two}\n", "line 3: train.epochs: must be an integer, got 'two'"),
     ("model: gpt2\ndata: {train: a.json}\ntrain: {lr: fast}\n", "train.lr: must be a number, got 'fast'"),
     ("model: gpt2\ndata: {train: a.json}\ntrain: {precision: fp8}\n", "train.precision: must be one of auto, fp32, bf16, fp16, got 'fp8'"),
