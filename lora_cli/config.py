@@ -594,6 +594,9 @@ def coerce(value: Any, hint: Any) -> Any:
             raise ValueError(f"must be a string, got a {type(value).__name__}")
         return str(value)
     if origin is list:
+        if isinstance(value, str) and "," in value and not value.startswith("re:"):  # not a regex's {1,2}
+            items = ", ".join(part.strip() for part in value.split(","))
+            raise ValueError(f"must be a list, got the text {value!r}; write it as a list: [{items}]")
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]  # a single target is a one-item list
         if not isinstance(value, list):

@@ -99,6 +99,9 @@ def test_every_problem_reported_at_once_with_lines(tmp_path):
      "4 problems: line 5: lr: unknown key (did you mean train.lr?); line 3: lora.lr: unknown key (did you mean "
      "train.lr?); line 4: train.r: unknown key (did you mean lora.r?); line 4: train.max_length: unknown key (did you "
      "mean data.max_length?)"),
+    # a comma-separated text for a list (as eval's --column-names takes it) became a one-item list
+    ("model: gpt2\ntask: classification\ndata: {train: a.csv, header: false, column_names: 'label,text'}\n",
+     "line 3: data.column_names: must be a list, got the text 'label,text'; write it as a list: [label, text]"),
     ("model: gpt2\ndata: {train: a.json, output_dir: x}\ntrain: {learning_rate: 0.1}\n",
      "line 2: data.output_dir: unknown key (did you mean out_dir, a top-level key?); line 3: train.learning_rate: "
      "unknown key (did you mean lr?)"),
