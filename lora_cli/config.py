@@ -643,6 +643,9 @@ def _check_constraints(cfg: RunConfig, report, whole_run: bool = True) -> None:
     if d.val_split + d.test_split >= 1:
         report("data.val_split + data.test_split", f"must leave training data (sum < 1), got {d.val_split:g} + "
                                                    f"{d.test_split:g}")
+    for key in ("val", "test", "chat_template"):  # an empty path would be read as the config's own folder
+        if getattr(d, key) is not None and not getattr(d, key).strip():
+            report(f"data.{key}", "is empty; name a file, or remove the key (null) for none")
     for key in ("train", "val", "test"):
         value = getattr(d, key)
         if isinstance(value, str) and value.startswith("hf://") and not value.startswith("hf://datasets/"):

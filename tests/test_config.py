@@ -99,6 +99,10 @@ def test_every_problem_reported_at_once_with_lines(tmp_path):
      "4 problems: line 5: lr: unknown key (did you mean train.lr?); line 3: lora.lr: unknown key (did you mean "
      "train.lr?); line 4: train.r: unknown key (did you mean lora.r?); line 4: train.max_length: unknown key (did you "
      "mean data.max_length?)"),
+    # an empty path was read as the config's folder ("data.val: . is a directory")
+    ("model: gpt2\ndata: {train: a.json, val: '', test: ' ', chat_template: ''}\n",
+     "3 problems: line 2: data.val: is empty; name a file, or remove the key (null) for none; line 2: data.test: is "
+     "empty; name a file, or remove the key (null) for none; line 2: data.chat_template: is empty"),
     # a comma-separated text for a list (as eval's --column-names takes it) became a one-item list
     ("model: gpt2\ntask: classification\ndata: {train: a.csv, header: false, column_names: 'label,text'}\n",
      "line 3: data.column_names: must be a list, got the text 'label,text'; write it as a list: [label, text]"),
