@@ -487,6 +487,8 @@ def build_config(
             value = {}
         sections[name] = _build_section(cls, value, name, report)
     out_dir = raw.get("out_dir", RunConfig.out_dir)
+    if isinstance(out_dir, int) and not isinstance(out_dir, bool):  # `out_dir: 2024`: a folder's name, as data.train
+        out_dir = str(out_dir)
     if not isinstance(out_dir, str) or not out_dir.strip():
         report("out_dir", f"must be a path, got {out_dir!r}")
         out_dir = RunConfig.out_dir

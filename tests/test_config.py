@@ -54,6 +54,7 @@ def test_overrides(tmp_path):
         cfg = load_config(write(tmp_path, BASE), [f"data.prompt_template={raw}"])
         assert cfg.data.prompt_template == want, raw
     assert load_config(write(tmp_path, BASE), ["lora.r=4 # four"]).lora.r == 4
+    assert load_config(write(tmp_path, BASE), ["out_dir=2024"]).out_dir == str(tmp_path / "2024")  # a folder name
     with pytest.raises(ConfigError, match=r"--set train.batch_size: must be >= 1, got 0"):
         load_config(write(tmp_path, BASE), ["train.batch_size=0"])
     with pytest.raises(ConfigError, match=r"expected KEY=VALUE"):
