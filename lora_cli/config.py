@@ -277,6 +277,8 @@ class RunConfig:
         return out
 
 
+TABLE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")  # data files with columns
+SUPPORTED_SUFFIXES = (*TABLE_SUFFIXES, ".txt")  # every data file lora-cli reads
 SECTIONS: dict[str, type] = {"data": DataConfig, "lora": LoraConfig, "train": TrainConfig}
 TOP_KEYS = ("model", "out_dir", "task", *SECTIONS)
 
@@ -654,6 +656,12 @@ def _check_constraints(cfg: RunConfig, report, whole_run: bool = True) -> None:
             report(f"data.{key}", f"{value!r}: a hub dataset is named hf://datasets/OWNER/NAME")
     if not d.split.strip():
         report("data.split", "must name a split, e.g. train")
+    train_file = isinstance(d.train, str) and Path(d.train).suffix.lower() in SUPPORTED_SUFFIXES \
+        and not d.train.startswith("hf://")
+    for key, given in (("split", d.split != DataConfig.split), ("subset", d.subset is not None)):
+        if given and train_file:  # a data file has no splits or configurations: it would be ignored
+            report(f"data.{key}", f"applies to a hub dataset (hf://datasets/...) or a saved dataset folder, and "
+                                  f"data.train is the file {d.train}; remove data.{key}")
     if d.max_length < 2:
         report("data.max_length", f"must be >= 2 tokens, got {d.max_length}")
     if not d.header and not d.column_names:
@@ -762,6 +770,9 @@ def _check_constraints(cfg: RunConfig, report, whole_run: bool = True) -> None:
         report("train.seed", f"must be {SEEDS_TEXT}, got {t.seed}")
     if t.momentum < 0:
         report("train.momentum", f"must be >= 0, got {t.momentum}")
+    if t.lr_schedule == "constant" and t.min_lr_ratio != TrainConfig.min_lr_ratio:  # nothing decays to it
+        report("train.min_lr_ratio", "is the floor of a decaying schedule, and train.lr_schedule is constant; set "
+                                     "lr_schedule: cosine or linear, or remove train.min_lr_ratio")
     defaults = type(t)()
     for key, optimizer in (("momentum", "sgd"), ("betas", "adamw"), ("eps", "adamw")):
         if t.optimizer != optimizer and getattr(t, key) != getattr(defaults, key):  # set, and it would be ignored

@@ -17,7 +17,7 @@ import torch
 
 from lora_cli.adapter import (ADAPTER_FILE, PEFT_CHAT_TEMPLATE, PEFT_CONFIG, PEFT_WEIGHTS, Adapter,
                               check_fits)
-from lora_cli.config import DataConfig, RunConfig, load_config
+from lora_cli.config import SUPPORTED_SUFFIXES, DataConfig, RunConfig, load_config
 from lora_cli.data import (
     FLAG_HINTS, RESPONSE_ROLE, cell_value, row_label, detect_format, encode_records, load_file, load_splits, read_table, render_prompt,
 )
@@ -255,6 +255,12 @@ class EvalOptions:
             if asked:
                 what = "scores generated text" if asked[0] in ("--meteor", "--lowercase") else "is for generation"
                 raise ConfigError(f"{asked[0]} {what}: add --generate")
+        local_file = self.data is not None and not str(self.data).startswith("hf://") \
+            and Path(str(self.data)).suffix.lower() in SUPPORTED_SUFFIXES
+        asked = [flag for flag, value in (("--split", self.split), ("--subset", self.subset)) if value is not None]
+        if asked and local_file:  # a data file has no splits or configurations: the flag would be ignored
+            raise ConfigError(f"{asked[0]} picks from a hub dataset (hf://datasets/...) or a saved dataset folder, "
+                              f"and --data {self.data} is a file; leave out {asked[0]}")
         if (self.header is not None or self.column_names) and self.data is not None \
                 and Path(str(self.data)).suffix.lower() not in (".csv", ".tsv"):
             flag = "--no-header" if self.header is not None else "--column-names"

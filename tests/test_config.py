@@ -104,6 +104,13 @@ def test_every_problem_reported_at_once_with_lines(tmp_path):
     ("model: gpt2\ndata: {train: a.json, val: '', test: ' ', chat_template: ''}\n",
      "3 problems: line 2: data.val: is empty; name a file, or remove the key (null) for none; line 2: data.test: is "
      "empty; name a file, or remove the key (null) for none; line 2: data.chat_template: is empty"),
+    # settings that a run would ignore
+    ("model: gpt2\ndata: {train: a.json, subset: main, split: test}\n",
+     "2 problems: line 2: data.split: applies to a hub dataset (hf://datasets/...) or a saved dataset folder, and "
+     "data.train is the file a.json; remove data.split; line 2: data.subset: applies to a hub dataset"),
+    ("model: gpt2\ndata: {train: a.json}\ntrain: {lr_schedule: constant, min_lr_ratio: 0.5}\n",
+     "line 3: train.min_lr_ratio: is the floor of a decaying schedule, and train.lr_schedule is constant; set "
+     "lr_schedule: cosine or linear, or remove train.min_lr_ratio"),
     # a comma-separated text for a list (as eval's --column-names takes it) became a one-item list
     ("model: gpt2\ntask: classification\ndata: {train: a.csv, header: false, column_names: 'label,text'}\n",
      "line 3: data.column_names: must be a list, got the text 'label,text'; write it as a list: [label, text]"),

@@ -292,3 +292,13 @@ def test_json_output_stays_json_when_the_model_gives_nan(run, tmp_path):
     assert result["loss"] is None and result["perplexity"] is None
     code, out, err = cli("eval", "--model", tmp_path / "nan", "--data", root / "heldout.json", "-q")
     assert code == 0 and "nan" in out, err
+
+
+def test_split_and_subset_of_a_data_file_are_refused(run):
+    """A data file has no splits or configurations: --split / --subset would be ignored without a word."""
+    root, _, adapter = run
+    for flag in ("--split", "--subset"):
+        line = assert_one_line_error(*cli("eval", "--adapter", adapter, "--data", root / "heldout.json", flag, "x"),
+                                     expected_code=2)
+        assert line == (f"error: {flag} picks from a hub dataset (hf://datasets/...) or a saved dataset folder, and "
+                        f"--data {root / 'heldout.json'} is a file; leave out {flag}")

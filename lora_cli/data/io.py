@@ -22,15 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from lora_cli.config import DataConfig
+from lora_cli.config import SUPPORTED_SUFFIXES, TABLE_SUFFIXES, DataConfig
 from lora_cli.data.hub import hub_name_problem, is_hub_dataset, is_saved_dataset, read_dataset
 from lora_cli.errors import ConfigError, DataError, first_line
 
 if TYPE_CHECKING:  # pandas is imported when a file is read, so importing lora_cli.data stays light
     import pandas as pd
 
-TABLE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")  # files with columns
-SUPPORTED_SUFFIXES = (*TABLE_SUFFIXES, ".txt")
+
 SUFFIXES_HELP = ".csv, .tsv, .json (a list of objects), .jsonl (one object per line), .parquet or .txt (plain text)"
 
 
