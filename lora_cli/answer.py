@@ -17,7 +17,7 @@ from lora_cli.errors import ConfigError, DataError
 from lora_cli.evaluation import generate_texts
 from lora_cli.generate import stream_text
 from lora_cli.inference import DataSettings, load_placed, open_adapter, pack_for_decoding, packing_pays
-from lora_cli.prompts import check_lengths, collect_prompts, escape_line, sampling_options
+from lora_cli.prompts import check_lengths, check_search, collect_prompts, escape_line, sampling_options
 
 @dataclass
 class Source:
@@ -114,6 +114,7 @@ class GenerateOptions:
                               "as JSON)")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be a positive integer, got {self.batch_size}")
+        check_search(self.num_beams, self.length_penalty)
         if self.length_penalty != 1.0 and self.num_beams == 1:
             raise ConfigError("--length-penalty scores beam search's hypotheses: add --num-beams N (N > 1) or drop "
                               "--length-penalty")

@@ -32,7 +32,7 @@ from lora_cli.inference import (
 from lora_cli.lora import lora_disabled, lora_layers
 from lora_cli.metrics import generation_metrics, meteor_unavailable
 from lora_cli.pretrained import BaseModel
-from lora_cli.prompts import response_column
+from lora_cli.prompts import check_search, response_column
 from lora_cli.runtime import autocast_for, device_option, inference_dtype, resolve_precision
 from lora_cli.tokenizer import GPT2, Tokenizer
 
@@ -246,6 +246,8 @@ class EvalOptions:
         n = self.max_new_tokens
         if self.generate and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ConfigError(f"--max-new-tokens must be a positive integer, got {n!r}")
+        if self.generate:
+            check_search(self.num_beams, self.length_penalty)
         if not self.generate:
             asked = [flag for flag, given in (
                 ("--meteor", self.meteor), ("--predictions", self.predictions is not None),

@@ -47,8 +47,8 @@ def check_room(max_new_tokens: int, n_positions: int) -> int:
     room = n_positions - max_new_tokens
     if room < 1:
         raise ConfigError(
-            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of "
-            f"{n_positions} tokens; lower max_new_tokens below {n_positions}"
+            f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
+            f"{n_positions} tokens; lower --max-new-tokens below {n_positions}"
         )
     return room
 

@@ -244,6 +244,15 @@ def check_lengths(max_new_tokens: int | None, no_repeat_ngram_size: int) -> None
         raise ConfigError(f"--no-repeat-ngram-size must be a non-negative integer (0 = off), got {no_repeat_ngram_size}")
 
 
+def check_search(num_beams: int, length_penalty: float) -> None:
+    """--num-beams and --length-penalty, checked before a model loads (the decoder's own checks name its
+    arguments, num_beams, not the flags)."""
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise ConfigError(f"--num-beams must be a positive integer, got {num_beams}")
+    if not math.isfinite(length_penalty):
+        raise ConfigError(f"--length-penalty must be a finite number, got {length_penalty}")
+
+
 def escape_line(text: str) -> str:
     """A generation on one output line: backslashes, newlines and carriage returns written as escapes."""
     return text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")

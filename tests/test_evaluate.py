@@ -219,8 +219,8 @@ def test_bad_inputs_one_line_and_nothing_written(run, tmp_path):
     n_positions = json.loads((root / "base" / "config.json").read_text())["n_positions"]
     line = assert_one_line_error(*cli("eval", "--adapter", adapter, "--data", root / "heldout.json", "--generate",
                                       "--max-new-tokens", n_positions, "-q"), expected_code=2)
-    assert line == (f"error: max_new_tokens={n_positions} leaves no room for a prompt in the model's context of "
-                    f"{n_positions} tokens; lower max_new_tokens below {n_positions}")
+    assert line == (f"error: --max-new-tokens {n_positions} leaves no room for a prompt in the model's context of "
+                    f"{n_positions} tokens; lower --max-new-tokens below {n_positions}")
     # nothing to evaluate
     assert_one_line_error(*cli("eval", "--data", root / "heldout.json"), expected_code=2)
     # a run whose adapter does not exist yet
