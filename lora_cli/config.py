@@ -71,18 +71,20 @@ class ModelSpec:
         if init not in ("pretrained", "random"):
             raise ValueError(f"init must be pretrained or random, got {init!r}")
         overrides = {}
-        for key in ARCH_OVERRIDES:
+        for key in ARCH_OVERRIDES:  # integers as the sections read them (2.0 and "1e3" too)
             if key in value:
-                v = value[key]
-                if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                    raise ValueError(f"{key} must be a positive integer, got {v!r}")
+                v = _integer(value[key])
+                if v is None or v <= 0:
+                    raise ValueError(f"{key} must be a positive integer, got {value[key]!r}")
                 overrides[key] = v
         if overrides and init != "random":
             raise ValueError("architecture overrides (n_layer, ...) need init: random")
-        seed = value.get("seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed not in SEEDS:
-            raise ValueError(f"seed must be {SEEDS_TEXT}, got {seed!r}")
+        seed = _integer(value.get("seed", 0))
+        if seed is None or seed not in SEEDS:
+            raise ValueError(f"seed must be {SEEDS_TEXT}, got {value.get('seed')!r}")
         revision = value.get("revision")
+        if revision is not None and (isinstance(revision, (bool, list, dict)) or not str(revision).strip()):
+            raise ValueError(f"revision must be a branch, tag or commit of the hub repository, got {revision!r}")
         tokenizer = value.get("tokenizer")
         if tokenizer is not None and (not isinstance(tokenizer, str) or not tokenizer.strip()):
             raise ValueError(f"tokenizer must be a tokenizer directory or tokenizer.json path, got {tokenizer!r}")
@@ -611,6 +613,14 @@ def coerce(value: Any, hint: Any) -> Any:
             raise ValueError(f"must be a mapping, got {type(value).__name__}")
         return {str(k): coerce(v, args[1]) for k, v in value.items()}
     return value
+
+
+def _integer(value: Any) -> int | None:
+    """`value` read as the config's integer keys read it (coerce), or None when it is not one."""
+    try:
+        return coerce(value, int)
+    except ValueError:
+        return None
 
 
 def _type_name(hint: Any) -> str:

@@ -55,6 +55,11 @@ def test_overrides(tmp_path):
         assert cfg.data.prompt_template == want, raw
     assert load_config(write(tmp_path, BASE), ["lora.r=4 # four"]).lora.r == 4
     assert load_config(write(tmp_path, BASE), ["out_dir=2024"]).out_dir == str(tmp_path / "2024")  # a folder name
+    # the model's integers read as the sections' do (train.seed=1e3 was taken, model.seed=1e3 refused)
+    cfg = load_config(write(tmp_path, BASE), ["model={name: gpt2, init: random, seed: 1e3, n_layer: 2.0}"])
+    assert (cfg.model.seed, cfg.model.overrides) == (1000, {"n_layer": 2})
+    with pytest.raises(ConfigError, match=r"revision must be a branch, tag or commit of the hub repository, got \['a'"):
+        load_config(write(tmp_path, BASE), ["model={name: gpt2, revision: [a, b]}"])
     with pytest.raises(ConfigError, match=r"--set train.batch_size: must be >= 1, got 0"):
         load_config(write(tmp_path, BASE), ["train.batch_size=0"])
     with pytest.raises(ConfigError, match=r"expected KEY=VALUE"):
