@@ -432,6 +432,9 @@ def held_out_examples(options: EvalOptions, subject: Subject, log) -> HeldOut:
     was trained."""
     cfg, settings = subject.cfg, subject.settings
     n_positions = subject.base.model.config.n_positions
+    if options.max_length is not None and options.max_length > n_positions:  # it was cut to the context unsaid
+        raise ConfigError(f"--max-length {options.max_length} is above the model's context (n_positions = "
+                          f"{n_positions}); pass at most {n_positions}")
     if options.skip_bad_rows and cfg is not None:
         cfg = replace(cfg, data=replace(cfg.data, skip_bad_rows=True))
     if cfg is not None and options.data is None:

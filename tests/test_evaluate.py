@@ -302,3 +302,13 @@ def test_split_and_subset_of_a_data_file_are_refused(run):
                                      expected_code=2)
         assert line == (f"error: {flag} picks from a hub dataset (hf://datasets/...) or a saved dataset folder, and "
                         f"--data {root / 'heldout.json'} is a file; leave out {flag}")
+
+
+def test_max_length_above_the_context_is_refused(run):
+    """--max-length past the model's context was cut to it without a word (and long data then asked to raise
+    data.max_length, which could not be done)."""
+    root, _, adapter = run
+    line = assert_one_line_error(*cli("eval", "--adapter", adapter, "--data", root / "heldout.json", "--max-length",
+                                      "100000"), expected_code=2)
+    assert line == (f"error: --max-length 100000 is above the model's context (n_positions = {TINY['n_positions']}); "
+                    f"pass at most {TINY['n_positions']}")
