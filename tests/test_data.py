@@ -284,6 +284,14 @@ def test_a_tsv_written_with_csv_quoting_reads_its_values(tmp_path):
     # a field wrapped in quotes with nothing a quoting writer would have added stays as it is (the SMS file's way)
     path = write(tmp_path, "plain.tsv", 'ham\t"hi there"\nspam\tWIN "now"\n')
     assert D.read_table(path, DataConfig(**SMS))["text"] == ['"hi there"', 'WIN "now"']
+    # a text that opens with a quote and one that closes with a quote lines later (the SMS file has both), with a
+    # doubled quote between: read quoted, the rows between merged into one text without a word (5 rows gave 3)
+    texts = ['"Pete can you please ring me', "normal text here", '"Free ""prize"" now"', '"quoted" then more',
+             "call now"]
+    path = write(tmp_path, "sms.tsv", "".join(f"{label}\t{text}\n" for label, text in
+                                              zip(["ham", "ham", "spam", "ham", "spam"], texts)))
+    frame = D.read_table(path, DataConfig(**SMS))
+    assert frame["text"] == texts and frame["label"] == ["ham", "ham", "spam", "ham", "spam"]
 
 # ---------------------------------------------------------------------------------------------- bad rows
 

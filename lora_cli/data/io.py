@@ -206,9 +206,23 @@ _QUOTED_FIELD = re.compile(r'(?:^|\t)"((?:[^"]|"")*)"(?=\t|\r?\n|$)', re.MULTILI
 
 def _csv_quoted(text: str) -> bool:
     """Whether a TSV file was written with CSV quoting (then read with it, so the quotes are not kept as text).
-    Otherwise a TSV is read unquoted, as the SMS Spam Collection is written: a `"` there is part of the text."""
-    return any('""' in m.group(1) or "\t" in m.group(1) or "\n" in m.group(1)
-               for m in _QUOTED_FIELD.finditer(text))
+    Otherwise a TSV is read unquoted, as the SMS Spam Collection is written: a `"` there is part of the text.
+
+    A quote that opens one row's text can pair with a quote that closes another row's text lines later (the SMS
+    Spam Collection has texts of each kind), which looks like a quoted field holding line breaks. So when every
+    line read unquoted is a row of one width, and reading the file quoted would make fewer rows of them, the
+    quotes are text: read quoted, those rows merged into one without a word."""
+    if not any('""' in m.group(1) or "\t" in m.group(1) or "\n" in m.group(1) for m in _QUOTED_FIELD.finditer(text)):
+        return False
+    unquoted = _tsv_widths(text, csv.QUOTE_NONE)
+    return not (len(set(unquoted)) == 1 and len(_tsv_widths(text, csv.QUOTE_MINIMAL)) < len(unquoted))
+
+
+def _tsv_widths(text: str, quoting: int) -> list[int]:
+    """The number of fields of each non-blank row of a TSV text read with `quoting`."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=quoting, strict=False)
+    return [len(row) for row in reader if row and any(field.strip() for field in row)]
 
 
 def _check_records(text: str, path: Path, cfg: DataConfig, tsv: bool, quoting: int) -> tuple[list[str], list[int]]:
