@@ -402,10 +402,10 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
         if payload is not None:
             trim_metrics(out_dir / "metrics.jsonl", payload["state"]["step"])
             trim_metrics(out_dir / SAMPLES_FILE, payload["state"]["step"])
-        atomic_write_text(out_dir / "config.yaml", dump_config(s.cfg, out_dir))
-        wrote_test = None
+        wrote_test = None  # first: a split that cannot be written leaves no config.yaml behind
         if s.data.test and not cfg.data.test and all(e.row >= 0 for e in s.data.test):
             wrote_test = write_split(out_dir, "test", s.data.test, s.data.frame)
+        atomic_write_text(out_dir / "config.yaml", dump_config(s.cfg, out_dir))
         return payload, read_history(out_dir / "metrics.jsonl"), wrote_test
 
     payload, history, wrote_test = dist.on_main(first_files)
@@ -422,6 +422,9 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
             log(note)
     if wrote_test:
         log(f"test split ({len(s.data.test)} rows) written to {wrote_test}")
+    elif s.data.test and not cfg.data.test:  # a .txt file's chunks are no rows of a table to write
+        log(f"test split ({len(s.data.test)} chunks of {cfg.data.train}) held out, not written to a file: `lora eval "
+            f"{out_dir / 'config.yaml'}` evaluates it")
     forward = s.model
     if dist.enabled and t.strategy == "fsdp":
         forward = wrap_fsdp(s.model, optimizer, dist)

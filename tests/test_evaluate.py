@@ -312,3 +312,23 @@ def test_max_length_above_the_context_is_refused(run):
                                       "100000"), expected_code=2)
     assert line == (f"error: --max-length 100000 is above the model's context (n_positions = {TINY['n_positions']}); "
                     f"pass at most {TINY['n_positions']}")
+
+
+def test_a_text_files_test_split_is_said_to_be_held_out_and_evaluates_by_its_config(tmp_path):
+    """A .txt file's examples are chunks, not rows a file could hold: its test split is held out without a file,
+    which the run now says (it held them out without a word), and `lora eval CONFIG` evaluates it."""
+    (tmp_path / "book.txt").write_text("A plain text file to learn from, read in chunks of tokens. " * 40)
+    (tmp_path / "run.yaml").write_text(
+        "model: {name: gpt2, init: random, n_layer: 1, n_embd: 32, n_head: 2, n_positions: 64}\nout_dir: out\n"
+        "data: {train: book.txt, max_length: 32, test_split: 0.25}\n"
+        "train: {max_steps: 1, batch_size: 4, eval_every: 0, save_every: 0}\n")
+    code, _, err = cli("train", tmp_path / "run.yaml", "-q", cwd=tmp_path)
+    assert code == 0, err
+    config = tmp_path / "out" / "config.yaml"
+    line = next(line for line in err.splitlines() if line.startswith("test split"))
+    chunks = int(line.split()[2].lstrip("("))
+    assert line == (f"test split ({chunks} chunks of {tmp_path / 'book.txt'}) held out, not written to a file: "
+                    f"`lora eval {config}` evaluates it") and chunks > 0
+    assert not list((tmp_path / "out").glob("test.*"))
+    result = json.loads(cli("eval", config, "--json", "-q").stdout)
+    assert result["examples"] == chunks and result["split"] == "test"

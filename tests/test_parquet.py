@@ -110,6 +110,10 @@ def test_parquet_non_string_columns_read_as_csv_shows_them(tmp_path):
     text = tmp_path / "text.parquet"
     pq.write_table(pa.table({"text": ["café", "ok"], "label": ["x", "y"]}), text)
     assert same_examples(examples, D.load_file(text, DataConfig(), "classification")[0])
+    # a run's test split written from it holds the text, as CSV and as JSONL (CSV had b'caf\xc3\xa9', JSONL crashed)
+    frame = D.read_table(binary, DataConfig())
+    assert frame.to_csv([0, 1]) == "text,label\ncafé,x\nok,y\n"
+    assert frame.to_jsonl([0]) == '{"text": "café", "label": "x"}\n'
     pq.write_table(pa.table({"text": pa.array([b"ok", b"\xff"], pa.binary()), "label": ["x", "y"]}), binary)
     with pytest.raises(DataError, match=r"binary.parquet: row 2: column 'text' holds a list, an object or bytes"):
         D.load_file(binary, DataConfig(), "classification")

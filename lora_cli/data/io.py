@@ -59,7 +59,13 @@ class Table:
 
     def to_csv(self, rows: Sequence[int]) -> str:
         """These rows as CSV text under a header line, missing values as empty fields."""
-        return self.frame.iloc[list(rows)].to_csv(index=False, lineterminator="\n")
+        part = self.frame.iloc[list(rows)]
+        binary = [c for c in part.columns if any(isinstance(v, (bytes, bytearray)) for v in part[c])]
+        if binary:  # a Parquet binary column: its text, as training read it (pandas would write b'...')
+            part = part.copy()
+            for column in binary:
+                part[column] = [_plain(v) for v in part[column]]
+        return part.to_csv(index=False, lineterminator="\n")
 
     def nested(self, rows: Sequence[int]) -> bool:
         """Whether any of these rows holds a list or an object (chat messages), which CSV can only hold as text."""
@@ -77,7 +83,8 @@ class Table:
 
 
 def _plain(value: Any) -> Any:
-    """A frame's value as JSON holds it: Parquet's numpy arrays and scalars as lists and numbers, NaN as None."""
+    """A frame's value as JSON holds it: Parquet's numpy arrays and scalars as lists and numbers, NaN as None,
+    bytes as text."""
     if hasattr(value, "tolist"):  # numpy arrays and scalars
         value = value.tolist()
     if isinstance(value, list):
@@ -86,6 +93,8 @@ def _plain(value: Any) -> Any:
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, float) and value != value:
         return None
+    if isinstance(value, (bytes, bytearray)):  # a Parquet binary column: UTF-8 text as training reads it
+        return bytes(value).decode("utf-8", errors="replace")
     return value
 
 
