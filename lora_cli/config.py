@@ -668,6 +668,11 @@ def _check_constraints(cfg: RunConfig, report, whole_run: bool = True) -> None:
         report("data.split", "must name a split, e.g. train")
     train_file = isinstance(d.train, str) and Path(d.train).suffix.lower() in SUPPORTED_SUFFIXES \
         and not d.train.startswith("hf://")
+    if train_file and Path(d.train).suffix.lower() not in (".csv", ".tsv"):  # columns a JSON file names itself
+        for key, given in (("header", not d.header), ("column_names", d.column_names is not None)):
+            if given:
+                report(f"data.{key}", f"describes a CSV or TSV file's columns, and data.train is {d.train}, whose "
+                                      "columns are its own keys; remove it (data.columns maps roles to columns)")
     for key, given in (("split", d.split != DataConfig.split), ("subset", d.subset is not None)):
         if given and train_file:  # a data file has no splits or configurations: it would be ignored
             report(f"data.{key}", f"applies to a hub dataset (hf://datasets/...) or a saved dataset folder, and "

@@ -116,6 +116,9 @@ def test_every_problem_reported_at_once_with_lines(tmp_path):
     ("model: gpt2\ndata: {train: a.json}\ntrain: {lr_schedule: constant, min_lr_ratio: 0.5}\n",
      "line 3: train.min_lr_ratio: is the floor of a decaying schedule, and train.lr_schedule is constant; set "
      "lr_schedule: cosine or linear, or remove train.min_lr_ratio"),
+    ("model: gpt2\ndata: {train: a.jsonl, header: false, column_names: [text, label]}\n",
+     "2 problems: line 2: data.header: describes a CSV or TSV file's columns, and data.train is a.jsonl, whose columns "
+     "are its own keys; remove it (data.columns maps roles to columns); line 2: data.column_names: describes a CSV"),
     # a comma-separated text for a list (as eval's --column-names takes it) became a one-item list
     ("model: gpt2\ntask: classification\ndata: {train: a.csv, header: false, column_names: 'label,text'}\n",
      "line 3: data.column_names: must be a list, got the text 'label,text'; write it as a list: [label, text]"),

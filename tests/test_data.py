@@ -394,9 +394,19 @@ def test_classification_label_errors(tmp_path):
     with pytest.raises(DataError, match=r"two.csv: row 3 \(line 4\): label 'z' is not one of data.labels \(y, x\)"):
         load(two, "classification", labels=["y", "x"])
     yes_no = write(tmp_path, "yn.csv", "text,label\na,no\nb,yes\n")  # `labels: [no, yes]` unquoted reads as bools
-    with pytest.raises(DataError, match=re.escape("label 'no' is not one of data.labels (False, True) (YAML reads "
-                                                  "unquoted yes/no/on/off as true/false: quote the labels)")):
+    hint = "(YAML reads unquoted true/false, yes/no and on/off as the booleans True and False: quote the labels)"
+    with pytest.raises(DataError, match=re.escape(f"label 'no' is not one of data.labels (False, True) {hint}")):
         load(yes_no, "classification", labels=[str(x) for x in yaml.safe_load("[no, yes]")])
+    true_false = write(tmp_path, "tf.csv", "text,label\na,true\nb,false\n")  # the user wrote true: still YAML's True
+    with pytest.raises(DataError, match=re.escape(f"label 'true' is not one of data.labels (True, False) {hint}")):
+        load(true_false, "classification", labels=[str(x) for x in yaml.safe_load("[true, false]")])
+    # every record an empty object: said so (it was "no data rows (an empty list)" for a list of two)
+    for name, text, where in (("e.json", "[{}, {}]", "row 1"), ("e.jsonl", "{}\n{}\n", "row 1 (line 1)")):
+        with pytest.raises(DataError) as err:
+            load(write(tmp_path, name, text), "classification")
+        assert str(err.value) == (f"{tmp_path / name}: {where}: every record is an empty object {{}}; give each "
+                                  "record its fields (e.g. instruction and output, prompt and completion, text, or "
+                                  "messages)")
     (a, b, c), stats, *_ = load(two, "classification", labels=["z", "y", "x"])
     assert (a.label, b.label, c.label) == (2, 1, 0) and stats.labels == ["z", "y", "x"]
     numeric = write(tmp_path, "n.jsonl", "\n".join(json.dumps({"text": t, "label": k})

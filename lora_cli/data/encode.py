@@ -251,9 +251,11 @@ def encode_records(
         if unknown and fixed:
             i, value = unknown[0]
             source = "data.labels" if labels is None else "the training labels"
+            # `labels: [true, false]` (or yes/no, on/off) are YAML booleans, which became "True" and "False"
             yaml_bools = labels is None and {"True", "False"} & set(order) \
-                and str(value).lower() in ("yes", "no", "on", "off", "y", "n")
-            hint = " (YAML reads unquoted yes/no/on/off as true/false: quote the labels)" if yaml_bools else ""
+                and str(value).lower() in ("yes", "no", "on", "off", "y", "n", "true", "false")
+            hint = (" (YAML reads unquoted true/false, yes/no and on/off as the booleans True and False: quote the "
+                    "labels)") if yaml_bools else ""
             raise DataError(f"{path}: {row_label(df, i)}: label {value!r} is not one of {source} "
                             f"({', '.join(order)}){hint}; fix the label or add it to data.labels")
         for i, values in records:

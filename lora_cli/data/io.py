@@ -153,9 +153,12 @@ def read_table(path: str | Path, data_cfg: DataConfig, key: str = "data.train") 
         elif suffix in (".csv", ".tsv"):
             table = _read_delimited(text, path, data_cfg)
         elif suffix == ".json":
-            table = Table(_frame(_read_json(text, path)))
+            records = _read_json(text, path)
+            _check_fields(records, path)
+            table = Table(_frame(records))
         else:
             records, lines = _read_jsonl(text, path)
+            _check_fields(records, path, lines)
             table = Table(_frame(records), lines=lines)
     if len(table) == 0:
         what = "an empty list" if suffix == ".json" else "only a header"
@@ -385,6 +388,15 @@ def _read_jsonl(text: str, path: Path) -> tuple[list[dict], list[int]]:
 def _json_type(value: Any) -> str:
     return {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number",
             type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _check_fields(records: list[dict], path: Path, lines: list[int] | None = None) -> None:
+    """Records that are all empty objects make a table with no columns and so no rows: say what they are (it was
+    "no data rows (an empty list)" for a list of two {})."""
+    if records and not any(records):
+        where = f"row 1 (line {lines[0]})" if lines else "row 1"
+        raise DataError(f"{path}: {where}: every record is an empty object {{}}; give each record its fields (e.g. "
+                        "instruction and output, prompt and completion, text, or messages)")
 
 
 def _frame(records: list[dict]) -> "pd.DataFrame":
