@@ -78,6 +78,15 @@ def _plain_cpu(weight: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> bool:
             and type(weight) in (nn.Parameter, torch.Tensor))
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout that is not called at all when it would return its input (evaluation, or p = 0): a module call
+    costs a few microseconds, and GPT-2 decodes through 25 dropouts a token (about 1% of a 124M model's fp32
+    decoding step on 2 threads). Training with p > 0 runs nn.Dropout as it is."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return super().__call__(x) if self.training and self.p > 0 else x
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters, names and state dict) whose forward without gradients on the CPU, the shape of
     decoding, runs oneDNN's inner product instead of F.linear (MKL): fp32 with a plain weight for at most

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_cli.models.common import (
-    CausalLM, KVCache, Linear, Unpadded, attend, check_config_fields, check_config_value, tie_or_build_head,
+    CausalLM, Dropout, KVCache, Linear, Unpadded, attend, check_config_fields, check_config_value, tie_or_build_head,
 )
 
 
@@ -83,7 +83,7 @@ class Attention(nn.Module):
         self.attn_pdrop = config.attn_pdrop
         self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # fused query, key, value
         self.c_proj = Linear(config.n_embd, config.n_embd)
-        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        self.resid_dropout = Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None,
                 grid: Unpadded | None = None, outputs: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,7 +99,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = Linear(config.n_embd, config.intermediate_size)
         self.c_proj = Linear(config.intermediate_size, config.n_embd)
-        self.dropout = nn.Dropout(config.resid_pdrop)
+        self.dropout = Dropout(config.resid_pdrop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # GPT-2 uses the tanh approximation of GELU ("gelu_new" in Hugging Face).
@@ -134,7 +134,7 @@ class GPT2(CausalLM):
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.n_positions, config.n_embd),
-                drop=nn.Dropout(config.embd_pdrop),
+                drop=Dropout(config.embd_pdrop),
                 h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
             )

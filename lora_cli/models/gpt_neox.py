@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_cli.models.common import (
-    CausalLM, HFNames, KVCache, Linear, Rotary, Unpadded, apply_rotary, attend, check_config_fields, check_config_value,
-    tie_or_build_head,
+    CausalLM, Dropout, HFNames, KVCache, Linear, Rotary, Unpadded, apply_rotary, attend, check_config_fields,
+    check_config_value, tie_or_build_head,
 )
 from lora_cli.models.llama import REQUIRED, rope_from_hf
 
@@ -126,8 +126,8 @@ class Block(nn.Module):
         self.parallel = config.use_parallel_residual
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.post_attention_dropout = nn.Dropout(config.hidden_dropout)
-        self.post_mlp_dropout = nn.Dropout(config.hidden_dropout)
+        self.post_attention_dropout = Dropout(config.hidden_dropout)
+        self.post_mlp_dropout = Dropout(config.hidden_dropout)
         self.attention = Attention(config, layer_idx)
         self.mlp = MLP(config)
 
@@ -153,7 +153,7 @@ class GPTNeoX(CausalLM):
         self.gpt_neox = nn.ModuleDict(
             dict(
                 embed_in=nn.Embedding(config.vocab_size, config.hidden_size),
-                emb_dropout=nn.Dropout(config.hidden_dropout),
+                emb_dropout=Dropout(config.hidden_dropout),
                 layers=nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers)),
                 final_layer_norm=nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps),
             )
