@@ -117,7 +117,7 @@ def train(
 ) -> None:
     """Fine-tune with LoRA as the config says; writes out_dir/adapter.safetensors."""
     from lora_cli.config import load_config
-    from lora_cli.train import build, dry_run_report, train as run_training
+    from lora_cli.train import build, dry_run_out_dir, dry_run_report, train as run_training
 
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pass one")
@@ -125,7 +125,8 @@ def train(
         raise ConfigError("--show N goes with --dry-run (it shows examples instead of training)")
     cfg = load_config(config, overrides)
     if dry_run:
-        for line in dry_run_report(build(cfg, world_size=nproc), show):
+        setup = build(cfg, world_size=nproc)
+        for line in dry_run_report(setup, show) + dry_run_out_dir(setup, resume, overwrite):
             typer.echo(line)
         return
     if nproc is not None:

@@ -309,6 +309,26 @@ def dry_run_report(s: Setup, show: int | None = None) -> list[str]:
     return lines
 
 
+def dry_run_out_dir(s: Setup, resume: bool, overwrite: bool) -> list[str]:
+    """`--dry-run` with --resume or --overwrite: out_dir and its checkpoint checked as the run would check them
+    (prepare_out_dir, read_checkpoint: the same refusals, in one line), and what the run would do. Nothing is
+    written. Without either flag a dry run leaves out_dir alone."""
+    if not (resume or overwrite):
+        return []
+    out_dir = Path(s.cfg.out_dir)
+    prepare_out_dir(out_dir, resume, overwrite, run_inputs(s.cfg) if overwrite else ())
+    if overwrite:
+        held = out_dir.is_dir() and any(out_dir.iterdir())
+        return [f"--overwrite: the run in {out_dir} would be replaced" if held else
+                f"--overwrite: {out_dir} holds no run; the run would start there"]
+    payload = read_checkpoint(out_dir, s.model, s.global_batch, s.cfg.train.grad_accum * s.world_size == 1,
+                              s.trained_settings)
+    step = payload["state"]["step"]
+    if step >= s.total_steps:
+        return [f"--resume: the run in {out_dir} has done all {s.total_steps} steps; there is nothing to resume"]
+    return [f"--resume: would continue the run in {out_dir} from step {step} of {s.total_steps}"]
+
+
 def show_examples(s: Setup, n: int) -> list[str]:
     """`--dry-run --show N`: the first N training examples with the trained tokens in [[...]], each with its
     source row and its counts of tokens and trained tokens, then how many examples truncation to data.max_length

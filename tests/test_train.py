@@ -146,6 +146,14 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path):
     assert load_adapter(tmp_path / "out" / "adapter.safetensors").metadata["training"]["step"] == 4
     state = torch.load(tmp_path / "out" / "checkpoint" / "state.pt", weights_only=True)["state"]
     assert (state["step"], state["finished"]) == (4, False)
+    # a dry run with --resume checks the checkpoint as the resume will, and says where it would continue
+    dry = cli("train", str(cfg), "--dry-run", "--resume")
+    assert dry.rc == 0 and dry.stdout.splitlines()[-1] == (
+        f"--resume: would continue the run in {tmp_path / 'out'} from step 4 of 12")
+    dry = cli("train", str(cfg), "--dry-run", "--resume", "--set", "train.max_steps=16")
+    assert dry.rc == 1 and assert_one_line_error(*dry).startswith(
+        f"error: --resume: checkpoint {tmp_path / 'out' / 'checkpoint' / 'state.pt'} was written with train.max_steps: "
+        "12, this run has 16;")
     # the same checkpoint as an older lora-cli wrote it (no global_batch: its position counted micro-batches, one
     # per step here) resumes to the same adapter
     old = tmp_path.parent / f"{tmp_path.name}-old-format"
