@@ -737,9 +737,11 @@ class Row:
 
     def __init__(self, model: CausalLM, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | torch.Generator | None = None,
-                 eos_id: EosIds = EOT_ID, truncate: bool = False):
+                 eos_id: EosIds = EOT_ID, truncate: bool = False, where: str = "prompt 1"):
         _check_options(max_new_tokens, temperature, top_k, top_p, 0)
-        (self.prompt,) = _prepare(model, [prompt], max_new_tokens, truncate)
+        cfg = model.config  # `where` names the prompt in errors (a request's third prompt: "prompt 3")
+        self.prompt = fit_prompt(prompt, max_new_tokens, cfg.n_positions, truncate, where=where,
+                                 vocab_size=cfg.vocab_size)
         self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
         self.generator = _make_generator(seed, _device(model))
         self.eos = _eos_ids(eos_id)

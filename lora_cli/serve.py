@@ -322,13 +322,20 @@ class Engine:
         return {"batched_steps": sum(b.batched_steps for b in self.batches.values()),
                 "max_batch": max((b.max_rows for b in self.batches.values()), default=0)}
 
-    def run_generation(self, served: Served, job: Job) -> Generation:
-        """The one path from a request to text: checks the options now (LoraError), then returns an async
-        iterator of text pieces (stop strings applied; job.completion_tokens and job.finish_reason filled in at
-        its end). Closing the iterator early (a client gone) takes the request out of the batch at the next step."""
+    @staticmethod
+    def checked_row(served: Served, job: Job, where: str = "prompt 1") -> Row:
+        """The batch row for `job`, its prompt and options checked (LoraError naming `where`): a request checks
+        all its rows before any of them starts (run_generation)."""
+        return Row(served.loaded.model, job.prompt, job.max_tokens, where=where,
+                   eos_id=job.eos_ids or served.loaded.tokenizer.eos_ids, **job.sampling)
+
+    def run_generation(self, served: Served, job: Job, row: Row | None = None) -> Generation:
+        """The one path from a request to text: checks the options now (LoraError; or takes `row`, checked_row's
+        for this job), then returns an async iterator of text pieces (stop strings applied; job.completion_tokens
+        and job.finish_reason filled in at its end). Closing the iterator early (a client gone) takes the request
+        out of the batch at the next step."""
         tokenizer = served.loaded.tokenizer
-        row = Row(served.loaded.model, job.prompt, job.max_tokens, eos_id=job.eos_ids or tokenizer.eos_ids,
-                  **job.sampling)
+        row = row or self.checked_row(served, job)
         sink: queue.SimpleQueue = queue.SimpleQueue()
         with self.wake:
             self.sinks[row] = sink
@@ -643,17 +650,18 @@ def build_app(engine: Engine, api_key: str | None = None):
         if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
             raise ApiError(400, "stop must be a non-empty string or a list of them", "stop")
         sampling = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "seed": req.seed}
-        out = []
-        for prompt in prompts:
+        checked = []
+        for i, prompt in enumerate(prompts):
             job = Job(prompt, _check_context(served, prompt, max_tokens, param), sampling, stops)
             if chat is not None:  # the reply ends at the template's end of turn too
                 job.eos_ids = chat.eos_ids
                 job.stop = [*stops, chat.end_text] if chat.end_text else stops
             try:
-                out.append((job, engine.run_generation(served, job)))
+                checked.append((job, engine.checked_row(served, job, where=f"prompt {i + 1}")))
             except LoraError as exc:
                 raise ApiError(400, first_line(exc, 400), param) from exc
-        return out
+        # every prompt passed: only now do they join the batch (a later bad one left the first ones decoding)
+        return [(job, engine.run_generation(served, job, row)) for job, row in checked]
 
     def usage(done: list[Job]) -> dict:
         prompt = sum(len(j.prompt) for j in done)

@@ -388,6 +388,14 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
         assert (err["param"], err["code"]) == (param, code), r.text
         r = httpx.post(url + "/v1/completions", json=good, headers=auth)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    # several prompts: a bad one refuses the request, named by its place, before any of them starts decoding (the
+    # good ones before it decoded to max_tokens for nobody)
+    before = httpx.get(url + "/health").json()
+    r = httpx.post(url + "/v1/completions", json={**good, "prompt": [[5, 6], [7, 8], [60000]], "max_tokens": 40},
+                   headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("prompt 3 holds token id 60000"), r.text
+    after = httpx.get(url + "/health").json()
+    assert (after["running"], after["tokens"]) == (0, before["tokens"]), (before, after)
     # a body without a Content-Length (chunked) is counted as it arrives: refused once past the limit
     def chunks():
         yield b'{"model": "inst", "prompt": "'
