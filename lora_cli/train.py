@@ -465,7 +465,9 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
     try:
         with StopSignals(distributed=dist.enabled) as stop:
             _loop(s, optimizer, state, stop, history, log, progress, forward)
-        final_val = _finish(s, optimizer, state, history, log)
+            # a signal after the last step waits for the final validation and the writes (a second one still
+            # stops at once): it killed the run there, with neither its adapter nor a checkpoint of those steps
+            final_val = _finish(s, optimizer, state, history, log)
     except (RuntimeError, MemoryError) as exc:
         if is_out_of_memory(exc):  # nothing was written since the last checkpoint: it is kept
             raise TrainingError(out_of_memory_message(s, state)) from exc

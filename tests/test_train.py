@@ -333,3 +333,27 @@ def test_overwrite_never_deletes_or_replaces_the_runs_own_inputs(tmp_path):
                                             f"reads as its config; move it out of out_dir {out}, or choose another "
                                             f"out_dir")
     assert mine.read_text().startswith("# mine\n")
+
+
+def test_a_stop_signal_while_the_run_finishes_lets_it_finish(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) after the last step, while the final validation runs and the adapter, checkpoint and plot
+    are written, waits for them: it killed the run there, leaving neither the adapter nor a checkpoint of the steps
+    since the last one. Here the signal arrives from inside the final writes."""
+    import os
+
+    import lora_cli.train as train_module
+
+    real_plot = train_module.plot_losses
+
+    def plot_then_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered here, between the checkpoint and the plot
+        return real_plot(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "plot_losses", plot_then_signal)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(write_config(tmp_path, "  max_steps: 3\n  save_every: 0\n  eval_every: 0\n"))
+    result = train(cfg, log=lambda m: None, progress=False)
+    out = tmp_path / "out"
+    assert result.state.step == 3 and (out / "adapter.safetensors").is_file() and (out / "loss.png").is_file()
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["state"]["finished"] is True
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
