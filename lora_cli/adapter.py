@@ -824,6 +824,9 @@ def export_peft(adapter: Adapter | str | os.PathLike, out_dir: str | os.PathLike
             raise ConfigError(f"{out} exists and holds other files ({others[0]}); choose a new or empty output directory")
         if not overwrite and any(out.iterdir()):
             raise ConfigError(f"{out} already exists; choose a new directory or pass --overwrite to replace it")
+        if any(out.iterdir()) and not (out / PEFT_CONFIG).is_file():  # a README.md of the user's own, alone
+            raise ConfigError(f"{out} holds no {PEFT_CONFIG}, so it is no earlier export that --overwrite would "
+                              "replace; choose a new or empty output directory")
     if adapter_family(adapter.tensors) == "gpt_neox":
         adapter = _with_head_renamed(adapter, NEOX_HEAD, NEOX_PEFT_HEAD)
     tensors, targets, rank_pattern = peft_state_dict(adapter)

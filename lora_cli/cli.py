@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -48,6 +49,8 @@ def file_to_write(value: str | None, flag: str) -> Path | None:
     pathlib drops it (`out/` would have become a file named `out`)."""
     if value is None:
         return None
+    if value == "-":  # elsewhere a standard stream; here it made a file named "-"
+        raise ConfigError(f"{flag} -: name a file to write (standard output carries the command's own output)")
     if value.endswith(("/", os.sep)):
         raise ConfigError(f"{flag} {value} ends with a slash, so it names a directory; name a file to write")
     return Path(user_path(value))
@@ -413,11 +416,34 @@ def prepare_process() -> None:
         os.environ.setdefault(key, value)
 
 
+class _Signals:
+    """SIGINT and SIGTERM as KeyboardInterrupt, so that a stopped command cleans up as on Ctrl-C (atomic outputs,
+    locks) and says `interrupted` (SIGTERM killed it without either). Typer turns the KeyboardInterrupt into a
+    plain exit code 130: `received` tells that apart from a 130 a command returns itself (torchrun's launcher).
+    Commands with their own handlers (training's loop, serve) replace these while they run."""
+
+    received: list[int] = []
+
+    @classmethod
+    def install(cls) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                signal.signal(sig, cls.handle)
+            except ValueError:  # not the main thread (main() called from a test's worker thread)
+                pass
+
+    @classmethod
+    def handle(cls, signum, frame) -> None:
+        cls.received.append(signum)
+        raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the Typer app, turning known errors into one line and an exit code."""
     import click
 
     prepare_process()
+    _Signals.install()
 
     command = typer.main.get_command(app)
     args = sys.argv[1:] if argv is None else argv
@@ -431,6 +457,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # Outside standalone mode click returns a command's typer.Exit code instead of raising it
         code = command.main(args=args, prog_name="lora", standalone_mode=False)
+        if code == 130 and _Signals.received:  # typer's own exit for a KeyboardInterrupt: say it
+            typer.echo("interrupted", err=True)
         if isinstance(code, int) and not isinstance(code, bool) and code:
             sys.exit(code)
     except (click.exceptions.Exit, typer.Exit) as exc:
@@ -447,6 +475,12 @@ def main(argv: list[str] | None = None) -> None:
     except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except SystemExit as exc:
+        # typer's exit for output to a closed pipe (`lora info | head -1`): code 1 and no word, after wrapping
+        # stdout; a process killed by SIGPIPE, as other tools are there, reports 141
+        if exc.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
+            sys.exit(141)
+        raise
     except LoraError as exc:
         if debug:
             raise

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -73,10 +74,11 @@ def check_output_file(path: str | os.PathLike, flag: str, overwrite: bool) -> No
     if (target.exists() or target.is_symlink()) and not overwrite:  # a dangling link too: it would be replaced
         raise ConfigError(f"{flag} {target} already exists; choose a new file or pass --overwrite to replace it")
     folder = _existing_ancestor(target)  # the folders below it, atomic_path would make
+    # a path that cannot be written is exit code 1, as merge's and export's are (the flag itself is well formed)
     if not folder.is_dir():
-        raise ConfigError(f"{flag} {target}: {folder} is not a directory; choose another path")
+        raise LoraError(f"{flag} {target}: {folder} is not a directory; choose another path")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {target}: {folder} is not writable; choose a writable location")
+        raise LoraError(f"{flag} {target}: {folder} is not writable; choose a writable location")
 
 
 def _existing_ancestor(target: Path) -> Path:
@@ -146,6 +148,21 @@ def _disk_full(folder: Path, exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM held back until the block ends (then delivered): for steps that must not stop half-way.
+    Where signals cannot be blocked (not the main thread's business, another OS), the block runs as it is."""
+    try:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    except (AttributeError, ValueError, OSError):
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, error: type[LoraError] = LoraError) -> Iterator[Path]:
     """Yield a staging folder beside `path`; when the block succeeds the folder replaces `path` (an older one is
     removed only after the new one is in place), when it fails the folder vanishes. Failures are one `error`
@@ -161,13 +178,19 @@ def atomic_dir(path: str | os.PathLike, error: type[LoraError] = LoraError) -> I
         raise error(f"cannot write {out}: {exc.strerror or exc}") from exc
     try:
         yield staging
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(staging, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with signals_deferred():  # a Ctrl-C between the two renames left `out` missing, its old copy hidden
+            old = None
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, old)
+            try:
+                os.replace(staging, out)
+            except OSError:
+                if old is not None:
+                    os.replace(old, out)  # the earlier output stays where it was
+                raise
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     except (LoraError, OSError) as exc:
         shutil.rmtree(staging, ignore_errors=True)
         reason = str(exc) if isinstance(exc, LoraError) else f"cannot write {out}: {exc.strerror or exc}"

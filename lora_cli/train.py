@@ -141,6 +141,9 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         if self.received is not None and not self.distributed:  # a second Ctrl-C: stop now
+            previous = self._previous.get(signum)
+            if callable(previous):  # the command line's handler (cli._Signals), which records it
+                previous(signum, frame)
             raise KeyboardInterrupt
         self.received = signum
 

@@ -305,3 +305,11 @@ def test_other_bad_paths(tiny, tmp_path):
                                            "replace it$"):
         export_peft(file, out)
     assert export_peft(file, out, overwrite=True) == out  # a previous export is replaced
+    # a folder of a user's README.md (or a chat template) alone is no earlier export: --overwrite deleted it
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "README.md").write_text("my notes")
+    with pytest.raises(ConfigError, match="notes holds no adapter_config.json, so it is no earlier export that "
+                                          "--overwrite would replace; choose a new or empty output directory$"):
+        export_peft(file, notes, overwrite=True)
+    assert (notes / "README.md").read_text() == "my notes"

@@ -11,6 +11,7 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 
@@ -715,3 +716,22 @@ def test_a_conversation_that_does_not_fit_beside_max_new_tokens_is_named(chat_ru
     assert re.fullmatch(r"error: --chat has \d+ tokens, and with --max-new-tokens 100 it exceeds the model's context "
                         r"of 128 tokens; start over \(/reset in lora chat\), shorten it to at most 28 tokens or "
                         r"lower --max-new-tokens", line), line
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_at_the_prompt_says_interrupted(chat_run, sig):
+    """Ctrl-C or SIGTERM outside training's loop: one line, `interrupted`, exit 130. SIGINT exited 130 without a
+    word (typer turns the KeyboardInterrupt into an exit code), SIGTERM killed the process (no cleanup at all)."""
+    root, adapter = chat_run
+    # pipes, not a terminal: GNU readline (input() on a terminal) has signal handling of its own
+    proc = subprocess.Popen([sys.executable, "-m", "lora_cli", "chat", "--adapter", str(adapter)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=root,
+                            env={**child_env(), "PYTHONPATH": str(REPO)})
+    try:
+        read_until(proc.stdout.fileno(), b">>> ")  # waiting for a line: the model is loaded, the handlers set
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill() if proc.poll() is None else None
+        proc.stdin.close()
+    assert proc.stderr.read().decode().splitlines()[-1] == "interrupted"

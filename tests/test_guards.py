@@ -223,3 +223,14 @@ def test_sizes_this_machine_cannot_hold_are_one_line(tmp_path):
     line = assert_one_line_error(*cli("train", tmp_path / "run.yaml", "--dry-run", "--set", "lora.r=1e12"))
     assert line == ("error: out of memory (an allocation of 238,418.6 GiB); choose a smaller model (or model sizes), a "
                     "lower lora.r, or fewer and shorter inputs")
+
+
+def test_output_to_a_closed_pipe_exits_as_other_tools_do():
+    """`lora info ... | head -1`: the reader is gone before the output is written. Exit 141 (as a process killed
+    by SIGPIPE reports it) and no message; it was exit 1, a failure without a word."""
+    from helpers import python
+
+    proc = python("-m", "lora_cli", "info", "gpt2", "--random", popen=True)
+    proc.stdout.close()  # nobody reads: the first write meets a closed pipe
+    assert proc.wait(timeout=120) == 141
+    assert proc.stderr.read() == ""
