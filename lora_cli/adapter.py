@@ -39,7 +39,7 @@ from lora_cli.chat_template import template_problem
 from lora_cli.config import (BUILTIN_CHAT_TEMPLATES, DATA_FORMATS, FORMAT_CHOICES, MUTATING_INITS, RESPONSE_ROLE,
                              TASKS, TRAIN_ON, LoraConfig, is_inline_template, parse_template)
 from lora_cli.errors import AdapterError, ConfigError, first_line, first_repeat
-from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
+from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_text
 from lora_cli.jsonvalues import complaint, shown
 from lora_cli.models import HEAD, add_classification_head
 from lora_cli.lora import (
@@ -230,9 +230,22 @@ def save_adapter(path: str | os.PathLike, model: torch.nn.Module, metadata: dict
         if value is not None:
             header[str(key)] = value if isinstance(value, str) else json.dumps(value)
     path = Path(path)
-    with atomic_path(path) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=header)
+    atomic_write_bytes(path, safetensors_bytes(tensors, header))
     return path
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors.torch.save's file with its header's metadata in sorted order: the library writes that map in
+    an order that changes from one process to the next, so the same adapter saved twice (a resumed run and the
+    uninterrupted one) differed in its bytes. The tensors' bytes and offsets are the library's."""
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # padded to 8 bytes, as the library pads it
+    return len(text).to_bytes(8, "little") + text + data[8 + size:]
 
 
 def load_adapter(path: str | os.PathLike) -> Adapter:
@@ -840,7 +853,7 @@ def export_peft(adapter: Adapter | str | os.PathLike, out_dir: str | os.PathLike
             labels = data.get("labels")
             if adapter.metadata.get("task") == "classification" and labels:
                 header["lora_cli_labels"] = json.dumps([str(x) for x in labels])
-            safetensors.torch.save_file(tensors, str(tmp), metadata=header)
+            tmp.write_bytes(safetensors_bytes(tensors, header))
         template = (adapter.metadata.get("data") or {}).get("chat_template")
         if template:  # a chat adapter: its template beside it, as transformers saves one (chat_template.jinja)
             atomic_write_text(staging / PEFT_CHAT_TEMPLATE, template)

@@ -91,6 +91,13 @@ def test_save_load_attach_round_trip(tiny, tmp_path, name):
     assert torch.equal(logits(model, ids_batch(T=9)), logits(base.model, ids_batch(T=9)))
     assert count_parameters(model) == count_parameters(base.model)
     assert load_adapter(tmp_path).path == file  # a run directory holding adapter.safetensors works too
+    # the same adapter saved again is the same file, byte for byte (safetensors wrote its metadata map in an order
+    # of its own each time), and it is a file safetensors reads as its own
+    again = save_adapter(tmp_path / "again.safetensors", base.model, {"base_model": base.describe(), **META})
+    assert again.read_bytes() == file.read_bytes()
+    raw = file.read_bytes()
+    stored = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
+    assert list(stored) == sorted(header) and len(header) > 5
 
 
 def test_bf16_adapter(tiny, tmp_path):
