@@ -39,7 +39,7 @@ from lora_cli.chat_template import template_problem
 from lora_cli.config import (BUILTIN_CHAT_TEMPLATES, DATA_FORMATS, FORMAT_CHOICES, MUTATING_INITS, RESPONSE_ROLE,
                              TASKS, TRAIN_ON, LoraConfig, is_inline_template, parse_template)
 from lora_cli.errors import AdapterError, ConfigError, first_line, first_repeat
-from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_text
+from lora_cli.fsutil import atomic_dir, atomic_path, atomic_write_text
 from lora_cli.jsonvalues import complaint, shown
 from lora_cli.models import HEAD, add_classification_head
 from lora_cli.lora import (
@@ -230,8 +230,14 @@ def save_adapter(path: str | os.PathLike, model: torch.nn.Module, metadata: dict
         if value is not None:
             header[str(key)] = value if isinstance(value, str) else json.dumps(value)
     path = Path(path)
-    atomic_write_bytes(path, safetensors_bytes(tensors, header))
+    with atomic_path(path) as tmp:
+        write_tensors(tmp, tensors, header)
     return path
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A .safetensors file of `tensors` at `path` (a temporary path: callers rename it into place)."""
+    path.write_bytes(safetensors_bytes(tensors, metadata))
 
 
 def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -853,7 +859,7 @@ def export_peft(adapter: Adapter | str | os.PathLike, out_dir: str | os.PathLike
             labels = data.get("labels")
             if adapter.metadata.get("task") == "classification" and labels:
                 header["lora_cli_labels"] = json.dumps([str(x) for x in labels])
-            tmp.write_bytes(safetensors_bytes(tensors, header))
+            write_tensors(tmp, tensors, header)
         template = (adapter.metadata.get("data") or {}).get("chat_template")
         if template:  # a chat adapter: its template beside it, as transformers saves one (chat_template.jinja)
             atomic_write_text(staging / PEFT_CHAT_TEMPLATE, template)

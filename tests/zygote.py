@@ -69,15 +69,22 @@ def install_pause(what, at):
             return real(obj, f, *args, **kwargs)
 
         torch.save = save
-    elif what == "safetensors":  # adapters, merged models, PEFT exports
+    elif what == "safetensors":  # merged models (safetensors' save_file); adapters and PEFT exports (write_tensors)
         real_file = safetensors.torch.save_file
+        real_tensors = lora_cli.adapter.write_tensors
 
         def save_file(tensors, filename, metadata=None):
             if due():
                 stall(filename, safetensors.torch.save(tensors, metadata=metadata))
             return real_file(tensors, filename, metadata=metadata)
 
+        def write_tensors(path, tensors, metadata):
+            if due():
+                stall(path, lora_cli.adapter.safetensors_bytes(tensors, metadata))
+            return real_tensors(path, tensors, metadata)
+
         safetensors.torch.save_file = save_file
+        lora_cli.adapter.write_tensors = write_tensors
     elif what == "metrics":
         real_append = lora_cli.train.append_line
 
