@@ -15,7 +15,7 @@ from lora_cli.chat import HELP, Replier, answer_conversations, chat_loop, chat_t
 from lora_cli.config import CHAT_MAX_NEW_TOKENS, GENERATE_MAX_NEW_TOKENS, SEEDS, SEEDS_TEXT
 from lora_cli.errors import ConfigError, DataError
 from lora_cli.evaluation import generate_texts
-from lora_cli.generate import stream_text
+from lora_cli.generate import check_room, stream_text
 from lora_cli.inference import DataSettings, load_placed, open_adapter, pack_for_decoding, packing_pays
 from lora_cli.prompts import check_lengths, check_search, collect_prompts, escape_line, sampling_options
 
@@ -160,6 +160,8 @@ def run_generate(opts: GenerateOptions, write: Callable[[str], Any]) -> None:
             raise DataError(f"{where} has {length:,} tokens and leaves none of the model's context of {context:,} to "
                             f"generate in; shorten it to at most {context - 1:,} tokens")
         budget = min(GENERATE_MAX_NEW_TOKENS, context - length)
+    else:
+        check_room(budget, net.config.n_positions, "--max-new-tokens")  # named as the flag it came from
     if packing_pays(net, len(items), opts.num_beams, budget):
         pack_for_decoding(net)
     if len(items) == 1 and opts.file is None and not opts.as_json and opts.num_beams == 1:

@@ -44,18 +44,6 @@ def user_path(path):
     return type(path)(os.path.expanduser(str(path)))
 
 
-def file_to_write(value: str | None, flag: str) -> Path | None:
-    """A flag naming a file to write, `~` expanded. A trailing slash names a folder: refused here, since
-    pathlib drops it (`out/` would have become a file named `out`)."""
-    if value is None:
-        return None
-    if value == "-":  # elsewhere a standard stream; here it made a file named "-"
-        raise ConfigError(f"{flag} -: name a file to write (standard output carries the command's own output)")
-    if value.endswith(("/", os.sep)):
-        raise ConfigError(f"{flag} {value} ends with a slash, so it names a directory; name a file to write")
-    return Path(user_path(value))
-
-
 def echo_json(obj) -> None:
     typer.echo(json.dumps(finite_or_null(obj), indent=None, default=str))
 
@@ -198,7 +186,7 @@ def eval_(
     if config is None and adapter is None and model is None:
         raise ConfigError("name what to evaluate: --adapter FILE, --model MODEL, or a run config")
     data = user_path(data)
-    predictions, plot = file_to_write(predictions, "--predictions"), file_to_write(plot, "--plot")
+    predictions, plot = user_path(predictions), user_path(plot)  # as typed: a trailing slash is checked
     options = EvalOptions(
         data=data, split=split, subset=subset, adapter=adapter, model=model, config=config, overrides=tuple(overrides), batch_size=batch_size,
         max_length=max_length, fmt=fmt, columns=tuple(columns), prompt_template=prompt_template,
@@ -357,9 +345,7 @@ def export(
     """Convert an adapter: a Hugging Face PEFT adapter directory, or GGUF for llama.cpp and Ollama."""
     from lora_cli.fsutil import output_path
 
-    if fmt in ("gguf", "gguf-lora"):
-        out = file_to_write(out, "OUT")
-    out = output_path(out, "OUT")
+    out = output_path(out, "OUT", file=fmt in ("gguf", "gguf-lora"))
     if fmt in ("gguf", "gguf-lora"):
         from lora_cli.gguf_export import export_gguf
 
@@ -426,6 +412,7 @@ class _Signals:
 
     @classmethod
     def install(cls) -> None:
+        cls.received = []
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 signal.signal(sig, cls.handle)

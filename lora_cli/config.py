@@ -279,8 +279,18 @@ class RunConfig:
         return out
 
 
-TABLE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")  # data files with columns
+DELIMITED_SUFFIXES = (".csv", ".tsv")  # data files whose columns data.header / data.column_names describe
+TABLE_SUFFIXES = (*DELIMITED_SUFFIXES, ".json", ".jsonl", ".parquet")  # data files with columns
 SUPPORTED_SUFFIXES = (*TABLE_SUFFIXES, ".txt")  # every data file lora-cli reads
+
+
+def data_file_suffix(source: Any) -> str | None:
+    """The suffix of a local data file among SUPPORTED_SUFFIXES (".csv"), or None: a hub dataset (hf://), a saved
+    dataset folder, another file type, or no source."""
+    if not isinstance(source, (str, os.PathLike)) or str(source).startswith("hf://"):
+        return None
+    suffix = Path(source).suffix.lower()
+    return suffix if suffix in SUPPORTED_SUFFIXES else None
 SECTIONS: dict[str, type] = {"data": DataConfig, "lora": LoraConfig, "train": TrainConfig}
 TOP_KEYS = ("model", "out_dir", "task", *SECTIONS)
 
@@ -666,13 +676,13 @@ def _check_constraints(cfg: RunConfig, report, whole_run: bool = True) -> None:
             report(f"data.{key}", f"{value!r}: a hub dataset is named hf://datasets/OWNER/NAME")
     if not d.split.strip():
         report("data.split", "must name a split, e.g. train")
-    train_file = isinstance(d.train, str) and Path(d.train).suffix.lower() in SUPPORTED_SUFFIXES \
-        and not d.train.startswith("hf://")
-    if train_file and Path(d.train).suffix.lower() not in (".csv", ".tsv"):  # columns a JSON file names itself
+    train_file = data_file_suffix(d.train) is not None
+    sources = [data_file_suffix(source) for source in (d.train, d.val, d.test) if source]
+    if sources and all(suffix not in (None, *DELIMITED_SUFFIXES) for suffix in sources):  # JSON, Parquet, TXT
         for key, given in (("header", not d.header), ("column_names", d.column_names is not None)):
             if given:
-                report(f"data.{key}", f"describes a CSV or TSV file's columns, and data.train is {d.train}, whose "
-                                      "columns are its own keys; remove it (data.columns maps roles to columns)")
+                report(f"data.{key}", f"describes the columns of a CSV or TSV file, and the run reads none "
+                                      f"(data.train is {d.train}); remove it (data.columns maps roles to columns)")
     for key, given in (("split", d.split != DataConfig.split), ("subset", d.subset is not None)):
         if given and train_file:  # a data file has no splits or configurations: it would be ignored
             report(f"data.{key}", f"applies to a hub dataset (hf://datasets/...) or a saved dataset folder, and "

@@ -72,8 +72,8 @@ def out_of_memory_line(exc: BaseException) -> str:
     loading one too large for this machine): how much was asked for, when the allocator says, and what to do."""
     asked = re.search(r"allocate (\d+) bytes", str(exc))
     size = f" (an allocation of {int(asked.group(1)) / 2**30:,.1f} GiB)" if asked else ""
-    return (f"out of memory{size}; choose a smaller model (or model sizes), a lower lora.r, or fewer and shorter "
-            "inputs")
+    return (f"out of memory{size}; choose a smaller model (or model sizes), a lower lora.r, a smaller batch "
+            "(train.batch_size, --batch-size), or fewer and shorter inputs")
 
 
 # Other tools' names for our keys (PEFT's LoraConfig, transformers' TrainingArguments): too far apart to spell alike.

@@ -17,7 +17,7 @@ import torch
 
 from lora_cli.adapter import (ADAPTER_FILE, PEFT_CHAT_TEMPLATE, PEFT_CONFIG, PEFT_WEIGHTS, Adapter,
                               check_fits)
-from lora_cli.config import SUPPORTED_SUFFIXES, DataConfig, RunConfig, load_config
+from lora_cli.config import DELIMITED_SUFFIXES, DataConfig, RunConfig, data_file_suffix, load_config
 from lora_cli.data import (
     FLAG_HINTS, RESPONSE_ROLE, cell_value, row_label, detect_format, encode_records, load_file, load_splits, read_table, render_prompt,
 )
@@ -257,14 +257,12 @@ class EvalOptions:
             if asked:
                 what = "scores generated text" if asked[0] in ("--meteor", "--lowercase") else "is for generation"
                 raise ConfigError(f"{asked[0]} {what}: add --generate")
-        local_file = self.data is not None and not str(self.data).startswith("hf://") \
-            and Path(str(self.data)).suffix.lower() in SUPPORTED_SUFFIXES
         asked = [flag for flag, value in (("--split", self.split), ("--subset", self.subset)) if value is not None]
-        if asked and local_file:  # a data file has no splits or configurations: the flag would be ignored
+        if asked and data_file_suffix(self.data) is not None:  # a data file has no splits or configurations: the flag would be ignored
             raise ConfigError(f"{asked[0]} picks from a hub dataset (hf://datasets/...) or a saved dataset folder, "
                               f"and --data {self.data} is a file; leave out {asked[0]}")
         if (self.header is not None or self.column_names) and self.data is not None \
-                and Path(str(self.data)).suffix.lower() not in (".csv", ".tsv"):
+                and Path(str(self.data)).suffix.lower() not in DELIMITED_SUFFIXES:
             flag = "--no-header" if self.header is not None else "--column-names"
             raise ConfigError(f"{flag} describes a CSV or TSV file's columns; {self.data} is not one")
         outputs = [(flag, path) for flag, path in (("--predictions", self.predictions), ("--plot", self.plot))
@@ -273,12 +271,12 @@ class EvalOptions:
         for what, file in self.inputs() if outputs else ():
             read_files.setdefault(file.resolve(), what)
         for flag, path in outputs:  # before the evaluation, not after it
-            target = output_path(path, flag)
+            target = output_path(path, flag, file=True)
             check_output_file(path, flag, self.overwrite)
             read = read_files.get(target.resolve())
             if read is not None:
                 raise ConfigError(f"{flag} {path} is {read}, which this evaluation reads; choose another file")
-            check_output(path, flag, self.overwrite)
+            check_replaceable(path, flag, self.overwrite)
         if self.meteor:
             why = meteor_unavailable()
             if why:
@@ -297,10 +295,10 @@ def _earlier_output(flag: str, path: Path) -> bool:
             if flag == "--plot":
                 return fh.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
             first = fh.readline().strip()
+            if not first:  # empty, or notes that begin with a blank line
+                return fh.tell() == 0
     except OSError:
         return False
-    if not first:
-        return True
     try:
         line = json.loads(first)
     except ValueError:
@@ -309,9 +307,15 @@ def _earlier_output(flag: str, path: Path) -> bool:
 
 
 def check_output(path: Path, flag: str, overwrite: bool) -> None:
-    """check_output_file, and --overwrite replaces only an earlier output of the same flag (as export's replaces
-    only a GGUF file): never a checkpoint, a data file or anything else a user keeps there."""
+    """check_output_file and check_replaceable, again just before the file is written (another command may have
+    written it meanwhile)."""
     check_output_file(path, flag, overwrite)
+    check_replaceable(path, flag, overwrite)
+
+
+def check_replaceable(path: Path, flag: str, overwrite: bool) -> None:
+    """--overwrite replaces only an earlier output of the same flag (as export's replaces only a GGUF file):
+    never a checkpoint, a data file or anything else a user keeps there."""
     target = Path(path)
     if overwrite and target.is_file() and not _earlier_output(flag, target):
         what = "PNG image" if flag == "--plot" else "predictions file (a JSONL of " + ", ".join(PREDICTION_KEYS) + ")"
@@ -366,7 +370,7 @@ def run_eval(options: EvalOptions, log=None) -> dict:
     options.check()
     subject = load_subject(options)
     if options.generate:  # before the data is read and described
-        check_room(options.max_new_tokens, subject.base.model.config.n_positions)
+        check_room(options.max_new_tokens, subject.base.model.config.n_positions, "--max-new-tokens")
     held = held_out_examples(options, subject, log)
     result: dict = {"model": subject.base.name,
                     "adapter": str(subject.adapter_path) if subject.adapter_path is not None else None,
@@ -494,7 +498,7 @@ def held_out_examples(options: EvalOptions, subject: Subject, log) -> HeldOut:
 
 def _starts_with_names(path, data_cfg: DataConfig) -> bool:
     """Whether a CSV/TSV file read without a header has data.column_names as its first row."""
-    if Path(str(path)).suffix.lower() not in (".csv", ".tsv") or not data_cfg.column_names:
+    if Path(str(path)).suffix.lower() not in DELIMITED_SUFFIXES or not data_cfg.column_names:
         return False
     first = read_table(path, data_cfg, "--data").row(0)
     return [cell_value(v) for v in first] == list(data_cfg.column_names)

@@ -54,9 +54,15 @@ def local_path(value: str | None) -> str | None:
     return str(Path(value).expanduser().resolve())
 
 
-def output_path(path: str | os.PathLike, flag: str) -> Path:
+def output_path(path: str | os.PathLike, flag: str, file: bool = False) -> Path:
     """An output path as given, `~` expanded; `.` or `..` (no name of their own) as the absolute folder they
-    name, since the output is written beside it under its name; a path through a symlink loop is one line."""
+    name, since the output is written beside it under its name; a path through a symlink loop is one line.
+    file=True: the output is a file, so `-` (elsewhere a standard stream) and a path ending in a slash (a folder,
+    which pathlib would make a file of that name) are refused; give the path as typed, not a Path."""
+    if file and str(path) == "-":
+        raise ConfigError(f"{flag} -: name a file to write (standard output carries the command's own output)")
+    if file and str(path).endswith(("/", os.sep)):
+        raise ConfigError(f"{flag} {path} ends with a slash, so it names a directory; name a file to write")
     target = Path(path).expanduser()
     try:
         target.resolve()
@@ -149,17 +155,24 @@ def _disk_full(folder: Path, exc: BaseException) -> bool:
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM held back until the block ends (then delivered): for steps that must not stop half-way.
-    Where signals cannot be blocked (not the main thread's business, another OS), the block runs as it is."""
+    """SIGINT and SIGTERM held back until the block ends, then raised again for the handlers it replaced: for
+    steps that must not stop half-way. Held by handlers that only note them (a signal mask would not do: the kernel
+    gives a process signal to any thread that does not block it, such as torch's OpenMP workers, and Python still
+    runs the handler). Off the main thread, where handlers cannot be set, the block runs as it is."""
+    caught: list[int] = []
+    previous = {}
     try:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    except (AttributeError, ValueError, OSError):
-        previous = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    except ValueError:  # not the main thread
+        pass
     try:
         yield
     finally:
-        if previous is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)
 
 
 @contextlib.contextmanager

@@ -42,13 +42,14 @@ _NEG = -1.0e9
 # Checking inputs
 
 
-def check_room(max_new_tokens: int, n_positions: int) -> int:
-    """The tokens a prompt may have beside max_new_tokens new ones; none is a ConfigError."""
+def check_room(max_new_tokens: int, n_positions: int, name: str = "max_new_tokens") -> int:
+    """The tokens a prompt may have beside max_new_tokens new ones; none is a ConfigError naming the budget as
+    `name` (the flag or config key it came from)."""
     room = n_positions - max_new_tokens
     if room < 1:
         raise ConfigError(
-            f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
-            f"{n_positions} tokens; lower --max-new-tokens below {n_positions}"
+            f"{name} {max_new_tokens} leaves no room for a prompt in the model's context of "
+            f"{n_positions} tokens; lower {name} below {n_positions}"
         )
     return room
 

@@ -21,6 +21,8 @@ _DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 SAFETENSORS_DTYPES = {name: dtype for name, dtype in (
     ("F64", torch.float64), ("F32", torch.float32), ("F16", torch.float16), ("BF16", torch.bfloat16),
     ("I64", torch.int64), ("I32", torch.int32), ("I16", torch.int16), ("I8", torch.int8), ("U8", torch.uint8),
+    ("U16", getattr(torch, "uint16", None)), ("U32", getattr(torch, "uint32", None)),
+    ("U64", getattr(torch, "uint64", None)),
     ("BOOL", torch.bool), ("F8_E4M3", getattr(torch, "float8_e4m3fn", None)),
     ("F8_E5M2", getattr(torch, "float8_e5m2", None))) if dtype is not None}
 

@@ -123,9 +123,9 @@ class GPT2Tokenizer:
 class HFTokenizer:
     """A checkpoint's tokenizer.json through `tokenizers`, with the special tokens its side files name.
 
-    add_special_tokens adds what the model's own tokenizer adds (AutoTokenizer's default): the bos token when
-    its post-processor (Llama 3, SmolLM: a TemplateProcessing "<bos> $A") or an explicit `add_bos_token` in
-    tokenizer_config.json says so, nothing for Qwen2."""
+    add_special_tokens adds what the model's own tokenizer adds (AutoTokenizer's default in transformers 5): what
+    its post-processor adds (Llama 3, SmolLM: a TemplateProcessing "<bos> $A"; nothing for Qwen2), whatever
+    `add_bos_token` in tokenizer_config.json says."""
 
     def __init__(self, path: Path, side: dict[str, dict]):
         from tokenizers import Tokenizer  # here, not at the top: GPT-2 runs never load it

@@ -220,6 +220,11 @@ def build(cfg: RunConfig, world_size: int | None = None, dist: Dist | None = Non
     except ConfigError as exc:  # the model section's own fault (a random preset's name or sizes): name the file
         raise ConfigError(all_problems(cfg.label, [str(exc)])) from None
     model = base.model
+    context = model.config.n_positions
+    if t.samples and t.sample_max_new_tokens >= context:  # known now, not at the first validation's samples
+        raise ConfigError(all_problems(cfg.label, [
+            f"train.sample_max_new_tokens: {t.sample_max_new_tokens} leaves no room for a prompt in the model's "
+            f"context of {context} tokens; set it below {context}"]))
     if cfg.task == "classification":  # its head, which lora.targets may name, comes with the data's labels
         check_against_model(cfg, model, without_head(cfg.lora), resolved_only=True)
     else:
@@ -319,17 +324,28 @@ def dry_run_out_dir(s: Setup, resume: bool, overwrite: bool) -> list[str]:
     if not (resume or overwrite):
         return []
     out_dir = Path(s.cfg.out_dir)
-    prepare_out_dir(out_dir, resume, overwrite, run_inputs(s.cfg) if overwrite else ())
+    _check_out_dir(s.cfg, resume, overwrite)
     if overwrite:
         held = out_dir.is_dir() and any(out_dir.iterdir())
         return [f"--overwrite: the run in {out_dir} would be replaced" if held else
                 f"--overwrite: {out_dir} holds no run; the run would start there"]
-    payload = read_checkpoint(out_dir, s.model, s.global_batch, s.cfg.train.grad_accum * s.world_size == 1,
-                              s.trained_settings)
-    step = payload["state"]["step"]
+    step = _resume_payload(s)["state"]["step"]
     if step >= s.total_steps:
         return [f"--resume: the run in {out_dir} has done all {s.total_steps} steps; there is nothing to resume"]
     return [f"--resume: would continue the run in {out_dir} from step {step} of {s.total_steps}"]
+
+
+def _check_out_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> None:
+    """rundir.prepare_out_dir with the files the run reads, which --overwrite must not remove (listed for it
+    alone: listing them reads and parses the config again)."""
+    prepare_out_dir(Path(cfg.out_dir), resume, overwrite, run_inputs(cfg) if overwrite and not resume else ())
+
+
+def _resume_payload(s: Setup) -> dict:
+    """The checkpoint --resume continues, checked against this run (rundir.read_checkpoint)."""
+    t = s.cfg.train
+    return read_checkpoint(Path(s.cfg.out_dir), s.model, s.global_batch, t.grad_accum * s.world_size == 1,
+                           s.trained_settings)
 
 
 def show_examples(s: Setup, n: int) -> list[str]:
@@ -404,9 +420,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
 def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progress: bool,
            savings: Savings) -> TrainResult:
     out_dir = Path(cfg.out_dir)
-    # the files the run reads matter to --overwrite alone: listing them reads and parses the config again
-    inputs = run_inputs(cfg) if overwrite and not resume else ()
-    dist.on_main(lambda: prepare_out_dir(out_dir, resume, overwrite, inputs))
+    dist.on_main(lambda: _check_out_dir(cfg, resume, overwrite))
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     s = build(cfg, dist=dist, savings=savings)
@@ -418,9 +432,7 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
     state = RunState()
 
     def first_files():  # rank 0: the checkpoint to resume from, then the run's first files
-        payload = (read_checkpoint(out_dir, s.model, s.global_batch, t.grad_accum * s.world_size == 1,
-                                   s.trained_settings)
-                   if resume else None)
+        payload = _resume_payload(s) if resume else None
         clear_out_dir(out_dir, resume, overwrite)
         if payload is not None:
             trim_metrics(out_dir / "metrics.jsonl", payload["state"]["step"])

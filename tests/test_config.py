@@ -55,6 +55,10 @@ def test_overrides(tmp_path):
         assert cfg.data.prompt_template == want, raw
     assert load_config(write(tmp_path, BASE), ["lora.r=4 # four"]).lora.r == 4
     assert load_config(write(tmp_path, BASE), ["out_dir=2024"]).out_dir == str(tmp_path / "2024")  # a folder name
+    # header and column names describe a header-less CSV val file beside JSON training data
+    cfg = load_config(write(tmp_path, BASE), ["data.val=v.csv", "data.val_split=0", "data.header=false",
+                                              "data.column_names=[instruction, output]"])
+    assert cfg.data.column_names == ["instruction", "output"]
     # the model's integers read as the sections' do (train.seed=1e3 was taken, model.seed=1e3 refused)
     cfg = load_config(write(tmp_path, BASE), ["model={name: gpt2, init: random, seed: 1e3, n_layer: 2.0}"])
     assert (cfg.model.seed, cfg.model.overrides) == (1000, {"n_layer": 2})
@@ -117,8 +121,8 @@ def test_every_problem_reported_at_once_with_lines(tmp_path):
      "line 3: train.min_lr_ratio: is the floor of a decaying schedule, and train.lr_schedule is constant; set "
      "lr_schedule: cosine or linear, or remove train.min_lr_ratio"),
     ("model: gpt2\ndata: {train: a.jsonl, header: false, column_names: [text, label]}\n",
-     "2 problems: line 2: data.header: describes a CSV or TSV file's columns, and data.train is a.jsonl, whose columns "
-     "are its own keys; remove it (data.columns maps roles to columns); line 2: data.column_names: describes a CSV"),
+     "2 problems: line 2: data.header: describes the columns of a CSV or TSV file, and the run reads none (data.train "
+     "is a.jsonl); remove it (data.columns maps roles to columns); line 2: data.column_names: describes the columns"),
     # a comma-separated text for a list (as eval's --column-names takes it) became a one-item list
     ("model: gpt2\ntask: classification\ndata: {train: a.csv, header: false, column_names: 'label,text'}\n",
      "line 3: data.column_names: must be a list, got the text 'label,text'; write it as a list: [label, text]"),

@@ -292,6 +292,9 @@ def test_a_tsv_written_with_csv_quoting_reads_its_values(tmp_path):
                                               zip(["ham", "ham", "spam", "ham", "spam"], texts)))
     frame = D.read_table(path, DataConfig(**SMS))
     assert frame["text"] == texts and frame["label"] == ["ham", "ham", "spam", "ham", "spam"]
+    # one column written with CSV quoting: every line is "one field" unquoted too, so the quoted line break decides
+    pd.DataFrame({"text": ["first line\nsecond line", "plain"]}).to_csv(tmp_path / "one.tsv", sep="\t", index=False)
+    assert D.read_table(tmp_path / "one.tsv", DataConfig())["text"] == ["first line\nsecond line", "plain"]
 
 # ---------------------------------------------------------------------------------------------- bad rows
 

@@ -168,7 +168,8 @@ def test_generate_groups_references_per_prompt(run, tmp_path):
     assert preds.read_text() == written  # the same greedy outputs, written again
     # --overwrite replaces earlier predictions only (or an empty file), not another file kept there
     notes = tmp_path / "notes.jsonl"
-    for text, replaced in (('{"prompt": "p", "label": 1}\n', False), ("plain text\n", False), ("", True)):
+    for text, replaced in (('{"prompt": "p", "label": 1}\n', False), ("plain text\n", False),
+                           ("\nmy notes\n", False), ("", True)):
         notes.write_text(text)
         code, _, err = cli(*args[:-1], notes, "--overwrite", "--batch-size", "2")
         if replaced:

@@ -313,7 +313,7 @@ def test_context_limit_error_and_truncation(lively):
     truncated = generate(model, [long_prompt], 16, truncate=True)
     assert truncated == generate(model, [long_prompt[-112:]], 16)
     assert fit_prompt(long_prompt, 16, 128, truncate=True) == long_prompt[-112:]
-    with pytest.raises(ConfigError, match="--max-new-tokens 128 leaves no room for a prompt"):
+    with pytest.raises(ConfigError, match="max_new_tokens 128 leaves no room for a prompt"):
         generate(model, [PROMPTS[0]], 128)
     # Right at the limit: prompt + new tokens = context.
     assert len(generate(model, [long_prompt[:108]], 20, eos_id=None)[0]) == 20

@@ -222,7 +222,7 @@ def test_sizes_this_machine_cannot_hold_are_one_line(tmp_path):
                                        "n_positions: 64}\ndata: {train: train.json, max_length: 64}\n")
     line = assert_one_line_error(*cli("train", tmp_path / "run.yaml", "--dry-run", "--set", "lora.r=1e12"))
     assert line == ("error: out of memory (an allocation of 238,418.6 GiB); choose a smaller model (or model sizes), a "
-                    "lower lora.r, or fewer and shorter inputs")
+                    "lower lora.r, a smaller batch (train.batch_size, --batch-size), or fewer and shorter inputs")
 
 
 def test_output_to_a_closed_pipe_exits_as_other_tools_do():
@@ -234,3 +234,18 @@ def test_output_to_a_closed_pipe_exits_as_other_tools_do():
     proc.stdout.close()  # nobody reads: the first write meets a closed pipe
     assert proc.wait(timeout=120) == 141
     assert proc.stderr.read() == ""
+
+
+def test_a_signal_waits_for_a_deferred_block_then_arrives():
+    """fsutil.signals_deferred, around the renames that swap a folder output: a Ctrl-C inside waits for the block
+    to end (between the renames it left the output missing), then reaches the handler the block replaced."""
+    from lora_cli.fsutil import signals_deferred
+
+    torch.ones(64, 64) @ torch.ones(64, 64)  # torch's worker threads are up: a signal mask would miss them
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # bytecodes where Python would have run the handler
+                done.append(len(done))
+    assert len(done) == 1000 and signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -357,3 +357,13 @@ def test_a_stop_signal_while_the_run_finishes_lets_it_finish(tmp_path, monkeypat
     assert result.state.step == 3 and (out / "adapter.safetensors").is_file() and (out / "loss.png").is_file()
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["state"]["finished"] is True
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+
+
+def test_a_samples_budget_the_context_cannot_hold_is_refused_before_training(tmp_path):
+    """train.samples decodes up to train.sample_max_new_tokens after each validation: a budget that fills the
+    context stopped the run at its first validation, naming a --max-new-tokens flag train has not."""
+    cfg = write_config(tmp_path, "  samples: 1\n  sample_max_new_tokens: 256\n")
+    line = assert_one_line_error(*cli("train", str(cfg), "-q"), expected_code=2)
+    assert line == (f"error: {cfg}: train.sample_max_new_tokens: 256 leaves no room for a prompt in the model's "
+                    "context of 256 tokens; set it below 256")
+    assert not (tmp_path / "out").exists()

@@ -1,7 +1,8 @@
 """Encoding: each row of a data file -> `Example(ids, loss_mask)`, with the label order for classification.
 
 Text becomes ids through the model's tokenizer (tokenizer.py; GPT-2's BPE by default). Prompt and response are
-encoded together and cut where the response begins, so a prompt's ids are exactly `tokenizer.encode_prompt(prompt)`
+split as `tokenizer.encode_split` splits them (a tokenizer.json encodes them as one text, cut where the response
+begins; GPT-2's pre-tokenizer cuts there anyway), so a prompt's ids are exactly `tokenizer.encode_prompt(prompt)`
 (the bos token first when the model's tokenizer adds one, no eos after it), which is what generation feeds the
 model. The tokenizer's eos (`<|endoftext|>` for GPT-2) ends every causal-LM example and is a target.
 User text is encoded with allow_special=False, so a literal "<|endoftext|>" in the data is ordinary text.

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from lora_cli.config import SUPPORTED_SUFFIXES, TABLE_SUFFIXES, DataConfig
+from lora_cli.config import DELIMITED_SUFFIXES, SUPPORTED_SUFFIXES, DataConfig
 from lora_cli.data.hub import hub_name_problem, is_hub_dataset, is_saved_dataset, read_dataset
 from lora_cli.errors import ConfigError, DataError, first_line
 
@@ -150,7 +150,7 @@ def read_table(path: str | Path, data_cfg: DataConfig, key: str = "data.train") 
             raise DataError(f"{path}: the file is empty; it needs at least one data row")
         if suffix == ".txt":
             table = Table(pd.DataFrame({"text": [text]}, dtype=object))
-        elif suffix in (".csv", ".tsv"):
+        elif suffix in DELIMITED_SUFFIXES:
             table = _read_delimited(text, path, data_cfg)
         elif suffix == ".json":
             records = _read_json(text, path)
@@ -227,7 +227,8 @@ def _csv_quoted(text: str) -> bool:
     if not any('""' in m.group(1) or "\t" in m.group(1) or "\n" in m.group(1) for m in _QUOTED_FIELD.finditer(text)):
         return False
     unquoted = _tsv_widths(text, csv.QUOTE_NONE)
-    return not (len(set(unquoted)) == 1 and len(_tsv_widths(text, csv.QUOTE_MINIMAL)) < len(unquoted))
+    rows_of_one_width = len(set(unquoted)) == 1 and unquoted[0] > 1  # one column: every line is "one field"
+    return not (rows_of_one_width and len(_tsv_widths(text, csv.QUOTE_MINIMAL)) < len(unquoted))
 
 
 def _tsv_widths(text: str, quoting: int) -> list[int]:
