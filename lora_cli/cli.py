@@ -7,10 +7,13 @@ shows the full traceback instead, for bug reports.
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -409,6 +412,7 @@ class _Signals:
     Commands with their own handlers (training's loop, serve) replace these while they run."""
 
     received: list[int] = []
+    waiting = False  # a thread waits for an import to finish, to deliver a signal that came during it
 
     @classmethod
     def install(cls) -> None:
@@ -422,7 +426,35 @@ class _Signals:
     @classmethod
     def handle(cls, signum, frame) -> None:
         cls.received.append(signum)
-        raise KeyboardInterrupt
+        cls._raise_outside_imports(signum, frame)
+
+    @classmethod
+    def _raise_outside_imports(cls, signum, frame) -> None:
+        """KeyboardInterrupt, unless an import is under way: torch goes on past a numpy import that failed, and
+        the command ran on with half a numpy (to its end, or to a crash at its first use). Then a thread watches
+        the main thread, and once no import is under way it delivers the signal again (_thread.interrupt_main)."""
+        if not _importing(frame):
+            raise KeyboardInterrupt
+        if not cls.waiting:
+            cls.waiting = True
+            threading.Thread(target=cls._after_imports, args=(signum,), daemon=True).start()
+
+    @classmethod
+    def _after_imports(cls, signum: int) -> None:
+        main = threading.main_thread().ident
+        while _importing(sys._current_frames().get(main)):
+            time.sleep(0.05)
+        cls.waiting = False
+        _thread.interrupt_main(signum)
+
+
+def _importing(frame) -> bool:
+    """Whether the frame's thread is inside an import."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -444,6 +476,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # Outside standalone mode click returns a command's typer.Exit code instead of raising it
         code = command.main(args=args, prog_name="lora", standalone_mode=False)
+        if _Signals.waiting:  # a signal came during an import, and the command ended before it was delivered
+            code = 130
         if code == 130 and _Signals.received:  # typer's own exit for a KeyboardInterrupt: say it
             typer.echo("interrupted", err=True)
         if isinstance(code, int) and not isinstance(code, bool) and code:

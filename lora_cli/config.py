@@ -85,6 +85,9 @@ class ModelSpec:
         revision = value.get("revision")
         if revision is not None and (isinstance(revision, (bool, list, dict)) or not str(revision).strip()):
             raise ValueError(f"revision must be a branch, tag or commit of the hub repository, got {revision!r}")
+        if isinstance(revision, (int, float)):  # YAML read a commit like 0123 as the number 83
+            raise ValueError(f"revision: YAML reads it as the number {revision!r}, which may not be the revision "
+                             "written; quote it (revision: '0123')")
         tokenizer = value.get("tokenizer")
         if tokenizer is not None and (not isinstance(tokenizer, str) or not tokenizer.strip()):
             raise ValueError(f"tokenizer must be a tokenizer directory or tokenizer.json path, got {tokenizer!r}")
@@ -398,8 +401,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         if not commented:
             raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc.__class__.__name__})") from exc
         value = text
-    if commented and (value is None or isinstance(value, str)):
-        value = text
+    if commented and (value is None or isinstance(value, str) and not _numeric_text(value)):
+        value = text  # (but `train.lr=3e-4 # note` is 3e-4, as YAML reads `0.0003 # note`)
     keys = [k.strip() for k in key.strip().split(".")]
     if not all(keys):
         raise ConfigError(f"--set {item!r}: the key {key.strip()!r} has an empty part; write SECTION.KEY, e.g. "
@@ -501,9 +504,12 @@ def build_config(
             value = {}
         sections[name] = _build_section(cls, value, name, report)
     out_dir = raw.get("out_dir", RunConfig.out_dir)
-    if isinstance(out_dir, int) and not isinstance(out_dir, bool):  # `out_dir: 2024`: a folder's name, as data.train
-        out_dir = str(out_dir)
-    if not isinstance(out_dir, str) or not out_dir.strip():
+    if isinstance(out_dir, (int, float)) and not isinstance(out_dir, bool):
+        # YAML 1.1 reads 2024_01_15 as 20240115 and 010 as 8: the name as written is lost, so ask for quotes
+        report("out_dir", f"YAML reads it as the number {out_dir!r}, which may not be the name written; quote it "
+                          "(out_dir: '2024')")
+        out_dir = RunConfig.out_dir
+    elif not isinstance(out_dir, str) or not out_dir.strip():
         report("out_dir", f"must be a path, got {out_dir!r}")
         out_dir = RunConfig.out_dir
     task = raw.get("task", RunConfig.task)
@@ -623,6 +629,15 @@ def coerce(value: Any, hint: Any) -> Any:
             raise ValueError(f"must be a mapping, got {type(value).__name__}")
         return {str(k): coerce(v, args[1]) for k, v in value.items()}
     return value
+
+
+def _numeric_text(text: str) -> bool:
+    """Whether YAML left a number as text (PyYAML reads 3e-4 as a string): the number keys coerce it."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _integer(value: Any) -> int | None:

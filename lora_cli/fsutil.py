@@ -57,10 +57,10 @@ def local_path(value: str | None) -> str | None:
 def output_path(path: str | os.PathLike, flag: str, file: bool = False) -> Path:
     """An output path as given, `~` expanded; `.` or `..` (no name of their own) as the absolute folder they
     name, since the output is written beside it under its name; a path through a symlink loop is one line.
-    file=True: the output is a file, so `-` (elsewhere a standard stream) and a path ending in a slash (a folder,
-    which pathlib would make a file of that name) are refused; give the path as typed, not a Path."""
-    if file and str(path) == "-":
-        raise ConfigError(f"{flag} -: name a file to write (standard output carries the command's own output)")
+    `-` (elsewhere a standard stream) is refused; with file=True (the output is a file) so is a path ending in a
+    slash (a folder, which pathlib would make a file of that name): give the path as typed, not a Path."""
+    if str(path) == "-":
+        raise ConfigError(f"{flag} -: name a path to write (standard output carries the command's own output)")
     if file and str(path).endswith(("/", os.sep)):
         raise ConfigError(f"{flag} {path} ends with a slash, so it names a directory; name a file to write")
     target = Path(path).expanduser()

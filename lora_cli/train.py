@@ -483,6 +483,8 @@ def _train(cfg: RunConfig, dist: Dist, resume: bool, overwrite: bool, log, progr
             # a signal after the last step waits for the final validation and the writes (a second one still
             # stops at once): it killed the run there, with neither its adapter nor a checkpoint of those steps
             final_val = _finish(s, optimizer, state, history, log)
+        if stop.received is not None:
+            log("a stop signal came while the run was finishing; it finished first (exit code 0)")
     except (RuntimeError, MemoryError) as exc:
         if is_out_of_memory(exc):  # nothing was written since the last checkpoint: it is kept
             raise TrainingError(out_of_memory_message(s, state)) from exc

@@ -216,7 +216,7 @@ def test_eval_table_and_plot(trained, tmp_path):
             (plot.parent, f"--plot {plot.parent} is a directory; name a file to write"),
             (f"{tmp_path / 'plots'}/", f"--plot {tmp_path / 'plots'}/ ends with a slash, so it names a directory; "
                                        "name a file to write"),
-            ("-", "--plot -: name a file to write (standard output carries the command's own output)"),
+            ("-", "--plot -: name a path to write (standard output carries the command's own output)"),
             (tmp_path / "file" / "c.png", f"--plot {tmp_path / 'file' / 'c.png'}: {tmp_path / 'file'} is not a "
                                           "directory; choose another path")):
         unwritable = str(target).endswith("c.png")  # a path that cannot be written: exit 1, as merge's

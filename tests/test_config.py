@@ -54,7 +54,12 @@ def test_overrides(tmp_path):
         cfg = load_config(write(tmp_path, BASE), [f"data.prompt_template={raw}"])
         assert cfg.data.prompt_template == want, raw
     assert load_config(write(tmp_path, BASE), ["lora.r=4 # four"]).lora.r == 4
-    assert load_config(write(tmp_path, BASE), ["out_dir=2024"]).out_dir == str(tmp_path / "2024")  # a folder name
+    assert load_config(write(tmp_path, BASE), ["train.lr=3e-4 # warm"]).train.lr == 3e-4  # a number YAML left as text
+    # a number is not taken as a folder name: YAML 1.1 reads 2024_01_15 as 20240115 (and 010 as 8)
+    with pytest.raises(ConfigError, match=r"--set out_dir: YAML reads it as the number 20240115, which may not be "
+                                          r"the name written; quote it \(out_dir: '2024'\)"):
+        load_config(write(tmp_path, BASE), ["out_dir=2024_01_15"])
+    assert load_config(write(tmp_path, BASE), ["out_dir='2024'"]).out_dir == str(tmp_path / "2024")
     # header and column names describe a header-less CSV val file beside JSON training data
     cfg = load_config(write(tmp_path, BASE), ["data.val=v.csv", "data.val_split=0", "data.header=false",
                                               "data.column_names=[instruction, output]"])

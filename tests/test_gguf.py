@@ -349,6 +349,9 @@ def test_bad_export_requests_are_one_line(tmp_path, build):
     # a trailing slash names a folder to be: not a file named like it (pathlib would drop the slash)
     line = assert_one_line_error(*cli("export", adapter, f"{tmp_path / 'gg'}/", "--format", "gguf"), 2)
     assert line == f"error: OUT {tmp_path / 'gg'}/ ends with a slash, so it names a directory; name a file to write"
+    for fmt in ("gguf", "peft"):  # nor a folder or file named "-", for any format
+        line = assert_one_line_error(*cli("export", adapter, "-", "--format", fmt, cwd=tmp_path), 2)
+        assert line == "error: OUT -: name a path to write (standard output carries the command's own output)"
     assert not list(tmp_path.iterdir())
 
 

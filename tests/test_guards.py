@@ -249,3 +249,23 @@ def test_a_signal_waits_for_a_deferred_block_then_arrives():
             for _ in range(1000):  # bytecodes where Python would have run the handler
                 done.append(len(done))
     assert len(done) == 1000 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_stop_signal_during_an_import_stops_the_command_after_it():
+    """SIGTERM (or Ctrl-C) while torch imports numpy: raised there, the KeyboardInterrupt failed numpy's import,
+    torch went on without it, and the command ran to its end (or crashed at numpy's first use). It waits for
+    the import to finish, then stops the command: `interrupted`, exit 130."""
+    from helpers import python
+
+    code = ("import os, signal, sys\n"
+            "class Hook:\n"
+            "    fired = False\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'numpy._core.multiarray' and not Hook.fired:\n"
+            "            Hook.fired = True\n"
+            "            os.kill(os.getpid(), signal.SIGTERM)\n"
+            "sys.meta_path.insert(0, Hook())\n"
+            "import lora_cli.cli\n"
+            "lora_cli.cli.main(['info', 'gpt2', '--random'])\n")
+    done = python("-c", code)  # (info may have printed by the time the import ended: that output is whole)
+    assert (done.returncode, done.stderr) == (130, "interrupted\n")

@@ -352,7 +352,9 @@ def test_a_stop_signal_while_the_run_finishes_lets_it_finish(tmp_path, monkeypat
     monkeypatch.setattr(train_module, "plot_losses", plot_then_signal)
     monkeypatch.chdir(tmp_path)
     cfg = load_config(write_config(tmp_path, "  max_steps: 3\n  save_every: 0\n  eval_every: 0\n"))
-    result = train(cfg, log=lambda m: None, progress=False)
+    lines: list[str] = []
+    result = train(cfg, log=lines.append, progress=False)
+    assert lines[-1] == "a stop signal came while the run was finishing; it finished first (exit code 0)"
     out = tmp_path / "out"
     assert result.state.step == 3 and (out / "adapter.safetensors").is_file() and (out / "loss.png").is_file()
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["state"]["finished"] is True
