@@ -366,6 +366,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
         ({**good, "seed": 2**64}, auth, 400, "seed", None),  # beyond what torch's generators take
         ({**good, "stream": True, "stream_options": {"include_usage": "yes"}}, auth, 400, "stream_options", None),
         ({**good, "prompt": 5}, auth, 400, "prompt", None),
+        ({**good, "prompt": ["Hello", " "]}, auth, 400, "prompt", None),  # empty text, as lora generate refuses it
         ({**good, "stop": [""]}, auth, 400, "stop", None),
         ({**good, "frequency_penalty": 2.0}, auth, 400, "frequency_penalty", None),  # would be ignored
         ({**good, "presence_penalty": -0.5}, auth, 400, "presence_penalty", None),
