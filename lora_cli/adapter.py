@@ -337,7 +337,8 @@ def _peft_base_copies(model: torch.nn.Module, adapter: Adapter, expected, misfit
             continue  # not an adapted layer of this model: reported as unexpected
         saved = adapter.tensors[key]
         # check_fits' meta copy has no values to compare: the shapes now, the values when the adapter is attached
-        if saved.shape != mine.shape or (not mine.is_meta and not torch.equal(saved.to(mine.dtype), mine.detach().cpu())):
+        same = saved.shape == mine.shape and (mine.is_meta or torch.equal(saved.to(mine.dtype), mine.detach().cpu()))
+        if not same:
             raise AdapterError(f"{misfit}: PEFT saved a base weight of {module.removesuffix('.base_layer')} other than "
                                "the base model's (a resized vocabulary?); load the adapter onto the base it was "
                                "trained on")

@@ -294,6 +294,8 @@ def data_file_suffix(source: Any) -> str | None:
         return None
     suffix = Path(source).suffix.lower()
     return suffix if suffix in SUPPORTED_SUFFIXES else None
+
+
 SECTIONS: dict[str, type] = {"data": DataConfig, "lora": LoraConfig, "train": TrainConfig}
 TOP_KEYS = ("model", "out_dir", "task", *SECTIONS)
 
@@ -553,7 +555,8 @@ def _build_section(cls, values: dict, section: str, report) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            report(f"{section}.{key}", f"unknown key{_in_a_section(str(key), section) or did_you_mean(str(key), names)}")
+            hint = _in_a_section(str(key), section) or did_you_mean(str(key), names)
+            report(f"{section}.{key}", f"unknown key{hint}")
             continue
         try:
             kwargs[key] = coerce(value, hints[key])

@@ -258,7 +258,7 @@ class EvalOptions:
                 what = "scores generated text" if asked[0] in ("--meteor", "--lowercase") else "is for generation"
                 raise ConfigError(f"{asked[0]} {what}: add --generate")
         asked = [flag for flag, value in (("--split", self.split), ("--subset", self.subset)) if value is not None]
-        if asked and data_file_suffix(self.data) is not None:  # a data file has no splits or configurations: the flag would be ignored
+        if asked and data_file_suffix(self.data) is not None:  # a data file has no splits: the flag would be ignored
             raise ConfigError(f"{asked[0]} picks from a hub dataset (hf://datasets/...) or a saved dataset folder, "
                               f"and --data {self.data} is a file; leave out {asked[0]}")
         if (self.header is not None or self.column_names) and self.data is not None \

@@ -181,7 +181,7 @@ def atomic_dir(path: str | os.PathLike, error: type[LoraError] = LoraError) -> I
     removed only after the new one is in place), when it fails the folder vanishes. Failures are one `error`
     naming `path`, never the hidden staging folder."""
     out = Path(path)
-    if out.is_symlink():  # write through the link, as a run's out_dir is (replacing it left the link's target as it was)
+    if out.is_symlink():  # written through, as a run's out_dir is (replacing the link left its target as it was)
         out = Path(os.path.realpath(out))
     _make_parent(out, error)
     try:

@@ -578,9 +578,13 @@ def _beam_batch(model: CausalLM, prompts: list[list[int]], max_new_tokens: int, 
 
 
 def _prepare(model: CausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, truncate: bool) -> list[list[int]]:
+    return [_fit(model, p, max_new_tokens, truncate, f"prompt {i + 1}") for i, p in enumerate(prompts)]
+
+
+def _fit(model: CausalLM, prompt: Sequence[int], max_new_tokens: int, truncate: bool, where: str) -> list[int]:
+    """fit_prompt against the model's context and vocabulary; `where` names the prompt in errors."""
     cfg = model.config
-    return [fit_prompt(p, max_new_tokens, cfg.n_positions, truncate, where=f"prompt {i + 1}", vocab_size=cfg.vocab_size)
-            for i, p in enumerate(prompts)]
+    return fit_prompt(prompt, max_new_tokens, cfg.n_positions, truncate, where=where, vocab_size=cfg.vocab_size)
 
 
 def _in_batches(prompts: list[list[int]], batch_size: int | None, run: Callable[[list[list[int]]], list[list[int]]],
@@ -740,9 +744,7 @@ class Row:
                  top_k: int | None = None, top_p: float | None = None, seed: int | torch.Generator | None = None,
                  eos_id: EosIds = EOT_ID, truncate: bool = False, where: str = "prompt 1"):
         _check_options(max_new_tokens, temperature, top_k, top_p, 0)
-        cfg = model.config  # `where` names the prompt in errors (a request's third prompt: "prompt 3")
-        self.prompt = fit_prompt(prompt, max_new_tokens, cfg.n_positions, truncate, where=where,
-                                 vocab_size=cfg.vocab_size)
+        self.prompt = _fit(model, prompt, max_new_tokens, truncate, where)  # a request's third prompt: "prompt 3"
         self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
         self.generator = _make_generator(seed, _device(model))
         self.eos = _eos_ids(eos_id)

@@ -236,9 +236,9 @@ def _prompt_ids(prompt, tokenizer) -> list[list[int]]:
     many = prompt if isinstance(prompt, list) and prompt and not _is_ids(prompt) else [prompt]
     out = []
     for i, p in enumerate(many, start=1):
-        if isinstance(p, str) and not p.strip():  # as `lora generate` refuses it (a bos alone was continued)
-            raise ApiError(400, f"prompt {i} is empty; give some text to continue", "prompt")
         if isinstance(p, str):
+            if not p.strip():  # as `lora generate` refuses it (a bos alone was continued)
+                raise ApiError(400, f"prompt {i} is empty; give some text to continue", "prompt")
             out.append(tokenizer.encode_prompt(p))
         elif _is_ids(p):
             out.append(list(p))

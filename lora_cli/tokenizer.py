@@ -271,7 +271,6 @@ def load_tokenizer(source) -> Tokenizer:
     return _hub_tokenizer(spec or ModelSpec(name=name))
 
 
-
 def _folder_tokenizer(folder: Path, named: str, bare_is_gpt2: bool = False) -> Tokenizer:
     """A model folder's tokenizer.json (with its side files); a GPT-2 folder without one: the bundled BPE (and with
     bare_is_gpt2, a folder without a config.json: a bare weights file is a GPT-2 checkpoint)."""

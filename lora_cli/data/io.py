@@ -29,7 +29,6 @@ from lora_cli.errors import ConfigError, DataError, first_line
 if TYPE_CHECKING:  # pandas is imported when a file is read, so importing lora_cli.data stays light
     import pandas as pd
 
-
 SUFFIXES_HELP = ".csv, .tsv, .json (a list of objects), .jsonl (one object per line), .parquet or .txt (plain text)"
 
 
@@ -339,7 +338,6 @@ def _load_record(text: str) -> Any:
     """A data file's JSON: loads_unique, and NotFinite where json would read an infinity (a number past the
     float range, 1e400, or an Infinity literal: a label 1e400 became the class "inf")."""
     return json.loads(text, object_pairs_hook=_unique_keys, parse_float=_finite, parse_constant=_nan_only)
-
 
 
 def _read_json(text: str, path: Path) -> list[dict]:
