@@ -473,6 +473,76 @@ def test_swiglu_equals_autograd_bit_for_bit_and_keeps_two_tensors(dtype):
     assert (n_autograd, n_ours) == (3, 2)
 
 
+def _plain_rms_norm(x, weight, eps):  # transformers' LlamaRMSNorm, op for op
+    h = x.float()
+    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_rms_norm_equals_autograd_and_keeps_its_input_and_scale(dtype, train_weight):
+    """common.RMSNorm's autograd function: the forward bit for bit as transformers' ops; the gradients of the input
+    and (when trained) the weight within fp32 rounding of autograd's over those ops; only x, the weight and one
+    scale per row kept for the backward."""
+    from lora_cli.models.common import RMSNorm
+
+    g = torch.Generator().manual_seed(1)
+    x, grad = (torch.randn(3, 5, 64, generator=g).mul(3).to(dtype) for _ in range(2))
+    norm = RMSNorm(64, 1e-6).to(dtype)
+    norm.weight.data = torch.randn(64, generator=g).to(dtype)
+    results = []
+    for fn in (lambda a, w: _plain_rms_norm(a, w, 1e-6), lambda a, w: norm(a)):
+        a = x.clone().requires_grad_()
+        w = norm.weight.requires_grad_(train_weight)
+        norm.weight.grad = None
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            out = fn(a, w)
+        out.backward(grad)
+        results.append((out, a.grad, w.grad, saved))
+    (out, dx, dw, saved_plain), (out2, dx2, dw2, saved_ours) = results
+    assert torch.equal(out, out2)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the last bit of a bf16 gradient
+    assert (dx - dx2).abs().max().item() <= tol * dx.abs().max().item()
+    assert (dw is None) == (dw2 is None) == (not train_weight)
+    if train_weight:
+        assert (dw - dw2).abs().max().item() <= tol * dw.abs().max().item()
+    assert saved_ours == [x.shape, (64,), (3, 5, 1)]
+    assert len(saved_plain) > len(saved_ours)
+
+
+@pytest.mark.parametrize("rotary_dims", [16, 6])  # all of a head's features (Llama), a part of them (GPT-NeoX)
+def test_rotary_equals_rotate_half_bit_for_bit(rotary_dims):
+    """common.apply_rotary equals transformers' `x * cos + rotate_half(x) * sin` bit for bit, forward and backward,
+    on all or the first rotary_dims features of each head, and keeps only the angles for the backward."""
+    from lora_cli.models.common import Rotary, apply_rotary
+
+    def rotate_half(t):
+        return torch.cat([-t[..., t.shape[-1] // 2:], t[..., : t.shape[-1] // 2]], dim=-1)
+
+    def plain(t, rope):
+        cos, sin = (r.unsqueeze(-2) for r in rope)
+        rot = t[..., :rotary_dims]
+        return torch.cat([rot * cos + rotate_half(rot) * sin, t[..., rotary_dims:]], dim=-1)
+
+    g = torch.Generator().manual_seed(2)
+    rope = Rotary(rotary_dims, 10000.0)(torch.arange(9)[None].expand(2, 9))
+    x, grad = (torch.randn(2, 9, 3, 16, generator=g) for _ in range(2))
+    results = []
+    for fn in (plain, apply_rotary):
+        a = x.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = fn(a, rope)
+        out.backward(grad)
+        results.append((out, a.grad, len(saved)))
+        with torch.no_grad():  # decoding takes the same arithmetic without autograd
+            assert torch.equal(fn(x, rope), out)
+    (out, dx, n_plain), (out2, dx2, n_ours) = results
+    assert torch.equal(out, out2) and torch.equal(dx, dx2)
+    assert n_ours == n_plain == 2  # cos and sin, as autograd keeps
+
+
 def test_unreadable_weights_are_named_as_unreadable(tmp_path, monkeypatch):
     """safetensors reports a file it may not read as "No such file or directory": the permission is named instead
     (os.access answers as a user without read permission would; root reads anything)."""

@@ -19,7 +19,7 @@ from torch import nn
 
 from lora_cli.models.common import (
     CausalLM, HFNames, KVCache, Linear, RMSNorm, Rotary, Unpadded, apply_rotary, attend, check_config_fields,
-    check_config_value, swiglu, tie_or_build_head,
+    check_config_value, residual, swiglu, tie_or_build_head,
 )
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -226,8 +226,8 @@ class Block(nn.Module):
                 grid: Unpadded | None = None, outputs: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         a = self.self_attn(self.input_layernorm(x), mask, cache, grid, outputs, rope)
-        x = (x if outputs is None else x.index_select(0, outputs)) + a
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = residual(x if outputs is None else x.index_select(0, outputs), a)
+        return residual(x, self.mlp(self.post_attention_layernorm(x)))
 
 
 class Llama(CausalLM):
