@@ -310,11 +310,11 @@ class RunLock:
 
     def acquire(self) -> None:
         for _ in range(10):  # each pass loses only to a holder that released in between
-            self._make_parent()
+            made = self._make_parent()
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, default_mode())
             except OSError as exc:
-                if isinstance(exc, FileNotFoundError) and not self.path.parent.is_dir():
+                if made and isinstance(exc, FileNotFoundError) and not self.path.parent.is_dir():
                     continue  # the parent was just removed by a holder that had created it
                 self._remove_created()
                 raise LoraError(f"cannot lock {self.name} {self.directory}: cannot create {self.path} "
@@ -400,7 +400,8 @@ class RunLock:
             holder = f"{record.get('command', 'another command')} (process {record.get('pid')}{host}{since})"
         return f"{self.name} {self.directory} is in use by {holder}; wait for it to end or choose another {self.name}"
 
-    def _make_parent(self) -> None:
+    def _make_parent(self) -> bool:
+        """Make the missing folders above the lock file; False when one cannot be made (os.open names why)."""
         missing = [p for p in [self.path.parent, *self.path.parent.parents] if not p.exists()]
         for folder in reversed(missing):  # top first
             try:
@@ -412,8 +413,9 @@ class RunLock:
                 raise LoraError(f"cannot lock {self.name} {self.directory}: cannot create {folder} "
                                 f"({exc.strerror or exc}); put {self.name} in a writable folder") from exc
             except OSError:
-                break  # os.open then names the problem
+                return False
             self._created.append(folder)
+        return True
 
     def _remove_created(self) -> None:
         """A run that ends before writing anything leaves the file system as it found it."""

@@ -246,3 +246,14 @@ def test_a_folder_the_lock_cannot_make_and_a_symlink_loop_are_one_line(tmp_path,
         RunLock(tmp_path / "new" / "run", "lora train", "out_dir").acquire()
     assert str(err.value) == (f"cannot lock out_dir {tmp_path / 'new' / 'run'}: cannot create {tmp_path / 'new'} "
                               "(Permission denied); put out_dir in a writable folder")
+
+
+def test_a_folder_the_file_system_refuses_is_named_not_retried(tmp_path):
+    """/proc refuses mkdir with ENOENT: the lock once read that as a holder removing its folder, retried ten times
+    and said "keeps changing; try again"; it now names the file it cannot create."""
+    from lora_cli.errors import LoraError
+
+    with pytest.raises(LoraError) as err:
+        RunLock("/proc/lora-cli-test/out", "lora merge", "--out").acquire()
+    assert str(err.value) == ("cannot lock --out /proc/lora-cli-test/out: cannot create /proc/lora-cli-test/.lock.out "
+                              "(No such file or directory); put --out in a writable folder")
