@@ -543,6 +543,32 @@ def test_rotary_equals_rotate_half_bit_for_bit(rotary_dims):
     assert n_ours == n_plain == 2  # cos and sin, as autograd keeps
 
 
+@pytest.mark.parametrize("rotary_dims", [16, 6])
+def test_rotary_qkv_equals_rotating_and_concatenating(rotary_dims):
+    """common.rotary_qkv (q and k rotated and v written into one buffer) equals apply_rotary and torch.cat bit for bit,
+    forward and backward, with grouped-query heads (4 query heads, 2 key/value heads), with and without autograd."""
+    from lora_cli.models.common import Rotary, apply_rotary, rotary_qkv
+
+    g = torch.Generator().manual_seed(3)
+    rope = Rotary(rotary_dims, 10000.0)(torch.arange(5)[None].expand(2, 5))
+    q, k, v = torch.randn(2, 5, 4, 16, generator=g), torch.randn(2, 5, 2, 16, generator=g), torch.randn(2, 5, 2, 16,
+                                                                                                           generator=g)
+    grad = torch.randn(2, 5, 8 * 16, generator=g)
+
+    def plain(a, b, c, rope):
+        return torch.cat([apply_rotary(a, rope).flatten(-2), apply_rotary(b, rope).flatten(-2), c.flatten(-2)], -1)
+
+    results = []
+    for fn in (plain, rotary_qkv):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves, rope)
+        out.backward(grad)
+        results.append((out, *(t.grad for t in leaves)))
+        with torch.no_grad():
+            assert torch.equal(fn(q, k, v, rope), out)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def test_unreadable_weights_are_named_as_unreadable(tmp_path, monkeypatch):
     """safetensors reports a file it may not read as "No such file or directory": the permission is named instead
     (os.access answers as a user without read permission would; root reads anything)."""

@@ -615,22 +615,65 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [..., heads, D] rotated on its first Dr features, cos/sin [..., 1, Dr] (the rotate-half layout): the first
-    half x1 c - x2 s, the second x2 c + x1 s, as `x * cos + rotate_half(x) * sin` in transformers, in the same
-    roundings; one new [..., D] buffer and two half-width temporaries instead of autograd's five."""
+def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """out = x [..., heads, D] rotated on its first Dr features, cos/sin [..., 1, Dr] (the rotate-half layout): the
+    first half x1 c - x2 s, the second x2 c + x1 s, as `x * cos + rotate_half(x) * sin` in transformers, in the same
+    roundings, with two half-width temporaries instead of autograd's five buffers; features past Dr copied."""
     rd = cos.shape[-1]
     half = rd // 2
-    lo, hi = x[..., :half], x[..., half:rd]
-    out = x[..., :rd] * cos
-    out[..., :half] -= hi * sin[..., :half]
-    out[..., half:] += lo * sin[..., half:]
-    return out if rd == x.shape[-1] else torch.cat([out, x[..., rd:]], dim=-1)
+    torch.mul(x[..., :rd], cos, out=out[..., :rd])
+    out[..., :half] -= x[..., half:rd] * sin[..., :half]
+    out[..., half:rd] += x[..., :half] * sin[..., half:]
+    if rd < x.shape[-1]:
+        out[..., rd:] = x[..., rd:]
+    return out
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return _rotate_into(torch.empty(x.shape, dtype=x.dtype, device=x.device), x, cos, sin)
+
+
+def _rotary_qkv(q, k, v, cos, sin) -> torch.Tensor:
+    """q [..., H, D] and k [..., Hkv, D] rotated and v [..., Hkv, D] written side by side into one
+    [..., (H + 2 Hkv) D] buffer, the layout attention reads (no rotated copies of q and k to concatenate)."""
+    H, D = q.shape[-2:]
+    Hkv = k.shape[-2]
+    lead = q.shape[:-2]
+    qkv = torch.empty((*lead, (H + 2 * Hkv) * D), dtype=q.dtype, device=q.device)
+    _rotate_into(qkv[..., : H * D].view(*lead, H, D), q, cos, sin)
+    _rotate_into(qkv[..., H * D : (H + Hkv) * D].view(*lead, Hkv, D), k, cos, sin)
+    qkv[..., (H + Hkv) * D :].view(*lead, Hkv, D).copy_(v)
+    return qkv
+
+
+class _RotaryQKV(torch.autograd.Function):
+    """The rotation of q and k and their concatenation with v as one autograd node that keeps nothing but the
+    angles: the gradients of q and k are the inverse rotation (the same cos, -sin) of their slices of the incoming
+    gradient, v's is its slice."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.shapes = (q.shape, k.shape, v.shape)
+        return _rotary_qkv(q, k, v, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        q_shape, k_shape, v_shape = ctx.shapes
+        nq, nk = q_shape[-2] * q_shape[-1], k_shape[-2] * k_shape[-1]
+        gq, gk, gv = grad.split([nq, nk, grad.shape[-1] - nq - nk], dim=-1)
+        return (_rotate(gq.reshape(q_shape), cos, -sin), _rotate(gk.reshape(k_shape), cos, -sin),
+                gv.reshape(v_shape), None, None)
+
+
+def _angles(rope: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(t.unsqueeze(-2).to(dtype) for t in rope)  # [..., 1, Dr]
 
 
 class _Rotary(torch.autograd.Function):
-    """The rotation as one autograd node that keeps nothing but the angles: its gradient is the inverse rotation of
-    the incoming gradient (the same cos, -sin), computed the same way instead of autograd's seven buffers."""
+    """The rotation as one autograd node that keeps nothing but the angles: its gradient is the inverse rotation
+    of the incoming gradient (the same cos, -sin)."""
 
     @staticmethod
     def forward(ctx, x, cos, sin):
@@ -645,10 +688,22 @@ class _Rotary(torch.autograd.Function):
 
 def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """x [..., heads, D] with (cos, sin) [..., Dr], Dr <= D: rotate the first Dr features of every head."""
-    cos, sin = (t.unsqueeze(-2).to(x.dtype) for t in rope)  # [..., 1, Dr]
+    cos, sin = _angles(rope, x.dtype)
     if torch.is_grad_enabled() and x.requires_grad:
         return _Rotary.apply(x, cos, sin)
     return _rotate(x, cos, sin)
+
+
+def rotary_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """q [..., H, D] and k [..., Hkv, D] rotated (apply_rotary) beside v [..., Hkv, D]: [..., (H + 2 Hkv) D], the
+    layout attention reads, written once instead of rotated copies concatenated."""
+    if not q.dtype == k.dtype == v.dtype:  # cat's type promotion
+        return torch.cat([apply_rotary(q, rope).flatten(-2), apply_rotary(k, rope).flatten(-2), v.flatten(-2)], -1)
+    cos, sin = _angles(rope, q.dtype)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _RotaryQKV.apply(q, k, v, cos, sin)
+    return _rotary_qkv(q, k, v, cos, sin)
 
 
 # ------------------------------------------------------------------------------------------- the interface

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_cli.models.common import (
-    CausalLM, Dropout, HFNames, KVCache, Linear, Rotary, Unpadded, apply_rotary, attend, check_config_fields,
+    CausalLM, Dropout, HFNames, KVCache, Linear, Rotary, Unpadded, attend, rotary_qkv, check_config_fields,
     check_config_value, tie_or_build_head,
 )
 from lora_cli.models.llama import REQUIRED, rope_from_hf
@@ -104,8 +104,7 @@ class Attention(nn.Module):
         H, _, D = self.heads
         lead = x.shape[:-1]
         q, k, v = self.query_key_value(x).view(*lead, H, 3 * D).split(D, dim=-1)  # 3 x [.., H, D]
-        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        qkv = torch.cat([q.flatten(-2), k.flatten(-2), v.flatten(-2)], dim=-1)  # [.., 3 H D] as q | k | v
+        qkv = rotary_qkv(q, k, v, rope)  # [.., 3 H D] as q | k | v
         dropout = self.attn_pdrop if self.training else 0.0
         return self.dense(attend(qkv, self.heads, mask, cache, self.layer_idx, dropout, grid, outputs))
 

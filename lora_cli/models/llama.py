@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from lora_cli.models.common import (
-    CausalLM, HFNames, KVCache, Linear, RMSNorm, Rotary, Unpadded, apply_rotary, attend, check_config_fields,
-    check_config_value, residual, swiglu, tie_or_build_head,
+    CausalLM, HFNames, KVCache, Linear, RMSNorm, Rotary, Unpadded, attend, check_config_fields,
+    check_config_value, residual, rotary_qkv, swiglu, tie_or_build_head,
 )
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -194,8 +194,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(*lead, Hkv, D)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-        qkv = torch.cat([q.flatten(-2), k.flatten(-2), self.v_proj(x)], dim=-1)  # [.., (H + 2 Hkv) D]
+        qkv = rotary_qkv(q, k, self.v_proj(x).view(*lead, Hkv, D), rope)  # [.., (H + 2 Hkv) D]
         dropout = self.attn_pdrop if self.training else 0.0
         return self.o_proj(attend(qkv, self.heads, mask, cache, self.layer_idx, dropout, grid, outputs))
 
