@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_cli.models.common import (
-    CausalLM, Dropout, HFNames, KVCache, Linear, Rotary, Unpadded, attend, rotary_qkv, check_config_fields,
-    check_config_value, tie_or_build_head,
+    CausalLM, Dropout, HFNames, KVCache, Linear, Rotary, Unpadded, attend, check_config_fields, check_config_value,
+    rotary_qkv, tie_or_build_head,
 )
 from lora_cli.models.llama import REQUIRED, rope_from_hf
 
