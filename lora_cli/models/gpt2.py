@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_cli.models.common import (
-    CausalLM, Dropout, KVCache, Linear, Unpadded, attend, check_config_fields, check_config_value, tie_or_build_head,
+    CausalLM, Dropout, KVCache, Linear, Unpadded, attend, check_config_fields, check_config_value, residual,
+    tie_or_build_head,
 )
 
 
@@ -117,8 +118,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None = None,
                 grid: Unpadded | None = None, outputs: torch.Tensor | None = None, rope: None = None) -> torch.Tensor:
         a = self.attn(self.ln_1(x), mask, cache, grid, outputs)
-        x = (x if outputs is None else x.index_select(0, outputs)) + a
-        return x + self.mlp(self.ln_2(x))
+        x = residual(x if outputs is None else x.index_select(0, outputs), a)
+        return residual(x, self.mlp(self.ln_2(x)))
 
 
 class GPT2(CausalLM):

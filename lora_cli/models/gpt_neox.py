@@ -19,7 +19,7 @@ from torch import nn
 
 from lora_cli.models.common import (
     CausalLM, Dropout, HFNames, KVCache, Linear, Rotary, Unpadded, attend, check_config_fields, check_config_value,
-    rotary_qkv, tie_or_build_head,
+    residual, rotary_qkv, tie_or_build_head,
 )
 from lora_cli.models.llama import REQUIRED, rope_from_hf
 
@@ -135,10 +135,10 @@ class Block(nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         a = self.post_attention_dropout(self.attention(self.input_layernorm(x), mask, cache, grid, outputs, rope))
         x = x if outputs is None else x.index_select(0, outputs)
-        if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x))
-            return x + a + self.post_mlp_dropout(self.mlp(self.post_attention_layernorm(x)))
-        x = x + a
-        return x + self.post_mlp_dropout(self.mlp(self.post_attention_layernorm(x)))
+        if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x)), summed in that order
+            return residual(residual(x, a), self.post_mlp_dropout(self.mlp(self.post_attention_layernorm(x))))
+        x = residual(x, a)
+        return residual(x, self.post_mlp_dropout(self.mlp(self.post_attention_layernorm(x))))
 
 
 class GPTNeoX(CausalLM):
