@@ -193,7 +193,9 @@ def messages_to_ids(served: Served, messages: list[dict]) -> ChatPrompt:
     prompt_completion): its prompt template on the last user message, exactly what `lora generate` feeds for that
     text. Anything else: the checkpoint's own chat template; a model with none cannot chat."""
     loaded, settings = served.loaded, served.loaded.settings
-    messages = [{**m, "content": _content_text(m.get("content"))} if "content" in m else m for m in messages]
+    # a null content is left to conversation(), which reads it as generate --chat does (OpenAI's tool-call turn)
+    messages = [{**m, "content": _content_text(m["content"])} if m.get("content") is not None else m
+                for m in messages]
     if settings.chat_template is None and uses_template(settings):
         try:  # read as a chat adapter's are, though only the last user message is rendered
             conversation(messages, need_assistant=False)
@@ -203,6 +205,8 @@ def messages_to_ids(served: Served, messages: list[dict]) -> ChatPrompt:
         if not users:
             raise ApiError(400, "messages holds no message with role 'user'; add one", "messages")
         text = _content_text(users[-1].get("content"))
+        if not text.strip():  # as `lora generate` refuses an empty prompt
+            raise ApiError(400, "the last user message is empty; give some text to continue", "messages")
         return ChatPrompt(loaded.tokenizer.encode_prompt(render(prompt_values(text, settings), settings)))
     try:
         template = chat_template_for(loaded)
@@ -248,19 +252,20 @@ def _prompt_ids(prompt, tokenizer) -> list[list[int]]:
     return out
 
 
-def _check_context(served: Served, prompt: list[int], max_tokens: int | None, param: str) -> int:
-    """max_tokens (the default: the rest of the context) once prompt + max_tokens fit the model's context."""
+def _check_context(served: Served, prompt: list[int], max_tokens: int | None, param: str, what: str,
+                   limit: str = "max_tokens") -> int:
+    """max_tokens (the default: the rest of the context) once prompt + max_tokens fit the model's context. what: the
+    prompt as the error names it ("the prompt", "prompt 2", "the chat prompt"); limit: the request's name for max_tokens."""
     room = served.context - len(prompt)
-    what = "prompt" if param == "prompt" else "chat prompt"
     if room < 1:
-        raise ApiError(400, f"the {what} has {len(prompt)} tokens; model {served.name!r} has a context of "
+        raise ApiError(400, f"{what} has {len(prompt)} tokens; model {served.name!r} has a context of "
                             f"{served.context} tokens: shorten it", param, "context_length_exceeded")
     if max_tokens is None:
         return room
     if len(prompt) + max_tokens > served.context:
-        raise ApiError(400, f"max_tokens={max_tokens} plus the {what}'s {len(prompt)} tokens exceed the context of "
-                            f"model {served.name!r} ({served.context} tokens): lower max_tokens to at most {room}",
-                       "max_tokens", "context_length_exceeded")
+        raise ApiError(400, f"{limit}={max_tokens} plus {what}'s {len(prompt)} tokens exceed the context of "
+                            f"model {served.name!r} ({served.context} tokens): lower {limit} to at most {room}",
+                       limit, "context_length_exceeded")
     return max_tokens
 
 
@@ -494,6 +499,7 @@ def build_app(engine: Engine, api_key: str | None = None):
         model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
         model: str
         max_tokens: int | None = Field(None, ge=0)
+        max_completion_tokens: int | None = Field(None, ge=0)  # OpenAI's newer name for max_tokens
         temperature: float = Field(1.0, ge=0)  # OpenAI's default: sampling at 1
         top_p: float = Field(1.0, gt=0, le=1)
         top_k: int | None = Field(None, ge=1)  # not OpenAI's, but common (vLLM, llama.cpp)
@@ -503,6 +509,7 @@ def build_app(engine: Engine, api_key: str | None = None):
         stream_options: StreamOptions | None = None
         n: Literal[1] = 1
         logprobs: Literal[None, False] = None
+        top_logprobs: int | None = None
         # accepted only at their no-op values (checked in jobs()): the decoder has no penalties, biases or grammar
         frequency_penalty: float = 0.0
         presence_penalty: float = 0.0
@@ -514,6 +521,20 @@ def build_app(engine: Engine, api_key: str | None = None):
         @classmethod
         def _null_is_the_default(cls, value, info):  # OpenAI's API takes null for "the default", as clients send
             return cls.model_fields[info.field_name].default if value is None else value
+
+        @field_validator("n", mode="before")
+        @classmethod
+        def _an_int(cls, value):  # true == 1 and 1.0 == 1 would pass the Literal
+            if value is not None and type(value) is not int:
+                raise ValueError("n must be the integer 1 (one completion a prompt)")
+            return value
+
+        @field_validator("top_logprobs", mode="before")
+        @classmethod
+        def _no_top_logprobs(cls, value):
+            if value is not None and (type(value) is not int or value != 0):
+                raise ValueError("this server returns no log-probabilities; leave top_logprobs out")
+            return value
 
         @field_validator("logprobs", mode="before")
         @classmethod
@@ -528,6 +549,13 @@ def build_app(engine: Engine, api_key: str | None = None):
         best_of: Literal[None, 1] = None
         suffix: Literal[None] = None
 
+        @field_validator("best_of", mode="before")
+        @classmethod
+        def _best_of_an_int(cls, value):  # true == 1 and 1.0 == 1 would pass the Literal
+            if value is not None and type(value) is not int:
+                raise ValueError("best_of must be the integer 1")
+            return value
+
         @field_validator("echo", mode="before")
         @classmethod
         def _no_echo(cls, value):  # 0 == False would pass the Literal
@@ -537,8 +565,25 @@ def build_app(engine: Engine, api_key: str | None = None):
 
     class ChatRequest(Sampling):
         messages: list[dict] = Field(min_length=1)
-        max_completion_tokens: int | None = Field(None, ge=0)  # OpenAI's newer name for max_tokens
-        tools: Literal[None] = None
+        # tools (and the older functions) would be ignored: refused unless absent or empty; the choice among none
+        tools: Any = None
+        functions: Any = None
+        tool_choice: Any = None
+        function_call: Any = None
+
+        @field_validator("tools", "functions")
+        @classmethod
+        def _no_tools(cls, value, info):
+            if value not in (None, []):
+                raise ValueError(f"this server does not call tools; leave {info.field_name} out")
+            return None
+
+        @field_validator("tool_choice", "function_call")
+        @classmethod
+        def _no_tool_choice(cls, value, info):  # "none" and "auto" ask nothing when no tool is offered
+            if value not in (None, "none", "auto"):
+                raise ValueError(f"this server does not call tools; leave {info.field_name} out, or \"none\"")
+            return None
 
     def error(exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
@@ -637,8 +682,8 @@ def build_app(engine: Engine, api_key: str | None = None):
             {"id": s.name, "object": "model", "created": created, "owned_by": "lora-cli",
              **({"parent": s.parent} if s.parent else {})} for s in engine.models.values()]}
 
-    def jobs(served: Served, req: Sampling, prompts: list[list[int]], max_tokens: int | None,
-             param: str, chat: ChatPrompt | None = None) -> list[tuple[Job, Generation]]:
+    def jobs(served: Served, req: Sampling, prompts: list[list[int]], param: str,
+             chat: ChatPrompt | None = None) -> list[tuple[Job, Generation]]:
         """Check every prompt and option before any generation starts: a bad one is a 400, never a broken
         stream."""
         for name, ignorable in (("frequency_penalty", req.frequency_penalty == 0),
@@ -653,8 +698,13 @@ def build_app(engine: Engine, api_key: str | None = None):
             raise ApiError(400, "stop must be a non-empty string or a list of them", "stop")
         sampling = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "seed": req.seed}
         checked = []
+        limit = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is None and chat is None:  # OpenAI's completions default; a chat runs to the context's end
+            max_tokens = COMPLETION_MAX_TOKENS
         for i, prompt in enumerate(prompts):
-            job = Job(prompt, _check_context(served, prompt, max_tokens, param), sampling, stops)
+            what = "the chat prompt" if chat is not None else f"prompt {i + 1}" if len(prompts) > 1 else "the prompt"
+            job = Job(prompt, _check_context(served, prompt, max_tokens, param, what, limit), sampling, stops)
             if chat is not None:  # the reply ends at the template's end of turn too
                 job.eos_ids = chat.eos_ids
                 job.stop = [*stops, chat.end_text] if chat.end_text else stops
@@ -753,17 +803,14 @@ def build_app(engine: Engine, api_key: str | None = None):
     async def completions(req: CompletionRequest, request: Request):
         served = engine.model(req.model)
         prompts = _prompt_ids(req.prompt, served.loaded.tokenizer)
-        max_tokens = COMPLETION_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-        out = respond(req, "text_completion", jobs(served, req, prompts, max_tokens, "prompt"), request)
+        out = respond(req, "text_completion", jobs(served, req, prompts, "prompt"), request)
         return out if req.stream else await out
 
     @v1.post("/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         served = engine.model(req.model)
         chat_prompt = messages_to_ids(served, req.messages)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        out = respond(req, "chat.completion", jobs(served, req, [chat_prompt.ids], max_tokens, "messages", chat_prompt),
-                      request)
+        out = respond(req, "chat.completion", jobs(served, req, [chat_prompt.ids], "messages", chat_prompt), request)
         return out if req.stream else await out
 
     app.include_router(v1)
@@ -791,6 +838,9 @@ def serve(adapters: Sequence[str], model: str | None, host: str, port: int, api_
 
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port must be 0-65535 (0: any free port), got {port}")
+    if api_key is not None and not api_key.strip():  # `--api-key "$KEY"` with KEY unset: not an open server
+        raise ConfigError("--api-key is empty; give the key clients must send, or leave --api-key out to serve "
+                          "without one")
     if api_key is None:
         api_key = os.environ.get("LORA_API_KEY") or None
     # SIGTERM stops the server cleanly with exit code 0. uvicorn handles it while serving and raises it again

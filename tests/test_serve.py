@@ -208,6 +208,10 @@ def test_bad_flags_are_one_line_errors(runs):
     for port in ("65536", "-1"):
         line = assert_one_line_error(*cli("serve", "--model", base, "--port", port), expected_code=2)
         assert line == f"error: --port must be 0-65535 (0: any free port), got {port}"
+    # `--api-key "$KEY"` with KEY unset: refused, not an open server (nor one that refuses every request)
+    line = assert_one_line_error(*cli("serve", "--model", base, "--port", "0", "--api-key", ""), expected_code=2)
+    assert line == ("error: --api-key is empty; give the key clients must send, or leave --api-key out to serve "
+                    "without one")
 
 
 # ------------------------------------------------------------------------------------------------ the server
@@ -267,6 +271,9 @@ def test_chat_uses_the_adapters_prompt_template(client, runs):
     with pytest.raises(openai.BadRequestError, match="unknown role 'bot'"):
         client.chat.completions.create(model="inst", messages=[{"role": "user", "content": INSTRUCTION},
                                                                {"role": "bot", "content": "hi"}])
+    # an empty question, as `lora generate` refuses an empty prompt
+    with pytest.raises(openai.BadRequestError, match="the last user message is empty; give some text to continue"):
+        client.chat.completions.create(model="inst", messages=[{"role": "user", "content": " "}])
     # a model without a prompt template (the base, or a `text` adapter) cannot chat: a 400 that says so
     with pytest.raises(openai.BadRequestError, match="has no chat template"):
         client.chat.completions.create(model=base_name(runs), messages=[{"role": "user", "content": "hi"}])
@@ -286,6 +293,25 @@ def test_chat_adapter_answers_as_lora_generate_chat(client, runs):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
     with pytest.raises(openai.BadRequestError, match="role"):  # the template's conversation checks: a 400
         client.chat.completions.create(model="chat", messages=[{"content": "no role"}])
+    # OpenAI's tool-call turn (an assistant with tool_calls and content null, as the openai client replays it) is
+    # read as `lora generate --chat` reads it; tools themselves the server cannot call: a 400, not ignored
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    turn = [messages[0], {"role": "assistant", "content": None, "tool_calls": calls},
+            {"role": "tool", "content": "42"}]
+    want = gen(chat, "--chat", json.dumps(turn), "--max-new-tokens", 4)
+    assert client.chat.completions.create(model="chat", messages=turn, max_tokens=4,
+                                          temperature=0).choices[0].message.content == want
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for extra, param in (({"tools": tools}, "tools"), ({"functions": [tools[0]["function"]]}, "functions"),
+                         ({"tool_choice": "required"}, "tool_choice"), ({"function_call": {"name": "f"}}, "function_call")):
+        with pytest.raises(openai.BadRequestError, match=f"this server does not call tools; leave {param} out"):
+            client.chat.completions.create(model="chat", messages=messages, max_tokens=2, extra_body=extra)
+    for noop in ({"tools": [], "tool_choice": "none"}, {"functions": [], "function_call": "auto"}):
+        assert client.chat.completions.create(model="chat", messages=messages, max_tokens=24, temperature=0,
+                                              extra_body=noop).choices[0].message.content == answer.choices[0].message.content
+    # a limit too long for the context is named as the client sent it
+    with pytest.raises(openai.BadRequestError, match="max_completion_tokens=100000 plus the chat prompt"):
+        client.chat.completions.create(model="chat", messages=messages, max_completion_tokens=100000)
 
 
 def test_four_concurrent_clients_get_their_own_answers(client, runs):
@@ -363,6 +389,11 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
         ({**good, "max_tokens": True}, auth, 400, "max_tokens", None),
         ({**good, "max_tokens": "5"}, auth, 400, "max_tokens", None),
         ({**good, "n": 3}, auth, 400, "n", None),
+        ({**good, "n": True}, auth, 400, "n", None),  # true == 1, but not the integer 1
+        ({**good, "n": 1.0}, auth, 400, "n", None),
+        ({**good, "best_of": True}, auth, 400, "best_of", None),
+        ({**good, "top_logprobs": 5}, auth, 400, "top_logprobs", None),  # would be ignored
+        ({**good, "max_completion_tokens": 10**9}, auth, 400, "max_completion_tokens", "context_length_exceeded"),
         ({**good, "seed": 2**64}, auth, 400, "seed", None),  # beyond what torch's generators take
         ({**good, "stream": True, "stream_options": {"include_usage": "yes"}}, auth, 400, "stream_options", None),
         ({**good, "prompt": 5}, auth, 400, "prompt", None),
@@ -397,6 +428,12 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, client):
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("prompt 3 holds token id 60000"), r.text
     after = httpx.get(url + "/health").json()
     assert (after["running"], after["tokens"]) == (0, before["tokens"]), (before, after)
+    r = httpx.post(url + "/v1/completions", json={**good, "prompt": ["Hello", long_prompt]}, headers=auth)
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith(
+        f"prompt 2 has {CONTEXT} tokens; model 'inst' has a context of {CONTEXT} tokens: shorten it"), r.text
+    # max_completion_tokens (OpenAI's newer name) counts on /v1/completions too
+    r = httpx.post(url + "/v1/completions", json={**good, "max_tokens": 5, "max_completion_tokens": 1}, headers=auth)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1, r.text
     # a body without a Content-Length (chunked) is counted as it arrives: refused once past the limit
     def chunks():
         yield b'{"model": "inst", "prompt": "'
