@@ -862,6 +862,11 @@ def written_by_a_run(path: Path) -> bool:
 
 
 def _resolve_paths(cfg: RunConfig, base: Path) -> None:
+    """Relative paths of the config become paths from the config's folder. That folder is resolved first and the
+    result normalised: a run's saved config.yaml holds paths relative to its resolved out_dir (dump_config), so
+    `lora train out/config.yaml --resume` names the model as the first run did (`/x/ckpt`, not `/x/runs/A/../../ckpt`)
+    and the resumed adapter's metadata is the same bytes."""
+    base = base.expanduser().resolve()
     for owner, attr in path_fields(cfg):
         value = getattr(owner, attr)
         if value is None or value.startswith("hf://"):  # a hub dataset's name, not a path
@@ -871,7 +876,7 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
             setattr(owner, attr, str(path))
         elif owner is not cfg.model or attr != "name" or (base / path).exists():
             # a model name is a path only when it exists relative to the config; otherwise it is a hub id
-            setattr(owner, attr, str(base / path))
+            setattr(owner, attr, os.path.normpath(base / path))
 
 
 def parse_template(template: str) -> list[tuple[str, str | None]]:

@@ -32,6 +32,21 @@ def test_defaults_coercion_and_relative_paths(tmp_path):
     assert cfg.model.name == "gpt2" and cfg.model.init == "pretrained"
 
 
+def test_relative_paths_are_read_from_the_resolved_config_folder(tmp_path):
+    """A run's saved config.yaml holds paths relative to its resolved out_dir: read back, they name the same files
+    as the first run did, in the same words (a resumed adapter's model_spec is the same bytes), also through a
+    symlinked folder, where `link/A/../..` is not `tmp_path`."""
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "runs" / "A").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "runs")
+    text = BASE.replace("model: gpt2", "model: ../../ckpt").replace("train: data/train.json", "train: ../../d.json")
+    first = load_config(write(tmp_path / "runs", BASE.replace("model: gpt2", "model: ../ckpt")))
+    assert first.model.name == str(tmp_path.resolve() / "ckpt")
+    for folder in (tmp_path / "runs" / "A", tmp_path / "link" / "A"):
+        cfg = load_config(write(folder, text))
+        assert cfg.model.name == first.model.name and cfg.data.train == str(tmp_path.resolve() / "d.json")
+
+
 def test_quoted_integers_are_exact(tmp_path):
     """A quoted integer beyond 2**53 keeps every digit (through a float, 9007199254740993 became ...992)."""
     cfg = load_config(write(tmp_path, BASE + '  seed: "9007199254740993"\n'))

@@ -144,7 +144,7 @@ def test_e2e_config_is_the_papers_setting():
     assert (t.betas, t.eps, t.model_dropout, t.seed) == ([0.9, 0.999], 1e-6, 0.0, 110)
     assert (d.format, d.columns, d.prompt_template, d.max_length, d.mask_prompt) == (
         "prompt_completion", {"prompt": "mr", "completion": "ref"}, "{prompt}\n", 512, True)
-    assert Path(d.train) == CONFIGS / ".." / "data" / "e2e" / "trainset.csv"  # fetched, git-ignored
+    assert Path(d.train) == (CONFIGS / ".." / "data" / "e2e" / "trainset.csv").resolve()  # fetched, git-ignored
     assert (Path(d.val).name, Path(d.test).name) == ("e2e_dev.csv", "e2e_test.csv")
     ignored = subprocess.run(["git", "check-ignore", "-q", "data/e2e/trainset.csv"], cwd=ROOT)
     assert ignored.returncode == 0
