@@ -8,6 +8,7 @@ shows the full traceback instead, for bug reports.
 from __future__ import annotations
 
 import _thread
+import atexit
 import json
 import os
 import signal
@@ -440,6 +441,29 @@ class _Signals:
             threading.Thread(target=cls._after_imports, args=(signum,), daemon=True).start()
 
     @classmethod
+    def settle(cls, code) -> None:
+        """The command has ended with exit `code` (SystemExit's) and its outputs are complete. Python's exit then
+        tears down torch for 1-3 s, and at its end no Python handler runs: a SIGTERM there killed the process with
+        143 and no word, after a run that had finished. So from now on a signal ends the process at once with
+        `code`, and once Python's own exit begins (the atexit callbacks, this one first), signals are ignored."""
+        code = 0 if code is None else code if isinstance(code, int) else 1
+
+        def end_now(signum, frame) -> None:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(code)
+
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, end_now)
+        except ValueError:  # not the main thread (main() called from a test's worker thread)
+            return
+        atexit.register(lambda: [signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)])
+
+    @classmethod
     def _after_imports(cls, signum: int) -> None:
         main = threading.main_thread().ident
         while _importing(sys._current_frames().get(main)):
@@ -459,6 +483,15 @@ def _importing(frame) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the Typer app, turning known errors into one line and an exit code."""
+    try:
+        _main(argv)
+    except SystemExit as exc:
+        _Signals.settle(exc.code)
+        raise
+    _Signals.settle(0)
+
+
+def _main(argv: list[str] | None) -> None:
     import click
 
     prepare_process()

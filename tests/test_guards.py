@@ -269,3 +269,25 @@ def test_a_stop_signal_during_an_import_stops_the_command_after_it():
             "lora_cli.cli.main(['info', 'gpt2', '--random'])\n")
     done = python("-c", code)  # (info may have printed by the time the import ended: that output is whole)
     assert (done.returncode, done.stderr) == (130, "interrupted\n")
+
+
+@pytest.mark.parametrize("args, code, err", [(["info", "gpt2", "--random"], 0, ""),
+                                             (["info", "/no/such/model"], 1, "error: model path /no/such/model")])
+@pytest.mark.parametrize("when", ["after the command", "during Python's exit"])
+def test_a_stop_signal_after_the_command_keeps_its_exit_code(args, code, err, when):
+    """A command that has ended has its outputs and its exit code: a SIGTERM right after it ends the process at
+    once with that code, and one during Python's exit (1-3 s of tearing torch down, where no Python handler runs)
+    is ignored. It killed the process with 143 and no word, after a run that had finished."""
+    from helpers import python
+
+    script = ("import atexit, os, signal\n"
+              "atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))\n"  # runs after lora's own: at exit
+              "import lora_cli.cli\n"
+              "try:\n"
+              f"    lora_cli.cli.main({args!r})\n"
+              "finally:\n"
+              f"    {'os.kill(os.getpid(), signal.SIGTERM)' if when == 'after the command' else 'pass'}\n"
+              "    print('went on')\n")
+    done = python("-c", script)
+    assert done.returncode == code and done.stderr.startswith(err) and len(done.stderr.splitlines()) == bool(err), done
+    assert ("went on" in done.stdout) == (when != "after the command"), done.stdout
