@@ -187,7 +187,8 @@ class _Fields:
         if regex and type(self.raw.get(key)) is str:
             return self.raw[key]
         words = (dict(what="a list of module names or a regular expression", how="a JSON list of module names")
-                 if regex else dict(what="a list of module names", how="a JSON list", nullable=True))
+                 if regex else dict(what="a list of module names", how="a JSON list",
+                                    nullable=default is not _REQUIRED))  # a required list: null is damage
         value = self.get(key, "names", default, ["c_attn"] if regex else ["lm_head"], **words)
         return list(value) if isinstance(value, list) else value
 

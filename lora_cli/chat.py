@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from lora_cli.adapter import OURS_FIX
 from lora_cli.chat_template import chat_ids, conversation, reply_ends, resolve_template
-from lora_cli.data import RepeatedKey, loads_unique
+from lora_cli.data import JsonValueError, loads_unique
 from lora_cli.errors import ConfigError, ConversationError, LoraError
 from lora_cli.generate import StopText, stream_text
 from lora_cli.inference import Loaded
@@ -174,7 +174,7 @@ class ChatItem:
 def _parse(text: str, where: str) -> ChatItem:
     try:
         value = loads_unique(text)
-    except RepeatedKey as exc:
+    except JsonValueError as exc:  # a repeated key, too deep, a lone surrogate
         raise ConversationError(f"{where}: {exc.subject} {exc}") from None
     except json.JSONDecodeError as exc:
         raise ConversationError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); give a conversation "

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from lora_cli.data import NOT_TEXT, RESPONSE_ROLE, RepeatedKey, cell_value, loads_unique, render_prompt
+from lora_cli.data import NOT_TEXT, RESPONSE_ROLE, JsonValueError, cell_value, loads_unique, render_prompt
 from lora_cli.errors import ConfigError, DataError
 from lora_cli.inference import DataSettings
 
@@ -179,7 +179,7 @@ def collect_prompts(prompts: Sequence[str], file: Path | None, as_json: bool, se
         if as_json:
             try:
                 record = loads_unique(line)
-            except RepeatedKey as exc:
+            except JsonValueError as exc:  # a repeated key, too deep, a lone surrogate
                 raise DataError(f"{where} {exc}") from None
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where} is not valid JSON ({exc.msg} at column {exc.colno}); write one object "

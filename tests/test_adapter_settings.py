@@ -79,6 +79,8 @@ OURS_CASES = [
     ("r-missing", "lora.r", DELETE, "lora.r: missing"),
     ("targets-missing", "lora.targets", DELETE, "lora.targets: missing"),
     ("modules-to-save-missing", "lora.modules_to_save", DELETE, "lora.modules_to_save: missing"),
+    ("targets-null", "lora.targets", None, "lora.targets: null is not a list of module names"),
+    ("modules-to-save-null", "lora.modules_to_save", None, "lora.modules_to_save: null is not a list of module names"),
     ("dropout-str", "lora.dropout", "x", 'lora.dropout: "x" is not a probability from 0 up to (not including) 1'),
     ("rslora-str", "lora.use_rslora", "false", 'lora.use_rslora: "false" is not true or false'),
     ("dora-str", "lora.use_dora", "yes", 'lora.use_dora: "yes" is not true or false'),

@@ -148,6 +148,13 @@ def test_bad_inputs(run, tmp_path):
     line = assert_one_line_error(*gen("--adapter", adapter, "--file", tmp_path / "nested.jsonl", "--json"))
     assert line == (f"error: {tmp_path / 'nested.jsonl'} line 1: the field 'instruction' holds a JSON object, not "
                     f"text; write its text")
+    (tmp_path / "half.jsonl").write_text('{"instruction": "a \\udfff"}\n')  # no character: writing it failed
+    line = assert_one_line_error(*gen("--adapter", adapter, "--file", tmp_path / "half.jsonl", "--json"))
+    assert line == (f"error: {tmp_path / 'half.jsonl'} line 1 holds the escape \\udfff, half of a UTF-16 surrogate "
+                    "pair, which is no character; write the character itself, or both halves of its pair")
+    line = assert_one_line_error(*gen("--adapter", adapter, "--chat", "[" * 5000 + "]" * 5000), expected_code=2)
+    assert line == ("error: --chat: a value is nested too deeply to read (over a thousand lists or objects inside "
+                    "each other); flatten it")
     twice = '[{"role": "user", "content": "a", "content": "b"}]'
     line = assert_one_line_error(*gen("--adapter", adapter, "--chat", twice), expected_code=2)
     assert line == ("error: --chat: an object names the key 'content' twice, and only one value can be read; remove "
@@ -194,8 +201,8 @@ def test_bad_inputs(run, tmp_path):
     make_hf_gpt2(tmp_path / "other", seed=4)
     line = assert_one_line_error(*gen("--adapter", adapter, "Hi", "--model", tmp_path / "other"))
     assert "fingerprint" in line
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.txt", "nested.jsonl", "other",
-                                                          "twice.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "empty.txt", "half.jsonl", "nested.jsonl",
+                                                          "other", "twice.jsonl"]
 
 
 def test_input_flag_needs_an_alpaca_template_that_reads_it():

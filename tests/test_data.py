@@ -207,6 +207,17 @@ def test_prompt_completion_default_and_custom_templates(tmp_path):
      "keep it as text"),
     ("inf.json", '[{"text": "a", "label": -Infinity}]', DataError,
      "inf.json: a value holds the number -Infinity, which is no finite number"),
+    # json reads half of a surrogate pair as a string no file can hold (writing the split crashed); pairs are text
+    ("half.jsonl", '{"text": "a\\ud83d\\ude00"}\n{"text": "b \\\\ud800 \\udc00"}\n', DataError,
+     "half.jsonl: line 2 holds the escape \\udc00, half of a UTF-16 surrogate pair, which is no character; write the "
+     "character itself, or both halves of its pair"),
+    ("half.json", '[{"messages": [{"role": "user", "content": "\\ud800"}]}]', DataError,
+     "half.json: a value holds the escape \\ud800, half of a UTF-16 surrogate pair"),
+    # json's reader recurses: a RecursionError was an internal error
+    ("deep.jsonl", '{"text": "a", "meta": ' + "[" * 5000 + "]" * 5000 + "}\n", DataError,
+     "deep.jsonl: line 1 is nested too deeply to read (over a thousand lists or objects inside each other); "
+     "flatten it"),
+    ("deep.json", "[" * 5000 + "]" * 5000, DataError, "deep.json: a value is nested too deeply to read"),
     ("long.csv", "prompt,completion\na,b\nc,d,e\nf,g\nh,i,j\n", DataError,
      "long.csv: row 2 (line 3) has 3 fields, expected 2 (prompt, completion) (1 more rows like it); quote fields "
      "that contain commas"),

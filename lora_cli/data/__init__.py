@@ -21,7 +21,7 @@ from lora_cli.data.encode import (NOT_TEXT, DataStats, Example, cell_value, chun
 from lora_cli.data.formats import (FLAG_HINTS, OPTIONAL_ROLES, RESPONSE_ROLE, detect_format, fill_template,
                                    prompt_template, render_prompt, template_fields)
 from lora_cli.config import SUPPORTED_SUFFIXES, TABLE_SUFFIXES
-from lora_cli.data.io import RepeatedKey, Table, loads_unique, read_table
+from lora_cli.data.io import JsonValueError, RepeatedKey, Table, loads_unique, read_table
 from lora_cli.data.splits import DataSplits, class_weights, load_splits, split_examples, undersample, write_split
 
 __all__ = [
@@ -30,6 +30,6 @@ __all__ = [
     "encode_text", "label_order", "load_file", "preview", "row_label",
     "FLAG_HINTS", "OPTIONAL_ROLES", "RESPONSE_ROLE", "detect_format", "fill_template", "prompt_template", "render_prompt",
     "template_fields",
-    "SUPPORTED_SUFFIXES", "TABLE_SUFFIXES", "RepeatedKey", "Table", "loads_unique", "read_table",
+    "SUPPORTED_SUFFIXES", "TABLE_SUFFIXES", "JsonValueError", "RepeatedKey", "Table", "loads_unique", "read_table",
     "DataSplits", "class_weights", "load_splits", "split_examples", "undersample", "write_split",
 ]

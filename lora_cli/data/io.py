@@ -308,9 +308,58 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     return record
 
 
+class TooDeep(JsonValueError):
+    """JSON nested past what json's recursive reader takes (its RecursionError: about a thousand levels)."""
+
+    def __str__(self) -> str:
+        return "is nested too deeply to read (over a thousand lists or objects inside each other); flatten it"
+
+
+class LoneSurrogate(JsonValueError):
+    """A string holding half of a UTF-16 surrogate pair (the escape \\ud800 alone): json reads it, but it is no
+    Unicode character, and writing the text anywhere (a split, predictions, a path) fails; args[0]: the escape."""
+
+    def __str__(self) -> str:
+        return (f"holds the escape {self.args[0]}, half of a UTF-16 surrogate pair, which is no character; write the "
+                "character itself, or both halves of its pair")
+
+
+# The escape of a UTF-16 surrogate (\ud800-\udfff): only a text holding one can read as a lone surrogate
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _loads(text: str, **hooks) -> Any:
+    """json.loads with the checks every JSON input gets: RepeatedKey, TooDeep, LoneSurrogate."""
+    try:
+        value = json.loads(text, object_pairs_hook=_unique_keys, **hooks)
+    except RecursionError:
+        raise TooDeep() from None
+    if _SURROGATE_ESCAPE.search(text):  # (pairs read as one character, and "\\\\ud800" as text: walk to see)
+        _check_text(value)
+    return value
+
+
+def _check_text(value: Any) -> None:
+    """LoneSurrogate for a string (or key) in `value` that UTF-8 cannot hold."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise LoneSurrogate(f"\\u{ord(item[exc.start]):04x}") from None
+
+
 def loads_unique(text: str) -> Any:
-    """json.loads, raising RepeatedKey for an object that names a key twice (data files, prompt and chat input)."""
-    return json.loads(text, object_pairs_hook=_unique_keys)
+    """json.loads, raising RepeatedKey for an object that names a key twice, TooDeep and LoneSurrogate (data files,
+    prompt and chat input)."""
+    return _loads(text)
 
 
 class NotFinite(JsonValueError):
@@ -337,7 +386,7 @@ def _nan_only(text: str) -> float:
 def _load_record(text: str) -> Any:
     """A data file's JSON: loads_unique, and NotFinite where json would read an infinity (a number past the
     float range, 1e400, or an Infinity literal: a label 1e400 became the class "inf")."""
-    return json.loads(text, object_pairs_hook=_unique_keys, parse_float=_finite, parse_constant=_nan_only)
+    return _loads(text, parse_float=_finite, parse_constant=_nan_only)
 
 
 def _read_json(text: str, path: Path) -> list[dict]:
