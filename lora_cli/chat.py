@@ -197,7 +197,7 @@ def read_conversations(arguments: Sequence[str], file: Path | None) -> list[Chat
             raise ConfigError("--chat takes one conversation as JSON, e.g. lora generate --chat "
                               "'[{\"role\": \"user\", \"content\": \"Hi\"}]' (several: --file CONVERSATIONS.jsonl)")
         return [_parse(arguments[0], "--chat")]
-    items = [_parse(line, where) for line, where in numbered_lines(read_text_file(file), f"--file {file}")]
+    items = [_parse(line, where) for line, where in numbered_lines(read_text_file(file, "conversation"), f"--file {file}")]
     if not items:
         raise ConversationError(f"--file {file} holds no conversations; write one JSON conversation per line")
     return items

@@ -650,12 +650,20 @@ def coerce(value: Any, hint: Any) -> Any:
             value = [value]  # a single target is a one-item list
         if not isinstance(value, list):
             raise ValueError(f"must be a list, got {type(value).__name__}")
-        return [coerce(v, args[0]) for v in value]
+        return [_coerce_item(f"item {i}", v, args[0]) for i, v in enumerate(value, start=1)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"must be a mapping, got {type(value).__name__}")
-        return {str(k): coerce(v, args[1]) for k, v in value.items()}
+        return {str(k): _coerce_item(str(k), v, args[1]) for k, v in value.items()}
     return value
+
+
+def _coerce_item(name: str, value: Any, hint: Any) -> Any:
+    """coerce for one item of a list or mapping, its error naming the item ("c_attn: must not be null ...")."""
+    try:
+        return coerce(value, hint)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
 
 
 def _numeric_text(text: str) -> bool:

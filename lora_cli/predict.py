@@ -53,7 +53,7 @@ def read_texts(texts: Sequence[str], file: str | Path | None = None, stdin=None)
                               "(one text per line), or pipe them on stdin")
         content, name = read_stdin(stdin), "stdin"
     else:
-        content, name = read_text_file(Path(file)), str(file)
+        content, name = read_text_file(Path(file), "text"), str(file)
     items = numbered_lines(content, name)
     if not items:
         raise DataError(f"{name} holds no texts (it is empty or blank); write one text per line")

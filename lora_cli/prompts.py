@@ -131,14 +131,14 @@ def not_utf8(text: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
-def read_text_file(path: Path) -> str:
-    """The UTF-8 text of --file PATH ('-': stdin), with one-line errors naming it."""
+def read_text_file(path: Path, item: str = "prompt") -> str:
+    """The UTF-8 text of --file PATH ('-': stdin), with one-line errors naming it; item: what each line holds."""
     if str(path) == "-":
         return read_stdin()
     if not path.exists():
         raise DataError(f"--file {path} does not exist")
     if path.is_dir():
-        raise DataError(f"--file {path} is a directory; pass a text file with one prompt per line")
+        raise DataError(f"--file {path} is a directory; pass a text file with one {item} per line")
     try:
         return utf8_text(path.read_bytes(), f"--file {path}")
     except OSError as exc:

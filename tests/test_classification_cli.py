@@ -497,6 +497,8 @@ def test_bad_inputs_are_one_exact_line(trained, base_dir, tmp_path):
                   f"error: {empty} holds no texts (it is empty or blank); write one text per line"))
     cases.append((("predict", "--adapter", adapter, "hi", "--file", empty), 2,
                   "error: give texts as arguments or with --file, not both"))
+    cases.append((("predict", "--adapter", adapter, "--file", tmp_path), 1,
+                  f"error: --file {tmp_path} is a directory; pass a text file with one text per line"))
     # a causal-LM adapter: predict and --plot refuse it
     from lora_cli.adapter import save_adapter
     from lora_cli.config import LoraConfig

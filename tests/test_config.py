@@ -222,6 +222,10 @@ def test_every_problem_reported_at_once_with_lines(tmp_path):
     # that many threads crashed the process (their stacks alone exhaust memory)
     ("model: gpt2\ndata: {train: a.json}\ntrain: {num_threads: 100000}\n",
      "line 3: train.num_threads: must be from 1 to 1024 or null, got 100000"),
+    # an item of a mapping or list is named
+    ("model: gpt2\ndata: {train: a.json}\nlora: {rank_pattern: {c_attn: }, targets: [c_attn, null]}\n",
+     "2 problems: line 3: lora.rank_pattern: c_attn: must not be null (expected int); line 3: lora.targets: item 2: "
+     "must not be null (expected str)"),
     # YAML's escape of half a surrogate pair: no path can hold it (the run directory's lock crashed on it)
     ('model: gpt2\ndata: {train: a.json}\nout_dir: "runs/\\ud800"\n',
      "c.yaml:3: out_dir holds the escape \\ud800, half of a UTF-16 surrogate pair, which is no character; write the "

@@ -643,4 +643,13 @@ def test_too_few_examples_names_the_file(tmp_path):
         D.load_splits(cfg, context_length=1024)
     assert str(err.value) == (f"{path}: too few examples (1) to hold out data.val_split=0.1 and data.test_split=0.0; "
                               "add data or lower the fractions")
+    # rows that gave no example are counted: the data had more rows than the message's examples
+    long = "word " * 40
+    path.write_text(json.dumps([{"instruction": "a", "output": "b"}] + [{"instruction": long, "output": "c"}] * 3))
+    cfg = run_config(tmp_path, train=str(path), max_length=60)
+    with pytest.raises(DataError) as err:
+        D.load_splits(cfg, context_length=1024)
+    assert str(err.value) == (f"{path}: too few examples (1; of its rows 3 dropped (no response left after "
+                              "truncation)) to hold out data.val_split=0.1 and data.test_split=0.0; add data or lower "
+                              "the fractions")
 

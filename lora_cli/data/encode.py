@@ -63,17 +63,23 @@ class DataStats:
     label_counts: dict[str, int] | None = None  # classification: examples per label
     undersampled: int = 0  # examples removed by data.balance: undersample
 
-    def describe(self) -> str:
-        parts = [f"{self.path}: {self.fmt}, {self.rows} rows -> {self.examples} examples"]
+    def notes(self, truncated: bool = True) -> list[str]:
+        """What became of the rows: skipped, truncated (unless truncated=False: only the rows that gave no
+        example), dropped, undersampled."""
         notes = []
         if self.skipped:
             notes.append(f"{self.skipped} bad rows skipped")
-        if self.truncated:
+        if self.truncated and truncated:
             notes.append(f"{self.truncated} truncated to {self.max_length_limit} tokens")
         if self.dropped:
             notes.append(f"{self.dropped} dropped (no response left after truncation)")
         if self.undersampled:
             notes.append(f"{self.undersampled} removed by undersampling")
+        return notes
+
+    def describe(self) -> str:
+        parts = [f"{self.path}: {self.fmt}, {self.rows} rows -> {self.examples} examples"]
+        notes = self.notes()
         if notes:
             parts.append(f" ({', '.join(notes)})")
         parts.append(f", {self.tokens:,} tokens")

@@ -73,10 +73,12 @@ def split_examples(
     seed: int,
     stratify: Sequence[int] | None = None,
     where: str = "",
+    lost: Sequence[str] = (),
 ) -> tuple[list[Example], list[Example], list[Example]]:
     """Seeded (train, val, test). Sizes are round(n * frac), at least 1 when frac > 0. With `stratify` (one
     label per example) each class is split on its own, so the splits keep the class proportions (sizes rounded
-    per class, never more in all than round(n * frac): see _class_sizes). Each split keeps the input order."""
+    per class, never more in all than round(n * frac): see _class_sizes). Each split keeps the input order.
+    lost: what became of the rows that gave no example (DataStats.notes), for the message when too few are left."""
     n = len(examples)
     rng = random.Random(f"split:{seed}")
     groups: dict[Any, list[int]] = {}
@@ -107,8 +109,9 @@ def split_examples(
     held = set(val) | set(test)
     train = [i for i in range(n) if i not in held]
     if not train:
-        raise DataError(f"{where}too few examples ({n}) to hold out data.val_split={val_frac} and data.test_split="
-                        f"{test_frac}; add data or lower the fractions")
+        lost_rows = f"; of its rows {', '.join(lost)}" if lost else ""
+        raise DataError(f"{where}too few examples ({n}{lost_rows}) to hold out data.val_split={val_frac} and "
+                        f"data.test_split={test_frac}; add data or lower the fractions")
     pick = lambda idx: [examples[i] for i in sorted(idx)]  # noqa: E731
     return pick(train), pick(val), pick(test)
 
@@ -182,7 +185,8 @@ def load_splits(cfg: "RunConfig", context_length: int, tokenizer: Tokenizer = GP
     val_frac = 0.0 if d.val else d.val_split
     test_frac = 0.0 if d.test else d.test_split
     stratify = [ex.label for ex in examples] if fmt == "classification" else None
-    train, val, test = split_examples(examples, val_frac, test_frac, seed, stratify, where=f"{d.train}: ")
+    train, val, test = split_examples(examples, val_frac, test_frac, seed, stratify, where=f"{d.train}: ",
+                                       lost=stats.notes(truncated=False))
     if fmt == "classification":  # a class the split took wholly into val/test would be a head row never trained
         trained = {ex.label for ex in train}
         lost = [(k, name) for k, name in enumerate(labels) if k not in trained and stats.label_counts.get(name)]
