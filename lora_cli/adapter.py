@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -479,12 +480,20 @@ def attach_adapter(base: BaseModel | torch.nn.Module, adapter: Adapter | str | o
         if tuple(given.shape) != tuple(param.shape):
             raise AdapterError(f"{misfit}: tensor {key} has shape {list(given.shape)}, the model needs "
                                f"{list(param.shape)}; the adapter was made for a different base model")
-        if not given.is_floating_point() or not bool(torch.isfinite(given).all()):
-            raise AdapterError(f"adapter {adapter.path}: tensor {key} is not finite floating point; the file is corrupt")
+    check_finite(adapter, expected)
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(adapter.tensors[key])
     return model
+
+
+def check_finite(adapter: Adapter, keys: Iterable[str] | None = None) -> None:
+    """AdapterError for the first of `keys` (default: every tensor) that is not finite floating point (a NaN, an
+    infinity, integers): the file is corrupt, and nothing computed or written from it would be right."""
+    for key in adapter.tensors if keys is None else keys:
+        given = adapter.tensors[key]
+        if not given.is_floating_point() or not bool(torch.isfinite(given).all()):
+            raise AdapterError(f"adapter {adapter.path}: tensor {key} is not finite floating point; the file is corrupt")
 
 
 def check_fits(base: BaseModel, adapter: Adapter, allow_mismatch: bool = False) -> None:
@@ -830,6 +839,7 @@ def export_peft(adapter: Adapter | str | os.PathLike, out_dir: str | os.PathLike
     an adapter directory."""
     if not isinstance(adapter, Adapter):
         adapter = load_adapter(adapter)
+    check_finite(adapter)  # as every command that attaches it refuses it: no export that nothing can load
     tied = adapter.metadata.get("tied_modules_to_save")
     if tied:
         raise AdapterError(f"adapter {adapter.path} saves {tied[0]} whole, a module its base ties to another; PEFT "

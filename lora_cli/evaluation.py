@@ -55,7 +55,8 @@ def evaluate_lm(model, batches, autocast=nullcontext, max_batches: int | None = 
     loss = loss_sum / tokens if tokens else float("nan")
     return {
         "loss": loss,
-        "perplexity": math.exp(loss) if tokens and loss < 700 else float("inf"),
+        # exp overflows past 709: inf; a NaN loss (a weight that is NaN) stays NaN, not inf
+        "perplexity": math.exp(loss) if tokens and loss < 700 else loss if math.isnan(loss) else float("inf"),
         "token_accuracy": correct / tokens if tokens else float("nan"),
         "tokens": tokens,
         "examples": examples,

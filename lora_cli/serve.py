@@ -522,11 +522,11 @@ def build_app(engine: Engine, api_key: str | None = None):
         def _null_is_the_default(cls, value, info):  # OpenAI's API takes null for "the default", as clients send
             return cls.model_fields[info.field_name].default if value is None else value
 
-        @field_validator("n", mode="before")
+        @field_validator("n", "best_of", mode="before", check_fields=False)  # (best_of: completions only)
         @classmethod
-        def _an_int(cls, value):  # true == 1 and 1.0 == 1 would pass the Literal
+        def _an_int(cls, value, info):  # true == 1 and 1.0 == 1 would pass the Literal
             if value is not None and type(value) is not int:
-                raise ValueError("n must be the integer 1 (one completion a prompt)")
+                raise ValueError(f"{info.field_name} must be the integer 1 (one completion a prompt)")
             return value
 
         @field_validator("top_logprobs", mode="before")
@@ -548,13 +548,6 @@ def build_app(engine: Engine, api_key: str | None = None):
         echo: Literal[False] = False
         best_of: Literal[None, 1] = None
         suffix: Literal[None] = None
-
-        @field_validator("best_of", mode="before")
-        @classmethod
-        def _best_of_an_int(cls, value):  # true == 1 and 1.0 == 1 would pass the Literal
-            if value is not None and type(value) is not int:
-                raise ValueError("best_of must be the integer 1")
-            return value
 
         @field_validator("echo", mode="before")
         @classmethod

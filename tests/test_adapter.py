@@ -237,6 +237,27 @@ def test_truncated_adapter_file(tiny, tmp_path):
         assert "\n" not in str(err.value)
 
 
+def test_a_non_finite_adapter_is_refused_by_every_reader(tiny, tmp_path):
+    """A NaN in a LoRA matrix: attaching it (eval, merge, generate, GGUF) and exporting it to PEFT are refused
+    alike, and no export is written (one was, which every command then refused)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    file = saved(tiny, tmp_path)
+    with safe_open(str(file), "pt") as fh:
+        metadata, tensors = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(file), metadata=metadata)
+    message = f"adapter {file}: tensor {key} is not finite floating point; the file is corrupt"
+    with pytest.raises(AdapterError) as err:
+        attach_adapter(load_model(str(tiny[0])), file)
+    assert str(err.value) == message
+    with pytest.raises(AdapterError) as err:
+        export_peft(file, tmp_path / "peft")
+    assert str(err.value) == message and not (tmp_path / "peft").exists()
+
+
 def test_adapter_for_another_base_fingerprint(tiny, tmp_path):
     file = saved(tiny, tmp_path)
     other = tmp_path / "other"

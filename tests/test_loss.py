@@ -3,6 +3,7 @@ relative), for any chunk size, with label smoothing, ignored rows, a head that n
 and over whole training runs."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -140,6 +141,11 @@ def test_evaluate_lm_equals_the_plain_computation():
     assert metrics["loss"] == pytest.approx(loss, rel=1e-5)
     assert metrics["token_accuracy"] == pytest.approx(accuracy, abs=1e-12)
     assert metrics["tokens"] == targets.numel() == batch.n_targets
+    assert metrics["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+    with torch.no_grad():  # a NaN weight: the loss is NaN, and so is its exp (it read inf)
+        model.transformer.ln_f.weight[0] = float("nan")
+    metrics = evaluate_lm(model, [batch])
+    assert math.isnan(metrics["loss"]) and math.isnan(metrics["perplexity"])
 
 
 def test_training_run_with_and_without_chunking_is_the_same(tmp_path):

@@ -206,7 +206,7 @@ def test_new_train_keys_are_validated_at_once():
     with pytest.raises(ConfigError) as err:
         build_config(raw)
     assert str(err.value) == (
-        "config: 3 problems: train.report_to: must be one of tensorboard, mlflow, wandb, got 'neptune'; "
+        "config: 3 problems: train.report_to: item 2: must be one of tensorboard, mlflow, wandb, got 'neptune'; "
         "train.samples: a classifier generates no text; set train.samples: 0; "
         "train.sample_max_new_tokens: must be >= 1, got 0")
     assert build_config({"model": "gpt2", "data": {"train": "x.csv"}, "train": {"report_to": "mlflow"}}
