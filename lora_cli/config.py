@@ -243,7 +243,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     model_dropout: float = 0.0  # dropout inside the frozen base during training
     eval_every: int = 50  # optimizer steps between validations (0: only at the end)
-    eval_max_batches: int | None = None  # cap validation batches (null: the whole split)
+    eval_max_batches: int | None = None  # cap validation at this many global batches (null: the whole split)
     save_every: int = 100  # optimizer steps between checkpoints (0: only at the end)
     log_every: int = 10  # optimizer steps between metrics.jsonl lines
     early_stopping_patience: int | None = None  # validations without improvement before stopping

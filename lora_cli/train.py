@@ -320,11 +320,13 @@ def dry_run_report(s: Setup, show: int | None = None) -> list[str]:
 def dry_run_out_dir(s: Setup, resume: bool, overwrite: bool) -> list[str]:
     """`--dry-run` with --resume or --overwrite: out_dir and its checkpoint checked as the run would check them
     (prepare_out_dir, read_checkpoint: the same refusals, in one line), and what the run would do. Nothing is
-    written. Without either flag a dry run leaves out_dir alone."""
+    written (the run's lock is taken and let go at once: a run in out_dir refuses the dry run as it would the
+    run). Without either flag a dry run leaves out_dir alone."""
     if not (resume or overwrite):
         return []
     out_dir = Path(s.cfg.out_dir)
-    _check_out_dir(s.cfg, resume, overwrite)
+    with RunLock(out_dir, "lora train --dry-run", "out_dir"):
+        _check_out_dir(s.cfg, resume, overwrite)
     if overwrite:
         held = out_dir.is_dir() and any(out_dir.iterdir())
         return [f"--overwrite: the run in {out_dir} would be replaced" if held else
@@ -517,11 +519,14 @@ def _validate(s: Setup, autocast) -> dict | None:
         return None
     t, d = s.cfg.train, s.dist
     order = batch_indices([len(e) for e in s.data.val], t.batch_size, 0, 0, shuffle=False)
-    reduce, cap = None, t.eval_max_batches
+    if t.eval_max_batches is not None:  # that many global batches: the same examples whatever the layout
+        kept = [i for idx in order for i in idx][:t.eval_max_batches * s.global_batch]  # (length-sorted)
+        order = [kept[k:k + t.batch_size] for k in range(0, len(kept), t.batch_size)]
+    reduce = None
     if d.enabled:
-        rounds = math.ceil(len(order[:cap]) / d.world_size)
-        order = order[:cap][d.rank::d.world_size]
-        reduce, cap = d.all_reduce_sum, None
+        rounds = math.ceil(len(order) / d.world_size)
+        order = order[d.rank::d.world_size]
+        reduce = d.all_reduce_sum
     batches = (collate([s.data.val[i] for i in idx], pad_id=s.tokenizer.eos_id).to(s.device) for idx in order)
     if d.sharded:  # FSDP: as many forwards on every process
         first = collate([s.data.val[0]], pad_id=s.tokenizer.eos_id).to(s.device)
@@ -532,8 +537,8 @@ def _validate(s: Setup, autocast) -> dict | None:
 
         batches = with_extra_passes(batches, rounds - len(order), extra_pass)
     if s.cfg.task == "classification":
-        return evaluate_classification(s.model, batches, s.data.labels, autocast, cap, reduce=reduce)
-    return evaluate_lm(s.model, batches, autocast, cap, reduce=reduce, savings=s.savings)
+        return evaluate_classification(s.model, batches, s.data.labels, autocast, reduce=reduce)
+    return evaluate_lm(s.model, batches, autocast, reduce=reduce, savings=s.savings)
 
 
 def _loss_fn(s: Setup):

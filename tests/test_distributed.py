@@ -202,6 +202,23 @@ def test_adapter_depends_on_the_global_batch_not_its_layout(tmp_path):
         assert max((got[k] - reference[k]).abs().max().item() for k in got) <= 1e-5, name
 
 
+def test_capped_validation_scores_the_same_examples_in_every_layout(tmp_path):
+    """train.eval_max_batches counts global batches: batch 8, 4 x accum 2 and 2 x accum 4 validate the same
+    examples (it counted micro-batches, so the best adapter and early stopping followed batch_size)."""
+    def val_losses(name: str, options: str) -> list[float]:
+        cfg = write_config(tmp_path / name, "lora: {r: 4, alpha: 8, dropout: 0.0}\n"
+                           f"train: {{lr: 1e-2, max_steps: 4, eval_every: 1, eval_max_batches: 1, {options}}}\n")
+        text = cfg.read_text().replace("val_split: 0.2", "val_split: 0.5")  # 12 validation examples: the cap bites
+        cfg.write_text(text)
+        train(load_config(cfg), log=lambda m: None, progress=False)
+        return [m["val_loss"] for m in metrics(cfg.parent / "out") if "val_loss" in m]
+
+    reference = val_losses("b8", "batch_size: 8")
+    assert len(reference) == 2  # (one epoch: two global batches)
+    for name, options in {"b4a2": "batch_size: 4, grad_accum: 2", "g8b2": "global_batch_size: 8, batch_size: 2"}.items():
+        assert val_losses(name, options) == pytest.approx(reference, rel=1e-6), name
+
+
 # ------------------------------------------------------------------------------------------------- FSDP
 
 

@@ -197,8 +197,8 @@ def test_a_lock_left_by_a_finished_process_does_not_block(tmp_path):
 
 
 def test_merge_and_overwrite_into_a_held_directory_are_refused(tmp_path):
-    """The held directory is a finished run's out_dir: `lora train --overwrite` and `lora merge --overwrite`
-    into it are refused while another process holds it, and remove nothing."""
+    """The held directory is a finished run's out_dir: `lora train --overwrite` (and its --dry-run, with --resume
+    too) and `lora merge --overwrite` into it are refused while another process holds it, and remove nothing."""
     config = write_run(tmp_path)
     out = tmp_path / "out"
     code, _, err = cli("train", config, "--quiet")
@@ -208,6 +208,8 @@ def test_merge_and_overwrite_into_a_held_directory_are_refused(tmp_path):
     assert code == 0, err
     before = snapshot(tmp_path)
     for directory, command in ((out, ["train", config, "--quiet", "--overwrite"]),
+                               (out, ["train", config, "--dry-run", "--overwrite"]),  # refused as the run is
+                               (out, ["train", config, "--dry-run", "--resume"]),
                                (merged, ["merge", "--adapter", out / "adapter.safetensors", "--out", merged,
                                          "--overwrite"]),
                                (tmp_path / "new", ["merge", "--adapter", out / "adapter.safetensors", "--out",
