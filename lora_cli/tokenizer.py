@@ -143,7 +143,12 @@ class HFTokenizer:
         # call asks, and so do we: examples are truncated and padded by max_length and the collator.
         self._tok.no_truncation()
         self._tok.no_padding()
-        config = {**side.get("special_tokens_map.json", {}), **side.get("tokenizer_config.json", {})}
+        # As transformers 5 reads them (PreTrainedTokenizerBase.from_pretrained): a tokenizer_config.json with an
+        # added_tokens_decoder alone; an older one with special_tokens_map.json's entries over its own
+        tokenizer_config = side.get("tokenizer_config.json", {})
+        config = dict(tokenizer_config) if "added_tokens_decoder" in tokenizer_config else \
+            {**tokenizer_config, **side.get("special_tokens_map.json", {})}
+        self._add_named_special_tokens(config)
         # what a chat template sees as bos_token, eos_token, ...: the tokens these files name, and only those (as
         # transformers' apply_chat_template; generation_config.json's eos ids end replies but name no eos_token)
         named = {key: _token_text(config.get(key)) for key in TEMPLATE_TOKEN_KEYS}
@@ -164,6 +169,28 @@ class HFTokenizer:
         # U+FFFD per byte, so a text's end can change until a run ends (generate.decode_incremental waits)
         self.byte_pieces = frozenset(i for i in (self._tok.token_to_id(f"<0x{b:02X}>") for b in range(256))
                                      if i is not None)
+
+    def _add_named_special_tokens(self, config: dict) -> None:
+        """The special tokens the side files name (bos_token, ..., and the additional or extra ones) that
+        tokenizer.json holds as plain vocabulary entries become special added tokens, as transformers 5's
+        TokenizersBackend makes them: "hi<|im_end|>" in a chat template's text is then the one token, and a reply
+        can end at it. A named token the vocabulary lacks gets no new id (the model has no embedding for one)."""
+        from tokenizers import AddedToken
+
+        added = {token.content for token in self._tok.get_added_tokens_decoder().values()}
+        extra = [t for key in ("additional_special_tokens", "extra_special_tokens")
+                 if isinstance(config.get(key), list) for t in config[key]]
+        new = []
+        for token in [config.get(key) for key in TEMPLATE_TOKEN_KEYS] + extra:
+            text = _token_text(token)
+            if not isinstance(text, str) or not text or text in added or self._tok.token_to_id(text) is None:
+                continue
+            flags = {k: bool(token[k]) for k in ("single_word", "lstrip", "rstrip", "normalized")
+                     if isinstance(token, dict) and k in token}
+            new.append(AddedToken(text, **{"normalized": False, **flags}, special=True))
+            added.add(text)
+        if new:
+            self._tok.add_special_tokens(new)
 
     def _token_id(self, token, key: str) -> int | None:
         token = _token_text(token)

@@ -49,6 +49,47 @@ def test_ids_equal_autotokenizer(tmp_path, bos):
         assert ours.pad_id == ids["<|endoftext|>"]
 
 
+def test_named_special_tokens_that_are_plain_vocabulary_entries_become_special(tmp_path):
+    """tokenizer_config.json names <|im_end|> (eos) and <|im_start|> (an additional special token), which the
+    tokenizer.json holds as plain vocabulary entries, not added tokens: transformers makes them special, and so do
+    we (a chat template's "<|im_end|>" was encoded as characters, and no reply could end at it)."""
+    ids = build(tmp_path, bos=False)
+    data = json.loads((tmp_path / "tokenizer.json").read_text())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] not in ("<|im_start|>", "<|im_end|>")]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["additional_special_tokens"] = ["<|im_start|>"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ours = load_tokenizer(str(tmp_path))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in TEXTS:
+        assert ours.encode(text, allow_special=True) == theirs(text, add_special_tokens=False)["input_ids"], text
+    assert ours.encode("hi<|im_end|>", allow_special=True)[-1] == ids["<|im_end|>"] == ours.eos_id
+    assert len(ours.encode("<|im_end|>")) > 1  # in user text it stays text
+    assert ours.vocab_size == len(theirs)  # no new ids
+
+
+@pytest.mark.parametrize("decoder", [False, True], ids=["older-config", "with-added_tokens_decoder"])
+def test_special_tokens_map_counts_as_transformers_reads_it(tmp_path, decoder):
+    """special_tokens_map.json names eos <|im_end|>, tokenizer_config.json <|endoftext|>: transformers 5 takes the
+    map's over an older tokenizer_config.json, and ignores the map beside one with an added_tokens_decoder."""
+    ids = build(tmp_path, bos=False)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}
+    if decoder:
+        config["added_tokens_decoder"] = {str(i): {"content": t, "special": True, "normalized": False,
+                                                   "lstrip": False, "rstrip": False, "single_word": False}
+                                          for t, i in ids.items()}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>",
+                                                                  "pad_token": "<|im_start|>"}))
+    (tmp_path / "generation_config.json").unlink()
+    ours = load_tokenizer(str(tmp_path))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert ours.eos_id == theirs.eos_token_id == ids["<|endoftext|>" if decoder else "<|im_end|>"]
+    assert ours.pad_id == theirs.pad_token_id
+    assert ours.named_tokens == {k: v for k, v in theirs.special_tokens_map.items() if k != "additional_special_tokens"}
+
+
 def test_saved_truncation_and_padding_are_not_applied(tmp_path):
     """tokenizers saves enable_truncation / enable_padding into tokenizer.json; AutoTokenizer applies neither unless
     asked, and neither do we (they cut every example to the saved length and padded inside the trained span)."""
