@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import struct
@@ -324,7 +325,29 @@ def check_weights_file(path: Path) -> dict:
     if 8 + header_len + data_end > size:
         raise CheckpointError(f"{path} is truncated: its header describes {8 + header_len + data_end:,} bytes but "
                               f"the file has {size:,}; {again}")
+    for key, entry in header.items():
+        if key != "__metadata__":
+            problem = _entry_problem(entry)
+            if problem:
+                raise CheckpointError(f"{path} is not a safetensors file (tensor {key} {problem}); {again}")
     return header
+
+
+def _entry_problem(entry: dict) -> str | None:
+    """What is wrong with a safetensors header entry's shape and dtype, given its data_offsets (checked before), or
+    None: the shape is a list of sizes, the dtype a name, and they fill the bytes the offsets give (at least one
+    bit an element where this torch does not know the dtype, such as a 4-bit float)."""
+    shape, name = entry.get("shape"), entry.get("dtype")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        return f"has the shape {json.dumps(shape)}, not a list of sizes"
+    if not isinstance(name, str) or not name:
+        return "has no dtype"
+    span = int(entry["data_offsets"][1]) - int(entry["data_offsets"][0])
+    count = math.prod(shape)
+    dtype = SAFETENSORS_DTYPES.get(name)
+    if (count * dtype.itemsize != span) if dtype is not None else count > 8 * span:
+        return f"of shape {shape} and dtype {name} does not fill its {span:,} bytes"
+    return None
 
 
 def header_tensors(header: dict) -> dict[str, torch.Tensor]:

@@ -288,8 +288,9 @@ def load_tokenizer(source) -> Tokenizer:
     name = spec.name if spec is not None else str(source)
     path = Path(name).expanduser()
 
-    if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
-        # a single weights file: the tokenizer of its folder, whose config.json describes it (pretrained.infer_config)
+    if path.is_file() and (spec is not None or path.suffix in WEIGHT_SUFFIXES):
+        # a single weights file (a model named as a file, whatever its suffix: .ckpt too): the tokenizer of its
+        # folder, whose config.json describes it (pretrained.infer_config)
         return _folder_tokenizer(path.parent, f"{path}'s folder", bare_is_gpt2=True)
     if path.is_file():
         return HFTokenizer(path, _read_side(path.parent))

@@ -80,6 +80,33 @@ def test_info_refuses_a_truncated_safetensors_file(tiny_hf_dir, tmp_path):
     assert cli("info", tiny_hf_dir).rc == 0  # the whole file passes
 
 
+@pytest.mark.parametrize("change, problem", [
+    ({"shape": [-4]}, "has the shape [-4], not a list of sizes"),
+    ({"shape": None}, "has the shape null, not a list of sizes"),
+    ({"shape": [2.0]}, "has the shape [2.0], not a list of sizes"),
+    ({"shape": [2**40, 2**30]}, "of shape [1099511627776, 1073741824] and dtype F32 does not fill its {span} bytes"),
+    ({"dtype": None}, "has no dtype"),
+])
+def test_info_refuses_a_safetensors_header_whose_shape_or_dtype_is_wrong(tiny_hf_dir, tmp_path, change, problem):
+    """A header entry's shape and dtype must fill the bytes its data_offsets give (they were read into a tensor
+    of that shape: an internal error)."""
+    data = (tiny_hf_dir / "model.safetensors").read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    header[key].update(change)
+    header[key] = {k: v for k, v in header[key].items() if v is not None}
+    span = header[key]["data_offsets"][1] - header[key]["data_offsets"][0]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    weights = damaged_copy(tiny_hf_dir, tmp_path / "bad", "model.safetensors",
+                           len(text).to_bytes(8, "little") + text + data[8 + n:])
+    done = cli("info", weights.parent)
+    assert (done.rc, done.stdout) == (1, "")
+    assert done.stderr == (f"error: {weights} is not a safetensors file (tensor {key} {problem.format(span=span)}); "
+                           "download or copy it again\n")
+
+
 def test_info_refuses_an_unreadable_bin_file(tiny_hf_dir, tmp_path):
     buffer = io.BytesIO()
     torch.save({"transformer.wte.weight": torch.zeros(4, 2)}, buffer)

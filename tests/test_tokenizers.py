@@ -249,6 +249,10 @@ def test_a_weights_file_takes_the_tokenizer_of_its_folder(tmp_path):
     alone, folder = load_tokenizer(str(tmp_path / "model.safetensors")), load_tokenizer(str(tmp_path))
     assert isinstance(alone, HFTokenizer) and alone.encode("Hello there") == folder.encode("Hello there")
     assert alone.eos_ids == folder.eos_ids and alone.bos_id == folder.bos_id
+    # a model named as a weights file of another suffix (a .ckpt state dict) too: it was read as a tokenizer.json
+    (tmp_path / "w.ckpt").write_bytes(b"PK\x03\x04")
+    named = load_tokenizer(ModelSpec(name=str(tmp_path / "w.ckpt")))
+    assert isinstance(named, HFTokenizer) and named.encode("Hello there") == folder.encode("Hello there")
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "model.safetensors").write_bytes(b"")
