@@ -191,35 +191,93 @@ def _refuse_other_files(path: Path) -> None:
                               "Hugging Face checkpoint it came from (a directory, hub id or .safetensors file)")
 
 
-def _hub_model(spec: ModelSpec, weights: bool, dtype: torch.dtype | None = None) -> BaseModel:
-    # Here, not at the top: only hub ids pay for importing huggingface_hub (~0.3 s).
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-    from huggingface_hub.utils import logging as hf_logging
+class HubFiles:
+    """The files of one hub repository at one revision, through huggingface_hub's cache. config.json is asked of
+    the hub first: that resolves the revision to a commit (or, without network, finds the cached one). Every other
+    file is then looked up in that commit's cache before the hub is asked, and a file the cache knows the commit
+    lacks (huggingface_hub's .no_exist marker) is absent without asking: repositories lack most of the optional
+    files read here, and without network each question cost huggingface_hub's retries, about 23 s a file (a
+    cached sharded Qwen2 started in 72 s instead of 2). `fetch` gives the file's path, or None where it is known
+    to be absent; it raises what hf_hub_download raises."""
 
-    hf_logging.set_verbosity_error()  # its retry warnings would bury our one-line message
+    def __init__(self, repo_id: str, revision: str | None):
+        from huggingface_hub.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # its retry warnings would bury our one-line message
+        self.repo_id, self.revision = repo_id, revision
+        self.commit: str | None = None  # set by the config.json fetch
+        self.reachable: bool | None = None  # whether the hub answers (asked once, before a file not cached)
+
+    def fetch(self, filename: str) -> Path | None:
+        # Here, not at the top: only hub ids pay for importing huggingface_hub (~0.3 s).
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        local = False
+        if self.commit is not None:
+            cached = try_to_load_from_cache(self.repo_id, filename, revision=self.commit)
+            if isinstance(cached, str):
+                return Path(cached)
+            if cached is not None:  # the .no_exist marker: the commit has no such file
+                return None
+            local = not self._hub_answers()  # no network: the cache's answer, at once (not after 23 s of retries)
+        path = Path(hf_hub_download(self.repo_id, filename, revision=self.commit or self.revision,
+                                    local_files_only=local))
+        if self.commit is None and path.parent.parent.name == "snapshots":
+            self.commit = path.parent.name
+        return path
+
+    def _hub_answers(self) -> bool:
+        """Whether the hub answers at all: one plain request (huggingface_hub's session: its proxies and
+        certificates), without the retries hf_hub_download makes on a connection error. Cached files come back at
+        once without network; a file not in the cache is asked for only where the hub answers."""
+        if self.reachable is None:
+            from huggingface_hub import constants
+            from huggingface_hub.utils import get_session
+
+            if constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE=1: no request at all
+                self.reachable = False
+                return False
+            try:
+                get_session().head(constants.ENDPOINT, timeout=10)  # any status: it answered
+                self.reachable = True
+            except Exception:  # its HTTP client's connection and timeout errors: no network
+                self.reachable = False
+        return self.reachable
+
+    def need(self, filename: str) -> Path:
+        """fetch, for a file the checkpoint cannot do without (config.json, tokenizer.json, a shard its index
+        names)."""
+        path = self.fetch(filename)
+        if path is None:
+            raise CheckpointError(f"model {self.repo_id} has no {filename} at commit {self.commit} (so says the "
+                                  "Hugging Face cache); pass a model that has one, or a local directory")
+        return path
+
+
+def _hub_model(spec: ModelSpec, weights: bool, dtype: torch.dtype | None = None) -> BaseModel:
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     repo_id, revision = hub_ref(spec.name, spec.revision)
-
-    def fetch(filename: str) -> Path:
-        return Path(hf_hub_download(repo_id, filename, revision=revision))
-
+    files = HubFiles(repo_id, revision)
     try:
-        config_file = fetch("config.json")
+        config_file = files.need("config.json")
         if not weights:
             config = read_config(config_file)
             return BaseModel(meta_model(config), "hub", repo_id, config_file.parent.name, "", raw_config(config_file))
         weight_file = None
         for candidate in WEIGHT_FILES:
             try:
-                weight_file = fetch(candidate)
+                weight_file = files.fetch(candidate)
+                if weight_file is None:
+                    continue
                 if candidate in SHARD_INDEXES:  # every shard it names, through the same cache
-                    read_shards(weight_file, fetch, only_fetch=True)
+                    read_shards(weight_file, files.need, only_fetch=True)
                 break
             except EntryNotFoundError:
                 continue
             except LocalEntryNotFoundError:
                 # Offline (or no network): the other weight file may be the one in the cache.
+                weight_file = None
                 continue
         if weight_file is None:
             raise LocalEntryNotFoundError(f"no weights for {repo_id}")

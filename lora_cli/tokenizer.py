@@ -357,21 +357,21 @@ def _model_type(config_file: Path) -> str | None:
 
 def _hub_tokenizer(spec) -> Tokenizer:
     # Here, not at the top: huggingface_hub and pretrained (torch) load only when a hub id is named.
-    from huggingface_hub import hf_hub_download
+    from lora_cli.pretrained import HubFiles, hub_failure, hub_ref
 
-    from lora_cli.pretrained import hub_failure, hub_ref
-
-    repo_id, revision = hub_ref(spec.name, spec.revision)
+    files = HubFiles(*hub_ref(spec.name, spec.revision))
     try:
-        config_file = Path(hf_hub_download(repo_id, "config.json", revision=revision))
+        config_file = files.need("config.json")
         if _model_type(config_file) == "gpt2":
             return GPT2  # the bundled ranks: nothing more to download
-        tokenizer_file = Path(hf_hub_download(repo_id, TOKENIZER_FILE, revision=revision))
+        tokenizer_file = files.need(TOKENIZER_FILE)
         for f in (*SIDE_FILES, "chat_template.jinja"):  # the template: for chat_template.checkpoint_template
             try:
-                hf_hub_download(repo_id, f, revision=revision)
+                files.fetch(f)
             except Exception:  # optional files: a repository may have none of them
                 pass
+    except CheckpointError:
+        raise
     except Exception as exc:  # huggingface_hub raises many types (network, auth, offline); all mean "not here"
         raise CheckpointError(hub_failure(spec.name, exc, spec.revision)) from exc
     return HFTokenizer(tokenizer_file, _read_side(tokenizer_file.parent))

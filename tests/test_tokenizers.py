@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 
 import pytest
 
@@ -184,6 +186,33 @@ def test_hub_id_loads_from_the_offline_cache(tmp_path):
                                       [ids["<|end_of_text|>"], ids["<|eot_id|>"]]]
     missing = python("-c", "from lora_cli.tokenizer import load_tokenizer; load_tokenizer('test-org/absent')", env=env)
     assert missing.returncode == 1 and "CheckpointError" in missing.stderr and "test-org/absent" in missing.stderr
+    # once config.json has named the commit, the other files come from its cache without asking the hub, and a
+    # file the cache knows the commit lacks (a .no_exist marker) is not asked for: each question costs
+    # huggingface_hub's retries without network (about 23 s a file)
+    revision = (tmp_path / "home" / "hub" / "models--test-org--tiny-llama" / "refs" / "main").read_text()
+    absent = tmp_path / "home" / "hub" / "models--test-org--tiny-llama" / ".no_exist" / revision
+    absent.mkdir(parents=True)
+    for name in ("special_tokens_map.json", "chat_template.jinja"):
+        (absent / name).write_text("")
+    spy = ("import json, huggingface_hub; asked = []; real = huggingface_hub.hf_hub_download\n"
+           "def ask(repo_id, filename, **kw):\n"
+           "    asked.append(filename); return real(repo_id, filename, **kw)\n"
+           "huggingface_hub.hf_hub_download = ask\n")
+    out = python("-c", spy + code + "; print(json.dumps(asked))", env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1]) == ["config.json"]
+    # without network (and no HF_HUB_OFFLINE): once the hub does not answer, a file the cache does not hold is
+    # asked of the cache alone, at once, not after huggingface_hub's retries
+    shutil.rmtree(absent)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    spy = spy.replace("asked.append(filename)", "asked.append([filename, kw.get('local_files_only', False)])")
+    offline = {k: v for k, v in env.items() if k != "HF_HUB_OFFLINE"} | {"HF_ENDPOINT": f"http://127.0.0.1:{port}"}
+    out = python("-c", spy + code + "; print(json.dumps(asked))", env=offline)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1]) == [["config.json", False], ["special_tokens_map.json", True],
+                                                       ["chat_template.jinja", True]]
 
 
 def test_missing_tokenizer_json_is_one_line(tmp_path):
