@@ -728,7 +728,8 @@ def _check_constraints(cfg: RunConfig, report, whole_run: bool = True) -> None:
         report("data.split", "must name a split, e.g. train")
     train_file = data_file_suffix(d.train) is not None
     sources = [data_file_suffix(source) for source in (d.train, d.val, d.test) if source]
-    if sources and all(suffix not in (None, *DELIMITED_SUFFIXES) for suffix in sources):  # JSON, Parquet, TXT
+    # JSON, Parquet, TXT, a saved dataset folder, a hub dataset: none is read with a header or column names
+    if sources and all(suffix not in DELIMITED_SUFFIXES for suffix in sources):
         for key, given in (("header", not d.header), ("column_names", d.column_names is not None)):
             if given:
                 report(f"data.{key}", f"describes the columns of a CSV or TSV file, and the run reads none "

@@ -143,6 +143,9 @@ def test_every_problem_reported_at_once_with_lines(tmp_path):
     ("model: gpt2\ndata: {train: a.jsonl, header: false, column_names: [text, label]}\n",
      "2 problems: line 2: data.header: describes the columns of a CSV or TSV file, and the run reads none (data.train "
      "is a.jsonl); remove it (data.columns maps roles to columns); line 2: data.column_names: describes the columns"),
+    ("model: gpt2\ndata: {train: saved_dataset, header: false}\n",  # a save_to_disk folder, or hf://datasets/...
+     "2 problems: line 2: data.header: describes the columns of a CSV or TSV file, and the run reads none "
+     "(data.train is saved_dataset)"),
     # a comma-separated text for a list (as eval's --column-names takes it) became a one-item list
     ("model: gpt2\ntask: classification\ndata: {train: a.csv, header: false, column_names: 'label,text'}\n",
      "line 3: data.column_names: must be a list, got the text 'label,text'; write it as a list: [label, text]"),
