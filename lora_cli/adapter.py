@@ -591,6 +591,17 @@ def _load_peft(d: Path) -> Adapter:
         k = re.sub(r"\.(lora_A|lora_B)\.[^.]+\.weight$", r".\1.weight", k)
         k = re.sub(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$", ".lora_magnitude_vector", k)
         tensors[k] = t
+    # bias="all" with modules_to_save: PEFT saves each saved module's bias twice more, the trained one as
+    # X.modules_to_save.bias (also X.bias) and the base's as X.original_module.bias; it reads neither back
+    for k in [k for k in tensors if ".original_module." in k or ".modules_to_save." in k]:
+        t = tensors.pop(k)
+        if ".original_module." in k:
+            continue
+        plain = k.replace(".modules_to_save.", ".")
+        if plain in tensors and not torch.equal(tensors[plain], t):
+            raise AdapterError(f"{weights}: {k} differs from {plain}, which holds the same module's "
+                               "saved weight; the file is inconsistent: save the adapter again")
+        tensors.setdefault(plain, t)
     targets = [k[: -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")]
     if not targets:
         raise AdapterError(f"{weights} holds no lora_A weights; it is not a LoRA adapter")

@@ -191,6 +191,28 @@ def test_peft_saved_adapter_loaded_by_us(tiny, tmp_path):
         assert (logits(model, ids) - want).abs().max().item() <= 1e-5
 
 
+def test_a_peft_adapter_with_bias_all_and_a_saved_module_loads(tiny, tmp_path):
+    """bias="all" with modules_to_save: PEFT's file holds the saved module's bias three times (X.bias,
+    X.modules_to_save.bias, X.original_module.bias); it was refused as holding unexpected tensors."""
+    path, hf = tiny
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, bias="all",
+                          modules_to_save=["ln_f"], lora_dropout=0.0)
+    theirs = peft.get_peft_model(copy.deepcopy(hf), cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    theirs.eval()
+    ids = ids_batch(T=9)
+    want = theirs(input_ids=ids).logits.detach()
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    assert "base_model.model.transformer.ln_f.original_module.bias" in load_file(
+        str(tmp_path / "peft" / "adapter_model.safetensors"))
+    model = attach_adapter(load_model(str(path)), load_adapter(tmp_path / "peft")).eval()
+    assert (logits(model, ids) - want).abs().max().item() <= 1e-5
+
+
 # ------------------------------------------------------------------------------------------------- bad inputs
 
 
