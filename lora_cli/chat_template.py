@@ -305,9 +305,22 @@ def encode_chat(template: str, messages: Sequence[Mapping], tokenizer: Tokenizer
         head = tokenizer.encode(prefix, allow_special=True)
         if ids[:len(head)] == head:
             return len(head), len(head)
-        # One token across the edge (a reply that starts with "\n" after a header's "\n": Qwen's "\n\n"): it
-        # belongs to the span, as transformers' assistant mask takes the token holding a span's first character.
-        if ids[:len(head) - 1] == head[:-1]:
+        # Where the prefix alone ends in other tokens than the whole text has there, walk the whole text's tokens
+        # from the first that differs until they spell the prefix's rest. Spelled exactly, the edge falls between
+        # tokens (GPT-2 encodes a trailing "\n\n" alone as one token, in the whole text as two). Passed, one
+        # token holds the edge (a reply that starts with "\n" after a header's "\n": Qwen's "\n\n"); it belongs
+        # to the span, as transformers' assistant mask takes the token holding a span's first and last character.
+        same = next((i for i, (a, b) in enumerate(zip(ids, head)) if a != b), min(len(ids), len(head)))
+        rest = tokenizer.decode(head[same:])
+        for j in range(same + 1, min(len(ids), same + 8) + 1):
+            spelled = tokenizer.decode(ids[same:j])
+            if spelled == rest:
+                return j, j
+            if spelled.startswith(rest):
+                return j - 1, j
+            if not rest.startswith(spelled):
+                break
+        if ids[:len(head) - 1] == head[:-1]:  # (a token that decodes to other text alone: a byte-fallback run)
             return len(head) - 1, len(head)
         raise ConversationError(f"message {k + 1}: the assistant span's token boundaries do not line up with the "
                                 "template (tokens span its edge); end the template's text before the content "

@@ -184,6 +184,24 @@ def test_a_token_across_the_span_edge_is_in_the_span(tmp_path):
     assert ours.decode([t for t, m in zip(ids, mask) if m]) == "\n\nGreen.<|im_end|>\nBlue.\n<|im_end|>\n"
 
 
+def test_an_edge_the_prefix_alone_tokenizes_otherwise_is_found(gpt2_files):
+    """GPT-2's BPE encodes a prefix ending in "\n\n" (a header, or the end of a reply) as one "\n\n" token, the
+    whole conversation there as "\n", "\n": the span's start was put before the header's newlines and a reply's
+    end before its own last newline. Each reply's span is now its content and its "\n\n", as transformers' mask
+    has it (gpt2_files: the same BPE as an AutoTokenizer)."""
+    template = ("{% for m in messages %}{{ m['role'] + ':\\n\\n' }}{% if m['role'] == 'assistant' %}"
+                "{% generation %}{{ m['content'] + '\\n\\n' }}{% endgeneration %}{% else %}"
+                "{{ m['content'] + '\\n\\n' }}{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}{{ 'assistant:\\n\\n' }}{% endif %}")
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi there."},
+                {"role": "user", "content": "More"}, {"role": "assistant", "content": "Sure."}]
+    ids, mask = encode_chat(template, messages, GPT2)
+    theirs = hf_tokenizer(gpt2_files, template)
+    out = theirs.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert ids == list(out["input_ids"]) and mask == [bool(x) for x in out["assistant_masks"]]
+    assert GPT2.decode([t for t, m in zip(ids, mask) if m]) == "Hi there.\n\nSure.\n\n"
+
+
 def test_reasoning_under_any_of_its_names_reaches_the_template(tokenizer_dirs):
     """A message's reasoning given as reasoning_content, thinking or reasoning is rendered by a template that reads
     reasoning_content (Qwen3's) or thinking (gpt-oss's), as apply_chat_template renders it."""
