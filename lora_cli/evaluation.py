@@ -23,8 +23,7 @@ from lora_cli.tokenizer import GPT2, Tokenizer
 
 
 @torch.inference_mode()
-def evaluate_lm(model, batches, autocast=nullcontext, max_batches: int | None = None, reduce=None,
-                savings: Savings = Savings()) -> dict:
+def evaluate_lm(model, batches, autocast=nullcontext, reduce=None, savings: Savings = Savings()) -> dict:
     """Token-weighted mean cross-entropy, perplexity and next-token accuracy over `batches` (an iterable of
     data.Batch already on the model's device). reduce: sums a list of numbers over processes (data-parallel
     evaluation: each process scores its shard, the sums are combined before the means are taken). savings: as in
@@ -32,9 +31,7 @@ def evaluate_lm(model, batches, autocast=nullcontext, max_batches: int | None = 
     was_training = model.training
     model.eval()
     loss_sum, correct, tokens, examples = 0.0, 0, 0, 0
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
+    for batch in batches:
         with autocast():
             hidden, targets = scored_hidden(model, batch, savings)
             weight = head_weight(model)
@@ -64,8 +61,7 @@ def evaluate_lm(model, batches, autocast=nullcontext, max_batches: int | None = 
 
 
 @torch.inference_mode()
-def evaluate_classification(model, batches, labels: list[str], autocast=nullcontext,
-                            max_batches: int | None = None, reduce=None) -> dict:
+def evaluate_classification(model, batches, labels: list[str], autocast=nullcontext, reduce=None) -> dict:
     """Loss, accuracy, per-class precision/recall/F1, macro-F1 and the confusion matrix (rows: true label,
     columns: predicted label) over `batches` of classification examples. reduce: as in evaluate_lm."""
     was_training = model.training
@@ -73,9 +69,7 @@ def evaluate_classification(model, batches, labels: list[str], autocast=nullcont
     k = len(labels)
     confusion = torch.zeros(k, k, dtype=torch.long)
     loss_sum, examples = 0.0, 0
-    for i, batch in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
+    for batch in batches:
         with autocast():
             logits = class_logits(model, batch)
         loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").item()
