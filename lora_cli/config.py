@@ -25,6 +25,7 @@ import yaml
 
 from lora_cli.errors import (KNOWN_ALIASES, ConfigError, LoraError, all_problems, did_you_mean, first_line,
                              first_repeat)
+from lora_cli.jsonvalues import lone_surrogate
 
 ARCH_OVERRIDES = ("n_layer", "n_head", "n_embd", "n_positions")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # a model named as a single weights file
@@ -360,24 +361,6 @@ def _alias_problem(text: str) -> str | None:
     return None
 
 
-def _lone_surrogate(raw: dict) -> tuple[str, str] | None:
-    """(dotted key, escape) of a string (or key) in the config that UTF-8 cannot hold, or None."""
-    stack: list[tuple[str, object]] = [("", raw)]
-    while stack:
-        key, value = stack.pop()
-        if isinstance(value, dict):
-            stack.extend((f"{key}.{k}" if key else str(k), v) for k, v in value.items())
-            stack.extend((key or "the config", k) for k in value if isinstance(k, str))
-        elif isinstance(value, list):
-            stack.extend((key, v) for v in value)
-        elif isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                return key, f"\\u{ord(value[exc.start]):04x}"
-    return None
-
-
 class _AliasLoop(Exception):
     """A YAML node reached again below itself; args[0]: its line."""
 
@@ -475,12 +458,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None, whole_run:
             node = node[k]
         node[keys[-1]] = value
         set_keys.add(".".join(keys))
-    unreadable = _lone_surrogate(raw)
+    unreadable = lone_surrogate(raw)
     if unreadable:  # YAML's "\ud800" escape alone: no character, and no path or file can hold it
         key, escape = unreadable
         where = f":{lines[key]}" if key in lines else ""
-        raise ConfigError(f"{path}{where}: {key} holds the escape {escape}, half of a UTF-16 surrogate pair, which is "
-                          "no character; write the character itself")
+        raise ConfigError(f"{path}{where}: {key or 'the config'} holds the escape {escape}, half of a UTF-16 surrogate "
+                          "pair, which is no character; write the character itself")
     return build_config(raw, base_dir=path.parent, source=str(path), lines=lines, set_keys=set_keys,
                         whole_run=whole_run)
 

@@ -69,3 +69,23 @@ def finite_or_null(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [finite_or_null(v) for v in value]
     return value
+
+
+def lone_surrogate(value: Any) -> tuple[str, str] | None:
+    """(where, escape) of a string or key in `value` (its dicts and lists walked) holding half of a UTF-16 surrogate
+    pair, which JSON's and YAML's "\\ud800" escape gives alone and UTF-8 cannot hold: where is the dotted key it
+    sits under ("" at the top), escape the half as written ("\\ud800"). None when there is none."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in item.items())
+            stack.extend((where, k) for k in item if isinstance(k, str))
+        elif isinstance(item, list):
+            stack.extend((where, v) for v in item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return where, f"\\u{ord(item[exc.start]):04x}"
+    return None

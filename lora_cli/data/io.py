@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from lora_cli.config import DELIMITED_SUFFIXES, SUPPORTED_SUFFIXES, DataConfig
 from lora_cli.data.hub import hub_name_problem, is_hub_dataset, is_saved_dataset, read_dataset
 from lora_cli.errors import ConfigError, DataError, first_line
+from lora_cli.jsonvalues import lone_surrogate
 
 if TYPE_CHECKING:  # pandas is imported when a file is read, so importing lora_cli.data stays light
     import pandas as pd
@@ -334,26 +335,11 @@ def _loads(text: str, **hooks) -> Any:
         value = json.loads(text, object_pairs_hook=_unique_keys, **hooks)
     except RecursionError:
         raise TooDeep() from None
-    if _SURROGATE_ESCAPE.search(text):  # (pairs read as one character, and "\\\\ud800" as text: walk to see)
-        _check_text(value)
+    # walked only where the text holds such an escape (a pair reads as one character, an escaped "\\\\ud800" as text)
+    found = lone_surrogate(value) if _SURROGATE_ESCAPE.search(text) else None
+    if found:
+        raise LoneSurrogate(found[1])
     return value
-
-
-def _check_text(value: Any) -> None:
-    """LoneSurrogate for a string (or key) in `value` that UTF-8 cannot hold."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise LoneSurrogate(f"\\u{ord(item[exc.start]):04x}") from None
 
 
 def loads_unique(text: str) -> Any:
