@@ -412,17 +412,25 @@ class _Signals:
     plain exit code 130: `received` tells that apart from a 130 a command returns itself (torchrun's launcher).
     Commands with their own handlers (training's loop, serve) replace these while they run."""
 
+    STOP = (signal.SIGINT, signal.SIGTERM)
     received: list[int] = []
     waiting = False  # a thread waits for an import to finish, to deliver a signal that came during it
 
     @classmethod
     def install(cls) -> None:
         cls.received = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                signal.signal(sig, cls.handle)
-            except ValueError:  # not the main thread (main() called from a test's worker thread)
-                pass
+        cls._set(cls.handle)
+
+    @classmethod
+    def _set(cls, handler) -> bool:
+        """`handler` for both stop signals; False where signals cannot be set (not the main thread: main() called
+        from a test's worker thread)."""
+        try:
+            for sig in cls.STOP:
+                signal.signal(sig, handler)
+        except ValueError:
+            return False
+        return True
 
     @classmethod
     def handle(cls, signum, frame) -> None:
@@ -456,12 +464,8 @@ class _Signals:
                     pass
             os._exit(code)
 
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, end_now)
-        except ValueError:  # not the main thread (main() called from a test's worker thread)
-            return
-        atexit.register(lambda: [signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)])
+        if cls._set(end_now):
+            atexit.register(cls._set, signal.SIG_IGN)
 
     @classmethod
     def _after_imports(cls, signum: int) -> None:
